@@ -1,0 +1,27 @@
+//! Framework-free access to HuggingFace Mixture-of-Experts checkpoints.
+//!
+//! This crate is the bottom of the toolkit's stack and deliberately depends on no tensor
+//! framework (only `safetensors`, `serde` and `memmap2`), so that checkpoint surgery and any
+//! downstream tool can read a model directory without pulling in burn.
+//!
+//! It provides:
+//! - [`ModelConfig`]: `config.json` as written by transformers 4.x **and** 5.x for the supported
+//!   architectures ([`Architecture`]), normalised into one description (layer kinds, expert
+//!   counts, attention options, RoPE), while keeping the raw JSON for in-place edits;
+//! - [`Checkpoint`]: memory-mapped safetensors weights, single-file or sharded through
+//!   `model.safetensors.index.json`, with tensors addressed by their exact on-disk names and
+//!   decoded from f32, f16 or bf16;
+//! - [`CheckpointError`]: every error names the file and the field or tensor at fault.
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod weights;
+
+pub use config::{
+    Architecture, AttentionConfig, LayerKind, ModelConfig, MoeConfig, PER_LAYER_EXPERTS_KEY, QkNorm,
+    SUPPORTED_MODEL_TYPES,
+};
+pub use error::{CheckpointError, Result};
+pub use safetensors::Dtype;
+pub use weights::{Checkpoint, SHARD_INDEX, SINGLE_FILE, TensorRef, decode_to_f32};

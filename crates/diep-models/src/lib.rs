@@ -1,0 +1,32 @@
+//! MoE model definitions on burn that load HuggingFace checkpoints as they are on disk.
+//!
+//! This crate is the toolkit's forward pass. [`MoeModel::load`] reads a model directory
+//! (`config.json` from transformers 4.x or 5.x, single or sharded safetensors in f32, f16 or
+//! bf16) for `mixtral`, `qwen2_moe`, `qwen3_moe` and `olmoe`, and computes what transformers
+//! computes, in f32.
+//!
+//! The [`moe::MoeBlock`] is the shared building block every other crate uses to look inside a
+//! layer: router logits and probabilities, the selected experts, per-expert outputs, and an
+//! expert mask that behaves exactly as if the masked experts had been removed.
+//!
+//! The backend is chosen at runtime with [`DeviceSpec`] (`cpu`, `wgpu`, `cuda[:N]`); the
+//! `cpu` backend is the default cargo feature, `wgpu` and `cuda` are opt-in.
+#![warn(missing_docs)]
+
+pub mod architectures;
+pub mod attention;
+pub mod device;
+mod error;
+pub mod loader;
+pub mod model;
+pub mod moe;
+pub mod nn;
+pub mod rope;
+pub mod tokenizer;
+
+pub use burn;
+pub use device::DeviceSpec;
+pub use diep_checkpoint as checkpoint;
+pub use error::{ModelError, Result};
+pub use model::{DecoderLayer, FeedForward, MoeModel};
+pub use moe::{MoeBlock, MoeForwardOptions, MoeOutput, Routing};

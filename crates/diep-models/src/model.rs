@@ -1,0 +1,277 @@
+//! The decoder shared by all supported architectures.
+
+use std::path::Path;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use diep_checkpoint::{Checkpoint, LayerKind, ModelConfig, QkNorm};
+
+use crate::architectures::{DENSE_MLP, MoeKeys};
+use crate::attention::{Attention, AttentionContext};
+use crate::error::{ModelError, Result};
+use crate::loader::{Loader, transpose};
+use crate::moe::{MoeBlock, MoeForwardOptions, MoeOutput, SharedExpert};
+use crate::nn::{Linear, RmsNorm, SwiGlu};
+
+/// The feed-forward half of a decoder layer.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    /// A mixture-of-experts block.
+    Moe(MoeBlock),
+    /// A dense SwiGLU MLP.
+    Dense(SwiGlu),
+}
+
+/// One decoder layer: `h += attn(norm(h)); h += ffn(norm(h))`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// `input_layernorm`.
+    pub input_norm: RmsNorm,
+    /// `self_attn`.
+    pub attention: Attention,
+    /// `post_attention_layernorm`.
+    pub post_attention_norm: RmsNorm,
+    /// `mlp` / `block_sparse_moe`.
+    pub ffn: FeedForward,
+}
+
+impl DecoderLayer {
+    /// Runs the layer; for an MoE layer also returns the block's detailed output.
+    pub fn forward(
+        &self,
+        h: Tensor<2>,
+        ctx: &AttentionContext,
+        moe_opts: &MoeForwardOptions,
+    ) -> (Tensor<2>, Option<MoeOutput>) {
+        let h = h.clone() + self.attention.forward(self.input_norm.forward(h), ctx);
+        let x = self.post_attention_norm.forward(h.clone());
+        match &self.ffn {
+            FeedForward::Dense(mlp) => (h + mlp.forward(x), None),
+            FeedForward::Moe(moe) => {
+                let out = moe.forward_detailed(x, moe_opts);
+                (h + out.output.clone(), Some(out))
+            }
+        }
+    }
+
+    /// The MoE block, if this is an MoE layer.
+    pub fn moe(&self) -> Option<&MoeBlock> {
+        match &self.ffn {
+            FeedForward::Moe(m) => Some(m),
+            FeedForward::Dense(_) => None,
+        }
+    }
+}
+
+/// A loaded MoE language model.
+#[derive(Debug, Clone)]
+pub struct MoeModel {
+    /// The normalised configuration.
+    pub config: ModelConfig,
+    /// `model.embed_tokens.weight [vocab, hidden]`.
+    pub embed_tokens: Tensor<2>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+    /// `lm_head` (the transposed embeddings when tied).
+    pub lm_head: Linear,
+    device: Device,
+}
+
+impl MoeModel {
+    /// Loads `config.json` and the safetensors weights of a HuggingFace model directory.
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_checkpoint(config, &ckpt, device)
+    }
+
+    /// Builds the model from an already-opened checkpoint. Every tensor the config implies
+    /// must be present with the implied shape, and no other tensor may be.
+    pub fn from_checkpoint(config: ModelConfig, ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+        let mut ld = Loader::new(ckpt, device);
+        let c = &config;
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let a = &c.attention;
+
+        let embed_host = ld.host("model.embed_tokens.weight", &[v, h])?;
+        let lm_head = if c.tie_word_embeddings {
+            if ld.contains("lm_head.weight") {
+                // transformers ignores a saved head when the embeddings are tied.
+                ld.skip("lm_head.weight");
+            }
+            Linear { weight: ld.from_host(transpose(&embed_host, v, h), [h, v]), bias: None }
+        } else {
+            ld.linear("lm_head", h, v, false)?
+        };
+        let embed_tokens = ld.from_host(embed_host, [v, h]);
+        let norm = ld.rms_norm("model.norm.weight", h, c.rms_norm_eps)?;
+        let keys = MoeKeys::of(c.architecture);
+
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for (i, kind) in c.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (q_out, kv_out) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+            let (q_norm, k_norm) = match a.qk_norm {
+                QkNorm::None => (None, None),
+                QkNorm::PerHead => (
+                    Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), a.head_dim, c.rms_norm_eps)?),
+                    Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), a.head_dim, c.rms_norm_eps)?),
+                ),
+                QkNorm::Full => (
+                    Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), q_out, c.rms_norm_eps)?),
+                    Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), kv_out, c.rms_norm_eps)?),
+                ),
+            };
+            let attention = Attention {
+                q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_out, a.qkv_bias)?,
+                k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, a.qkv_bias)?,
+                v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, a.qkv_bias)?,
+                o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_out, h, a.o_bias)?,
+                q_norm,
+                k_norm,
+                cfg: a.clone(),
+            };
+            let ffn = match *kind {
+                LayerKind::Dense => {
+                    FeedForward::Dense(load_swiglu(&mut ld, &format!("{p}.mlp"), DENSE_MLP, h, c.dense_intermediate_size)?)
+                }
+                LayerKind::Moe { num_experts } => {
+                    let router_w = ld.weight_t(&keys.router_weight(i), num_experts, h)?;
+                    let router = Linear { weight: ld.from_host(router_w, [h, num_experts]), bias: None };
+                    let experts = (0..num_experts)
+                        .map(|e| {
+                            let [g, u, d] = keys.expert_weights(i, e);
+                            load_swiglu_named(&mut ld, [&g, &u, &d], h, c.moe.expert_intermediate_size)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let shared = match (keys.shared_expert, c.moe.shared_expert_intermediate_size) {
+                        (Some((mlp, gate)), Some(width)) => {
+                            let block = keys.block_prefix(i);
+                            Some(SharedExpert {
+                                mlp: load_swiglu(&mut ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width)?,
+                                gate: ld.linear(&format!("{block}.{gate}"), h, 1, false)?,
+                            })
+                        }
+                        _ => None,
+                    };
+                    FeedForward::Moe(MoeBlock::new(router, experts, shared, c.moe.top_k, c.moe.norm_topk_prob))
+                }
+            };
+            layers.push(DecoderLayer {
+                input_norm: ld.rms_norm(&format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
+                attention,
+                post_attention_norm: ld.rms_norm(&format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps)?,
+                ffn,
+            });
+        }
+        ld.finish()?;
+        Ok(MoeModel { config, embed_tokens, layers, norm, lm_head, device: device.clone() })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Indices of the MoE layers.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        self.layers.iter().enumerate().filter_map(|(i, l)| l.moe().map(|_| i)).collect()
+    }
+
+    /// The MoE block of layer `layer`, if it is an MoE layer.
+    pub fn moe_block(&self, layer: usize) -> Option<&MoeBlock> {
+        self.layers.get(layer).and_then(DecoderLayer::moe)
+    }
+
+    /// Masks experts of one MoE layer (`true` = kept); see [`MoeBlock::set_mask`].
+    pub fn set_expert_mask(&mut self, layer: usize, keep: Option<&[bool]>) -> Result<()> {
+        match self.layers.get_mut(layer).map(|l| &mut l.ffn) {
+            Some(FeedForward::Moe(m)) => m.set_mask(keep),
+            _ => Err(ModelError::InvalidInput(format!("layer {layer} is not an MoE layer"))),
+        }
+    }
+
+    /// Removes every expert mask.
+    pub fn clear_expert_masks(&mut self) {
+        for l in &mut self.layers {
+            if let FeedForward::Moe(m) = &mut l.ffn {
+                m.set_mask(None).expect("clearing a mask cannot fail");
+            }
+        }
+    }
+
+    /// Embeds a batch of equal-length token sequences: `[batch·len, hidden]` rows, and the
+    /// attention context for that shape.
+    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
+        let batch = ids.len();
+        let len = ids.first().map(Vec::len).unwrap_or(0);
+        if batch == 0 || len == 0 {
+            return Err(ModelError::InvalidInput("empty batch".into()));
+        }
+        if let Some(bad) = ids.iter().position(|s| s.len() != len) {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence {bad} has {} tokens but sequence 0 has {len}; a batch needs equal lengths",
+                ids[bad].len()
+            )));
+        }
+        let vocab = self.config.vocab_size;
+        let mut flat = Vec::with_capacity(batch * len);
+        for (s, seq) in ids.iter().enumerate() {
+            for (t, &id) in seq.iter().enumerate() {
+                if id as usize >= vocab {
+                    return Err(ModelError::InvalidInput(format!(
+                        "token id {id} (sequence {s}, position {t}) is outside the vocabulary of {vocab}"
+                    )));
+                }
+                flat.push(id as i64);
+            }
+        }
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(flat, [batch * len]), &self.device);
+        let h = self.embed_tokens.clone().select(0, idx);
+        let ctx = AttentionContext::new(&self.config.attention, batch, len, &self.device);
+        Ok((h, ctx))
+    }
+
+    /// Final norm and LM head: `[rows, hidden]` to `[rows, vocab]`.
+    pub fn head(&self, h: Tensor<2>) -> Tensor<2> {
+        self.lm_head.forward(self.norm.forward(h))
+    }
+
+    /// Logits `[batch, len, vocab]` for a batch of equal-length sequences.
+    pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>> {
+        self.forward_with(ids, &MoeForwardOptions::default(), |_, _| {})
+    }
+
+    /// Logits, calling `on_moe(layer, output)` after every MoE layer with its routing and
+    /// (per `opts`) expert outputs. `opts` applies to every MoE layer.
+    pub fn forward_with(
+        &self,
+        ids: &[Vec<u32>],
+        opts: &MoeForwardOptions,
+        mut on_moe: impl FnMut(usize, MoeOutput),
+    ) -> Result<Tensor<3>> {
+        let (mut h, ctx) = self.embed(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (next, moe) = layer.forward(h, &ctx, opts);
+            h = next;
+            if let Some(out) = moe {
+                on_moe(i, out);
+            }
+        }
+        let logits = self.head(h);
+        Ok(logits.reshape([ctx.batch, ctx.seq_len, self.config.vocab_size]))
+    }
+}
+
+fn load_swiglu(ld: &mut Loader<'_>, prefix: &str, names: [&str; 3], hidden: usize, inter: usize) -> Result<SwiGlu> {
+    let [g, u, d] = names.map(|n| format!("{prefix}.{n}.weight"));
+    load_swiglu_named(ld, [&g, &u, &d], hidden, inter)
+}
+
+fn load_swiglu_named(ld: &mut Loader<'_>, [g, u, d]: [&str; 3], hidden: usize, inter: usize) -> Result<SwiGlu> {
+    let gate_up = ld.fused_linear(&[g, u], hidden, inter)?;
+    let down_t = ld.weight_t(d, hidden, inter)?;
+    Ok(SwiGlu { gate_up, down: Linear { weight: ld.from_host(down_t, [inter, hidden]), bias: None } })
+}

@@ -1,0 +1,272 @@
+//! The mixture-of-experts block: one shared implementation of routing and expert dispatch.
+//!
+//! Everything that looks inside an MoE layer — routing statistics, the DiEP relaxations,
+//! masking for pruning, evaluation — goes through [`MoeBlock::forward_detailed`], so there is
+//! exactly one definition of what a layer computes:
+//!
+//! 1. router logits `z = x·Wᵀ` (`[tokens, experts]`, f32), plus an optional additive
+//!    per-expert bias (an expert mask is a bias of −∞ on masked experts);
+//! 2. [`route`]: `p = softmax(z)`, top-k of `p`, renormalised when `norm_topk_prob`;
+//! 3. grouped dispatch: each expert gathers the tokens routed to it, runs one SwiGLU over
+//!    them, and the weighted results are scatter-added back;
+//! 4. plus the shared expert, gated by `sigmoid(x·w_sg)` (Qwen2-MoE).
+//!
+//! A masked expert gets probability exactly 0, is never selected, and the softmax
+//! renormalises over the kept experts: the same arithmetic as a checkpoint from which the
+//! expert was removed.
+
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::error::{ModelError, Result};
+use crate::nn::{Linear, SwiGlu};
+
+/// The result of routing a batch of tokens.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Raw router logits `[tokens, experts]` (before any bias or mask).
+    pub logits: Tensor<2>,
+    /// Router probabilities `[tokens, experts]`: softmax over the (biased, masked) logits.
+    pub probs: Tensor<2>,
+    /// Routing weights of the selected experts `[tokens, top_k]`.
+    pub weights: Tensor<2>,
+    /// Selected experts `[tokens, top_k]`, in descending probability.
+    pub experts: Tensor<2, Int>,
+}
+
+/// The shared routing rule of Mixtral, Qwen2/3-MoE and OLMoE: softmax in f32, top-k of the
+/// probabilities, optional renormalisation of the k weights.
+pub fn route(logits: Tensor<2>, bias: Option<&Tensor<1>>, top_k: usize, norm_topk_prob: bool) -> Routing {
+    let biased = match bias {
+        Some(b) => logits.clone() + b.clone().unsqueeze::<2>(),
+        None => logits.clone(),
+    };
+    let probs = softmax(biased, 1);
+    let (weights, experts) = probs.clone().topk_with_indices(top_k, 1);
+    let weights = if norm_topk_prob {
+        let sum = weights.clone().sum_dim(1);
+        weights / sum
+    } else {
+        weights
+    };
+    Routing { logits, probs, weights, experts }
+}
+
+/// Per-call options of [`MoeBlock::forward_detailed`].
+#[derive(Debug, Clone, Default)]
+pub struct MoeForwardOptions {
+    /// Added to the router logits before the softmax (`[experts]`). Combined with the block's
+    /// own mask if it has one. Relaxations use this for `log p`.
+    pub router_bias: Option<Tensor<1>>,
+    /// Multiplies each expert's routed contribution (`[experts]`), e.g. `N·softmax(α)`.
+    pub expert_scale: Option<Tensor<1>>,
+    /// Keep each expert's (unweighted) outputs for the tokens routed to it.
+    pub capture_expert_outputs: bool,
+    /// Use the simple dense reference computation instead of grouped dispatch.
+    pub reference: bool,
+}
+
+/// What one expert computed for the tokens routed to it.
+#[derive(Debug, Clone)]
+pub struct ExpertOutput {
+    /// Token rows (into the block's input) routed to this expert.
+    pub tokens: Vec<usize>,
+    /// The routing weight of each of those tokens for this expert.
+    pub weights: Tensor<1>,
+    /// The expert's output `E_j(x)` for those tokens, before weighting, `[tokens, hidden]`.
+    pub output: Tensor<2>,
+}
+
+/// The full result of an MoE block.
+#[derive(Debug, Clone)]
+pub struct MoeOutput {
+    /// The block's output `[tokens, hidden]`.
+    pub output: Tensor<2>,
+    /// How the tokens were routed.
+    pub routing: Routing,
+    /// Per routed expert, if requested; `None` entries for experts that got no token.
+    pub expert_outputs: Option<Vec<Option<ExpertOutput>>>,
+}
+
+/// A shared expert and its sigmoid gate (Qwen2-MoE).
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    /// The expert.
+    pub mlp: SwiGlu,
+    /// `[hidden, 1]` gate.
+    pub gate: Linear,
+}
+
+/// A mixture-of-experts feed-forward block.
+#[derive(Debug, Clone)]
+pub struct MoeBlock {
+    /// Router `[hidden, experts]`.
+    pub router: Linear,
+    /// Routed experts, in on-disk order.
+    pub experts: Vec<SwiGlu>,
+    /// The shared expert, if the architecture has one.
+    pub shared: Option<SharedExpert>,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Renormalise the top-k weights.
+    pub norm_topk_prob: bool,
+    mask: Option<Vec<bool>>,
+    mask_bias: Option<Tensor<1>>,
+}
+
+impl MoeBlock {
+    /// Assembles a block.
+    pub fn new(router: Linear, experts: Vec<SwiGlu>, shared: Option<SharedExpert>, top_k: usize, norm_topk_prob: bool) -> Self {
+        MoeBlock { router, experts, shared, top_k, norm_topk_prob, mask: None, mask_bias: None }
+    }
+
+    /// Routed experts in this block.
+    pub fn num_experts(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// The device the block lives on.
+    pub fn device(&self) -> Device {
+        self.router.weight.device()
+    }
+
+    /// Restricts routing to the experts marked `true`; a masked expert is never selected,
+    /// exactly as if it had been removed from the checkpoint. `None` clears the mask.
+    pub fn set_mask(&mut self, keep: Option<&[bool]>) -> Result<()> {
+        let Some(keep) = keep else {
+            self.mask = None;
+            self.mask_bias = None;
+            return Ok(());
+        };
+        let n = self.num_experts();
+        if keep.len() != n {
+            return Err(ModelError::InvalidInput(format!("expert mask has {} entries for {n} experts", keep.len())));
+        }
+        let kept = keep.iter().filter(|k| **k).count();
+        if kept < self.top_k {
+            return Err(ModelError::InvalidInput(format!(
+                "expert mask keeps {kept} experts, fewer than the {} each token is routed to",
+                self.top_k
+            )));
+        }
+        let bias: Vec<f32> = keep.iter().map(|k| if *k { 0.0 } else { f32::NEG_INFINITY }).collect();
+        self.mask_bias = Some(Tensor::from_data(TensorData::new(bias, [n]), &self.device()));
+        self.mask = Some(keep.to_vec());
+        Ok(())
+    }
+
+    /// The current mask (`true` = kept), if any.
+    pub fn mask(&self) -> Option<&[bool]> {
+        self.mask.as_deref()
+    }
+
+    /// Router logits `[tokens, experts]`.
+    pub fn router_logits(&self, x: Tensor<2>) -> Tensor<2> {
+        self.router.forward(x)
+    }
+
+    /// Routes tokens with the block's mask and an optional extra bias.
+    pub fn route(&self, x: Tensor<2>, extra_bias: Option<&Tensor<1>>) -> Routing {
+        let bias = match (&self.mask_bias, extra_bias) {
+            (Some(m), Some(b)) => Some(m.clone() + b.clone()),
+            (Some(m), None) => Some(m.clone()),
+            (None, Some(b)) => Some(b.clone()),
+            (None, None) => None,
+        };
+        route(self.router_logits(x), bias.as_ref(), self.top_k, self.norm_topk_prob)
+    }
+
+    /// `E_j(x)` for one expert on `[tokens, hidden]` rows.
+    pub fn expert_forward(&self, expert: usize, x: Tensor<2>) -> Tensor<2> {
+        self.experts[expert].forward(x)
+    }
+
+    /// The block's output.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.forward_detailed(x, &MoeForwardOptions::default()).output
+    }
+
+    /// The block's output with its routing and, optionally, every expert's outputs.
+    pub fn forward_detailed(&self, x: Tensor<2>, opts: &MoeForwardOptions) -> MoeOutput {
+        let routing = self.route(x.clone(), opts.router_bias.as_ref());
+        let (routed, expert_outputs) = if opts.reference {
+            (self.dispatch_reference(x.clone(), &routing, opts), None)
+        } else {
+            self.dispatch_grouped(x.clone(), &routing, opts)
+        };
+        let output = match &self.shared {
+            Some(s) => routed + sigmoid(s.gate.forward(x.clone())) * s.mlp.forward(x),
+            None => routed,
+        };
+        MoeOutput { output, routing, expert_outputs }
+    }
+
+    /// Grouped dispatch: one gather, one SwiGLU and one scatter-add per expert that has tokens.
+    fn dispatch_grouped(
+        &self,
+        x: Tensor<2>,
+        routing: &Routing,
+        opts: &MoeForwardOptions,
+    ) -> (Tensor<2>, Option<Vec<Option<ExpertOutput>>>) {
+        let [n, hidden] = x.dims();
+        let device = x.device();
+        let k = self.top_k;
+        let selected: Vec<i64> = routing.experts.to_data().iter::<i64>().collect();
+        // For each expert: (token row, flat position in the [n, k] weight matrix).
+        let mut groups: Vec<(Vec<i64>, Vec<i64>)> = vec![(Vec::new(), Vec::new()); self.num_experts()];
+        for (pos, &e) in selected.iter().enumerate() {
+            let (tokens, positions) = &mut groups[e as usize];
+            tokens.push((pos / k) as i64);
+            positions.push(pos as i64);
+        }
+        let mut weights = routing.weights.clone().reshape([n * k]);
+        if let Some(scale) = &opts.expert_scale {
+            let scale_per_slot = scale.clone().select(0, routing.experts.clone().reshape([n * k]));
+            weights = weights * scale_per_slot;
+        }
+        let mut out = Tensor::<2>::zeros([n, hidden], &device);
+        let mut captured = opts.capture_expert_outputs.then(|| vec![None; self.num_experts()]);
+        for (e, (tokens, positions)) in groups.into_iter().enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            let m = tokens.len();
+            let tok = Tensor::<1, Int>::from_data(TensorData::new(tokens.clone(), [m]), &device);
+            let pos = Tensor::<1, Int>::from_data(TensorData::new(positions, [m]), &device);
+            let y = self.experts[e].forward(x.clone().select(0, tok.clone()));
+            let w = weights.clone().select(0, pos);
+            if let Some(c) = captured.as_mut() {
+                c[e] = Some(ExpertOutput {
+                    tokens: tokens.iter().map(|t| *t as usize).collect(),
+                    weights: w.clone(),
+                    output: y.clone(),
+                });
+            }
+            out = out.select_assign(0, tok, y * w.unsqueeze_dim::<2>(1), IndexingUpdateOp::Add);
+        }
+        (out, captured)
+    }
+
+    /// The reference computation: every expert on every token, weighted by a dense
+    /// `[tokens, experts]` matrix that is zero for unselected experts. Slow; for tests.
+    fn dispatch_reference(&self, x: Tensor<2>, routing: &Routing, opts: &MoeForwardOptions) -> Tensor<2> {
+        let [n, hidden] = x.dims();
+        let device = x.device();
+        let dense = Tensor::<2>::zeros([n, self.num_experts()], &device).scatter(
+            1,
+            routing.experts.clone(),
+            routing.weights.clone(),
+            IndexingUpdateOp::Add,
+        );
+        let dense = match &opts.expert_scale {
+            Some(s) => dense * s.clone().unsqueeze::<2>(),
+            None => dense,
+        };
+        let mut out = Tensor::<2>::zeros([n, hidden], &device);
+        for (e, expert) in self.experts.iter().enumerate() {
+            let w = dense.clone().narrow(1, e, 1);
+            out = out + expert.forward(x.clone()) * w;
+        }
+        out
+    }
+}

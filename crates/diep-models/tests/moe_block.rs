@@ -1,0 +1,168 @@
+//! Properties of the shared MoE block: grouped dispatch equals the dense reference, masking
+//! equals removal, captured per-expert outputs reassemble the output, and routing matches
+//! hand-computed values.
+
+use diep_models::burn::tensor::{Device, Tensor, TensorData};
+use diep_models::moe::{MoeBlock, MoeForwardOptions, SharedExpert, route};
+use diep_models::nn::{Linear, SwiGlu};
+use diep_models::DeviceSpec;
+use proptest::prelude::*;
+
+fn device() -> Device {
+    DeviceSpec::from_test_env().unwrap().device().unwrap()
+}
+
+/// A small deterministic generator (SplitMix64) so proptest only has to shrink a seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn tensor<const D: usize>(&mut self, shape: [usize; D], scale: f32, device: &Device) -> Tensor<D> {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.next_f32() * scale).collect();
+        Tensor::from_data(TensorData::new(v, shape), device)
+    }
+}
+
+fn linear(rng: &mut Rng, inp: usize, out: usize, device: &Device) -> Linear {
+    Linear { weight: rng.tensor([inp, out], 0.5, device), bias: None }
+}
+
+fn swiglu(rng: &mut Rng, h: usize, i: usize, device: &Device) -> SwiGlu {
+    SwiGlu { gate_up: linear(rng, h, 2 * i, device), down: linear(rng, i, h, device) }
+}
+
+fn block(seed: u64, h: usize, e: usize, k: usize, norm: bool, shared: bool, device: &Device) -> MoeBlock {
+    let mut rng = Rng(seed);
+    let router = Linear { weight: rng.tensor([h, e], 2.0, device), bias: None };
+    let experts = (0..e).map(|_| swiglu(&mut rng, h, 6, device)).collect();
+    let shared = shared.then(|| SharedExpert { mlp: swiglu(&mut rng, h, 5, device), gate: linear(&mut rng, h, 1, device) });
+    MoeBlock::new(router, experts, shared, k, norm)
+}
+
+fn vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn grouped_dispatch_equals_reference(seed in any::<u64>(), e in 2usize..9, k in 1usize..3, n in 1usize..20,
+                                          norm in any::<bool>(), shared in any::<bool>(), scaled in any::<bool>()) {
+        let k = k.min(e);
+        let device = device();
+        let b = block(seed, 8, e, k, norm, shared, &device);
+        let x = Rng(seed ^ 1).tensor([n, 8], 1.0, &device);
+        let scale = scaled.then(|| Rng(seed ^ 2).tensor([e], 1.0, &device).exp());
+        let opts = MoeForwardOptions { expert_scale: scale.clone(), ..Default::default() };
+        let reference = MoeForwardOptions { expert_scale: scale, reference: true, ..Default::default() };
+        let fast = vec(b.forward_detailed(x.clone(), &opts).output);
+        let slow = vec(b.forward_detailed(x, &reference).output);
+        prop_assert!(max_abs_diff(&fast, &slow) < 1e-5, "grouped vs reference: {}", max_abs_diff(&fast, &slow));
+    }
+
+    #[test]
+    fn masking_equals_removing(seed in any::<u64>(), e in 3usize..9, n in 1usize..16, norm in any::<bool>(),
+                               mask_bits in any::<u16>()) {
+        let k = 2;
+        let device = device();
+        let mut keep: Vec<bool> = (0..e).map(|i| mask_bits >> i & 1 == 1).collect();
+        // Keep at least top_k experts.
+        for i in 0..k { keep[i] = true; }
+        let mut masked = block(seed, 8, e, k, norm, true, &device);
+        let full = masked.clone();
+        masked.set_mask(Some(&keep)).unwrap();
+
+        // The same block with the masked experts physically removed (router rows dropped).
+        let kept: Vec<usize> = (0..e).filter(|i| keep[*i]).collect();
+        let idx = Tensor::<1, diep_models::burn::tensor::Int>::from_data(
+            TensorData::new(kept.iter().map(|i| *i as i64).collect::<Vec<_>>(), [kept.len()]), &device);
+        let removed = MoeBlock::new(
+            Linear { weight: full.router.weight.clone().select(1, idx), bias: None },
+            kept.iter().map(|i| full.experts[*i].clone()).collect(),
+            full.shared.clone(), k, norm);
+
+        let x = Rng(seed ^ 7).tensor([n, 8], 1.0, &device);
+        let a = masked.forward_detailed(x.clone(), &Default::default());
+        let b = removed.forward(x);
+        prop_assert!(max_abs_diff(&vec(a.output), &vec(b)) < 1e-5);
+        // A masked expert is never selected and has probability exactly zero.
+        let selected: Vec<i64> = a.routing.experts.into_data().iter::<i64>().collect();
+        prop_assert!(selected.iter().all(|s| keep[*s as usize]));
+        let probs = vec(a.routing.probs);
+        for (j, p) in probs.iter().enumerate() {
+            if !keep[j % e] { prop_assert_eq!(*p, 0.0); }
+        }
+    }
+
+    #[test]
+    fn captured_expert_outputs_reassemble_the_output(seed in any::<u64>(), n in 1usize..16) {
+        let device = device();
+        let b = block(seed, 8, 6, 2, true, false, &device);
+        let x = Rng(seed ^ 3).tensor([n, 8], 1.0, &device);
+        let out = b.forward_detailed(x.clone(), &MoeForwardOptions { capture_expert_outputs: true, ..Default::default() });
+        let mut sum = vec![0f32; n * 8];
+        for (e, cap) in out.expert_outputs.unwrap().into_iter().enumerate() {
+            let Some(cap) = cap else { continue };
+            let w = vec(cap.weights);
+            let y = vec(cap.output.clone());
+            // The captured output is E_j(x) for exactly those tokens.
+            let direct = vec(b.expert_forward(e, x.clone().select(0, Tensor::from_data(
+                TensorData::new(cap.tokens.iter().map(|t| *t as i64).collect::<Vec<_>>(), [cap.tokens.len()]), &device))));
+            prop_assert!(max_abs_diff(&y, &direct) < 1e-6);
+            for (r, t) in cap.tokens.iter().enumerate() {
+                for c in 0..8 { sum[t * 8 + c] += w[r] * y[r * 8 + c]; }
+            }
+        }
+        prop_assert!(max_abs_diff(&sum, &vec(out.output)) < 1e-5);
+    }
+}
+
+#[test]
+fn routing_matches_hand_computed_values() {
+    let device = device();
+    let logits = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 0.0], [1, 4]), &device);
+    let z: f32 = [1f32, 2.0, 3.0, 0.0].iter().map(|x| x.exp()).sum();
+    let (p3, p2) = (3f32.exp() / z, 2f32.exp() / z);
+
+    let r = route(logits.clone(), None, 2, false);
+    assert_eq!(r.experts.clone().into_data().iter::<i64>().collect::<Vec<_>>(), vec![2, 1]);
+    let w = vec(r.weights);
+    assert!((w[0] - p3).abs() < 1e-6 && (w[1] - p2).abs() < 1e-6, "{w:?}");
+
+    let w = vec(route(logits.clone(), None, 2, true).weights);
+    assert!((w[0] - p3 / (p3 + p2)).abs() < 1e-6 && (w[1] - p2 / (p3 + p2)).abs() < 1e-6, "{w:?}");
+
+    // Masking expert 2: softmax over {0, 1, 3}, top-2 = experts 1 and 0.
+    let bias = Tensor::<1>::from_data(TensorData::new(vec![0.0f32, 0.0, f32::NEG_INFINITY, 0.0], [4]), &device);
+    let r = route(logits, Some(&bias), 2, false);
+    assert_eq!(r.experts.into_data().iter::<i64>().collect::<Vec<_>>(), vec![1, 0]);
+    let z: f32 = [1f32, 2.0, 0.0].iter().map(|x| x.exp()).sum();
+    let w = vec(r.weights);
+    assert!((w[0] - 2f32.exp() / z).abs() < 1e-6 && (w[1] - 1f32.exp() / z).abs() < 1e-6, "{w:?}");
+}
+
+#[test]
+fn masks_are_validated() {
+    let device = device();
+    let mut b = block(1, 8, 4, 2, true, false, &device);
+    assert!(b.set_mask(Some(&[true, false, false, false])).unwrap_err().to_string().contains("fewer than"));
+    assert!(b.set_mask(Some(&[true, true])).unwrap_err().to_string().contains("2 entries for 4 experts"));
+    b.set_mask(Some(&[true, false, true, false])).unwrap();
+    assert_eq!(b.mask(), Some(&[true, false, true, false][..]));
+    b.set_mask(None).unwrap();
+    assert!(b.mask().is_none());
+}

@@ -1,0 +1,204 @@
+//! Parity against transformers: logits, router logits and hidden states of checkpoints that
+//! `scripts/gen_parity_fixtures.py` generated and saved with transformers (references computed
+//! there, never by this crate).
+//!
+//! The device comes from `DIEP_TEST_DEVICE` (`cpu` by default; CI also runs `wgpu`).
+
+use std::path::PathBuf;
+
+use diep_checkpoint::Checkpoint;
+use diep_models::burn::tensor::{Device, Tensor};
+use diep_models::{DeviceSpec, MoeForwardOptions, MoeModel};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn device() -> Device {
+    DeviceSpec::from_test_env().unwrap().device().unwrap()
+}
+
+struct Reference {
+    json: Value,
+    tensors: Checkpoint,
+}
+
+impl Reference {
+    fn load(name: &str) -> Self {
+        let dir = fixtures().join("parity").join(name);
+        let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let tensors = Checkpoint::open_file(dir.join("reference.safetensors")).unwrap();
+        Reference { json, tensors }
+    }
+
+    fn ids(&self) -> Vec<Vec<u32>> {
+        serde_json::from_value(self.json["ids"].clone()).unwrap()
+    }
+
+    fn tensor(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        let t = self.tensors.get(name).unwrap();
+        (t.to_f32().unwrap(), t.shape.to_vec())
+    }
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+/// Largest `|a − b| / (1 + |b|)`: relative for large values, absolute near zero.
+fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0.0, f32::max)
+}
+
+fn logits_std(v: &[f32]) -> f32 {
+    let mean = v.iter().sum::<f32>() / v.len() as f32;
+    (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt()
+}
+
+fn check_model(name: &str, reference_key: &str, tol: f32) {
+    let reference = Reference::load(name);
+    let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
+    let ids = reference.ids();
+
+    let mut router = Vec::new();
+    let logits = model
+        .forward_with(&ids, &MoeForwardOptions::default(), |layer, out| router.push((layer, to_vec(out.routing.logits))))
+        .unwrap();
+    let (expected, shape) = reference.tensor(reference_key);
+    assert_eq!(logits.dims().to_vec(), shape, "{name}: logits shape");
+    let got = to_vec(logits);
+    // The fixture must be far from uniform for the comparison to mean something.
+    assert!(logits_std(&expected) > 0.5, "{name}: reference logits are nearly uniform");
+    let err = max_rel_err(&got, &expected);
+    assert!(err <= tol, "{name}: logits differ from transformers by {err:.3e} (tolerance {tol:.0e})");
+
+    let moe_layers: Vec<usize> = serde_json::from_value(reference.json["moe_layers"].clone()).unwrap();
+    assert_eq!(model.moe_layers(), moe_layers, "{name}: MoE layer placement");
+    for (layer, got) in router {
+        let key = format!("router_logits.{layer}");
+        if reference.tensors.contains(&key) && reference_key == "logits" {
+            let (expected, _) = reference.tensor(&key);
+            let err = max_rel_err(&got, &expected);
+            assert!(err <= tol, "{name}: router logits of layer {layer} differ by {err:.3e}");
+        }
+    }
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check_model("tiny-mixtral", "logits", 1e-4);
+}
+
+#[test]
+fn mixtral_sliding_window_matches_transformers() {
+    check_model("tiny-mixtral-swa", "logits", 1e-4);
+}
+
+#[test]
+fn qwen2_moe_sharded_with_shared_expert_matches_transformers() {
+    check_model("tiny-qwen2-moe", "logits", 1e-4);
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check_model("tiny-qwen3-moe", "logits", 1e-4);
+}
+
+#[test]
+fn qwen3_moe_saved_by_transformers_4x_matches() {
+    check_model("tiny-qwen3-moe-tf4", "logits", 1e-4);
+}
+
+#[test]
+fn olmoe_matches_transformers() {
+    check_model("tiny-olmoe", "logits", 1e-4);
+}
+
+#[test]
+fn bf16_checkpoint_matches_f32_compute() {
+    // bf16 weights upcast to f32 and run in f32 by transformers: the same arithmetic as ours.
+    check_model("tiny-mixtral-bf16", "logits", 1e-4);
+}
+
+/// Mean next-token cross-entropy of `[batch, len, vocab]` logits, in f64.
+fn mean_nll(logits: &[f32], ids: &[Vec<u32>], vocab: usize) -> f64 {
+    let len = ids[0].len();
+    let (mut sum, mut n) = (0f64, 0usize);
+    for (b, seq) in ids.iter().enumerate() {
+        for t in 0..len - 1 {
+            let row = &logits[(b * len + t) * vocab..(b * len + t + 1) * vocab];
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x)) as f64;
+            let lse = max + row.iter().map(|x| (*x as f64 - max).exp()).sum::<f64>().ln();
+            sum += lse - row[seq[t + 1] as usize] as f64;
+            n += 1;
+        }
+    }
+    sum / n as f64
+}
+
+#[test]
+fn bf16_checkpoint_is_close_to_transformers_bf16_compute() {
+    // transformers running in bf16 rounds every activation to 8 bits of mantissa, and on this
+    // random router that flips one token's top-k choice (the generator records it), so its
+    // logits differ from any f32 computation by O(1) at a few positions. The loss is the
+    // meaningful comparison: within 1% (bf16's unit roundoff is 0.4%).
+    let name = "tiny-mixtral-bf16";
+    let reference = Reference::load(name);
+    let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
+    let ids = reference.ids();
+    let got = to_vec(model.forward(&ids).unwrap());
+    let loss = mean_nll(&got, &ids, model.config.vocab_size);
+    let expected = reference.json["loss_bf16"].as_f64().unwrap();
+    let rel = (loss - expected).abs() / expected;
+    assert!(rel < 1e-2, "{name}: loss {loss} vs transformers bf16 {expected} ({rel:.2e})");
+    // And the f32-compute loss agrees to 1e-5 relative.
+    let f32_loss = reference.json["loss"].as_f64().unwrap();
+    assert!((loss - f32_loss).abs() / f32_loss < 1e-5, "{name}: loss {loss} vs {f32_loss}");
+}
+
+/// Masking experts must equal transformers with those experts' router logits set to −∞
+/// (which the generator checked equals physically removing them).
+fn check_masked(name: &str) {
+    let reference = Reference::load(name);
+    let mut model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
+    let masked: std::collections::BTreeMap<String, Vec<usize>> =
+        serde_json::from_value(reference.json["masked_experts"].clone()).unwrap();
+    for (layer, ids) in &masked {
+        let layer: usize = layer.parse().unwrap();
+        let n = model.moe_block(layer).unwrap().num_experts();
+        let keep: Vec<bool> = (0..n).map(|e| !ids.contains(&e)).collect();
+        model.set_expert_mask(layer, Some(&keep)).unwrap();
+    }
+    let dir = fixtures().join("parity").join(name);
+    let masked_ref = Checkpoint::open_file(dir.join("masked.safetensors")).unwrap();
+    let expected = masked_ref.get("logits").unwrap().to_f32().unwrap();
+    let got = to_vec(model.forward(&reference.ids()).unwrap());
+    let err = max_rel_err(&got, &expected);
+    assert!(err <= 1e-4, "{name}: masked logits differ by {err:.3e}");
+    // And masking changed something.
+    let (unmasked, _) = reference.tensor("logits");
+    assert!(max_rel_err(&got, &unmasked) > 1e-3, "{name}: mask had no effect");
+}
+
+#[test]
+fn mixtral_expert_mask_matches_transformers() {
+    check_masked("tiny-mixtral");
+}
+
+#[test]
+fn qwen2_moe_expert_mask_matches_transformers() {
+    check_masked("tiny-qwen2-moe");
+}
+
+#[test]
+fn tokenizer_matches_python_tokenizers() {
+    for name in ["tiny-mixtral", "tiny-qwen2-moe"] {
+        let reference = Reference::load(name);
+        let tok = diep_models::tokenizer::load_tokenizer(fixtures().join("models").join(name)).unwrap();
+        let text = reference.json["text"].as_str().unwrap();
+        let expected: Vec<u32> = serde_json::from_value(reference.json["text_ids"].clone()).unwrap();
+        assert_eq!(diep_models::tokenizer::encode(&tok, text).unwrap(), expected, "{name}");
+    }
+}

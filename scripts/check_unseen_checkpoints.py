@@ -1,0 +1,497 @@
+#!/usr/bin/env python3
+"""Check `xtask eval` against transformers' own loss on random checkpoints it has never seen.
+
+VALIDATION ONLY. This script is not part of the test path: neither `cargo test` nor `.ci/run`
+runs it, and nothing it writes is committed. It needs torch and transformers 5.x (the venv the
+fixtures were generated with, see scripts/requirements-fixtures.txt) and, for the checkpoints
+saved by transformers 4.x, transformers 4.57.1 installed with
+``pip install --target /opt/tf4 transformers==4.57.1`` (``--tf4-path``; ``--no-tf4`` skips them).
+
+What it checks: for every supported ``model_type`` (mixtral, qwen2_moe, qwen3_moe, olmoe) it
+builds ``--count`` tiny random checkpoints in a fresh temporary directory, with configs and
+weights drawn from ``--seed`` (default: time-based; printed, so any failure can be reproduced
+with ``--seed N``). The draws vary hidden size, layers, experts, top-k, GQA ratio, explicit
+head_dim (qwen3_moe always, mixtral sometimes), norm_topk_prob, decoder_sparse_step /
+mlp_only_layers, shared-expert width, qkv / attention biases, clip_qkv (sometimes None), tied
+embeddings, mixtral's sliding window (shorter than the sequences), rope theta and rms eps. The
+weights are initialised wide (initializer_range 0.1-0.3, RMSNorm weights 1 + 0.3 randn, all
+attention biases 0.5 randn) so the logits are far from uniform.
+
+Each checkpoint is written by ``save_pretrained`` in one of f32 / bf16 / f16, as one file or
+sharded (small ``max_shard_size``), and by transformers 5.x or 4.57.1 (a subprocess with
+``PYTHONPATH=<tf4-path>``, so config.json has the 4.x key style). The reference is
+``model(ids, labels=ids).loss`` of the model reloaded from disk with ``dtype=torch.float32``
+(bf16 / f16 weights upcast), eager attention (and eager experts on 5.x), computed by the
+transformers version that saved it, on random ids (``--batch`` x ``--seq-len``, equal length).
+Then ``xtask eval --model DIR --ids IDS --json OUT`` runs on the same ids and its perplexity must
+match ``exp(loss)`` to a relative ``--tol`` (default 1e-4). A table is printed; the exit status is
+non-zero if any checkpoint fails.
+
+    cargo build -p xtask
+    /opt/ref-venv/bin/python scripts/check_unseen_checkpoints.py [--seed N] [--count 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import transformers  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
+
+TF_MAJOR = int(transformers.__version__.split(".")[0])
+TF4_VERSION = "4.57.1"
+MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+DTYPES = ("float32", "bfloat16", "float16")
+DISK_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+NORM_STD = 0.3
+BIAS_STD = 0.5
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Random configs
+# --------------------------------------------------------------------------------------------
+
+
+def sig(x: float, digits: int = 3) -> float:
+    """Round to a few significant digits (keeps config.json readable)."""
+    return float(f"{x:.{digits}g}")
+
+
+def draw_config(rng: random.Random, model_type: str, seq_len: int, tf4: bool) -> dict:
+    """Config kwargs (valid for transformers 4.57 and 5.x) for one random checkpoint."""
+    # Attention shape: kv heads x GQA ratio, head width, hidden size in 32..96.
+    while True:
+        n_kv = rng.choice([1, 2, 4])
+        ratio = rng.choice([1, 2, 4])
+        n_heads = n_kv * ratio
+        if n_heads > 8:
+            continue
+        if model_type == "qwen3_moe":
+            hidden = rng.randrange(32, 97, 8)
+            head_dim = rng.choice([8, 12, 16, 20, 24, 32])
+            if hidden % n_heads == 0 and head_dim == hidden // n_heads:
+                continue  # head_dim must really be explicit
+            explicit_head_dim = True
+        else:
+            head_dim = rng.choice([8, 12, 16, 24])
+            hidden = n_heads * head_dim
+            explicit_head_dim = False
+            if model_type == "mixtral" and rng.random() < 0.35:
+                # mixtral also honours an explicit head_dim != hidden / heads
+                hidden = rng.randrange(32, 97, 8)
+                head_dim = rng.choice([d for d in (8, 12, 16, 20, 24) if n_heads * d != hidden])
+                explicit_head_dim = True
+        if 32 <= hidden <= 96:
+            break
+
+    n_layers = rng.randint(2, 4)
+    n_experts = rng.randint(4, 16)
+    top_k = rng.randint(1, min(4, n_experts))
+    vocab = rng.randint(160, 512)
+    c = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=rng.choice([128, 512, 2048, 4096]),
+        initializer_range=sig(rng.uniform(0.1, 0.3)),
+        rms_norm_eps=rng.choice([1e-6, 1e-5, 3e-5, 1e-4, 1e-3]),
+        rope_theta=sig(10 ** rng.uniform(2.0, 6.5)),
+        tie_word_embeddings=rng.random() < 0.35,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        hidden_act="silu",
+    )
+    if explicit_head_dim:
+        c["head_dim"] = head_dim
+
+    if model_type == "mixtral":
+        c.update(
+            intermediate_size=rng.randrange(16, 97, 8),
+            num_local_experts=n_experts,
+            sliding_window=rng.randint(2, seq_len - 2) if rng.random() < 0.5 else None,
+        )
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        step = rng.choice([1, 1, 2, 3])
+        while True:
+            mlp_only = sorted(i for i in range(n_layers) if rng.random() < 0.25)
+            moe = [i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0]
+            if moe:
+                break
+            step = 1
+        c.update(
+            intermediate_size=rng.randrange(16, 129, 8),  # dense layers
+            moe_intermediate_size=rng.randrange(8, 65, 8),
+            num_experts=n_experts,
+            decoder_sparse_step=step,
+            mlp_only_layers=mlp_only,
+            norm_topk_prob=rng.random() < 0.5,
+            use_sliding_window=False,
+        )
+        if model_type == "qwen2_moe":
+            c["shared_expert_intermediate_size"] = rng.randrange(8, 129, 8)
+            # 4.x hard-codes q/k/v biases; `qkv_bias` is a 5.x option.
+            if not tf4:
+                c["qkv_bias"] = rng.random() < 0.75
+        else:
+            c["attention_bias"] = rng.random() < 0.35
+    elif model_type == "olmoe":
+        c.update(
+            intermediate_size=rng.randrange(16, 97, 8),
+            num_experts=n_experts,
+            norm_topk_prob=rng.random() < 0.5,
+            clip_qkv=None if rng.random() < 0.35 else sig(rng.uniform(0.5, 4.0), 2),
+            attention_bias=rng.random() < 0.35,
+        )
+    else:
+        raise ValueError(model_type)
+    return c
+
+
+def draw_specs(seed: int, count: int, model_types: list[str], *, batch: int, seq_len: int,
+               use_tf4: bool) -> list[dict]:
+    rng = random.Random(seed)
+    # Save plans (dtype x sharded x saver), shuffled and dealt out so one run mixes them all.
+    savers = ["5.x", "4.57.1"] if use_tf4 else ["5.x"]
+    plans = [(d, s, v) for d in DTYPES for s in (False, True) for v in savers]
+    rng.shuffle(plans)
+    specs = []
+    k = 0
+    for mt in model_types:
+        for j in range(count):
+            dtype, sharded, saver = plans[k % len(plans)]
+            k += 1
+            tf4 = saver != "5.x"
+            specs.append(dict(
+                name=f"{mt}-{j}",
+                model_type=mt,
+                config=draw_config(rng, mt, seq_len, tf4),
+                weight_seed=rng.randrange(2**31),
+                ids_seed=rng.randrange(2**31),
+                dtype=dtype,
+                sharded=sharded,
+                saver=saver,
+                batch=batch,
+                seq_len=seq_len,
+            ))
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Building, saving and the reference loss (runs under transformers 5.x or, as a worker, 4.57.1)
+# --------------------------------------------------------------------------------------------
+
+
+def config_class(model_type: str):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    return {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig,
+            "olmoe": OlmoeConfig}[model_type]
+
+
+def impl_kwargs() -> dict:
+    kw = dict(attn_implementation="eager")
+    if TF_MAJOR >= 5:
+        kw["experts_implementation"] = "eager"
+    return kw
+
+
+def make_ids(spec: dict) -> torch.Tensor:
+    g = torch.Generator().manual_seed(spec["ids_seed"])
+    return torch.randint(0, spec["config"]["vocab_size"], (spec["batch"], spec["seq_len"]), generator=g)
+
+
+@torch.no_grad()
+def perturb(model, seed: int) -> None:
+    """RMSNorm weights -> 1 + 0.3 randn; every attention bias -> 0.5 randn (init leaves them 0)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    for name, mod in model.named_modules():
+        if type(mod).__name__.endswith("RMSNorm"):
+            mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj") and getattr(mod, "bias", None) is not None:
+            mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
+
+
+def shard_size(model, dtype: torch.dtype) -> str:
+    """A max_shard_size that splits the checkpoint into roughly four shards."""
+    nbytes = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+    return f"{max(8, nbytes // 4 // 1000)}KB"
+
+
+def build_save_reference(spec: dict, mdir: Path) -> dict:
+    """Build the random model, save it, reload it in f32 from disk, return transformers' loss."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_class(spec["model_type"])(**spec["config"])
+    torch.manual_seed(spec["weight_seed"])
+    model = AutoModelForCausalLM.from_config(cfg, **impl_kwargs()).float().eval()
+    perturb(model, spec["weight_seed"])
+    for n, p in model.named_parameters():
+        assert float(p.detach().std()) > 1e-3, f"{n} looks uninitialised"
+
+    dtype = getattr(torch, spec["dtype"])
+    model = model.to(dtype)
+    save_kw = {"max_shard_size": shard_size(model, dtype)} if spec["sharded"] else {"max_shard_size": "10GB"}
+    model.save_pretrained(mdir, **save_kw)
+    del model
+
+    # What is on disk is what was asked for.
+    files = sorted(mdir.glob("*.safetensors"))
+    has_index = (mdir / "model.safetensors.index.json").exists()
+    assert (len(files) > 1) == spec["sharded"] and has_index == spec["sharded"], (spec["sharded"], files)
+    disk_dtypes = set()
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            disk_dtypes |= {h.get_slice(k).get_dtype() for k in h.keys()}
+    assert disk_dtypes == {DISK_DTYPE[spec["dtype"]]}, disk_dtypes
+
+    ids = make_ids(spec)
+    ref = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32, **impl_kwargs()).eval()
+    assert next(ref.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        out = ref(ids, labels=ids)
+    loss = float(out.loss)
+    logits = out.logits.float()
+    # The loss is plain next-token cross entropy (no router aux loss).
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert abs(float(ce) - loss) < 1e-5 * max(1.0, loss), (float(ce), loss)
+    probs = logits.softmax(-1)
+    entropy = float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean())
+    # The drawn features must actually change the result: loss with the feature switched off.
+    effects = {}
+    for key in ("sliding_window", "clip_qkv"):
+        if getattr(ref.config, key, None) is not None and key in spec["config"]:
+            old = getattr(ref.config, key)
+            setattr(ref.config, key, None)
+            try:
+                with torch.no_grad():
+                    effects[key] = abs(float(ref(ids, labels=ids).loss) - loss)
+            finally:
+                setattr(ref.config, key, old)
+    return {
+        "loss": loss,
+        "transformers_version": transformers.__version__,
+        "entropy_over_log_vocab": entropy / math.log(logits.shape[-1]),
+        "num_files": len(files),
+        "feature_effects": effects,
+        "ids": ids.tolist(),
+    }
+
+
+def worker(job_path: Path) -> None:
+    """Subprocess entry (run with PYTHONPATH=<tf4 path>): build/save/reference one checkpoint."""
+    job = json.loads(job_path.read_text())
+    assert transformers.__version__ == job["expect_version"], transformers.__version__
+    res = build_save_reference(job["spec"], Path(job["model_dir"]))
+    Path(job["result"]).write_text(json.dumps(res))
+
+
+@torch.no_grad()
+def loss_with_this_transformers(mdir: Path, ids: list) -> float:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32, **impl_kwargs()).eval()
+    t = torch.tensor(ids)
+    return float(m(t, labels=t).loss)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def run_one(spec: dict, root: Path, args) -> dict:
+    mdir = root / spec["name"]
+    mdir.mkdir()
+    row = {"name": spec["name"], "model_type": spec["model_type"], "dtype": spec["dtype"],
+           "sharded": spec["sharded"], "saver": spec["saver"], "status": "ERROR"}
+    try:
+        if spec["saver"] == "5.x":
+            res = build_save_reference(spec, mdir)
+        else:
+            job = root / f"{spec['name']}.job.json"
+            result = root / f"{spec['name']}.result.json"
+            job.write_text(json.dumps({"spec": spec, "model_dir": str(mdir), "result": str(result),
+                                       "expect_version": TF4_VERSION}))
+            env = dict(os.environ, PYTHONPATH=args.tf4_path)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(job)],
+                           check=True, env=env)
+            res = json.loads(result.read_text())
+            disk_cfg = json.loads((mdir / "config.json").read_text())
+            assert disk_cfg["transformers_version"] == TF4_VERSION, disk_cfg["transformers_version"]
+            assert "rope_theta" in disk_cfg and "rope_parameters" not in disk_cfg, "expected 4.x key style"
+            # transformers 5.x on the 4.x checkpoint must agree with 4.x (sanity of the reference).
+            l5 = loss_with_this_transformers(mdir, res["ids"])
+            row["tf5_xcheck"] = abs(l5 - res["loss"]) / max(1.0, abs(res["loss"]))
+        row["saver"] = res["transformers_version"]
+        row["loss"] = res["loss"]
+        row["entropy"] = res["entropy_over_log_vocab"]
+        row["files"] = res["num_files"]
+        row["effects"] = res["feature_effects"]
+        ids_path = root / f"{spec['name']}.ids.json"
+        ids_path.write_text(json.dumps(res["ids"]))
+        out_path = root / f"{spec['name']}.eval.json"
+        proc = subprocess.run([str(args.xtask), "eval", "--model", str(mdir), "--ids", str(ids_path),
+                               "--json", str(out_path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            row["error"] = f"xtask eval exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+            return row
+        ours = json.loads(out_path.read_text())
+        b, t = spec["batch"], spec["seq_len"]
+        assert ours["tokens"] == b * t and ours["predictions"] == b * (t - 1), ours
+        ref_ppl = math.exp(res["loss"])
+        row["ref_ppl"] = ref_ppl
+        row["ppl"] = ours["perplexity"]
+        row["mean_nll"] = ours["mean_nll"]
+        row["rel"] = abs(ours["perplexity"] - ref_ppl) / ref_ppl
+        ok = row["rel"] <= args.tol
+        if not ok:
+            row["error"] = f"relative error {row['rel']:.3e} > {args.tol:g} (mean NLL ours {ours['mean_nll']:.9g}, " \
+                           f"transformers {res['loss']:.9g})"
+        if "tf5_xcheck" in row and row["tf5_xcheck"] > 1e-5:
+            row["error"] = f"transformers 5.x disagrees with {TF4_VERSION} on this checkpoint: {row['tf5_xcheck']:.2e}"
+            ok = False
+        row["status"] = "PASS" if ok else "FAIL"
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        row["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    return row
+
+
+def describe(spec: dict) -> str:
+    c = spec["config"]
+    parts = [f"L={c['num_hidden_layers']}", f"h={c['hidden_size']}",
+             f"heads={c['num_attention_heads']}/{c['num_key_value_heads']}"]
+    if "head_dim" in c:
+        parts.append(f"head_dim={c['head_dim']}")
+    parts.append(f"E={c.get('num_experts', c.get('num_local_experts'))}")
+    parts.append(f"k={c['num_experts_per_tok']}")
+    for key, short in [("norm_topk_prob", "norm_topk"), ("decoder_sparse_step", "step"),
+                       ("mlp_only_layers", "mlp_only"), ("shared_expert_intermediate_size", "shared"),
+                       ("qkv_bias", "qkv_bias"), ("attention_bias", "attn_bias"), ("clip_qkv", "clip_qkv"),
+                       ("sliding_window", "swa")]:
+        if key in c:
+            parts.append(f"{short}={c[key]}")
+    parts += [f"tie={c['tie_word_embeddings']}", f"theta={c['rope_theta']:g}", f"eps={c['rms_norm_eps']:g}",
+              f"init={c['initializer_range']}", f"V={c['vocab_size']}"]
+    return " ".join(parts)
+
+
+def print_table(rows: list[dict]) -> None:
+    hdr = ("name", "model_type", "dtype", "sharded", "saved by", "exp(loss)", "our ppl", "rel err", "H/logV",
+           "result")
+    lines = []
+    for r in rows:
+        sharded = f"yes ({r['files']})" if r["sharded"] and "files" in r else ("yes" if r["sharded"] else "no")
+        lines.append((
+            r["name"], r["model_type"], r["dtype"], sharded, r["saver"],
+            f"{r['ref_ppl']:.8g}" if "ref_ppl" in r else "-",
+            f"{r['ppl']:.8g}" if "ppl" in r else "-",
+            f"{r['rel']:.2e}" if "rel" in r else "-",
+            f"{r['entropy']:.2f}" if "entropy" in r else "-",
+            r["status"],
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(hdr, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    log(fmt.format(*hdr))
+    log(fmt.format(*("-" * w for w in widths)))
+    for ln in lines:
+        log(fmt.format(*ln))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=None, help="draws configs, weights and ids (default: time-based)")
+    ap.add_argument("--count", type=int, default=2, help="checkpoints per model_type")
+    ap.add_argument("--model-types", nargs="+", default=list(MODEL_TYPES), choices=MODEL_TYPES)
+    ap.add_argument("--xtask", type=Path, default=REPO / "target" / "debug" / "xtask",
+                    help="the xtask binary (cargo build -p xtask)")
+    ap.add_argument("--tf4-path", default="/opt/tf4", help=f"--target dir holding transformers {TF4_VERSION}")
+    ap.add_argument("--no-tf4", action="store_true", help=f"save everything with transformers {transformers.__version__}")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=24)
+    ap.add_argument("--tol", type=float, default=1e-4, help="largest relative perplexity error")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker is not None:
+        worker(args.worker)
+        return 0
+
+    if TF_MAJOR < 5:
+        sys.exit(f"run with transformers 5.x (got {transformers.__version__})")
+    if not args.xtask.is_file():
+        sys.exit(f"{args.xtask} not found: build it with `cargo build -p xtask` or pass --xtask")
+    use_tf4 = not args.no_tf4
+    if use_tf4 and not Path(args.tf4_path, "transformers").is_dir():
+        sys.exit(f"transformers {TF4_VERSION} not found under {args.tf4_path} (install it there or pass --no-tf4)")
+    seed = args.seed if args.seed is not None else int(time.time() * 1000) % (2**31)
+    log(f"seed = {seed}  (reproduce with --seed {seed} --count {args.count})")
+    log(f"transformers {transformers.__version__}, torch {torch.__version__}, xtask {args.xtask}")
+
+    specs = draw_specs(seed, args.count, args.model_types, batch=args.batch, seq_len=args.seq_len,
+                       use_tf4=use_tf4)
+    root = Path(tempfile.mkdtemp(prefix="diep-unseen-"))
+    log(f"checkpoints in {root}\n")
+    rows = []
+    for spec in specs:
+        log(f"{spec['name']}: {spec['dtype']}, {'sharded' if spec['sharded'] else 'one file'}, "
+            f"saved by {spec['saver']}: {describe(spec)}")
+        row = run_one(spec, root, args)
+        rows.append(row)
+        detail = f"rel err {row['rel']:.2e}" if "rel" in row else ""
+        for key, d in row.get("effects", {}).items():
+            detail += f"; |loss - loss without {key}| = {d:.3g}"
+        if "tf5_xcheck" in row:
+            detail += f"; transformers {transformers.__version__} vs {TF4_VERSION} loss: {row['tf5_xcheck']:.1e}"
+        log(f"  -> {row['status']} {detail} {row.get('error', '')}".rstrip())
+        (root / f"{spec['name']}.spec.json").write_text(json.dumps(spec, indent=2))
+
+    log("")
+    print_table(rows)
+    failed = [r for r in rows if r["status"] != "PASS"]
+    log("")
+    if failed:
+        for r in failed:
+            log(f"{r['name']}: {r['status']} {r.get('error', '')}")
+        log(f"\n{len(failed)} of {len(rows)} checkpoints FAILED (seed {seed}); kept {root}")
+        return 1
+    worst = max(r["rel"] for r in rows)
+    log(f"all {len(rows)} checkpoints PASS (seed {seed}, worst relative error {worst:.2e} <= {args.tol:g})")
+    if args.keep:
+        log(f"kept {root}")
+    else:
+        shutil.rmtree(root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,970 @@
+#!/usr/bin/env python3
+"""Generate the tiny random MoE parity fixtures under ``fixtures/``.
+
+GENERATION ONLY. This script is never run by the Rust test suite; the tests only
+read the files it wrote (``fixtures/models/<name>/`` and ``fixtures/parity/<name>/``),
+which are committed. Re-run it only to regenerate them:
+
+    /opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures
+
+Versions used for the committed fixtures (see scripts/requirements-fixtures.txt):
+transformers 5.24.0, torch 2.15.0, tokenizers 0.23.3, safetensors 0.8.0 (CPU, 2 threads).
+``tiny-qwen3-moe-tf4`` is written by transformers 4.57.1, installed beside the venv with
+
+    /opt/ref-venv/bin/pip install --target /opt/tf4 transformers==4.57.1
+
+and run in a subprocess of this script with ``PYTHONPATH=/opt/tf4`` (``--tf4-path``), so its
+config.json really is in the 4.x key style (``rope_theta``, ``num_experts``) and its reference
+logits come from a real transformers 4.57.1 forward pass.
+
+What it generates (all random init, fixed seeds, deterministic):
+
+* ``tiny-mixtral``        mixtral, f32, one model.safetensors, untied embeddings, no sliding window.
+* ``tiny-mixtral-swa``    the same weights as tiny-mixtral with ``sliding_window=6`` (16-token
+                          sequences, so the window matters; checked below).
+* ``tiny-mixtral-bf16``   the tiny-mixtral weights rounded to bf16 and saved in bf16.
+* ``tiny-qwen2-moe``      qwen2_moe, 4 layers, layer 2 dense (mlp_only_layers=[2]), shared expert with
+                          a sigmoid gate, q/k/v biases, norm_topk_prob=false, saved in 3+ shards.
+* ``tiny-qwen3-moe``      qwen3_moe, 4 layers, decoder_sparse_step=2 (layers 1 and 3 MoE, 0 and 2 dense),
+                          explicit head_dim=24, per-head q/k RMSNorm, norm_topk_prob=true, tied embeddings.
+* ``tiny-olmoe``          olmoe, 3 layers, q/k RMSNorm over the whole projection, clip_qkv that clips.
+* ``tiny-qwen3-moe-tf4``  qwen3_moe saved by transformers 4.57.1 (4.x config key style).
+
+Every model: vocab 320 (= the byte-level BPE tokenizer.json written next to it), hidden 64,
+4 heads / 2 kv heads, 8 experts, top-2, max_position_embeddings 512, non-default rope theta and
+rms_norm_eps, initializer_range 0.2, every RMSNorm weight = 1 + 0.3 * randn, q/k/v biases
+(qwen2_moe) = 0.5 * randn.
+
+References (``fixtures/parity/<name>/``), all from ``attn_implementation="eager"``,
+``experts_implementation="eager"`` (5.x), ``model.eval()``, ``torch.no_grad()``, computed from the
+model *reloaded from disk*:
+
+* ``reference.json``         versions, ids (3 x 16), loss (batched; without the router aux loss),
+                             loss_per_sequence, text / text_ids, moe_layers, on-disk key patterns, ...
+* ``ids.json``               the 3 x 16 token ids.
+* ``reference.safetensors``  f32 ``logits`` [3,16,V]; ``router_logits.{layer}`` [48,E] for each MoE
+                             layer (raw gate logits, before softmax); ``hidden_states.{k}`` for
+                             k = 0..L (k = 0 embeddings, k = 1..L-1 outputs of layer k-1, k = L the
+                             output of the last layer AFTER the final norm); ``final_prenorm`` (the
+                             output of the last layer before the final norm).
+* ``masked.safetensors``     (tiny-mixtral, tiny-qwen2-moe) ``logits`` with some experts per layer
+                             made unselectable (router logits forced to -inf before softmax/top-k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(2)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import transformers  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+TF_MAJOR = int(transformers.__version__.split(".")[0])
+TF4_VERSION = "4.57.1"
+
+VOCAB = 320
+SEQ_LEN = 16
+BATCH = 3
+HIDDEN = 64
+N_HEADS = 4
+N_KV_HEADS = 2
+N_EXPERTS = 8
+TOP_K = 2
+NORM_STD = 0.3
+BIAS_STD = 0.5
+BOS, EOS = 1, 2
+SWA_WINDOW = 6
+OLMOE_CLIP_QKV = 2.0
+
+SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog, and the experts route every token."
+
+# Small English corpus the byte-level BPE tokenizer is trained on.
+CORPUS = """
+The quick brown fox jumps over the lazy dog. The dog sleeps in the sun while the fox runs away.
+A mixture of experts model sends every token to a few of its experts. The router scores each
+expert, keeps the best two, and adds their outputs with the routing weights.
+Attention lets every token look at the tokens before it. A sliding window limits how far back it looks.
+The model reads the text, predicts the next token, and the loss measures how surprised it was.
+We test that the Rust toolkit reproduces the logits of the reference implementation exactly.
+Small models are fast to run and easy to check. Random weights are enough to catch mistakes in
+the order of operations, the shapes of the tensors, and the names of the keys on disk.
+There is no such thing as a free lunch, but there is such a thing as a cheap test.
+In the morning the team reads the reports; in the evening they fix what the tests found.
+Numbers, too: 0 1 2 3 4 5 6 7 8 9 10 16 32 64 128 256 512 1024.
+""".strip().splitlines()
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        min_frequency=2,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+    assert tok.token_to_id("<s>") == BOS and tok.token_to_id("</s>") == EOS
+    return tok
+
+
+# --------------------------------------------------------------------------------------------
+# Model construction helpers
+# --------------------------------------------------------------------------------------------
+
+
+def common_kwargs() -> dict:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=N_KV_HEADS,
+        num_experts_per_tok=TOP_K,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=None,
+    )
+
+
+def make_config(kind: str):
+    """kind -> transformers config (works with 4.57 and 5.x)."""
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    c = common_kwargs()
+    if kind in ("tiny-mixtral", "tiny-mixtral-bf16", "tiny-mixtral-swa"):
+        return MixtralConfig(
+            **c,
+            num_hidden_layers=2,
+            intermediate_size=48,
+            num_local_experts=N_EXPERTS,
+            rope_theta=10000.0,  # mixtral default is 1e6
+            rms_norm_eps=1e-6,  # mixtral default is 1e-5
+            sliding_window=SWA_WINDOW if kind == "tiny-mixtral-swa" else None,
+            tie_word_embeddings=False,
+        )
+    if kind == "tiny-qwen2-moe":
+        return Qwen2MoeConfig(
+            **c,
+            num_hidden_layers=4,
+            intermediate_size=128,  # dense layer (layer 2)
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=N_EXPERTS,
+            decoder_sparse_step=1,
+            mlp_only_layers=[2],
+            norm_topk_prob=False,
+            rope_theta=1000000.0,  # default 1e4
+            rms_norm_eps=1e-5,  # default 1e-6
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+        )
+    if kind in ("tiny-qwen3-moe", "tiny-qwen3-moe-tf4"):
+        return Qwen3MoeConfig(
+            **c,
+            num_hidden_layers=4,
+            head_dim=24,  # != hidden/heads = 16
+            intermediate_size=64,  # dense layers 0 and 2
+            moe_intermediate_size=32,
+            num_experts=N_EXPERTS,
+            decoder_sparse_step=2,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+            rope_theta=1000000.0,  # default 1e4
+            rms_norm_eps=1e-5,  # default 1e-6
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+        )
+    if kind == "tiny-olmoe":
+        return OlmoeConfig(
+            **c,
+            num_hidden_layers=3,
+            intermediate_size=32,
+            num_experts=N_EXPERTS,
+            norm_topk_prob=False,
+            clip_qkv=OLMOE_CLIP_QKV,
+            rope_theta=500000.0,  # default 1e4
+            rms_norm_eps=1e-6,  # default 1e-5
+            tie_word_embeddings=False,
+        )
+    raise ValueError(kind)
+
+
+SEEDS = {
+    "tiny-mixtral": 1001,
+    "tiny-qwen2-moe": 1002,
+    "tiny-qwen3-moe": 1003,
+    "tiny-olmoe": 1004,
+    "tiny-qwen3-moe-tf4": 1005,
+}
+IDS_SEEDS = {
+    "tiny-mixtral": 2001,
+    "tiny-mixtral-swa": 2001,  # same ids as tiny-mixtral on purpose (window check / comparison)
+    "tiny-mixtral-bf16": 2001,
+    "tiny-qwen2-moe": 2002,
+    "tiny-qwen3-moe": 2003,
+    "tiny-olmoe": 2004,
+    "tiny-qwen3-moe-tf4": 2005,
+}
+
+
+def impl_kwargs() -> dict:
+    kw = dict(attn_implementation="eager")
+    if TF_MAJOR >= 5:
+        kw["experts_implementation"] = "eager"
+    return kw
+
+
+def build_model(kind: str, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(kind)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, **impl_kwargs()).float().eval()
+    perturb(model, seed)
+    check_params_nontrivial(model)
+    return model
+
+
+@torch.no_grad()
+def perturb(model, seed: int) -> None:
+    """RMSNorm weights -> 1 + 0.3 randn; q/k/v biases -> 0.5 randn (where present)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    n_norm = n_bias = 0
+    for name, mod in model.named_modules():
+        if type(mod).__name__.endswith("RMSNorm"):
+            mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
+            n_norm += 1
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("q_proj", "k_proj", "v_proj") and getattr(mod, "bias", None) is not None:
+            mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
+            n_bias += 1
+    log(f"    perturbed {n_norm} RMSNorm weights, {n_bias} q/k/v biases")
+
+
+def check_params_nontrivial(model) -> None:
+    for name, p in model.named_parameters():
+        assert p.float().std() > 1e-3, f"parameter {name} looks uninitialised"
+
+
+def moe_block(layer):
+    for attr in ("mlp", "block_sparse_moe"):
+        m = getattr(layer, attr, None)
+        if m is not None and hasattr(m, "experts") and hasattr(m, "gate"):
+            return m
+    return None
+
+
+def moe_layers_of(model) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if moe_block(layer) is not None]
+
+
+def expected_moe_layers(cfg) -> list[int]:
+    L = cfg.num_hidden_layers
+    if cfg.model_type in ("mixtral", "olmoe"):
+        return list(range(L))
+    n_exp = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts")
+    return [
+        i
+        for i in range(L)
+        if i not in cfg.mlp_only_layers and n_exp > 0 and (i + 1) % cfg.decoder_sparse_step == 0
+    ]
+
+
+def make_ids(name: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(IDS_SEEDS[name])
+    # avoid the 3 special tokens
+    return torch.randint(3, VOCAB, (BATCH, SEQ_LEN), generator=g)
+
+
+def load(model_dir: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **impl_kwargs())
+    return m.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# On-disk inspection
+# --------------------------------------------------------------------------------------------
+
+
+def disk_tensors(model_dir: Path) -> dict[str, tuple[list[int], str, str]]:
+    """key -> (shape, dtype, file)"""
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                out[k] = (list(sl.get_shape()), sl.get_dtype(), f.name)
+    return out
+
+
+def key_patterns(keys: dict) -> dict[str, dict]:
+    """{pattern: {shape, dtype, layers}} with layer index -> {i} and expert index -> {e}."""
+    pats: dict[str, dict] = {}
+    for k, (shape, dtype, _) in sorted(keys.items()):
+        m = re.search(r"\.layers\.(\d+)\.", k)
+        p = re.sub(r"\.layers\.\d+\.", ".layers.{i}.", k)
+        p = re.sub(r"\.experts\.\d+\.", ".experts.{e}.", p)
+        ent = pats.setdefault(p, {"shape": shape, "dtype": dtype, "layers": []})
+        assert ent["shape"] == shape and ent["dtype"] == dtype, (k, shape, ent)
+        if m and int(m.group(1)) not in ent["layers"]:
+            ent["layers"].append(int(m.group(1)))
+    for ent in pats.values():
+        ent["layers"].sort()
+        if not ent["layers"]:
+            del ent["layers"]
+    return dict(sorted(pats.items()))
+
+
+def check_disk_layout(name: str, model_dir: Path, cfg, moe_layers: list[int]) -> dict:
+    keys = disk_tensors(model_dir)
+    assert not any("gate_up_proj" in k for k in keys), "fused expert tensors on disk"
+    mt = cfg.model_type
+    for i in moe_layers:
+        for e in range(N_EXPERTS):
+            if mt == "mixtral":
+                names = [f"model.layers.{i}.block_sparse_moe.experts.{e}.w{j}.weight" for j in (1, 2, 3)]
+            else:
+                names = [f"model.layers.{i}.mlp.experts.{e}.{p}_proj.weight" for p in ("gate", "up", "down")]
+            for n in names:
+                assert n in keys, f"{name}: missing per-expert key {n}"
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    assert ("lm_head.weight" in keys) == (not tied), f"{name}: lm_head presence vs tie_word_embeddings"
+    return keys
+
+
+# --------------------------------------------------------------------------------------------
+# Reference computation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def run_reference(model, ids: torch.Tensor, *, verify: bool = True) -> tuple[dict, dict]:
+    """Returns (tensors, json_fields) for one model in its current dtype."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    moe_layers = moe_layers_of(model)
+    assert moe_layers == expected_moe_layers(cfg), (moe_layers, expected_moe_layers(cfg))
+
+    # Hooks: last decoder layer output (pre final norm), gate inputs.
+    captured: dict = {}
+
+    def last_layer_hook(_m, _inp, out):
+        captured["prenorm"] = (out[0] if isinstance(out, tuple) else out).clone()
+
+    def gate_hook(i):
+        def h(_m, inp, _out):
+            captured[f"gate_in.{i}"] = inp[0].clone()
+
+        return h
+
+    handles = [model.model.layers[-1].register_forward_hook(last_layer_hook)]
+    for i in moe_layers:
+        handles.append(moe_block(model.model.layers[i]).gate.register_forward_hook(gate_hook(i)))
+    try:
+        out = model(ids, output_hidden_states=True, output_router_logits=True)
+    finally:
+        for h in handles:
+            h.remove()
+
+    logits = out.logits.float()
+    assert logits.shape == (BATCH, SEQ_LEN, cfg.vocab_size)
+    assert torch.isfinite(logits).all()
+
+    tensors = {"logits": logits.contiguous()}
+    hs = out.hidden_states
+    assert len(hs) == L + 1, len(hs)
+    for k, h in enumerate(hs):
+        tensors[f"hidden_states.{k}"] = h.float().contiguous()
+    tensors["final_prenorm"] = captured["prenorm"].float().contiguous()
+
+    rl = out.router_logits
+    assert len(rl) == len(moe_layers), (len(rl), moe_layers)
+    for i, r in zip(moe_layers, rl):
+        assert r.shape == (BATCH * SEQ_LEN, N_EXPERTS), r.shape
+        tensors[f"router_logits.{i}"] = r.float().contiguous()
+
+    if verify:
+        # hidden_states[0] = embeddings; hidden_states[L] = final norm(last layer output).
+        emb = model.model.embed_tokens(ids)
+        assert torch.equal(hs[0], emb), "hidden_states[0] is not the embedding output"
+        assert torch.equal(hs[L], model.model.norm(captured["prenorm"])), "hidden_states[L] != norm(last layer)"
+        assert not torch.allclose(hs[L], captured["prenorm"]), "final norm seems not applied"
+        # router logits are the raw linear gate outputs (before softmax).
+        for i, r in zip(moe_layers, rl):
+            gate = moe_block(model.model.layers[i]).gate
+            x = captured[f"gate_in.{i}"].reshape(-1, cfg.hidden_size)
+            raw = F.linear(x, gate.weight)
+            assert torch.equal(r, raw), f"router_logits.{i} is not gate(x)"
+            assert (r < 0).any() and not torch.allclose(r.float().exp().sum(-1), torch.ones(r.shape[0]))
+
+    loss = model(ids, labels=ids).loss  # output_router_logits defaults to False -> plain CE
+    assert not cfg.output_router_logits
+    loss_seq = [float(model(ids[b : b + 1], labels=ids[b : b + 1]).loss) for b in range(BATCH)]
+    # sanity: plain causal-LM cross entropy, mean over all B*(T-1) shifted tokens
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert abs(float(ce) - float(loss)) < 1e-4, (float(ce), float(loss))
+
+    probs = logits.softmax(-1)
+    ent = float(-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean())
+    fields = {
+        "loss": float(loss),
+        "loss_per_sequence": loss_seq,
+        "moe_layers": moe_layers,
+        "logits_stats": {
+            "std": float(logits.std()),
+            "mean_entropy_nats": ent,
+            "uniform_entropy_nats": math.log(cfg.vocab_size),
+            "mean_max_prob": float(probs.max(-1).values.mean()),
+        },
+    }
+    return tensors, fields
+
+
+_NUM = r"-?[0-9][0-9.eE+-]*"
+
+
+def write_json(path: Path, obj) -> None:
+    """Indented JSON, but flat lists of numbers (and [shape, dtype] pairs) on one line."""
+    s = json.dumps(obj, indent=2)
+    s = re.sub(rf"\[\s*({_NUM}(?:,\s*{_NUM})*)\s*\]", lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", s)
+    s = re.sub(r'\{\s*("shape": \[[^\[\]]*\]),\s*("dtype": "[A-Z0-9]+")(?:,\s*("layers": \[[^\[\]]*\]))?\s*\}',
+               lambda m: "{" + ", ".join(g for g in m.groups() if g) + "}", s)
+    s = re.sub(r"\[\s*(\[[^\[\]]*\](?:,\s*\[[^\[\]]*\])*)\s*\]",
+               lambda m: "[\n    " + re.sub(r"\],\s*\[", "],\n    [", m.group(1)) + "\n  ]", s)
+    assert json.loads(s) == json.loads(json.dumps(obj))
+    path.write_text(s + "\n")
+
+
+def base_reference_json(name: str, model, ids: torch.Tensor, keys: dict, dtype_on_disk: str) -> dict:
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    return {
+        "name": name,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "model_type": cfg.model_type,
+        "dtype_on_disk": dtype_on_disk,
+        "attn_implementation": "eager",
+        "experts_implementation": "eager" if TF_MAJOR >= 5 else "n/a (4.x per-expert nn.ModuleList)",
+        "num_hidden_layers": L,
+        "vocab_size": cfg.vocab_size,
+        "ids": ids.tolist(),
+        "hidden_states_semantics": (
+            f"hidden_states.0 = token embeddings; hidden_states.k (1..{L - 1}) = output of decoder layer k-1; "
+            f"hidden_states.{L} = output of the last layer AFTER the final model.norm (== last_hidden_state); "
+            "final_prenorm = output of the last layer BEFORE the final norm"
+        ),
+        "router_logits_semantics": (
+            "router_logits.{layer}: [batch*seq, num_experts], row index = b*seq + t; raw gate logits "
+            "x @ W_gate^T (model dtype, before softmax/top-k), x = post_attention_layernorm output"
+        ),
+        "loss_semantics": (
+            "model(ids, labels=ids).loss with output_router_logits=False: mean token cross-entropy over "
+            "the 3x15 shifted positions (no router aux loss)"
+        ),
+        "on_disk_key_patterns": key_patterns(keys),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Expert masking (router patch) and physical removal check
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def masked_router(model, masked: dict[int, list[int]]):
+    """Make the given experts unselectable: their router logits become -inf right after the gate's
+    linear projection, i.e. before transformers' own softmax / top-k / renormalisation code runs.
+
+    Implementation: transformers 5.x routers compute ``router_logits = F.linear(hidden_states,
+    self.weight)`` with ``F`` the modeling module's global; we swap that global for a shim whose
+    ``linear`` masks the columns when it is called with one of the patched gate weights and delegates
+    everything else to torch.nn.functional. The routing code itself is transformers' unmodified code.
+    """
+    assert TF_MAJOR >= 5
+    gates = {i: moe_block(model.model.layers[i]).gate for i in masked}
+    mod = sys.modules[type(next(iter(gates.values()))).__module__]
+    real_F = mod.F
+    by_weight = {id(g.weight): (i, list(masked[i])) for i, g in gates.items()}
+    hits: dict[int, int] = {}
+
+    class _Shim:
+        def __getattr__(self, attr):
+            return getattr(real_F, attr)
+
+        @staticmethod
+        def linear(x, w, b=None):
+            out = real_F.linear(x, w, b)
+            hit = by_weight.get(id(w))
+            if hit is not None:
+                i, cols = hit
+                out = out.clone()
+                out[..., cols] = float("-inf")
+                hits[i] = hits.get(i, 0) + 1
+            return out
+
+    mod.F = _Shim()
+    try:
+        yield hits
+    finally:
+        mod.F = real_F
+
+
+@torch.no_grad()
+def physically_remove_experts(model, masked: dict[int, list[int]]):
+    """Deep copy with the masked experts deleted (router rows and expert tensors), per layer."""
+    m = copy.deepcopy(model)
+    for i, drop in masked.items():
+        blk = moe_block(m.model.layers[i])
+        keep = [e for e in range(N_EXPERTS) if e not in drop]
+        blk.gate.weight = torch.nn.Parameter(blk.gate.weight[keep].clone())
+        blk.gate.num_experts = len(keep)
+        blk.experts.gate_up_proj = torch.nn.Parameter(blk.experts.gate_up_proj[keep].clone())
+        blk.experts.down_proj = torch.nn.Parameter(blk.experts.down_proj[keep].clone())
+        blk.experts.num_experts = len(keep)
+    return m
+
+
+def choose_masked(name: str, moe_layers: list[int]) -> dict[int, list[int]]:
+    g = torch.Generator().manual_seed(IDS_SEEDS[name] + 99)
+    out = {}
+    for j, i in enumerate(moe_layers):
+        n = 2 + (j % 2)  # 2 or 3 experts
+        while True:
+            pick = sorted(torch.randperm(N_EXPERTS, generator=g)[:n].tolist())
+            if pick not in out.values():
+                break
+        out[i] = pick
+    return out
+
+
+@torch.no_grad()
+def masked_reference(name: str, model, ids, ref_tensors) -> tuple[dict, dict]:
+    moe_layers = moe_layers_of(model)
+    masked = choose_masked(name, moe_layers)
+    # every masked set must contain an expert the unmasked run actually selects, so masking matters
+    for i, drop in masked.items():
+        sel = ref_tensors[f"router_logits.{i}"].topk(TOP_K, dim=-1).indices.unique().tolist()
+        assert set(drop) & set(sel), f"layer {i}: masked experts {drop} never selected"
+    with masked_router(model, masked) as hits:
+        out = model(ids, output_router_logits=True)
+        loss = float(model(ids, labels=ids).loss)
+    assert sorted(hits) == sorted(masked), hits
+    logits = out.logits.float()
+    for i, r in zip(moe_layers, out.router_logits):
+        assert torch.isneginf(r[:, masked[i]]).all()
+    diff_vs_unmasked = float((logits - ref_tensors["logits"]).abs().max())
+    assert diff_vs_unmasked > 1e-2, "masking had no effect"
+
+    # Equivalence with physically removing the experts (softmax renormalised over the kept ones).
+    pruned = physically_remove_experts(model, masked)
+    logits_pruned = pruned(ids).logits.float()
+    max_diff = float((logits - logits_pruned).abs().max())
+    log(f"    masked vs physically-removed experts: max |dlogit| = {max_diff:.3g}")
+    assert torch.allclose(logits, logits_pruned, atol=1e-5, rtol=1e-5), max_diff
+    fields = {
+        "masked_experts": {str(i): v for i, v in masked.items()},
+        "masked_loss": loss,
+        "masked_semantics": (
+            "masked.safetensors logits: the listed experts' router logits set to -inf after the gate "
+            "linear, before softmax/top-k (transformers' own routing code otherwise); checked equal to "
+            "deleting those experts (router rows + expert weights) from the model"
+        ),
+        "masked_vs_removed_max_abs_diff": max_diff,
+        "masked_vs_unmasked_max_abs_diff": diff_vs_unmasked,
+    }
+    return {"logits": logits.contiguous()}, fields
+
+
+# --------------------------------------------------------------------------------------------
+# Per-architecture extra checks
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def check_swa(swa_logits: torch.Tensor, full_logits: torch.Tensor) -> dict:
+    """Same weights / ids with and without the window: positions < window identical, later differ."""
+    w = SWA_WINDOW
+    d_early = float((swa_logits[:, :w] - full_logits[:, :w]).abs().max())
+    d_late = (swa_logits[:, w:] - full_logits[:, w:]).abs().amax(dim=(0, 2))
+    log(f"    SWA vs full attention: max |d| positions <{w}: {d_early:.3g}; positions >={w}: "
+        f"min over positions of max |d| = {float(d_late.min()):.3g}")
+    assert d_early < 1e-5, d_early
+    assert float(d_late.min()) > 1e-3, "sliding window not applied"
+    return {"swa_vs_no_window_max_abs_diff_first_window_positions": d_early,
+            "swa_vs_no_window_min_per_position_max_abs_diff_after_window": float(d_late.min())}
+
+
+@torch.no_grad()
+def check_olmoe_clip(model, ids) -> dict:
+    clip = model.config.clip_qkv
+    stats = {"q": [0, 0], "k": [0, 0], "v": [0, 0]}
+    handles = []
+
+    def hook(kind):
+        def h(_m, _i, out):  # clone: the attention clamps these tensors in place afterwards
+            o = out.detach().clone()
+            stats[kind][0] += int((o.abs() > clip).sum())
+            stats[kind][1] += o.numel()
+
+        return h
+
+    for layer in model.model.layers:
+        a = layer.self_attn
+        handles += [a.q_norm.register_forward_hook(hook("q")), a.k_norm.register_forward_hook(hook("k")),
+                    a.v_proj.register_forward_hook(hook("v"))]
+    try:
+        logits = model(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    frac = {k: v[0] / v[1] for k, v in stats.items()}
+    log(f"    clip_qkv={clip}: fraction of entries clipped q={frac['q']:.3f} k={frac['k']:.3f} v={frac['v']:.3f}")
+    assert all(f > 0.005 for f in frac.values()), frac
+    old = model.config.clip_qkv
+    model.config.clip_qkv = None
+    try:
+        unclipped = model(ids).logits
+    finally:
+        model.config.clip_qkv = old
+    d = float((unclipped - logits).abs().max())
+    assert d > 1e-2, "clip_qkv had no effect"
+    return {"clip_qkv_fraction_clipped": frac, "clip_qkv_vs_unclipped_max_abs_diff": d}
+
+
+@torch.no_grad()
+def check_shared_gate(model, ids) -> dict:
+    vals = []
+    handles = [moe_block(l).shared_expert_gate.register_forward_hook(lambda _m, _i, o: vals.append(o.sigmoid()))
+               for l in model.model.layers if moe_block(l) is not None]
+    try:
+        model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    v = torch.cat(vals)
+    log(f"    shared_expert_gate sigmoid: min {float(v.min()):.3f} max {float(v.max()):.3f} std {float(v.std()):.3f}")
+    assert float(v.min()) < 0.3 and float(v.max()) > 0.7, "shared expert gate is trivial"
+    return {"shared_expert_gate_sigmoid_range": [float(v.min()), float(v.max())]}
+
+
+# --------------------------------------------------------------------------------------------
+# Drivers
+# --------------------------------------------------------------------------------------------
+
+
+def fresh_dir(p: Path) -> Path:
+    if p.exists():
+        shutil.rmtree(p)
+    p.mkdir(parents=True)
+    return p
+
+
+def emit(name: str, out: Path, ref_json: dict, tensors: dict, ids: torch.Tensor, extra_files: dict | None = None):
+    pdir = fresh_dir(out / "parity" / name)
+    save_file(tensors, str(pdir / "reference.safetensors"), metadata={"format": "pt"})
+    write_json(pdir / "ids.json", ids.tolist())
+    for fname, t in (extra_files or {}).items():
+        save_file(t, str(pdir / fname), metadata={"format": "pt"})
+    write_json(pdir / "reference.json", ref_json)
+
+
+def generate_f32(name: str, out: Path, model_src, save_kwargs: dict | None = None, masked: bool = False,
+                 extra_check=None) -> tuple[dict, dict]:
+    """Save model_src (an in-memory f32 model) and write its references from the reloaded model."""
+    mdir = fresh_dir(out / "models" / name)
+    model_src.save_pretrained(mdir, **(save_kwargs or {}))
+    model = load(mdir)
+    ids = make_ids(name)
+    tensors, fields = run_reference(model, ids)
+    # reloaded model must reproduce the in-memory model exactly (on-disk layout round trip)
+    with torch.no_grad():
+        assert torch.equal(model_src(ids).logits, model(ids).logits), f"{name}: save/load round trip changed logits"
+    keys = check_disk_layout(name, mdir, model.config, fields["moe_layers"])
+    ref = base_reference_json(name, model, ids, keys, "float32")
+    ref.update(fields)
+    extra = {}
+    if masked:
+        mt, mf = masked_reference(name, model, ids, tensors)
+        extra["masked.safetensors"] = mt
+        ref.update(mf)
+    if extra_check is not None:
+        ref.update(extra_check(model, ids))
+    emit(name, out, ref, tensors, ids, extra)
+    return ref, tensors
+
+
+def gen_mixtral_family(out: Path) -> None:
+    # tiny-mixtral
+    log("tiny-mixtral")
+    base = build_model("tiny-mixtral", SEEDS["tiny-mixtral"])
+    _, ref_t = generate_f32("tiny-mixtral", out, base, masked=True)
+
+    # tiny-mixtral-swa: identical weights, sliding_window=6
+    log("tiny-mixtral-swa")
+    from transformers import AutoModelForCausalLM
+
+    swa = AutoModelForCausalLM.from_config(make_config("tiny-mixtral-swa"), **impl_kwargs()).eval()
+    swa.load_state_dict(base.state_dict())
+    assert swa.config.sliding_window == SWA_WINDOW
+    assert IDS_SEEDS["tiny-mixtral-swa"] == IDS_SEEDS["tiny-mixtral"]
+    generate_f32("tiny-mixtral-swa", out, swa, extra_check=lambda m, ids: check_swa(m(ids).logits, ref_t["logits"]))
+
+    # tiny-mixtral-bf16: tiny-mixtral weights rounded to bf16, saved in bf16
+    log("tiny-mixtral-bf16")
+    name = "tiny-mixtral-bf16"
+    mdir = fresh_dir(out / "models" / name)
+    copy.deepcopy(base).to(torch.bfloat16).save_pretrained(mdir)
+    ids = make_ids(name)
+    m16 = load(mdir, dtype=torch.bfloat16)
+    assert next(m16.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        o16 = m16(ids, output_router_logits=True)
+        logits_bf16 = o16.logits.float().contiguous()
+        loss_bf16 = float(m16(ids, labels=ids).loss)
+        loss_bf16_seq = [float(m16(ids[b : b + 1], labels=ids[b : b + 1]).loss) for b in range(BATCH)]
+    m32 = m16.float()  # bf16 weights upcast to f32, run in f32
+    assert next(m32.parameters()).dtype == torch.float32
+    tensors, fields = run_reference(m32, ids)
+    tensors["logits_bf16"] = logits_bf16
+    flips = []
+    for i, r16 in zip(fields["moe_layers"], o16.router_logits):
+        tensors[f"router_logits_bf16.{i}"] = r16.float().contiguous()
+        sel16 = r16.float().softmax(-1).topk(TOP_K).indices.sort(-1).values
+        sel32 = tensors[f"router_logits.{i}"].softmax(-1).topk(TOP_K).indices.sort(-1).values
+        for row in (sel16 != sel32).any(-1).nonzero().flatten().tolist():
+            flips.append([i, row // SEQ_LEN, row % SEQ_LEN])
+    keys = disk_tensors(mdir)
+    assert all(d == "BF16" for _, d, _ in keys.values()), "not bf16 on disk"
+    check_disk_layout(name, mdir, m32.config, fields["moe_layers"])
+    ref = base_reference_json(name, m32, ids, keys, "bfloat16")
+    ref.update(fields)
+    ref["loss_bf16"] = loss_bf16
+    ref["loss_bf16_per_sequence"] = loss_bf16_seq
+    ref["bf16_semantics"] = (
+        "logits / loss / hidden_states / router_logits: bf16 weights upcast to f32 (model.float()), run in "
+        "f32; logits_bf16 / loss_bf16: the same checkpoint run in bf16 (logits cast to f32 for saving)"
+    )
+    ref["logits_bf16_vs_f32_max_abs_diff"] = float((logits_bf16 - tensors["logits"]).abs().max())
+    ref["bf16_top_k_flips_vs_f32"] = flips
+    ref["bf16_top_k_flips_semantics"] = (
+        "[layer, batch, position] where the bf16 run picks a different top-k expert set than the f32 run "
+        "(near-ties in random routers); logits_bf16 at and after those positions can differ by O(1)"
+    )
+    log(f"    bf16 vs f32 run: max |dlogit| = {ref['logits_bf16_vs_f32_max_abs_diff']:.3g}; "
+        f"top-k flips [layer, b, t]: {flips}")
+    emit(name, out, ref, tensors, ids)
+
+
+def gen_qwen2(out: Path) -> None:
+    log("tiny-qwen2-moe")
+    m = build_model("tiny-qwen2-moe", SEEDS["tiny-qwen2-moe"])
+    generate_f32("tiny-qwen2-moe", out, m, save_kwargs={"max_shard_size": "300KB"}, masked=True,
+                 extra_check=check_shared_gate)
+    mdir = out / "models" / "tiny-qwen2-moe"
+    idx = json.loads((mdir / "model.safetensors.index.json").read_text())
+    n_shards = len(set(idx["weight_map"].values()))
+    log(f"    {n_shards} shards")
+    assert n_shards >= 3, n_shards
+
+
+def gen_qwen3(out: Path) -> None:
+    log("tiny-qwen3-moe")
+    m = build_model("tiny-qwen3-moe", SEEDS["tiny-qwen3-moe"])
+    generate_f32("tiny-qwen3-moe", out, m)
+
+
+def gen_olmoe(out: Path) -> None:
+    log("tiny-olmoe")
+    m = build_model("tiny-olmoe", SEEDS["tiny-olmoe"])
+    generate_f32("tiny-olmoe", out, m, extra_check=check_olmoe_clip)
+
+
+def tf4_worker(out: Path) -> None:
+    """Runs under transformers 4.x: build, save and reference tiny-qwen3-moe-tf4 (no tokenizer)."""
+    assert TF_MAJOR == 4, transformers.__version__
+    name = "tiny-qwen3-moe-tf4"
+    log(f"{name} (transformers {transformers.__version__})")
+    m = build_model(name, SEEDS[name])
+    generate_f32(name, out, m)
+
+
+def gen_tf4(out: Path, tf4_path: str) -> None:
+    name = "tiny-qwen3-moe-tf4"
+    if not Path(tf4_path, "transformers").is_dir():
+        sys.exit(
+            f"transformers {TF4_VERSION} not found under {tf4_path}; install it with\n"
+            f"  {sys.executable} -m pip install --target {tf4_path} transformers=={TF4_VERSION}\n"
+            "or pass --skip-tf4"
+        )
+    env = dict(os.environ, PYTHONPATH=tf4_path)
+    subprocess.run([sys.executable, __file__, "--out", str(out), "--tf4-worker"], check=True, env=env)
+    mdir = out / "models" / name
+    cfg = json.loads((mdir / "config.json").read_text())
+    assert cfg["transformers_version"].startswith("4."), cfg["transformers_version"]
+    assert "rope_theta" in cfg and "rope_parameters" not in cfg, "expected 4.x rope_theta key"
+    assert "num_experts" in cfg and "num_local_experts" not in cfg, "expected 4.x num_experts key"
+    # cross-check: transformers 5.x reading the 4.x checkpoint gives the same logits
+    pdir = out / "parity" / name
+    ref = json.loads((pdir / "reference.json").read_text())
+    ids = torch.tensor(ref["ids"])
+    m5 = load(mdir)
+    assert m5.config.rope_parameters["rope_theta"] == cfg["rope_theta"]
+    with torch.no_grad():
+        l5 = m5(ids).logits
+    with safe_open(str(pdir / "reference.safetensors"), "pt") as f:
+        l4 = f.get_tensor("logits")
+    d = float((l5 - l4).abs().max())
+    log(f"    transformers {transformers.__version__} on the 4.x checkpoint vs 4.x logits: max |d| = {d:.3g}")
+    assert d < 1e-4, d
+    ref["cross_check"] = {
+        "transformers_version": transformers.__version__,
+        "logits_max_abs_diff_vs_reference": d,
+    }
+    write_json(pdir / "reference.json", ref)
+
+
+def finish_tokenizer(out: Path, names: list[str]) -> None:
+    tok = build_tokenizer()
+    text_ids = tok.encode(SAMPLE_TEXT, add_special_tokens=False).ids
+    assert tok.decode(text_ids) == SAMPLE_TEXT
+    for name in names:
+        mdir = out / "models" / name
+        tok.save(str(mdir / "tokenizer.json"))
+        pj = out / "parity" / name / "reference.json"
+        ref = json.loads(pj.read_text())
+        ref["text"] = SAMPLE_TEXT
+        ref["text_ids"] = text_ids
+        ref["tokenizer_vocab_size"] = tok.get_vocab_size()
+        write_json(pj, ref)
+
+
+README_TEMPLATE = """\
+# Parity fixtures
+
+Tiny random MoE checkpoints (`fixtures/models/<name>/`, exactly as `save_pretrained` wrote them, plus a
+byte-level BPE `tokenizer.json` with 320 tokens = `vocab_size`) and transformers' outputs for them
+(`fixtures/parity/<name>/`). Written by `scripts/gen_parity_fixtures.py` with transformers {tf},
+torch {torch} (CPU, eager attention, eager experts, `model.eval()`, `torch.no_grad()`); the
+`-tf4` fixture with transformers {tf4}. Generation only: the tests just read these files.
+
+All models: hidden 64, 4 heads / 2 kv heads, 8 experts, top-2, 3 x 16 token ids, initializer_range
+0.2, every RMSNorm weight 1 + 0.3 randn, non-default rope theta and rms_norm_eps.
+
+| name | model_type | on disk | exercises |
+|---|---|---|---|
+| `tiny-mixtral` | mixtral | f32, 1 file | 2 layers, untied lm_head, `block_sparse_moe.experts.{{e}}.w1/w2/w3`, softmax -> top-2 -> renormalise; `masked.safetensors` |
+| `tiny-mixtral-swa` | mixtral | f32, 1 file | tiny-mixtral's weights and ids with `sliding_window: 6` (key j visible from query i iff i-6 < j <= i); positions 0-5 equal tiny-mixtral, 6-15 differ |
+| `tiny-mixtral-bf16` | mixtral | bf16, 1 file | tiny-mixtral's weights rounded to bf16; `logits` = bf16 weights upcast, run in f32; `logits_bf16` = run in bf16 (its top-k flips vs f32: `bf16_top_k_flips_vs_f32`) |
+| `tiny-qwen2-moe` | qwen2_moe | f32, 5 shards + index | 4 layers, layer 2 dense (`mlp_only_layers`), shared expert + sigmoid gate, q/k/v biases, norm_topk_prob=false, experts split across shards; `masked.safetensors` |
+| `tiny-qwen3-moe` | qwen3_moe | f32, 1 file | 4 layers, `decoder_sparse_step: 2` (MoE layers 1, 3; dense 0, 2), head_dim 24 != 64/4, per-head q/k RMSNorm, norm_topk_prob=true, tied embeddings (no `lm_head.weight`), 5.x config keys (`rope_parameters`, `num_local_experts`) |
+| `tiny-olmoe` | olmoe | f32, 1 file | 3 layers, q/k RMSNorm over the whole projection, `clip_qkv: 2.0` (clips ~6% of q/k, ~24% of v entries), norm_topk_prob=false |
+| `tiny-qwen3-moe-tf4` | qwen3_moe | f32, 1 file | as tiny-qwen3-moe (other weights) but saved by transformers {tf4}: 4.x config keys (`rope_theta`, `num_experts`); references from a 4.x forward (5.x reproduces them) |
+
+Per fixture, in `fixtures/parity/<name>/`:
+
+- `reference.json`: versions, `ids` (3 x 16), `loss` (`model(ids, labels=ids).loss`, all 3 batched, no router
+  aux loss), `loss_per_sequence`, `text` / `text_ids` (`tokenizer.encode(text, add_special_tokens=False)`),
+  `moe_layers`, `on_disk_key_patterns`, plus per-fixture checks (`masked_experts`, `loss_bf16`, ...).
+- `ids.json`: the same 3 x 16 ids.
+- `reference.safetensors` (f32): `logits` [3, 16, 320]; `router_logits.{{layer}}` [48, 8] per MoE layer (raw gate
+  logits before softmax, row = b*16 + t); `hidden_states.{{k}}` [3, 16, 64] for k = 0..L (0 = embeddings,
+  k = output of layer k-1, **L = after the final norm**); `final_prenorm` (last layer output before the final norm);
+  bf16 fixture also `logits_bf16`, `router_logits_bf16.{{layer}}`.
+- `masked.safetensors` (tiny-mixtral, tiny-qwen2-moe): `logits` with `masked_experts` (per layer) never selectable
+  (router logits set to -inf before softmax/top-k; checked equal to deleting those experts).
+
+Regenerate (needs `/opt/tf4`, see `scripts/requirements-fixtures.txt`):
+
+```
+/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures
+```
+
+The output is byte-for-byte deterministic with the pinned versions.
+"""
+
+
+def write_readme(out: Path) -> None:
+    (out / "parity" / "README.md").write_text(README_TEMPLATE.format(
+        tf=transformers.__version__, torch=torch.__version__.split("+")[0], tf4=TF4_VERSION))
+
+
+def summary(out: Path) -> None:
+    total = 0
+    log("\nwritten:")
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            total += p.stat().st_size
+            log(f"  {p.stat().st_size:>10}  {p}")
+    log(f"  {total:>10}  total bytes under {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="fixtures", type=Path)
+    ap.add_argument("--tf4-path", default="/opt/tf4", help=f"--target dir holding transformers {TF4_VERSION}")
+    ap.add_argument("--skip-tf4", action="store_true")
+    ap.add_argument("--tf4-worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    out: Path = args.out
+
+    if args.tf4_worker:
+        tf4_worker(out)
+        return
+
+    assert TF_MAJOR >= 5, f"run with transformers 5.x (got {transformers.__version__})"
+    log(f"transformers {transformers.__version__}, torch {torch.__version__}")
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    (out / "parity").mkdir(parents=True, exist_ok=True)
+
+    names = ["tiny-mixtral", "tiny-mixtral-swa", "tiny-mixtral-bf16", "tiny-qwen2-moe", "tiny-qwen3-moe",
+             "tiny-olmoe"]
+    gen_mixtral_family(out)
+    gen_qwen2(out)
+    gen_qwen3(out)
+    gen_olmoe(out)
+    if not args.skip_tf4:
+        gen_tf4(out, args.tf4_path)
+        names.append("tiny-qwen3-moe-tf4")
+    finish_tokenizer(out, names)
+    write_readme(out)
+    summary(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+//! `cargo xtask`: the toolkit's command line.
+//!
+//! Run `cargo xtask` alone for the list of commands.
+
+mod eval;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Expert pruning for HuggingFace Mixture-of-Experts checkpoints.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Evaluate a model directory: perplexity over token-id sequences.
+    Eval(eval::EvalArgs),
+    /// Run the CI script (`.ci/run`): tests on CPU, on wgpu where Vulkan is available, and a
+    /// compile check of the CUDA backend.
+    Ci,
+}
+
+fn main() -> ExitCode {
+    // `cargo xtask` alone prints the list of commands and succeeds.
+    if std::env::args_os().len() <= 1 {
+        let _ = <Cli as clap::CommandFactory>::command().print_help();
+        return ExitCode::SUCCESS;
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Eval(args) => eval::run(args),
+        Command::Ci => util::run_ci(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line: what failed, then why.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
