@@ -3,6 +3,7 @@
 //! Run `cargo xtask` alone for the list of commands.
 
 mod eval;
+mod prune;
 mod util;
 
 use std::process::ExitCode;
@@ -19,6 +20,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Prune experts: compute a plan with a criterion on calibration text (or apply an
+    /// existing pruning.json) and write the smaller checkpoint.
+    Prune(prune::PruneArgs),
     /// Evaluate a model directory: perplexity over token-id sequences.
     Eval(eval::EvalArgs),
     /// Run the CI script (`.ci/run`): tests on CPU, on wgpu where Vulkan is available, and a
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Prune(args) => prune::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Ci => util::run_ci(),
     };

@@ -14,6 +14,7 @@
 //! - [`CheckpointError`]: every error names the file and the field or tensor at fault.
 #![warn(missing_docs)]
 
+pub mod architectures;
 mod config;
 mod error;
 mod weights;

@@ -13,7 +13,6 @@
 //! `cpu` backend is the default cargo feature, `wgpu` and `cuda` are opt-in.
 #![warn(missing_docs)]
 
-pub mod architectures;
 pub mod attention;
 pub mod device;
 mod error;
@@ -25,8 +24,9 @@ pub mod rope;
 pub mod tokenizer;
 
 pub use burn;
+pub use diep_checkpoint::architectures;
 pub use device::DeviceSpec;
 pub use diep_checkpoint as checkpoint;
 pub use error::{ModelError, Result};
-pub use model::{DecoderLayer, FeedForward, MoeModel};
+pub use model::{DecoderLayer, FeedForward, LayerOutput, MoeModel};
 pub use moe::{MoeBlock, MoeForwardOptions, MoeOutput, Routing};

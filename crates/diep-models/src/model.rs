@@ -5,7 +5,7 @@ use std::path::Path;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use diep_checkpoint::{Checkpoint, LayerKind, ModelConfig, QkNorm};
 
-use crate::architectures::{DENSE_MLP, MoeKeys};
+use diep_checkpoint::architectures::{DENSE_MLP, MoeKeys};
 use crate::attention::{Attention, AttentionContext};
 use crate::error::{ModelError, Result};
 use crate::loader::{Loader, transpose};
@@ -34,21 +34,27 @@ pub struct DecoderLayer {
     pub ffn: FeedForward,
 }
 
+/// What one decoder layer computed.
+#[derive(Debug, Clone)]
+pub struct LayerOutput {
+    /// The residual stream after the layer, `[rows, hidden]`.
+    pub hidden: Tensor<2>,
+    /// The feed-forward block's input (`post_attention_layernorm` output), `[rows, hidden]`.
+    pub ffn_input: Tensor<2>,
+    /// The MoE block's detailed output, for an MoE layer.
+    pub moe: Option<MoeOutput>,
+}
+
 impl DecoderLayer {
-    /// Runs the layer; for an MoE layer also returns the block's detailed output.
-    pub fn forward(
-        &self,
-        h: Tensor<2>,
-        ctx: &AttentionContext,
-        moe_opts: &MoeForwardOptions,
-    ) -> (Tensor<2>, Option<MoeOutput>) {
+    /// Runs the layer.
+    pub fn forward(&self, h: Tensor<2>, ctx: &AttentionContext, moe_opts: &MoeForwardOptions) -> LayerOutput {
         let h = h.clone() + self.attention.forward(self.input_norm.forward(h), ctx);
         let x = self.post_attention_norm.forward(h.clone());
         match &self.ffn {
-            FeedForward::Dense(mlp) => (h + mlp.forward(x), None),
+            FeedForward::Dense(mlp) => LayerOutput { hidden: h + mlp.forward(x.clone()), ffn_input: x, moe: None },
             FeedForward::Moe(moe) => {
-                let out = moe.forward_detailed(x, moe_opts);
-                (h + out.output.clone(), Some(out))
+                let out = moe.forward_detailed(x.clone(), moe_opts);
+                LayerOutput { hidden: h + out.output.clone(), ffn_input: x, moe: Some(out) }
             }
         }
     }
@@ -241,23 +247,23 @@ impl MoeModel {
 
     /// Logits `[batch, len, vocab]` for a batch of equal-length sequences.
     pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>> {
-        self.forward_with(ids, &MoeForwardOptions::default(), |_, _| {})
+        self.forward_with(ids, &MoeForwardOptions::default(), |_, _, _| {})
     }
 
-    /// Logits, calling `on_moe(layer, output)` after every MoE layer with its routing and
-    /// (per `opts`) expert outputs. `opts` applies to every MoE layer.
+    /// Logits, calling `on_moe(layer, input, output)` after every MoE layer with the block's
+    /// input, its routing and (per `opts`) expert outputs. `opts` applies to every MoE layer.
     pub fn forward_with(
         &self,
         ids: &[Vec<u32>],
         opts: &MoeForwardOptions,
-        mut on_moe: impl FnMut(usize, MoeOutput),
+        mut on_moe: impl FnMut(usize, Tensor<2>, MoeOutput),
     ) -> Result<Tensor<3>> {
         let (mut h, ctx) = self.embed(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (next, moe) = layer.forward(h, &ctx, opts);
-            h = next;
-            if let Some(out) = moe {
-                on_moe(i, out);
+            let out = layer.forward(h, &ctx, opts);
+            h = out.hidden;
+            if let Some(moe) = out.moe {
+                on_moe(i, out.ffn_input, moe);
             }
         }
         let logits = self.head(h);

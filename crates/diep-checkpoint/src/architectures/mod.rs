@@ -1,0 +1,132 @@
+//! Per-architecture facts: tensor names exactly as on disk. One file per `model_type`.
+//!
+//! They live in this framework-free crate so that the model crate and checkpoint surgery
+//! read the same names.
+//!
+//! All four architectures share the decoder skeleton (`model.embed_tokens`, `model.layers.{i}`
+//! with `self_attn.{q,k,v,o}_proj`, `input_layernorm`, `post_attention_layernorm`,
+//! `model.norm`, `lm_head`); they differ in where the MoE block lives and what its expert
+//! projections are called, which is what [`MoeKeys`] records.
+
+pub mod mixtral;
+pub mod olmoe;
+pub mod qwen2_moe;
+pub mod qwen3_moe;
+
+use crate::config::Architecture;
+
+/// On-disk names of an architecture's MoE block, relative to `model.layers.{i}.`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeKeys {
+    /// The block's module name (`block_sparse_moe` for Mixtral, `mlp` elsewhere).
+    pub block: &'static str,
+    /// The router's module name inside the block (`gate`).
+    pub router: &'static str,
+    /// Expert gate projection (`w1` / `gate_proj`), `[intermediate, hidden]`.
+    pub expert_gate: &'static str,
+    /// Expert up projection (`w3` / `up_proj`), `[intermediate, hidden]`.
+    pub expert_up: &'static str,
+    /// Expert down projection (`w2` / `down_proj`), `[hidden, intermediate]`.
+    pub expert_down: &'static str,
+    /// Shared expert module and its gate (Qwen2-MoE), if the architecture has one.
+    pub shared_expert: Option<(&'static str, &'static str)>,
+}
+
+impl MoeKeys {
+    /// The keys of an architecture.
+    pub fn of(arch: Architecture) -> MoeKeys {
+        match arch {
+            Architecture::Mixtral => mixtral::MOE_KEYS,
+            Architecture::Qwen2Moe => qwen2_moe::MOE_KEYS,
+            Architecture::Qwen3Moe => qwen3_moe::MOE_KEYS,
+            Architecture::Olmoe => olmoe::MOE_KEYS,
+        }
+    }
+
+    /// `model.layers.{layer}.{block}`.
+    pub fn block_prefix(&self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.block)
+    }
+
+    /// The router weight's name, `[experts, hidden]`.
+    pub fn router_weight(&self, layer: usize) -> String {
+        format!("{}.{}.weight", self.block_prefix(layer), self.router)
+    }
+
+    /// The names of expert `e`'s gate, up and down weights.
+    pub fn expert_weights(&self, layer: usize, e: usize) -> [String; 3] {
+        let p = format!("{}.experts.{e}", self.block_prefix(layer));
+        [
+            format!("{p}.{}.weight", self.expert_gate),
+            format!("{p}.{}.weight", self.expert_up),
+            format!("{p}.{}.weight", self.expert_down),
+        ]
+    }
+}
+
+/// Dense-MLP names relative to `model.layers.{i}.mlp.` (Qwen's non-MoE layers, shared experts).
+pub const DENSE_MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
+/// Where a tensor name points inside an MoE block, as recognised by [`MoeKeys::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoeTensor<'a> {
+    /// A routed expert's tensor: layer, expert id, and the rest of the name after
+    /// `experts.{e}.` (e.g. `w1.weight`).
+    Expert {
+        /// Decoder layer.
+        layer: usize,
+        /// Expert id as on disk.
+        expert: usize,
+        /// The name after `experts.{e}.`.
+        rest: &'a str,
+    },
+    /// The router's weight (`[experts, hidden]`, one row per expert).
+    Router {
+        /// Decoder layer.
+        layer: usize,
+    },
+}
+
+impl MoeKeys {
+    /// Recognises the per-expert tensors of an MoE block by name; `None` for every other
+    /// tensor (attention, norms, shared experts, dense MLPs, embeddings).
+    pub fn parse<'a>(&self, name: &'a str) -> Option<MoeTensor<'a>> {
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let rest = rest.strip_prefix(self.block)?.strip_prefix('.')?;
+        if let Some(e) = rest.strip_prefix("experts.") {
+            let (expert, rest) = e.split_once('.')?;
+            return Some(MoeTensor::Expert { layer, expert: expert.parse().ok()?, rest });
+        }
+        if rest.strip_prefix(self.router)? == ".weight" {
+            return Some(MoeTensor::Router { layer });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_expert_and_router_names() {
+        let k = MoeKeys::of(Architecture::Mixtral);
+        assert_eq!(
+            k.parse("model.layers.12.block_sparse_moe.experts.7.w2.weight"),
+            Some(MoeTensor::Expert { layer: 12, expert: 7, rest: "w2.weight" })
+        );
+        assert_eq!(k.parse("model.layers.3.block_sparse_moe.gate.weight"), Some(MoeTensor::Router { layer: 3 }));
+        assert_eq!(k.parse("model.layers.3.self_attn.q_proj.weight"), None);
+        let q = MoeKeys::of(Architecture::Qwen2Moe);
+        assert_eq!(q.parse("model.layers.0.mlp.shared_expert.gate_proj.weight"), None);
+        assert_eq!(q.parse("model.layers.0.mlp.shared_expert_gate.weight"), None);
+        assert_eq!(q.parse("model.layers.0.mlp.gate_proj.weight"), None);
+        assert_eq!(q.parse("model.layers.0.mlp.gate.weight"), Some(MoeTensor::Router { layer: 0 }));
+        for (e, name) in k.expert_weights(2, 5).iter().enumerate() {
+            assert!(matches!(k.parse(name), Some(MoeTensor::Expert { layer: 2, expert: 5, .. })), "{e}");
+        }
+        assert_eq!(k.parse(&k.router_weight(4)), Some(MoeTensor::Router { layer: 4 }));
+    }
+}

@@ -1,0 +1,102 @@
+//! The expert-pruning pipeline every method plugs into.
+//!
+//! 1. [`calib`]: calibration text (plain or JSONL) tokenised and sampled from a seed;
+//! 2. [`stats`]: one layer-by-layer pass collecting per-expert routing statistics (and
+//!    NAEE's cached block inputs/outputs);
+//! 3. [`criteria`] and [`naee`]: the baseline criteria — random, frequency, soft activation,
+//!    REAP, NAEE — and the allocation of the removal budget, uniform or global, with
+//!    per-layer floors;
+//! 4. the result is a [`PruningPlan`] (`pruning.json`) that `diep-surgery` applies.
+#![warn(missing_docs)]
+
+pub mod calib;
+pub mod criteria;
+mod error;
+pub mod naee;
+pub mod rng;
+pub mod stats;
+
+use std::collections::BTreeMap;
+
+use diep_models::MoeModel;
+pub use diep_surgery::PruningPlan;
+use serde_json::json;
+
+pub use criteria::{Allocation, Method};
+pub use error::{PruneError, Result};
+pub use stats::{CalibrationStats, StatsOptions, collect_statistics};
+
+/// What a baseline run should produce.
+#[derive(Debug, Clone)]
+pub struct BaselineSpec {
+    /// The criterion.
+    pub method: Method,
+    /// Uniform or global allocation.
+    pub allocation: Allocation,
+    /// Fraction of routed experts removed, `0 < ratio < 1`.
+    pub ratio: f64,
+    /// Minimum experts kept per layer; the floor is `max(num_experts_per_tok, min_experts)`.
+    pub min_experts: usize,
+    /// Seed (the `random` method's scores).
+    pub seed: u64,
+    /// NAEE refuses layers with more subsets than this.
+    pub naee_max_subsets: u128,
+}
+
+/// The per-layer floor: `max(num_experts_per_tok, min_experts)`.
+pub fn floor(model: &MoeModel, min_experts: usize) -> usize {
+    model.config.moe.top_k.max(min_experts)
+}
+
+/// Runs a baseline criterion on collected statistics and returns the plan.
+pub fn plan_baseline(model: &MoeModel, stats: &CalibrationStats, spec: &BaselineSpec) -> Result<PruningPlan> {
+    criteria::check_ratio(spec.ratio)?;
+    let floor = floor(model, spec.min_experts);
+    let counts: BTreeMap<usize, usize> = stats.layers.iter().map(|(l, s)| (*l, s.num_experts())).collect();
+    let mut settings = json!({
+        "min_experts": spec.min_experts,
+        "floor": floor,
+        "seed": spec.seed,
+        "calibration_tokens": stats.tokens,
+    });
+    let (kept, scores) = match (spec.method, spec.allocation) {
+        (Method::Naee, Allocation::Global) => {
+            return Err(PruneError::Config(
+                "NAEE searches each layer for a given kept count, so it has no global ranking; use \
+                 --allocation uniform with --method naee"
+                    .into(),
+            ));
+        }
+        (Method::Naee, Allocation::Uniform) => {
+            let removals = criteria::uniform_removals(&counts, spec.ratio, floor)?;
+            let mut kept = BTreeMap::new();
+            let mut errors = BTreeMap::new();
+            for (l, s) in &stats.layers {
+                let block = model.moe_block(*l).expect("statistics only cover MoE layers");
+                let cache = s.cache.as_ref().ok_or_else(|| {
+                    PruneError::Config(format!("NAEE needs cached block inputs for layer {l} (naee_tokens > 0)"))
+                })?;
+                let r = naee::search_layer(block, cache, s.num_experts() - removals[l], spec.naee_max_subsets, *l)?;
+                errors.insert(l.to_string(), json!({"relative_error": r.error, "subsets": r.subsets as f64}));
+                kept.insert(*l, r.kept);
+            }
+            settings["naee"] = json!({"cached_tokens": stats.layers.values().next().and_then(|s| s.cache.as_ref()).map_or(0, |c| c.tokens), "layers": errors});
+            (kept, BTreeMap::new())
+        }
+        (method, allocation) => {
+            let scores = criteria::scores(method, stats, spec.seed);
+            let kept = match allocation {
+                Allocation::Uniform => criteria::select_uniform(&scores, &criteria::uniform_removals(&counts, spec.ratio, floor)?),
+                Allocation::Global => criteria::select_global(&scores, spec.ratio, floor)?,
+            };
+            (kept, scores)
+        }
+    };
+    let mut plan = PruningPlan::new(model.config.architecture.model_type(), counts, kept, spec.method.name());
+    plan.allocation = Some(spec.allocation.name().to_string());
+    plan.ratio = Some(spec.ratio);
+    plan.scores = scores;
+    plan.settings = settings;
+    plan.timings.insert("statistics_s".into(), stats.seconds);
+    Ok(plan)
+}

@@ -1,0 +1,210 @@
+//! The pipeline on the shipped fixtures: calibration sampling, statistics invariants, NAEE
+//! against the real masked block, baselines' budgets, and — through surgery — pruned
+//! checkpoints computing exactly what the masked original computes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use diep_models::burn::tensor::{Device, Tensor, TensorData};
+use diep_models::{DeviceSpec, MoeModel};
+use diep_prune::calib::{CalibrationSpec, sample_calibration};
+use diep_prune::{Allocation, BaselineSpec, Method, PruningPlan, StatsOptions, collect_statistics, plan_baseline};
+use proptest::prelude::*;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn device() -> Device {
+    DeviceSpec::from_test_env().unwrap().device().unwrap()
+}
+
+fn model(name: &str) -> MoeModel {
+    MoeModel::load(root().join("fixtures/models").join(name), &device()).unwrap()
+}
+
+fn calib(name: &str, samples: usize, seq_len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let tok = diep_models::tokenizer::load_tokenizer(root().join("fixtures/models").join(name)).unwrap();
+    let spec = CalibrationSpec {
+        files: vec![root().join("fixtures/calib/gpl-3.txt"), root().join("fixtures/calib/licenses.jsonl")],
+        samples,
+        seq_len,
+        seed,
+    };
+    sample_calibration(&tok, &spec).unwrap()
+}
+
+#[test]
+fn calibration_is_deterministic_and_checks_its_budget() {
+    let a = calib("tiny-mixtral", 8, 64, 7);
+    assert_eq!(a, calib("tiny-mixtral", 8, 64, 7));
+    assert_ne!(a, calib("tiny-mixtral", 8, 64, 8));
+    assert!(a.iter().all(|s| s.len() == 64));
+    let tok = diep_models::tokenizer::load_tokenizer(root().join("fixtures/models/tiny-mixtral")).unwrap();
+    let spec = CalibrationSpec { files: vec![root().join("fixtures/calib/gpl-3.txt")], samples: 128, seq_len: 2048, seed: 0 };
+    let err = sample_calibration(&tok, &spec).unwrap_err().to_string();
+    assert!(err.contains("tokens found") && err.contains("262144") && err.contains("gpl-3.txt"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"body\": \"no text\"}\n").unwrap();
+    let spec = CalibrationSpec { files: vec![bad], samples: 1, seq_len: 2, seed: 0 };
+    let err = sample_calibration(&tok, &spec).unwrap_err().to_string();
+    assert!(err.contains("bad.jsonl") && err.contains("line 2") && err.contains("`text`"), "{err}");
+}
+
+#[test]
+fn statistics_are_consistent() {
+    let m = model("tiny-qwen2-moe");
+    let samples = calib("tiny-qwen2-moe", 6, 32, 1);
+    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 50 }, |_, _| {}).unwrap();
+    assert_eq!(stats.layers.keys().copied().collect::<Vec<_>>(), m.moe_layers());
+    for s in stats.layers.values() {
+        assert_eq!(s.tokens, 6 * 32);
+        // Every token picks top_k experts; probabilities sum to one per token.
+        assert_eq!(s.frequency.iter().sum::<u64>(), (6 * 32 * m.config.moe.top_k) as u64);
+        assert!((s.soft_activation.iter().sum::<f64>() - (6 * 32) as f64).abs() < 1e-3);
+        for (e, f) in s.frequency.iter().enumerate() {
+            assert_eq!(*f == 0, s.norm_sum[e] == 0.0);
+            // g ≤ 1, so REAP ≤ mean norm.
+            assert!(s.reap()[e] <= s.mean_activation_norm()[e] + 1e-9);
+        }
+        let cache = s.cache.as_ref().unwrap();
+        assert_eq!(cache.tokens, 50);
+        assert_eq!(cache.inputs.len(), 50 * m.config.hidden_size);
+    }
+}
+
+#[test]
+fn naee_error_matches_the_real_masked_block() {
+    let mut m = model("tiny-mixtral");
+    let samples = calib("tiny-mixtral", 4, 32, 3);
+    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64 }, |_, _| {}).unwrap();
+    for (layer, s) in &stats.layers {
+        let cache = s.cache.as_ref().unwrap();
+        let block = m.moe_block(*layer).unwrap().clone();
+        let all = diep_prune::naee::search_layer(&block, cache, 8, 1000, *layer).unwrap();
+        assert!(all.error < 1e-6 && all.kept == (0..8).collect::<Vec<_>>());
+        let r = diep_prune::naee::search_layer(&block, cache, 5, 1000, *layer).unwrap();
+        assert_eq!(r.subsets, 56);
+        // Recompute the chosen subset's error with the real block and its mask.
+        let x = Tensor::<2>::from_data(TensorData::new(cache.inputs.clone(), [cache.tokens, cache.hidden]), &device());
+        let full: Vec<f32> = block.forward(x.clone()).into_data().iter::<f32>().collect();
+        assert!(full.iter().zip(&cache.outputs).all(|(a, b)| (a - b).abs() < 1e-5), "cache holds block outputs");
+        let keep: Vec<bool> = (0..8).map(|e| r.kept.contains(&e)).collect();
+        m.set_expert_mask(*layer, Some(&keep)).unwrap();
+        let masked: Vec<f32> = m.moe_block(*layer).unwrap().forward(x).into_data().iter::<f32>().collect();
+        m.set_expert_mask(*layer, None).unwrap();
+        // Shared experts cancel; Mixtral has none, so the full output is the routed output.
+        let diff = full.iter().zip(&masked).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm = full.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((diff / norm - r.error).abs() < 1e-4, "layer {layer}: {} vs {}", diff / norm, r.error);
+    }
+    let big = diep_prune::naee::search_layer(m.moe_block(0).unwrap(), stats.layers[&0].cache.as_ref().unwrap(), 4, 10, 0);
+    assert!(big.unwrap_err().to_string().contains("C(8, 4) = 70"));
+}
+
+fn spec(method: Method, allocation: Allocation, ratio: f64) -> BaselineSpec {
+    BaselineSpec { method, allocation, ratio, min_experts: 0, seed: 5, naee_max_subsets: 10_000 }
+}
+
+#[test]
+fn every_baseline_meets_its_budget_and_floors() {
+    let m = model("tiny-qwen2-moe");
+    let samples = calib("tiny-qwen2-moe", 4, 32, 2);
+    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64 }, |_, _| {}).unwrap();
+    let total: usize = 3 * 8;
+    for method in Method::ALL {
+        for allocation in [Allocation::Uniform, Allocation::Global] {
+            for ratio in [0.25, 0.5] {
+                let plan = plan_baseline(&m, &stats, &spec(method, allocation, ratio));
+                if method == Method::Naee && allocation == Allocation::Global {
+                    assert!(plan.unwrap_err().to_string().contains("uniform"));
+                    continue;
+                }
+                let plan = plan.unwrap();
+                plan.validate(&m.config).unwrap();
+                let kept: usize = plan.kept_experts.values().map(Vec::len).sum();
+                assert_eq!(total - kept, (ratio * total as f64).round() as usize, "{method} {allocation} {ratio}");
+                assert!(plan.kept_experts.values().all(|k| k.len() >= 2));
+                if allocation == Allocation::Uniform {
+                    assert!(plan.is_uniform());
+                }
+            }
+        }
+    }
+    let err = plan_baseline(&m, &stats, &spec(Method::Frequency, Allocation::Global, 1.0)).unwrap_err();
+    assert!(err.to_string().contains("between 0 and 1"));
+    let err = plan_baseline(&m, &stats, &spec(Method::Frequency, Allocation::Uniform, 0.9)).unwrap_err();
+    assert!(err.to_string().contains("floor"));
+}
+
+#[test]
+fn frequency_keeps_the_most_selected_experts() {
+    let m = model("tiny-mixtral");
+    let samples = calib("tiny-mixtral", 4, 32, 4);
+    let stats = collect_statistics(&m, &samples, &StatsOptions::default(), |_, _| {}).unwrap();
+    let plan = plan_baseline(&m, &stats, &spec(Method::Frequency, Allocation::Uniform, 0.5)).unwrap();
+    for (l, kept) in &plan.kept_experts {
+        let f = &stats.layers[l].frequency;
+        let min_kept = kept.iter().map(|e| f[*e]).min().unwrap();
+        let max_removed = (0..8).filter(|e| !kept.contains(e)).map(|e| f[e]).max().unwrap();
+        assert!(min_kept >= max_removed, "layer {l}: {f:?} kept {kept:?}");
+    }
+}
+
+/// Logits of `model` with the plan's pruned experts masked.
+fn masked_logits(name: &str, plan: &PruningPlan, ids: &[Vec<u32>]) -> Vec<f32> {
+    let mut m = model(name);
+    for (l, kept) in &plan.kept_experts {
+        let n = plan.original_experts[l];
+        let keep: Vec<bool> = (0..n).map(|e| kept.contains(&e)).collect();
+        m.set_expert_mask(*l, Some(&keep)).unwrap();
+    }
+    m.forward(ids).unwrap().into_data().iter::<f32>().collect()
+}
+
+fn ids(name: &str) -> Vec<Vec<u32>> {
+    diep_eval_ids(&root().join("fixtures/parity").join(name).join("ids.json"))
+}
+
+fn diep_eval_ids(path: &std::path::Path) -> Vec<Vec<u32>> {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+    /// For random plans (uniform and not), the pruned checkpoint's logits equal the original
+    /// model's with those experts masked.
+    #[test]
+    fn pruned_checkpoint_equals_masked_model(
+        name in prop::sample::select(vec!["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe"]),
+        masks in prop::collection::vec(any::<u8>(), 4),
+    ) {
+        let m = model(name);
+        let mut kept = BTreeMap::new();
+        let mut original = BTreeMap::new();
+        for (i, l) in m.moe_layers().into_iter().enumerate() {
+            // Keep at least top_k = 2 experts: experts 0 and 1 unless the bits keep others.
+            let bits = masks[i % masks.len()];
+            let mut k: Vec<usize> = (0..8).filter(|e| bits >> e & 1 == 1).collect();
+            if k.len() < 2 { k = vec![(bits % 4) as usize, 4 + (bits % 4) as usize]; }
+            kept.insert(l, k);
+            original.insert(l, 8);
+        }
+        let plan = PruningPlan::new(m.config.architecture.model_type(), original, kept, "test");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pruned");
+        diep_surgery::apply_plan(&root().join("fixtures/models").join(name), &plan, &out, &Default::default()).unwrap();
+        let pruned = MoeModel::load(&out, &device()).unwrap();
+        for (l, k) in &plan.kept_experts {
+            prop_assert_eq!(pruned.moe_block(*l).unwrap().num_experts(), k.len());
+        }
+        let ids = ids(name);
+        let got: Vec<f32> = pruned.forward(&ids).unwrap().into_data().iter::<f32>().collect();
+        let expected = masked_logits(name, &plan, &ids);
+        let err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f32::max);
+        prop_assert!(err <= 1e-5, "{}: pruned vs masked logits differ by {:e}", name, err);
+    }
+}

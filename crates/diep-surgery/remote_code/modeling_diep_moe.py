@@ -1,0 +1,485 @@
+# Copyright the diep authors. Licensed under the Apache License, Version 2.0.
+"""Remote code for MoE checkpoints with a different number of experts per decoder layer.
+
+Written next to a pruned checkpoint by ``diep-surgery`` (together with ``auto_map`` in config.json) so that
+
+    AutoModelForCausalLM.from_pretrained(pruned_dir, trust_remote_code=True)
+
+loads it with transformers 5.x (and 4.57). Supported ``model_type``s: ``mixtral``, ``qwen2_moe``,
+``qwen3_moe``, ``olmoe``. ``model_type`` stays the original one, so the config class is transformers' own
+(``MixtralConfig``, ...); no configuration file is needed.
+
+Checkpoint contract (what the surgery writes):
+
+* the on-disk tensor names of the original (per-expert layout, e.g.
+  ``model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight`` or ``model.layers.{i}.mlp.experts.{e}.gate_proj.weight``),
+  kept experts renumbered ``0..E_i-1`` per layer, router ``gate.weight`` of shape ``[E_i, hidden]``;
+* config.json: the original, with the expert-count key(s) set to ``max_i E_i`` and
+  ``"num_experts_per_layer": [E_0, E_1, ...]`` (one entry per decoder layer, 0 for dense layers). Without
+  ``num_experts_per_layer`` every MoE layer gets the config's count (a uniformly pruned / unpruned checkpoint).
+
+How it works: everything except the sparse-MoE block is transformers' own code for the model type, used
+unchanged: ``<Arch>ForCausalLM`` (loss, generation, aux loss), ``<Arch>Model`` (embeddings, masks, rotary,
+cache, final norm), ``<Arch>DecoderLayer`` (attention, norms, residuals, the dense-vs-MoE layer placement)
+and, for qwen2_moe, ``Qwen2MoeMLP`` for the shared expert. ``Diep<Arch>ForCausalLM`` / ``Diep<Arch>Model``
+subclass them; the only change is that each MoE block is replaced by :class:`DiepSparseMoeBlock`, which
+holds ``E_i`` experts as an ``nn.ModuleList`` whose parameter names are the on-disk per-expert names, and a
+router with ``E_i`` rows. Its routing is each architecture's, as written in the installed transformers:
+
+* mixtral: ``softmax(logits.float())``, top-k, always renormalised; the weights stay f32 in 5.x (cast to the
+  hidden dtype in 4.x);
+* qwen2_moe / qwen3_moe / olmoe: ``softmax(logits, dtype=f32)``, top-k, renormalised iff ``norm_topk_prob``,
+  cast to the logits dtype; qwen2_moe adds ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
+
+A layer with ``E_i`` experts therefore computes exactly what the original layer computes when the router
+logits of the pruned experts are set to -inf before the softmax / top-k.
+
+Because these classes are custom code, transformers 5.x does not apply its checkpoint conversion mapping
+(per-expert -> fused ``gate_up_proj``; mixtral's ``block_sparse_moe`` -> ``mlp`` rename) to them: the
+per-expert keys load as they are. In 5.x, Mixtral's decoder layer calls ``self.mlp``; the block is
+registered as ``block_sparse_moe`` (the on-disk name) and ``mlp`` is a plain alias to the same object.
+
+Router logits returned with ``output_router_logits=True`` are padded to the config's (maximum) expert
+count with -inf, so that transformers' load-balancing loss, which stacks all layers, still works.
+
+``auto_map`` names :class:`DiepMoeForCausalLM`, which only dispatches on ``config.model_type`` to the
+concrete ``Diep<Arch>ForCausalLM`` (all of them are instances of ``DiepMoeForCausalLM``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import transformers
+from transformers import AutoConfig
+from transformers.activations import ACT2FN
+from transformers.generation import GenerationMixin
+
+try:  # transformers >= 5
+    from transformers.configuration_utils import PreTrainedConfig as _BaseConfig
+except ImportError:  # transformers 4.x
+    from transformers.configuration_utils import PretrainedConfig as _BaseConfig
+
+try:
+    from transformers.utils.output_capturing import OutputRecorder
+except ImportError:  # transformers 4.x
+    try:
+        from transformers.utils.generic import OutputRecorder
+    except ImportError:  # pragma: no cover - older 4.x
+        OutputRecorder = None
+
+try:
+    from transformers import initialization as _hf_init
+except ImportError:  # transformers 4.x
+    _hf_init = None
+
+TF_MAJOR = int(transformers.__version__.split(".")[0])
+
+# Per-architecture facts. `module`/`prefix`: where transformers' classes live and their name prefix.
+# `moe_attr`: the decoder-layer attribute name of the MoE block ON DISK. `count_keys`: config.json expert-count
+# keys. `proj`: on-disk names of the expert (gate, up, down) projections. `inter`: config key of the expert width.
+_ARCHS = {
+    "mixtral": dict(
+        module="mixtral", prefix="Mixtral", moe_attr="block_sparse_moe", count_keys=("num_local_experts",),
+        proj=("w1", "w3", "w2"), inter="intermediate_size", shared_expert=False,
+    ),
+    "qwen2_moe": dict(
+        module="qwen2_moe", prefix="Qwen2Moe", moe_attr="mlp", count_keys=("num_experts",),
+        proj=("gate_proj", "up_proj", "down_proj"), inter="moe_intermediate_size", shared_expert=True,
+    ),
+    "qwen3_moe": dict(
+        module="qwen3_moe", prefix="Qwen3Moe", moe_attr="mlp", count_keys=("num_experts", "num_local_experts"),
+        proj=("gate_proj", "up_proj", "down_proj"), inter="moe_intermediate_size", shared_expert=False,
+    ),
+    "olmoe": dict(
+        module="olmoe", prefix="Olmoe", moe_attr="mlp", count_keys=("num_experts",),
+        proj=("gate_proj", "up_proj", "down_proj"), inter="intermediate_size", shared_expert=False,
+    ),
+}
+
+
+def _stock_module(arch: str):
+    name = _ARCHS[arch]["module"]
+    return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+
+
+def config_expert_count(config, arch: str) -> int:
+    """The expert count in the config (for a non-uniform checkpoint: the maximum over layers)."""
+    for key in _ARCHS[arch]["count_keys"] + ("num_local_experts", "num_experts"):
+        n = getattr(config, key, None)
+        if n is not None:
+            return int(n)
+    raise ValueError(f"{arch}: no expert count in the config")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The MoE block
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DiepExpertMLP(nn.Module):
+    """One SwiGLU expert, ``down(act(gate(x)) * up(x))``, with the on-disk projection names."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, names: tuple[str, str, str]):
+        super().__init__()
+        self._names = names
+        gate, up, down = names
+        self.add_module(gate, nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.add_module(up, nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.add_module(down, nn.Linear(intermediate_size, hidden_size, bias=False))
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self._names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+class DiepRouter(nn.Module):
+    """Top-k softmax router over this layer's ``num_experts`` experts (``weight`` is ``[num_experts, hidden]``).
+
+    Returns ``(router_logits, top_k_weights, top_k_index)`` like transformers 5.x's ``*TopKRouter``; the returned
+    logits are padded with -inf up to ``num_experts_padded`` (the config's count) so that every layer's logits
+    have the same width (the routing itself only ever sees this layer's experts).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, num_experts_padded: int, top_k: int,
+                 normalize: bool, mixtral: bool):
+        super().__init__()
+        self.hidden_dim = hidden_size
+        self.num_experts = num_experts
+        self.num_experts_padded = num_experts_padded
+        self.top_k = top_k
+        self.normalize = normalize
+        self.mixtral = mixtral
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)  # [tokens, num_experts]
+        if self.mixtral:
+            router_probs = F.softmax(router_logits.float(), dim=-1)
+        else:
+            router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
+        top_value, top_index = torch.topk(router_probs, self.top_k, dim=-1)
+        if self.normalize:
+            top_value /= top_value.sum(dim=-1, keepdim=True)
+        if TF_MAJOR < 5:
+            top_value = top_value.to(hidden_states.dtype)  # 4.x: "we cast back to the input dtype" (all four)
+        elif not self.mixtral:
+            top_value = top_value.to(router_logits.dtype)  # 5.x qwen2/qwen3/olmoe; 5.x mixtral keeps f32
+        pad = self.num_experts_padded - self.num_experts
+        if pad > 0:
+            router_logits = torch.cat(
+                [router_logits, router_logits.new_full((router_logits.shape[0], pad), float("-inf"))], dim=-1
+            )
+        return router_logits, top_value, top_index
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, normalize={self.normalize}"
+
+
+class DiepSparseMoeBlock(nn.Module):
+    """Sparse MoE block of one layer with its own expert count.
+
+    Parameters (relative to the block): ``gate.weight [E_i, H]``, ``experts.{e}.<gate|up|down>.weight`` with the
+    architecture's on-disk names, and for qwen2_moe ``shared_expert.*`` and ``shared_expert_gate.weight``.
+    """
+
+    def __init__(self, config, arch: str, num_experts: int, layer_idx: int):
+        super().__init__()
+        spec = _ARCHS[arch]
+        self.arch = arch
+        self.layer_idx = layer_idx
+        self.hidden_dim = config.hidden_size
+        self.num_experts = num_experts
+        self.top_k = config.num_experts_per_tok
+        self.jitter_noise = float(getattr(config, "router_jitter_noise", 0.0) or 0.0) if arch == "mixtral" else 0.0
+        mixtral = arch == "mixtral"
+        normalize = True if mixtral else bool(config.norm_topk_prob)
+        self.gate = DiepRouter(config.hidden_size, num_experts, max(num_experts, config_expert_count(config, arch)),
+                               self.top_k, normalize, mixtral)
+        inter = getattr(config, spec["inter"])
+        self.experts = nn.ModuleList(
+            [DiepExpertMLP(config.hidden_size, inter, config.hidden_act, spec["proj"]) for _ in range(num_experts)]
+        )
+        if spec["shared_expert"]:
+            shared_mlp_cls = getattr(_stock_module(arch), f"{spec['prefix']}MLP")
+            self.shared_expert = shared_mlp_cls(config, intermediate_size=config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = None
+            self.shared_expert_gate = None
+
+    def forward(self, hidden_states: torch.Tensor):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        if self.training and self.jitter_noise > 0:
+            hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        hidden_states = hidden_states.view(-1, hidden_dim)
+        router_logits, top_k_weights, top_k_index = self.gate(hidden_states)
+
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # [E, k, T]
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = int(expert_idx[0])
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]
+            current_hidden_states = self.experts[expert_idx](current_state)
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+
+        if self.shared_expert is not None:
+            shared_expert_output = self.shared_expert(hidden_states)
+            shared_expert_output = F.sigmoid(self.shared_expert_gate(hidden_states)) * shared_expert_output
+            final_hidden_states = final_hidden_states + shared_expert_output
+
+        final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+        if TF_MAJOR < 5:  # 4.x decoder layers unpack (hidden_states, router_logits)
+            return final_hidden_states, router_logits
+        return final_hidden_states
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, layer_idx={self.layer_idx}, num_experts={self.num_experts}"
+
+
+class _MoePlaceholder(nn.Module):
+    """Stands in for transformers' sparse-MoE block while the stock model is built (no parameters)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Wiring the blocks into transformers' own model classes
+# --------------------------------------------------------------------------------------------------------------
+
+_PATCH_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _patched_globals(module, replacements: dict):
+    """Temporarily rebind names in a transformers modeling module (while the stock __init__ runs)."""
+    with _PATCH_LOCK:
+        saved = {name: getattr(module, name) for name in replacements}
+        try:
+            for name, value in replacements.items():
+                setattr(module, name, value)
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(module, name, value)
+
+
+def experts_per_layer(config, arch: str) -> list[int] | None:
+    """``num_experts_per_layer`` from the config (validated), or None for a uniform checkpoint."""
+    per_layer = getattr(config, "num_experts_per_layer", None)
+    if per_layer is None:
+        return None
+    per_layer = [int(n) for n in per_layer]
+    if len(per_layer) != config.num_hidden_layers:
+        raise ValueError(
+            f"num_experts_per_layer has {len(per_layer)} entries, expected num_hidden_layers={config.num_hidden_layers}"
+        )
+    n_cfg = config_expert_count(config, arch)
+    if max(per_layer) > n_cfg:
+        raise ValueError(f"num_experts_per_layer {per_layer} exceeds the config's expert count {n_cfg}")
+    return per_layer
+
+
+def _install_moe_blocks(model, arch: str, stock_block_cls) -> None:
+    """Replace every stock MoE block (or placeholder) of ``model.layers`` by a :class:`DiepSparseMoeBlock`."""
+    config = model.config
+    target = _ARCHS[arch]["moe_attr"]
+    per_layer = experts_per_layer(config, arch)
+    n_uniform = config_expert_count(config, arch)
+    kinds = (_MoePlaceholder, stock_block_cls, DiepSparseMoeBlock)
+    for i, layer in enumerate(model.layers):
+        slots = [name for name, child in layer.named_children() if isinstance(child, kinds)]
+        if len(slots) > 1:
+            raise RuntimeError(f"layer {i}: several MoE blocks {slots}")
+        n = n_uniform if per_layer is None else per_layer[i]
+        if not slots:
+            if per_layer is not None and n != 0:
+                raise ValueError(f"num_experts_per_layer[{i}] = {n} but layer {i} is a dense layer in {arch}")
+            continue
+        slot = slots[0]
+        current = getattr(layer, slot)
+        if n <= 0:
+            raise ValueError(f"num_experts_per_layer[{i}] = {n} but layer {i} is a MoE layer in {arch}")
+        if n < config.num_experts_per_tok:
+            raise ValueError(f"layer {i}: {n} experts < num_experts_per_tok = {config.num_experts_per_tok}")
+        if isinstance(current, DiepSparseMoeBlock):
+            block = current
+        else:
+            block = DiepSparseMoeBlock(config, arch, n, i)
+        if slot == target:
+            setattr(layer, slot, block)
+        else:
+            # e.g. transformers 5.x Mixtral: the layer calls `self.mlp`, the checkpoint says `block_sparse_moe`.
+            del layer._modules[slot]
+            layer.add_module(target, block)
+            object.__setattr__(layer, slot, block)  # plain alias (not a submodule: no duplicate state-dict keys)
+
+
+def _init_router(model, module) -> None:
+    if isinstance(module, DiepRouter):
+        std = getattr(model.config, "initializer_range", 0.02) or 0.02
+        if _hf_init is not None:
+            _hf_init.normal_(module.weight, mean=0.0, std=std)
+        else:
+            module.weight.data.normal_(mean=0.0, std=std)
+
+
+def _record_outputs(stock_model_cls, stock_router_cls, stock_block_cls):
+    """transformers' `_can_record_outputs` with the router-logits recorder pointed at our classes."""
+    stock = getattr(stock_model_cls, "_can_record_outputs", None)
+    if not stock or OutputRecorder is None:
+        return stock
+    out = dict(stock)
+    spec = out.get("router_logits")
+    if spec is not None:
+        target = getattr(spec, "target_class", spec)
+        if stock_router_cls is not None and target is stock_router_cls:
+            out["router_logits"] = OutputRecorder(DiepRouter, index=0)
+        elif target is stock_block_cls:
+            out["router_logits"] = OutputRecorder(DiepSparseMoeBlock, index=1)
+    return out
+
+
+class DiepMoeForCausalLM:
+    """The class named in ``auto_map``: dispatches on ``config.model_type`` to ``Diep<Arch>ForCausalLM``.
+
+    Every concrete class is a subclass of this one, so ``isinstance(model, DiepMoeForCausalLM)`` holds.
+    """
+
+    @staticmethod
+    def concrete_class(config):
+        model_type = getattr(config, "model_type", None)
+        if model_type not in _CAUSAL_LM:
+            raise ValueError(f"modeling_diep_moe supports model_type {sorted(_CAUSAL_LM)}, got {model_type!r}")
+        return _CAUSAL_LM[model_type]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        if cls is not DiepMoeForCausalLM:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        config = kwargs.pop("config", None)
+        if not isinstance(config, _BaseConfig):
+            hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                   if k in kwargs}
+            config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **hub)
+        return cls.concrete_class(config).from_pretrained(
+            pretrained_model_name_or_path, *model_args, config=config, **kwargs
+        )
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        if cls is not DiepMoeForCausalLM:
+            return super().from_config(config, **kwargs)
+        return cls.concrete_class(config)._from_config(config, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        if cls is not DiepMoeForCausalLM:
+            return super()._from_config(config, **kwargs)
+        return cls.concrete_class(config)._from_config(config, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        if cls is not DiepMoeForCausalLM:
+            return super().register_for_auto_class(auto_class)
+        for concrete in _CAUSAL_LM.values():
+            concrete.register_for_auto_class(auto_class)
+
+
+_CAUSAL_LM: dict[str, type] = {}
+_MODEL: dict[str, type] = {}
+
+
+def _build_classes(arch: str):
+    spec = _ARCHS[arch]
+    prefix = spec["prefix"]
+    stock = _stock_module(arch)
+    StockModel = getattr(stock, f"{prefix}Model")
+    StockForCausalLM = getattr(stock, f"{prefix}ForCausalLM")
+    StockBlock = getattr(stock, f"{prefix}SparseMoeBlock")
+    StockRouter = getattr(stock, f"{prefix}TopKRouter", None)  # 5.x only
+
+    class Model(StockModel):
+        _can_record_outputs = _record_outputs(StockModel, StockRouter, StockBlock)
+        diep_arch = arch
+
+        def __init__(self, config):
+            with _patched_globals(stock, {StockBlock.__name__: _MoePlaceholder}):
+                super().__init__(config)
+
+        def post_init(self):
+            _install_moe_blocks(self, arch, StockBlock)
+            super().post_init()
+
+        def _init_weights(self, module):
+            super()._init_weights(module)
+            _init_router(self, module)
+
+    class ForCausalLM(DiepMoeForCausalLM, StockForCausalLM, GenerationMixin):
+        diep_arch = arch
+        # save_pretrained copies this file and writes auto_map even where from_pretrained did not call
+        # register_for_auto_class (4.x skips it when the model_type has a native class).
+        _auto_class = "AutoModelForCausalLM"
+
+        def __init__(self, config):
+            with _patched_globals(stock, {StockModel.__name__: Model}):
+                super().__init__(config)
+
+        def post_init(self):
+            if not isinstance(getattr(self, "model", None), Model):  # in case the stock __init__ changes
+                self.model = Model(self.config)
+            super().post_init()
+
+        def _init_weights(self, module):
+            super()._init_weights(module)
+            _init_router(self, module)
+
+    for cls, name in ((Model, f"Diep{prefix}Model"), (ForCausalLM, f"Diep{prefix}ForCausalLM")):
+        cls.__name__ = name
+        cls.__qualname__ = name
+        cls.__module__ = __name__
+    return Model, ForCausalLM
+
+
+for _arch in _ARCHS:
+    _MODEL[_arch], _CAUSAL_LM[_arch] = _build_classes(_arch)
+    globals()[_MODEL[_arch].__name__] = _MODEL[_arch]
+    globals()[_CAUSAL_LM[_arch].__name__] = _CAUSAL_LM[_arch]
+del _arch
+
+DiepMixtralModel = _MODEL["mixtral"]
+DiepMixtralForCausalLM = _CAUSAL_LM["mixtral"]
+DiepQwen2MoeModel = _MODEL["qwen2_moe"]
+DiepQwen2MoeForCausalLM = _CAUSAL_LM["qwen2_moe"]
+DiepQwen3MoeModel = _MODEL["qwen3_moe"]
+DiepQwen3MoeForCausalLM = _CAUSAL_LM["qwen3_moe"]
+DiepOlmoeModel = _MODEL["olmoe"]
+DiepOlmoeForCausalLM = _CAUSAL_LM["olmoe"]
+
+__all__ = [
+    "DiepMoeForCausalLM",
+    "DiepSparseMoeBlock",
+    "DiepRouter",
+    "DiepExpertMLP",
+    "DiepMixtralModel",
+    "DiepMixtralForCausalLM",
+    "DiepQwen2MoeModel",
+    "DiepQwen2MoeForCausalLM",
+    "DiepQwen3MoeModel",
+    "DiepQwen3MoeForCausalLM",
+    "DiepOlmoeModel",
+    "DiepOlmoeForCausalLM",
+]

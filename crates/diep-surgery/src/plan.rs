@@ -1,0 +1,150 @@
+//! The pruning plan: what every method produces and surgery consumes (`pruning.json`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use diep_checkpoint::ModelConfig;
+
+/// The `format` tag of plans this version writes and reads.
+pub const PLAN_FORMAT: &str = "diep-pruning-plan/1";
+
+/// Which experts of each MoE layer to keep, with how and why they were chosen.
+///
+/// On disk (`pruning.json`) layer indices are JSON object keys (`"0"`, `"1"`, ...), and
+/// expert ids are the original on-disk ids, ascending.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PruningPlan {
+    /// Always [`PLAN_FORMAT`].
+    pub format: String,
+    /// The `model_type` of the checkpoint the plan was made for.
+    pub model_type: String,
+    /// Routed experts per MoE layer before pruning.
+    pub original_experts: BTreeMap<usize, usize>,
+    /// Kept expert ids per MoE layer (original numbering, ascending). Every MoE layer appears.
+    pub kept_experts: BTreeMap<usize, Vec<usize>>,
+    /// The method that produced the plan (`frequency`, `reap`, `diep`, ...).
+    pub method: String,
+    /// `uniform` or `global`, where the method has an allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<String>,
+    /// The requested fraction of routed experts removed, if the plan came from a ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    /// Per-layer, per-original-expert scores of the method (higher = more important).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scores: BTreeMap<usize, Vec<f64>>,
+    /// The settings the method ran with (free-form).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub settings: Value,
+    /// Seconds spent per phase.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub timings: BTreeMap<String, f64>,
+    /// Anything else a method records (DiEP's α, β and loss curve, ...).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A plan that does not fit the model it is applied to.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("pruning plan: {0}")]
+pub struct PlanError(pub String);
+
+impl PruningPlan {
+    /// A plan with the given kept experts and no scores, settings or timings.
+    pub fn new(model_type: &str, original_experts: BTreeMap<usize, usize>, kept_experts: BTreeMap<usize, Vec<usize>>, method: &str) -> Self {
+        PruningPlan {
+            format: PLAN_FORMAT.to_string(),
+            model_type: model_type.to_string(),
+            original_experts,
+            kept_experts,
+            method: method.to_string(),
+            allocation: None,
+            ratio: None,
+            scores: BTreeMap::new(),
+            settings: Value::Null,
+            timings: BTreeMap::new(),
+            extra: Map::new(),
+        }
+    }
+
+    /// Kept experts per MoE layer.
+    pub fn kept_counts(&self) -> BTreeMap<usize, usize> {
+        self.kept_experts.iter().map(|(l, k)| (*l, k.len())).collect()
+    }
+
+    /// Whether every MoE layer keeps the same number of experts.
+    pub fn is_uniform(&self) -> bool {
+        let mut counts = self.kept_experts.values().map(Vec::len);
+        let first = counts.next();
+        counts.all(|c| Some(c) == first)
+    }
+
+    /// Routed experts removed in total.
+    pub fn removed(&self) -> usize {
+        self.original_experts.values().sum::<usize>() - self.kept_experts.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Checks the plan against a model's config: same `model_type`, every MoE layer listed
+    /// (and nothing else), expert ids in range, ascending and unique, and at least
+    /// `num_experts_per_tok` experts kept per layer.
+    pub fn validate(&self, config: &ModelConfig) -> Result<(), PlanError> {
+        let err = |m: String| Err(PlanError(m));
+        if self.format != PLAN_FORMAT {
+            return err(format!("unknown format `{}` (expected `{PLAN_FORMAT}`)", self.format));
+        }
+        let model_type = config.architecture.model_type();
+        if self.model_type != model_type {
+            return err(format!("made for model_type `{}`, but the model is `{model_type}`", self.model_type));
+        }
+        let moe_layers = config.moe_layers();
+        for layer in self.kept_experts.keys() {
+            if !moe_layers.contains(layer) {
+                return err(format!("`kept_experts` lists layer {layer}, which is not an MoE layer of the model"));
+            }
+        }
+        let top_k = config.moe.top_k;
+        for layer in moe_layers {
+            let n = config.experts_in_layer(layer);
+            let Some(kept) = self.kept_experts.get(&layer) else {
+                return err(format!("`kept_experts` has no entry for MoE layer {layer}"));
+            };
+            if let Some(orig) = self.original_experts.get(&layer)
+                && *orig != n
+            {
+                return err(format!("layer {layer}: plan made for {orig} experts, the model has {n}"));
+            }
+            if kept.windows(2).any(|w| w[0] >= w[1]) {
+                return err(format!("layer {layer}: kept expert ids must be ascending and unique, got {kept:?}"));
+            }
+            if let Some(bad) = kept.iter().find(|e| **e >= n) {
+                return err(format!("layer {layer}: expert {bad} does not exist (the layer has {n})"));
+            }
+            if kept.len() < top_k {
+                return err(format!(
+                    "layer {layer} keeps {} experts, fewer than num_experts_per_tok = {top_k}",
+                    kept.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `pruning.json`.
+    pub fn read(path: impl AsRef<Path>) -> Result<Self, crate::SurgeryError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| crate::SurgeryError::Io { path: path.to_path_buf(), source })?;
+        serde_json::from_str(&text).map_err(|e| crate::SurgeryError::Plan {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The plan as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("plans serialise")
+    }
+}

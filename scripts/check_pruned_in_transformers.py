@@ -1,0 +1,547 @@
+#!/usr/bin/env python3
+"""Check that a pruned MoE checkpoint computes, in transformers, what the original model computes
+with the pruned experts masked out of the router.
+
+VALIDATION ONLY: never run by the Rust test suite. Needs torch, safetensors and transformers (5.x;
+4.57 works too, run with ``PYTHONPATH=/opt/tf4``). No network access (it sets ``HF_HUB_OFFLINE=1``).
+
+Check a pruned directory (written by ``diep-surgery`` or by ``--make-pruned``)::
+
+    /opt/ref-venv/bin/python scripts/check_pruned_in_transformers.py \\
+        --original ORIG_DIR --pruned PRUNED_DIR --plan pruning.json --ids ids.json [--our-ppl 123.4]
+
+1. Loads PRUNED_DIR in float32 with eager attention: for a non-uniform plan (different kept counts per
+   MoE layer) with ``AutoModelForCausalLM.from_pretrained(pruned, trust_remote_code=True)``, which goes
+   through ``modeling_diep_moe.py`` (``auto_map`` in its config.json); for a uniform plan with a plain
+   ``from_pretrained`` (transformers' own class). Missing / unexpected / mismatched keys are an error.
+2. Loads ORIG_DIR the same way (transformers' own class, eager experts in 5.x) and masks the pruned
+   experts: their router logits become -inf right after the gate projection, before transformers' own
+   softmax / top-k / renormalisation (a forward hook on the gate where it is an ``nn.Linear`` (4.x), else
+   a shim of the router module's ``F.linear`` (5.x) keyed on the gate weight). It checks that every
+   masked layer was hit and that the masked columns of the returned router logits are -inf.
+3. Compares ``model(ids, labels=ids).loss`` (mean token cross-entropy over the shifted positions of all
+   sequences, no router aux loss) and perplexity ``exp(loss)``, and the logits (max |d| / max |ref|);
+   ids come from IDS.json, a JSON array of equal-length token-id arrays (or ``{"ids": [...]}``).
+   Exit status 1 if either relative error exceeds ``--tol`` (1e-4).
+4. Runs ``generate(ids, max_new_tokens=5, do_sample=False)`` on both and reports whether the tokens agree.
+5. With ``--our-ppl FLOAT`` (the Rust tool's perplexity on the same ids) also compares it to both
+   perplexities; exit status 1 if its relative error to the masked original exceeds ``--our-ppl-tol``.
+
+Build a pruned directory from an original and a plan, exactly per the surgery contract (same file
+layout and tensor names, kept experts renumbered 0..E_i-1 per layer, router rows sliced, expert-count
+key(s) set to the maximum kept count, and for non-uniform plans ``num_experts_per_layer``, ``auto_map``
+from ``crates/diep-surgery/remote_code/auto_map.json`` and every ``remote_code/*.py`` copied)::
+
+    ... check_pruned_in_transformers.py --original ORIG_DIR --plan pruning.json --make-pruned OUT_DIR
+
+(add ``--ids`` to check OUT_DIR right away). ``--self-test`` builds and checks uniform and non-uniform
+plans for every fixture under ``fixtures/models`` in a temporary directory and prints a table.
+
+Plan format (``pruning.json``): ``{"format": "diep-pruning-plan/1", "model_type": ..., "original_experts":
+{"<layer>": N}, "kept_experts": {"<layer>": [original ids ascending]}, "method": ..., ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import transformers  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+TF_MAJOR = int(transformers.__version__.split(".")[0])
+REPO = Path(__file__).resolve().parent.parent
+REMOTE_CODE_DIR = REPO / "crates" / "diep-surgery" / "remote_code"
+PLAN_FORMAT = "diep-pruning-plan/1"
+
+# model_type -> (MoE block attribute on disk, config.json expert-count keys written by the surgery)
+ARCHS = {
+    "mixtral": ("block_sparse_moe", ("num_local_experts",)),
+    "qwen2_moe": ("mlp", ("num_experts",)),
+    "qwen3_moe": ("mlp", ("num_experts", "num_local_experts")),
+    "olmoe": ("mlp", ("num_experts",)),
+}
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans and checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def load_plan(path: Path) -> dict:
+    plan = json.loads(Path(path).read_text())
+    if plan.get("format") != PLAN_FORMAT:
+        raise SystemExit(f"{path}: format {plan.get('format')!r}, expected {PLAN_FORMAT!r}")
+    plan["kept_experts"] = {int(k): [int(e) for e in v] for k, v in plan["kept_experts"].items()}
+    plan["original_experts"] = {int(k): int(v) for k, v in plan["original_experts"].items()}
+    return plan
+
+
+def plan_is_uniform(plan: dict) -> bool:
+    return len({len(v) for v in plan["kept_experts"].values()}) <= 1
+
+
+def masked_experts(plan: dict) -> dict[int, list[int]]:
+    """Layer -> original expert ids the plan removes (layers that lose nothing are left out)."""
+    out = {}
+    for layer, n in plan["original_experts"].items():
+        kept = set(plan["kept_experts"].get(layer, range(n)))
+        drop = [e for e in range(n) if e not in kept]
+        if drop:
+            out[layer] = drop
+    return out
+
+
+def load_ids(path: Path) -> torch.Tensor:
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict):
+        data = data["ids"]
+    if not data or not all(isinstance(r, list) for r in data) or len({len(r) for r in data}) != 1:
+        raise SystemExit(f"{path}: expected a JSON array of equal-length token-id arrays")
+    return torch.tensor(data, dtype=torch.long)
+
+
+def checkpoint_files(model_dir: Path) -> tuple[list[str], dict | None]:
+    """(safetensors file names, index json or None)."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        return sorted(set(index["weight_map"].values())), index
+    files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"{model_dir}: no *.safetensors")
+    return files, None
+
+
+def make_pruned(original: Path, plan: dict, out: Path, force_remote_code: bool = False) -> dict:
+    """Write the pruned checkpoint of `original` under `out` per the surgery contract. Returns a summary."""
+    cfg = json.loads((original / "config.json").read_text())
+    model_type = cfg["model_type"]
+    if model_type not in ARCHS:
+        raise SystemExit(f"unsupported model_type {model_type!r}")
+    if plan["model_type"] != model_type:
+        raise SystemExit(f"plan is for {plan['model_type']!r}, checkpoint is {model_type!r}")
+    moe_attr, count_keys = ARCHS[model_type]
+    top_k = int(cfg["num_experts_per_tok"])
+    files, index = checkpoint_files(original)
+
+    # MoE layers = layers with a router on disk.
+    router_re = re.compile(rf"^model\.layers\.(\d+)\.{moe_attr}\.gate\.weight$")
+    expert_re = re.compile(rf"^model\.layers\.(\d+)\.{moe_attr}\.experts\.(\d+)\.(.+)$")
+    n_experts: dict[int, int] = {}
+    for f in files:
+        with safe_open(str(original / f), "pt") as h:
+            for k in h.keys():
+                m = router_re.match(k)
+                if m:
+                    n_experts[int(m.group(1))] = h.get_slice(k).get_shape()[0]
+    if sorted(n_experts) != sorted(plan["original_experts"]):
+        raise SystemExit(f"plan MoE layers {sorted(plan['original_experts'])} != checkpoint MoE layers {sorted(n_experts)}")
+    kept: dict[int, list[int]] = {}
+    for layer, n in n_experts.items():
+        if plan["original_experts"][layer] != n:
+            raise SystemExit(f"layer {layer}: plan says {plan['original_experts'][layer]} experts, checkpoint has {n}")
+        ids = plan["kept_experts"].get(layer, list(range(n)))
+        if ids != sorted(set(ids)) or not ids or ids[0] < 0 or ids[-1] >= n:
+            raise SystemExit(f"layer {layer}: kept ids must be unique, ascending, in 0..{n - 1}: {ids}")
+        if len(ids) < top_k:
+            raise SystemExit(f"layer {layer}: keeps {len(ids)} < num_experts_per_tok = {top_k}")
+        kept[layer] = ids
+    counts = {layer: len(ids) for layer, ids in kept.items()}
+    uniform = len(set(counts.values())) == 1
+    remote = (not uniform) or force_remote_code
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    total_size = total_params = 0
+    for f in files:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(original / f), "pt") as h:
+            metadata = h.metadata() or {}
+            for k in h.keys():
+                m = expert_re.match(k)
+                if m:
+                    layer, e = int(m.group(1)), int(m.group(2))
+                    if e not in kept[layer]:
+                        continue
+                    new_e = kept[layer].index(e)
+                    k_out = f"model.layers.{layer}.{moe_attr}.experts.{new_e}.{m.group(3)}"
+                    t = h.get_tensor(k)
+                else:
+                    k_out = k
+                    t = h.get_tensor(k)
+                    m = router_re.match(k)
+                    if m:
+                        t = t[kept[int(m.group(1))]].contiguous()
+                tensors[k_out] = t
+                weight_map[k_out] = f
+                total_size += t.numel() * t.element_size()
+                total_params += t.numel()
+        save_file(tensors, str(out / f), metadata={"format": "pt", **metadata})
+    if index is not None:
+        new_index = dict(index)
+        meta = dict(index.get("metadata", {}))
+        if "total_size" in meta:
+            meta["total_size"] = total_size
+        if "total_parameters" in meta:
+            meta["total_parameters"] = total_params
+        new_index["metadata"] = meta
+        new_index["weight_map"] = dict(sorted(weight_map.items()))
+        (out / "model.safetensors.index.json").write_text(json.dumps(new_index, indent=2) + "\n")
+
+    for p in original.iterdir():  # tokenizer, generation_config, ...
+        if p.is_file() and p.name != "config.json" and not p.name.endswith(".safetensors") \
+                and p.name != "model.safetensors.index.json":
+            shutil.copy2(p, out / p.name)
+
+    new_cfg = dict(cfg)
+    max_kept = max(counts.values())
+    for key in count_keys:
+        new_cfg[key] = max_kept
+    if remote:
+        new_cfg["num_experts_per_layer"] = [counts.get(i, 0) for i in range(int(cfg["num_hidden_layers"]))]
+        auto_map = json.loads((REMOTE_CODE_DIR / "auto_map.json").read_text())
+        new_cfg["auto_map"] = auto_map
+        for py in sorted(REMOTE_CODE_DIR.glob("*.py")):
+            shutil.copy2(py, out / py.name)
+    else:
+        new_cfg.pop("num_experts_per_layer", None)
+        new_cfg.pop("auto_map", None)
+    (out / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
+    return {"counts": counts, "uniform": uniform, "remote_code": remote}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and masking
+# ------------------------------------------------------------------------------------------------
+
+
+def impl_kwargs() -> dict:
+    kw = dict(attn_implementation="eager", dtype=torch.float32)
+    if TF_MAJOR >= 5:
+        kw["experts_implementation"] = "eager"
+    return kw
+
+
+def load_model(model_dir: Path, remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), trust_remote_code=remote_code, output_loading_info=True, **impl_kwargs()
+    )
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise SystemExit(f"{model_dir}: loading reported {bad}")
+    return model.float().eval()
+
+
+def moe_block(layer):
+    for attr in ("block_sparse_moe", "mlp"):
+        m = getattr(layer, attr, None)
+        if m is not None and hasattr(m, "gate") and hasattr(m, "experts"):
+            return m
+    return None
+
+
+@contextlib.contextmanager
+def masked_router(model, masked: dict[int, list[int]]):
+    """Router logits of `masked` experts (layer -> original ids) become -inf right after the gate projection,
+    before transformers' own softmax / top-k. Yields a dict layer -> number of masked gate calls."""
+    hits: dict[int, int] = {}
+    gates = {}
+    for i, cols in masked.items():
+        blk = moe_block(model.model.layers[i])
+        if blk is None:
+            raise SystemExit(f"layer {i} has no MoE block to mask")
+        gates[i] = (blk.gate, list(cols))
+
+    def mask(out, i, cols):
+        out = out.clone()
+        out[..., cols] = float("-inf")
+        hits[i] = hits.get(i, 0) + 1
+        return out
+
+    handles, shims = [], []
+    by_weight = {}
+    for i, (gate, cols) in gates.items():
+        if isinstance(gate, nn.Linear):  # transformers 4.x: the gate is a Linear whose output is the logits
+            handles.append(gate.register_forward_hook(lambda mod, inp, out, i=i, cols=cols: mask(out, i, cols)))
+        else:  # transformers 5.x: *TopKRouter computes F.linear(x, self.weight) then routes, in one forward
+            by_weight[id(gate.weight)] = (i, cols)
+            mod = sys.modules[type(gate).__module__]
+            if all(s[0] is not mod for s in shims):
+                shims.append((mod, mod.F))
+    for mod, real_F in shims:
+        class _Shim:
+            def __getattr__(self, attr, real_F=real_F):
+                return getattr(real_F, attr)
+
+            @staticmethod
+            def linear(x, w, b=None, real_F=real_F):
+                out = real_F.linear(x, w, b)
+                hit = by_weight.get(id(w))
+                return out if hit is None else mask(out, *hit)
+
+        mod.F = _Shim()
+    try:
+        yield hits
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, real_F in shims:
+            mod.F = real_F
+
+
+def forward(model, ids, masked=None):
+    """(loss, logits) of model(ids, labels=ids), optionally with experts masked (every masked layer must be hit)."""
+    ctx = masked_router(model, masked) if masked else contextlib.nullcontext({})
+    with torch.no_grad(), ctx as hits:
+        out = model(ids, labels=ids)
+    if masked and sorted(hits) != sorted(masked):
+        raise SystemExit(f"masking did not reach every layer: hit {sorted(hits)}, expected {sorted(masked)}")
+    return float(out.loss), out.logits.float()
+
+
+def check_router_logits(model, ids, masked) -> None:
+    """The router logits transformers returns show -inf exactly at the masked experts."""
+    with torch.no_grad(), masked_router(model, masked):
+        out = model(ids, output_router_logits=True)
+    moe_layers = [i for i, layer in enumerate(model.model.layers) if moe_block(layer) is not None]
+    for i, r in zip(moe_layers, out.router_logits):
+        if i in masked:
+            assert torch.isneginf(r[:, masked[i]]).all(), f"layer {i}: masked logits are not -inf"
+            keep = [e for e in range(r.shape[-1]) if e not in masked[i]]
+            assert torch.isfinite(r[:, keep]).all(), f"layer {i}: kept logits not finite"
+
+
+def generate(model, ids, masked=None, n=5):
+    ctx = masked_router(model, masked) if masked else contextlib.nullcontext({})
+    with torch.no_grad(), ctx:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=model.config.eos_token_id)
+    return out[:, ids.shape[1]:]
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def check(original: Path, pruned: Path, plan: dict, ids: torch.Tensor, tol: float = 1e-4,
+          our_ppl: float | None = None, our_ppl_tol: float | None = None, remote_code: bool | None = None,
+          gen_tokens: int = 5) -> dict:
+    """Compare pruned vs masked original; returns a result dict (result['ok'] = passed)."""
+    uniform = plan_is_uniform(plan)
+    if remote_code is None:
+        remote_code = not uniform
+    pcfg = json.loads((pruned / "config.json").read_text())
+    if not uniform and "auto_map" not in pcfg:
+        raise SystemExit(f"{pruned}: non-uniform plan but config.json has no auto_map")
+    masked = masked_experts(plan)
+
+    orig = load_model(original, remote_code=False)
+    model = load_model(pruned, remote_code=remote_code)
+    kind = type(model).__name__
+    if remote_code and not kind.startswith("Diep"):
+        raise SystemExit(f"{pruned}: expected the remote-code class, got {type(model)}")
+    if not remote_code and type(model) is not type(orig):
+        raise SystemExit(f"{pruned}: expected {type(orig).__name__}, got {kind}")
+    # per-layer expert counts as loaded
+    for i, layer in enumerate(model.model.layers):
+        blk = moe_block(layer)
+        if i in plan["kept_experts"]:
+            n_gate = blk.gate.weight.shape[0]
+            assert n_gate == len(plan["kept_experts"][i]), (i, n_gate)
+        else:
+            assert blk is None or i not in plan["original_experts"], i
+
+    loss_o, logits_o = forward(orig, ids)
+    loss_m, logits_m = forward(orig, ids, masked)
+    check_router_logits(orig, ids, masked) if masked else None
+    loss_p, logits_p = forward(model, ids)
+    d_logits = float((logits_p - logits_m).abs().max())
+    rel_logits = d_logits / float(logits_m.abs().max())
+    rel_loss = rel(loss_p, loss_m)
+    ppl_p, ppl_m = math.exp(loss_p), math.exp(loss_m)
+
+    gen_p = generate(model, ids, n=gen_tokens)
+    gen_m = generate(orig, ids, masked, n=gen_tokens)
+    gen_equal = bool(torch.equal(gen_p, gen_m))
+
+    ok = rel_loss <= tol and rel_logits <= tol
+    res = dict(
+        class_=kind, uniform=uniform, remote_code=remote_code, loss_pruned=loss_p, loss_masked=loss_m,
+        loss_unmasked=loss_o, rel_loss=rel_loss, ppl_pruned=ppl_p, ppl_masked=ppl_m, max_abs_dlogits=d_logits,
+        rel_logits=rel_logits, gen_equal=gen_equal, gen_pruned=gen_p.tolist(),
+        counts={i: len(v) for i, v in sorted(plan["kept_experts"].items())},
+    )
+    log(f"  transformers {transformers.__version__}, torch {torch.__version__}")
+    log(f"  pruned loaded as {kind} ({'trust_remote_code' if remote_code else 'plain from_pretrained'}), "
+        f"experts per MoE layer {res['counts']}")
+    log(f"  loss  pruned {loss_p:.9f}  masked original {loss_m:.9f}  (unmasked original {loss_o:.6f})")
+    log(f"  ppl   pruned {ppl_p:.6f}  masked original {ppl_m:.6f}")
+    log(f"  relative error: loss {rel_loss:.3e}, logits max|d|/max|ref| {rel_logits:.3e} (max|d| {d_logits:.3e}); "
+        f"tol {tol:g}")
+    log(f"  generate(max_new_tokens={gen_tokens}, greedy): pruned {gen_p.tolist()} "
+        f"{'==' if gen_equal else '!='} masked original")
+    if our_ppl is not None:
+        t = tol if our_ppl_tol is None else our_ppl_tol
+        r_m, r_p = rel(our_ppl, ppl_m), rel(our_ppl, ppl_p)
+        log(f"  our ppl {our_ppl:.6f}: rel err vs masked original {r_m:.3e}, vs pruned in transformers {r_p:.3e} "
+            f"(tol {t:g})")
+        res.update(our_ppl=our_ppl, rel_our_ppl=r_m)
+        ok = ok and r_m <= t
+    if abs(loss_o - loss_m) < 1e-7 and masked:
+        log("  note: masking did not change the loss (the masked experts are never selected on these ids)")
+    res["ok"] = ok
+    log(f"  {'PASS' if ok else 'FAIL'}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# Self-test on the fixtures
+# ------------------------------------------------------------------------------------------------
+
+SELF_TEST = {
+    # name: (non-uniform plan, uniform plan); layer -> kept original ids. 8 experts, top-2 everywhere.
+    "tiny-mixtral": ({0: [0, 1, 2, 5, 6], 1: [1, 3, 4]}, {0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}),
+    "tiny-mixtral-bf16": ({0: [0, 1, 2, 5, 6], 1: [3, 4]}, {0: [1, 2, 3, 5, 6, 7], 1: [0, 1, 3, 4, 5, 7]}),
+    "tiny-qwen2-moe": ({0: [0, 3, 5, 6, 7], 1: [2, 4], 3: [0, 1, 2, 3, 4, 5, 6]}, {0: [0, 1, 4, 6], 1: [2, 3, 5, 7], 3: [0, 2, 4, 6]}),
+    "tiny-qwen3-moe": ({1: [1, 2, 4, 5, 7], 3: [3, 6]}, {1: [0, 2, 4, 6], 3: [1, 3, 5, 7]}),
+    "tiny-qwen3-moe-tf4": ({1: [0, 6], 3: [0, 1, 2, 4, 5, 7]}, {1: [0, 1, 2, 3], 3: [4, 5, 6, 7]}),
+    "tiny-olmoe": ({0: [0, 1, 2, 3, 4, 5], 1: [6, 7], 2: [1, 3, 5]}, {0: [0, 1, 2, 3], 1: [2, 3, 6, 7], 2: [1, 3, 5, 7]}),
+}
+
+
+def self_test(fixtures: Path, tol: float) -> bool:
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="diep-pruned-check-"))
+    try:
+        for name, plans in SELF_TEST.items():
+            mdir = fixtures / "models" / name
+            ids_path = fixtures / "parity" / name / "ids.json"
+            if not mdir.exists():
+                log(f"skip {name}: {mdir} missing")
+                continue
+            cfg = json.loads((mdir / "config.json").read_text())
+            if TF_MAJOR < 5 and cfg["model_type"] == "qwen3_moe" and "num_experts" not in cfg:
+                log(f"skip {name}: its config.json has only the 5.x key num_local_experts, which 4.x ignores")
+                continue
+            ids = load_ids(ids_path)
+            for label, kept, force_remote in (("non-uniform", plans[0], False), ("uniform", plans[1], False),
+                                              ("uniform-remote", plans[1], True)):
+                plan = {
+                    "format": PLAN_FORMAT, "model_type": cfg["model_type"],
+                    "original_experts": {i: 8 for i in kept}, "kept_experts": kept, "method": "self-test",
+                }
+                out = work / f"{name}-{label}"
+                log(f"== {name} {label}: keep {kept}")
+                summary = make_pruned(mdir, plan, out, force_remote_code=force_remote)
+                res = check(mdir, out, plan, ids, tol=tol, remote_code=summary["remote_code"])
+                if summary["remote_code"]:
+                    res.update(extra_remote_checks(out, ids, res))
+                rows.append((name, label, res))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log()
+    log(f"transformers {transformers.__version__}, torch {torch.__version__}, float32, eager")
+    log("| fixture | plan | experts per MoE layer | loaded as | loss pruned | loss masked original | rel err loss "
+        "| rel err logits | generate equal | extra |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
+    all_ok = True
+    for name, label, r in rows:
+        all_ok &= r["ok"]
+        log(f"| {name} | {label} | {r['counts']} | {r['class_']} | {r['loss_pruned']:.9f} | {r['loss_masked']:.9f} "
+            f"| {r['rel_loss']:.2e} | {r['rel_logits']:.2e} | {r['gen_equal']} | {r.get('extra', '')} |")
+    log(f"\nself-test {'PASSED' if all_ok else 'FAILED'}")
+    return all_ok
+
+
+def extra_remote_checks(pruned: Path, ids: torch.Tensor, res: dict) -> dict:
+    """Remote-code model: output_router_logits / aux loss run, save_pretrained + reload round trip."""
+    model = load_model(pruned, remote_code=True)
+    with torch.no_grad():
+        out = model(ids, labels=ids, output_router_logits=True)
+    n_max = max(res["counts"].values())
+    assert all(r.shape[-1] == n_max for r in out.router_logits), [r.shape for r in out.router_logits]
+    assert torch.isfinite(out.aux_loss), out.aux_loss
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        cfg = json.loads((Path(d) / "config.json").read_text())
+        reloaded = load_model(Path(d), remote_code=True)
+        with torch.no_grad():
+            same = torch.equal(reloaded(ids).logits, model(ids).logits)
+        ok = same and cfg["model_type"] == json.loads((pruned / "config.json").read_text())["model_type"]
+    extra = f"router_logits width {n_max}, aux_loss ok; save+reload {'identical' if ok else 'DIFFERS'}"
+    log(f"  {extra}")
+    return {"extra": extra, "ok": res["ok"] and ok}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--original", type=Path, help="original checkpoint directory")
+    ap.add_argument("--pruned", type=Path, help="pruned checkpoint directory to check")
+    ap.add_argument("--plan", type=Path, help="pruning.json")
+    ap.add_argument("--ids", type=Path, help="JSON array of equal-length token-id arrays")
+    ap.add_argument("--our-ppl", type=float, default=None, help="the Rust tool's perplexity on the same ids")
+    ap.add_argument("--our-ppl-tol", type=float, default=None, help="relative tolerance for --our-ppl (default --tol)")
+    ap.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (loss and logits)")
+    ap.add_argument("--remote-code", choices=("auto", "yes", "no"), default="auto",
+                    help="load the pruned dir with trust_remote_code (auto: iff the plan is non-uniform)")
+    ap.add_argument("--make-pruned", type=Path, metavar="OUT", help="build a pruned dir from --original and --plan")
+    ap.add_argument("--force-remote-code", action="store_true",
+                    help="with --make-pruned: write num_experts_per_layer/auto_map/remote code even for a uniform plan")
+    ap.add_argument("--self-test", action="store_true", help="check uniform and non-uniform plans on the fixtures")
+    ap.add_argument("--fixtures", type=Path, default=REPO / "fixtures")
+    args = ap.parse_args()
+
+    if args.self_test:
+        sys.exit(0 if self_test(args.fixtures, args.tol) else 1)
+    if args.original is None or args.plan is None:
+        ap.error("--original and --plan are required")
+    plan = load_plan(args.plan)
+    remote = {"auto": None, "yes": True, "no": False}[args.remote_code]
+    if args.make_pruned is not None:
+        summary = make_pruned(args.original, plan, args.make_pruned, force_remote_code=args.force_remote_code)
+        log(f"wrote {args.make_pruned}: {summary}")
+        if args.pruned is None:
+            args.pruned = args.make_pruned
+            if remote is None:
+                remote = summary["remote_code"]
+        if args.ids is None:
+            return
+    if args.pruned is None or args.ids is None:
+        ap.error("--pruned and --ids are required to check")
+    res = check(args.original, args.pruned, plan, load_ids(args.ids), tol=args.tol, our_ppl=args.our_ppl,
+                our_ppl_tol=args.our_ppl_tol, remote_code=remote)
+    sys.exit(0 if res["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
