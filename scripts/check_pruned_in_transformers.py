@@ -10,7 +10,7 @@ Check a pruned directory (written by ``diep-surgery`` or by ``--make-pruned``)::
     /opt/ref-venv/bin/python scripts/check_pruned_in_transformers.py \\
         --original ORIG_DIR --pruned PRUNED_DIR --plan pruning.json --ids ids.json [--our-ppl 123.4]
 
-1. Loads PRUNED_DIR in float32 with eager attention: for a non-uniform plan (different kept counts per
+1. Loads PRUNED_DIR in float32 (``--dtype``) with eager attention: for a non-uniform plan (different kept counts per
    MoE layer) with ``AutoModelForCausalLM.from_pretrained(pruned, trust_remote_code=True)``, which goes
    through ``modeling_diep_moe.py`` (``auto_map`` in its config.json); for a uniform plan with a plain
    ``from_pretrained`` (transformers' own class). Missing / unexpected / mismatched keys are an error.
@@ -240,23 +240,26 @@ def make_pruned(original: Path, plan: dict, out: Path, force_remote_code: bool =
 # ------------------------------------------------------------------------------------------------
 
 
-def impl_kwargs() -> dict:
-    kw = dict(attn_implementation="eager", dtype=torch.float32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def impl_kwargs(dtype: torch.dtype = torch.float32) -> dict:
+    kw = dict(attn_implementation="eager", dtype=dtype)
     if TF_MAJOR >= 5:
         kw["experts_implementation"] = "eager"
     return kw
 
 
-def load_model(model_dir: Path, remote_code: bool):
+def load_model(model_dir: Path, remote_code: bool, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), trust_remote_code=remote_code, output_loading_info=True, **impl_kwargs()
+        str(model_dir), trust_remote_code=remote_code, output_loading_info=True, **impl_kwargs(dtype)
     )
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise SystemExit(f"{model_dir}: loading reported {bad}")
-    return model.float().eval()
+    return model.to(dtype).eval()
 
 
 def moe_block(layer):
@@ -352,7 +355,7 @@ def rel(a: float, b: float) -> float:
 
 def check(original: Path, pruned: Path, plan: dict, ids: torch.Tensor, tol: float = 1e-4,
           our_ppl: float | None = None, our_ppl_tol: float | None = None, remote_code: bool | None = None,
-          gen_tokens: int = 5) -> dict:
+          gen_tokens: int = 5, dtype: torch.dtype = torch.float32) -> dict:
     """Compare pruned vs masked original; returns a result dict (result['ok'] = passed)."""
     uniform = plan_is_uniform(plan)
     if remote_code is None:
@@ -362,8 +365,8 @@ def check(original: Path, pruned: Path, plan: dict, ids: torch.Tensor, tol: floa
         raise SystemExit(f"{pruned}: non-uniform plan but config.json has no auto_map")
     masked = masked_experts(plan)
 
-    orig = load_model(original, remote_code=False)
-    model = load_model(pruned, remote_code=remote_code)
+    orig = load_model(original, remote_code=False, dtype=dtype)
+    model = load_model(pruned, remote_code=remote_code, dtype=dtype)
     kind = type(model).__name__
     if remote_code and not kind.startswith("Diep"):
         raise SystemExit(f"{pruned}: expected the remote-code class, got {type(model)}")
@@ -380,7 +383,8 @@ def check(original: Path, pruned: Path, plan: dict, ids: torch.Tensor, tol: floa
 
     loss_o, logits_o = forward(orig, ids)
     loss_m, logits_m = forward(orig, ids, masked)
-    check_router_logits(orig, ids, masked) if masked else None
+    if masked:
+        check_router_logits(orig, ids, masked)
     loss_p, logits_p = forward(model, ids)
     d_logits = float((logits_p - logits_m).abs().max())
     rel_logits = d_logits / float(logits_m.abs().max())
@@ -398,7 +402,7 @@ def check(original: Path, pruned: Path, plan: dict, ids: torch.Tensor, tol: floa
         rel_logits=rel_logits, gen_equal=gen_equal, gen_pruned=gen_p.tolist(),
         counts={i: len(v) for i, v in sorted(plan["kept_experts"].items())},
     )
-    log(f"  transformers {transformers.__version__}, torch {torch.__version__}")
+    log(f"  transformers {transformers.__version__}, torch {torch.__version__}, {str(dtype).split('.')[-1]}, eager")
     log(f"  pruned loaded as {kind} ({'trust_remote_code' if remote_code else 'plain from_pretrained'}), "
         f"experts per MoE layer {res['counts']}")
     log(f"  loss  pruned {loss_p:.9f}  masked original {loss_m:.9f}  (unmasked original {loss_o:.6f})")
@@ -512,6 +516,8 @@ def main() -> None:
     ap.add_argument("--our-ppl", type=float, default=None, help="the Rust tool's perplexity on the same ids")
     ap.add_argument("--our-ppl-tol", type=float, default=None, help="relative tolerance for --our-ppl (default --tol)")
     ap.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (loss and logits)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                    help="dtype both models are loaded and run in (float32 unless the model is too big for it)")
     ap.add_argument("--remote-code", choices=("auto", "yes", "no"), default="auto",
                     help="load the pruned dir with trust_remote_code (auto: iff the plan is non-uniform)")
     ap.add_argument("--make-pruned", type=Path, metavar="OUT", help="build a pruned dir from --original and --plan")
@@ -539,7 +545,7 @@ def main() -> None:
     if args.pruned is None or args.ids is None:
         ap.error("--pruned and --ids are required to check")
     res = check(args.original, args.pruned, plan, load_ids(args.ids), tol=args.tol, our_ppl=args.our_ppl,
-                our_ppl_tol=args.our_ppl_tol, remote_code=remote)
+                our_ppl_tol=args.our_ppl_tol, remote_code=remote, dtype=DTYPES[args.dtype])
     sys.exit(0 if res["ok"] else 1)
 
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use diep_checkpoint::{Checkpoint, ModelConfig};
-use diep_models::{DeviceSpec, MoeModel};
+use diep_models::{DeviceSpec, StreamingModel};
 use diep_prune::calib::{CalibrationSpec, sample_calibration};
 use diep_prune::criteria::check_ratio;
 use diep_prune::{Allocation, BaselineSpec, Method, PruningPlan, StatsOptions};
@@ -34,7 +34,7 @@ pub struct PruneArgs {
     #[arg(long, default_value = "uniform")]
     allocation: Allocation,
     /// Fraction of routed experts to remove in total, 0 < R < 1.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     ratio: Option<f64>,
     /// Calibration text: plain text, or JSONL with a `text` field (repeatable).
     #[arg(long)]
@@ -111,41 +111,34 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
     let spec = CalibrationSpec { files: args.calib.clone(), samples: args.samples, seq_len: args.seq_len, seed: args.seed };
     let samples = sample_calibration(&tokenizer, &spec)?;
 
-    let load = Instant::now();
-    let model = MoeModel::load(&args.model, &device)?;
+    let spec = BaselineSpec {
+        method,
+        allocation: args.allocation,
+        ratio,
+        min_experts: args.min_experts,
+        seed: args.seed,
+        naee_max_subsets: args.naee_max_subsets,
+    };
+    // Settings are checked (budget, floors, NAEE's subset count) before any computation.
+    let stats_opts: StatsOptions = diep_prune::stats_options(config, &spec, args.batch_size, args.naee_tokens)?;
+    // Layers are streamed from the memory-mapped checkpoint: one layer's weights at a time.
+    let model = StreamingModel::open(&args.model, &device)?;
     eprintln!(
-        "model: {} ({}), {} MoE layers × {} experts, top-{}; loaded in {:.1}s; calibration {} × {} tokens",
+        "model: {} ({}), {} MoE layers × {} experts, top-{}; calibration {} × {} tokens on {}",
         args.model.display(),
         config.architecture.model_type(),
-        model.moe_layers().len(),
+        config.moe_layers().len(),
         config.moe.num_experts,
         config.moe.top_k,
-        load.elapsed().as_secs_f64(),
         args.samples,
-        args.seq_len
+        args.seq_len,
+        args.device
     );
-    let naee_tokens = if method == Method::Naee { args.naee_tokens } else { 0 };
-    let pb = progress_bar(model.layers.len() as u64, "statistics");
-    let stats = diep_prune::collect_statistics(
-        &model,
-        &samples,
-        &StatsOptions { batch_size: args.batch_size, naee_tokens },
-        |done, _| pb.set_position(done as u64),
-    )?;
+    let pb = progress_bar(config.num_layers as u64, "layers");
+    let stats = diep_prune::collect_statistics(&model, &samples, &stats_opts, |done, _| pb.set_position(done as u64))?;
     pb.finish_and_clear();
     let select = Instant::now();
-    let mut plan = diep_prune::plan_baseline(
-        &model,
-        &stats,
-        &BaselineSpec {
-            method,
-            allocation: args.allocation,
-            ratio,
-            min_experts: args.min_experts,
-            seed: args.seed,
-            naee_max_subsets: args.naee_max_subsets,
-        },
-    )?;
+    let mut plan = diep_prune::plan_baseline(config, &stats, &spec)?;
     plan.timings.insert("selection_s".into(), select.elapsed().as_secs_f64());
     plan.settings["calibration"] = serde_json::json!({
         "files": args.calib, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,

@@ -58,3 +58,125 @@ fn errors_exit_nonzero_and_name_the_problem() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("quantum"));
 }
+
+fn prune(args: &[&str], out: &std::path::Path) -> std::process::Output {
+    xtask().arg("prune").args(args).arg("--out").arg(out).output().unwrap()
+}
+
+const CALIB: [&str; 8] = ["--calib", "fixtures/calib/gpl-3.txt", "--calib", "fixtures/calib/licenses.jsonl", "--samples", "16", "--seq-len", "128"];
+
+#[test]
+fn prune_then_eval_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    for (method, allocation, ratio) in [("frequency", "uniform", "0.25"), ("reap", "global", "0.5"), ("naee", "uniform", "0.5")] {
+        let out = dir.path().join(format!("{method}-{allocation}"));
+        let mut args = vec!["--model", "fixtures/models/tiny-olmoe", "--method", method, "--allocation", allocation, "--ratio", ratio];
+        args.extend(CALIB);
+        let o = prune(&args, &out);
+        assert!(o.status.success(), "{method}: {}", String::from_utf8_lossy(&o.stderr));
+        let summary = String::from_utf8_lossy(&o.stdout);
+        assert!(summary.contains("params") && summary.contains("kept experts"), "{summary}");
+        let plan = diep_surgery::PruningPlan::read(out.join("pruning.json")).unwrap();
+        assert_eq!(plan.method, method);
+        let total: usize = plan.original_experts.values().sum();
+        let ratio: f64 = ratio.parse().unwrap();
+        assert_eq!(plan.removed(), (ratio * total as f64).round() as usize);
+        let e = xtask().args(["eval", "--model"]).arg(&out).args(["--ids", "fixtures/parity/tiny-olmoe/ids.json"]).output().unwrap();
+        assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+
+        // Applying the written plan again gives the same checkpoint.
+        let again = dir.path().join(format!("{method}-{allocation}-again"));
+        let o = xtask().args(["prune", "--model", "fixtures/models/tiny-olmoe", "--plan"]).arg(out.join("pruning.json")).arg("--out").arg(&again).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let a = std::fs::read(out.join("model.safetensors")).unwrap();
+        let b = std::fs::read(again.join("model.safetensors")).unwrap();
+        assert!(a == b, "{method}: re-applying the plan changed the weights");
+    }
+}
+
+/// Runs a failing prune and checks: non-zero exit, the message, and no output directory.
+fn assert_prune_fails(args: &[&str], model: &std::path::Path, expect: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = xtask().arg("prune").arg("--model").arg(model).args(args).arg("--out").arg(&out).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "should fail: {args:?}");
+    for e in expect {
+        assert!(err.contains(e), "expected `{e}` in: {err}");
+    }
+    assert!(!out.exists(), "output directory left behind");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temporary files left behind");
+}
+
+fn copy_model(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(root().join("fixtures/models").join(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn prune_bad_inputs_fail_cleanly() {
+    let mixtral = root().join("fixtures/models/tiny-mixtral");
+    let mut base = vec!["--method", "frequency"];
+    base.extend(CALIB);
+    for ratio in ["0", "1", "-0.5", "1.5"] {
+        let mut a = base.clone();
+        a.extend(["--ratio", ratio]);
+        assert_prune_fails(&a, &mixtral, &["--ratio", "between 0 and 1"]);
+    }
+    // top_k greater than the kept experts, through a hand-written plan.
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("pruning.json");
+    std::fs::write(&plan, r#"{"format": "diep-pruning-plan/1", "model_type": "mixtral", "original_experts": {"0": 8, "1": 8},
+        "kept_experts": {"0": [0, 1, 2], "1": [5]}, "method": "manual"}"#).unwrap();
+    assert_prune_fails(&["--plan", plan.to_str().unwrap()], &mixtral, &["layer 1", "num_experts_per_tok"]);
+
+    // A truncated safetensors file.
+    let m = copy_model("tiny-mixtral");
+    let f = m.path().join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    let mut a = base.clone();
+    a.extend(["--ratio", "0.25"]);
+    assert_prune_fails(&a, m.path(), &["model.safetensors", "truncated"]);
+
+    // A header length beyond the file.
+    let mut bad = bytes.clone();
+    bad[..8].copy_from_slice(&(bytes.len() as u64 * 2).to_le_bytes());
+    std::fs::write(&f, &bad).unwrap();
+    assert_prune_fails(&a, m.path(), &["model.safetensors", "beyond the end of the file"]);
+
+    // A shard index naming a path outside the model directory.
+    let q = copy_model("tiny-qwen2-moe");
+    let idx = q.path().join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&idx).unwrap().replacen("model-00001-of-00005.safetensors", "../../etc/model.safetensors", 1);
+    std::fs::write(&idx, text).unwrap();
+    assert_prune_fails(&a, q.path(), &["model.safetensors.index.json", "outside the model directory"]);
+
+    // A config/weight shape mismatch.
+    let m = copy_model("tiny-mixtral");
+    let cfg = m.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"intermediate_size\": 48", "\"intermediate_size\": 40");
+    std::fs::write(&cfg, text).unwrap();
+    assert_prune_fails(&a, m.path(), &["w1.weight", "[40, 64]"]);
+
+    // NaN in a router: replace the first router value by NaN.
+    let m = copy_model("tiny-mixtral");
+    let f = m.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = header["model.layers.1.block_sparse_moe.gate.weight"]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[8 + n + start..8 + n + start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&f, &bytes).unwrap();
+    assert_prune_fails(&a, m.path(), &["model.layers.1.block_sparse_moe.gate.weight", "NaN"]);
+
+    // An existing output directory without --force.
+    let dir = tempfile::tempdir().unwrap();
+    let o = prune(&a.iter().copied().chain(["--model", "fixtures/models/tiny-mixtral"]).collect::<Vec<_>>(), dir.path());
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+}

@@ -28,5 +28,5 @@ pub use diep_checkpoint::architectures;
 pub use device::DeviceSpec;
 pub use diep_checkpoint as checkpoint;
 pub use error::{ModelError, Result};
-pub use model::{DecoderLayer, FeedForward, LayerOutput, MoeModel};
+pub use model::{DecoderLayer, FeedForward, LayerOutput, LayerSource, MoeModel, StreamingModel};
 pub use moe::{MoeBlock, MoeForwardOptions, MoeOutput, Routing};

@@ -99,7 +99,6 @@ impl MoeModel {
         let mut ld = Loader::new(ckpt, device);
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let a = &c.attention;
 
         let embed_host = ld.host("model.embed_tokens.weight", &[v, h])?;
         let lm_head = if c.tie_word_embeddings {
@@ -113,65 +112,7 @@ impl MoeModel {
         };
         let embed_tokens = ld.from_host(embed_host, [v, h]);
         let norm = ld.rms_norm("model.norm.weight", h, c.rms_norm_eps)?;
-        let keys = MoeKeys::of(c.architecture);
-
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for (i, kind) in c.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let (q_out, kv_out) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
-            let (q_norm, k_norm) = match a.qk_norm {
-                QkNorm::None => (None, None),
-                QkNorm::PerHead => (
-                    Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), a.head_dim, c.rms_norm_eps)?),
-                    Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), a.head_dim, c.rms_norm_eps)?),
-                ),
-                QkNorm::Full => (
-                    Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), q_out, c.rms_norm_eps)?),
-                    Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), kv_out, c.rms_norm_eps)?),
-                ),
-            };
-            let attention = Attention {
-                q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_out, a.qkv_bias)?,
-                k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, a.qkv_bias)?,
-                v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, a.qkv_bias)?,
-                o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_out, h, a.o_bias)?,
-                q_norm,
-                k_norm,
-                cfg: a.clone(),
-            };
-            let ffn = match *kind {
-                LayerKind::Dense => {
-                    FeedForward::Dense(load_swiglu(&mut ld, &format!("{p}.mlp"), DENSE_MLP, h, c.dense_intermediate_size)?)
-                }
-                LayerKind::Moe { num_experts } => {
-                    let router_w = ld.weight_t(&keys.router_weight(i), num_experts, h)?;
-                    let router = Linear { weight: ld.from_host(router_w, [h, num_experts]), bias: None };
-                    let experts = (0..num_experts)
-                        .map(|e| {
-                            let [g, u, d] = keys.expert_weights(i, e);
-                            load_swiglu_named(&mut ld, [&g, &u, &d], h, c.moe.expert_intermediate_size)
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    let shared = match (keys.shared_expert, c.moe.shared_expert_intermediate_size) {
-                        (Some((mlp, gate)), Some(width)) => {
-                            let block = keys.block_prefix(i);
-                            Some(SharedExpert {
-                                mlp: load_swiglu(&mut ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width)?,
-                                gate: ld.linear(&format!("{block}.{gate}"), h, 1, false)?,
-                            })
-                        }
-                        _ => None,
-                    };
-                    FeedForward::Moe(MoeBlock::new(router, experts, shared, c.moe.top_k, c.moe.norm_topk_prob))
-                }
-            };
-            layers.push(DecoderLayer {
-                input_norm: ld.rms_norm(&format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
-                attention,
-                post_attention_norm: ld.rms_norm(&format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps)?,
-                ffn,
-            });
-        }
+        let layers = (0..c.num_layers).map(|i| load_layer(&mut ld, c, i)).collect::<Result<Vec<_>>>()?;
         ld.finish()?;
         Ok(MoeModel { config, embed_tokens, layers, norm, lm_head, device: device.clone() })
     }
@@ -211,33 +152,7 @@ impl MoeModel {
     /// Embeds a batch of equal-length token sequences: `[batch·len, hidden]` rows, and the
     /// attention context for that shape.
     pub fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
-        let batch = ids.len();
-        let len = ids.first().map(Vec::len).unwrap_or(0);
-        if batch == 0 || len == 0 {
-            return Err(ModelError::InvalidInput("empty batch".into()));
-        }
-        if let Some(bad) = ids.iter().position(|s| s.len() != len) {
-            return Err(ModelError::InvalidInput(format!(
-                "sequence {bad} has {} tokens but sequence 0 has {len}; a batch needs equal lengths",
-                ids[bad].len()
-            )));
-        }
-        let vocab = self.config.vocab_size;
-        let mut flat = Vec::with_capacity(batch * len);
-        for (s, seq) in ids.iter().enumerate() {
-            for (t, &id) in seq.iter().enumerate() {
-                if id as usize >= vocab {
-                    return Err(ModelError::InvalidInput(format!(
-                        "token id {id} (sequence {s}, position {t}) is outside the vocabulary of {vocab}"
-                    )));
-                }
-                flat.push(id as i64);
-            }
-        }
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(flat, [batch * len]), &self.device);
-        let h = self.embed_tokens.clone().select(0, idx);
-        let ctx = AttentionContext::new(&self.config.attention, batch, len, &self.device);
-        Ok((h, ctx))
+        embed_ids(&self.embed_tokens, &self.config, &self.device, ids)
     }
 
     /// Final norm and LM head: `[rows, hidden]` to `[rows, vocab]`.
@@ -268,6 +183,182 @@ impl MoeModel {
         }
         let logits = self.head(h);
         Ok(logits.reshape([ctx.batch, ctx.seq_len, self.config.vocab_size]))
+    }
+}
+
+
+/// Loads decoder layer `i` (and only its tensors) through `ld`.
+fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderLayer> {
+    let (h, a) = (c.hidden_size, &c.attention);
+    let keys = MoeKeys::of(c.architecture);
+    let kind = c.layers[i];
+        let p = format!("model.layers.{i}");
+        let (q_out, kv_out) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+        let (q_norm, k_norm) = match a.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (
+                Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), a.head_dim, c.rms_norm_eps)?),
+                Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), a.head_dim, c.rms_norm_eps)?),
+            ),
+            QkNorm::Full => (
+                Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), q_out, c.rms_norm_eps)?),
+                Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), kv_out, c.rms_norm_eps)?),
+            ),
+        };
+        let attention = Attention {
+            q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_out, a.qkv_bias)?,
+            k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, a.qkv_bias)?,
+            v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, a.qkv_bias)?,
+            o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_out, h, a.o_bias)?,
+            q_norm,
+            k_norm,
+            cfg: a.clone(),
+        };
+        let ffn = match kind {
+            LayerKind::Dense => {
+                FeedForward::Dense(load_swiglu(ld, &format!("{p}.mlp"), DENSE_MLP, h, c.dense_intermediate_size)?)
+            }
+            LayerKind::Moe { num_experts } => {
+                let router_w = ld.weight_t(&keys.router_weight(i), num_experts, h)?;
+                let router = Linear { weight: ld.from_host(router_w, [h, num_experts]), bias: None };
+                let experts = (0..num_experts)
+                    .map(|e| {
+                        let [g, u, d] = keys.expert_weights(i, e);
+                        load_swiglu_named(ld, [&g, &u, &d], h, c.moe.expert_intermediate_size)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let shared = match (keys.shared_expert, c.moe.shared_expert_intermediate_size) {
+                    (Some((mlp, gate)), Some(width)) => {
+                        let block = keys.block_prefix(i);
+                        Some(SharedExpert {
+                            mlp: load_swiglu(ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width)?,
+                            gate: ld.linear(&format!("{block}.{gate}"), h, 1, false)?,
+                        })
+                    }
+                    _ => None,
+                };
+                FeedForward::Moe(MoeBlock::new(router, experts, shared, c.moe.top_k, c.moe.norm_topk_prob))
+            }
+        };
+        Ok(DecoderLayer {
+            input_norm: ld.rms_norm(&format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
+            attention,
+            post_attention_norm: ld.rms_norm(&format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps)?,
+            ffn,
+        })
+}
+
+/// Checks a batch of token ids and embeds it.
+fn embed_ids(embed_tokens: &Tensor<2>, config: &ModelConfig, device: &Device, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
+    let batch = ids.len();
+    let len = ids.first().map(Vec::len).unwrap_or(0);
+    if batch == 0 || len == 0 {
+        return Err(ModelError::InvalidInput("empty batch".into()));
+    }
+    if let Some(bad) = ids.iter().position(|s| s.len() != len) {
+        return Err(ModelError::InvalidInput(format!(
+            "sequence {bad} has {} tokens but sequence 0 has {len}; a batch needs equal lengths",
+            ids[bad].len()
+        )));
+    }
+    let vocab = config.vocab_size;
+    let mut flat = Vec::with_capacity(batch * len);
+    for (s, seq) in ids.iter().enumerate() {
+        for (t, &id) in seq.iter().enumerate() {
+            if id as usize >= vocab {
+                return Err(ModelError::InvalidInput(format!(
+                    "token id {id} (sequence {s}, position {t}) is outside the vocabulary of {vocab}"
+                )));
+            }
+            flat.push(id as i64);
+        }
+    }
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(flat, [batch * len]), device);
+    let h = embed_tokens.clone().select(0, idx);
+    let ctx = AttentionContext::new(&config.attention, batch, len, device);
+    Ok((h, ctx))
+}
+
+/// A model whose decoder layers stay on disk (memory-mapped) and are loaded one at a time:
+/// for passes that advance a whole calibration set layer by layer, so that resident memory
+/// is one layer's weights plus the activations, not the whole model.
+pub struct StreamingModel {
+    /// The normalised configuration.
+    pub config: ModelConfig,
+    ckpt: Checkpoint,
+    embed_tokens: Tensor<2>,
+    device: Device,
+}
+
+impl StreamingModel {
+    /// Opens a model directory; only the embeddings are loaded now.
+    pub fn open(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let mut ld = Loader::new(&ckpt, device);
+        let embed_tokens = ld.tensor("model.embed_tokens.weight", [config.vocab_size, config.hidden_size])?;
+        Ok(StreamingModel { config, ckpt, embed_tokens, device: device.clone() })
+    }
+
+    /// The device layers are loaded onto.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The checkpoint the layers are read from.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.ckpt
+    }
+
+    /// Embeds a batch of equal-length sequences (see [`MoeModel::embed`]).
+    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
+        embed_ids(&self.embed_tokens, &self.config, &self.device, ids)
+    }
+
+    /// Loads decoder layer `i` from disk.
+    pub fn load_layer(&self, i: usize) -> Result<DecoderLayer> {
+        if i >= self.config.num_layers {
+            return Err(ModelError::InvalidInput(format!("layer {i} does not exist ({} layers)", self.config.num_layers)));
+        }
+        load_layer(&mut Loader::new(&self.ckpt, &self.device), &self.config, i)
+    }
+}
+
+/// Anything that can run a calibration set through decoder layers one at a time: a loaded
+/// [`MoeModel`] or a [`StreamingModel`].
+pub trait LayerSource {
+    /// The configuration.
+    fn config(&self) -> &ModelConfig;
+    /// Embeds a batch of equal-length sequences.
+    fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)>;
+    /// Calls `f` with decoder layer `i` (borrowed, or loaded for the call and dropped after).
+    fn with_layer<R>(&self, i: usize, f: impl FnOnce(&DecoderLayer) -> R) -> Result<R>;
+}
+
+impl LayerSource for MoeModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
+        MoeModel::embed(self, ids)
+    }
+    fn with_layer<R>(&self, i: usize, f: impl FnOnce(&DecoderLayer) -> R) -> Result<R> {
+        let layer = self.layers.get(i).ok_or_else(|| ModelError::InvalidInput(format!("layer {i} does not exist")))?;
+        Ok(f(layer))
+    }
+}
+
+impl LayerSource for StreamingModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
+        StreamingModel::embed(self, ids)
+    }
+    fn with_layer<R>(&self, i: usize, f: impl FnOnce(&DecoderLayer) -> R) -> Result<R> {
+        let layer = self.load_layer(i)?;
+        Ok(f(&layer))
     }
 }
 

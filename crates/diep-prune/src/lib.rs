@@ -18,13 +18,13 @@ pub mod stats;
 
 use std::collections::BTreeMap;
 
-use diep_models::MoeModel;
+use diep_checkpoint::ModelConfig;
 pub use diep_surgery::PruningPlan;
 use serde_json::json;
 
 pub use criteria::{Allocation, Method};
 pub use error::{PruneError, Result};
-pub use stats::{CalibrationStats, StatsOptions, collect_statistics};
+pub use stats::{CalibrationStats, NaeeSpec, StatsOptions, collect_statistics};
 
 /// What a baseline run should produce.
 #[derive(Debug, Clone)]
@@ -44,14 +44,42 @@ pub struct BaselineSpec {
 }
 
 /// The per-layer floor: `max(num_experts_per_tok, min_experts)`.
-pub fn floor(model: &MoeModel, min_experts: usize) -> usize {
-    model.config.moe.top_k.max(min_experts)
+pub fn floor(config: &ModelConfig, min_experts: usize) -> usize {
+    config.moe.top_k.max(min_experts)
+}
+
+/// Routed experts per MoE layer.
+pub fn expert_counts(config: &ModelConfig) -> BTreeMap<usize, usize> {
+    config.moe_layers().into_iter().map(|l| (l, config.experts_in_layer(l))).collect()
+}
+
+/// The statistics options a baseline needs: NAEE's cache and per-layer search, sized by the
+/// uniform allocation, for `--method naee`; plain statistics otherwise.
+pub fn stats_options(config: &ModelConfig, spec: &BaselineSpec, batch_size: usize, naee_tokens: usize) -> Result<StatsOptions> {
+    if spec.method != Method::Naee {
+        return Ok(StatsOptions { batch_size, naee_tokens: 0, naee: None });
+    }
+    if spec.allocation == Allocation::Global {
+        return Err(naee_global_error());
+    }
+    let counts = expert_counts(config);
+    let removals = criteria::uniform_removals(&counts, spec.ratio, floor(config, spec.min_experts))?;
+    let keep = counts.iter().map(|(l, n)| (*l, n - removals[l])).collect();
+    Ok(StatsOptions { batch_size, naee_tokens, naee: Some(NaeeSpec { keep, max_subsets: spec.naee_max_subsets }) })
+}
+
+fn naee_global_error() -> PruneError {
+    PruneError::Config(
+        "NAEE searches each layer for a given kept count, so it has no global ranking; use \
+         --allocation uniform with --method naee"
+            .into(),
+    )
 }
 
 /// Runs a baseline criterion on collected statistics and returns the plan.
-pub fn plan_baseline(model: &MoeModel, stats: &CalibrationStats, spec: &BaselineSpec) -> Result<PruningPlan> {
+pub fn plan_baseline(config: &ModelConfig, stats: &CalibrationStats, spec: &BaselineSpec) -> Result<PruningPlan> {
     criteria::check_ratio(spec.ratio)?;
-    let floor = floor(model, spec.min_experts);
+    let floor = floor(config, spec.min_experts);
     let counts: BTreeMap<usize, usize> = stats.layers.iter().map(|(l, s)| (*l, s.num_experts())).collect();
     let mut settings = json!({
         "min_experts": spec.min_experts,
@@ -60,23 +88,22 @@ pub fn plan_baseline(model: &MoeModel, stats: &CalibrationStats, spec: &Baseline
         "calibration_tokens": stats.tokens,
     });
     let (kept, scores) = match (spec.method, spec.allocation) {
-        (Method::Naee, Allocation::Global) => {
-            return Err(PruneError::Config(
-                "NAEE searches each layer for a given kept count, so it has no global ranking; use \
-                 --allocation uniform with --method naee"
-                    .into(),
-            ));
-        }
+        (Method::Naee, Allocation::Global) => return Err(naee_global_error()),
         (Method::Naee, Allocation::Uniform) => {
             let removals = criteria::uniform_removals(&counts, spec.ratio, floor)?;
             let mut kept = BTreeMap::new();
             let mut errors = BTreeMap::new();
             for (l, s) in &stats.layers {
-                let block = model.moe_block(*l).expect("statistics only cover MoE layers");
-                let cache = s.cache.as_ref().ok_or_else(|| {
-                    PruneError::Config(format!("NAEE needs cached block inputs for layer {l} (naee_tokens > 0)"))
+                let r = s.naee.clone().ok_or_else(|| {
+                    PruneError::Config(format!("layer {l}: statistics were collected without NAEE's search (see stats_options)"))
                 })?;
-                let r = naee::search_layer(block, cache, s.num_experts() - removals[l], spec.naee_max_subsets, *l)?;
+                if r.kept.len() != s.num_experts() - removals[l] {
+                    return Err(PruneError::Config(format!(
+                        "layer {l}: NAEE searched for {} kept experts, the budget needs {}",
+                        r.kept.len(),
+                        s.num_experts() - removals[l]
+                    )));
+                }
                 errors.insert(l.to_string(), json!({"relative_error": r.error, "subsets": r.subsets as f64}));
                 kept.insert(*l, r.kept);
             }
@@ -92,7 +119,7 @@ pub fn plan_baseline(model: &MoeModel, stats: &CalibrationStats, spec: &Baseline
             (kept, scores)
         }
     };
-    let mut plan = PruningPlan::new(model.config.architecture.model_type(), counts, kept, spec.method.name());
+    let mut plan = PruningPlan::new(config.architecture.model_type(), counts, kept, spec.method.name());
     plan.allocation = Some(spec.allocation.name().to_string());
     plan.ratio = Some(spec.ratio);
     plan.scores = scores;

@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use burn::tensor::Tensor;
-use diep_models::{MoeForwardOptions, MoeModel};
+use diep_models::{LayerSource, MoeForwardOptions};
 
-use crate::error::Result;
+use crate::error::{PruneError, Result};
+use crate::naee::{NaeeResult, binomial, search_layer};
 
 /// Options of [`collect_statistics`].
 #[derive(Debug, Clone)]
@@ -22,12 +23,23 @@ pub struct StatsOptions {
     pub batch_size: usize,
     /// Tokens whose MoE inputs/outputs are cached for NAEE (0: none).
     pub naee_tokens: usize,
+    /// Run NAEE's subset search on each layer while its weights are loaded.
+    pub naee: Option<NaeeSpec>,
 }
 
 impl Default for StatsOptions {
     fn default() -> Self {
-        StatsOptions { batch_size: 8, naee_tokens: 0 }
+        StatsOptions { batch_size: 8, naee_tokens: 0, naee: None }
     }
+}
+
+/// NAEE's search, run during the statistics pass.
+#[derive(Debug, Clone)]
+pub struct NaeeSpec {
+    /// Experts to keep per MoE layer.
+    pub keep: BTreeMap<usize, usize>,
+    /// Refuse layers with more subsets than this (checked before any computation).
+    pub max_subsets: u128,
 }
 
 /// Cached MoE-block inputs and outputs of one layer, row-major `[tokens, hidden]`.
@@ -60,6 +72,8 @@ pub struct LayerStats {
     pub norm_sum: Vec<f64>,
     /// NAEE's cache, if requested.
     pub cache: Option<BlockCache>,
+    /// NAEE's search result, if requested.
+    pub naee: Option<NaeeResult>,
 }
 
 impl LayerStats {
@@ -72,6 +86,7 @@ impl LayerStats {
             reap_sum: vec![0.0; experts],
             norm_sum: vec![0.0; experts],
             cache: None,
+            naee: None,
         }
     }
 
@@ -107,14 +122,35 @@ fn host(t: Tensor<2>) -> Vec<f32> {
 }
 
 /// Runs the calibration set through the model layer by layer and collects routing
-/// statistics. `progress(done, total)` counts decoder layers.
-pub fn collect_statistics(
-    model: &MoeModel,
+/// statistics. With a [`diep_models::StreamingModel`] only one layer's weights are resident at
+/// a time. `progress(done, total)` counts decoder layers.
+pub fn collect_statistics<S: LayerSource>(
+    model: &S,
     samples: &[Vec<u32>],
     opts: &StatsOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<CalibrationStats> {
     let start = Instant::now();
+    let config = model.config();
+    if let Some(naee) = &opts.naee {
+        if opts.naee_tokens == 0 {
+            return Err(PruneError::Config("NAEE needs cached calibration tokens (naee_tokens > 0)".into()));
+        }
+        // Refuse before any computation.
+        for layer in config.moe_layers() {
+            let n = config.experts_in_layer(layer);
+            let keep = *naee.keep.get(&layer).ok_or_else(|| PruneError::Config(format!("NAEE: no kept count for layer {layer}")))?;
+            let subsets = binomial(n, keep);
+            if subsets > naee.max_subsets {
+                return Err(PruneError::Config(format!(
+                    "NAEE on layer {layer} would try C({n}, {keep}) = {subsets} expert subsets, more than the limit of \
+                     {} (--naee-max-subsets); NAEE's exhaustive search does not scale to this many experts — \
+                     use another method",
+                    naee.max_subsets
+                )));
+            }
+        }
+    }
     let mut states = samples
         .chunks(opts.batch_size.max(1))
         .map(|b| model.embed(b))
@@ -122,8 +158,9 @@ pub fn collect_statistics(
     let tokens: usize = samples.iter().map(Vec::len).sum();
     let capture = MoeForwardOptions { capture_expert_outputs: true, ..Default::default() };
     let mut layers = BTreeMap::new();
-    let total_layers = model.layers.len();
-    for (i, layer) in model.layers.iter().enumerate() {
+    let total_layers = config.num_layers;
+    for i in 0..total_layers {
+        let stats = model.with_layer(i, |layer| -> Result<Option<LayerStats>> {
         let mut stats = layer.moe().map(|m| LayerStats::new(i, m.num_experts()));
         for (h, ctx) in states.iter_mut() {
             let out = layer.forward(h.clone(), ctx, &capture);
@@ -156,6 +193,13 @@ pub fn collect_statistics(
             }
             *h = out.hidden;
         }
+        if let (Some(stats), Some(naee), Some(block)) = (stats.as_mut(), &opts.naee, layer.moe()) {
+            let cache = stats.cache.take().unwrap_or_default();
+            stats.naee = Some(search_layer(block, &cache, naee.keep[&i], naee.max_subsets, i)?);
+            stats.cache = Some(cache);
+        }
+        Ok(stats)
+        })??;
         if let Some(stats) = stats {
             layers.insert(i, stats);
         }

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use diep_models::burn::tensor::{Device, Tensor, TensorData};
 use diep_models::{DeviceSpec, MoeModel};
 use diep_prune::calib::{CalibrationSpec, sample_calibration};
-use diep_prune::{Allocation, BaselineSpec, Method, PruningPlan, StatsOptions, collect_statistics, plan_baseline};
+use diep_models::StreamingModel;
+use diep_prune::{Allocation, BaselineSpec, Method, PruningPlan, StatsOptions, collect_statistics, plan_baseline, stats_options};
 use proptest::prelude::*;
 
 fn root() -> PathBuf {
@@ -57,7 +58,7 @@ fn calibration_is_deterministic_and_checks_its_budget() {
 fn statistics_are_consistent() {
     let m = model("tiny-qwen2-moe");
     let samples = calib("tiny-qwen2-moe", 6, 32, 1);
-    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 50 }, |_, _| {}).unwrap();
+    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 50, naee: None }, |_, _| {}).unwrap();
     assert_eq!(stats.layers.keys().copied().collect::<Vec<_>>(), m.moe_layers());
     for s in stats.layers.values() {
         assert_eq!(s.tokens, 6 * 32);
@@ -79,7 +80,7 @@ fn statistics_are_consistent() {
 fn naee_error_matches_the_real_masked_block() {
     let mut m = model("tiny-mixtral");
     let samples = calib("tiny-mixtral", 4, 32, 3);
-    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64 }, |_, _| {}).unwrap();
+    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64, naee: None }, |_, _| {}).unwrap();
     for (layer, s) in &stats.layers {
         let cache = s.cache.as_ref().unwrap();
         let block = m.moe_block(*layer).unwrap().clone();
@@ -102,6 +103,29 @@ fn naee_error_matches_the_real_masked_block() {
     }
     let big = diep_prune::naee::search_layer(m.moe_block(0).unwrap(), stats.layers[&0].cache.as_ref().unwrap(), 4, 10, 0);
     assert!(big.unwrap_err().to_string().contains("C(8, 4) = 70"));
+    // The pass refuses an oversized search before computing anything.
+    let mut spec = spec(Method::Naee, Allocation::Uniform, 0.5);
+    spec.naee_max_subsets = 10;
+    let opts = stats_options(&m.config, &spec, 4, 64).unwrap();
+    let err = collect_statistics(&m, &samples, &opts, |_, _| panic!("no layer may run")).unwrap_err();
+    assert!(err.to_string().contains("C(8, 4) = 70") && err.to_string().contains("--naee-max-subsets"), "{err}");
+}
+
+#[test]
+fn streaming_statistics_equal_in_memory_statistics() {
+    let m = model("tiny-qwen2-moe");
+    let streaming = StreamingModel::open(root().join("fixtures/models/tiny-qwen2-moe"), &device()).unwrap();
+    let samples = calib("tiny-qwen2-moe", 4, 32, 9);
+    let opts = StatsOptions { batch_size: 3, naee_tokens: 16, naee: None };
+    let a = collect_statistics(&m, &samples, &opts, |_, _| {}).unwrap();
+    let b = collect_statistics(&streaming, &samples, &opts, |_, _| {}).unwrap();
+    for (l, sa) in &a.layers {
+        let sb = &b.layers[l];
+        assert_eq!(sa.frequency, sb.frequency);
+        assert_eq!(sa.soft_activation, sb.soft_activation);
+        assert_eq!(sa.reap_sum, sb.reap_sum);
+        assert_eq!(sa.cache.as_ref().unwrap().outputs, sb.cache.as_ref().unwrap().outputs);
+    }
 }
 
 fn spec(method: Method, allocation: Allocation, ratio: f64) -> BaselineSpec {
@@ -112,12 +136,20 @@ fn spec(method: Method, allocation: Allocation, ratio: f64) -> BaselineSpec {
 fn every_baseline_meets_its_budget_and_floors() {
     let m = model("tiny-qwen2-moe");
     let samples = calib("tiny-qwen2-moe", 4, 32, 2);
-    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64 }, |_, _| {}).unwrap();
+    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64, naee: None }, |_, _| {}).unwrap();
     let total: usize = 3 * 8;
     for method in Method::ALL {
         for allocation in [Allocation::Uniform, Allocation::Global] {
             for ratio in [0.25, 0.5] {
-                let plan = plan_baseline(&m, &stats, &spec(method, allocation, ratio));
+                let spec = spec(method, allocation, ratio);
+                let plan = match stats_options(&m.config, &spec, 4, 64) {
+                    Ok(opts) if method == Method::Naee => {
+                        let naee_stats = collect_statistics(&m, &samples, &opts, |_, _| {}).unwrap();
+                        plan_baseline(&m.config, &naee_stats, &spec)
+                    }
+                    Ok(_) => plan_baseline(&m.config, &stats, &spec),
+                    Err(e) => Err(e),
+                };
                 if method == Method::Naee && allocation == Allocation::Global {
                     assert!(plan.unwrap_err().to_string().contains("uniform"));
                     continue;
@@ -133,9 +165,9 @@ fn every_baseline_meets_its_budget_and_floors() {
             }
         }
     }
-    let err = plan_baseline(&m, &stats, &spec(Method::Frequency, Allocation::Global, 1.0)).unwrap_err();
+    let err = plan_baseline(&m.config, &stats, &spec(Method::Frequency, Allocation::Global, 1.0)).unwrap_err();
     assert!(err.to_string().contains("between 0 and 1"));
-    let err = plan_baseline(&m, &stats, &spec(Method::Frequency, Allocation::Uniform, 0.9)).unwrap_err();
+    let err = plan_baseline(&m.config, &stats, &spec(Method::Frequency, Allocation::Uniform, 0.9)).unwrap_err();
     assert!(err.to_string().contains("floor"));
 }
 
@@ -144,7 +176,7 @@ fn frequency_keeps_the_most_selected_experts() {
     let m = model("tiny-mixtral");
     let samples = calib("tiny-mixtral", 4, 32, 4);
     let stats = collect_statistics(&m, &samples, &StatsOptions::default(), |_, _| {}).unwrap();
-    let plan = plan_baseline(&m, &stats, &spec(Method::Frequency, Allocation::Uniform, 0.5)).unwrap();
+    let plan = plan_baseline(&m.config, &stats, &spec(Method::Frequency, Allocation::Uniform, 0.5)).unwrap();
     for (l, kept) in &plan.kept_experts {
         let f = &stats.layers[l].frequency;
         let min_kept = kept.iter().map(|e| f[*e]).min().unwrap();

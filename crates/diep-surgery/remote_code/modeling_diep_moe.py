@@ -414,6 +414,7 @@ def _build_classes(arch: str):
 
     class Model(StockModel):
         _can_record_outputs = _record_outputs(StockModel, StockRouter, StockBlock)
+        _can_compile_fullgraph = False  # the per-expert loop is data dependent
         diep_arch = arch
 
         def __init__(self, config):
@@ -433,6 +434,7 @@ def _build_classes(arch: str):
         # save_pretrained copies this file and writes auto_map even where from_pretrained did not call
         # register_for_auto_class (4.x skips it when the model_type has a native class).
         _auto_class = "AutoModelForCausalLM"
+        _can_compile_fullgraph = False
 
         def __init__(self, config):
             with _patched_globals(stock, {StockModel.__name__: Model}):
