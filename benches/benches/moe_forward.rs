@@ -28,9 +28,8 @@ fn random(shape: [usize; 2], seed: u64, scale: f32, device: &Device) -> Tensor<2
 fn block(device: &Device) -> MoeBlock {
     let (h, i, e) = (1024, 2816, 8);
     let lin = |inp, out, seed| Linear { weight: random([inp, out], seed, 0.05, device), bias: None };
-    let experts = (0..e)
-        .map(|j| SwiGlu { gate_up: lin(h, 2 * i, 10 + j as u64), down: lin(i, h, 100 + j as u64) })
-        .collect();
+    let experts =
+        (0..e).map(|j| SwiGlu { gate_up: lin(h, 2 * i, 10 + j as u64), down: lin(i, h, 100 + j as u64) }).collect();
     MoeBlock::new(lin(h, e, 1), experts, None, 2, true)
 }
 

@@ -34,8 +34,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let device = args.device.device()?;
     let ids = diep_eval::read_ids_file(&args.ids)?;
     let load_start = Instant::now();
-    let model = MoeModel::load(&args.model, &device)
-        .with_context(|| format!("loading model from {}", args.model.display()))?;
+    let model =
+        MoeModel::load(&args.model, &device).with_context(|| format!("loading model from {}", args.model.display()))?;
     let load_seconds = load_start.elapsed().as_secs_f64();
     let c = &model.config;
     eprintln!(

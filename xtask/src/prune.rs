@@ -81,7 +81,8 @@ pub fn run(args: PruneArgs) -> Result<()> {
     let plan = match &args.plan {
         Some(path) => {
             let plan = PruningPlan::read(path)?;
-            plan.validate(&config).with_context(|| format!("{} does not fit {}", path.display(), args.model.display()))?;
+            plan.validate(&config)
+                .with_context(|| format!("{} does not fit {}", path.display(), args.model.display()))?;
             plan
         }
         None => compute_plan(&args, &config)?,
@@ -108,7 +109,8 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
     check_ratio(ratio)?;
     let device = args.device.device()?;
     let tokenizer = diep_models::tokenizer::load_tokenizer(&args.model)?;
-    let spec = CalibrationSpec { files: args.calib.clone(), samples: args.samples, seq_len: args.seq_len, seed: args.seed };
+    let spec =
+        CalibrationSpec { files: args.calib.clone(), samples: args.samples, seq_len: args.seq_len, seed: args.seed };
     let samples = sample_calibration(&tokenizer, &spec)?;
 
     let spec = BaselineSpec {
@@ -160,7 +162,12 @@ fn print_summary(args: &PruneArgs, plan: &PruningPlan, report: &SurgeryReport, s
     println!("{:>7}  {:>5}  kept experts", "layer", "kept");
     for (layer, ids) in &plan.kept_experts {
         let ids: Vec<String> = ids.iter().map(|e| e.to_string()).collect();
-        println!("{layer:>7}  {:>2}/{:<2}  {}", ids.len(), plan.original_experts.get(layer).copied().unwrap_or(0), ids.join(" "));
+        println!(
+            "{layer:>7}  {:>2}/{:<2}  {}",
+            ids.len(),
+            plan.original_experts.get(layer).copied().unwrap_or(0),
+            ids.join(" ")
+        );
     }
     println!(
         "experts   {original} -> {kept} ({} removed, {:.1}%)",

@@ -37,11 +37,8 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
 /// `cargo xtask ci`: runs `.ci/run` from the workspace root.
 pub fn run_ci() -> Result<()> {
     let root = workspace_root();
-    let status = Command::new("bash")
-        .arg(root.join(".ci/run"))
-        .current_dir(&root)
-        .status()
-        .context("running .ci/run")?;
+    let status =
+        Command::new("bash").arg(root.join(".ci/run")).current_dir(&root).status().context("running .ci/run")?;
     if !status.success() {
         bail!(".ci/run failed ({status})");
     }

@@ -26,7 +26,14 @@ fn eval_ids_matches_transformers_loss_and_writes_json() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("out/eval.json");
     let out = xtask()
-        .args(["eval", "--model", "fixtures/models/tiny-qwen3-moe", "--ids", "fixtures/parity/tiny-qwen3-moe/ids.json", "--json"])
+        .args([
+            "eval",
+            "--model",
+            "fixtures/models/tiny-qwen3-moe",
+            "--ids",
+            "fixtures/parity/tiny-qwen3-moe/ids.json",
+            "--json",
+        ])
         .arg(&json)
         .output()
         .unwrap();
@@ -49,12 +56,26 @@ fn eval_ids_matches_transformers_loss_and_writes_json() {
 
 #[test]
 fn errors_exit_nonzero_and_name_the_problem() {
-    let out = xtask().args(["eval", "--model", "fixtures/models/does-not-exist", "--ids", "fixtures/parity/tiny-mixtral/ids.json"]).output().unwrap();
+    let out = xtask()
+        .args(["eval", "--model", "fixtures/models/does-not-exist", "--ids", "fixtures/parity/tiny-mixtral/ids.json"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does-not-exist"), "{err}");
 
-    let out = xtask().args(["eval", "--model", "fixtures/models/tiny-mixtral", "--ids", "fixtures/parity/tiny-mixtral/ids.json", "--device", "quantum"]).output().unwrap();
+    let out = xtask()
+        .args([
+            "eval",
+            "--model",
+            "fixtures/models/tiny-mixtral",
+            "--ids",
+            "fixtures/parity/tiny-mixtral/ids.json",
+            "--device",
+            "quantum",
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("quantum"));
 }
@@ -63,14 +84,34 @@ fn prune(args: &[&str], out: &std::path::Path) -> std::process::Output {
     xtask().arg("prune").args(args).arg("--out").arg(out).output().unwrap()
 }
 
-const CALIB: [&str; 8] = ["--calib", "fixtures/calib/gpl-3.txt", "--calib", "fixtures/calib/licenses.jsonl", "--samples", "16", "--seq-len", "128"];
+const CALIB: [&str; 8] = [
+    "--calib",
+    "fixtures/calib/gpl-3.txt",
+    "--calib",
+    "fixtures/calib/licenses.jsonl",
+    "--samples",
+    "16",
+    "--seq-len",
+    "128",
+];
 
 #[test]
 fn prune_then_eval_the_output() {
     let dir = tempfile::tempdir().unwrap();
-    for (method, allocation, ratio) in [("frequency", "uniform", "0.25"), ("reap", "global", "0.5"), ("naee", "uniform", "0.5")] {
+    for (method, allocation, ratio) in
+        [("frequency", "uniform", "0.25"), ("reap", "global", "0.5"), ("naee", "uniform", "0.5")]
+    {
         let out = dir.path().join(format!("{method}-{allocation}"));
-        let mut args = vec!["--model", "fixtures/models/tiny-olmoe", "--method", method, "--allocation", allocation, "--ratio", ratio];
+        let mut args = vec![
+            "--model",
+            "fixtures/models/tiny-olmoe",
+            "--method",
+            method,
+            "--allocation",
+            allocation,
+            "--ratio",
+            ratio,
+        ];
         args.extend(CALIB);
         let o = prune(&args, &out);
         assert!(o.status.success(), "{method}: {}", String::from_utf8_lossy(&o.stderr));
@@ -81,12 +122,23 @@ fn prune_then_eval_the_output() {
         let total: usize = plan.original_experts.values().sum();
         let ratio: f64 = ratio.parse().unwrap();
         assert_eq!(plan.removed(), (ratio * total as f64).round() as usize);
-        let e = xtask().args(["eval", "--model"]).arg(&out).args(["--ids", "fixtures/parity/tiny-olmoe/ids.json"]).output().unwrap();
+        let e = xtask()
+            .args(["eval", "--model"])
+            .arg(&out)
+            .args(["--ids", "fixtures/parity/tiny-olmoe/ids.json"])
+            .output()
+            .unwrap();
         assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
 
         // Applying the written plan again gives the same checkpoint.
         let again = dir.path().join(format!("{method}-{allocation}-again"));
-        let o = xtask().args(["prune", "--model", "fixtures/models/tiny-olmoe", "--plan"]).arg(out.join("pruning.json")).arg("--out").arg(&again).output().unwrap();
+        let o = xtask()
+            .args(["prune", "--model", "fixtures/models/tiny-olmoe", "--plan"])
+            .arg(out.join("pruning.json"))
+            .arg("--out")
+            .arg(&again)
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let a = std::fs::read(out.join("model.safetensors")).unwrap();
         let b = std::fs::read(again.join("model.safetensors")).unwrap();
@@ -130,8 +182,12 @@ fn prune_bad_inputs_fail_cleanly() {
     // top_k greater than the kept experts, through a hand-written plan.
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("pruning.json");
-    std::fs::write(&plan, r#"{"format": "diep-pruning-plan/1", "model_type": "mixtral", "original_experts": {"0": 8, "1": 8},
-        "kept_experts": {"0": [0, 1, 2], "1": [5]}, "method": "manual"}"#).unwrap();
+    std::fs::write(
+        &plan,
+        r#"{"format": "diep-pruning-plan/1", "model_type": "mixtral", "original_experts": {"0": 8, "1": 8},
+        "kept_experts": {"0": [0, 1, 2], "1": [5]}, "method": "manual"}"#,
+    )
+    .unwrap();
     assert_prune_fails(&["--plan", plan.to_str().unwrap()], &mixtral, &["layer 1", "num_experts_per_tok"]);
 
     // A truncated safetensors file.
@@ -152,7 +208,11 @@ fn prune_bad_inputs_fail_cleanly() {
     // A shard index naming a path outside the model directory.
     let q = copy_model("tiny-qwen2-moe");
     let idx = q.path().join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&idx).unwrap().replacen("model-00001-of-00005.safetensors", "../../etc/model.safetensors", 1);
+    let text = std::fs::read_to_string(&idx).unwrap().replacen(
+        "model-00001-of-00005.safetensors",
+        "../../etc/model.safetensors",
+        1,
+    );
     std::fs::write(&idx, text).unwrap();
     assert_prune_fails(&a, q.path(), &["model.safetensors.index.json", "outside the model directory"]);
 
@@ -176,7 +236,8 @@ fn prune_bad_inputs_fail_cleanly() {
 
     // An existing output directory without --force.
     let dir = tempfile::tempdir().unwrap();
-    let o = prune(&a.iter().copied().chain(["--model", "fixtures/models/tiny-mixtral"]).collect::<Vec<_>>(), dir.path());
+    let o =
+        prune(&a.iter().copied().chain(["--model", "fixtures/models/tiny-mixtral"]).collect::<Vec<_>>(), dir.path());
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
 }

@@ -144,16 +144,16 @@ impl ModelConfig {
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let path = if dir.is_dir() { dir.join("config.json") } else { dir.to_path_buf() };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
         Self::from_json_str(&text, &path)
     }
 
     /// Parses a config from JSON text; `path` is used in error messages.
     pub fn from_json_str(text: &str, path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let value: Value = serde_json::from_str(text)
-            .map_err(|source| CheckpointError::Json { path: path.clone(), source })?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|source| CheckpointError::Json { path: path.clone(), source })?;
         let Value::Object(raw) = value else {
             return Err(CheckpointError::InvalidField {
                 path,
@@ -168,13 +168,12 @@ impl ModelConfig {
     pub fn from_map(raw: Map<String, Value>, path: PathBuf) -> Result<Self> {
         let f = Fields { map: &raw, path: &path };
         let model_type = f.req_str("model_type")?;
-        let architecture = Architecture::from_model_type(&model_type).ok_or_else(|| {
-            CheckpointError::UnsupportedModelType {
+        let architecture =
+            Architecture::from_model_type(&model_type).ok_or_else(|| CheckpointError::UnsupportedModelType {
                 path: path.clone(),
                 model_type: model_type.clone(),
                 supported: SUPPORTED_MODEL_TYPES.to_vec(),
-            }
-        })?;
+            })?;
 
         let hidden_act = f.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into());
         if hidden_act != "silu" {
@@ -370,11 +369,7 @@ impl ModelConfig {
 
     /// Indices of the MoE layers.
     pub fn moe_layers(&self) -> Vec<usize> {
-        self.layers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, k)| matches!(k, LayerKind::Moe { .. }).then_some(i))
-            .collect()
+        self.layers.iter().enumerate().filter_map(|(i, k)| matches!(k, LayerKind::Moe { .. }).then_some(i)).collect()
     }
 
     /// Routed experts in layer `layer` (0 for a dense layer).
@@ -398,9 +393,7 @@ fn rope_theta(f: &Fields<'_>, default: f64) -> Result<f64> {
         };
         check_rope_type(f, "rope_parameters.rope_type", params)?;
         if let Some(theta) = params.get("rope_theta") {
-            return theta
-                .as_f64()
-                .ok_or_else(|| f.invalid("rope_parameters.rope_theta", "must be a number".into()));
+            return theta.as_f64().ok_or_else(|| f.invalid("rope_parameters.rope_theta", "must be a number".into()));
         }
     }
     // transformers 4.x: `rope_theta` and an optional `rope_scaling`.
@@ -411,11 +404,7 @@ fn rope_theta(f: &Fields<'_>, default: f64) -> Result<f64> {
 }
 
 fn check_rope_type(f: &Fields<'_>, field: &str, params: &Map<String, Value>) -> Result<()> {
-    let ty = params
-        .get("rope_type")
-        .or_else(|| params.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let ty = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
     if ty != "default" {
         return Err(f.invalid(field, format!("RoPE type `{ty}` is not supported (only `default`)")));
     }
@@ -482,10 +471,7 @@ impl Fields<'_> {
     fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
         match self.get(field) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.invalid(field, format!("expected a number, found {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.invalid(field, format!("expected a number, found {v}"))),
         }
     }
 
@@ -503,9 +489,7 @@ fn as_usize(v: &Value) -> Option<usize> {
         return usize::try_from(u).ok();
     }
     // Some writers store integers as floats (e.g. 8.0).
-    v.as_f64()
-        .filter(|x| *x >= 0.0 && x.fract() == 0.0 && *x < 2f64.powi(53))
-        .map(|x| x as usize)
+    v.as_f64().filter(|x| *x >= 0.0 && x.fract() == 0.0 && *x < 2f64.powi(53)).map(|x| x as usize)
 }
 
 #[cfg(test)]
@@ -534,10 +518,8 @@ mod tests {
 
     #[test]
     fn rope_parameters_5x() {
-        let json = MIXTRAL_4X.replace(
-            r#""rope_theta":1000000.0"#,
-            r#""rope_parameters":{"rope_type":"default","rope_theta":12345.0}"#,
-        );
+        let json = MIXTRAL_4X
+            .replace(r#""rope_theta":1000000.0"#, r#""rope_parameters":{"rope_type":"default","rope_theta":12345.0}"#);
         assert_eq!(parse(&json).unwrap().attention.rope_theta, 12345.0);
     }
 
@@ -607,10 +589,12 @@ mod tests {
 
     #[test]
     fn per_layer_counts() {
-        let json = MIXTRAL_4X.replace("\"num_local_experts\":8", "\"num_local_experts\":8,\"num_experts_per_layer\":[6,3]");
+        let json =
+            MIXTRAL_4X.replace("\"num_local_experts\":8", "\"num_local_experts\":8,\"num_experts_per_layer\":[6,3]");
         let c = parse(&json).unwrap();
         assert_eq!(c.layers, vec![LayerKind::Moe { num_experts: 6 }, LayerKind::Moe { num_experts: 3 }]);
-        let bad = MIXTRAL_4X.replace("\"num_local_experts\":8", "\"num_local_experts\":8,\"num_experts_per_layer\":[6,1]");
+        let bad =
+            MIXTRAL_4X.replace("\"num_local_experts\":8", "\"num_local_experts\":8,\"num_experts_per_layer\":[6,1]");
         assert!(parse(&bad).unwrap_err().to_string().contains("num_experts_per_layer"));
     }
 }

@@ -57,9 +57,7 @@ pub enum CheckpointError {
         supported: Vec<&'static str>,
     },
     /// The directory holds no weights in a format we read.
-    #[error(
-        "{dir}: no weights found (expected model.safetensors or model.safetensors.index.json)"
-    )]
+    #[error("{dir}: no weights found (expected model.safetensors or model.safetensors.index.json)")]
     NoWeights {
         /// The model directory.
         dir: PathBuf,

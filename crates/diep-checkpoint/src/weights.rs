@@ -86,18 +86,9 @@ impl TensorRef<'_> {
 /// Decodes little-endian f32, f16 or bf16 bytes to f32; `None` for other dtypes.
 pub fn decode_to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         _ => return None,
     })
 }
@@ -138,13 +129,9 @@ impl Checkpoint {
         let mut files: Vec<String> = Vec::new();
         let mut expected: HashMap<String, String> = HashMap::new();
         for (name, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| bad(format!("`weight_map.{name}` must be a file name")))?;
+            let file = file.as_str().ok_or_else(|| bad(format!("`weight_map.{name}` must be a file name")))?;
             if !is_plain_relative(file) {
-                return Err(bad(format!(
-                    "`weight_map.{name}` names `{file}`, which is outside the model directory"
-                )));
+                return Err(bad(format!("`weight_map.{name}` names `{file}`, which is outside the model directory")));
             }
             if !files.iter().any(|f| f == file) {
                 files.push(file.to_string());
@@ -158,10 +145,7 @@ impl Checkpoint {
         for (name, file) in &expected {
             match ckpt.entries.get(name) {
                 None => {
-                    return Err(CheckpointError::MissingTensor {
-                        name: name.clone(),
-                        location: dir.join(file),
-                    });
+                    return Err(CheckpointError::MissingTensor { name: name.clone(), location: dir.join(file) });
                 }
                 Some(e) if ckpt.shards[e.shard].path != dir.join(file) => {
                     return Err(bad(format!(
@@ -186,17 +170,20 @@ impl Checkpoint {
             // SAFETY: the file is opened read-only and mapped privately; like every
             // safetensors reader we assume it is not truncated by another process while mapped.
             #[allow(unsafe_code)]
-            let mmap = unsafe { Mmap::map(&file) }
-                .map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-                CheckpointError::Safetensors { path: path.clone(), reason: describe(&e, mmap.len()) }
-            })?;
+            let mmap =
+                unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| CheckpointError::Safetensors { path: path.clone(), reason: describe(&e, mmap.len()) })?;
             for (name, info) in metadata.tensors() {
                 if let Some(prev) = entries.get(&name).map(|e: &Entry| e.shard) {
                     let prev_path: &Path = &shards.get(prev).map(|s: &Shard| s.path.clone()).unwrap_or_default();
                     return Err(CheckpointError::ShardIndex {
                         path: index.unwrap_or(&path).to_path_buf(),
-                        reason: format!("tensor `{name}` is stored twice: in {} and {}", prev_path.display(), path.display()),
+                        reason: format!(
+                            "tensor `{name}` is stored twice: in {} and {}",
+                            prev_path.display(),
+                            path.display()
+                        ),
                     });
                 }
                 entries.insert(

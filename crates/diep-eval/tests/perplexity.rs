@@ -12,7 +12,15 @@ fn fixtures() -> PathBuf {
 #[test]
 fn perplexity_equals_exp_of_transformers_loss_for_every_architecture() {
     let device = DeviceSpec::from_test_env().unwrap().device().unwrap();
-    for name in ["tiny-mixtral", "tiny-mixtral-swa", "tiny-mixtral-bf16", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-qwen3-moe-tf4", "tiny-olmoe"] {
+    for name in [
+        "tiny-mixtral",
+        "tiny-mixtral-swa",
+        "tiny-mixtral-bf16",
+        "tiny-qwen2-moe",
+        "tiny-qwen3-moe",
+        "tiny-qwen3-moe-tf4",
+        "tiny-olmoe",
+    ] {
         let parity = fixtures().join("parity").join(name);
         let reference: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(parity.join("reference.json")).unwrap()).unwrap();
@@ -23,7 +31,12 @@ fn perplexity_equals_exp_of_transformers_loss_for_every_architecture() {
         for max_batch_tokens in [1, 4096] {
             let r = perplexity(&model, &ids, max_batch_tokens, |_, _| {}).unwrap();
             let rel = (r.perplexity - loss.exp()).abs() / loss.exp();
-            assert!(rel < 1e-4, "{name}: perplexity {} vs exp(transformers loss) {} ({rel:.2e})", r.perplexity, loss.exp());
+            assert!(
+                rel < 1e-4,
+                "{name}: perplexity {} vs exp(transformers loss) {} ({rel:.2e})",
+                r.perplexity,
+                loss.exp()
+            );
             assert_eq!(r.tokens, 48);
             assert_eq!(r.predictions, 45);
         }

@@ -24,9 +24,9 @@ pub mod rope;
 pub mod tokenizer;
 
 pub use burn;
-pub use diep_checkpoint::architectures;
 pub use device::DeviceSpec;
 pub use diep_checkpoint as checkpoint;
+pub use diep_checkpoint::architectures;
 pub use error::{ModelError, Result};
 pub use model::{DecoderLayer, FeedForward, LayerOutput, LayerSource, MoeModel, StreamingModel};
 pub use moe::{MoeBlock, MoeForwardOptions, MoeOutput, Routing};

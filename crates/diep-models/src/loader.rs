@@ -73,10 +73,7 @@ impl<'a> Loader<'a> {
     /// Several `[out_i, in]` linear layers without bias fused column-wise into one `[in, Σ out_i]`
     /// weight, so one matmul computes all of them (gate and up projections of a SwiGLU).
     pub fn fused_linear(&mut self, names: &[&str], inp: usize, out: usize) -> Result<Linear> {
-        let parts = names
-            .iter()
-            .map(|n| self.host(n, &[out, inp]))
-            .collect::<Result<Vec<_>>>()?;
+        let parts = names.iter().map(|n| self.host(n, &[out, inp])).collect::<Result<Vec<_>>>()?;
         let total = out * names.len();
         let mut fused = vec![0f32; inp * total];
         for (p, w) in parts.iter().enumerate() {

@@ -5,12 +5,12 @@ use std::path::Path;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use diep_checkpoint::{Checkpoint, LayerKind, ModelConfig, QkNorm};
 
-use diep_checkpoint::architectures::{DENSE_MLP, MoeKeys};
 use crate::attention::{Attention, AttentionContext};
 use crate::error::{ModelError, Result};
 use crate::loader::{Loader, transpose};
 use crate::moe::{MoeBlock, MoeForwardOptions, MoeOutput, SharedExpert};
 use crate::nn::{Linear, RmsNorm, SwiGlu};
+use diep_checkpoint::architectures::{DENSE_MLP, MoeKeys};
 
 /// The feed-forward half of a decoder layer.
 #[derive(Debug, Clone)]
@@ -186,70 +186,74 @@ impl MoeModel {
     }
 }
 
-
 /// Loads decoder layer `i` (and only its tensors) through `ld`.
 fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderLayer> {
     let (h, a) = (c.hidden_size, &c.attention);
     let keys = MoeKeys::of(c.architecture);
     let kind = c.layers[i];
-        let p = format!("model.layers.{i}");
-        let (q_out, kv_out) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
-        let (q_norm, k_norm) = match a.qk_norm {
-            QkNorm::None => (None, None),
-            QkNorm::PerHead => (
-                Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), a.head_dim, c.rms_norm_eps)?),
-                Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), a.head_dim, c.rms_norm_eps)?),
-            ),
-            QkNorm::Full => (
-                Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), q_out, c.rms_norm_eps)?),
-                Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), kv_out, c.rms_norm_eps)?),
-            ),
-        };
-        let attention = Attention {
-            q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_out, a.qkv_bias)?,
-            k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, a.qkv_bias)?,
-            v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, a.qkv_bias)?,
-            o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_out, h, a.o_bias)?,
-            q_norm,
-            k_norm,
-            cfg: a.clone(),
-        };
-        let ffn = match kind {
-            LayerKind::Dense => {
-                FeedForward::Dense(load_swiglu(ld, &format!("{p}.mlp"), DENSE_MLP, h, c.dense_intermediate_size)?)
-            }
-            LayerKind::Moe { num_experts } => {
-                let router_w = ld.weight_t(&keys.router_weight(i), num_experts, h)?;
-                let router = Linear { weight: ld.from_host(router_w, [h, num_experts]), bias: None };
-                let experts = (0..num_experts)
-                    .map(|e| {
-                        let [g, u, d] = keys.expert_weights(i, e);
-                        load_swiglu_named(ld, [&g, &u, &d], h, c.moe.expert_intermediate_size)
+    let p = format!("model.layers.{i}");
+    let (q_out, kv_out) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+    let (q_norm, k_norm) = match a.qk_norm {
+        QkNorm::None => (None, None),
+        QkNorm::PerHead => (
+            Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), a.head_dim, c.rms_norm_eps)?),
+            Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), a.head_dim, c.rms_norm_eps)?),
+        ),
+        QkNorm::Full => (
+            Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), q_out, c.rms_norm_eps)?),
+            Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), kv_out, c.rms_norm_eps)?),
+        ),
+    };
+    let attention = Attention {
+        q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_out, a.qkv_bias)?,
+        k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, a.qkv_bias)?,
+        v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, a.qkv_bias)?,
+        o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_out, h, a.o_bias)?,
+        q_norm,
+        k_norm,
+        cfg: a.clone(),
+    };
+    let ffn = match kind {
+        LayerKind::Dense => {
+            FeedForward::Dense(load_swiglu(ld, &format!("{p}.mlp"), DENSE_MLP, h, c.dense_intermediate_size)?)
+        }
+        LayerKind::Moe { num_experts } => {
+            let router_w = ld.weight_t(&keys.router_weight(i), num_experts, h)?;
+            let router = Linear { weight: ld.from_host(router_w, [h, num_experts]), bias: None };
+            let experts = (0..num_experts)
+                .map(|e| {
+                    let [g, u, d] = keys.expert_weights(i, e);
+                    load_swiglu_named(ld, [&g, &u, &d], h, c.moe.expert_intermediate_size)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let shared = match (keys.shared_expert, c.moe.shared_expert_intermediate_size) {
+                (Some((mlp, gate)), Some(width)) => {
+                    let block = keys.block_prefix(i);
+                    Some(SharedExpert {
+                        mlp: load_swiglu(ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width)?,
+                        gate: ld.linear(&format!("{block}.{gate}"), h, 1, false)?,
                     })
-                    .collect::<Result<Vec<_>>>()?;
-                let shared = match (keys.shared_expert, c.moe.shared_expert_intermediate_size) {
-                    (Some((mlp, gate)), Some(width)) => {
-                        let block = keys.block_prefix(i);
-                        Some(SharedExpert {
-                            mlp: load_swiglu(ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width)?,
-                            gate: ld.linear(&format!("{block}.{gate}"), h, 1, false)?,
-                        })
-                    }
-                    _ => None,
-                };
-                FeedForward::Moe(MoeBlock::new(router, experts, shared, c.moe.top_k, c.moe.norm_topk_prob))
-            }
-        };
-        Ok(DecoderLayer {
-            input_norm: ld.rms_norm(&format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
-            attention,
-            post_attention_norm: ld.rms_norm(&format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps)?,
-            ffn,
-        })
+                }
+                _ => None,
+            };
+            FeedForward::Moe(MoeBlock::new(router, experts, shared, c.moe.top_k, c.moe.norm_topk_prob))
+        }
+    };
+    Ok(DecoderLayer {
+        input_norm: ld.rms_norm(&format!("{p}.input_layernorm.weight"), h, c.rms_norm_eps)?,
+        attention,
+        post_attention_norm: ld.rms_norm(&format!("{p}.post_attention_layernorm.weight"), h, c.rms_norm_eps)?,
+        ffn,
+    })
 }
 
 /// Checks a batch of token ids and embeds it.
-fn embed_ids(embed_tokens: &Tensor<2>, config: &ModelConfig, device: &Device, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
+fn embed_ids(
+    embed_tokens: &Tensor<2>,
+    config: &ModelConfig,
+    device: &Device,
+    ids: &[Vec<u32>],
+) -> Result<(Tensor<2>, AttentionContext)> {
     let batch = ids.len();
     let len = ids.first().map(Vec::len).unwrap_or(0);
     if batch == 0 || len == 0 {
@@ -319,7 +323,10 @@ impl StreamingModel {
     /// Loads decoder layer `i` from disk.
     pub fn load_layer(&self, i: usize) -> Result<DecoderLayer> {
         if i >= self.config.num_layers {
-            return Err(ModelError::InvalidInput(format!("layer {i} does not exist ({} layers)", self.config.num_layers)));
+            return Err(ModelError::InvalidInput(format!(
+                "layer {i} does not exist ({} layers)",
+                self.config.num_layers
+            )));
         }
         load_layer(&mut Loader::new(&self.ckpt, &self.device), &self.config, i)
     }

@@ -116,7 +116,13 @@ pub struct MoeBlock {
 
 impl MoeBlock {
     /// Assembles a block.
-    pub fn new(router: Linear, experts: Vec<SwiGlu>, shared: Option<SharedExpert>, top_k: usize, norm_topk_prob: bool) -> Self {
+    pub fn new(
+        router: Linear,
+        experts: Vec<SwiGlu>,
+        shared: Option<SharedExpert>,
+        top_k: usize,
+        norm_topk_prob: bool,
+    ) -> Self {
         MoeBlock { router, experts, shared, top_k, norm_topk_prob, mask: None, mask_bias: None }
     }
 

@@ -21,7 +21,10 @@ fn copy_fixture(name: &str) -> tempfile::TempDir {
 
 /// Rewrites a safetensors file through `edit(name, dtype, shape, bytes)`, which returns the
 /// tensors to write in place of each one.
-fn rewrite(path: &Path, edit: impl Fn(&str, safetensors::Dtype, &[usize], &[u8]) -> Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>) {
+fn rewrite(
+    path: &Path,
+    edit: impl Fn(&str, safetensors::Dtype, &[usize], &[u8]) -> Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut out = Vec::new();
@@ -61,7 +64,10 @@ fn unexpected_tensor_names_tensor_and_file() {
         v
     });
     let err = load_err(dir.path());
-    assert!(err.contains("experts.8.w2.weight") && err.contains("model.safetensors") && err.contains("unexpected"), "{err}");
+    assert!(
+        err.contains("experts.8.w2.weight") && err.contains("model.safetensors") && err.contains("unexpected"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -73,7 +79,13 @@ fn misshaped_tensor_names_tensor_file_and_shapes() {
         vec![(n.into(), d, shape, b.to_vec())]
     });
     let err = load_err(dir.path());
-    assert!(err.contains(EXPERT) && err.contains("model.safetensors") && err.contains("[48, 64]") && err.contains("[64, 48]"), "{err}");
+    assert!(
+        err.contains(EXPERT)
+            && err.contains("model.safetensors")
+            && err.contains("[48, 64]")
+            && err.contains("[64, 48]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -91,10 +103,14 @@ fn config_weight_mismatch_names_the_tensor() {
 fn sharded_missing_tensor_names_the_shard() {
     let dir = copy_fixture("tiny-qwen2-moe");
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.safetensors.index.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     let victim = "model.layers.3.mlp.experts.5.up_proj.weight";
     let shard = index["weight_map"][victim].as_str().unwrap().to_string();
-    rewrite(&dir.path().join(&shard), |n, d, s, b| if n == victim { vec![] } else { vec![(n.into(), d, s.to_vec(), b.to_vec())] });
+    rewrite(
+        &dir.path().join(&shard),
+        |n, d, s, b| if n == victim { vec![] } else { vec![(n.into(), d, s.to_vec(), b.to_vec())] },
+    );
     let err = load_err(dir.path());
     assert!(err.contains(victim) && err.contains(&shard), "{err}");
 }

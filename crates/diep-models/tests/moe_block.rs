@@ -2,10 +2,10 @@
 //! equals removal, captured per-expert outputs reassemble the output, and routing matches
 //! hand-computed values.
 
+use diep_models::DeviceSpec;
 use diep_models::burn::tensor::{Device, Tensor, TensorData};
 use diep_models::moe::{MoeBlock, MoeForwardOptions, SharedExpert, route};
 use diep_models::nn::{Linear, SwiGlu};
-use diep_models::DeviceSpec;
 use proptest::prelude::*;
 
 fn device() -> Device {
@@ -44,7 +44,8 @@ fn block(seed: u64, h: usize, e: usize, k: usize, norm: bool, shared: bool, devi
     let mut rng = Rng(seed);
     let router = Linear { weight: rng.tensor([h, e], 2.0, device), bias: None };
     let experts = (0..e).map(|_| swiglu(&mut rng, h, 6, device)).collect();
-    let shared = shared.then(|| SharedExpert { mlp: swiglu(&mut rng, h, 5, device), gate: linear(&mut rng, h, 1, device) });
+    let shared =
+        shared.then(|| SharedExpert { mlp: swiglu(&mut rng, h, 5, device), gate: linear(&mut rng, h, 1, device) });
     MoeBlock::new(router, experts, shared, k, norm)
 }
 

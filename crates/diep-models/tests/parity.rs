@@ -64,7 +64,9 @@ fn check_model(name: &str, reference_key: &str, tol: f32) {
 
     let mut router = Vec::new();
     let logits = model
-        .forward_with(&ids, &MoeForwardOptions::default(), |layer, _, out| router.push((layer, to_vec(out.routing.logits))))
+        .forward_with(&ids, &MoeForwardOptions::default(), |layer, _, out| {
+            router.push((layer, to_vec(out.routing.logits)))
+        })
         .unwrap();
     let (expected, shape) = reference.tensor(reference_key);
     assert_eq!(logits.dims().to_vec(), shape, "{name}: logits shape");

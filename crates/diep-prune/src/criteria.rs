@@ -26,7 +26,8 @@ pub enum Method {
 
 impl Method {
     /// All baseline methods.
-    pub const ALL: [Method; 5] = [Method::Random, Method::Frequency, Method::SoftActivation, Method::Reap, Method::Naee];
+    pub const ALL: [Method; 5] =
+        [Method::Random, Method::Frequency, Method::SoftActivation, Method::Reap, Method::Naee];
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
@@ -145,7 +146,10 @@ pub fn uniform_removals(counts: &BTreeMap<usize, usize>, ratio: f64, floor: usiz
 
 /// Keeps the highest-scoring experts of each layer, removing `removals[l]` of them. Ties are
 /// broken towards keeping the lower expert id. Kept ids are returned ascending.
-pub fn select_uniform(scores: &BTreeMap<usize, Vec<f64>>, removals: &BTreeMap<usize, usize>) -> BTreeMap<usize, Vec<usize>> {
+pub fn select_uniform(
+    scores: &BTreeMap<usize, Vec<f64>>,
+    removals: &BTreeMap<usize, usize>,
+) -> BTreeMap<usize, Vec<usize>> {
     scores
         .iter()
         .map(|(l, s)| {
@@ -161,7 +165,11 @@ pub fn select_uniform(scores: &BTreeMap<usize, Vec<f64>>, removals: &BTreeMap<us
 
 /// One ranking over all layers: removes the `round(ratio · Σ N_l)` lowest-scoring experts,
 /// skipping any whose layer is already at `floor`. Kept ids ascending.
-pub fn select_global(scores: &BTreeMap<usize, Vec<f64>>, ratio: f64, floor: usize) -> Result<BTreeMap<usize, Vec<usize>>> {
+pub fn select_global(
+    scores: &BTreeMap<usize, Vec<f64>>,
+    ratio: f64,
+    floor: usize,
+) -> Result<BTreeMap<usize, Vec<usize>>> {
     check_ratio(ratio)?;
     let total: usize = scores.values().map(Vec::len).sum();
     let budget = (ratio * total as f64).round() as usize;

@@ -55,7 +55,12 @@ pub fn expert_counts(config: &ModelConfig) -> BTreeMap<usize, usize> {
 
 /// The statistics options a baseline needs: NAEE's cache and per-layer search, sized by the
 /// uniform allocation, for `--method naee`; plain statistics otherwise.
-pub fn stats_options(config: &ModelConfig, spec: &BaselineSpec, batch_size: usize, naee_tokens: usize) -> Result<StatsOptions> {
+pub fn stats_options(
+    config: &ModelConfig,
+    spec: &BaselineSpec,
+    batch_size: usize,
+    naee_tokens: usize,
+) -> Result<StatsOptions> {
     if spec.method != Method::Naee {
         return Ok(StatsOptions { batch_size, naee_tokens: 0, naee: None });
     }
@@ -95,7 +100,9 @@ pub fn plan_baseline(config: &ModelConfig, stats: &CalibrationStats, spec: &Base
             let mut errors = BTreeMap::new();
             for (l, s) in &stats.layers {
                 let r = s.naee.clone().ok_or_else(|| {
-                    PruneError::Config(format!("layer {l}: statistics were collected without NAEE's search (see stats_options)"))
+                    PruneError::Config(format!(
+                        "layer {l}: statistics were collected without NAEE's search (see stats_options)"
+                    ))
                 })?;
                 if r.kept.len() != s.num_experts() - removals[l] {
                     return Err(PruneError::Config(format!(
@@ -113,7 +120,9 @@ pub fn plan_baseline(config: &ModelConfig, stats: &CalibrationStats, spec: &Base
         (method, allocation) => {
             let scores = criteria::scores(method, stats, spec.seed);
             let kept = match allocation {
-                Allocation::Uniform => criteria::select_uniform(&scores, &criteria::uniform_removals(&counts, spec.ratio, floor)?),
+                Allocation::Uniform => {
+                    criteria::select_uniform(&scores, &criteria::uniform_removals(&counts, spec.ratio, floor)?)
+                }
                 Allocation::Global => criteria::select_global(&scores, spec.ratio, floor)?,
             };
             (kept, scores)

@@ -81,7 +81,13 @@ fn routed_output(p: &Precomputed, subset: &[usize], top_k: usize, norm: bool, ou
 
 /// Exhaustive search for the best `keep`-subset of one layer. Refuses when there are more
 /// than `max_subsets` subsets.
-pub fn search_layer(block: &MoeBlock, cache: &BlockCache, keep: usize, max_subsets: u128, layer: usize) -> Result<NaeeResult> {
+pub fn search_layer(
+    block: &MoeBlock,
+    cache: &BlockCache,
+    keep: usize,
+    max_subsets: u128,
+    layer: usize,
+) -> Result<NaeeResult> {
     let n = block.num_experts();
     let subsets = binomial(n, keep);
     if subsets > max_subsets {

@@ -139,7 +139,10 @@ pub fn collect_statistics<S: LayerSource>(
         // Refuse before any computation.
         for layer in config.moe_layers() {
             let n = config.experts_in_layer(layer);
-            let keep = *naee.keep.get(&layer).ok_or_else(|| PruneError::Config(format!("NAEE: no kept count for layer {layer}")))?;
+            let keep = *naee
+                .keep
+                .get(&layer)
+                .ok_or_else(|| PruneError::Config(format!("NAEE: no kept count for layer {layer}")))?;
             let subsets = binomial(n, keep);
             if subsets > naee.max_subsets {
                 return Err(PruneError::Config(format!(
@@ -151,54 +154,52 @@ pub fn collect_statistics<S: LayerSource>(
             }
         }
     }
-    let mut states = samples
-        .chunks(opts.batch_size.max(1))
-        .map(|b| model.embed(b))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut states =
+        samples.chunks(opts.batch_size.max(1)).map(|b| model.embed(b)).collect::<std::result::Result<Vec<_>, _>>()?;
     let tokens: usize = samples.iter().map(Vec::len).sum();
     let capture = MoeForwardOptions { capture_expert_outputs: true, ..Default::default() };
     let mut layers = BTreeMap::new();
     let total_layers = config.num_layers;
     for i in 0..total_layers {
         let stats = model.with_layer(i, |layer| -> Result<Option<LayerStats>> {
-        let mut stats = layer.moe().map(|m| LayerStats::new(i, m.num_experts()));
-        for (h, ctx) in states.iter_mut() {
-            let out = layer.forward(h.clone(), ctx, &capture);
-            if let (Some(stats), Some(moe)) = (stats.as_mut(), out.moe) {
-                let [rows, hidden] = out.ffn_input.dims();
-                stats.tokens += rows;
-                let probs = host(moe.routing.probs.clone().sum_dim(0));
-                for (s, p) in stats.soft_activation.iter_mut().zip(probs) {
-                    *s += p as f64;
-                }
-                for (e, cap) in moe.expert_outputs.into_iter().flatten().enumerate() {
-                    let Some(cap) = cap else { continue };
-                    let norms: Vec<f32> = cap.output.square().sum_dim(1).sqrt().into_data().iter::<f32>().collect();
-                    let weights: Vec<f32> = cap.weights.into_data().iter::<f32>().collect();
-                    stats.frequency[e] += cap.tokens.len() as u64;
-                    for (n, w) in norms.iter().zip(&weights) {
-                        stats.norm_sum[e] += *n as f64;
-                        stats.reap_sum[e] += (*n as f64) * (*w as f64);
+            let mut stats = layer.moe().map(|m| LayerStats::new(i, m.num_experts()));
+            for (h, ctx) in states.iter_mut() {
+                let out = layer.forward(h.clone(), ctx, &capture);
+                if let (Some(stats), Some(moe)) = (stats.as_mut(), out.moe) {
+                    let [rows, hidden] = out.ffn_input.dims();
+                    stats.tokens += rows;
+                    let probs = host(moe.routing.probs.clone().sum_dim(0));
+                    for (s, p) in stats.soft_activation.iter_mut().zip(probs) {
+                        *s += p as f64;
+                    }
+                    for (e, cap) in moe.expert_outputs.into_iter().flatten().enumerate() {
+                        let Some(cap) = cap else { continue };
+                        let norms: Vec<f32> = cap.output.square().sum_dim(1).sqrt().into_data().iter::<f32>().collect();
+                        let weights: Vec<f32> = cap.weights.into_data().iter::<f32>().collect();
+                        stats.frequency[e] += cap.tokens.len() as u64;
+                        for (n, w) in norms.iter().zip(&weights) {
+                            stats.norm_sum[e] += *n as f64;
+                            stats.reap_sum[e] += (*n as f64) * (*w as f64);
+                        }
+                    }
+                    if opts.naee_tokens > 0 {
+                        let cache = stats.cache.get_or_insert_with(|| BlockCache { hidden, ..Default::default() });
+                        let take = (opts.naee_tokens - cache.tokens).min(rows);
+                        if take > 0 {
+                            cache.inputs.extend(host(out.ffn_input.narrow(0, 0, take)));
+                            cache.outputs.extend(host(moe.output.narrow(0, 0, take)));
+                            cache.tokens += take;
+                        }
                     }
                 }
-                if opts.naee_tokens > 0 {
-                    let cache = stats.cache.get_or_insert_with(|| BlockCache { hidden, ..Default::default() });
-                    let take = (opts.naee_tokens - cache.tokens).min(rows);
-                    if take > 0 {
-                        cache.inputs.extend(host(out.ffn_input.narrow(0, 0, take)));
-                        cache.outputs.extend(host(moe.output.narrow(0, 0, take)));
-                        cache.tokens += take;
-                    }
-                }
+                *h = out.hidden;
             }
-            *h = out.hidden;
-        }
-        if let (Some(stats), Some(naee), Some(block)) = (stats.as_mut(), &opts.naee, layer.moe()) {
-            let cache = stats.cache.take().unwrap_or_default();
-            stats.naee = Some(search_layer(block, &cache, naee.keep[&i], naee.max_subsets, i)?);
-            stats.cache = Some(cache);
-        }
-        Ok(stats)
+            if let (Some(stats), Some(naee), Some(block)) = (stats.as_mut(), &opts.naee, layer.moe()) {
+                let cache = stats.cache.take().unwrap_or_default();
+                stats.naee = Some(search_layer(block, &cache, naee.keep[&i], naee.max_subsets, i)?);
+                stats.cache = Some(cache);
+            }
+            Ok(stats)
         })??;
         if let Some(stats) = stats {
             layers.insert(i, stats);

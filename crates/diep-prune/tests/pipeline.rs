@@ -5,11 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use diep_models::StreamingModel;
 use diep_models::burn::tensor::{Device, Tensor, TensorData};
 use diep_models::{DeviceSpec, MoeModel};
 use diep_prune::calib::{CalibrationSpec, sample_calibration};
-use diep_models::StreamingModel;
-use diep_prune::{Allocation, BaselineSpec, Method, PruningPlan, StatsOptions, collect_statistics, plan_baseline, stats_options};
+use diep_prune::{
+    Allocation, BaselineSpec, Method, PruningPlan, StatsOptions, collect_statistics, plan_baseline, stats_options,
+};
 use proptest::prelude::*;
 
 fn root() -> PathBuf {
@@ -42,7 +44,8 @@ fn calibration_is_deterministic_and_checks_its_budget() {
     assert_ne!(a, calib("tiny-mixtral", 8, 64, 8));
     assert!(a.iter().all(|s| s.len() == 64));
     let tok = diep_models::tokenizer::load_tokenizer(root().join("fixtures/models/tiny-mixtral")).unwrap();
-    let spec = CalibrationSpec { files: vec![root().join("fixtures/calib/gpl-3.txt")], samples: 128, seq_len: 2048, seed: 0 };
+    let spec =
+        CalibrationSpec { files: vec![root().join("fixtures/calib/gpl-3.txt")], samples: 128, seq_len: 2048, seed: 0 };
     let err = sample_calibration(&tok, &spec).unwrap_err().to_string();
     assert!(err.contains("tokens found") && err.contains("262144") && err.contains("gpl-3.txt"), "{err}");
 
@@ -58,7 +61,9 @@ fn calibration_is_deterministic_and_checks_its_budget() {
 fn statistics_are_consistent() {
     let m = model("tiny-qwen2-moe");
     let samples = calib("tiny-qwen2-moe", 6, 32, 1);
-    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 50, naee: None }, |_, _| {}).unwrap();
+    let stats =
+        collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 50, naee: None }, |_, _| {})
+            .unwrap();
     assert_eq!(stats.layers.keys().copied().collect::<Vec<_>>(), m.moe_layers());
     for s in stats.layers.values() {
         assert_eq!(s.tokens, 6 * 32);
@@ -80,7 +85,9 @@ fn statistics_are_consistent() {
 fn naee_error_matches_the_real_masked_block() {
     let mut m = model("tiny-mixtral");
     let samples = calib("tiny-mixtral", 4, 32, 3);
-    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64, naee: None }, |_, _| {}).unwrap();
+    let stats =
+        collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64, naee: None }, |_, _| {})
+            .unwrap();
     for (layer, s) in &stats.layers {
         let cache = s.cache.as_ref().unwrap();
         let block = m.moe_block(*layer).unwrap().clone();
@@ -101,7 +108,8 @@ fn naee_error_matches_the_real_masked_block() {
         let norm = full.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
         assert!((diff / norm - r.error).abs() < 1e-4, "layer {layer}: {} vs {}", diff / norm, r.error);
     }
-    let big = diep_prune::naee::search_layer(m.moe_block(0).unwrap(), stats.layers[&0].cache.as_ref().unwrap(), 4, 10, 0);
+    let big =
+        diep_prune::naee::search_layer(m.moe_block(0).unwrap(), stats.layers[&0].cache.as_ref().unwrap(), 4, 10, 0);
     assert!(big.unwrap_err().to_string().contains("C(8, 4) = 70"));
     // The pass refuses an oversized search before computing anything.
     let mut spec = spec(Method::Naee, Allocation::Uniform, 0.5);
@@ -136,7 +144,9 @@ fn spec(method: Method, allocation: Allocation, ratio: f64) -> BaselineSpec {
 fn every_baseline_meets_its_budget_and_floors() {
     let m = model("tiny-qwen2-moe");
     let samples = calib("tiny-qwen2-moe", 4, 32, 2);
-    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64, naee: None }, |_, _| {}).unwrap();
+    let stats =
+        collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64, naee: None }, |_, _| {})
+            .unwrap();
     let total: usize = 3 * 8;
     for method in Method::ALL {
         for allocation in [Allocation::Uniform, Allocation::Global] {

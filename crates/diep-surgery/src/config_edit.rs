@@ -9,8 +9,7 @@ use crate::plan::PruningPlan;
 
 /// The Python files of `remote_code/` written beside non-uniformly pruned checkpoints, as
 /// `(file name, contents)`; generated at build time from every `remote_code/*.py`.
-pub const REMOTE_CODE_FILES: &[(&str, &str)] =
-    include!(concat!(env!("OUT_DIR"), "/remote_code.rs"));
+pub const REMOTE_CODE_FILES: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/remote_code.rs"));
 
 /// The file name of the embedded `auto_map` asset.
 pub const AUTO_MAP_FILE: &str = "auto_map.json";
@@ -35,10 +34,7 @@ pub fn expert_count_keys(architecture: Architecture) -> &'static [&'static str] 
 
 /// The parsed `auto_map` asset.
 pub fn remote_code_auto_map() -> Result<Map<String, Value>, SurgeryError> {
-    let bad = |reason: String| SurgeryError::RemoteCode {
-        file: AUTO_MAP_FILE,
-        reason,
-    };
+    let bad = |reason: String| SurgeryError::RemoteCode { file: AUTO_MAP_FILE, reason };
     match serde_json::from_str::<Value>(AUTO_MAP_JSON) {
         Ok(Value::Object(map)) if !map.is_empty() => Ok(map),
         Ok(Value::Object(_)) => Err(bad("the `auto_map` object is empty".into())),
@@ -55,9 +51,7 @@ pub fn kept_counts_per_layer(config: &ModelConfig, plan: &PruningPlan) -> Vec<us
         .iter()
         .enumerate()
         .map(|(i, kind)| match kind {
-            LayerKind::Moe { num_experts } => {
-                plan.kept_experts.get(&i).map_or(*num_experts, Vec::len)
-            }
+            LayerKind::Moe { num_experts } => plan.kept_experts.get(&i).map_or(*num_experts, Vec::len),
             LayerKind::Dense => 0,
         })
         .collect()
@@ -82,34 +76,16 @@ pub fn pruned_config(config: &ModelConfig, plan: &PruningPlan) -> Map<String, Va
     let mut raw = config.raw.clone();
     let counts = kept_counts_per_layer(config, plan);
     let moe_counts: Vec<usize> = config.moe_layers().iter().map(|&l| counts[l]).collect();
-    let max = moe_counts
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(config.moe.num_experts);
+    let max = moe_counts.iter().copied().max().unwrap_or(config.moe.num_experts);
     let uniform = moe_counts.windows(2).all(|w| w[0] == w[1]);
 
     let keys = expert_count_keys(config.architecture);
     for (i, key) in keys.iter().enumerate() {
         // A missing sibling key (Qwen3-MoE) goes right next to the one that is there.
-        let anchor = keys
-            .iter()
-            .enumerate()
-            .find(|(j, k)| *j != i && raw.contains_key(**k))
-            .map(|(_, k)| *k);
-        set_key(
-            &mut raw,
-            key,
-            Value::from(max),
-            anchor,
-            anchor.is_some_and(|a| a > *key),
-        );
+        let anchor = keys.iter().enumerate().find(|(j, k)| *j != i && raw.contains_key(**k)).map(|(_, k)| *k);
+        set_key(&mut raw, key, Value::from(max), anchor, anchor.is_some_and(|a| a > *key));
     }
-    let last_count_key = keys
-        .iter()
-        .copied()
-        .filter(|k| raw.contains_key(*k))
-        .max_by_key(|k| key_index(&raw, k));
+    let last_count_key = keys.iter().copied().filter(|k| raw.contains_key(*k)).max_by_key(|k| key_index(&raw, k));
 
     if uniform {
         raw.shift_remove(PER_LAYER_EXPERTS_KEY);
@@ -118,23 +94,11 @@ pub fn pruned_config(config: &ModelConfig, plan: &PruningPlan) -> Map<String, Va
         }
     } else {
         let per_layer = Value::from(counts);
-        set_key(
-            &mut raw,
-            PER_LAYER_EXPERTS_KEY,
-            per_layer,
-            last_count_key,
-            false,
-        );
+        set_key(&mut raw, PER_LAYER_EXPERTS_KEY, per_layer, last_count_key, false);
         let auto_map = remote_code_auto_map().expect("remote_code/auto_map.json is a JSON object");
         let anchor = raw.contains_key("architectures").then_some("architectures");
         if anchor.is_some() {
-            set_key(
-                &mut raw,
-                AUTO_MAP_KEY,
-                Value::Object(auto_map),
-                anchor,
-                false,
-            );
+            set_key(&mut raw, AUTO_MAP_KEY, Value::Object(auto_map), anchor, false);
         } else if let Some(v) = raw.get_mut(AUTO_MAP_KEY) {
             *v = Value::Object(auto_map);
         } else {
@@ -150,13 +114,7 @@ fn key_index(map: &Map<String, Value>, key: &str) -> usize {
 
 /// Sets `key` in place if present; else inserts it right after (or before) `anchor`, or at the
 /// end.
-fn set_key(
-    map: &mut Map<String, Value>,
-    key: &str,
-    value: Value,
-    anchor: Option<&str>,
-    before: bool,
-) {
+fn set_key(map: &mut Map<String, Value>, key: &str, value: Value, anchor: Option<&str>, before: bool) {
     if let Some(v) = map.get_mut(key) {
         *v = value;
         return;
@@ -170,11 +128,8 @@ fn set_key(
 
 /// Whether an `auto_map` value points at one of this crate's remote-code modules.
 fn is_our_auto_map(value: &Value) -> bool {
-    let mut ours: Vec<String> = REMOTE_CODE_FILES
-        .iter()
-        .filter_map(|(name, _)| name.strip_suffix(".py"))
-        .map(str::to_string)
-        .collect();
+    let mut ours: Vec<String> =
+        REMOTE_CODE_FILES.iter().filter_map(|(name, _)| name.strip_suffix(".py")).map(str::to_string).collect();
     if let Ok(map) = remote_code_auto_map() {
         let map = Value::Object(map);
         let mut refs = Vec::new();
@@ -183,9 +138,7 @@ fn is_our_auto_map(value: &Value) -> bool {
     }
     let mut refs = Vec::new();
     collect_strings(value, &mut refs);
-    refs.iter()
-        .filter_map(|r| module_of(r))
-        .any(|m| ours.iter().any(|o| o == m))
+    refs.iter().filter_map(|r| module_of(r)).any(|m| ours.iter().any(|o| o == m))
 }
 
 /// `"org/repo--modeling_x.Class"` → `modeling_x`.
@@ -212,23 +165,11 @@ mod tests {
     fn embedded_assets_are_usable() {
         let map = remote_code_auto_map().unwrap();
         assert!(!map.is_empty());
-        assert!(
-            !REMOTE_CODE_FILES.is_empty(),
-            "remote_code/ holds no .py file"
-        );
-        assert!(
-            REMOTE_CODE_FILES
-                .iter()
-                .any(|(n, _)| *n == "modeling_diep_moe.py")
-        );
+        assert!(!REMOTE_CODE_FILES.is_empty(), "remote_code/ holds no .py file");
+        assert!(REMOTE_CODE_FILES.iter().any(|(n, _)| *n == "modeling_diep_moe.py"));
         assert!(is_our_auto_map(&Value::Object(map)));
-        assert!(!is_our_auto_map(
-            &serde_json::json!({"AutoModelForCausalLM": "modeling_other.Foo"})
-        ));
-        assert_eq!(
-            module_of("org/repo--modeling_diep_moe.X"),
-            Some("modeling_diep_moe")
-        );
+        assert!(!is_our_auto_map(&serde_json::json!({"AutoModelForCausalLM": "modeling_other.Foo"})));
+        assert_eq!(module_of("org/repo--modeling_diep_moe.X"), Some("modeling_diep_moe"));
     }
 
     const QWEN3_4X: &str = r#"{"zeta":1,"model_type":"qwen3_moe","vocab_size":100,"hidden_size":64,
@@ -250,13 +191,7 @@ mod tests {
         let before: Vec<&str> = c.raw.keys().map(String::as_str).collect();
         let i = keys.iter().position(|k| *k == "num_experts").unwrap();
         assert_eq!(keys[i + 1], "num_local_experts");
-        assert_eq!(
-            keys.iter()
-                .filter(|k| **k != "num_local_experts")
-                .copied()
-                .collect::<Vec<_>>(),
-            before
-        );
+        assert_eq!(keys.iter().filter(|k| **k != "num_local_experts").copied().collect::<Vec<_>>(), before);
         assert_eq!(out["num_experts"], 3);
         assert_eq!(out["num_local_experts"], 3);
         assert!(!out.contains_key(PER_LAYER_EXPERTS_KEY) && !out.contains_key(AUTO_MAP_KEY));
@@ -269,10 +204,7 @@ mod tests {
         let out = pruned_config(&c, &plan(&[(1, vec![0, 2, 5, 6]), (3, vec![1, 2])]));
         assert_eq!(out["num_experts"], 4);
         assert_eq!(out[PER_LAYER_EXPERTS_KEY], serde_json::json!([0, 4, 0, 2]));
-        assert_eq!(
-            out[AUTO_MAP_KEY],
-            Value::Object(remote_code_auto_map().unwrap())
-        );
+        assert_eq!(out[AUTO_MAP_KEY], Value::Object(remote_code_auto_map().unwrap()));
         // Re-read and re-prune uniformly: stale keys go.
         let c2 = ModelConfig::from_map(out, "y/config.json".into()).unwrap();
         assert_eq!(c2.experts_in_layer(1), 4);

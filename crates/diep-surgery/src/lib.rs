@@ -36,6 +36,4 @@ pub use config_edit::{
 };
 pub use error::SurgeryError;
 pub use plan::{PLAN_FORMAT, PlanError, PruningPlan};
-pub use surgery::{
-    DEFAULT_MAX_SHARD_BYTES, PLAN_FILE, SurgeryOptions, SurgeryProgress, SurgeryReport, apply_plan,
-};
+pub use surgery::{DEFAULT_MAX_SHARD_BYTES, PLAN_FILE, SurgeryOptions, SurgeryProgress, SurgeryReport, apply_plan};

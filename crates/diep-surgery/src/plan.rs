@@ -54,7 +54,12 @@ pub struct PlanError(pub String);
 
 impl PruningPlan {
     /// A plan with the given kept experts and no scores, settings or timings.
-    pub fn new(model_type: &str, original_experts: BTreeMap<usize, usize>, kept_experts: BTreeMap<usize, Vec<usize>>, method: &str) -> Self {
+    pub fn new(
+        model_type: &str,
+        original_experts: BTreeMap<usize, usize>,
+        kept_experts: BTreeMap<usize, Vec<usize>>,
+        method: &str,
+    ) -> Self {
         PruningPlan {
             format: PLAN_FORMAT.to_string(),
             model_type: model_type.to_string(),
@@ -137,10 +142,8 @@ impl PruningPlan {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
             .map_err(|source| crate::SurgeryError::Io { path: path.to_path_buf(), source })?;
-        serde_json::from_str(&text).map_err(|e| crate::SurgeryError::Plan {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
+        serde_json::from_str(&text)
+            .map_err(|e| crate::SurgeryError::Plan { path: path.to_path_buf(), reason: e.to_string() })
     }
 
     /// The plan as pretty JSON.

@@ -11,13 +11,10 @@ use std::time::Instant;
 use serde_json::{Map, Value, json};
 
 use diep_checkpoint::architectures::{MoeKeys, MoeTensor};
-use diep_checkpoint::{
-    Checkpoint, Dtype, ModelConfig, PER_LAYER_EXPERTS_KEY, SHARD_INDEX, SINGLE_FILE, TensorRef,
-};
+use diep_checkpoint::{Checkpoint, Dtype, ModelConfig, PER_LAYER_EXPERTS_KEY, SHARD_INDEX, SINGLE_FILE, TensorRef};
 
 use crate::config_edit::{
-    REMOTE_CODE_FILES, expert_count_keys, kept_counts_per_layer, pruned_config,
-    remote_code_auto_map,
+    REMOTE_CODE_FILES, expert_count_keys, kept_counts_per_layer, pruned_config, remote_code_auto_map,
 };
 use crate::error::SurgeryError;
 use crate::plan::PruningPlan;
@@ -43,11 +40,7 @@ pub struct SurgeryOptions<'a> {
 
 impl Default for SurgeryOptions<'_> {
     fn default() -> Self {
-        SurgeryOptions {
-            force: false,
-            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
-            progress: None,
-        }
+        SurgeryOptions { force: false, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES, progress: None }
     }
 }
 
@@ -111,10 +104,7 @@ pub struct SurgeryReport {
 impl SurgeryReport {
     /// Kept experts per MoE layer.
     pub fn kept_counts(&self) -> BTreeMap<usize, usize> {
-        self.kept_experts
-            .iter()
-            .map(|(l, k)| (*l, k.len()))
-            .collect()
+        self.kept_experts.iter().map(|(l, k)| (*l, k.len())).collect()
     }
 }
 
@@ -145,9 +135,8 @@ pub fn apply_plan(
 ) -> Result<SurgeryReport, SurgeryError> {
     let started = Instant::now();
     let config = ModelConfig::from_dir(model_dir)?;
-    plan.validate(&config).map_err(|e| {
-        crate::plan::PlanError(format!("{} (model config: {})", e.0, config.path.display()))
-    })?;
+    plan.validate(&config)
+        .map_err(|e| crate::plan::PlanError(format!("{} (model config: {})", e.0, config.path.display())))?;
     check_top_k(&config, plan)?;
     check_output_location(model_dir, out_dir, opts.force)?;
     let counts = kept_counts_per_layer(&config, plan);
@@ -165,10 +154,7 @@ pub fn apply_plan(
     let new_config = pruned_config(&config, plan);
 
     let params_before: u64 = inventory.iter().map(|(t, _)| t.numel() as u64).sum();
-    let params_after: u64 = tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>() as u64)
-        .sum();
+    let params_after: u64 = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
     let tensor_bytes: u64 = tensors.iter().map(|t| t.nbytes as u64).sum();
 
     let staging = Staging::create(out_dir)?;
@@ -190,11 +176,8 @@ pub fn apply_plan(
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
     for (i, range) in shards.iter().enumerate() {
-        let file_name = if n == 1 {
-            SINGLE_FILE.to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-        };
+        let file_name =
+            if n == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
         progress.state.shard = i + 1;
         let shard = &tensors[range.clone()];
         bytes_written += write_shard(&staging.path.join(&file_name), shard, &mut progress)?;
@@ -213,10 +196,7 @@ pub fn apply_plan(
     }
 
     // config.json, remote code, other files.
-    bytes_written += write_json(
-        &staging.path.join("config.json"),
-        &Value::Object(new_config),
-    )?;
+    bytes_written += write_json(&staging.path.join("config.json"), &Value::Object(new_config))?;
     files.push(PathBuf::from("config.json"));
     if !uniform {
         for (name, text) in REMOTE_CODE_FILES {
@@ -230,10 +210,7 @@ pub fn apply_plan(
         let (from, to) = (model_dir.join(&name), staging.path.join(&name));
         let copied = fs::copy(&from, &to).map_err(|source| SurgeryError::Io {
             path: from.clone(),
-            source: std::io::Error::new(
-                source.kind(),
-                format!("copying to {}: {source}", to.display()),
-            ),
+            source: std::io::Error::new(source.kind(), format!("copying to {}: {source}", to.display())),
         })?;
         bytes_written += copied;
         files.push(PathBuf::from(name));
@@ -249,11 +226,7 @@ pub fn apply_plan(
     staging.commit(out_dir, opts.force)?;
     Ok(SurgeryReport {
         out_dir: out_dir.to_path_buf(),
-        experts_before: config
-            .moe_layers()
-            .into_iter()
-            .map(|l| (l, config.experts_in_layer(l)))
-            .collect(),
+        experts_before: config.moe_layers().into_iter().map(|l| (l, config.experts_in_layer(l))).collect(),
         kept_experts: plan.kept_experts.clone(),
         uniform,
         params_before,
@@ -287,37 +260,25 @@ fn check_top_k(config: &ModelConfig, plan: &PruningPlan) -> Result<(), SurgeryEr
     Ok(())
 }
 
-fn check_output_location(
-    model_dir: &Path,
-    out_dir: &Path,
-    force: bool,
-) -> Result<(), SurgeryError> {
+fn check_output_location(model_dir: &Path, out_dir: &Path, force: bool) -> Result<(), SurgeryError> {
     if out_dir.file_name().is_none() {
         return Err(SurgeryError::Io {
             path: out_dir.to_path_buf(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "the output path has no directory name",
-            ),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "the output path has no directory name"),
         });
     }
     if fs::symlink_metadata(out_dir).is_err() {
         return Ok(());
     }
     if !force {
-        return Err(SurgeryError::OutputExists {
-            path: out_dir.to_path_buf(),
-        });
+        return Err(SurgeryError::OutputExists { path: out_dir.to_path_buf() });
     }
     let model = fs::canonicalize(model_dir).map_err(SurgeryError::io(model_dir))?;
     // A dangling symlink cannot be canonicalised; it cannot be the model either.
     if let Ok(out) = fs::canonicalize(out_dir)
         && model.starts_with(&out)
     {
-        return Err(SurgeryError::OutputIsInput {
-            out: out_dir.to_path_buf(),
-            model: model_dir.to_path_buf(),
-        });
+        return Err(SurgeryError::OutputIsInput { out: out_dir.to_path_buf(), model: model_dir.to_path_buf() });
     }
     Ok(())
 }
@@ -328,11 +289,7 @@ pub(crate) enum Role<'a> {
     /// Copied unchanged.
     Plain,
     /// A routed expert's tensor.
-    Expert {
-        layer: usize,
-        expert: usize,
-        rest: &'a str,
-    },
+    Expert { layer: usize, expert: usize, rest: &'a str },
     /// The router's weight, or another tensor of the router module (`{block}.{router}.*`),
     /// one row per expert.
     Router { layer: usize },
@@ -342,16 +299,8 @@ pub(crate) enum Role<'a> {
 /// of the router module (a bias or correction vector `[E]`).
 pub(crate) fn classify<'a>(keys: &MoeKeys, name: &'a str) -> Role<'a> {
     match keys.parse(name) {
-        Some(MoeTensor::Expert {
-            layer,
-            expert,
-            rest,
-        }) => {
-            return Role::Expert {
-                layer,
-                expert,
-                rest,
-            };
+        Some(MoeTensor::Expert { layer, expert, rest }) => {
+            return Role::Expert { layer, expert, rest };
         }
         Some(MoeTensor::Router { layer }) => return Role::Router { layer },
         None => {}
@@ -360,46 +309,29 @@ pub(crate) fn classify<'a>(keys: &MoeKeys, name: &'a str) -> Role<'a> {
         let rest = name.strip_prefix("model.layers.")?;
         let (layer, rest) = rest.split_once('.')?;
         let layer = layer.parse().ok()?;
-        let rest = rest
-            .strip_prefix(keys.block)?
-            .strip_prefix('.')?
-            .strip_prefix(keys.router)?;
+        let rest = rest.strip_prefix(keys.block)?.strip_prefix('.')?.strip_prefix(keys.router)?;
         rest.starts_with('.').then_some(layer)
     };
     attached().map_or(Role::Plain, |layer| Role::Router { layer })
 }
 
 fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?
-        .split_once('.')?
-        .0
-        .parse()
-        .ok()
+    name.strip_prefix("model.layers.")?.split_once('.')?.0.parse().ok()
 }
 
 /// The config field that sets layer `layer`'s expert count, for messages.
 fn count_field(config: &ModelConfig) -> String {
-    let field = if config
-        .raw
-        .get(PER_LAYER_EXPERTS_KEY)
-        .is_some_and(|v| !v.is_null())
-    {
+    let field = if config.raw.get(PER_LAYER_EXPERTS_KEY).is_some_and(|v| !v.is_null()) {
         PER_LAYER_EXPERTS_KEY
     } else {
         let keys = expert_count_keys(config.architecture);
-        keys.iter()
-            .copied()
-            .find(|k| config.raw.get(*k).is_some_and(|v| !v.is_null()))
-            .unwrap_or(keys[0])
+        keys.iter().copied().find(|k| config.raw.get(*k).is_some_and(|v| !v.is_null())).unwrap_or(keys[0])
     };
     format!("`{field}` in {}", config.path.display())
 }
 
 /// Every tensor with its role, after checking the MoE tensors against `config.json`.
-fn inspect<'c>(
-    config: &ModelConfig,
-    ckpt: &'c Checkpoint,
-) -> Result<Vec<(TensorRef<'c>, Role<'c>)>, SurgeryError> {
+fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(TensorRef<'c>, Role<'c>)>, SurgeryError> {
     let keys = MoeKeys::of(config.architecture);
     let field = count_field(config);
     let cfg = config.path.display().to_string();
@@ -410,10 +342,7 @@ fn inspect<'c>(
     };
     let not_moe = |layer: usize| {
         if layer >= config.num_layers {
-            format!(
-                "{cfg} has only {} layers (`num_hidden_layers`)",
-                config.num_layers
-            )
+            format!("{cfg} has only {} layers (`num_hidden_layers`)", config.num_layers)
         } else {
             format!("{cfg} makes layer {layer} a dense layer")
         }
@@ -428,56 +357,30 @@ fn inspect<'c>(
     let routers_first = out
         .iter()
         .filter(|(_, r)| matches!(r, Role::Router { .. }))
-        .chain(
-            out.iter()
-                .filter(|(_, r)| !matches!(r, Role::Router { .. })),
-        );
+        .chain(out.iter().filter(|(_, r)| !matches!(r, Role::Router { .. })));
     // layer -> expert -> rest -> tensor
-    let mut experts: BTreeMap<usize, BTreeMap<usize, BTreeMap<&str, TensorRef<'c>>>> =
-        BTreeMap::new();
+    let mut experts: BTreeMap<usize, BTreeMap<usize, BTreeMap<&str, TensorRef<'c>>>> = BTreeMap::new();
     for &(t, role) in routers_first {
         match role {
-            Role::Expert {
-                layer,
-                expert,
-                rest,
-            } => {
+            Role::Expert { layer, expert, rest } => {
                 let n = config.experts_in_layer(layer);
                 if n == 0 {
-                    return Err(mismatch(
-                        &t,
-                        format!("an expert of layer {layer}, but {}", not_moe(layer)),
-                    ));
+                    return Err(mismatch(&t, format!("an expert of layer {layer}, but {}", not_moe(layer))));
                 }
                 if expert >= n {
                     return Err(mismatch(
                         &t,
-                        format!(
-                            "expert {expert} of layer {layer}, but layer {layer} has {n} experts ({field})"
-                        ),
+                        format!("expert {expert} of layer {layer}, but layer {layer} has {n} experts ({field})"),
                     ));
                 }
-                if experts
-                    .entry(layer)
-                    .or_default()
-                    .entry(expert)
-                    .or_default()
-                    .insert(rest, t)
-                    .is_some()
-                {
-                    return Err(mismatch(
-                        &t,
-                        format!("expert {expert}'s `{rest}` of layer {layer} is stored twice"),
-                    ));
+                if experts.entry(layer).or_default().entry(expert).or_default().insert(rest, t).is_some() {
+                    return Err(mismatch(&t, format!("expert {expert}'s `{rest}` of layer {layer} is stored twice")));
                 }
             }
             Role::Router { layer } => {
                 let n = config.experts_in_layer(layer);
                 if n == 0 {
-                    return Err(mismatch(
-                        &t,
-                        format!("a router tensor of layer {layer}, but {}", not_moe(layer)),
-                    ));
+                    return Err(mismatch(&t, format!("a router tensor of layer {layer}, but {}", not_moe(layer))));
                 }
                 let rows = t.shape.first().copied().unwrap_or(0);
                 if t.shape.is_empty() || rows != n {
@@ -486,19 +389,12 @@ fn inspect<'c>(
                         format!(
                             "shape {:?} has {} rows (one per expert), but layer {layer} has {n} experts ({field})",
                             t.shape,
-                            if t.shape.is_empty() {
-                                "no".to_string()
-                            } else {
-                                rows.to_string()
-                            }
+                            if t.shape.is_empty() { "no".to_string() } else { rows.to_string() }
                         ),
                     ));
                 }
                 if t.bytes.len() % rows != 0 {
-                    return Err(mismatch(
-                        &t,
-                        format!("{} bytes cannot be split into {rows} rows", t.bytes.len()),
-                    ));
+                    return Err(mismatch(&t, format!("{} bytes cannot be split into {rows} rows", t.bytes.len())));
                 }
             }
             Role::Plain => {
@@ -533,10 +429,7 @@ fn inspect<'c>(
         if router.shape != [n, h] {
             return Err(mismatch(
                 router,
-                format!(
-                    "shape {:?}, but {cfg} implies [{n}, {h}] (experts, hidden_size)",
-                    router.shape
-                ),
+                format!("shape {:?}, but {cfg} implies [{n}, {h}] (experts, hidden_size)", router.shape),
             ));
         }
     }
@@ -556,9 +449,7 @@ fn inspect<'c>(
             };
             let expert_prefix = format!("{}.experts.{e}.", keys.block_prefix(layer));
             for (name, shape) in names.iter().zip(&shapes) {
-                let rest = name
-                    .strip_prefix(&expert_prefix)
-                    .expect("expert names start with the expert prefix");
+                let rest = name.strip_prefix(&expert_prefix).expect("expert names start with the expert prefix");
                 let Some(t) = tensors.get(rest) else {
                     return Err(SurgeryError::MissingTensor {
                         tensor: name.clone(),
@@ -590,30 +481,21 @@ fn inspect<'c>(
                     Some(t) if t.shape != t0.shape || t.dtype != t0.dtype => {
                         return Err(mismatch(
                             t,
-                            format!(
-                                "{:?} {:?}, but `{}` is {:?} {:?}",
-                                t.dtype, t.shape, t0.name, t0.dtype, t0.shape
-                            ),
+                            format!("{:?} {:?}, but `{}` is {:?} {:?}", t.dtype, t.shape, t0.name, t0.dtype, t0.shape),
                         ));
                     }
                     Some(_) => {}
                 }
             }
             if let Some((rest, t)) = tensors.iter().find(|(r, _)| !first.contains_key(*r)) {
-                return Err(mismatch(
-                    t,
-                    format!("expert 0 of layer {layer} has no `{rest}`"),
-                ));
+                return Err(mismatch(t, format!("expert 0 of layer {layer} has no `{rest}`")));
             }
         }
     }
     Ok(out)
 }
 
-fn check_routers_finite(
-    config: &ModelConfig,
-    inventory: &[(TensorRef<'_>, Role<'_>)],
-) -> Result<(), SurgeryError> {
+fn check_routers_finite(config: &ModelConfig, inventory: &[(TensorRef<'_>, Role<'_>)]) -> Result<(), SurgeryError> {
     for (t, role) in inventory {
         let Role::Router { layer } = role else {
             continue;
@@ -638,10 +520,7 @@ fn check_routers_finite(
 /// The first NaN or infinite element of a float tensor (raw little-endian bytes), if any.
 /// Integer and sub-byte dtypes are never reported.
 pub(crate) fn first_non_finite(bytes: &[u8], dtype: Dtype) -> Option<(usize, &'static str)> {
-    fn scan<const N: usize>(
-        bytes: &[u8],
-        f: impl Fn(u64) -> Option<&'static str>,
-    ) -> Option<(usize, &'static str)> {
+    fn scan<const N: usize>(bytes: &[u8], f: impl Fn(u64) -> Option<&'static str>) -> Option<(usize, &'static str)> {
         bytes.chunks_exact(N).enumerate().find_map(|(i, c)| {
             let mut b = [0u8; 8];
             b[..N].copy_from_slice(c);
@@ -661,9 +540,7 @@ pub(crate) fn first_non_finite(bytes: &[u8], dtype: Dtype) -> Option<(usize, &'s
         }
     }
     match dtype {
-        Dtype::F64 => scan::<8>(bytes, |b| {
-            ieee(b, 0x7FF0_0000_0000_0000, 0x000F_FFFF_FFFF_FFFF, 1 << 63)
-        }),
+        Dtype::F64 => scan::<8>(bytes, |b| ieee(b, 0x7FF0_0000_0000_0000, 0x000F_FFFF_FFFF_FFFF, 1 << 63)),
         Dtype::F32 => scan::<4>(bytes, |b| ieee(b, 0x7F80_0000, 0x007F_FFFF, 1 << 31)),
         Dtype::F16 => scan::<2>(bytes, |b| ieee(b, 0x7C00, 0x03FF, 1 << 15)),
         Dtype::BF16 => scan::<2>(bytes, |b| ieee(b, 0x7F80, 0x007F, 1 << 15)),
@@ -671,9 +548,7 @@ pub(crate) fn first_non_finite(bytes: &[u8], dtype: Dtype) -> Option<(usize, &'s
         // E4M3 (fn): no infinities, NaN = S.1111.111.
         Dtype::F8_E4M3 => scan::<1>(bytes, |b| (b & 0x7F == 0x7F).then_some("NaN")),
         // FNUZ formats: the single NaN is 0x80 (negative zero's encoding).
-        Dtype::F8_E4M3FNUZ | Dtype::F8_E5M2FNUZ => {
-            scan::<1>(bytes, |b| (b == 0x80).then_some("NaN"))
-        }
+        Dtype::F8_E4M3FNUZ | Dtype::F8_E5M2FNUZ => scan::<1>(bytes, |b| (b == 0x80).then_some("NaN")),
         Dtype::F8_E8M0 => scan::<1>(bytes, |b| (b == 0xFF).then_some("NaN")),
         _ => None,
     }
@@ -692,40 +567,20 @@ struct OutTensor<'c> {
     nbytes: usize,
 }
 
-fn output_tensors<'c>(
-    plan: &PruningPlan,
-    inventory: &[(TensorRef<'c>, Role<'c>)],
-) -> Vec<OutTensor<'c>> {
+fn output_tensors<'c>(plan: &PruningPlan, inventory: &[(TensorRef<'c>, Role<'c>)]) -> Vec<OutTensor<'c>> {
     // layer -> old id -> new id
     let renumber: BTreeMap<usize, BTreeMap<usize, usize>> = plan
         .kept_experts
         .iter()
-        .map(|(l, kept)| {
-            (
-                *l,
-                kept.iter()
-                    .enumerate()
-                    .map(|(new, old)| (*old, new))
-                    .collect(),
-            )
-        })
+        .map(|(l, kept)| (*l, kept.iter().enumerate().map(|(new, old)| (*old, new)).collect()))
         .collect();
     let mut out = Vec::new();
     for (t, role) in inventory {
-        let copy = |name: String| OutTensor {
-            name,
-            src: *t,
-            shape: t.shape.to_vec(),
-            rows: None,
-            nbytes: t.bytes.len(),
-        };
+        let copy =
+            |name: String| OutTensor { name, src: *t, shape: t.shape.to_vec(), rows: None, nbytes: t.bytes.len() };
         match *role {
             Role::Plain => out.push(copy(t.name.to_string())),
-            Role::Expert {
-                layer,
-                expert,
-                rest,
-            } => match renumber.get(&layer) {
+            Role::Expert { layer, expert, rest } => match renumber.get(&layer) {
                 None => out.push(copy(t.name.to_string())),
                 Some(map) => {
                     if let Some(new) = map.get(&expert) {
@@ -828,11 +683,7 @@ const CHUNK: usize = 64 << 20;
 /// Writes one safetensors file: header (tensors ordered by descending dtype alignment, then as
 /// given, like the safetensors serializer; `{"format": "pt"}` metadata like transformers), then
 /// the bytes, copied from the memory-mapped input. Returns the file size.
-fn write_shard(
-    path: &Path,
-    tensors: &[OutTensor<'_>],
-    progress: &mut Progress<'_>,
-) -> Result<u64, SurgeryError> {
+fn write_shard(path: &Path, tensors: &[OutTensor<'_>], progress: &mut Progress<'_>) -> Result<u64, SurgeryError> {
     let mut order: Vec<&OutTensor<'_>> = tensors.iter().collect();
     order.sort_by_key(|t| std::cmp::Reverse(t.src.dtype));
 
@@ -906,18 +757,8 @@ fn write_json(path: &Path, value: &Value) -> Result<u64, SurgeryError> {
 }
 
 /// File extensions of weights in any framework; never copied (surgery writes its own).
-const WEIGHT_SUFFIXES: &[&str] = &[
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".h5",
-    ".msgpack",
-    ".gguf",
-    ".onnx",
-    ".index.json",
-];
+const WEIGHT_SUFFIXES: &[&str] =
+    &[".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".index.json"];
 
 /// Top-level files of the model directory to copy unchanged, sorted.
 fn files_to_copy(model_dir: &Path) -> Result<Vec<String>, SurgeryError> {
@@ -955,11 +796,7 @@ struct Staging {
 
 impl Staging {
     fn create(out_dir: &Path) -> Result<Self, SurgeryError> {
-        let name = out_dir
-            .file_name()
-            .expect("checked by check_output_location")
-            .to_string_lossy()
-            .into_owned();
+        let name = out_dir.file_name().expect("checked by check_output_location").to_string_lossy().into_owned();
         let parent = match out_dir.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -976,11 +813,7 @@ impl Staging {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let seq = SEQ.fetch_add(1, AtomicOrdering::Relaxed);
         let tmp_name = format!(".{name}.tmp-{}-{seq}", std::process::id());
-        let staging = Staging {
-            path: parent.join(tmp_name),
-            created,
-            committed: false,
-        };
+        let staging = Staging { path: parent.join(tmp_name), created, committed: false };
         fs::create_dir_all(&parent).map_err(SurgeryError::io(&parent))?;
         if fs::symlink_metadata(&staging.path).is_ok() {
             // Left by a crashed run that had our process id.
@@ -993,9 +826,7 @@ impl Staging {
     fn commit(mut self, out_dir: &Path, force: bool) -> Result<(), SurgeryError> {
         if let Ok(meta) = fs::symlink_metadata(out_dir) {
             if !force {
-                return Err(SurgeryError::OutputExists {
-                    path: out_dir.to_path_buf(),
-                });
+                return Err(SurgeryError::OutputExists { path: out_dir.to_path_buf() });
             }
             if meta.is_dir() {
                 fs::remove_dir_all(out_dir).map_err(SurgeryError::io(out_dir))?;
@@ -1005,10 +836,7 @@ impl Staging {
         }
         fs::rename(&self.path, out_dir).map_err(|source| SurgeryError::Io {
             path: out_dir.to_path_buf(),
-            source: std::io::Error::new(
-                source.kind(),
-                format!("moving {} into place: {source}", self.path.display()),
-            ),
+            source: std::io::Error::new(source.kind(), format!("moving {} into place: {source}", self.path.display())),
         })?;
         self.committed = true;
         Ok(())
@@ -1032,34 +860,19 @@ mod tests {
 
     #[test]
     fn natural_order() {
-        let mut v = vec![
-            "model.layers.10.a",
-            "model.layers.2.b",
-            "lm_head.weight",
-            "model.layers.2.a",
-            "model.norm.weight",
-        ];
+        let mut v =
+            vec!["model.layers.10.a", "model.layers.2.b", "lm_head.weight", "model.layers.2.a", "model.norm.weight"];
         v.sort_by(|a, b| natural_cmp(a, b));
         assert_eq!(
             v,
-            [
-                "lm_head.weight",
-                "model.layers.2.a",
-                "model.layers.2.b",
-                "model.layers.10.a",
-                "model.norm.weight"
-            ]
+            ["lm_head.weight", "model.layers.2.a", "model.layers.2.b", "model.layers.10.a", "model.norm.weight"]
         );
     }
 
     #[test]
     fn renames_keep_prefix() {
         assert_eq!(
-            rename_expert(
-                "model.layers.3.mlp.experts.17.gate_proj.weight",
-                "gate_proj.weight",
-                4
-            ),
+            rename_expert("model.layers.3.mlp.experts.17.gate_proj.weight", "gate_proj.weight", 4),
             "model.layers.3.mlp.experts.4.gate_proj.weight"
         );
     }
@@ -1067,62 +880,28 @@ mod tests {
     #[test]
     fn classifies_router_attachments() {
         let k = MoeKeys::of(diep_checkpoint::Architecture::Qwen2Moe);
-        assert_eq!(
-            classify(&k, "model.layers.1.mlp.gate.weight"),
-            Role::Router { layer: 1 }
-        );
-        assert_eq!(
-            classify(&k, "model.layers.1.mlp.gate.e_score_correction_bias"),
-            Role::Router { layer: 1 }
-        );
-        assert_eq!(
-            classify(&k, "model.layers.1.mlp.gate_proj.weight"),
-            Role::Plain
-        );
-        assert_eq!(
-            classify(&k, "model.layers.1.mlp.shared_expert_gate.weight"),
-            Role::Plain
-        );
+        assert_eq!(classify(&k, "model.layers.1.mlp.gate.weight"), Role::Router { layer: 1 });
+        assert_eq!(classify(&k, "model.layers.1.mlp.gate.e_score_correction_bias"), Role::Router { layer: 1 });
+        assert_eq!(classify(&k, "model.layers.1.mlp.gate_proj.weight"), Role::Plain);
+        assert_eq!(classify(&k, "model.layers.1.mlp.shared_expert_gate.weight"), Role::Plain);
         assert_eq!(
             classify(&k, "model.layers.1.mlp.experts.3.up_proj.weight"),
-            Role::Expert {
-                layer: 1,
-                expert: 3,
-                rest: "up_proj.weight"
-            }
+            Role::Expert { layer: 1, expert: 3, rest: "up_proj.weight" }
         );
     }
 
     #[test]
     fn non_finite_detection_per_dtype() {
-        let f32s: Vec<u8> = [1.0f32, f32::NAN]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let f32s: Vec<u8> = [1.0f32, f32::NAN].iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(first_non_finite(&f32s, Dtype::F32), Some((1, "NaN")));
-        let f32s: Vec<u8> = [1.0f32, 2.0, f32::NEG_INFINITY]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let f32s: Vec<u8> = [1.0f32, 2.0, f32::NEG_INFINITY].iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(first_non_finite(&f32s, Dtype::F32), Some((2, "-inf")));
-        let f64s: Vec<u8> = [f64::INFINITY]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let f64s: Vec<u8> = [f64::INFINITY].iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(first_non_finite(&f64s, Dtype::F64), Some((0, "+inf")));
         // bf16: 1.0 = 0x3F80, NaN = 0x7FC0; f16: 1.0 = 0x3C00, inf = 0x7C00.
-        assert_eq!(
-            first_non_finite(&[0x80, 0x3F, 0xC0, 0x7F], Dtype::BF16),
-            Some((1, "NaN"))
-        );
-        assert_eq!(
-            first_non_finite(&[0x80, 0x3F, 0x80, 0x3F], Dtype::BF16),
-            None
-        );
-        assert_eq!(
-            first_non_finite(&[0x00, 0x3C, 0x00, 0x7C], Dtype::F16),
-            Some((1, "+inf"))
-        );
+        assert_eq!(first_non_finite(&[0x80, 0x3F, 0xC0, 0x7F], Dtype::BF16), Some((1, "NaN")));
+        assert_eq!(first_non_finite(&[0x80, 0x3F, 0x80, 0x3F], Dtype::BF16), None);
+        assert_eq!(first_non_finite(&[0x00, 0x3C, 0x00, 0x7C], Dtype::F16), Some((1, "+inf")));
         assert_eq!(first_non_finite(&[0xFF, 0xFF], Dtype::U8), None);
     }
 }

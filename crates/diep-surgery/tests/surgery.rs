@@ -10,50 +10,30 @@ use serde_json::{Map, Value};
 use diep_checkpoint::architectures::{MoeKeys, MoeTensor};
 use diep_checkpoint::{Checkpoint, Dtype, ModelConfig, PER_LAYER_EXPERTS_KEY};
 use diep_surgery::{
-    AUTO_MAP_KEY, PruningPlan, REMOTE_CODE_FILES, SurgeryError, SurgeryOptions, SurgeryProgress,
-    SurgeryReport, apply_plan, expert_count_keys, remote_code_auto_map,
+    AUTO_MAP_KEY, PruningPlan, REMOTE_CODE_FILES, SurgeryError, SurgeryOptions, SurgeryProgress, SurgeryReport,
+    apply_plan, expert_count_keys, remote_code_auto_map,
 };
 
-const FIXTURES: &[&str] = &[
-    "tiny-mixtral",
-    "tiny-mixtral-bf16",
-    "tiny-qwen2-moe",
-    "tiny-qwen3-moe",
-    "tiny-qwen3-moe-tf4",
-    "tiny-olmoe",
-];
+const FIXTURES: &[&str] =
+    &["tiny-mixtral", "tiny-mixtral-bf16", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-qwen3-moe-tf4", "tiny-olmoe"];
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/models")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name)
 }
 
-fn plan_from(
-    config: &ModelConfig,
-    kept: impl Fn(usize, usize, usize) -> Vec<usize>,
-) -> PruningPlan {
+fn plan_from(config: &ModelConfig, kept: impl Fn(usize, usize, usize) -> Vec<usize>) -> PruningPlan {
     let layers = config.moe_layers();
-    let original = layers
-        .iter()
-        .map(|&l| (l, config.experts_in_layer(l)))
-        .collect();
-    let kept = layers
-        .iter()
-        .enumerate()
-        .map(|(j, &l)| (l, kept(j, config.experts_in_layer(l), config.moe.top_k)))
-        .collect();
+    let original = layers.iter().map(|&l| (l, config.experts_in_layer(l))).collect();
+    let kept =
+        layers.iter().enumerate().map(|(j, &l)| (l, kept(j, config.experts_in_layer(l), config.moe.top_k))).collect();
     PruningPlan::new(config.architecture.model_type(), original, kept, "test")
 }
 
 /// Every MoE layer keeps the same `n/2` experts, not a prefix: odd ids first.
 fn uniform_plan(config: &ModelConfig) -> PruningPlan {
     plan_from(config, |_, n, k| {
-        let mut ids: Vec<usize> = (0..n)
-            .filter(|e| e % 2 == 1)
-            .chain((0..n).filter(|e| e % 2 == 0))
-            .take((n / 2).max(k))
-            .collect();
+        let mut ids: Vec<usize> =
+            (0..n).filter(|e| e % 2 == 1).chain((0..n).filter(|e| e % 2 == 0)).take((n / 2).max(k)).collect();
         ids.sort();
         ids
     })
@@ -93,23 +73,14 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
     for name in input.names() {
         let t = input.get(name).unwrap();
         let (out_name, rows) = match keys.parse(name) {
-            Some(MoeTensor::Expert {
-                layer,
-                expert,
-                rest,
-            }) => {
+            Some(MoeTensor::Expert { layer, expert, rest }) => {
                 let kept = &plan.kept_experts[&layer];
                 let Some(new) = kept.iter().position(|e| *e == expert) else {
                     continue;
                 };
-                (
-                    format!("{}.experts.{new}.{rest}", keys.block_prefix(layer)),
-                    None,
-                )
+                (format!("{}.experts.{new}.{rest}", keys.block_prefix(layer)), None)
             }
-            Some(MoeTensor::Router { layer }) => {
-                (name.to_string(), Some(plan.kept_experts[&layer].clone()))
-            }
+            Some(MoeTensor::Router { layer }) => (name.to_string(), Some(plan.kept_experts[&layer].clone())),
             None => (name.to_string(), None),
         };
         let o = output.get(&out_name).unwrap_or_else(|e| panic!("{e}"));
@@ -124,10 +95,7 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
                 let mut shape = t.shape.to_vec();
                 shape[0] = rows.len();
                 assert_eq!(o.shape, shape.as_slice(), "{out_name}");
-                let want: Vec<u8> = rows
-                    .iter()
-                    .flat_map(|r| t.bytes[r * row..(r + 1) * row].iter().copied())
-                    .collect();
+                let want: Vec<u8> = rows.iter().flat_map(|r| t.bytes[r * row..(r + 1) * row].iter().copied()).collect();
                 assert!(o.bytes == want.as_slice(), "{out_name}: router rows differ");
             }
         }
@@ -140,9 +108,7 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
         let ids: BTreeSet<usize> = output
             .names()
             .filter_map(|n| match keys.parse(n) {
-                Some(MoeTensor::Expert {
-                    layer: l, expert, ..
-                }) if l == *layer => Some(expert),
+                Some(MoeTensor::Expert { layer: l, expert, .. }) if l == *layer => Some(expert),
                 _ => None,
             })
             .collect();
@@ -153,8 +119,7 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
     let raw_in = read_json(&input_dir.join("config.json"));
     let raw_out = read_json(&out_dir.join("config.json"));
     let count_keys = expert_count_keys(cin.architecture);
-    let special =
-        |k: &str| count_keys.contains(&k) || k == PER_LAYER_EXPERTS_KEY || k == AUTO_MAP_KEY;
+    let special = |k: &str| count_keys.contains(&k) || k == PER_LAYER_EXPERTS_KEY || k == AUTO_MAP_KEY;
     for (k, v) in &raw_in {
         if !special(k) {
             assert_eq!(raw_out.get(k), Some(v), "config key `{k}`");
@@ -170,10 +135,7 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
     }
     let uniform = counts.values().all(|c| *c == max);
     assert_eq!(report.uniform, uniform);
-    let py: Vec<_> = REMOTE_CODE_FILES
-        .iter()
-        .map(|(n, text)| (out_dir.join(n), text))
-        .collect();
+    let py: Vec<_> = REMOTE_CODE_FILES.iter().map(|(n, text)| (out_dir.join(n), text)).collect();
     if uniform {
         assert!(!raw_out.contains_key(PER_LAYER_EXPERTS_KEY));
         assert!(!raw_out.contains_key(AUTO_MAP_KEY));
@@ -181,14 +143,9 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
             assert!(!p.exists(), "{}", p.display());
         }
     } else {
-        let per_layer: Vec<usize> = (0..cin.num_layers)
-            .map(|l| counts.get(&l).copied().unwrap_or(0))
-            .collect();
+        let per_layer: Vec<usize> = (0..cin.num_layers).map(|l| counts.get(&l).copied().unwrap_or(0)).collect();
         assert_eq!(raw_out[PER_LAYER_EXPERTS_KEY], serde_json::json!(per_layer));
-        assert_eq!(
-            raw_out[AUTO_MAP_KEY],
-            Value::Object(remote_code_auto_map().unwrap())
-        );
+        assert_eq!(raw_out[AUTO_MAP_KEY], Value::Object(remote_code_auto_map().unwrap()));
         for (p, text) in &py {
             assert_eq!(&std::fs::read_to_string(p).unwrap(), *text);
         }
@@ -196,60 +153,37 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
     let cout = ModelConfig::from_dir(out_dir).unwrap();
     assert_eq!(cout.moe_layers(), cin.moe_layers());
     for l in 0..cin.num_layers {
-        assert_eq!(
-            cout.experts_in_layer(l),
-            counts.get(&l).copied().unwrap_or(0),
-            "layer {l}"
-        );
+        assert_eq!(cout.experts_in_layer(l), counts.get(&l).copied().unwrap_or(0), "layer {l}");
     }
 
     // Other files.
     for f in ["tokenizer.json", "generation_config.json"] {
         if input_dir.join(f).exists() {
-            assert_eq!(
-                std::fs::read(input_dir.join(f)).unwrap(),
-                std::fs::read(out_dir.join(f)).unwrap(),
-                "{f}"
-            );
+            assert_eq!(std::fs::read(input_dir.join(f)).unwrap(), std::fs::read(out_dir.join(f)).unwrap(), "{f}");
         }
     }
 
     // Report.
-    let numel = |c: &Checkpoint| {
-        c.names()
-            .map(|n| c.get(n).unwrap().numel() as u64)
-            .sum::<u64>()
-    };
+    let numel = |c: &Checkpoint| c.names().map(|n| c.get(n).unwrap().numel() as u64).sum::<u64>();
     assert_eq!(report.params_before, numel(&input));
     assert_eq!(report.params_after, numel(&output));
     assert_eq!(report.tensors_written, output.names().count());
     assert_eq!(report.tensor_bytes, output.data_bytes() as u64);
     assert_eq!(report.kept_experts, plan.kept_experts);
     let listed: BTreeSet<PathBuf> = report.files_written.iter().cloned().collect();
-    let on_disk: BTreeSet<PathBuf> = std::fs::read_dir(out_dir)
-        .unwrap()
-        .map(|e| PathBuf::from(e.unwrap().file_name()))
-        .collect();
+    let on_disk: BTreeSet<PathBuf> =
+        std::fs::read_dir(out_dir).unwrap().map(|e| PathBuf::from(e.unwrap().file_name())).collect();
     assert_eq!(listed, on_disk);
-    let size: u64 = on_disk
-        .iter()
-        .map(|f| std::fs::metadata(out_dir.join(f)).unwrap().len())
-        .sum();
+    let size: u64 = on_disk.iter().map(|f| std::fs::metadata(out_dir.join(f)).unwrap().len()).sum();
     assert_eq!(report.bytes_written, size);
 }
 
 /// Nothing but `allowed` in `dir` (no temp directories left behind).
 fn assert_only(dir: &Path, allowed: &[&str]) {
-    let names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     for n in &names {
-        assert!(
-            allowed.contains(&n.as_str()),
-            "unexpected {n} in {}",
-            dir.display()
-        );
+        assert!(allowed.contains(&n.as_str()), "unexpected {n} in {}", dir.display());
     }
 }
 
@@ -258,21 +192,14 @@ fn uniform_and_non_uniform_plans_on_every_fixture() {
     for name in FIXTURES {
         let dir = fixture(name);
         let config = ModelConfig::from_dir(&dir).unwrap();
-        for (kind, plan) in [
-            ("uniform", uniform_plan(&config)),
-            ("non-uniform", non_uniform_plan(&config)),
-        ] {
+        for (kind, plan) in [("uniform", uniform_plan(&config)), ("non-uniform", non_uniform_plan(&config))] {
             assert_eq!(plan.is_uniform(), kind == "uniform", "{name}");
             let outs = tempfile::tempdir().unwrap();
             let out = outs.path().join("pruned");
-            let report = apply_plan(&dir, &plan, &out, &opts())
-                .unwrap_or_else(|e| panic!("{name} {kind}: {e}"));
+            let report = apply_plan(&dir, &plan, &out, &opts()).unwrap_or_else(|e| panic!("{name} {kind}: {e}"));
             verify(&dir, &out, &plan, &report);
             assert_eq!(report.shards, 1);
-            assert!(
-                out.join("model.safetensors").is_file()
-                    && !out.join("model.safetensors.index.json").exists()
-            );
+            assert!(out.join("model.safetensors").is_file() && !out.join("model.safetensors.index.json").exists());
             assert_only(outs.path(), &["pruned"]);
         }
     }
@@ -301,16 +228,7 @@ fn shards_when_over_the_limit() {
         let outs = tempfile::tempdir().unwrap();
         let out = outs.path().join("pruned");
         let max = 100_000u64;
-        let report = apply_plan(
-            &dir,
-            &plan,
-            &out,
-            &SurgeryOptions {
-                max_shard_bytes: max,
-                ..opts()
-            },
-        )
-        .unwrap();
+        let report = apply_plan(&dir, &plan, &out, &SurgeryOptions { max_shard_bytes: max, ..opts() }).unwrap();
         verify(&dir, &out, &plan, &report);
         let n = report.shards;
         assert!(n > 2, "{name}: {n} shards");
@@ -374,9 +292,7 @@ fn re_pruning_a_non_uniform_output() {
 
     // Non-uniform again: the per-layer list defines the input's experts.
     let c1 = ModelConfig::from_dir(&once).unwrap();
-    let second = plan_from(&c1, |j, n, k| {
-        (0..n).filter(|e| e % 2 == j % 2 || *e < k).collect()
-    });
+    let second = plan_from(&c1, |j, n, k| (0..n).filter(|e| e % 2 == j % 2 || *e < k).collect());
     assert!(!second.is_uniform());
     let twice = outs.path().join("twice");
     let r = apply_plan(&once, &second, &twice, &opts()).unwrap();
@@ -387,11 +303,7 @@ fn re_pruning_a_non_uniform_output() {
     let thrice = outs.path().join("thrice");
     let r = apply_plan(&once, &third, &thrice, &opts()).unwrap();
     verify(&once, &thrice, &third, &r);
-    assert!(
-        !r.files_written
-            .iter()
-            .any(|f| f.extension().is_some_and(|e| e == "py"))
-    );
+    assert!(!r.files_written.iter().any(|f| f.extension().is_some_and(|e| e == "py")));
     assert_only(outs.path(), &["once", "twice", "thrice"]);
 }
 
@@ -403,11 +315,7 @@ fn progress_reaches_the_total() {
     let cb = |p: SurgeryProgress| seen.borrow_mut().push(p);
     let outs = tempfile::tempdir().unwrap();
     let out = outs.path().join("o");
-    let o = SurgeryOptions {
-        max_shard_bytes: 200_000,
-        progress: Some(&cb),
-        ..opts()
-    };
+    let o = SurgeryOptions { max_shard_bytes: 200_000, progress: Some(&cb), ..opts() };
     let report = apply_plan(&dir, &uniform_plan(&config), &out, &o).unwrap();
     let seen = seen.into_inner();
     let last = *seen.last().unwrap();
@@ -416,10 +324,7 @@ fn progress_reaches_the_total() {
     assert_eq!(last.tensors_written, report.tensors_written);
     assert_eq!(last.total_tensors, report.tensors_written);
     assert_eq!((last.shard, last.shards), (report.shards, report.shards));
-    assert!(
-        seen.windows(2)
-            .all(|w| w[0].bytes_written <= w[1].bytes_written)
-    );
+    assert!(seen.windows(2).all(|w| w[0].bytes_written <= w[1].bytes_written));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -440,18 +345,9 @@ fn load_owned(dir: &Path) -> Owned {
 fn write_owned(path: &Path, tensors: &Owned) {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
         .collect();
-    let meta = Some(
-        [("format".to_string(), "pt".to_string())]
-            .into_iter()
-            .collect(),
-    );
+    let meta = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
     safetensors::serialize_to_file(views, meta, path).unwrap();
 }
 
@@ -472,44 +368,24 @@ fn scratch(name: &str) -> Scratch {
         let e = e.unwrap();
         std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
     }
-    Scratch {
-        _tmp: tmp,
-        model,
-        outs,
-    }
+    Scratch { _tmp: tmp, model, outs }
 }
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut Map<String, Value>)) {
     let mut raw = read_json(&dir.join("config.json"));
     f(&mut raw);
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&Value::Object(raw)).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&Value::Object(raw)).unwrap()).unwrap();
 }
 
 #[test]
 fn router_vectors_are_sliced_and_other_dtypes_copied() {
     let s = scratch("tiny-mixtral");
     let mut tensors = load_owned(&s.model);
-    let bias: Vec<u8> = (0..8)
-        .flat_map(|i| (i as f32 * 10.0).to_le_bytes())
-        .collect();
-    tensors.push((
-        "model.layers.0.block_sparse_moe.gate.bias".into(),
-        Dtype::F32,
-        vec![8],
-        bias,
-    ));
+    let bias: Vec<u8> = (0..8).flat_map(|i| (i as f32 * 10.0).to_le_bytes()).collect();
+    tensors.push(("model.layers.0.block_sparse_moe.gate.bias".into(), Dtype::F32, vec![8], bias));
     let ints: Vec<u8> = [7i64, -1, 3].iter().flat_map(|x| x.to_le_bytes()).collect();
     tensors.push(("model.extra_ints".into(), Dtype::I64, vec![3], ints.clone()));
-    tensors.push((
-        "model.extra_half".into(),
-        Dtype::F16,
-        vec![2],
-        vec![0, 0x3C, 0, 0x40],
-    ));
+    tensors.push(("model.extra_half".into(), Dtype::F16, vec![2], vec![0, 0x3C, 0, 0x40]));
     write_owned(&s.model.join("model.safetensors"), &tensors);
     std::fs::write(s.model.join("README.md"), "hello").unwrap();
     std::fs::write(s.model.join("pytorch_model.bin"), "not copied").unwrap();
@@ -519,29 +395,14 @@ fn router_vectors_are_sliced_and_other_dtypes_copied() {
     let config = ModelConfig::from_dir(&s.model).unwrap();
     let plan = plan_from(&config, |_, _, _| vec![1, 4, 6]);
     let out = s.outs.join("o");
-    apply_plan(
-        &s.model,
-        &plan,
-        &out,
-        &SurgeryOptions {
-            max_shard_bytes: 150_000,
-            ..opts()
-        },
-    )
-    .unwrap();
+    apply_plan(&s.model, &plan, &out, &SurgeryOptions { max_shard_bytes: 150_000, ..opts() }).unwrap();
     let c = Checkpoint::open(&out).unwrap();
     let b = c.get("model.layers.0.block_sparse_moe.gate.bias").unwrap();
     assert_eq!(b.shape, &[3]);
     assert_eq!(b.to_f32().unwrap(), vec![10.0, 40.0, 60.0]);
     assert_eq!(c.get("model.extra_ints").unwrap().bytes, ints.as_slice());
-    assert_eq!(
-        c.get("model.extra_half").unwrap().bytes,
-        &[0, 0x3C, 0, 0x40]
-    );
-    assert_eq!(
-        std::fs::read_to_string(out.join("README.md")).unwrap(),
-        "hello"
-    );
+    assert_eq!(c.get("model.extra_half").unwrap().bytes, &[0, 0x3C, 0, 0x40]);
+    assert_eq!(std::fs::read_to_string(out.join("README.md")).unwrap(), "hello");
     for f in ["pytorch_model.bin", ".gitattributes"] {
         assert!(!out.join(f).exists(), "{f} copied");
     }
@@ -574,10 +435,7 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
     let msg = fail(&s, &plan);
-    assert!(
-        msg.contains("model.safetensors") && msg.contains("truncated"),
-        "{msg}"
-    );
+    assert!(msg.contains("model.safetensors") && msg.contains("truncated"), "{msg}");
 }
 
 #[test]
@@ -588,10 +446,7 @@ fn header_length_beyond_the_file() {
     bytes.extend_from_slice(b"{}      ");
     std::fs::write(s.model.join("model.safetensors"), bytes).unwrap();
     let msg = fail(&s, &plan);
-    assert!(
-        msg.contains("model.safetensors") && msg.contains("beyond the end of the file"),
-        "{msg}"
-    );
+    assert!(msg.contains("model.safetensors") && msg.contains("beyond the end of the file"), "{msg}");
 }
 
 #[test]
@@ -603,10 +458,7 @@ fn shard_index_pointing_outside() {
     let text = text.replacen("model-00003-of-00005.safetensors", "../x.safetensors", 1);
     std::fs::write(&path, text).unwrap();
     let msg = fail(&s, &plan);
-    assert!(
-        msg.contains("model.safetensors.index.json") && msg.contains("../x.safetensors"),
-        "{msg}"
-    );
+    assert!(msg.contains("model.safetensors.index.json") && msg.contains("../x.safetensors"), "{msg}");
     assert!(msg.contains("outside the model directory"), "{msg}");
 }
 
@@ -617,14 +469,9 @@ fn config_says_fewer_experts_than_the_router_has() {
         c.insert("num_local_experts".into(), 6.into());
     });
     let msg = fail(&s, &plan_for(&s.model));
+    assert!(msg.contains("`model.layers.0.block_sparse_moe.gate.weight`"), "{msg}");
     assert!(
-        msg.contains("`model.layers.0.block_sparse_moe.gate.weight`"),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("model.safetensors")
-            && msg.contains("8 rows")
-            && msg.contains("`num_local_experts`"),
+        msg.contains("model.safetensors") && msg.contains("8 rows") && msg.contains("`num_local_experts`"),
         "{msg}"
     );
     assert!(msg.contains("config.json"), "{msg}");
@@ -635,23 +482,16 @@ fn router_has_fewer_rows_than_the_config_says() {
     let s = scratch("tiny-mixtral");
     let plan = plan_for(&s.model);
     let mut tensors = load_owned(&s.model);
-    let router = tensors
-        .iter_mut()
-        .find(|t| t.0 == "model.layers.1.block_sparse_moe.gate.weight")
-        .unwrap();
+    let router = tensors.iter_mut().find(|t| t.0 == "model.layers.1.block_sparse_moe.gate.weight").unwrap();
     router.2[0] = 6;
     router.3.truncate(router.3.len() / 8 * 6);
     write_owned(&s.model.join("model.safetensors"), &tensors);
     let msg = fail(&s, &plan);
     assert!(
-        msg.contains("`model.layers.1.block_sparse_moe.gate.weight`")
-            && msg.contains("model.safetensors"),
+        msg.contains("`model.layers.1.block_sparse_moe.gate.weight`") && msg.contains("model.safetensors"),
         "{msg}"
     );
-    assert!(
-        msg.contains("6 rows") && msg.contains("8 experts") && msg.contains("num_local_experts"),
-        "{msg}"
-    );
+    assert!(msg.contains("6 rows") && msg.contains("8 experts") && msg.contains("num_local_experts"), "{msg}");
 }
 
 #[test]
@@ -662,10 +502,7 @@ fn missing_expert_tensor() {
     tensors.retain(|t| t.0 != "model.layers.3.mlp.experts.5.down_proj.weight");
     write_owned(&s.model.join("model.safetensors"), &tensors);
     let msg = fail(&s, &plan);
-    assert!(
-        msg.contains("`model.layers.3.mlp.experts.5.down_proj.weight`") && msg.contains("missing"),
-        "{msg}"
-    );
+    assert!(msg.contains("`model.layers.3.mlp.experts.5.down_proj.weight`") && msg.contains("missing"), "{msg}");
 }
 
 #[test]
@@ -675,37 +512,26 @@ fn expert_shape_differs_from_config() {
         c.insert("intermediate_size".into(), 40.into());
     });
     let msg = fail(&s, &plan_for(&s.model));
-    assert!(
-        msg.contains("model.layers.0.mlp.experts.0.") && msg.contains("[40, 64]"),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("config.json") && msg.contains("model.safetensors"),
-        "{msg}"
-    );
+    assert!(msg.contains("model.layers.0.mlp.experts.0.") && msg.contains("[40, 64]"), "{msg}");
+    assert!(msg.contains("config.json") && msg.contains("model.safetensors"), "{msg}");
 }
 
 #[test]
 fn nan_or_inf_in_a_router() {
-    for (fixture_name, dtype_bad, kind) in [
-        ("tiny-mixtral", f32::NAN.to_le_bytes().to_vec(), "NaN"),
-        ("tiny-mixtral-bf16", vec![0x80, 0xFF], "-inf"),
-    ] {
+    for (fixture_name, dtype_bad, kind) in
+        [("tiny-mixtral", f32::NAN.to_le_bytes().to_vec(), "NaN"), ("tiny-mixtral-bf16", vec![0x80, 0xFF], "-inf")]
+    {
         let s = scratch(fixture_name);
         let plan = plan_for(&s.model);
         let mut tensors = load_owned(&s.model);
-        let router = tensors
-            .iter_mut()
-            .find(|t| t.0 == "model.layers.1.block_sparse_moe.gate.weight")
-            .unwrap();
+        let router = tensors.iter_mut().find(|t| t.0 == "model.layers.1.block_sparse_moe.gate.weight").unwrap();
         let w = dtype_bad.len();
         let at = (5 * 64 + 7) * w; // row 5, column 7
         router.3[at..at + w].copy_from_slice(&dtype_bad);
         write_owned(&s.model.join("model.safetensors"), &tensors);
         let msg = fail(&s, &plan);
         assert!(
-            msg.contains("`model.layers.1.block_sparse_moe.gate.weight`")
-                && msg.contains("model.safetensors"),
+            msg.contains("`model.layers.1.block_sparse_moe.gate.weight`") && msg.contains("model.safetensors"),
             "{msg}"
         );
         assert!(msg.contains(kind) && msg.contains("row 5"), "{msg}");
@@ -716,21 +542,10 @@ fn nan_or_inf_in_a_router() {
 fn fewer_kept_than_num_experts_per_tok() {
     let s = scratch("tiny-qwen2-moe");
     let config = ModelConfig::from_dir(&s.model).unwrap();
-    let plan = plan_from(
-        &config,
-        |j, _, _| if j == 1 { vec![3] } else { vec![0, 1, 2] },
-    );
+    let plan = plan_from(&config, |j, _, _| if j == 1 { vec![3] } else { vec![0, 1, 2] });
     let msg = fail(&s, &plan);
-    assert!(
-        msg.contains("layer 1")
-            && msg.contains("num_experts_per_tok")
-            && msg.contains("config.json"),
-        "{msg}"
-    );
-    assert!(matches!(
-        apply_plan(&s.model, &plan, &s.outs.join("x"), &opts()),
-        Err(SurgeryError::InvalidPlan(_))
-    ));
+    assert!(msg.contains("layer 1") && msg.contains("num_experts_per_tok") && msg.contains("config.json"), "{msg}");
+    assert!(matches!(apply_plan(&s.model, &plan, &s.outs.join("x"), &opts()), Err(SurgeryError::InvalidPlan(_))));
 }
 
 #[test]
@@ -752,23 +567,11 @@ fn existing_output_needs_force() {
     let err = apply_plan(&s.model, &plan, &out, &opts()).err().unwrap();
     assert!(matches!(err, SurgeryError::OutputExists { .. }));
     let msg = err.to_string();
-    assert!(
-        msg.contains(&out.display().to_string()) && msg.contains("already exists"),
-        "{msg}"
-    );
+    assert!(msg.contains(&out.display().to_string()) && msg.contains("already exists"), "{msg}");
     assert!(out.join("old.txt").exists());
     assert_only(&s.outs, &["pruned"]);
 
-    let report = apply_plan(
-        &s.model,
-        &plan,
-        &out,
-        &SurgeryOptions {
-            force: true,
-            ..opts()
-        },
-    )
-    .unwrap();
+    let report = apply_plan(&s.model, &plan, &out, &SurgeryOptions { force: true, ..opts() }).unwrap();
     verify(&s.model, &out, &plan, &report);
     assert!(!out.join("old.txt").exists());
     assert_only(&s.outs, &["pruned"]);
@@ -778,17 +581,7 @@ fn existing_output_needs_force() {
 fn output_cannot_replace_the_input() {
     let s = scratch("tiny-mixtral");
     let plan = plan_for(&s.model);
-    let err = apply_plan(
-        &s.model,
-        &plan,
-        &s.model,
-        &SurgeryOptions {
-            force: true,
-            ..opts()
-        },
-    )
-    .err()
-    .unwrap();
+    let err = apply_plan(&s.model, &plan, &s.model, &SurgeryOptions { force: true, ..opts() }).err().unwrap();
     assert!(matches!(err, SurgeryError::OutputIsInput { .. }), "{err}");
     Checkpoint::open(&s.model).unwrap();
 }
