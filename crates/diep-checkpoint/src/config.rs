@@ -324,13 +324,13 @@ impl ModelConfig {
             }
         }
         for (i, kind) in layers.iter().enumerate() {
-            if let LayerKind::Moe { num_experts } = kind {
-                if top_k == 0 || top_k > *num_experts {
-                    return Err(f.invalid(
-                        "num_experts_per_tok",
-                        format!("{top_k} is not in 1..={num_experts} (experts of layer {i})"),
-                    ));
-                }
+            if let LayerKind::Moe { num_experts } = kind
+                && (top_k == 0 || top_k > *num_experts)
+            {
+                return Err(f.invalid(
+                    "num_experts_per_tok",
+                    format!("{top_k} is not in 1..={num_experts} (experts of layer {i})"),
+                ));
             }
         }
 

@@ -51,8 +51,8 @@ fn unequal_lengths_weight_every_prediction_equally() {
     let model = MoeModel::load(fixtures().join("models/tiny-mixtral"), &device).unwrap();
     let a: Vec<u32> = vec![5, 9, 17, 33, 2, 8, 100, 7];
     let b: Vec<u32> = vec![11, 12, 13];
-    let ra = perplexity(&model, &[a.clone()], 4096, |_, _| {}).unwrap();
-    let rb = perplexity(&model, &[b.clone()], 4096, |_, _| {}).unwrap();
+    let ra = perplexity(&model, std::slice::from_ref(&a), 4096, |_, _| {}).unwrap();
+    let rb = perplexity(&model, std::slice::from_ref(&b), 4096, |_, _| {}).unwrap();
     let both = perplexity(&model, &[a, b], 4096, |_, _| {}).unwrap();
     let expected = ((ra.mean_nll * 7.0 + rb.mean_nll * 2.0) / 9.0).exp();
     assert!((both.perplexity - expected).abs() / expected < 1e-9);

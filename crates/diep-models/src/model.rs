@@ -13,6 +13,8 @@ use crate::nn::{Linear, RmsNorm, SwiGlu};
 use diep_checkpoint::architectures::{DENSE_MLP, MoeKeys};
 
 /// The feed-forward half of a decoder layer.
+// A model has one per layer, so the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum FeedForward {
     /// A mixture-of-experts block.

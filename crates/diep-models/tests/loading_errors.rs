@@ -38,7 +38,7 @@ fn rewrite(
 
 fn load_err(dir: &Path) -> String {
     let device = DeviceSpec::Cpu.device().unwrap();
-    format!("{}", MoeModel::load(dir, &device).err().expect("loading should fail"))
+    format!("{}", MoeModel::load(dir, &device).expect_err("loading should fail"))
 }
 
 const EXPERT: &str = "model.layers.1.block_sparse_moe.experts.3.w2.weight";
