@@ -167,6 +167,21 @@ impl MoeModel {
         self.forward_with(ids, &MoeForwardOptions::default(), |_, _, _| {})
     }
 
+    /// Logits with per-layer MoE options (layers without an entry run plainly): the entry
+    /// point of relaxations that give each layer its own router bias or expert scale.
+    pub fn forward_per_layer(
+        &self,
+        ids: &[Vec<u32>],
+        opts: &std::collections::BTreeMap<usize, MoeForwardOptions>,
+    ) -> Result<Tensor<3>> {
+        let (mut h, ctx) = self.embed(ids)?;
+        let plain = MoeForwardOptions::default();
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(h, &ctx, opts.get(&i).unwrap_or(&plain)).hidden;
+        }
+        Ok(self.head(h).reshape([ctx.batch, ctx.seq_len, self.config.vocab_size]))
+    }
+
     /// Logits, calling `on_moe(layer, input, output)` after every MoE layer with the block's
     /// input, its routing and (per `opts`) expert outputs. `opts` applies to every MoE layer.
     pub fn forward_with(

@@ -1,0 +1,244 @@
+//! DiEP's continuous relaxation of the expert-combination search space.
+//!
+//! Each MoE layer `l` with `N_l` routed experts gets intra-layer scores `α_l ∈ R^{N_l}` and an
+//! inter-layer importance `β_l > 0`. A [`Relaxation`] turns them into the per-layer
+//! [`MoeForwardOptions`] of the shared MoE block, so the relaxed model is the real model with
+//! frozen weights and only α and β as free parameters:
+//!
+//! - [`Relaxation::Paper`] (the paper's Eq. 4–5 made concrete): the routed contributions are
+//!   scaled, `y_l = β_l · Σ_{i∈topk(x)} g_i(x) · N_l·softmax(α_l)_i · E_i(x)`; at α = 0, β = 1
+//!   this is the original model.
+//! - [`Relaxation::Routed`]: keep-probabilities `p = σ((s − θ)/τ)` with
+//!   `s = log softmax(α_l) + log N_l + log β_l`, and `θ` a global threshold set by bisection
+//!   so that `Σ p = Σ N − K`; the router sees `z + log p` before its usual top-k. At
+//!   `p ∈ {0, 1}` this is exactly the pruned model.
+//!
+//! [`discretise`] turns scores into kept experts: a budget `K = round(r·Σ N)` removed by one
+//! global ranking with a per-layer floor, or the same count per layer (`uniform`).
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::{Device, Tensor, TensorData};
+use diep_models::MoeForwardOptions;
+
+/// Errors of the relaxation.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RelaxError {
+    /// The budget cannot be met under the floors, or the ratio is out of range.
+    #[error("{0}")]
+    Budget(String),
+}
+
+/// Which relaxation the model runs under.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Relaxation {
+    /// Scale the routed contributions by `β·N·softmax(α)`.
+    Paper,
+    /// Bias the router by `log p`, `p = σ((s − θ)/τ)`, with temperature `τ`.
+    Routed {
+        /// The temperature.
+        tau: f64,
+    },
+}
+
+/// The learnable parameters of one MoE layer.
+#[derive(Debug, Clone)]
+pub struct LayerParams {
+    /// `α_l`, `[N_l]`.
+    pub alpha: Tensor<1>,
+    /// `log β_l`, `[1]` (β is kept positive through its logarithm).
+    pub log_beta: Tensor<1>,
+}
+
+impl LayerParams {
+    /// α = 0, β = 1: the relaxed model equals the original model (paper relaxation) and
+    /// every expert is equally likely to be kept (routed relaxation).
+    pub fn init(num_experts: usize, device: &Device) -> Self {
+        LayerParams { alpha: Tensor::zeros([num_experts], device), log_beta: Tensor::zeros([1], device) }
+    }
+
+    /// Experts in the layer.
+    pub fn num_experts(&self) -> usize {
+        self.alpha.dims()[0]
+    }
+
+    /// `s = log softmax(α) + log N + log β`, the routed relaxation's per-expert score.
+    pub fn routed_score(&self) -> Tensor<1> {
+        let n = self.num_experts() as f64;
+        log_softmax(self.alpha.clone(), 0) + n.ln() + self.log_beta.clone()
+    }
+
+    /// `β·N·softmax(α)`, the paper relaxation's per-expert output scale.
+    pub fn paper_scale(&self) -> Tensor<1> {
+        let n = self.num_experts() as f64;
+        softmax(self.alpha.clone(), 0) * n * self.log_beta.clone().exp()
+    }
+}
+
+fn host(t: Tensor<1>) -> Vec<f64> {
+    t.into_data().iter::<f32>().map(f64::from).collect()
+}
+
+/// Sets the global threshold `θ` so that `Σ σ((s − θ)/τ) = keep` (bisection; no gradient).
+pub fn threshold(scores: &[f64], keep: f64, tau: f64) -> f64 {
+    let kept = |theta: f64| scores.iter().map(|s| 1.0 / (1.0 + (-(s - theta) / tau).exp())).sum::<f64>();
+    let (lo0, hi0) = scores.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), s| (a.min(*s), b.max(*s)));
+    // kept(θ) decreases in θ; widen the bracket until it holds the target.
+    let span = 50.0 * tau + 1.0;
+    let (mut lo, mut hi) = (lo0 - span, hi0 + span);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if kept(mid) > keep {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// The per-layer forward options of a relaxation, for [`diep_models::MoeModel::forward_per_layer`].
+/// `keep` is `Σ N − K`, the number of experts the routed relaxation's threshold keeps.
+pub fn forward_options(
+    relaxation: Relaxation,
+    params: &BTreeMap<usize, LayerParams>,
+    keep: usize,
+) -> BTreeMap<usize, MoeForwardOptions> {
+    match relaxation {
+        Relaxation::Paper => params
+            .iter()
+            .map(|(l, p)| (*l, MoeForwardOptions { expert_scale: Some(p.paper_scale()), ..Default::default() }))
+            .collect(),
+        Relaxation::Routed { tau } => {
+            let all: Vec<f64> = params.values().flat_map(|p| host(p.routed_score().detach())).collect();
+            routed_options(params, threshold(&all, keep as f64, tau), tau)
+        }
+    }
+}
+
+/// The routed relaxation's options for a given threshold `θ` (treated as a constant: it
+/// carries no gradient).
+pub fn routed_options(
+    params: &BTreeMap<usize, LayerParams>,
+    theta: f64,
+    tau: f64,
+) -> BTreeMap<usize, MoeForwardOptions> {
+    params
+        .iter()
+        .map(|(l, p)| {
+            let log_p = sigmoid((p.routed_score() - theta) / tau).log();
+            (*l, MoeForwardOptions { router_bias: Some(log_p), ..Default::default() })
+        })
+        .collect()
+}
+
+/// Router biases that keep exactly the given experts (0 kept, −∞ removed): the routed
+/// relaxation's hard limit, and a plain expert mask.
+pub fn hard_mask_options(kept: &BTreeMap<usize, Vec<bool>>, device: &Device) -> BTreeMap<usize, MoeForwardOptions> {
+    kept.iter()
+        .map(|(l, keep)| {
+            let bias: Vec<f32> = keep.iter().map(|k| if *k { 0.0 } else { f32::NEG_INFINITY }).collect();
+            let n = bias.len();
+            let t = Tensor::from_data(TensorData::new(bias, [n]), device);
+            (*l, MoeForwardOptions { router_bias: Some(t), ..Default::default() })
+        })
+        .collect()
+}
+
+/// How the discrete choice is made from scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// The same number removed in every layer (`round(r·N_l)`), ranked by α within the layer.
+    Uniform,
+    /// One ranking of all experts of all layers by their global score.
+    Global,
+}
+
+/// Turns per-layer scores (higher = keep) into kept expert ids (ascending) per layer.
+///
+/// `Global` removes exactly `K = round(ratio·Σ N)` experts, the lowest-scoring first, never
+/// taking a layer below `floor`; `Uniform` removes `round(ratio·N_l)` per layer.
+pub fn discretise(
+    scores: &BTreeMap<usize, Vec<f64>>,
+    ratio: f64,
+    floor: usize,
+    allocation: Allocation,
+) -> Result<BTreeMap<usize, Vec<usize>>, RelaxError> {
+    if !(ratio > 0.0 && ratio < 1.0) {
+        return Err(RelaxError::Budget(format!("the ratio must be strictly between 0 and 1, got {ratio}")));
+    }
+    let total: usize = scores.values().map(Vec::len).sum();
+    let mut removed: BTreeMap<usize, Vec<bool>> = scores.iter().map(|(l, s)| (*l, vec![false; s.len()])).collect();
+    let order = |layer_filter: Option<usize>| -> Vec<(usize, usize)> {
+        let mut all: Vec<(usize, usize, f64)> = scores
+            .iter()
+            .filter(|(l, _)| layer_filter.is_none_or(|f| f == **l))
+            .flat_map(|(l, s)| s.iter().enumerate().map(move |(e, v)| (*l, e, *v)))
+            .collect();
+        all.sort_by(|a, b| a.2.total_cmp(&b.2).then(b.0.cmp(&a.0)).then(b.1.cmp(&a.1)));
+        all.into_iter().map(|(l, e, _)| (l, e)).collect()
+    };
+    match allocation {
+        Allocation::Global => {
+            let budget = (ratio * total as f64).round() as usize;
+            let removable: usize = scores.values().map(|s| s.len().saturating_sub(floor)).sum();
+            if budget > removable {
+                return Err(RelaxError::Budget(format!(
+                    "removing {budget} of {total} experts leaves a layer below its floor of {floor} (at most {removable} can go)"
+                )));
+            }
+            let mut left: BTreeMap<usize, usize> = scores.iter().map(|(l, s)| (*l, s.len())).collect();
+            let mut count = 0;
+            for (l, e) in order(None) {
+                if count == budget {
+                    break;
+                }
+                let n = left.get_mut(&l).expect("layer");
+                if *n > floor {
+                    *n -= 1;
+                    removed.get_mut(&l).expect("layer")[e] = true;
+                    count += 1;
+                }
+            }
+        }
+        Allocation::Uniform => {
+            for (l, s) in scores {
+                let r = (ratio * s.len() as f64).round() as usize;
+                if s.len() - r < floor {
+                    return Err(RelaxError::Budget(format!(
+                        "layer {l}: removing {r} of {} experts leaves fewer than the floor of {floor}",
+                        s.len()
+                    )));
+                }
+                for (_, e) in order(Some(*l)).into_iter().take(r) {
+                    removed.get_mut(l).expect("layer")[e] = true;
+                }
+            }
+        }
+    }
+    Ok(removed
+        .into_iter()
+        .map(|(l, r)| (l, r.iter().enumerate().filter(|(_, x)| !**x).map(|(e, _)| e).collect()))
+        .collect())
+}
+
+/// The global score of each expert under a relaxation: the paper ranks by `α·β` (raw
+/// logits); the routed relaxation by its own `s`, so the discrete choice is the one the
+/// optimiser saw. For `Uniform` allocation only α's order within a layer matters.
+pub fn scores(relaxation: Relaxation, params: &BTreeMap<usize, LayerParams>) -> BTreeMap<usize, Vec<f64>> {
+    params
+        .iter()
+        .map(|(l, p)| {
+            let v = match relaxation {
+                Relaxation::Paper => {
+                    let beta = host(p.log_beta.clone().exp())[0];
+                    host(p.alpha.clone()).into_iter().map(|a| a * beta).collect()
+                }
+                Relaxation::Routed { .. } => host(p.routed_score()),
+            };
+            (*l, v)
+        })
+        .collect()
+}
