@@ -1,12 +1,14 @@
 //! `cargo xtask prune`.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use diep_checkpoint::{Checkpoint, ModelConfig};
-use diep_models::{DeviceSpec, StreamingModel};
+use diep_models::{DeviceSpec, MoeModel, StreamingModel};
+use diep_optim::{DiepSettings, DiepState, Event, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
 use diep_prune::calib::{CalibrationSpec, sample_calibration};
 use diep_prune::criteria::check_ratio;
 use diep_prune::{Allocation, BaselineSpec, Method, PruningPlan, StatsOptions};
@@ -27,12 +29,14 @@ pub struct PruneArgs {
     /// Apply an existing pruning.json instead of computing a plan.
     #[arg(long, conflicts_with_all = ["method", "ratio", "calib"])]
     plan: Option<PathBuf>,
-    /// Pruning criterion: random, frequency, soft-activation, reap or naee.
+    /// Pruning method: diep (learned α/β, non-uniform), or a baseline criterion: random,
+    /// frequency, soft-activation, reap or naee.
     #[arg(long)]
-    method: Option<Method>,
+    method: Option<PruneMethod>,
     /// Budget allocation: uniform (same count per layer) or global (one ranking over layers).
-    #[arg(long, default_value = "uniform")]
-    allocation: Allocation,
+    /// Default: global for diep, uniform for the baselines.
+    #[arg(long)]
+    allocation: Option<Allocation>,
     /// Fraction of routed experts to remove in total, 0 < R < 1.
     #[arg(long, allow_negative_numbers = true)]
     ratio: Option<f64>,
@@ -54,9 +58,9 @@ pub struct PruneArgs {
     /// Compute device: cpu, wgpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
-    /// Calibration sequences per forward batch.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
+    /// Calibration sequences per batch (default 8; for diep 16, the paper's, per step).
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Calibration tokens whose MoE inputs/outputs NAEE caches per layer.
     #[arg(long, default_value_t = 2048)]
     naee_tokens: usize,
@@ -69,6 +73,76 @@ pub struct PruneArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    diep: DiepArgs,
+}
+
+/// The options of `--method diep`.
+#[derive(Args)]
+#[command(next_help_heading = "DiEP (--method diep)")]
+pub struct DiepArgs {
+    /// Relaxation of the expert-combination space: `routed` (router bias log p, exact at hard
+    /// masks) or `paper` (routed contributions scaled by β·N·softmax(α)).
+    #[arg(long, default_value = "routed")]
+    relaxation: RelaxationKind,
+    /// Objective: `ce-norm` (the paper's CE + λ‖F′−F‖), `kl` (to the original next-token
+    /// distribution) or `layer-wise` (per-block reconstruction; streams the model).
+    #[arg(long, default_value = "ce-norm")]
+    objective: Objective,
+    /// Routed relaxation: `implicit` gives the global threshold θ the budget's gradient
+    /// (zero-sum keep budget); `fixed` treats it as a constant of each step.
+    #[arg(long, default_value = "implicit")]
+    threshold: ThresholdMode,
+    /// Passes over the calibration set.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Peak learning rate (cosine schedule).
+    #[arg(long, default_value_t = 5e-3)]
+    lr: f64,
+    /// Update rule: adam or sgd.
+    #[arg(long, default_value = "adam")]
+    optimizer: OptimizerKind,
+    /// α steps : β steps in each alternation cycle.
+    #[arg(long, default_value = "3:1")]
+    alternation: String,
+    /// λ of the ce-norm objective.
+    #[arg(long, default_value_t = 0.01)]
+    lambda: f64,
+    /// Temperature of the routed relaxation at the first step.
+    #[arg(long, default_value_t = 0.1)]
+    tau_start: f64,
+    /// Temperature at the last step (annealed geometrically).
+    #[arg(long, default_value_t = 0.01)]
+    tau_end: f64,
+    /// Where α/β state is saved after every epoch (default: `<out>.diep-state.json`).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Continue from the saved state (same settings and calibration data) instead of
+    /// starting afresh.
+    #[arg(long)]
+    resume: bool,
+}
+
+/// `--method`: DiEP or a baseline criterion.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PruneMethod {
+    /// Differentiable expert pruning.
+    Diep,
+    /// A baseline criterion.
+    Baseline(Method),
+}
+
+impl FromStr for PruneMethod {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "diep" {
+            return Ok(PruneMethod::Diep);
+        }
+        s.parse::<Method>().map(PruneMethod::Baseline).map_err(|_| {
+            let names: Vec<&str> = std::iter::once("diep").chain(Method::ALL.iter().map(|m| m.name())).collect();
+            format!("unknown method `{s}`; expected one of {}", names.join(", "))
+        })
+    }
 }
 
 pub fn run(args: PruneArgs) -> Result<()> {
@@ -107,22 +181,24 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
     let method = args.method.context("--method is required unless --plan is given")?;
     let ratio = args.ratio.context("--ratio is required unless --plan is given")?;
     check_ratio(ratio)?;
+    let method = match method {
+        PruneMethod::Diep => return diep_plan(args, config, ratio),
+        PruneMethod::Baseline(m) => m,
+    };
     let device = args.device.device()?;
-    let tokenizer = diep_models::tokenizer::load_tokenizer(&args.model)?;
-    let spec =
-        CalibrationSpec { files: args.calib.clone(), samples: args.samples, seq_len: args.seq_len, seed: args.seed };
-    let samples = sample_calibration(&tokenizer, &spec)?;
+    let samples = calibration(args)?;
 
+    let batch_size = args.batch_size.unwrap_or(8);
     let spec = BaselineSpec {
         method,
-        allocation: args.allocation,
+        allocation: args.allocation.unwrap_or(Allocation::Uniform),
         ratio,
         min_experts: args.min_experts,
         seed: args.seed,
         naee_max_subsets: args.naee_max_subsets,
     };
     // Settings are checked (budget, floors, NAEE's subset count) before any computation.
-    let stats_opts: StatsOptions = diep_prune::stats_options(config, &spec, args.batch_size, args.naee_tokens)?;
+    let stats_opts: StatsOptions = diep_prune::stats_options(config, &spec, batch_size, args.naee_tokens)?;
     // Layers are streamed from the memory-mapped checkpoint: one layer's weights at a time.
     let model = StreamingModel::open(&args.model, &device)?;
     eprintln!(
@@ -136,17 +212,173 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
         args.seq_len,
         args.device
     );
+    let calibrated = Instant::now();
     let pb = progress_bar(config.num_layers as u64, "layers");
     let stats = diep_prune::collect_statistics(&model, &samples, &stats_opts, |done, _| pb.set_position(done as u64))?;
     pb.finish_and_clear();
     let select = Instant::now();
     let mut plan = diep_prune::plan_baseline(config, &stats, &spec)?;
+    plan.timings.insert("statistics_s".into(), (select - calibrated).as_secs_f64());
     plan.timings.insert("selection_s".into(), select.elapsed().as_secs_f64());
+    record_run(&mut plan, args);
+    Ok(plan)
+}
+
+/// Calibration settings and device, recorded in every computed plan.
+fn record_run(plan: &mut PruningPlan, args: &PruneArgs) {
     plan.settings["calibration"] = serde_json::json!({
         "files": args.calib, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
     });
     plan.settings["device"] = args.device.to_string().into();
+}
+
+/// Tokenised, sampled calibration sequences.
+fn calibration(args: &PruneArgs) -> Result<Vec<Vec<u32>>> {
+    let tokenizer = diep_models::tokenizer::load_tokenizer(&args.model)?;
+    let spec =
+        CalibrationSpec { files: args.calib.clone(), samples: args.samples, seq_len: args.seq_len, seed: args.seed };
+    Ok(sample_calibration(&tokenizer, &spec)?)
+}
+
+/// The DiEP settings the command line asks for.
+fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
+    let d = &args.diep;
+    let (a, b) = d
+        .alternation
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)))
+        .with_context(|| format!("--alternation must look like `3:1` (α steps : β steps), got `{}`", d.alternation))?;
+    let settings = DiepSettings {
+        relaxation: d.relaxation,
+        objective: d.objective,
+        threshold: d.threshold,
+        lambda: d.lambda,
+        ratio,
+        epochs: d.epochs,
+        batch_size: args.batch_size.unwrap_or(16),
+        lr: d.lr,
+        optimizer: d.optimizer,
+        alpha_steps: a,
+        beta_steps: b,
+        tau_start: d.tau_start,
+        tau_end: d.tau_end,
+        seed: args.seed,
+    };
+    settings.validate().map_err(anyhow::Error::msg)?;
+    Ok(settings)
+}
+
+/// Where the α/β state is saved.
+fn state_path(args: &PruneArgs) -> PathBuf {
+    args.diep.state.clone().unwrap_or_else(|| {
+        let name = args.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "pruned".into());
+        args.out.with_file_name(format!("{name}.diep-state.json"))
+    })
+}
+
+/// `--method diep`: optimise α and β on the calibration set, then rank.
+fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<PruningPlan> {
+    let settings = diep_settings(args, ratio)?;
+    let allocation = args.allocation.unwrap_or(Allocation::Global);
+    let floor = diep_prune::floor(config, args.min_experts);
+    // The budget and floors are checked before any computation.
+    let counts = diep_prune::expert_counts(config);
+    let zero: std::collections::BTreeMap<usize, Vec<f64>> = counts.iter().map(|(l, n)| (*l, vec![0.0; *n])).collect();
+    diep_relax::discretise(&zero, ratio, floor, relax_allocation(allocation))?;
+    let state_file = state_path(args);
+    let resume = if args.diep.resume {
+        let state = DiepState::read(&state_file).context("--resume")?;
+        Some(state)
+    } else {
+        None
+    };
+    let device = args.device.device()?.autodiff();
+    let started = Instant::now();
+    let samples = calibration(args)?;
+    let calibrated = Instant::now();
+    eprintln!(
+        "model: {} ({}), {} MoE layers × {} experts, top-{}; calibration {} × {} tokens on {}",
+        args.model.display(),
+        config.architecture.model_type(),
+        config.moe_layers().len(),
+        config.moe.num_experts,
+        config.moe.top_k,
+        samples.len(),
+        args.seq_len,
+        args.device
+    );
+    eprintln!(
+        "diep: {} relaxation, {} objective, {} epochs × {} steps (batch {}), lr {}, α:β {}, state {}",
+        settings.relaxation,
+        settings.objective,
+        settings.epochs,
+        samples.len().div_ceil(settings.batch_size),
+        settings.batch_size,
+        settings.lr,
+        args.diep.alternation,
+        state_file.display()
+    );
+    let pb = progress_bar(0, "epoch");
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let epochs = settings.epochs;
+    let on_event = |event: Event<'_>| -> diep_optim::Result<()> {
+        match event {
+            Event::Started { steps_per_epoch, epochs_done, .. } => {
+                pb.set_length(steps_per_epoch as u64);
+                if epochs_done > 0 {
+                    pb.println(format!("resuming after epoch {epochs_done} from {}", state_file.display()));
+                }
+            }
+            Event::Step { epoch, step, loss, .. } => {
+                pb.set_position(step as u64);
+                pb.set_message(format!("epoch {epoch}/{epochs} loss {loss:.4}"));
+            }
+            Event::Epoch { record, state } => {
+                state.save(&state_file)?;
+                let line = format!(
+                    "epoch {:>3}/{epochs}  loss {:.5}  ce {:.5}  reg {:.5}  lr {:.2e}  τ {:.3e}  {:.1}s",
+                    record.epoch, record.loss, record.ce, record.reg, record.lr, record.tau, record.seconds
+                );
+                // Epoch lines also go to logs when stderr is not a terminal.
+                if pb.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    pb.println(line);
+                }
+                pb.set_position(0);
+            }
+        }
+        Ok(())
+    };
+    let state = if settings.objective == Objective::LayerWise {
+        // Per-block objective: layers are streamed from the memory-mapped checkpoint.
+        let model = StreamingModel::open(&args.model, &device)?;
+        diep_optim::optimise_layer_wise(&model, &samples, &settings, resume, on_event)?
+    } else {
+        let model = MoeModel::load(&args.model, &device)?;
+        diep_optim::optimise(&model, &samples, &settings, resume, on_event)?
+    };
+    pb.finish_and_clear();
+    let optimised = Instant::now();
+    let mut plan =
+        diep_optim::diep_plan(config, &state, floor, args.min_experts, relax_allocation(allocation), &device)?;
+    plan.timings.insert("calibration_s".into(), (calibrated - started).as_secs_f64());
+    plan.timings.insert("optimise_s".into(), (optimised - calibrated).as_secs_f64());
+    plan.timings.insert("selection_s".into(), optimised.elapsed().as_secs_f64());
+    record_run(&mut plan, args);
+    plan.settings["state_file"] = state_file.display().to_string().into();
     Ok(plan)
+}
+
+fn relax_allocation(a: Allocation) -> diep_relax::Allocation {
+    match a {
+        Allocation::Uniform => diep_relax::Allocation::Uniform,
+        Allocation::Global => diep_relax::Allocation::Global,
+    }
 }
 
 fn print_summary(args: &PruneArgs, plan: &PruningPlan, report: &SurgeryReport, seconds: f64) {

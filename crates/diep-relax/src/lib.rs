@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::activation::{log_softmax, sigmoid, softmax};
+use burn::tensor::activation::{log_sigmoid, log_softmax, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 use diep_models::MoeForwardOptions;
 
@@ -128,7 +128,54 @@ pub fn routed_options(
     params
         .iter()
         .map(|(l, p)| {
-            let log_p = sigmoid((p.routed_score() - theta) / tau).log();
+            // log σ computed stably: finite (with a finite gradient) even where p underflows.
+            let log_p = log_sigmoid((p.routed_score() - theta) / tau);
+            (*l, MoeForwardOptions { router_bias: Some(log_p), ..Default::default() })
+        })
+        .collect()
+}
+
+/// The routed relaxation with a threshold that carries the budget's gradient: `θ(s)` is the
+/// solution of `Σ σ((s − θ)/τ) = keep`, so by the implicit function theorem
+/// `∂θ/∂s_i = σ'_i / Σ_j σ'_j`. The value is the bisection's; the gradient makes the keep
+/// budget zero-sum, so raising one expert's (or layer's) score lowers everyone else's
+/// keep-probability, as the discrete ranking will.
+pub fn routed_options_implicit(
+    params: &BTreeMap<usize, LayerParams>,
+    keep: usize,
+    tau: f64,
+) -> BTreeMap<usize, MoeForwardOptions> {
+    let scores: BTreeMap<usize, Tensor<1>> = params.iter().map(|(l, p)| (*l, p.routed_score())).collect();
+    let all: Vec<f64> = scores.values().flat_map(|s| host(s.clone().detach())).collect();
+    let theta0 = threshold(&all, keep as f64, tau);
+    // σ'((s − θ)/τ) per expert, normalised over all experts: the weights of ∂θ/∂s.
+    let slope: Vec<f64> = all
+        .iter()
+        .map(|s| {
+            let p = 1.0 / (1.0 + (-(s - theta0) / tau).exp());
+            p * (1.0 - p)
+        })
+        .collect();
+    let norm: f64 = slope.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+    let mut offset = 0;
+    let mut theta: Option<Tensor<1>> = None;
+    for s in scores.values() {
+        let n = s.dims()[0];
+        let w: Vec<f32> = slope[offset..offset + n].iter().map(|x| (x / norm) as f32).collect();
+        offset += n;
+        let w = Tensor::from_data(TensorData::new(w, [n]), &s.device());
+        let term = ((s.clone() - s.clone().detach()) * w).sum();
+        theta = Some(match theta {
+            Some(t) => t + term,
+            None => term,
+        });
+    }
+    let theta = theta.map(|t| t + theta0);
+    params
+        .iter()
+        .map(|(l, _)| {
+            let t = theta.clone().expect("at least one layer");
+            let log_p = log_sigmoid((scores[l].clone() - t) / tau);
             (*l, MoeForwardOptions { router_bias: Some(log_p), ..Default::default() })
         })
         .collect()

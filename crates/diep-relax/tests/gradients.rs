@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use diep_models::burn::tensor::activation::log_softmax;
 use diep_models::burn::tensor::{Device, Int, Tensor, TensorData};
 use diep_models::{DeviceSpec, MoeForwardOptions, MoeModel};
-use diep_relax::{LayerParams, Relaxation, forward_options, routed_options};
+use diep_relax::{LayerParams, Relaxation, forward_options, routed_options, routed_options_implicit};
 
 fn device() -> Device {
     DeviceSpec::from_test_env().unwrap().device().unwrap().autodiff()
@@ -29,6 +29,14 @@ fn scalar(t: Tensor<1>) -> f64 {
 }
 
 fn check(relaxation: Relaxation) {
+    check_with(&format!("{relaxation:?}"), |params| match relaxation {
+        Relaxation::Paper => forward_options(relaxation, params, 0),
+        // θ is fixed for the check (it carries no gradient in this variant).
+        Relaxation::Routed { tau } => routed_options(params, 1.5, tau),
+    });
+}
+
+fn check_with(relaxation: &str, opts: impl Fn(&BTreeMap<usize, LayerParams>) -> BTreeMap<usize, MoeForwardOptions>) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
     let device = device();
     let model = MoeModel::load(root.join("models/tiny-mixtral"), &device).unwrap();
@@ -46,11 +54,6 @@ fn check(relaxation: Relaxation) {
                 (l, p)
             })
             .collect()
-    };
-    // θ is fixed for the check (it carries no gradient by design).
-    let opts = |params: &BTreeMap<usize, LayerParams>| match relaxation {
-        Relaxation::Paper => forward_options(relaxation, params, 0),
-        Relaxation::Routed { tau } => routed_options(params, 1.5, tau),
     };
     let params = make(&alpha0, 0.1);
     let l = loss(&model, &ids, &opts(&params));
@@ -74,13 +77,13 @@ fn check(relaxation: Relaxation) {
         let an = g_alpha[e] as f64;
         assert!(
             (fd - an).abs() <= 2e-2 * fd.abs().max(an.abs()) + 2e-4,
-            "{relaxation:?} α[{e}]: fd {fd} vs autodiff {an}"
+            "{relaxation} α[{e}]: fd {fd} vs autodiff {an}"
         );
     }
     let fd = (at(&alpha0, 0.1 + eps) - at(&alpha0, 0.1 - eps)) / (2.0 * eps as f64);
     assert!(
         (fd - g_beta).abs() <= 2e-2 * fd.abs().max(g_beta.abs()) + 2e-4,
-        "{relaxation:?} β: fd {fd} vs autodiff {g_beta}"
+        "{relaxation} β: fd {fd} vs autodiff {g_beta}"
     );
 }
 
@@ -92,4 +95,74 @@ fn paper_relaxation_gradients_match_finite_differences() {
 #[test]
 fn routed_relaxation_gradients_match_finite_differences() {
     check(Relaxation::Routed { tau: 1.0 });
+}
+
+#[test]
+fn implicit_threshold_gradients_match_finite_differences_with_theta_re_solved() {
+    // Finite differences re-solve θ by bisection at every point, so they measure the total
+    // derivative through the budget; autodiff gets it from the implicit-function weights.
+    // The functional is a fixed random combination of every layer's router bias (the model
+    // downstream of the bias is covered by the checks above; a top-k flip inside a
+    // finite-difference step would blur this one).
+    let device = device();
+    let n = 8;
+    let alpha = |l: usize| -> Vec<f32> { (0..n).map(|e| ((e * 7 + l * 3) as f32 * 0.61).sin() * 0.8).collect() };
+    let make = |delta: Option<(usize, Option<usize>, f32)>| -> BTreeMap<usize, LayerParams> {
+        (0..3usize)
+            .map(|l| {
+                let mut a = alpha(l);
+                let mut b = 0.2 * l as f32 - 0.1;
+                if let Some((dl, which, eps)) = delta
+                    && dl == l
+                {
+                    match which {
+                        Some(e) => a[e] += eps,
+                        None => b += eps,
+                    }
+                }
+                let p = LayerParams {
+                    alpha: Tensor::from_data(TensorData::new(a, [n]), &device).require_grad(),
+                    log_beta: Tensor::from_data(TensorData::new(vec![b], [1]), &device).require_grad(),
+                };
+                (l, p)
+            })
+            .collect()
+    };
+    let weights = |l: usize| -> Tensor<1> {
+        let w: Vec<f32> = (0..n).map(|e| ((e * 5 + l * 11) as f32 * 0.37).cos()).collect();
+        Tensor::from_data(TensorData::new(w, [n]), &device)
+    };
+    let f = |p: &BTreeMap<usize, LayerParams>| -> Tensor<1> {
+        let opts = routed_options_implicit(p, 12, 0.3);
+        (0..3).map(|l| (opts[&l].router_bias.clone().unwrap() * weights(l)).sum()).reduce(|a, b| a + b).unwrap()
+    };
+    let params = make(None);
+    let grads = f(&params).backward();
+    let eps = 1e-3f32;
+    for l in 0..3 {
+        let ga: Vec<f32> = params[&l].alpha.grad(&grads).unwrap().into_data().iter::<f32>().collect();
+        let gb = params[&l].log_beta.grad(&grads).unwrap().into_data().iter::<f32>().next().unwrap();
+        for which in [Some(0), Some(3), Some(6), None] {
+            let fd = (scalar(f(&make(Some((l, which, eps))))) - scalar(f(&make(Some((l, which, -eps))))))
+                / (2.0 * eps as f64);
+            let an = match which {
+                Some(e) => ga[e],
+                None => gb,
+            } as f64;
+            assert!(
+                (fd - an).abs() <= 1e-2 * fd.abs().max(an.abs()) + 1e-3,
+                "layer {l} {which:?}: fd {fd} vs autodiff {an}"
+            );
+        }
+    }
+    // The θ path matters: a fixed threshold gives a different β gradient.
+    let fixed = |p: &BTreeMap<usize, LayerParams>| -> Tensor<1> {
+        let opts = routed_options(p, 0.0, 0.3);
+        (0..3).map(|l| (opts[&l].router_bias.clone().unwrap() * weights(l)).sum()).reduce(|a, b| a + b).unwrap()
+    };
+    let params2 = make(None);
+    let g2 = fixed(&params2).backward();
+    let gb_fixed = params2[&1].log_beta.grad(&g2).unwrap().into_data().iter::<f32>().next().unwrap();
+    let gb_implicit = params[&1].log_beta.grad(&grads).unwrap().into_data().iter::<f32>().next().unwrap();
+    assert!((gb_fixed - gb_implicit).abs() > 1e-2, "{gb_fixed} vs {gb_implicit}");
 }

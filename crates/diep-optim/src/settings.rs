@@ -1,0 +1,190 @@
+//! What the optimiser runs with. Defaults are the paper's (lr 5e-3, cosine schedule, 10
+//! epochs, batch 16, α:β = 3:1, λ = 0.01).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every variant.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The command-line (and `pruning.json`) name.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                $name::ALL.iter().copied().find(|v| v.name() == s).ok_or_else(|| {
+                    let names: Vec<&str> = $name::ALL.iter().map(|v| v.name()).collect();
+                    format!("unknown {} `{s}`; expected one of {}", stringify!($name).to_lowercase(), names.join(", "))
+                })
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+named_enum!(
+    /// Which relaxation of the expert-combination space is optimised.
+    RelaxationKind {
+        /// The paper's: routed contributions scaled by `β·N·softmax(α)`.
+        Paper => "paper",
+        /// The router sees `z + log p`, `p = σ((s − θ)/τ)`; exact at hard masks.
+        Routed => "routed",
+    }
+);
+
+named_enum!(
+    /// What the optimiser minimises.
+    Objective {
+        /// The paper's `CE(y, F′) + λ·‖F′ − F‖_F` on final logits (the norm is not squared).
+        CeNorm => "ce-norm",
+        /// `KL(F ‖ F′)` on next-token distributions, averaged over positions.
+        Kl => "kl",
+        /// `Σ_l ‖ŷ_l − y_l‖² / ‖y_l‖²` per MoE block on the original model's block inputs: no
+        /// end-to-end pass, so the model can be streamed one layer at a time.
+        LayerWise => "layer-wise",
+    }
+);
+
+named_enum!(
+    /// How the routed relaxation's global threshold θ enters the gradient.
+    ThresholdMode {
+        /// θ is a constant of each step (set by bisection, no gradient).
+        Fixed => "fixed",
+        /// θ(s) carries the budget's implicit gradient `∂θ/∂s_i = σ'_i / Σ σ'_j`, so the
+        /// keep budget is zero-sum across all experts of all layers.
+        Implicit => "implicit",
+    }
+);
+
+named_enum!(
+    /// The update rule.
+    OptimizerKind {
+        /// Adam (β1 0.9, β2 0.999, ε 1e-8).
+        Adam => "adam",
+        /// Plain gradient descent.
+        Sgd => "sgd",
+    }
+);
+
+/// The optimiser's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiepSettings {
+    /// The relaxation.
+    pub relaxation: RelaxationKind,
+    /// The objective.
+    pub objective: Objective,
+    /// How the routed relaxation's threshold enters the gradient.
+    pub threshold: ThresholdMode,
+    /// λ of the `ce-norm` objective.
+    pub lambda: f64,
+    /// Fraction of routed experts removed; the routed relaxation's threshold keeps
+    /// `Σ N − round(ratio·Σ N)` in expectation.
+    pub ratio: f64,
+    /// Passes over the calibration set.
+    pub epochs: usize,
+    /// Calibration sequences per step.
+    pub batch_size: usize,
+    /// Peak learning rate (cosine-decayed to 0 over all steps).
+    pub lr: f64,
+    /// The update rule.
+    pub optimizer: OptimizerKind,
+    /// Consecutive α steps (β frozen) in each alternation cycle.
+    pub alpha_steps: usize,
+    /// Consecutive β steps (α frozen) in each alternation cycle.
+    pub beta_steps: usize,
+    /// Temperature of the routed relaxation at the first step.
+    pub tau_start: f64,
+    /// Temperature at the last step (annealed geometrically).
+    pub tau_end: f64,
+    /// Seed of the per-epoch order of calibration sequences.
+    pub seed: u64,
+}
+
+impl Default for DiepSettings {
+    fn default() -> Self {
+        DiepSettings {
+            relaxation: RelaxationKind::Routed,
+            objective: Objective::CeNorm,
+            threshold: ThresholdMode::Implicit,
+            lambda: 0.01,
+            ratio: 0.5,
+            epochs: 10,
+            batch_size: 16,
+            lr: 5e-3,
+            optimizer: OptimizerKind::Adam,
+            alpha_steps: 3,
+            beta_steps: 1,
+            tau_start: 0.1,
+            tau_end: 0.01,
+            seed: 0,
+        }
+    }
+}
+
+impl DiepSettings {
+    /// Checks ranges; the message names the offending setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = |v: f64, name: &str| {
+            if v.is_finite() && v > 0.0 { Ok(()) } else { Err(format!("{name} must be a positive number, got {v}")) }
+        };
+        if !(self.ratio > 0.0 && self.ratio < 1.0) {
+            return Err(format!("ratio must be strictly between 0 and 1, got {}", self.ratio));
+        }
+        if self.epochs == 0 {
+            return Err("epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return Err("batch size must be at least 1".into());
+        }
+        if self.alpha_steps + self.beta_steps == 0 {
+            return Err("the α:β alternation needs at least one step".into());
+        }
+        positive(self.lr, "lr")?;
+        positive(self.tau_start, "tau_start")?;
+        positive(self.tau_end, "tau_end")?;
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return Err(format!("lambda must be a non-negative number, got {}", self.lambda));
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step` of `total`: `lr · ½(1 + cos(π·step/total))`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let t = step as f64 / total.max(1) as f64;
+        self.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+
+    /// Temperature at `step` of `total`: geometric from `tau_start` to `tau_end`.
+    pub fn tau_at(&self, step: usize, total: usize) -> f64 {
+        let t = if total <= 1 { 1.0 } else { step as f64 / (total - 1) as f64 };
+        self.tau_start * (self.tau_end / self.tau_start).powf(t)
+    }
+
+    /// Whether `step` updates α (else β): cycles of `alpha_steps` α steps then `beta_steps`
+    /// β steps.
+    pub fn is_alpha_step(&self, step: usize) -> bool {
+        step % (self.alpha_steps + self.beta_steps) < self.alpha_steps
+    }
+}
