@@ -81,9 +81,10 @@ pub struct PruneArgs {
 #[derive(Args)]
 #[command(next_help_heading = "DiEP (--method diep)")]
 pub struct DiepArgs {
-    /// Relaxation of the expert-combination space: `routed` (router bias log p, exact at hard
-    /// masks) or `paper` (routed contributions scaled by β·N·softmax(α)).
-    #[arg(long, default_value = "routed")]
+    /// Relaxation of the expert-combination space: `routed-gated` (router bias log p and
+    /// contributions gated by p), `routed` (router bias only) — both exact at hard masks — or
+    /// `paper` (routed contributions scaled by β·N·softmax(α)).
+    #[arg(long, default_value = "routed-gated")]
     relaxation: RelaxationKind,
     /// Objective: `ce-norm` (the paper's CE + λ‖F′−F‖), `kl` (to the original next-token
     /// distribution) or `layer-wise` (per-block reconstruction; streams the model).

@@ -241,3 +241,62 @@ fn prune_bad_inputs_fail_cleanly() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
 }
+
+#[test]
+fn prune_with_diep_saves_state_resumes_and_records_alpha_beta() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("diep");
+    let mut args =
+        vec!["--model", "fixtures/models/tiny-qwen2-moe", "--method", "diep", "--ratio", "0.5", "--epochs", "2"];
+    args.extend(CALIB);
+    let o = prune(&args, &out);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    // One line per epoch with the loss, also when stderr is not a terminal.
+    assert!(stderr.contains("epoch   1/2") && stderr.contains("epoch   2/2"), "{stderr}");
+    let plan = diep_surgery::PruningPlan::read(out.join("pruning.json")).unwrap();
+    assert_eq!(plan.method, "diep");
+    assert_eq!(plan.allocation.as_deref(), Some("global"), "DiEP defaults to global allocation");
+    let total: usize = plan.original_experts.values().sum();
+    assert_eq!(plan.removed(), (0.5 * total as f64).round() as usize);
+    let diep = &plan.extra["diep"];
+    assert_eq!(diep["relaxation"], "routed-gated");
+    assert_eq!(diep["loss_curve"].as_array().unwrap().len(), 2);
+    for l in plan.original_experts.keys() {
+        assert_eq!(diep["alpha"][l.to_string()].as_array().unwrap().len(), plan.original_experts[l]);
+        assert!(diep["beta"][l.to_string()].as_f64().unwrap() > 0.0);
+        assert_eq!(diep["kept_per_layer"][l.to_string()].as_u64().unwrap() as usize, plan.kept_experts[l].len());
+    }
+    assert_eq!(plan.settings["epochs"], 2);
+    assert_eq!(plan.settings["lr"], 5e-3);
+    // The state beside the output; resuming a finished run gives the same plan.
+    let state = dir.path().join("diep.diep-state.json");
+    assert!(state.exists());
+    let again = dir.path().join("again");
+    let mut resume = args.clone();
+    resume.extend(["--resume", "--state", state.to_str().unwrap()]);
+    let o = prune(&resume, &again);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan2 = diep_surgery::PruningPlan::read(again.join("pruning.json")).unwrap();
+    assert_eq!(plan2.kept_experts, plan.kept_experts);
+    assert_eq!(plan2.extra["diep"]["alpha"], plan.extra["diep"]["alpha"]);
+    // Resuming with other settings is refused and names the setting.
+    let mut other = resume.clone();
+    other.extend(["--lr", "0.1"]);
+    let o = prune(&other, &dir.path().join("other"));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("lr"), "{stderr}");
+    assert!(!dir.path().join("other").exists());
+    // Bad DiEP options fail before any work.
+    for (flag, value, expect) in [
+        ("--alternation", "3-1", "--alternation"),
+        ("--relaxation", "nope", "relaxation"),
+        ("--objective", "mse", "objective"),
+    ] {
+        let mut bad = args.clone();
+        bad.extend([flag, value]);
+        let o = prune(&bad, &dir.path().join("bad"));
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(expect), "{flag}: {stderr}");
+    }
+}

@@ -65,7 +65,7 @@ pub fn keep_count(experts: &BTreeMap<usize, usize>, ratio: f64) -> usize {
 pub fn relaxation(kind: RelaxationKind, tau: f64) -> Relaxation {
     match kind {
         RelaxationKind::Paper => Relaxation::Paper,
-        RelaxationKind::Routed => Relaxation::Routed { tau },
+        RelaxationKind::Routed | RelaxationKind::RoutedGated => Relaxation::Routed { tau },
     }
 }
 
@@ -282,7 +282,17 @@ fn run(
             let params: BTreeMap<usize, LayerParams> =
                 state.layers.iter().map(|(l, s)| (*l, s.params(device, alpha_phase, !alpha_phase))).collect();
             let opts = match (settings.relaxation, settings.threshold) {
-                (RelaxationKind::Routed, ThresholdMode::Implicit) => routed_options_implicit(&params, keep, tau),
+                (RelaxationKind::Routed, ThresholdMode::Implicit) => {
+                    routed_options_implicit(&params, keep, tau, false)
+                }
+                (RelaxationKind::RoutedGated, ThresholdMode::Implicit) => {
+                    routed_options_implicit(&params, keep, tau, true)
+                }
+                (RelaxationKind::RoutedGated, ThresholdMode::Fixed) => {
+                    return Err(OptimError::Config(
+                        "the routed-gated relaxation needs the implicit threshold".into(),
+                    ));
+                }
                 (kind, _) => forward_options(relaxation(kind, tau), &params, keep),
             };
             let loss = loss_fn(batch, &opts)?;

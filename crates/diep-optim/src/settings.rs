@@ -51,6 +51,8 @@ named_enum!(
         Paper => "paper",
         /// The router sees `z + log p`, `p = σ((s − θ)/τ)`; exact at hard masks.
         Routed => "routed",
+        /// `routed`, and each routed contribution is also gated by `p`; exact at hard masks.
+        RoutedGated => "routed-gated",
     }
 );
 
@@ -125,7 +127,7 @@ pub struct DiepSettings {
 impl Default for DiepSettings {
     fn default() -> Self {
         DiepSettings {
-            relaxation: RelaxationKind::Routed,
+            relaxation: RelaxationKind::RoutedGated,
             objective: Objective::CeNorm,
             threshold: ThresholdMode::Implicit,
             lambda: 0.01,

@@ -140,10 +140,15 @@ pub fn routed_options(
 /// `∂θ/∂s_i = σ'_i / Σ_j σ'_j`. The value is the bisection's; the gradient makes the keep
 /// budget zero-sum, so raising one expert's (or layer's) score lowers everyone else's
 /// keep-probability, as the discrete ranking will.
+///
+/// With `gate_outputs`, each routed contribution is also multiplied by `p` (still exact at
+/// hard masks: a kept expert has `p = 1`, a removed one is never selected), so a uniformly
+/// lowered `p` — invisible to the softmax — is felt through the block's output.
 pub fn routed_options_implicit(
     params: &BTreeMap<usize, LayerParams>,
     keep: usize,
     tau: f64,
+    gate_outputs: bool,
 ) -> BTreeMap<usize, MoeForwardOptions> {
     let scores: BTreeMap<usize, Tensor<1>> = params.iter().map(|(l, p)| (*l, p.routed_score())).collect();
     let all: Vec<f64> = scores.values().flat_map(|s| host(s.clone().detach())).collect();
@@ -172,11 +177,12 @@ pub fn routed_options_implicit(
     }
     let theta = theta.map(|t| t + theta0);
     params
-        .iter()
-        .map(|(l, _)| {
+        .keys()
+        .map(|l| {
             let t = theta.clone().expect("at least one layer");
             let log_p = log_sigmoid((scores[l].clone() - t) / tau);
-            (*l, MoeForwardOptions { router_bias: Some(log_p), ..Default::default() })
+            let expert_scale = gate_outputs.then(|| log_p.clone().exp());
+            (*l, MoeForwardOptions { router_bias: Some(log_p), expert_scale, ..Default::default() })
         })
         .collect()
 }

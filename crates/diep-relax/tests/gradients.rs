@@ -133,7 +133,7 @@ fn implicit_threshold_gradients_match_finite_differences_with_theta_re_solved() 
         Tensor::from_data(TensorData::new(w, [n]), &device)
     };
     let f = |p: &BTreeMap<usize, LayerParams>| -> Tensor<1> {
-        let opts = routed_options_implicit(p, 12, 0.3);
+        let opts = routed_options_implicit(p, 12, 0.3, false);
         (0..3).map(|l| (opts[&l].router_bias.clone().unwrap() * weights(l)).sum()).reduce(|a, b| a + b).unwrap()
     };
     let params = make(None);
