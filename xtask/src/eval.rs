@@ -28,14 +28,45 @@ pub struct EvalArgs {
     /// Largest number of input tokens in one forward batch.
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
+    /// Skip a token's second expert when its weight is below γ times the first's, with the
+    /// per-layer γ tables that `prune --dynamic-skip` wrote into the model's pruning.json.
+    #[arg(long)]
+    dynamic_skip: bool,
+}
+
+/// Installs the `dynamic_skip` tables of `DIR/pruning.json` on the model.
+fn install_dynamic_skip(model: &mut MoeModel, dir: &std::path::Path) -> Result<Vec<diep_models::DynamicSkip>> {
+    let path = dir.join("pruning.json");
+    let plan = diep_surgery::PruningPlan::read(&path)?;
+    let tables = plan.extra.get("dynamic_skip").and_then(|v| v.as_object()).with_context(|| {
+        format!("{}: no `dynamic_skip` field; prune with --dynamic-skip to compute the γ tables", path.display())
+    })?;
+    let mut rules = Vec::new();
+    for (layer, table) in tables {
+        let l: usize = layer.parse().with_context(|| format!("{}: `dynamic_skip` key `{layer}`", path.display()))?;
+        let gamma: Vec<f32> = table["gamma"]
+            .as_array()
+            .with_context(|| format!("{}: `dynamic_skip.{layer}.gamma` is missing", path.display()))?
+            .iter()
+            .flat_map(|row| row.as_array().into_iter().flatten())
+            .map(|v| v.as_f64().map(|x| x as f32))
+            .collect::<Option<_>>()
+            .with_context(|| format!("{}: `dynamic_skip.{layer}.gamma` must be a matrix of numbers", path.display()))?;
+        let n = model.moe_block(l).map(|b| b.num_experts()).unwrap_or(0);
+        let rule = diep_models::DynamicSkip::new(gamma, n).with_context(|| format!("{}: layer {l}", path.display()))?;
+        model.set_dynamic_skip(l, Some(rule.clone())).with_context(|| format!("{}: layer {l}", path.display()))?;
+        rules.push(rule);
+    }
+    Ok(rules)
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let device = args.device.device()?;
     let ids = diep_eval::read_ids_file(&args.ids)?;
     let load_start = Instant::now();
-    let model =
+    let mut model =
         MoeModel::load(&args.model, &device).with_context(|| format!("loading model from {}", args.model.display()))?;
+    let skip_rules = if args.dynamic_skip { install_dynamic_skip(&mut model, &args.model)? } else { Vec::new() };
     let load_seconds = load_start.elapsed().as_secs_f64();
     let c = &model.config;
     eprintln!(
@@ -54,7 +85,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let report = diep_eval::perplexity(&model, &ids, args.batch_tokens, |done, _| pb.set_position(done as u64))?;
     pb.finish_and_clear();
 
-    let out = json!({
+    let mut out = json!({
         "perplexity": report.perplexity,
         "tokens": report.tokens,
         "tokens_per_second": report.tokens_per_second,
@@ -65,6 +96,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "model_type": c.architecture.model_type(),
         "device": args.device.to_string(),
     });
+    if args.dynamic_skip {
+        let (skipped, eligible) = skip_rules.iter().map(|r| r.counts()).fold((0, 0), |(a, b), (s, e)| (a + s, b + e));
+        out["dynamic_skip"] = json!({
+            "skipped": skipped,
+            "eligible": eligible,
+            "fraction": skipped as f64 / eligible.max(1) as f64,
+        });
+    }
     let text = serde_json::to_string_pretty(&out)?;
     println!("{text}");
     if let Some(path) = &args.json {

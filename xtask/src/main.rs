@@ -3,6 +3,7 @@
 //! Run `cargo xtask` alone for the list of commands.
 
 mod eval;
+mod fixture;
 mod prune;
 mod util;
 
@@ -25,6 +26,8 @@ enum Command {
     Prune(prune::PruneArgs),
     /// Evaluate a model directory: perplexity over token-id sequences.
     Eval(eval::EvalArgs),
+    /// Build test fixtures: `fixture train` trains the `fixtures/trained-moe` model from scratch.
+    Fixture(fixture::FixtureArgs),
     /// Run the CI script (`.ci/run`): tests on CPU, on wgpu where Vulkan is available, and a
     /// compile check of the CUDA backend.
     Ci,
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Prune(args) => prune::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Fixture(args) => fixture::run(args),
         Command::Ci => util::run_ci(),
     };
     match result {

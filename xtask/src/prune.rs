@@ -73,6 +73,17 @@ pub struct PruneArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
+    /// Fold each removed expert into its most similar kept expert (normalised CKA of expert
+    /// outputs; merge weights softmax over the similarities) instead of dropping it.
+    #[arg(long)]
+    merge: bool,
+    /// Compute per-layer γ tables for dynamic skipping of the second expert at evaluation
+    /// (`eval --dynamic-skip`), stored in pruning.json.
+    #[arg(long)]
+    dynamic_skip: bool,
+    /// Calibration tokens per layer on which expert similarity (CKA) is measured.
+    #[arg(long, default_value_t = 512)]
+    similarity_tokens: usize,
     #[command(flatten)]
     diep: DiepArgs,
 }
@@ -162,6 +173,13 @@ pub fn run(args: PruneArgs) -> Result<()> {
         }
         None => compute_plan(&args, &config)?,
     };
+    let mut plan = plan;
+    if args.merge || args.dynamic_skip {
+        if args.plan.is_some() {
+            bail!("--merge and --dynamic-skip are computed with a plan; they cannot be added to an existing --plan");
+        }
+        similarity_steps(&args, &config, &mut plan)?;
+    }
 
     let total = Checkpoint::open(&args.model)?.data_bytes() as u64;
     let pb = progress_bar(total, "writing");
@@ -223,6 +241,46 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
     plan.timings.insert("selection_s".into(), select.elapsed().as_secs_f64());
     record_run(&mut plan, args);
     Ok(plan)
+}
+
+/// Expert merging and dynamic-skip tables from one similarity pass through the pruned model.
+fn similarity_steps(args: &PruneArgs, config: &ModelConfig, plan: &mut PruningPlan) -> Result<()> {
+    let started = Instant::now();
+    let device = args.device.device()?;
+    let samples = calibration(args)?;
+    let model = StreamingModel::open(&args.model, &device)?;
+    let keep: std::collections::BTreeMap<usize, Vec<bool>> = plan
+        .kept_experts
+        .iter()
+        .map(|(l, kept)| (*l, (0..plan.original_experts[l]).map(|e| kept.contains(&e)).collect()))
+        .collect();
+    let pb = progress_bar(config.num_layers as u64, "similarity");
+    let sim = diep_prune::similarity::expert_similarity(&model, &samples, &keep, args.similarity_tokens, |d, _| {
+        pb.set_position(d as u64)
+    })?;
+    pb.finish_and_clear();
+    if args.merge {
+        plan.merge = diep_prune::similarity::merge_groups(&sim, &plan.kept_experts);
+        plan.settings["merge"] = serde_json::json!({"similarity": "linear CKA", "tokens": args.similarity_tokens});
+    }
+    if args.dynamic_skip {
+        let mut tables = serde_json::Map::new();
+        for (l, s) in &sim {
+            let (Some(kept), Some(gamma1)) = (plan.kept_experts.get(l), s.median_weight_ratio) else { continue };
+            let pairs: Vec<f64> =
+                kept.iter().flat_map(|a| kept.iter().filter(move |b| *b != a).map(move |b| s.cka[*a][*b])).collect();
+            let mean = pairs.iter().sum::<f64>() / pairs.len().max(1) as f64;
+            let gamma: Vec<Vec<f64>> =
+                kept.iter().map(|a| kept.iter().map(|b| gamma1 * s.cka[*a][*b] / mean.max(1e-12)).collect()).collect();
+            tables.insert(
+                l.to_string(),
+                serde_json::json!({"gamma1": gamma1, "mean_cka": mean, "gamma": gamma, "tokens": s.tokens}),
+            );
+        }
+        plan.extra.insert("dynamic_skip".into(), tables.into());
+    }
+    plan.timings.insert("similarity_s".into(), started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// Calibration settings and device, recorded in every computed plan.

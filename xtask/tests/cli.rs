@@ -300,3 +300,57 @@ fn prune_with_diep_saves_state_resumes_and_records_alpha_beta() {
         assert!(!o.status.success() && stderr.contains(expect), "{flag}: {stderr}");
     }
 }
+
+#[test]
+fn prune_with_merge_and_dynamic_skip_then_eval_skipping() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let mut args = vec![
+        "--model",
+        "fixtures/models/tiny-mixtral",
+        "--method",
+        "reap",
+        "--ratio",
+        "0.5",
+        "--merge",
+        "--dynamic-skip",
+        "--similarity-tokens",
+        "128",
+    ];
+    args.extend(CALIB);
+    let o = prune(&args, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan = diep_surgery::PruningPlan::read(out.join("pruning.json")).unwrap();
+    // Every removed expert is folded exactly once, weights sum to 1.
+    let removed: usize =
+        plan.original_experts.values().sum::<usize>() - plan.kept_experts.values().map(Vec::len).sum::<usize>();
+    let folded: usize = plan.merge.values().flat_map(|g| g.values()).map(|m| m.len() - 1).sum();
+    assert_eq!(folded, removed);
+    for m in plan.merge.values().flat_map(|g| g.values()) {
+        assert!((m.iter().map(|x| x.1).sum::<f64>() - 1.0).abs() < 1e-9);
+    }
+    let tables = plan.extra["dynamic_skip"].as_object().unwrap();
+    assert_eq!(tables.len(), plan.kept_experts.len());
+    for (l, t) in tables {
+        let n = plan.kept_experts[&l.parse::<usize>().unwrap()].len();
+        assert_eq!(t["gamma"].as_array().unwrap().len(), n);
+    }
+    let e = xtask()
+        .args(["eval", "--dynamic-skip", "--model"])
+        .arg(&out)
+        .args(["--ids", "fixtures/parity/tiny-mixtral/ids.json"])
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    let eligible = report["dynamic_skip"]["eligible"].as_u64().unwrap();
+    assert_eq!(eligible, 2 * 48, "one second-expert slot per token per MoE layer");
+    // Without the tables, --dynamic-skip is a clear error.
+    let e = xtask()
+        .args(["eval", "--dynamic-skip", "--model", "fixtures/models/tiny-mixtral"])
+        .args(["--ids", "fixtures/parity/tiny-mixtral/ids.json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && stderr.contains("pruning.json"), "{stderr}");
+}

@@ -22,6 +22,7 @@ pub mod moe;
 pub mod nn;
 pub mod rope;
 pub mod tokenizer;
+pub mod train;
 
 pub use burn;
 pub use device::DeviceSpec;
@@ -29,4 +30,4 @@ pub use diep_checkpoint as checkpoint;
 pub use diep_checkpoint::architectures;
 pub use error::{ModelError, Result};
 pub use model::{DecoderLayer, FeedForward, LayerOutput, LayerSource, MoeModel, StreamingModel};
-pub use moe::{MoeBlock, MoeForwardOptions, MoeOutput, Routing};
+pub use moe::{DynamicSkip, MoeBlock, MoeForwardOptions, MoeOutput, Routing};

@@ -119,6 +119,19 @@ impl MoeModel {
         Ok(MoeModel { config, embed_tokens, layers, norm, lm_head, device: device.clone() })
     }
 
+    /// Assembles a model from its parts (e.g. freshly initialised weights, see
+    /// [`MoeModel::random`]). The parts must match `config`; nothing is checked.
+    pub fn from_parts(
+        config: ModelConfig,
+        embed_tokens: Tensor<2>,
+        layers: Vec<DecoderLayer>,
+        norm: RmsNorm,
+        lm_head: Linear,
+        device: Device,
+    ) -> Self {
+        MoeModel { config, embed_tokens, layers, norm, lm_head, device }
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
@@ -138,6 +151,14 @@ impl MoeModel {
     pub fn set_expert_mask(&mut self, layer: usize, keep: Option<&[bool]>) -> Result<()> {
         match self.layers.get_mut(layer).map(|l| &mut l.ffn) {
             Some(FeedForward::Moe(m)) => m.set_mask(keep),
+            _ => Err(ModelError::InvalidInput(format!("layer {layer} is not an MoE layer"))),
+        }
+    }
+
+    /// Sets (or clears) dynamic skipping in one MoE layer; see [`crate::DynamicSkip`].
+    pub fn set_dynamic_skip(&mut self, layer: usize, skip: Option<crate::DynamicSkip>) -> Result<()> {
+        match self.layers.get_mut(layer).map(|l| &mut l.ffn) {
+            Some(FeedForward::Moe(m)) => m.set_dynamic_skip(skip),
             _ => Err(ModelError::InvalidInput(format!("layer {layer} is not an MoE layer"))),
         }
     }

@@ -15,6 +15,9 @@
 //! renormalises over the kept experts: the same arithmetic as a checkpoint from which the
 //! expert was removed.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
@@ -88,6 +91,36 @@ pub struct MoeOutput {
     pub expert_outputs: Option<Vec<Option<ExpertOutput>>>,
 }
 
+/// Dynamic skipping (DiEP's optional inference step): a token's `j`-th selected expert
+/// (`j ≥ 1`) is skipped when `w_j < γ(e_0, e_j)·w_0`. The skipped expert is not computed and
+/// its weight is dropped (the others are not renormalised).
+#[derive(Debug, Clone)]
+pub struct DynamicSkip {
+    /// `γ` row-major `[experts, experts]`: row = first expert, column = the other.
+    pub gamma: Vec<f32>,
+    counts: Arc<[AtomicU64; 2]>,
+}
+
+impl DynamicSkip {
+    /// A rule from the `γ` matrix of a layer with `experts` experts.
+    pub fn new(gamma: Vec<f32>, experts: usize) -> Result<Self> {
+        if gamma.len() != experts * experts {
+            return Err(ModelError::InvalidInput(format!(
+                "dynamic skip: γ has {} entries, a layer of {experts} experts needs {}",
+                gamma.len(),
+                experts * experts
+            )));
+        }
+        Ok(DynamicSkip { gamma, counts: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]) })
+    }
+
+    /// `(skipped, eligible)`: expert slots skipped, and slots that could have been (all
+    /// slots after the first), since the rule was made.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.counts[0].load(Ordering::Relaxed), self.counts[1].load(Ordering::Relaxed))
+    }
+}
+
 /// A shared expert and its sigmoid gate (Qwen2-MoE).
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
@@ -112,6 +145,7 @@ pub struct MoeBlock {
     pub norm_topk_prob: bool,
     mask: Option<Vec<bool>>,
     mask_bias: Option<Tensor<1>>,
+    skip: Option<DynamicSkip>,
 }
 
 impl MoeBlock {
@@ -123,7 +157,7 @@ impl MoeBlock {
         top_k: usize,
         norm_topk_prob: bool,
     ) -> Self {
-        MoeBlock { router, experts, shared, top_k, norm_topk_prob, mask: None, mask_bias: None }
+        MoeBlock { router, experts, shared, top_k, norm_topk_prob, mask: None, mask_bias: None, skip: None }
     }
 
     /// Routed experts in this block.
@@ -161,6 +195,26 @@ impl MoeBlock {
         Ok(())
     }
 
+    /// Sets (or clears) dynamic skipping of the second and later experts.
+    pub fn set_dynamic_skip(&mut self, skip: Option<DynamicSkip>) -> Result<()> {
+        if let Some(s) = &skip {
+            let n = self.num_experts();
+            if s.gamma.len() != n * n {
+                return Err(ModelError::InvalidInput(format!(
+                    "dynamic skip: γ has {} entries, the layer has {n} experts",
+                    s.gamma.len()
+                )));
+            }
+        }
+        self.skip = skip;
+        Ok(())
+    }
+
+    /// The dynamic-skip rule, if any.
+    pub fn dynamic_skip(&self) -> Option<&DynamicSkip> {
+        self.skip.as_ref()
+    }
+
     /// The current mask (`true` = kept), if any.
     pub fn mask(&self) -> Option<&[bool]> {
         self.mask.as_deref()
@@ -179,7 +233,11 @@ impl MoeBlock {
             (None, Some(b)) => Some(b.clone()),
             (None, None) => None,
         };
-        route(self.router_logits(x), bias.as_ref(), self.top_k, self.norm_topk_prob)
+        let routing = route(self.router_logits(x), bias.as_ref(), self.top_k, self.norm_topk_prob);
+        match &self.skip {
+            Some(skip) if self.top_k >= 2 => apply_skip(routing, skip, self.num_experts()),
+            _ => routing,
+        }
     }
 
     /// `E_j(x)` for one expert on `[tokens, hidden]` rows.
@@ -218,9 +276,16 @@ impl MoeBlock {
         let device = x.device();
         let k = self.top_k;
         let selected: Vec<i64> = routing.experts.to_data().iter::<i64>().collect();
+        // Slots dynamic skipping dropped (weight exactly 0) are not computed.
+        let skipped: Option<Vec<bool>> = self.skip.as_ref().map(|_| {
+            routing.weights.to_data().iter::<f32>().enumerate().map(|(i, w)| i % k != 0 && w == 0.0).collect()
+        });
         // For each expert: (token row, flat position in the [n, k] weight matrix).
         let mut groups: Vec<(Vec<i64>, Vec<i64>)> = vec![(Vec::new(), Vec::new()); self.num_experts()];
         for (pos, &e) in selected.iter().enumerate() {
+            if skipped.as_ref().is_some_and(|s| s[pos]) {
+                continue;
+            }
             let (tokens, positions) = &mut groups[e as usize];
             tokens.push((pos / k) as i64);
             positions.push(pos as i64);
@@ -275,4 +340,28 @@ impl MoeBlock {
         }
         out
     }
+}
+
+/// Zeroes the weight of every slot `j ≥ 1` with `w_j < γ(e_0, e_j)·w_0`, and counts.
+fn apply_skip(routing: Routing, skip: &DynamicSkip, experts: usize) -> Routing {
+    let [n, k] = routing.weights.dims();
+    let w: Vec<f32> = routing.weights.to_data().iter::<f32>().collect();
+    let e: Vec<i64> = routing.experts.to_data().iter::<i64>().collect();
+    let mut keep = vec![1.0f32; n * k];
+    let mut skipped = 0u64;
+    for t in 0..n {
+        let first = e[t * k] as usize;
+        for j in 1..k {
+            let gamma = skip.gamma[first * experts + e[t * k + j] as usize];
+            if w[t * k + j] < gamma * w[t * k] {
+                keep[t * k + j] = 0.0;
+                skipped += 1;
+            }
+        }
+    }
+    skip.counts[0].fetch_add(skipped, Ordering::Relaxed);
+    skip.counts[1].fetch_add((n * (k - 1)) as u64, Ordering::Relaxed);
+    let device = routing.weights.device();
+    let keep = Tensor::<2>::from_data(TensorData::new(keep, [n, k]), &device);
+    Routing { weights: routing.weights * keep, ..routing }
 }

@@ -167,3 +167,52 @@ fn masks_are_validated() {
     b.set_mask(None).unwrap();
     assert!(b.mask().is_none());
 }
+
+fn host(t: Tensor<2>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+#[test]
+fn dynamic_skip_drops_exactly_the_slots_below_gamma() {
+    use diep_models::DynamicSkip;
+    let device = device();
+    let (h, e, k, n) = (12, 6, 2, 40);
+    let mut rng = Rng(11);
+    let x = rng.tensor([n, h], 1.0, &device);
+    let plain = block(5, h, e, k, true, false, &device);
+    let routing = plain.route(x.clone(), None);
+    let (w, ex) = (host(routing.weights.clone()), routing.experts.to_data().iter::<i64>().collect::<Vec<_>>());
+    let expected_out = host(plain.forward(x.clone()));
+
+    // γ = 0 never skips: identical output.
+    let mut b = plain.clone();
+    b.set_dynamic_skip(Some(DynamicSkip::new(vec![0.0; e * e], e).unwrap())).unwrap();
+    assert_eq!(host(b.forward(x.clone())), expected_out);
+    assert_eq!(b.dynamic_skip().unwrap().counts(), (0, n as u64));
+
+    // A γ that depends on the pair: the output is w0·E_e0(x) plus w1·E_e1(x) only where
+    // w1 ≥ γ(e0, e1)·w0, computed by hand per token.
+    let gamma: Vec<f32> = (0..e * e).map(|i| 0.4 + 0.1 * (i % 7) as f32).collect();
+    let mut b = plain.clone();
+    b.set_dynamic_skip(Some(DynamicSkip::new(gamma.clone(), e).unwrap())).unwrap();
+    let got = host(b.forward(x.clone()));
+    let mut skipped = 0;
+    for t in 0..n {
+        let row = x.clone().narrow(0, t, 1);
+        let (e0, e1) = (ex[t * k] as usize, ex[t * k + 1] as usize);
+        let mut want: Vec<f32> = host(plain.expert_forward(e0, row.clone())).iter().map(|v| v * w[t * k]).collect();
+        if w[t * k + 1] >= gamma[e0 * e + e1] * w[t * k] {
+            for (o, v) in want.iter_mut().zip(host(plain.expert_forward(e1, row))) {
+                *o += v * w[t * k + 1];
+            }
+        } else {
+            skipped += 1;
+        }
+        for c in 0..h {
+            assert!((got[t * h + c] - want[c]).abs() < 1e-4, "token {t}");
+        }
+    }
+    assert!(skipped > 0 && skipped < n, "the test must exercise both cases ({skipped})");
+    assert_eq!(b.dynamic_skip().unwrap().counts(), (skipped as u64, n as u64));
+    assert!(DynamicSkip::new(vec![0.0; 3], e).is_err());
+}

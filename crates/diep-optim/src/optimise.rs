@@ -282,16 +282,12 @@ fn run(
             let params: BTreeMap<usize, LayerParams> =
                 state.layers.iter().map(|(l, s)| (*l, s.params(device, alpha_phase, !alpha_phase))).collect();
             let opts = match (settings.relaxation, settings.threshold) {
-                (RelaxationKind::Routed, ThresholdMode::Implicit) => {
-                    routed_options_implicit(&params, keep, tau, false)
-                }
+                (RelaxationKind::Routed, ThresholdMode::Implicit) => routed_options_implicit(&params, keep, tau, false),
                 (RelaxationKind::RoutedGated, ThresholdMode::Implicit) => {
                     routed_options_implicit(&params, keep, tau, true)
                 }
                 (RelaxationKind::RoutedGated, ThresholdMode::Fixed) => {
-                    return Err(OptimError::Config(
-                        "the routed-gated relaxation needs the implicit threshold".into(),
-                    ));
+                    return Err(OptimError::Config("the routed-gated relaxation needs the implicit threshold".into()));
                 }
                 (kind, _) => forward_options(relaxation(kind, tau), &params, keep),
             };

@@ -14,6 +14,7 @@ pub mod criteria;
 mod error;
 pub mod naee;
 pub mod rng;
+pub mod similarity;
 pub mod stats;
 
 use std::collections::BTreeMap;

@@ -39,6 +39,12 @@ pub struct PruningPlan {
     /// The settings the method ran with (free-form).
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub settings: Value,
+    /// Expert merging (DiEP's optional step): per layer, per kept expert (original ids), the
+    /// experts folded into it with their weights, the kept expert first:
+    /// `{"3": {"5": [[5, 0.55], [2, 0.45]]}}`. Surgery writes the weighted sum of the group's
+    /// tensors in place of the kept expert's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub merge: BTreeMap<usize, BTreeMap<usize, Vec<(usize, f64)>>>,
     /// Seconds spent per phase.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub timings: BTreeMap<String, f64>,
@@ -70,6 +76,7 @@ impl PruningPlan {
             ratio: None,
             scores: BTreeMap::new(),
             settings: Value::Null,
+            merge: BTreeMap::new(),
             timings: BTreeMap::new(),
             extra: Map::new(),
         }
@@ -132,6 +139,33 @@ impl PruningPlan {
                     "layer {layer} keeps {} experts, fewer than num_experts_per_tok = {top_k}",
                     kept.len()
                 ));
+            }
+        }
+        for (layer, groups) in &self.merge {
+            let Some(kept) = self.kept_experts.get(layer) else {
+                return err(format!("`merge` lists layer {layer}, which has no `kept_experts` entry"));
+            };
+            let n = config.experts_in_layer(*layer);
+            let mut folded = std::collections::BTreeSet::new();
+            for (target, members) in groups {
+                if !kept.contains(target) {
+                    return err(format!(
+                        "`merge` layer {layer}: expert {target} is not kept, so nothing can be merged into it"
+                    ));
+                }
+                if members.first().map(|m| m.0) != Some(*target) {
+                    return err(format!("`merge` layer {layer}: the group of expert {target} must list it first"));
+                }
+                for (e, w) in members {
+                    if !w.is_finite() {
+                        return err(format!("`merge` layer {layer}: weight of expert {e} is {w}"));
+                    }
+                    if e != target && (kept.contains(e) || *e >= n || !folded.insert(*e)) {
+                        return err(format!(
+                            "`merge` layer {layer}: expert {e} must be a removed expert of the layer, folded once"
+                        ));
+                    }
+                }
             }
         }
         Ok(())

@@ -564,6 +564,8 @@ struct OutTensor<'c> {
     shape: Vec<usize>,
     /// Rows of `src` to write, in order; `None` copies the whole tensor.
     rows: Option<Vec<usize>>,
+    /// Write `Σ w·tensor` over these same-shaped tensors instead of `src` (expert merging).
+    merge: Option<Vec<(TensorRef<'c>, f64)>>,
     nbytes: usize,
 }
 
@@ -574,17 +576,40 @@ fn output_tensors<'c>(plan: &PruningPlan, inventory: &[(TensorRef<'c>, Role<'c>)
         .iter()
         .map(|(l, kept)| (*l, kept.iter().enumerate().map(|(new, old)| (*old, new)).collect()))
         .collect();
+    // (layer, expert, rest) -> tensor, for merged experts.
+    let experts: BTreeMap<(usize, usize, &str), TensorRef<'c>> = inventory
+        .iter()
+        .filter_map(|(t, role)| match role {
+            Role::Expert { layer, expert, rest } => Some(((*layer, *expert, *rest), *t)),
+            _ => None,
+        })
+        .collect();
     let mut out = Vec::new();
     for (t, role) in inventory {
-        let copy =
-            |name: String| OutTensor { name, src: *t, shape: t.shape.to_vec(), rows: None, nbytes: t.bytes.len() };
+        let copy = |name: String| OutTensor {
+            name,
+            src: *t,
+            shape: t.shape.to_vec(),
+            rows: None,
+            merge: None,
+            nbytes: t.bytes.len(),
+        };
         match *role {
             Role::Plain => out.push(copy(t.name.to_string())),
             Role::Expert { layer, expert, rest } => match renumber.get(&layer) {
                 None => out.push(copy(t.name.to_string())),
                 Some(map) => {
                     if let Some(new) = map.get(&expert) {
-                        out.push(copy(rename_expert(t.name, rest, *new)));
+                        let mut o = copy(rename_expert(t.name, rest, *new));
+                        if let Some(group) = plan.merge.get(&layer).and_then(|g| g.get(&expert)) {
+                            o.merge = Some(
+                                group
+                                    .iter()
+                                    .filter_map(|(e, w)| experts.get(&(layer, *e, rest)).map(|src| (*src, *w)))
+                                    .collect(),
+                            );
+                        }
+                        out.push(o);
                     }
                 }
             },
@@ -599,6 +624,7 @@ fn output_tensors<'c>(plan: &PruningPlan, inventory: &[(TensorRef<'c>, Role<'c>)
                         src: *t,
                         shape,
                         rows: Some(kept.clone()),
+                        merge: None,
                         nbytes: row_bytes * kept.len(),
                     });
                 }
@@ -715,6 +741,12 @@ fn write_shard(path: &Path, tensors: &[OutTensor<'_>], progress: &mut Progress<'
         w.write_all(&(header.len() as u64).to_le_bytes())?;
         w.write_all(&header)?;
         for t in &order {
+            if let Some(group) = &t.merge {
+                w.write_all(&merged_bytes(t, group)?)?;
+                progress.state.tensors_written += 1;
+                progress.advance(t.nbytes);
+                continue;
+            }
             match &t.rows {
                 None => {
                     let bytes = t.src.bytes;
@@ -747,6 +779,29 @@ fn write_shard(path: &Path, tensors: &[OutTensor<'_>], progress: &mut Progress<'
     })();
     result.map_err(io)?;
     Ok((8 + header.len() + offset) as u64)
+}
+
+/// `Σ w·tensor` over a merge group, computed in f32 and written in the kept tensor's dtype.
+fn merged_bytes(t: &OutTensor<'_>, group: &[(TensorRef<'_>, f64)]) -> std::io::Result<Vec<u8>> {
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("merging into {}: {m}", t.name));
+    let mut sum = vec![0f64; t.src.numel()];
+    for (src, weight) in group {
+        if src.shape != t.src.shape || src.dtype != t.src.dtype {
+            return Err(bad(format!("{} has shape {:?} {:?}", src.name, src.shape, src.dtype)));
+        }
+        let values = src.to_f32().map_err(|e| bad(e.to_string()))?;
+        for (s, v) in sum.iter_mut().zip(values) {
+            *s += weight * v as f64;
+        }
+    }
+    let bytes: Vec<u8> = match t.src.dtype {
+        Dtype::F32 => sum.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
+        Dtype::F16 => sum.iter().flat_map(|v| half::f16::from_f64(*v).to_le_bytes()).collect(),
+        Dtype::BF16 => sum.iter().flat_map(|v| half::bf16::from_f64(*v).to_le_bytes()).collect(),
+        other => return Err(bad(format!("cannot merge {other:?} tensors"))),
+    };
+    debug_assert_eq!(bytes.len(), t.nbytes);
+    Ok(bytes)
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<u64, SurgeryError> {

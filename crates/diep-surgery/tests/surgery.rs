@@ -638,3 +638,71 @@ mod random_plans {
         }
     }
 }
+
+#[test]
+fn merged_experts_are_the_weighted_sum_of_their_group() {
+    for name in ["tiny-mixtral", "tiny-mixtral-bf16"] {
+        let dir = fixture(name);
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let mut plan = plan_from(&config, |_, _, _| vec![1, 2, 5, 6]);
+        // Layer 0: expert 2 absorbs 0 and 3; expert 6 absorbs 7. Layer 1 only drops.
+        plan.merge = BTreeMap::from([(
+            0,
+            BTreeMap::from([(2, vec![(2, 0.5), (0, 0.3), (3, 0.2)]), (6, vec![(6, 0.75), (7, 0.25)])]),
+        )]);
+        let out = tempfile::tempdir().unwrap();
+        let out_dir = out.path().join("merged");
+        apply_plan(&dir, &plan, &out_dir, &opts()).unwrap();
+        let input = Checkpoint::open(&dir).unwrap();
+        let output = Checkpoint::open(&out_dir).unwrap();
+        let keys = MoeKeys::of(config.architecture);
+        for rest in ["w1.weight", "w2.weight", "w3.weight"] {
+            let get = |c: &Checkpoint, l: usize, e: usize| {
+                let name = keys.expert_weights(l, e).into_iter().find(|n| n.ends_with(rest)).unwrap();
+                let t = c.get(&name).unwrap();
+                (t.to_f32().unwrap(), t.dtype)
+            };
+            // New id 1 is old expert 2 (kept ids 1, 2, 5, 6 renumber to 0..3).
+            let (merged, dtype) = get(&output, 0, 1);
+            let parts = [(2, 0.5), (0, 0.3), (3, 0.2)].map(|(e, w)| (get(&input, 0, e).0, w));
+            let tol = if dtype == Dtype::BF16 { 1e-2 } else { 1e-6 };
+            for (i, m) in merged.iter().enumerate() {
+                let want: f64 = parts.iter().map(|(v, w)| w * v[i] as f64).sum();
+                assert!((*m as f64 - want).abs() <= tol * want.abs().max(1e-3), "{name} {rest}[{i}]: {m} vs {want}");
+            }
+            assert_eq!(dtype, get(&input, 0, 2).1, "dtype kept");
+            // Unmerged kept experts and the other layer are copied bit-exact.
+            assert_eq!(get(&output, 0, 0).0, get(&input, 0, 1).0);
+            assert_eq!(get(&output, 1, 2).0, get(&input, 1, 5).0);
+            let (m6, _) = get(&output, 0, 3);
+            let (a, b) = (get(&input, 0, 6).0, get(&input, 0, 7).0);
+            assert!(m6.iter().zip(a.iter().zip(&b)).all(|(m, (x, y))| {
+                let want = 0.75 * *x as f64 + 0.25 * *y as f64;
+                (*m as f64 - want).abs() <= tol * want.abs().max(1e-3)
+            }));
+        }
+        let written = PruningPlan::read(out_dir.join("pruning.json")).unwrap();
+        assert_eq!(written.merge, plan.merge);
+    }
+}
+
+#[test]
+fn bad_merge_groups_are_refused() {
+    let dir = fixture("tiny-mixtral");
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    let base = plan_from(&config, |_, _, _| vec![1, 2, 5, 6]);
+    for (merge, expect) in [
+        (BTreeMap::from([(0, BTreeMap::from([(0, vec![(0, 1.0)])]))]), "not kept"),
+        (BTreeMap::from([(0, BTreeMap::from([(2, vec![(3, 0.5), (2, 0.5)])]))]), "first"),
+        (BTreeMap::from([(0, BTreeMap::from([(2, vec![(2, 0.5), (5, 0.5)])]))]), "removed expert"),
+        (
+            BTreeMap::from([(0, BTreeMap::from([(2, vec![(2, 0.5), (3, 0.5)]), (5, vec![(5, 0.5), (3, 0.5)])]))]),
+            "folded once",
+        ),
+        (BTreeMap::from([(0, BTreeMap::from([(2, vec![(2, f64::NAN)])]))]), "weight"),
+    ] {
+        let plan = PruningPlan { merge, ..base.clone() };
+        let err = plan.validate(&config).unwrap_err().to_string();
+        assert!(err.contains(expect), "{expect}: {err}");
+    }
+}
