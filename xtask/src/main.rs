@@ -2,6 +2,7 @@
 //!
 //! Run `cargo xtask` alone for the list of commands.
 
+mod bench;
 mod eval;
 mod fixture;
 mod prune;
@@ -26,6 +27,9 @@ enum Command {
     Prune(prune::PruneArgs),
     /// Evaluate a model directory: perplexity over token-id sequences.
     Eval(eval::EvalArgs),
+    /// Compare pruning methods: prune a model with every method at every ratio, evaluate
+    /// held-out perplexity and multiple choice, write results.json, RESULTS.md and a chart.
+    BenchMethods(bench::BenchArgs),
     /// Build test fixtures: `fixture train` trains the `fixtures/trained-moe` model from scratch.
     Fixture(fixture::FixtureArgs),
     /// Run the CI script (`.ci/run`): tests on CPU, on wgpu where Vulkan is available, and a
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Prune(args) => prune::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::BenchMethods(args) => bench::run(args),
         Command::Fixture(args) => fixture::run(args),
         Command::Ci => util::run_ci(),
     };

@@ -192,8 +192,18 @@ pub fn run(args: PruneArgs) -> Result<()> {
     let opts = SurgeryOptions { force: args.force, max_shard_bytes: args.max_shard_bytes, progress: Some(&progress) };
     let report = apply_plan(&args.model, &plan, &args.out, &opts)?;
     pb.finish_and_clear();
-    print_summary(&args, &plan, &report, start.elapsed().as_secs_f64());
+    let seconds = start.elapsed().as_secs_f64();
+    print_summary(&args, &plan, &report, seconds, peak_rss_mb());
     Ok(())
+}
+
+/// The process's peak resident set size in MB (`VmHWM` of `/proc/self/status`, Linux only;
+/// `None` elsewhere or when it cannot be read).
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
@@ -440,7 +450,7 @@ fn relax_allocation(a: Allocation) -> diep_relax::Allocation {
     }
 }
 
-fn print_summary(args: &PruneArgs, plan: &PruningPlan, report: &SurgeryReport, seconds: f64) {
+fn print_summary(args: &PruneArgs, plan: &PruningPlan, report: &SurgeryReport, seconds: f64, rss_mb: Option<f64>) {
     let original: usize = plan.original_experts.values().sum();
     let kept: usize = plan.kept_experts.values().map(Vec::len).sum();
     println!("pruned {} -> {}", args.model.display(), args.out.display());
@@ -473,4 +483,7 @@ fn print_summary(args: &PruneArgs, plan: &PruningPlan, report: &SurgeryReport, s
     );
     println!("written   {} bytes in {} file(s)", report.bytes_written, report.files_written.len());
     println!("time      {seconds:.1}s");
+    if let Some(mb) = rss_mb {
+        println!("peak rss  {mb:.0} MB");
+    }
 }
