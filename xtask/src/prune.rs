@@ -230,17 +230,7 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
     let stats_opts: StatsOptions = diep_prune::stats_options(config, &spec, batch_size, args.naee_tokens)?;
     // Layers are streamed from the memory-mapped checkpoint: one layer's weights at a time.
     let model = StreamingModel::open(&args.model, &device)?;
-    eprintln!(
-        "model: {} ({}), {} MoE layers × {} experts, top-{}; calibration {} × {} tokens on {}",
-        args.model.display(),
-        config.architecture.model_type(),
-        config.moe_layers().len(),
-        config.moe.num_experts,
-        config.moe.top_k,
-        args.samples,
-        args.seq_len,
-        args.device
-    );
+    print_model_line(args, config, args.samples);
     let calibrated = Instant::now();
     let pb = progress_bar(config.num_layers as u64, "layers");
     let stats = diep_prune::collect_statistics(&model, &samples, &stats_opts, |done, _| pb.set_position(done as u64))?;
@@ -291,6 +281,20 @@ fn similarity_steps(args: &PruneArgs, config: &ModelConfig, plan: &mut PruningPl
     }
     plan.timings.insert("similarity_s".into(), started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The one-line description of the model and calibration a computed plan starts with.
+fn print_model_line(args: &PruneArgs, config: &ModelConfig, samples: usize) {
+    eprintln!(
+        "model: {} ({}), {} MoE layers × {} experts, top-{}; calibration {samples} × {} tokens on {}",
+        args.model.display(),
+        config.architecture.model_type(),
+        config.moe_layers().len(),
+        config.moe.num_experts,
+        config.moe.top_k,
+        args.seq_len,
+        args.device
+    );
 }
 
 /// Calibration settings and device, recorded in every computed plan.
@@ -365,17 +369,7 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
     let started = Instant::now();
     let samples = calibration(args)?;
     let calibrated = Instant::now();
-    eprintln!(
-        "model: {} ({}), {} MoE layers × {} experts, top-{}; calibration {} × {} tokens on {}",
-        args.model.display(),
-        config.architecture.model_type(),
-        config.moe_layers().len(),
-        config.moe.num_experts,
-        config.moe.top_k,
-        samples.len(),
-        args.seq_len,
-        args.device
-    );
+    print_model_line(args, config, samples.len());
     eprintln!(
         "diep: {} relaxation, {} objective, {} epochs × {} steps (batch {}), lr {}, α:β {}, state {}",
         settings.relaxation,
