@@ -29,6 +29,11 @@ What it generates (all random init, fixed seeds, deterministic):
                           explicit head_dim=24, per-head q/k RMSNorm, norm_topk_prob=true, tied embeddings.
 * ``tiny-olmoe``          olmoe, 3 layers, q/k RMSNorm over the whole projection, clip_qkv that clips.
 * ``tiny-qwen3-moe-tf4``  qwen3_moe saved by transformers 4.57.1 (4.x config key style).
+* ``tiny-deepseek-v3``    deepseek_v3, 3 layers (layer 0 dense via first_k_dense_replace=1), MLA with
+                          q_lora_rank, yarn RoPE (mscale != mscale_all_dim), sigmoid routing with a
+                          random e_score_correction_bias, n_group=2 / topk_group=1, shared expert.
+* ``tiny-deepseek-v2``    deepseek_v2, 3 layers (layer 0 dense), MLA without q_lora_rank (q_proj),
+                          yarn RoPE, group_limited_greedy (n_group=4, topk_group=2), 2 shared experts.
 
 Every model: vocab 320 (= the byte-level BPE tokenizer.json written next to it), hidden 64,
 4 heads / 2 kv heads, 8 experts, top-2, max_position_embeddings 512, non-default rope theta and
@@ -219,7 +224,44 @@ def make_config(kind: str):
             rms_norm_eps=1e-6,  # default 1e-5
             tie_word_embeddings=False,
         )
+    if kind.startswith("tiny-deepseek-v3"):
+        return deepseek_config("v3")
+    if kind.startswith("tiny-deepseek-v2"):
+        return deepseek_config("v2")
     raise ValueError(kind)
+
+
+def deepseek_config(version: str, **overrides):
+    """Tiny DeepSeek-V3 / V2 configs. MLA has no GQA: num_key_value_heads = num_attention_heads."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    c = common_kwargs()
+    c["num_key_value_heads"] = N_HEADS
+    yarn = dict(rope_type="yarn", rope_theta=5000.0, factor=4.0, original_max_position_embeddings=128,
+                beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.7)
+    common = dict(
+        num_hidden_layers=3,
+        first_k_dense_replace=1,  # layer 0 dense
+        intermediate_size=96,  # dense layer width
+        moe_intermediate_size=32,
+        n_routed_experts=N_EXPERTS,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters=yarn,
+    )
+    if version == "v3":
+        kw = dict(common, q_lora_rank=24, n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True,
+                  routed_scaling_factor=2.5, rope_interleave=True)
+        kw.update(overrides)
+        return DeepseekV3Config(**{**c, **kw})
+    kw = dict(common, q_lora_rank=None, n_shared_experts=2, n_group=4, topk_group=2,
+              topk_method="group_limited_greedy", routed_scaling_factor=1.5)
+    kw.update(overrides)
+    return DeepseekV2Config(**{**c, **kw})
 
 
 SEEDS = {
@@ -228,6 +270,8 @@ SEEDS = {
     "tiny-qwen3-moe": 1003,
     "tiny-olmoe": 1004,
     "tiny-qwen3-moe-tf4": 1005,
+    "tiny-deepseek-v3": 1006,
+    "tiny-deepseek-v2": 1007,
 }
 IDS_SEEDS = {
     "tiny-mixtral": 2001,
@@ -237,6 +281,8 @@ IDS_SEEDS = {
     "tiny-qwen3-moe": 2003,
     "tiny-olmoe": 2004,
     "tiny-qwen3-moe-tf4": 2005,
+    "tiny-deepseek-v3": 2006,
+    "tiny-deepseek-v2": 2007,
 }
 
 
@@ -260,10 +306,13 @@ def build_model(kind: str, seed: int):
 
 @torch.no_grad()
 def perturb(model, seed: int) -> None:
-    """RMSNorm weights -> 1 + 0.3 randn; q/k/v biases -> 0.5 randn (where present)."""
+    """RMSNorm weights -> 1 + 0.3 randn; q/k/v biases -> 0.5 randn (where present); DeepSeek-V3's
+    e_score_correction_bias (zeros at init) -> 0.1 randn."""
     g = torch.Generator().manual_seed(seed + 7)
     n_norm = n_bias = 0
     for name, mod in model.named_modules():
+        if getattr(mod, "e_score_correction_bias", None) is not None:
+            mod.e_score_correction_bias.copy_(0.1 * torch.randn(mod.e_score_correction_bias.shape, generator=g))
         if type(mod).__name__.endswith("RMSNorm"):
             mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
             n_norm += 1
@@ -295,6 +344,8 @@ def expected_moe_layers(cfg) -> list[int]:
     L = cfg.num_hidden_layers
     if cfg.model_type in ("mixtral", "olmoe"):
         return list(range(L))
+    if cfg.model_type in ("deepseek_v3", "deepseek_v2"):
+        return list(range(cfg.first_k_dense_replace, L))
     n_exp = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts")
     return [
         i
@@ -362,6 +413,9 @@ def check_disk_layout(name: str, model_dir: Path, cfg, moe_layers: list[int]) ->
                 names = [f"model.layers.{i}.mlp.experts.{e}.{p}_proj.weight" for p in ("gate", "up", "down")]
             for n in names:
                 assert n in keys, f"{name}: missing per-expert key {n}"
+        if mt == "deepseek_v3":
+            n = f"model.layers.{i}.mlp.gate.e_score_correction_bias"
+            assert n in keys and keys[n][1] == "F32", f"{name}: {n} missing or not f32"
     tied = getattr(cfg, "tie_word_embeddings", False)
     assert ("lm_head.weight" in keys) == (not tied), f"{name}: lm_head presence vs tie_word_embeddings"
     return keys
@@ -554,6 +608,8 @@ def physically_remove_experts(model, masked: dict[int, list[int]]):
         keep = [e for e in range(N_EXPERTS) if e not in drop]
         blk.gate.weight = torch.nn.Parameter(blk.gate.weight[keep].clone())
         blk.gate.num_experts = len(keep)
+        if getattr(blk.gate, "e_score_correction_bias", None) is not None:
+            blk.gate.e_score_correction_bias = torch.nn.Buffer(blk.gate.e_score_correction_bias[keep].clone())
         blk.experts.gate_up_proj = torch.nn.Parameter(blk.experts.gate_up_proj[keep].clone())
         blk.experts.down_proj = torch.nn.Parameter(blk.experts.down_proj[keep].clone())
         blk.experts.num_experts = len(keep)
@@ -815,6 +871,72 @@ def gen_olmoe(out: Path) -> None:
     generate_f32("tiny-olmoe", out, m, extra_check=check_olmoe_clip)
 
 
+def choose_removed_per_group(name: str, moe_layers: list[int], n_group: int) -> dict[int, list[int]]:
+    """One expert per group per MoE layer: group-limited routing stays equal to removal only when
+    every group keeps the same count."""
+    g = torch.Generator().manual_seed(IDS_SEEDS[name] + 99)
+    size = N_EXPERTS // n_group
+    return {i: sorted(gi * size + int(torch.randint(size, (1,), generator=g))
+                      for gi in range(n_group)) for i in moe_layers}
+
+
+@torch.no_grad()
+def deepseek_removed_reference(name: str, model, ids, ref_tensors) -> tuple[dict, dict]:
+    """DeepSeek: ``masked.safetensors`` holds the logits of the model with the listed experts
+    physically deleted (router rows, correction bias, expert weights; one per group). Setting their
+    logits to -inf is not removal for V3 (sigmoid(-inf) + bias stays selectable), so removal is the
+    reference an expert mask must reproduce."""
+    moe_layers = moe_layers_of(model)
+    cfg = model.config
+    masked = choose_removed_per_group(name, moe_layers, cfg.n_group)
+    pruned = physically_remove_experts(model, masked)
+    logits = pruned(ids).logits.float()
+    loss = float(pruned(ids, labels=ids).loss)
+    d = float((logits - ref_tensors["logits"]).abs().max())
+    log(f"    removed {masked}: max |dlogit| vs full = {d:.3g}")
+    assert d > 1e-2, "removal had no effect"
+    return {"logits": logits.contiguous()}, {
+        "masked_experts": {str(i): v for i, v in masked.items()},
+        "masked_loss": loss,
+        "masked_semantics": (
+            "masked.safetensors logits: the listed experts physically deleted (router rows, "
+            "e_score_correction_bias entries, expert weights; one expert per routing group, so groups stay "
+            "contiguous and equal) and the model run by transformers"
+        ),
+        "masked_vs_unmasked_max_abs_diff": d,
+    }
+
+
+@torch.no_grad()
+def check_deepseek(model, ids) -> dict:
+    """Records the yarn factors and checks they matter; checks the group limit binds."""
+    cfg = model.config
+    att = model.model.layers[0].self_attn
+    rot = model.model.rotary_emb
+    plain_scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    log(f"    yarn: cos/sin factor {rot.attention_scaling:.6f}; softmax scale {att.scaling:.6f} "
+        f"(plain {plain_scale:.6f})")
+    assert abs(rot.attention_scaling - 1.0) > 1e-3 and abs(att.scaling - plain_scale) > 1e-3
+    return {
+        "yarn_cos_sin_factor": float(rot.attention_scaling),
+        "softmax_scale": float(att.scaling),
+        "softmax_scale_without_mscale": plain_scale,
+    }
+
+
+def gen_deepseek(out: Path, name: str) -> None:
+    log(name)
+    m = build_model(name, SEEDS[name])
+    ref, tensors = generate_f32(name, out, m, extra_check=check_deepseek)
+    model = load(out / "models" / name)
+    ids = make_ids(name)
+    mt, mf = deepseek_removed_reference(name, model, ids, tensors)
+    pdir = out / "parity" / name
+    save_file(mt, str(pdir / "masked.safetensors"), metadata={"format": "pt"})
+    ref.update(mf)
+    write_json(pdir / "reference.json", ref)
+
+
 def tf4_worker(out: Path) -> None:
     """Runs under transformers 4.x: build, save and reference tiny-qwen3-moe-tf4 (no tokenizer)."""
     assert TF_MAJOR == 4, transformers.__version__
@@ -895,6 +1017,8 @@ All models: hidden 64, 4 heads / 2 kv heads, 8 experts, top-2, 3 x 16 token ids,
 | `tiny-qwen3-moe` | qwen3_moe | f32, 1 file | 4 layers, `decoder_sparse_step: 2` (MoE layers 1, 3; dense 0, 2), head_dim 24 != 64/4, per-head q/k RMSNorm, norm_topk_prob=true, tied embeddings (no `lm_head.weight`), 5.x config keys (`rope_parameters`, `num_local_experts`) |
 | `tiny-olmoe` | olmoe | f32, 1 file | 3 layers, q/k RMSNorm over the whole projection, `clip_qkv: 2.0` (clips ~6% of q/k, ~24% of v entries), norm_topk_prob=false |
 | `tiny-qwen3-moe-tf4` | qwen3_moe | f32, 1 file | as tiny-qwen3-moe (other weights) but saved by transformers {tf4}: 4.x config keys (`rope_theta`, `num_experts`); references from a 4.x forward (5.x reproduces them) |
+| `tiny-deepseek-v3` | deepseek_v3 | f32, 1 file | 3 layers, layer 0 dense (`first_k_dense_replace: 1`), MLA with `q_lora_rank: 24` (kv_lora 16, nope 16, rope 8, v 12, 4 heads = 4 kv heads), yarn RoPE (factor 4, mscale 1, mscale_all_dim 0.7: cos/sin and softmax scale both change) on interleaved pairs, sigmoid routing + random `e_score_correction_bias`, `n_group: 2`, `topk_group: 1`, norm_topk_prob, `routed_scaling_factor: 2.5`, 1 shared expert; `masked.safetensors` |
+| `tiny-deepseek-v2` | deepseek_v2 | f32, 1 file | 3 layers, layer 0 dense, MLA without q_lora_rank (`q_proj`), yarn RoPE (complex-number form), softmax `group_limited_greedy` (`n_group: 4`, `topk_group: 2`), `routed_scaling_factor: 1.5`, 2 shared experts; `masked.safetensors` |
 
 Per fixture, in `fixtures/parity/<name>/`:
 
@@ -907,7 +1031,11 @@ Per fixture, in `fixtures/parity/<name>/`:
   k = output of layer k-1, **L = after the final norm**); `final_prenorm` (last layer output before the final norm);
   bf16 fixture also `logits_bf16`, `router_logits_bf16.{{layer}}`.
 - `masked.safetensors` (tiny-mixtral, tiny-qwen2-moe): `logits` with `masked_experts` (per layer) never selectable
-  (router logits set to -inf before softmax/top-k; checked equal to deleting those experts).
+  (router logits set to -inf before softmax/top-k; checked equal to deleting those experts). For the DeepSeek
+  fixtures: the logits with `masked_experts` (one per routing group) physically deleted.
+
+The DeepSeek fixtures can be regenerated alone (the others stay untouched):
+`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2`.
 
 Regenerate (needs `/opt/tf4`, see `scripts/requirements-fixtures.txt`):
 
@@ -939,6 +1067,8 @@ def main() -> None:
     ap.add_argument("--out", default="fixtures", type=Path)
     ap.add_argument("--tf4-path", default="/opt/tf4", help=f"--target dir holding transformers {TF4_VERSION}")
     ap.add_argument("--skip-tf4", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=["tiny-deepseek-v3", "tiny-deepseek-v2"],
+                    help="(re)generate only these fixtures (the others are left as they are)")
     ap.add_argument("--tf4-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     out: Path = args.out
@@ -952,12 +1082,22 @@ def main() -> None:
     (out / "models").mkdir(parents=True, exist_ok=True)
     (out / "parity").mkdir(parents=True, exist_ok=True)
 
+    if args.only:
+        for name in args.only:
+            gen_deepseek(out, name)
+        finish_tokenizer(out, args.only)
+        write_readme(out)
+        summary(out)
+        return
+
     names = ["tiny-mixtral", "tiny-mixtral-swa", "tiny-mixtral-bf16", "tiny-qwen2-moe", "tiny-qwen3-moe",
-             "tiny-olmoe"]
+             "tiny-olmoe", "tiny-deepseek-v3", "tiny-deepseek-v2"]
     gen_mixtral_family(out)
     gen_qwen2(out)
     gen_qwen3(out)
     gen_olmoe(out)
+    gen_deepseek(out, "tiny-deepseek-v3")
+    gen_deepseek(out, "tiny-deepseek-v2")
     if not args.skip_tf4:
         gen_tf4(out, args.tf4_path)
         names.append("tiny-qwen3-moe-tf4")

@@ -7,7 +7,8 @@ use serde_json::{Map, Value};
 use crate::error::{CheckpointError, Result};
 
 /// The `model_type` values this toolkit implements.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2"];
 
 /// A supported decoder architecture, named as in `config.json`'s `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -20,6 +21,12 @@ pub enum Architecture {
     Qwen3Moe,
     /// `olmoe`: OLMoE (qk-norm over the whole projection, `clip_qkv`).
     Olmoe,
+    /// `deepseek_v3`: DeepSeek-V3 / R1 (MLA, sigmoid routing with a correction bias and
+    /// group-limited selection, shared experts, leading dense layers).
+    DeepseekV3,
+    /// `deepseek_v2`: DeepSeek-V2 / V2-Lite (MLA, softmax routing, greedy or group-limited,
+    /// shared experts, leading dense layers).
+    DeepseekV2,
 }
 
 impl Architecture {
@@ -30,7 +37,14 @@ impl Architecture {
             Architecture::Qwen2Moe => "qwen2_moe",
             Architecture::Qwen3Moe => "qwen3_moe",
             Architecture::Olmoe => "olmoe",
+            Architecture::DeepseekV3 => "deepseek_v3",
+            Architecture::DeepseekV2 => "deepseek_v2",
         }
+    }
+
+    /// DeepSeek-V2/V3: multi-head latent attention, ungated shared experts, `n_routed_experts`.
+    pub fn is_deepseek(self) -> bool {
+        matches!(self, Architecture::DeepseekV3 | Architecture::DeepseekV2)
     }
 
     /// Parses a `model_type` string.
@@ -40,6 +54,8 @@ impl Architecture {
             "qwen2_moe" => Some(Architecture::Qwen2Moe),
             "qwen3_moe" => Some(Architecture::Qwen3Moe),
             "olmoe" => Some(Architecture::Olmoe),
+            "deepseek_v3" => Some(Architecture::DeepseekV3),
+            "deepseek_v2" => Some(Architecture::DeepseekV2),
             _ => None,
         }
     }
@@ -78,6 +94,100 @@ pub struct AttentionConfig {
     pub rope_theta: f64,
     /// Sliding-window attention: a query attends to keys at most `window - 1` positions back.
     pub sliding_window: Option<usize>,
+    /// RoPE frequency scaling (`rope_parameters` / `rope_scaling`).
+    pub rope_scaling: RopeScaling,
+    /// Multi-head latent attention (DeepSeek-V2/V3); `head_dim` is then the rotary width
+    /// `qk_rope_head_dim`.
+    pub mla: Option<MlaConfig>,
+}
+
+impl AttentionConfig {
+    /// The factor the attention scores `q·k` are multiplied by before the softmax:
+    /// `1/sqrt(d_qk)`, times `mscale(factor, mscale_all_dim)²` for yarn-scaled MLA models
+    /// (transformers' `yarn_apply_mscale`).
+    pub fn softmax_scale(&self) -> f64 {
+        let d = match &self.mla {
+            Some(m) => m.qk_nope_head_dim + m.qk_rope_head_dim,
+            None => self.head_dim,
+        };
+        let base = 1.0 / (d as f64).sqrt();
+        match (&self.mla, &self.rope_scaling) {
+            (Some(_), RopeScaling::Yarn(y)) if y.mscale_all_dim.is_some_and(|m| m != 0.0) => {
+                let m = yarn_get_mscale(y.factor, y.mscale_all_dim.unwrap_or(0.0));
+                base * m * m
+            }
+            _ => base,
+        }
+    }
+}
+
+/// transformers' `yarn_get_mscale`: `0.1·m·ln(f) + 1` for `f > 1`, else 1.
+pub fn yarn_get_mscale(factor: f64, mscale: f64) -> f64 {
+    if factor <= 1.0 { 1.0 } else { 0.1 * mscale * factor.ln() + 1.0 }
+}
+
+/// How RoPE frequencies are scaled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE (`rope_type: default`).
+    None,
+    /// YaRN (`rope_type: yarn`), as transformers' `_compute_yarn_parameters`.
+    Yarn(YarnConfig),
+}
+
+/// YaRN parameters, resolved with transformers' defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct YarnConfig {
+    /// `factor`.
+    pub factor: f64,
+    /// `original_max_position_embeddings`.
+    pub original_max_position_embeddings: usize,
+    /// `beta_fast` (default 32).
+    pub beta_fast: f64,
+    /// `beta_slow` (default 1).
+    pub beta_slow: f64,
+    /// `mscale`, if set.
+    pub mscale: Option<f64>,
+    /// `mscale_all_dim`, if set.
+    pub mscale_all_dim: Option<f64>,
+    /// `attention_factor` (the cos/sin multiplier), if set explicitly.
+    pub attention_factor: Option<f64>,
+    /// `truncate` (default true): round the correction range outwards.
+    pub truncate: bool,
+}
+
+impl YarnConfig {
+    /// The factor cos and sin are multiplied by: `attention_factor`, else
+    /// `mscale(f, mscale)/mscale(f, mscale_all_dim)` when both are set, else `mscale(f, 1)`.
+    pub fn attention_factor(&self) -> f64 {
+        if let Some(a) = self.attention_factor {
+            return a;
+        }
+        match (self.mscale.filter(|m| *m != 0.0), self.mscale_all_dim.filter(|m| *m != 0.0)) {
+            (Some(m), Some(all)) => yarn_get_mscale(self.factor, m) / yarn_get_mscale(self.factor, all),
+            _ => yarn_get_mscale(self.factor, 1.0),
+        }
+    }
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3) dimensions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaConfig {
+    /// Rank of the query compression (`q_a_proj`); `None`: a plain `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Rank of the key/value compression (`kv_a_proj_with_mqa`).
+    pub kv_lora_rank: usize,
+    /// Per-head query/key width without RoPE.
+    pub qk_nope_head_dim: usize,
+    /// Per-head query/key width with RoPE (one rotary key shared by all heads).
+    pub qk_rope_head_dim: usize,
+    /// Per-head value width.
+    pub v_head_dim: usize,
+    /// `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj` carry biases (`attention_bias`).
+    pub bias: bool,
+    /// Rotary dimensions come in interleaved pairs `(x0, x1), (x2, x3), ...` (DeepSeek's
+    /// layout); otherwise the two halves are rotated (`rotate_half`).
+    pub rope_interleave: bool,
 }
 
 /// Mixture-of-experts settings shared by all MoE layers.
@@ -91,8 +201,62 @@ pub struct MoeConfig {
     pub expert_intermediate_size: usize,
     /// Renormalise the top-k routing weights to sum to one.
     pub norm_topk_prob: bool,
-    /// Hidden width of the shared expert (Qwen2-MoE), if any.
+    /// Hidden width of the shared expert (Qwen2-MoE; DeepSeek: `n_shared_experts ·
+    /// moe_intermediate_size`), if any.
     pub shared_expert_intermediate_size: Option<usize>,
+    /// How routing scores are computed and experts selected.
+    pub routing: RoutingConfig,
+}
+
+/// How router logits become scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// `softmax(logits)` in f32 (Mixtral, Qwen, OLMoE, DeepSeek-V2).
+    Softmax,
+    /// `sigmoid(logits)` in f32 (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// How a group's score is computed in group-limited selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScore {
+    /// The largest score in the group (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+    /// The sum of the two largest bias-corrected scores (DeepSeek-V3).
+    Top2Sum,
+}
+
+/// Group-limited expert selection: experts are split into `n_group` contiguous groups, and
+/// a token may only pick experts of its `topk_group` best groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimit {
+    /// Groups (`n_group`).
+    pub n_group: usize,
+    /// Groups a token may pick from (`topk_group`).
+    pub topk_group: usize,
+    /// How a group is scored.
+    pub score: GroupScore,
+}
+
+/// The routing rule of an architecture, beyond `top_k` and `norm_topk_prob`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingConfig {
+    /// Score function.
+    pub scoring: Scoring,
+    /// Group-limited selection, if enabled.
+    pub group_limit: Option<GroupLimit>,
+    /// The routing weights are multiplied by this (`routed_scaling_factor`, default 1).
+    pub routed_scaling_factor: f64,
+    /// A per-expert `e_score_correction_bias` is added to the scores for selection only
+    /// (DeepSeek-V3).
+    pub correction_bias: bool,
+}
+
+impl RoutingConfig {
+    /// Softmax, plain top-k, no scaling: Mixtral, Qwen and OLMoE.
+    pub fn softmax() -> Self {
+        RoutingConfig { scoring: Scoring::Softmax, group_limit: None, routed_scaling_factor: 1.0, correction_bias: false }
+    }
 }
 
 /// What kind of feed-forward block a decoder layer has.
@@ -184,16 +348,28 @@ impl ModelConfig {
         let hidden_size = f.req_usize("hidden_size")?;
         let num_layers = f.req_usize("num_hidden_layers")?;
         let num_heads = f.req_usize("num_attention_heads")?;
+        let deepseek = architecture.is_deepseek();
         let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        if deepseek && num_kv_heads != num_heads {
+            // MLA expands one latent into every head; transformers' `repeat_kv` would then
+            // fail, so such a config has no meaning.
+            return Err(f.invalid(
+                "num_key_value_heads",
+                format!("{num_kv_heads} differs from num_attention_heads = {num_heads}, which MLA does not support"),
+            ));
+        }
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(f.invalid(
                 "num_key_value_heads",
                 format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
             ));
         }
-        let head_dim = match f.opt_usize("head_dim")? {
-            Some(d) => d,
-            None => {
+        let mla = if deepseek { Some(mla_config(&f, architecture)?) } else { None };
+        let head_dim = match (&mla, f.opt_usize("head_dim")?) {
+            // transformers sets `head_dim = qk_rope_head_dim` for these models: the RoPE width.
+            (Some(m), _) => m.qk_rope_head_dim,
+            (None, Some(d)) => d,
+            (None, None) => {
                 if hidden_size % num_heads != 0 {
                     return Err(f.invalid(
                         "num_attention_heads",
@@ -203,17 +379,24 @@ impl ModelConfig {
                 hidden_size / num_heads
             }
         };
+        if head_dim % 2 != 0 {
+            return Err(f.invalid(if deepseek { "qk_rope_head_dim" } else { "head_dim" }, format!("{head_dim} must be even for RoPE")));
+        }
 
         // transformers' per-architecture defaults, used only when a key is absent.
         let (default_eps, default_theta) = match architecture {
             Architecture::Mixtral => (1e-5, 1e6),
             Architecture::Qwen2Moe | Architecture::Qwen3Moe => (1e-6, 10_000.0),
             Architecture::Olmoe => (1e-5, 10_000.0),
+            Architecture::DeepseekV3 | Architecture::DeepseekV2 => (1e-6, 10_000.0),
         };
         let rms_norm_eps = f.opt_f64("rms_norm_eps")?.unwrap_or(default_eps);
-        let rope_theta = rope_theta(&f, default_theta)?;
         let tie_word_embeddings = f.opt_bool("tie_word_embeddings")?.unwrap_or(false);
-        let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
+        let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(match architecture {
+            Architecture::DeepseekV2 => 2048,
+            _ => 4096,
+        });
+        let (rope_theta, rope_scaling) = rope_settings(&f, default_theta, deepseek, max_position_embeddings)?;
 
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Mixtral => (false, false),
@@ -223,6 +406,8 @@ impl ModelConfig {
                 let b = f.opt_bool("attention_bias")?.unwrap_or(false);
                 (b, b)
             }
+            // MLA's biases (`attention_bias`) are recorded in `MlaConfig::bias`.
+            Architecture::DeepseekV3 | Architecture::DeepseekV2 => (false, false),
         };
         let qk_norm = match architecture {
             Architecture::Qwen3Moe => QkNorm::PerHead,
@@ -244,7 +429,7 @@ impl ModelConfig {
                 }
                 None
             }
-            Architecture::Olmoe => None,
+            Architecture::Olmoe | Architecture::DeepseekV3 | Architecture::DeepseekV2 => None,
         };
         if sliding_window == Some(0) {
             return Err(f.invalid("sliding_window", "must be positive".into()));
@@ -258,16 +443,24 @@ impl ModelConfig {
                 Some(n) => n,
                 None => f.opt_usize("num_local_experts")?.ok_or_else(|| f.missing("num_experts"))?,
             },
+            Architecture::DeepseekV3 | Architecture::DeepseekV2 => f.req_usize("n_routed_experts")?,
         };
         let top_k = f.req_usize("num_experts_per_tok")?;
         let intermediate_size = f.req_usize("intermediate_size")?;
         let expert_intermediate_size = match architecture {
-            Architecture::Qwen2Moe | Architecture::Qwen3Moe => f.req_usize("moe_intermediate_size")?,
+            Architecture::Qwen2Moe
+            | Architecture::Qwen3Moe
+            | Architecture::DeepseekV3
+            | Architecture::DeepseekV2 => f.req_usize("moe_intermediate_size")?,
             _ => intermediate_size,
         };
         let norm_topk_prob = match architecture {
             // Mixtral always renormalises the top-k weights.
             Architecture::Mixtral => true,
+            Architecture::DeepseekV3 => f.opt_bool("norm_topk_prob")?.unwrap_or(true),
+            // transformers 5.x's DeepSeek-V2 router never renormalises, whatever the config says
+            // (vLLM honours the flag; the released models have it false).
+            Architecture::DeepseekV2 => false,
             _ => f.opt_bool("norm_topk_prob")?.unwrap_or(false),
         };
         let shared_expert_intermediate_size = match architecture {
@@ -275,13 +468,34 @@ impl ModelConfig {
                 Some(0) | None => None,
                 Some(n) => Some(n),
             },
+            Architecture::DeepseekV3 | Architecture::DeepseekV2 => {
+                let default = if architecture == Architecture::DeepseekV3 { 1 } else { 2 };
+                match f.opt_usize("n_shared_experts")?.unwrap_or(default) {
+                    0 => None,
+                    n => Some(n * expert_intermediate_size),
+                }
+            }
             _ => None,
         };
+        let routing = routing_config(&f, architecture, num_experts, top_k)?;
+        if architecture == Architecture::DeepseekV2 && f.opt_bool("mlp_bias")?.unwrap_or(false) {
+            return Err(f.invalid("mlp_bias", "MLP biases are not supported".into()));
+        }
+        let first_k_dense = if deepseek { f.opt_usize("first_k_dense_replace")?.unwrap_or(0) } else { 0 };
+        if deepseek && let Some(freq) = f.opt_usize("moe_layer_freq")? && freq != 1 {
+            // transformers 5.x ignores `moe_layer_freq` (every layer from `first_k_dense_replace`
+            // on is MoE) while DeepSeek's remote code honours it: refuse rather than guess.
+            return Err(f.invalid(
+                "moe_layer_freq",
+                format!("{freq} is not supported (transformers ignores it; only 1 is unambiguous)"),
+            ));
+        }
 
         let mut layers = Vec::with_capacity(num_layers);
         for i in 0..num_layers {
             let is_moe = match architecture {
                 Architecture::Mixtral | Architecture::Olmoe => true,
+                Architecture::DeepseekV3 | Architecture::DeepseekV2 => i >= first_k_dense,
                 Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
                     let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1);
                     if step == 0 {
@@ -332,6 +546,9 @@ impl ModelConfig {
                     format!("{top_k} is not in 1..={num_experts} (experts of layer {i})"),
                 ));
             }
+            if let (LayerKind::Moe { num_experts }, Some(g)) = (kind, routing.group_limit) {
+                check_groups(&f, g, *num_experts, top_k, i)?;
+            }
         }
 
         Ok(ModelConfig {
@@ -353,6 +570,8 @@ impl ModelConfig {
                 clip_qkv,
                 rope_theta,
                 sliding_window,
+                rope_scaling,
+                mla,
             },
             moe: MoeConfig {
                 num_experts,
@@ -360,6 +579,7 @@ impl ModelConfig {
                 expert_intermediate_size,
                 norm_topk_prob,
                 shared_expert_intermediate_size,
+                routing,
             },
             layers,
             path,
@@ -385,28 +605,201 @@ impl ModelConfig {
 /// checkpoint (0 for dense layers).
 pub const PER_LAYER_EXPERTS_KEY: &str = "num_experts_per_layer";
 
-fn rope_theta(f: &Fields<'_>, default: f64) -> Result<f64> {
-    // transformers 5.x: `rope_parameters: {"rope_type": "default", "rope_theta": θ}`.
-    if let Some(params) = f.map.get("rope_parameters").filter(|v| !v.is_null()) {
-        let Value::Object(params) = params else {
-            return Err(f.invalid("rope_parameters", "must be an object".into()));
-        };
-        check_rope_type(f, "rope_parameters.rope_type", params)?;
-        if let Some(theta) = params.get("rope_theta") {
-            return theta.as_f64().ok_or_else(|| f.invalid("rope_parameters.rope_theta", "must be a number".into()));
+/// RoPE θ and scaling from `rope_parameters` (5.x) or `rope_theta` + `rope_scaling` (4.x).
+/// Only DeepSeek models accept yarn; everything else must be plain RoPE.
+fn rope_settings(
+    f: &Fields<'_>,
+    default_theta: f64,
+    allow_yarn: bool,
+    max_position_embeddings: usize,
+) -> Result<(f64, RopeScaling)> {
+    let top_theta = f.opt_f64("rope_theta")?;
+    // transformers 5.x: `rope_parameters: {"rope_type": ..., "rope_theta": θ, ...}`.
+    let (field, params) = match f.map.get("rope_parameters").filter(|v| !v.is_null()) {
+        Some(Value::Object(p)) => ("rope_parameters", Some(p)),
+        Some(_) => return Err(f.invalid("rope_parameters", "must be an object".into())),
+        // transformers 4.x: `rope_theta` and an optional `rope_scaling`.
+        None => match f.map.get("rope_scaling").filter(|v| !v.is_null()) {
+            Some(Value::Object(p)) => ("rope_scaling", Some(p)),
+            Some(_) => return Err(f.invalid("rope_scaling", "must be an object".into())),
+            None => ("rope_scaling", None),
+        },
+    };
+    let Some(params) = params else {
+        return Ok((top_theta.unwrap_or(default_theta), RopeScaling::None));
+    };
+    let theta = match params.get("rope_theta").filter(|v| !v.is_null()) {
+        Some(t) => t.as_f64().ok_or_else(|| f.invalid(&format!("{field}.rope_theta"), "must be a number".into()))?,
+        None => top_theta.unwrap_or(default_theta),
+    };
+    let ty = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let num = |key: &str| -> Result<Option<f64>> {
+        match params.get(key).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| f.invalid(&format!("{field}.{key}"), format!("expected a number, found {v}"))),
+        }
+    };
+    match ty {
+        "default" => Ok((theta, RopeScaling::None)),
+        "yarn" if allow_yarn => {
+            // As `standardize_rope_params`: a top-level `original_max_position_embeddings` wins,
+            // then the one in the parameters, then `max_position_embeddings`.
+            let original = match f.opt_usize("original_max_position_embeddings")? {
+                Some(o) => o,
+                None => match num("original_max_position_embeddings")? {
+                    Some(o) if o >= 1.0 && o.fract() == 0.0 => o as usize,
+                    Some(o) => {
+                        return Err(f.invalid(
+                            &format!("{field}.original_max_position_embeddings"),
+                            format!("{o} is not a positive integer"),
+                        ));
+                    }
+                    None => max_position_embeddings,
+                },
+            };
+            let factor = num("factor")?.unwrap_or(max_position_embeddings as f64 / original as f64);
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(f.invalid(&format!("{field}.factor"), format!("{factor} must be positive")));
+            }
+            let truncate = match params.get("truncate").filter(|v| !v.is_null()) {
+                None => true,
+                Some(Value::Bool(b)) => *b,
+                Some(v) => return Err(f.invalid(&format!("{field}.truncate"), format!("expected true or false, found {v}"))),
+            };
+            if num("partial_rotary_factor")?.is_some_and(|p| p != 1.0) {
+                return Err(f.invalid(&format!("{field}.partial_rotary_factor"), "only 1.0 is supported".into()));
+            }
+            Ok((
+                theta,
+                RopeScaling::Yarn(YarnConfig {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: num("beta_fast")?.filter(|b| *b != 0.0).unwrap_or(32.0),
+                    beta_slow: num("beta_slow")?.filter(|b| *b != 0.0).unwrap_or(1.0),
+                    mscale: num("mscale")?,
+                    mscale_all_dim: num("mscale_all_dim")?,
+                    attention_factor: num("attention_factor")?,
+                    truncate,
+                }),
+            ))
+        }
+        _ => {
+            let supported = if allow_yarn { "only `default` and `yarn`" } else { "only `default`" };
+            Err(f.invalid(&format!("{field}.rope_type"), format!("RoPE type `{ty}` is not supported ({supported})")))
         }
     }
-    // transformers 4.x: `rope_theta` and an optional `rope_scaling`.
-    if let Some(Value::Object(scaling)) = f.map.get("rope_scaling") {
-        check_rope_type(f, "rope_scaling.rope_type", scaling)?;
-    }
-    Ok(f.opt_f64("rope_theta")?.unwrap_or(default))
 }
 
-fn check_rope_type(f: &Fields<'_>, field: &str, params: &Map<String, Value>) -> Result<()> {
-    let ty = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
-    if ty != "default" {
-        return Err(f.invalid(field, format!("RoPE type `{ty}` is not supported (only `default`)")));
+/// DeepSeek's MLA dimensions.
+fn mla_config(f: &Fields<'_>, arch: Architecture) -> Result<MlaConfig> {
+    let q_lora_rank = f.opt_usize("q_lora_rank")?;
+    if q_lora_rank == Some(0) {
+        return Err(f.invalid("q_lora_rank", "must be positive or null".into()));
+    }
+    let positive = |field: &str| -> Result<usize> {
+        let v = f.req_usize(field)?;
+        if v == 0 {
+            return Err(f.invalid(field, "must be positive".into()));
+        }
+        Ok(v)
+    };
+    Ok(MlaConfig {
+        q_lora_rank,
+        kv_lora_rank: positive("kv_lora_rank")?,
+        qk_nope_head_dim: f.req_usize("qk_nope_head_dim")?,
+        qk_rope_head_dim: positive("qk_rope_head_dim")?,
+        v_head_dim: positive("v_head_dim")?,
+        bias: f.opt_bool("attention_bias")?.unwrap_or(false),
+        // DeepSeek-V3 lays rotary dims out in interleaved pairs unless `rope_interleave` is
+        // false; V2's complex-number RoPE is always interleaved.
+        rope_interleave: arch == Architecture::DeepseekV2 || f.opt_bool("rope_interleave")?.unwrap_or(true),
+    })
+}
+
+/// The routing rule of an architecture.
+fn routing_config(f: &Fields<'_>, arch: Architecture, num_experts: usize, top_k: usize) -> Result<RoutingConfig> {
+    let scaling = |default: f64| -> Result<f64> {
+        let s = f.opt_f64("routed_scaling_factor")?.unwrap_or(default);
+        if !s.is_finite() {
+            return Err(f.invalid("routed_scaling_factor", format!("{s} is not finite")));
+        }
+        Ok(s)
+    };
+    let groups = |score: GroupScore| -> Result<GroupLimit> {
+        let n_group = f.opt_usize("n_group")?.ok_or_else(|| f.missing("n_group"))?;
+        let topk_group = f.opt_usize("topk_group")?.ok_or_else(|| f.missing("topk_group"))?;
+        if n_group == 0 {
+            return Err(f.invalid("n_group", "must be positive".into()));
+        }
+        if topk_group == 0 || topk_group > n_group {
+            return Err(f.invalid("topk_group", format!("{topk_group} is not in 1..={n_group} (n_group)")));
+        }
+        let g = GroupLimit { n_group, topk_group, score };
+        check_groups(f, g, num_experts, top_k, usize::MAX)?;
+        Ok(g)
+    };
+    match arch {
+        Architecture::DeepseekV3 => {
+            // transformers' V3 router is always sigmoid + correction bias + group-limited
+            // (`topk_method: noaux_tc`, `scoring_func: sigmoid` are kept for vLLM only).
+            if let Some(s) = f.opt_str("scoring_func")?
+                && s != "sigmoid"
+            {
+                return Err(f.invalid("scoring_func", format!("`{s}` is not supported for deepseek_v3 (only `sigmoid`)")));
+            }
+            Ok(RoutingConfig {
+                scoring: Scoring::Sigmoid,
+                group_limit: Some(groups(GroupScore::Top2Sum)?),
+                routed_scaling_factor: scaling(2.5)?,
+                correction_bias: true,
+            })
+        }
+        Architecture::DeepseekV2 => {
+            let method = f.opt_str("topk_method")?.unwrap_or_else(|| "greedy".into());
+            let group_limit = match method.as_str() {
+                "greedy" => None,
+                "group_limited_greedy" => Some(groups(GroupScore::Max)?),
+                other => {
+                    return Err(f.invalid(
+                        "topk_method",
+                        format!("`{other}` is not supported for deepseek_v2 (`greedy` or `group_limited_greedy`)"),
+                    ));
+                }
+            };
+            if let Some(s) = f.opt_str("scoring_func")?
+                && s != "softmax"
+            {
+                return Err(f.invalid("scoring_func", format!("`{s}` is not supported for deepseek_v2 (only `softmax`)")));
+            }
+            Ok(RoutingConfig { scoring: Scoring::Softmax, group_limit, routed_scaling_factor: scaling(1.0)?, correction_bias: false })
+        }
+        _ => Ok(RoutingConfig::softmax()),
+    }
+}
+
+/// Group-limited routing needs `n_group` equal contiguous groups of at least two experts (V3
+/// scores a group by its top two) and enough experts in the `topk_group` best groups.
+/// `layer == usize::MAX` means the architecture's unpruned count.
+fn check_groups(f: &Fields<'_>, g: GroupLimit, num_experts: usize, top_k: usize, layer: usize) -> Result<()> {
+    let at = if layer == usize::MAX { String::new() } else { format!(" (layer {layer})") };
+    if num_experts % g.n_group != 0 {
+        return Err(f.invalid(
+            "n_group",
+            format!("{} groups do not split {num_experts} routed experts evenly{at}", g.n_group),
+        ));
+    }
+    let size = num_experts / g.n_group;
+    if g.score == GroupScore::Top2Sum && size < 2 {
+        return Err(f.invalid(
+            "n_group",
+            format!("{} groups of {num_experts} experts leave {size} per group; DeepSeek-V3 needs at least 2{at}", g.n_group),
+        ));
+    }
+    if top_k > g.topk_group * size {
+        return Err(f.invalid(
+            "num_experts_per_tok",
+            format!("{top_k} exceeds topk_group ({}) × experts per group ({size}){at}", g.topk_group),
+        ));
     }
     Ok(())
 }
@@ -596,5 +989,88 @@ mod tests {
         let bad =
             MIXTRAL_4X.replace("\"num_local_experts\":8", "\"num_local_experts\":8,\"num_experts_per_layer\":[6,1]");
         assert!(parse(&bad).unwrap_err().to_string().contains("num_experts_per_layer"));
+    }
+
+    const DEEPSEEK_V3_4X: &str = r#"{"model_type":"deepseek_v3","vocab_size":320,"hidden_size":64,
+        "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":4,"intermediate_size":96,
+        "moe_intermediate_size":32,"n_routed_experts":8,"n_shared_experts":1,"num_experts_per_tok":2,
+        "n_group":2,"topk_group":1,"norm_topk_prob":true,"routed_scaling_factor":2.5,"first_k_dense_replace":1,
+        "q_lora_rank":24,"kv_lora_rank":16,"qk_nope_head_dim":16,"qk_rope_head_dim":8,"v_head_dim":12,
+        "topk_method":"noaux_tc","scoring_func":"sigmoid","max_position_embeddings":512,"rope_theta":5000.0,
+        "rope_scaling":{"type":"yarn","factor":4.0,"original_max_position_embeddings":128,"beta_fast":32,
+        "beta_slow":1,"mscale":1.0,"mscale_all_dim":0.7}}"#;
+
+    #[test]
+    fn deepseek_v3_4x_rope_scaling() {
+        let c = parse(DEEPSEEK_V3_4X).unwrap();
+        assert_eq!(c.architecture, Architecture::DeepseekV3);
+        assert_eq!(c.layers, vec![LayerKind::Dense, LayerKind::Moe { num_experts: 8 }, LayerKind::Moe { num_experts: 8 }]);
+        assert_eq!(c.attention.head_dim, 8);
+        assert_eq!(c.attention.rope_theta, 5000.0);
+        let RopeScaling::Yarn(y) = &c.attention.rope_scaling else { panic!("not yarn") };
+        assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 128));
+        let m = c.attention.mla.as_ref().unwrap();
+        assert_eq!((m.q_lora_rank, m.kv_lora_rank, m.v_head_dim), (Some(24), 16, 12));
+        assert!(m.rope_interleave);
+        assert_eq!(c.moe.shared_expert_intermediate_size, Some(32));
+        assert_eq!(c.moe.routing.scoring, Scoring::Sigmoid);
+        assert_eq!(c.moe.routing.group_limit, Some(GroupLimit { n_group: 2, topk_group: 1, score: GroupScore::Top2Sum }));
+        // softmax scale: 1/sqrt(24) · mscale(4, 0.7)²; cos/sin factor mscale(4, 1)/mscale(4, 0.7).
+        let ms = 0.1 * 0.7 * 4f64.ln() + 1.0;
+        assert!((c.attention.softmax_scale() - ms * ms / 24f64.sqrt()).abs() < 1e-12);
+        assert!((y.attention_factor() - (0.1 * 4f64.ln() + 1.0) / ms).abs() < 1e-12);
+    }
+
+    #[test]
+    fn deepseek_rope_parameters_5x_and_q_lora_null() {
+        let json = DEEPSEEK_V3_4X.replace(r#""q_lora_rank":24"#, r#""q_lora_rank":null"#).replace(
+            r#""rope_theta":5000.0,"#,
+            r#""rope_parameters":{"rope_type":"yarn","rope_theta":777.0,"factor":2.0,"original_max_position_embeddings":64},"#,
+        );
+        let c = parse(&json).unwrap();
+        assert_eq!(c.attention.mla.as_ref().unwrap().q_lora_rank, None);
+        assert_eq!(c.attention.rope_theta, 777.0);
+        assert!(matches!(&c.attention.rope_scaling, RopeScaling::Yarn(y) if y.factor == 2.0));
+    }
+
+    #[test]
+    fn deepseek_v2_routing_and_errors() {
+        let v2 = DEEPSEEK_V3_4X
+            .replace("deepseek_v3", "deepseek_v2")
+            .replace(r#""topk_method":"noaux_tc","scoring_func":"sigmoid""#, r#""topk_method":"group_limited_greedy""#)
+            .replace(r#""n_group":2"#, r#""n_group":4"#)
+            .replace(r#""topk_group":1"#, r#""topk_group":2"#);
+        let c = parse(&v2).unwrap();
+        assert_eq!(c.moe.routing.scoring, Scoring::Softmax);
+        assert_eq!(c.moe.routing.group_limit.unwrap().score, GroupScore::Max);
+        assert!(!c.moe.norm_topk_prob, "transformers' V2 router never renormalises");
+        assert_eq!(c.moe.shared_expert_intermediate_size, Some(32));
+        let greedy = v2.replace("group_limited_greedy", "greedy");
+        assert_eq!(parse(&greedy).unwrap().moe.routing.group_limit, None);
+        let err = parse(&v2.replace("group_limited_greedy", "noaux_tc")).unwrap_err().to_string();
+        assert!(err.contains("topk_method") && err.contains("config.json"), "{err}");
+        let err = parse(&v2.replace(r#""first_k_dense_replace":1"#, r#""first_k_dense_replace":1,"moe_layer_freq":2"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("moe_layer_freq"), "{err}");
+        // V3: groups must split the experts and hold top_k experts.
+        let err = parse(&DEEPSEEK_V3_4X.replace(r#""n_group":2"#, r#""n_group":3"#)).unwrap_err().to_string();
+        assert!(err.contains("n_group"), "{err}");
+        let err = parse(&DEEPSEEK_V3_4X.replace(r#""n_group":2"#, r#""n_group":8"#).replace(r#""topk_group":1"#, r#""topk_group":4"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 2"), "{err}");
+        let err = parse(&DEEPSEEK_V3_4X.replace(r#""num_key_value_heads":4"#, r#""num_key_value_heads":2"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("num_key_value_heads") && err.contains("MLA"), "{err}");
+        // Yarn stays refused for architectures that do not implement it.
+        let err = parse(&MIXTRAL_4X.replace(
+            r#""rope_theta":1000000.0"#,
+            r#""rope_theta":1000000.0,"rope_scaling":{"type":"yarn","factor":4.0}"#,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("yarn") && err.contains("rope_scaling"), "{err}");
     }
 }

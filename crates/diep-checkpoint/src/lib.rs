@@ -20,8 +20,9 @@ mod error;
 mod weights;
 
 pub use config::{
-    Architecture, AttentionConfig, LayerKind, ModelConfig, MoeConfig, PER_LAYER_EXPERTS_KEY, QkNorm,
-    SUPPORTED_MODEL_TYPES,
+    Architecture, AttentionConfig, GroupLimit, GroupScore, LayerKind, MlaConfig, ModelConfig, MoeConfig,
+    PER_LAYER_EXPERTS_KEY, QkNorm, RopeScaling, RoutingConfig, SUPPORTED_MODEL_TYPES, Scoring, YarnConfig,
+    yarn_get_mscale,
 };
 pub use error::{CheckpointError, Result};
 pub use safetensors::Dtype;

@@ -1,9 +1,10 @@
 //! Causal self-attention with GQA, RoPE, optional q/k/v biases, qk-norm, `clip_qkv` and a
-//! sliding window, covering Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.
+//! sliding window, covering Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE; and DeepSeek-V2/V3's
+//! multi-head latent attention ([`MlaAttention`]).
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
-use diep_checkpoint::{AttentionConfig, QkNorm};
+use diep_checkpoint::{AttentionConfig, MlaConfig, QkNorm};
 
 use crate::nn::{Linear, RmsNorm};
 use crate::rope::RopeTables;
@@ -36,7 +37,7 @@ impl AttentionContext {
         AttentionContext {
             batch,
             seq_len,
-            rope: RopeTables::new(cfg.rope_theta, cfg.head_dim, seq_len, device),
+            rope: RopeTables::with_scaling(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, seq_len, device),
             mask: Tensor::from_data(TensorData::new(mask, [1, 1, seq_len, seq_len]), device),
         }
     }
@@ -106,5 +107,116 @@ impl Attention {
         }
         let [b, kv, t, d] = x.dims();
         x.unsqueeze_dim::<5>(2).expand([b, kv, rep, t, d]).reshape([b, kv * rep, t, d])
+    }
+}
+
+/// A decoder layer's attention: standard (GQA) or multi-head latent attention.
+// A model has one per layer, so the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum SelfAttention {
+    /// Mixtral, Qwen, OLMoE.
+    Standard(Attention),
+    /// DeepSeek-V2/V3.
+    Latent(MlaAttention),
+}
+
+impl SelfAttention {
+    /// `[batch·seq, hidden]` rows in, the same shape out.
+    pub fn forward(&self, x: Tensor<2>, ctx: &AttentionContext) -> Tensor<2> {
+        match self {
+            SelfAttention::Standard(a) => a.forward(x, ctx),
+            SelfAttention::Latent(a) => a.forward(x, ctx),
+        }
+    }
+
+    /// The standard attention, if this is one.
+    pub fn standard(&self) -> Option<&Attention> {
+        match self {
+            SelfAttention::Standard(a) => Some(a),
+            SelfAttention::Latent(_) => None,
+        }
+    }
+
+    /// The output projection (both kinds have one).
+    pub fn o_proj(&self) -> &Linear {
+        match self {
+            SelfAttention::Standard(a) => &a.o_proj,
+            SelfAttention::Latent(a) => &a.o_proj,
+        }
+    }
+}
+
+/// How an MLA layer computes its queries.
+#[derive(Debug, Clone)]
+pub enum MlaQuery {
+    /// `q_proj` (when `q_lora_rank` is null).
+    Direct(Linear),
+    /// `q_b_proj(q_a_layernorm(q_a_proj(x)))`.
+    LowRank {
+        /// `q_a_proj`.
+        a: Linear,
+        /// `q_a_layernorm`.
+        norm: RmsNorm,
+        /// `q_b_proj`.
+        b: Linear,
+    },
+}
+
+/// DeepSeek's multi-head latent attention, as transformers' `DeepseekV3Attention` computes it
+/// without a cache: keys and values are expanded from a normalised `kv_lora_rank` latent by
+/// `kv_b_proj`; one rotary key of `qk_rope_head_dim` is shared by all heads.
+#[derive(Debug, Clone)]
+pub struct MlaAttention {
+    /// Query projection(s).
+    pub q: MlaQuery,
+    /// `kv_a_proj_with_mqa`: `[hidden, kv_lora_rank + qk_rope_head_dim]`.
+    pub kv_a: Linear,
+    /// `kv_a_layernorm` over the latent.
+    pub kv_norm: RmsNorm,
+    /// `kv_b_proj`: `[kv_lora_rank, heads·(qk_nope_head_dim + v_head_dim)]`.
+    pub kv_b: Linear,
+    /// `o_proj`: `[heads·v_head_dim, hidden]`.
+    pub o_proj: Linear,
+    /// MLA dimensions.
+    pub mla: MlaConfig,
+    /// Settings (heads, RoPE, softmax scale).
+    pub cfg: AttentionConfig,
+}
+
+impl MlaAttention {
+    /// `[batch·seq, hidden]` rows in, the same shape out.
+    pub fn forward(&self, x: Tensor<2>, ctx: &AttentionContext) -> Tensor<2> {
+        let m = &self.mla;
+        let (b, t, heads) = (ctx.batch, ctx.seq_len, self.cfg.num_heads);
+        let (nope, rope, vd) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim);
+        let q = match &self.q {
+            MlaQuery::Direct(p) => p.forward(x.clone()),
+            MlaQuery::LowRank { a, norm, b } => b.forward(norm.forward(a.forward(x.clone()))),
+        };
+        let q = q.reshape([b, t, heads, nope + rope]).swap_dims(1, 2);
+        let q_pass = q.clone().narrow(3, 0, nope);
+        let q_rot = q.narrow(3, nope, rope);
+
+        let compressed = self.kv_a.forward(x);
+        let latent = self.kv_norm.forward(compressed.clone().narrow(1, 0, m.kv_lora_rank));
+        let k_rot = compressed.narrow(1, m.kv_lora_rank, rope).reshape([b, 1, t, rope]);
+        let (q_rot, k_rot) = if m.rope_interleave {
+            (ctx.rope.apply_interleaved(q_rot), ctx.rope.apply_interleaved(k_rot))
+        } else {
+            (ctx.rope.apply(q_rot), ctx.rope.apply(k_rot))
+        };
+
+        let kv = self.kv_b.forward(latent).reshape([b, t, heads, nope + vd]).swap_dims(1, 2);
+        let k_nope = kv.clone().narrow(3, 0, nope);
+        let v = kv.narrow(3, nope, vd);
+        let k = Tensor::cat(vec![k_nope, k_rot.expand([b, heads, t, rope])], 3);
+        let q = Tensor::cat(vec![q_pass, q_rot], 3);
+
+        let scores = q.matmul(k.swap_dims(2, 3)) * self.cfg.softmax_scale();
+        let scores = scores + ctx.mask.clone().expand([b, heads, t, t]);
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, heads * vd]);
+        self.o_proj.forward(out)
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! This crate is the toolkit's forward pass. [`MoeModel::load`] reads a model directory
 //! (`config.json` from transformers 4.x or 5.x, single or sharded safetensors in f32, f16 or
-//! bf16) for `mixtral`, `qwen2_moe`, `qwen3_moe` and `olmoe`, and computes what transformers
-//! computes, in f32.
+//! bf16) for `mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`, `deepseek_v3` and `deepseek_v2`, and
+//! computes what transformers computes, in f32.
 //!
 //! The [`moe::MoeBlock`] is the shared building block every other crate uses to look inside a
 //! layer: router logits and probabilities, the selected experts, per-expert outputs, and an
@@ -30,4 +30,5 @@ pub use diep_checkpoint as checkpoint;
 pub use diep_checkpoint::architectures;
 pub use error::{ModelError, Result};
 pub use model::{DecoderLayer, FeedForward, LayerOutput, LayerSource, MoeModel, StreamingModel};
-pub use moe::{DynamicSkip, MoeBlock, MoeForwardOptions, MoeOutput, Routing};
+pub use attention::SelfAttention;
+pub use moe::{DynamicSkip, MoeBlock, MoeForwardOptions, MoeOutput, Routing, RoutingRule};

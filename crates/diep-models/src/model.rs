@@ -5,7 +5,7 @@ use std::path::Path;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use diep_checkpoint::{Checkpoint, LayerKind, ModelConfig, QkNorm};
 
-use crate::attention::{Attention, AttentionContext};
+use crate::attention::{Attention, AttentionContext, MlaAttention, MlaQuery, SelfAttention};
 use crate::error::{ModelError, Result};
 use crate::loader::{Loader, transpose};
 use crate::moe::{MoeBlock, MoeForwardOptions, MoeOutput, SharedExpert};
@@ -29,7 +29,7 @@ pub struct DecoderLayer {
     /// `input_layernorm`.
     pub input_norm: RmsNorm,
     /// `self_attn`.
-    pub attention: Attention,
+    pub attention: SelfAttention,
     /// `post_attention_layernorm`.
     pub post_attention_norm: RmsNorm,
     /// `mlp` / `block_sparse_moe`.
@@ -224,6 +224,10 @@ impl MoeModel {
     }
 }
 
+/// transformers builds MLA's `q_a_layernorm` and `kv_a_layernorm` with the RMSNorm default
+/// epsilon, not `rms_norm_eps`.
+const MLA_NORM_EPS: f64 = 1e-6;
+
 /// Loads decoder layer `i` (and only its tensors) through `ld`.
 fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderLayer> {
     let (h, a) = (c.hidden_size, &c.attention);
@@ -242,14 +246,38 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
             Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), kv_out, c.rms_norm_eps)?),
         ),
     };
-    let attention = Attention {
-        q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_out, a.qkv_bias)?,
-        k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, a.qkv_bias)?,
-        v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, a.qkv_bias)?,
-        o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_out, h, a.o_bias)?,
-        q_norm,
-        k_norm,
-        cfg: a.clone(),
+    let attention = match &a.mla {
+        None => SelfAttention::Standard(Attention {
+            q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_out, a.qkv_bias)?,
+            k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, a.qkv_bias)?,
+            v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, a.qkv_bias)?,
+            o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_out, h, a.o_bias)?,
+            q_norm,
+            k_norm,
+            cfg: a.clone(),
+        }),
+        Some(m) => {
+            let k = diep_checkpoint::architectures::deepseek_v3::MLA;
+            let n = |name: &str| format!("{p}.self_attn.{name}");
+            let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
+            let q = match m.q_lora_rank {
+                None => MlaQuery::Direct(ld.linear(&n(k.q_proj), h, a.num_heads * qk, false)?),
+                Some(r) => MlaQuery::LowRank {
+                    a: ld.linear(&n(k.q_a_proj), h, r, m.bias)?,
+                    norm: ld.rms_norm(&format!("{}.weight", n(k.q_a_layernorm)), r, MLA_NORM_EPS)?,
+                    b: ld.linear(&n(k.q_b_proj), r, a.num_heads * qk, false)?,
+                },
+            };
+            SelfAttention::Latent(MlaAttention {
+                q,
+                kv_a: ld.linear(&n(k.kv_a_proj_with_mqa), h, m.kv_lora_rank + m.qk_rope_head_dim, m.bias)?,
+                kv_norm: ld.rms_norm(&format!("{}.weight", n(k.kv_a_layernorm)), m.kv_lora_rank, MLA_NORM_EPS)?,
+                kv_b: ld.linear(&n(k.kv_b_proj), m.kv_lora_rank, a.num_heads * (m.qk_nope_head_dim + m.v_head_dim), false)?,
+                o_proj: ld.linear(&n(k.o_proj), a.num_heads * m.v_head_dim, h, m.bias)?,
+                mla: m.clone(),
+                cfg: a.clone(),
+            })
+        }
     };
     let ffn = match kind {
         LayerKind::Dense => {
@@ -264,17 +292,26 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
                     load_swiglu_named(ld, [&g, &u, &d], h, c.moe.expert_intermediate_size)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let shared = match (keys.shared_expert, c.moe.shared_expert_intermediate_size) {
-                (Some((mlp, gate)), Some(width)) => {
-                    let block = keys.block_prefix(i);
-                    Some(SharedExpert {
-                        mlp: load_swiglu(ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width)?,
-                        gate: ld.linear(&format!("{block}.{gate}"), h, 1, false)?,
-                    })
-                }
+            let block = keys.block_prefix(i);
+            let shared = match (keys.shared_expert, keys.shared_experts, c.moe.shared_expert_intermediate_size) {
+                (Some((mlp, gate)), _, Some(width)) => Some(SharedExpert {
+                    mlp: load_swiglu(ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width)?,
+                    gate: Some(ld.linear(&format!("{block}.{gate}"), h, 1, false)?),
+                }),
+                (None, Some(mlp), Some(width)) => Some(SharedExpert {
+                    mlp: load_swiglu(ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width)?,
+                    gate: None,
+                }),
                 _ => None,
             };
-            FeedForward::Moe(MoeBlock::new(router, experts, shared, c.moe.top_k, c.moe.norm_topk_prob))
+            let correction = match (c.moe.routing.correction_bias, keys.router_correction_bias(i)) {
+                (true, Some(name)) => Some(ld.tensor(&name, [num_experts])?),
+                _ => None,
+            };
+            FeedForward::Moe(
+                MoeBlock::new(router, experts, shared, c.moe.top_k, c.moe.norm_topk_prob)
+                    .with_routing(c.moe.routing.clone(), correction),
+            )
         }
     };
     Ok(DecoderLayer {

@@ -6,20 +6,27 @@
 //!
 //! 1. router logits `z = x·Wᵀ` (`[tokens, experts]`, f32), plus an optional additive
 //!    per-expert bias (an expert mask is a bias of −∞ on masked experts);
-//! 2. [`route`]: `p = softmax(z)`, top-k of `p`, renormalised when `norm_topk_prob`;
+//! 2. [`route_with`]: the architecture's [`RoutingConfig`] — `p = softmax(z)` (Mixtral, Qwen,
+//!    OLMoE, DeepSeek-V2) or `p = sigmoid(z)` (DeepSeek-V3, whose selection adds a per-expert
+//!    correction bias), optionally limited to the best `topk_group` expert groups; top-k,
+//!    renormalised when `norm_topk_prob`, times `routed_scaling_factor`;
 //! 3. grouped dispatch: each expert gathers the tokens routed to it, runs one SwiGLU over
 //!    them, and the weighted results are scatter-added back;
-//! 4. plus the shared expert, gated by `sigmoid(x·w_sg)` (Qwen2-MoE).
+//! 4. plus the shared expert, gated by `sigmoid(x·w_sg)` (Qwen2-MoE) or ungated (DeepSeek).
 //!
 //! A masked expert gets probability exactly 0, is never selected, and the softmax
 //! renormalises over the kept experts: the same arithmetic as a checkpoint from which the
-//! expert was removed.
+//! expert was removed. With sigmoid scoring an additive bias `b` multiplies the score by
+//! `exp(b)` (so `b = log p` plays the same role as for the softmax, and `−∞` removes the
+//! expert from the selection); with group-limited routing, masking equals removal when every
+//! group keeps the same number of experts.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use diep_checkpoint::{GroupLimit, GroupScore, RoutingConfig, Scoring};
 
 use crate::error::{ModelError, Result};
 use crate::nn::{Linear, SwiGlu};
@@ -29,17 +36,193 @@ use crate::nn::{Linear, SwiGlu};
 pub struct Routing {
     /// Raw router logits `[tokens, experts]` (before any bias or mask).
     pub logits: Tensor<2>,
-    /// Router probabilities `[tokens, experts]`: softmax over the (biased, masked) logits.
+    /// Router scores `[tokens, experts]`: softmax over the (biased, masked) logits, or for
+    /// sigmoid routing `sigmoid(logits)·exp(bias)` (0 for masked experts).
     pub probs: Tensor<2>,
     /// Routing weights of the selected experts `[tokens, top_k]`.
     pub weights: Tensor<2>,
-    /// Selected experts `[tokens, top_k]`, in descending probability.
+    /// Selected experts `[tokens, top_k]`, in descending selection score.
     pub experts: Tensor<2, Int>,
+}
+
+/// The routing parameters of one block: the architecture's rule plus `top_k` and
+/// `norm_topk_prob`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingRule {
+    /// Experts per token.
+    pub top_k: usize,
+    /// Renormalise the top-k weights.
+    pub norm_topk_prob: bool,
+    /// Scoring, group limit, scaling.
+    pub config: RoutingConfig,
+}
+
+impl RoutingRule {
+    /// The plain softmax rule of Mixtral, Qwen and OLMoE.
+    pub fn softmax(top_k: usize, norm_topk_prob: bool) -> Self {
+        RoutingRule { top_k, norm_topk_prob, config: RoutingConfig::softmax() }
+    }
+
+    /// Whether this is the plain softmax rule (no groups, no scaling).
+    pub fn is_plain_softmax(&self) -> bool {
+        let c = &self.config;
+        c.scoring == Scoring::Softmax && c.group_limit.is_none() && c.routed_scaling_factor == 1.0
+    }
+
+    /// Routes one token on the host, restricted to the experts marked `allowed` (the others
+    /// are treated as masked): `(expert, weight)` pairs in selection order. `correction` is
+    /// the selection bias of sigmoid routing. This is [`route_with`]'s arithmetic for one row,
+    /// for searches that re-route many expert subsets (NAEE).
+    pub fn route_row(&self, logits: &[f32], allowed: &[bool], correction: Option<&[f32]>) -> Vec<(usize, f32)> {
+        let n = logits.len();
+        let scores: Vec<f32> = match self.config.scoring {
+            Scoring::Softmax => {
+                let max = (0..n).filter(|e| allowed[*e]).map(|e| logits[e]).fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> =
+                    (0..n).map(|e| if allowed[e] { (logits[e] - max).exp() } else { 0.0 }).collect();
+                let z: f32 = exps.iter().sum();
+                exps.iter().map(|v| v / z).collect()
+            }
+            Scoring::Sigmoid => {
+                (0..n).map(|e| if allowed[e] { 1.0 / (1.0 + (-logits[e]).exp()) } else { 0.0 }).collect()
+            }
+        };
+        let choice: Vec<f32> = (0..n)
+            .map(|e| match (allowed[e], correction) {
+                (false, _) => f32::NEG_INFINITY,
+                (true, Some(c)) => scores[e] + c[e],
+                (true, None) => scores[e],
+            })
+            .collect();
+        let chosen = select_experts(&choice, self.top_k, self.config.group_limit);
+        let denom = if self.norm_topk_prob {
+            let sum: f32 = chosen.iter().map(|e| scores[*e]).sum();
+            if self.config.scoring == Scoring::Sigmoid { sum + 1e-20 } else { sum }
+        } else {
+            1.0
+        };
+        let scale = self.config.routed_scaling_factor as f32;
+        chosen.into_iter().map(|e| (e, scores[e] / denom * scale)).collect()
+    }
+}
+
+/// Top-k selection on one token's selection scores, optionally limited to the best
+/// `topk_group` groups (contiguous blocks of `n / n_group` experts, scored by their maximum
+/// or by the sum of their two largest scores). Descending score, ties to the lower id. `−∞`
+/// marks an expert that must not be chosen.
+pub fn select_experts(choice: &[f32], top_k: usize, groups: Option<GroupLimit>) -> Vec<usize> {
+    let n = choice.len();
+    let mut allowed = vec![true; n];
+    if let Some(g) = groups {
+        let size = n / g.n_group;
+        let mut group_scores: Vec<(f32, usize)> = (0..g.n_group)
+            .map(|gi| {
+                let mut v: Vec<f32> = choice[gi * size..(gi + 1) * size].to_vec();
+                v.sort_by(|a, b| b.total_cmp(a));
+                let score = match g.score {
+                    GroupScore::Max => v[0],
+                    GroupScore::Top2Sum => v[0] + v.get(1).copied().unwrap_or(f32::NEG_INFINITY),
+                };
+                (score, gi)
+            })
+            .collect();
+        group_scores.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut keep_group = vec![false; g.n_group];
+        for (_, gi) in group_scores.iter().take(g.topk_group) {
+            keep_group[*gi] = true;
+        }
+        for (e, a) in allowed.iter_mut().enumerate() {
+            *a = keep_group[(e / size).min(g.n_group - 1)];
+        }
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    // Experts outside the kept groups rank below every expert inside them.
+    order.sort_by(|&a, &b| {
+        allowed[b].cmp(&allowed[a]).then(choice[b].total_cmp(&choice[a])).then(a.cmp(&b))
+    });
+    order.truncate(top_k);
+    order
 }
 
 /// The shared routing rule of Mixtral, Qwen2/3-MoE and OLMoE: softmax in f32, top-k of the
 /// probabilities, optional renormalisation of the k weights.
 pub fn route(logits: Tensor<2>, bias: Option<&Tensor<1>>, top_k: usize, norm_topk_prob: bool) -> Routing {
+    route_with(logits, bias, None, &RoutingRule::softmax(top_k, norm_topk_prob))
+}
+
+/// The one routing function of every architecture. `bias` (`[experts]`, e.g. an expert mask of
+/// 0/−∞ or a relaxation's `log p`) is added to the logits before a softmax, or multiplies the
+/// sigmoid scores by `exp(bias)`; `correction` is DeepSeek-V3's `e_score_correction_bias`,
+/// added to the scores for selection only. Plain softmax rules run on the device; rules with
+/// groups or sigmoid scores select on the host (selection carries no gradient) and gather the
+/// weights on the device.
+pub fn route_with(
+    logits: Tensor<2>,
+    bias: Option<&Tensor<1>>,
+    correction: Option<&Tensor<1>>,
+    rule: &RoutingRule,
+) -> Routing {
+    let (top_k, norm_topk_prob) = (rule.top_k, rule.norm_topk_prob);
+    let scale = rule.config.routed_scaling_factor;
+    if rule.config.scoring == Scoring::Softmax && rule.config.group_limit.is_none() {
+        let routing = route_softmax(logits, bias, top_k, norm_topk_prob);
+        return if scale == 1.0 { routing } else { Routing { weights: routing.weights * scale, ..routing } };
+    }
+    let [n, e] = logits.dims();
+    let device = logits.device();
+    let (probs, choice) = match rule.config.scoring {
+        Scoring::Softmax => {
+            let biased = match bias {
+                Some(b) => logits.clone() + b.clone().unsqueeze::<2>(),
+                None => logits.clone(),
+            };
+            let probs = softmax(biased, 1);
+            let choice: Vec<f32> = probs.clone().detach().into_data().iter::<f32>().collect();
+            (probs, choice)
+        }
+        Scoring::Sigmoid => {
+            let s = sigmoid(logits.clone());
+            let probs = match bias {
+                Some(b) => s * b.clone().exp().unsqueeze::<2>(),
+                None => s,
+            };
+            let mut choice: Vec<f32> = probs.clone().detach().into_data().iter::<f32>().collect();
+            let corr: Option<Vec<f32>> = correction.map(|c| c.clone().detach().into_data().iter::<f32>().collect());
+            let removed: Option<Vec<bool>> =
+                bias.map(|b| b.clone().detach().into_data().iter::<f32>().map(|v| v == f32::NEG_INFINITY).collect());
+            for (i, c) in choice.iter_mut().enumerate() {
+                let j = i % e;
+                if removed.as_ref().is_some_and(|r| r[j]) {
+                    *c = f32::NEG_INFINITY;
+                } else if let Some(corr) = &corr {
+                    *c += corr[j];
+                }
+            }
+            (probs, choice)
+        }
+    };
+    let mut selected = Vec::with_capacity(n * top_k);
+    for t in 0..n {
+        selected.extend(select_experts(&choice[t * e..(t + 1) * e], top_k, rule.config.group_limit).into_iter().map(|x| x as i64));
+    }
+    let experts = Tensor::<2, Int>::from_data(TensorData::new(selected, [n, top_k]), &device);
+    let mut weights = probs.clone().gather(1, experts.clone());
+    if norm_topk_prob {
+        let sum = weights.clone().sum_dim(1);
+        weights = match rule.config.scoring {
+            Scoring::Sigmoid => weights / (sum + 1e-20),
+            Scoring::Softmax => weights / sum,
+        };
+    }
+    if scale != 1.0 {
+        weights = weights * scale;
+    }
+    Routing { logits, probs, weights, experts }
+}
+
+/// Softmax in f32, top-k of the probabilities, optional renormalisation: Mixtral, Qwen, OLMoE,
+/// DeepSeek-V2 `greedy`.
+fn route_softmax(logits: Tensor<2>, bias: Option<&Tensor<1>>, top_k: usize, norm_topk_prob: bool) -> Routing {
     let biased = match bias {
         Some(b) => logits.clone() + b.clone().unsqueeze::<2>(),
         None => logits.clone(),
@@ -121,13 +304,13 @@ impl DynamicSkip {
     }
 }
 
-/// A shared expert and its sigmoid gate (Qwen2-MoE).
+/// A shared expert and its sigmoid gate (Qwen2-MoE), or DeepSeek's ungated shared experts.
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
     /// The expert.
     pub mlp: SwiGlu,
-    /// `[hidden, 1]` gate.
-    pub gate: Linear,
+    /// `[hidden, 1]` gate; `None`: the output is added as is.
+    pub gate: Option<Linear>,
 }
 
 /// A mixture-of-experts feed-forward block.
@@ -143,6 +326,11 @@ pub struct MoeBlock {
     pub top_k: usize,
     /// Renormalise the top-k weights.
     pub norm_topk_prob: bool,
+    /// Scoring, group limit and scaling ([`RoutingConfig::softmax`] unless set with
+    /// [`MoeBlock::with_routing`]).
+    pub routing: RoutingConfig,
+    /// DeepSeek-V3's `e_score_correction_bias` `[experts]`, added to the scores for selection.
+    pub correction_bias: Option<Tensor<1>>,
     mask: Option<Vec<bool>>,
     mask_bias: Option<Tensor<1>>,
     skip: Option<DynamicSkip>,
@@ -157,7 +345,30 @@ impl MoeBlock {
         top_k: usize,
         norm_topk_prob: bool,
     ) -> Self {
-        MoeBlock { router, experts, shared, top_k, norm_topk_prob, mask: None, mask_bias: None, skip: None }
+        MoeBlock {
+            router,
+            experts,
+            shared,
+            top_k,
+            norm_topk_prob,
+            routing: RoutingConfig::softmax(),
+            correction_bias: None,
+            mask: None,
+            mask_bias: None,
+            skip: None,
+        }
+    }
+
+    /// Sets the routing rule and the selection bias (DeepSeek).
+    pub fn with_routing(mut self, routing: RoutingConfig, correction_bias: Option<Tensor<1>>) -> Self {
+        self.routing = routing;
+        self.correction_bias = correction_bias;
+        self
+    }
+
+    /// The block's full routing rule.
+    pub fn rule(&self) -> RoutingRule {
+        RoutingRule { top_k: self.top_k, norm_topk_prob: self.norm_topk_prob, config: self.routing.clone() }
     }
 
     /// Routed experts in this block.
@@ -233,7 +444,7 @@ impl MoeBlock {
             (None, Some(b)) => Some(b.clone()),
             (None, None) => None,
         };
-        let routing = route(self.router_logits(x), bias.as_ref(), self.top_k, self.norm_topk_prob);
+        let routing = route_with(self.router_logits(x), bias.as_ref(), self.correction_bias.as_ref(), &self.rule());
         match &self.skip {
             Some(skip) if self.top_k >= 2 => apply_skip(routing, skip, self.num_experts()),
             _ => routing,
@@ -259,7 +470,8 @@ impl MoeBlock {
             self.dispatch_grouped(x.clone(), &routing, opts)
         };
         let output = match &self.shared {
-            Some(s) => routed + sigmoid(s.gate.forward(x.clone())) * s.mlp.forward(x),
+            Some(SharedExpert { mlp, gate: Some(gate) }) => routed + sigmoid(gate.forward(x.clone())) * mlp.forward(x),
+            Some(SharedExpert { mlp, gate: None }) => routed + mlp.forward(x),
             None => routed,
         };
         MoeOutput { output, routing, expert_outputs }

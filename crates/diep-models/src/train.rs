@@ -26,7 +26,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use diep_checkpoint::architectures::{DENSE_MLP, MoeKeys};
 use diep_checkpoint::{LayerKind, ModelConfig, QkNorm};
 
-use crate::attention::Attention;
+use crate::attention::{Attention, MlaQuery, SelfAttention};
 use crate::error::{ModelError, Result};
 use crate::loader::transpose;
 use crate::model::{DecoderLayer, FeedForward, MoeModel};
@@ -258,6 +258,12 @@ impl MoeModel {
                 c.num_layers
             )));
         }
+        if c.attention.mla.is_some() {
+            return Err(ModelError::InvalidInput(format!(
+                "random initialisation of `{}` (multi-head latent attention) is not supported",
+                c.architecture.model_type()
+            )));
+        }
         let init = Init { opts, device };
         let (h, v, a) = (c.hidden_size, c.vocab_size, &c.attention);
         let embed_tokens = init.normal("model.embed_tokens.weight", v, h);
@@ -278,7 +284,7 @@ impl MoeModel {
                 }
                 QkNorm::Full => (Some(init.norm(q_out, c.rms_norm_eps)), Some(init.norm(kv_out, c.rms_norm_eps))),
             };
-            let attention = Attention {
+            let attention = SelfAttention::Standard(Attention {
                 q_proj: init.linear(&format!("{p}.self_attn.q_proj"), h, q_out, a.qkv_bias),
                 k_proj: init.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, a.qkv_bias),
                 v_proj: init.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, a.qkv_bias),
@@ -286,7 +292,7 @@ impl MoeModel {
                 q_norm,
                 k_norm,
                 cfg: a.clone(),
-            };
+            });
             let ffn = match *kind {
                 LayerKind::Dense => {
                     let names = DENSE_MLP.map(|n| format!("{p}.mlp.{n}.weight"));
@@ -307,7 +313,7 @@ impl MoeModel {
                             let names = DENSE_MLP.map(|n| format!("{block}.{mlp}.{n}.weight"));
                             Some(SharedExpert {
                                 mlp: init.swiglu([&names[0], &names[1], &names[2]], h, width),
-                                gate: init.linear(&format!("{block}.{gate}"), h, 1, false),
+                                gate: Some(init.linear(&format!("{block}.{gate}"), h, 1, false)),
                             })
                         }
                         _ => None,
@@ -335,16 +341,34 @@ impl MoeModel {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
             push_norm(&mut out, &format!("{p}.input_layernorm.weight"), &mut layer.input_norm);
-            let a = &mut layer.attention;
-            for (n, l) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj)] {
-                push_linear(&mut out, &format!("{p}.self_attn.{n}"), l);
-            }
-            push_linear(&mut out, &format!("{p}.self_attn.o_proj"), &mut a.o_proj);
-            if let Some(n) = &mut a.q_norm {
-                push_norm(&mut out, &format!("{p}.self_attn.q_norm.weight"), n);
-            }
-            if let Some(n) = &mut a.k_norm {
-                push_norm(&mut out, &format!("{p}.self_attn.k_norm.weight"), n);
+            match &mut layer.attention {
+                SelfAttention::Standard(a) => {
+                    for (n, l) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj)] {
+                        push_linear(&mut out, &format!("{p}.self_attn.{n}"), l);
+                    }
+                    push_linear(&mut out, &format!("{p}.self_attn.o_proj"), &mut a.o_proj);
+                    if let Some(n) = &mut a.q_norm {
+                        push_norm(&mut out, &format!("{p}.self_attn.q_norm.weight"), n);
+                    }
+                    if let Some(n) = &mut a.k_norm {
+                        push_norm(&mut out, &format!("{p}.self_attn.k_norm.weight"), n);
+                    }
+                }
+                SelfAttention::Latent(a) => {
+                    let k = diep_checkpoint::architectures::deepseek_v3::MLA;
+                    match &mut a.q {
+                        MlaQuery::Direct(q) => push_linear(&mut out, &format!("{p}.self_attn.{}", k.q_proj), q),
+                        MlaQuery::LowRank { a: qa, norm, b } => {
+                            push_linear(&mut out, &format!("{p}.self_attn.{}", k.q_a_proj), qa);
+                            push_norm(&mut out, &format!("{p}.self_attn.{}.weight", k.q_a_layernorm), norm);
+                            push_linear(&mut out, &format!("{p}.self_attn.{}", k.q_b_proj), b);
+                        }
+                    }
+                    push_linear(&mut out, &format!("{p}.self_attn.{}", k.kv_a_proj_with_mqa), &mut a.kv_a);
+                    push_norm(&mut out, &format!("{p}.self_attn.{}.weight", k.kv_a_layernorm), &mut a.kv_norm);
+                    push_linear(&mut out, &format!("{p}.self_attn.{}", k.kv_b_proj), &mut a.kv_b);
+                    push_linear(&mut out, &format!("{p}.self_attn.{}", k.o_proj), &mut a.o_proj);
+                }
             }
             push_norm(&mut out, &format!("{p}.post_attention_layernorm.weight"), &mut layer.post_attention_norm);
             match &mut layer.ffn {
@@ -355,9 +379,15 @@ impl MoeModel {
                     for (e, expert) in m.experts.iter_mut().enumerate() {
                         push_swiglu(&mut out, &format!("{block}.experts.{e}"), expert);
                     }
-                    if let (Some(s), Some((mlp, gate))) = (&mut m.shared, keys.shared_expert) {
-                        push_swiglu(&mut out, &format!("{block}.{mlp}"), &mut s.mlp);
-                        push_linear(&mut out, &format!("{block}.{gate}"), &mut s.gate);
+                    if let Some(s) = &mut m.shared {
+                        if let Some((mlp, gate)) = keys.shared_expert {
+                            push_swiglu(&mut out, &format!("{block}.{mlp}"), &mut s.mlp);
+                            if let Some(g) = &mut s.gate {
+                                push_linear(&mut out, &format!("{block}.{gate}"), g);
+                            }
+                        } else if let Some(mlp) = keys.shared_experts {
+                            push_swiglu(&mut out, &format!("{block}.{mlp}"), &mut s.mlp);
+                        }
                     }
                 }
             }
@@ -398,7 +428,27 @@ impl MoeModel {
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             export_norm(&mut out, format!("{p}.input_layernorm.weight"), &layer.input_norm);
-            let a = &layer.attention;
+            let a = match &layer.attention {
+                SelfAttention::Standard(a) => a,
+                SelfAttention::Latent(a) => {
+                    let k = diep_checkpoint::architectures::deepseek_v3::MLA;
+                    let n = |name: &str| format!("{p}.self_attn.{name}");
+                    match &a.q {
+                        MlaQuery::Direct(q) => export_linear(&mut out, &n(k.q_proj), q),
+                        MlaQuery::LowRank { a: qa, norm, b } => {
+                            export_linear(&mut out, &n(k.q_a_proj), qa);
+                            export_norm(&mut out, format!("{}.weight", n(k.q_a_layernorm)), norm);
+                            export_linear(&mut out, &n(k.q_b_proj), b);
+                        }
+                    }
+                    export_linear(&mut out, &n(k.kv_a_proj_with_mqa), &a.kv_a);
+                    export_norm(&mut out, format!("{}.weight", n(k.kv_a_layernorm)), &a.kv_norm);
+                    export_linear(&mut out, &n(k.kv_b_proj), &a.kv_b);
+                    export_linear(&mut out, &n(k.o_proj), &a.o_proj);
+                    export_layer_rest(&mut out, &keys, i, layer);
+                    continue;
+                }
+            };
             for (n, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
                 export_linear(&mut out, &format!("{p}.self_attn.{n}"), l);
             }
@@ -408,29 +458,42 @@ impl MoeModel {
             if let Some(n) = &a.k_norm {
                 export_norm(&mut out, format!("{p}.self_attn.k_norm.weight"), n);
             }
-            export_norm(&mut out, format!("{p}.post_attention_layernorm.weight"), &layer.post_attention_norm);
-            match &layer.ffn {
-                FeedForward::Dense(mlp) => {
-                    export_swiglu(&mut out, DENSE_MLP.map(|n| format!("{p}.mlp.{n}.weight")), mlp);
-                }
-                FeedForward::Moe(m) => {
-                    let block = keys.block_prefix(i);
-                    export_linear(&mut out, &format!("{block}.{}", keys.router), &m.router);
-                    for (e, expert) in m.experts.iter().enumerate() {
-                        export_swiglu(&mut out, keys.expert_weights(i, e), expert);
-                    }
-                    if let (Some(s), Some((mlp, gate))) = (&m.shared, keys.shared_expert) {
-                        export_swiglu(&mut out, DENSE_MLP.map(|n| format!("{block}.{mlp}.{n}.weight")), &s.mlp);
-                        export_linear(&mut out, &format!("{block}.{gate}"), &s.gate);
-                    }
-                }
-            }
+            export_layer_rest(&mut out, &keys, i, layer);
         }
         export_norm(&mut out, "model.norm.weight".into(), &self.norm);
         if !c.tie_word_embeddings {
             export_linear(&mut out, "lm_head", &self.lm_head);
         }
         out
+    }
+}
+
+/// Exports a layer's post-attention norm and feed-forward block.
+fn export_layer_rest(out: &mut Vec<HfTensor>, keys: &MoeKeys, i: usize, layer: &DecoderLayer) {
+    let p = format!("model.layers.{i}");
+    export_norm(out, format!("{p}.post_attention_layernorm.weight"), &layer.post_attention_norm);
+    match &layer.ffn {
+        FeedForward::Dense(mlp) => {
+            export_swiglu(out, DENSE_MLP.map(|n| format!("{p}.mlp.{n}.weight")), mlp);
+        }
+        FeedForward::Moe(m) => {
+            let block = keys.block_prefix(i);
+            export_linear(out, &format!("{block}.{}", keys.router), &m.router);
+            if let (Some(b), Some(name)) = (&m.correction_bias, keys.router_correction_bias(i)) {
+                out.push(HfTensor { name, shape: b.dims().to_vec(), data: host(b) });
+            }
+            for (e, expert) in m.experts.iter().enumerate() {
+                export_swiglu(out, keys.expert_weights(i, e), expert);
+            }
+            if let (Some(s), Some((mlp, gate))) = (&m.shared, keys.shared_expert) {
+                export_swiglu(out, DENSE_MLP.map(|n| format!("{block}.{mlp}.{n}.weight")), &s.mlp);
+                if let Some(g) = &s.gate {
+                    export_linear(out, &format!("{block}.{gate}"), g);
+                }
+            } else if let (Some(s), Some(mlp)) = (&m.shared, keys.shared_experts) {
+                export_swiglu(out, DENSE_MLP.map(|n| format!("{block}.{mlp}.{n}.weight")), &s.mlp);
+            }
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 
 use diep_models::DeviceSpec;
 use diep_models::burn::tensor::{Device, Tensor, TensorData};
-use diep_models::moe::{MoeBlock, MoeForwardOptions, SharedExpert, route};
+use diep_models::checkpoint::{GroupLimit, GroupScore, RoutingConfig, Scoring};
+use diep_models::moe::{MoeBlock, MoeForwardOptions, RoutingRule, SharedExpert, route, route_with};
 use diep_models::nn::{Linear, SwiGlu};
 use proptest::prelude::*;
 
@@ -45,7 +46,7 @@ fn block(seed: u64, h: usize, e: usize, k: usize, norm: bool, shared: bool, devi
     let router = Linear { weight: rng.tensor([h, e], 2.0, device), bias: None };
     let experts = (0..e).map(|_| swiglu(&mut rng, h, 6, device)).collect();
     let shared =
-        shared.then(|| SharedExpert { mlp: swiglu(&mut rng, h, 5, device), gate: linear(&mut rng, h, 1, device) });
+        shared.then(|| SharedExpert { mlp: swiglu(&mut rng, h, 5, device), gate: Some(linear(&mut rng, h, 1, device)) });
     MoeBlock::new(router, experts, shared, k, norm)
 }
 
@@ -215,4 +216,85 @@ fn dynamic_skip_drops_exactly_the_slots_below_gamma() {
     assert!(skipped > 0 && skipped < n, "the test must exercise both cases ({skipped})");
     assert_eq!(b.dynamic_skip().unwrap().counts(), (skipped as u64, n as u64));
     assert!(DynamicSkip::new(vec![0.0; 3], e).is_err());
+}
+
+fn deepseek_rules() -> Vec<RoutingRule> {
+    let v3 = RoutingConfig {
+        scoring: Scoring::Sigmoid,
+        group_limit: Some(GroupLimit { n_group: 2, topk_group: 1, score: GroupScore::Top2Sum }),
+        routed_scaling_factor: 2.5,
+        correction_bias: true,
+    };
+    let v2 = RoutingConfig {
+        scoring: Scoring::Softmax,
+        group_limit: Some(GroupLimit { n_group: 4, topk_group: 2, score: GroupScore::Max }),
+        routed_scaling_factor: 1.5,
+        correction_bias: false,
+    };
+    vec![
+        RoutingRule { top_k: 2, norm_topk_prob: true, config: v3 },
+        RoutingRule { top_k: 2, norm_topk_prob: false, config: v2 },
+    ]
+}
+
+/// The device routing of DeepSeek's rules equals the host `route_row` (used by NAEE), with and
+/// without a mask, and the group limit holds.
+#[test]
+fn deepseek_routing_on_device_equals_host_rows() {
+    let device = device();
+    let (n, e) = (40, 8);
+    for (r, rule) in deepseek_rules().into_iter().enumerate() {
+        let mut rng = Rng(77 + r as u64);
+        let logits = rng.tensor([n, e], 3.0, &device);
+        let correction = rule.config.correction_bias.then(|| rng.tensor([e], 0.3, &device));
+        let host_logits = vec(logits.clone());
+        let host_corr = correction.clone().map(vec);
+        for keep in [vec![true; e], vec![true, false, true, true, false, true, true, true]] {
+            let bias: Vec<f32> = keep.iter().map(|k| if *k { 0.0 } else { f32::NEG_INFINITY }).collect();
+            let bias = Tensor::<1>::from_data(TensorData::new(bias, [e]), &device);
+            let routing = route_with(logits.clone(), Some(&bias), correction.as_ref(), &rule);
+            let w = vec(routing.weights);
+            let idx: Vec<i64> = routing.experts.into_data().iter::<i64>().collect();
+            for t in 0..n {
+                let row = rule.route_row(&host_logits[t * e..(t + 1) * e], &keep, host_corr.as_deref());
+                for (j, (ex, wt)) in row.iter().enumerate() {
+                    assert_eq!(idx[t * 2 + j] as usize, *ex, "rule {r} token {t}");
+                    assert!((w[t * 2 + j] - wt).abs() < 1e-5, "rule {r} token {t}: {} vs {wt}", w[t * 2 + j]);
+                    assert!(keep[*ex], "masked expert {ex} selected");
+                }
+                // Group limit: the chosen experts lie in at most topk_group groups.
+                let g = rule.config.group_limit.unwrap();
+                let size = e / g.n_group;
+                let mut groups: Vec<usize> = row.iter().map(|(ex, _)| ex / size).collect();
+                groups.sort();
+                groups.dedup();
+                assert!(groups.len() <= g.topk_group, "rule {r} token {t}: groups {groups:?}");
+                if rule.norm_topk_prob {
+                    let s: f32 = row.iter().map(|(_, w)| w).sum();
+                    assert!((s - rule.config.routed_scaling_factor as f32).abs() < 1e-4);
+                }
+            }
+        }
+    }
+}
+
+/// V3: masking one expert per group equals deleting it (router rows, correction bias) and
+/// renumbering, as the surgery does.
+#[test]
+fn deepseek_v3_mask_equals_removal_on_the_host() {
+    let rule = deepseek_rules().remove(0);
+    let mut rng = Rng(5);
+    let (n, e) = (30, 8);
+    let keep = [true, false, true, true, true, true, false, true];
+    let kept: Vec<usize> = (0..e).filter(|x| keep[*x]).collect();
+    let corr: Vec<f32> = (0..e).map(|_| rng.next_f32() * 0.3).collect();
+    let corr_kept: Vec<f32> = kept.iter().map(|x| corr[*x]).collect();
+    for _ in 0..n {
+        let row: Vec<f32> = (0..e).map(|_| rng.next_f32() * 3.0).collect();
+        let masked = rule.route_row(&row, &keep, Some(&corr));
+        let small: Vec<f32> = kept.iter().map(|x| row[*x]).collect();
+        let removed = rule.route_row(&small, &vec![true; kept.len()], Some(&corr_kept));
+        let removed: Vec<(usize, f32)> = removed.into_iter().map(|(x, w)| (kept[x], w)).collect();
+        assert_eq!(masked, removed);
+    }
 }

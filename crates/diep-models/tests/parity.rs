@@ -119,6 +119,19 @@ fn olmoe_matches_transformers() {
 }
 
 #[test]
+fn deepseek_v3_matches_transformers() {
+    // MLA with q_lora_rank, yarn RoPE on interleaved pairs, sigmoid routing with a correction
+    // bias and group limit, shared expert, a leading dense layer.
+    check_model("tiny-deepseek-v3", "logits", 1e-4);
+}
+
+#[test]
+fn deepseek_v2_matches_transformers() {
+    // MLA without q_lora_rank, yarn RoPE, softmax group_limited_greedy routing, scaling factor.
+    check_model("tiny-deepseek-v2", "logits", 1e-4);
+}
+
+#[test]
 fn bf16_checkpoint_matches_f32_compute() {
     // bf16 weights upcast to f32 and run in f32 by transformers: the same arithmetic as ours.
     check_model("tiny-mixtral-bf16", "logits", 1e-4);
@@ -192,6 +205,30 @@ fn mixtral_expert_mask_matches_transformers() {
 #[test]
 fn qwen2_moe_expert_mask_matches_transformers() {
     check_masked("tiny-qwen2-moe");
+}
+
+#[test]
+fn deepseek_v3_expert_mask_equals_removing_experts_in_transformers() {
+    // One expert per routing group masked; the reference deleted them in transformers.
+    check_masked("tiny-deepseek-v3");
+}
+
+#[test]
+fn deepseek_v2_expert_mask_equals_removing_experts_in_transformers() {
+    check_masked("tiny-deepseek-v2");
+}
+
+#[test]
+fn deepseek_loss_matches_transformers() {
+    for name in ["tiny-deepseek-v3", "tiny-deepseek-v2"] {
+        let reference = Reference::load(name);
+        let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
+        let ids = reference.ids();
+        let loss = mean_nll(&to_vec(model.forward(&ids).unwrap()), &ids, model.config.vocab_size);
+        let expected = reference.json["loss"].as_f64().unwrap();
+        let rel = (loss - expected).abs() / expected;
+        assert!(rel < 1e-5, "{name}: loss {loss} vs transformers {expected} ({rel:.2e})");
+    }
 }
 
 #[test]

@@ -53,8 +53,8 @@ fn weights(m: &MoeModel) -> Vec<Vec<u32>> {
     let mut all = vec![host(&m.embed_tokens), host(&m.norm.weight), host(&m.lm_head.weight)];
     for l in &m.layers {
         all.push(host(&l.input_norm.weight));
-        all.push(host(&l.attention.q_proj.weight));
-        all.push(host(&l.attention.o_proj.weight));
+        all.push(host(&l.attention.standard().expect("standard attention").q_proj.weight));
+        all.push(host(&l.attention.o_proj().weight));
         if let Some(moe) = l.moe() {
             all.push(host(&moe.router.weight));
             for e in &moe.experts {

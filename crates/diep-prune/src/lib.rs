@@ -82,6 +82,37 @@ fn naee_global_error() -> PruneError {
     )
 }
 
+/// Uniform selection for group-limited routers (DeepSeek): each layer's removals are split
+/// evenly over its `n_group` contiguous expert groups, and each group drops its lowest-scoring
+/// experts (ties: the higher id first), so the pruned checkpoint keeps equal groups.
+pub fn select_uniform_per_group(
+    scores: &BTreeMap<usize, Vec<f64>>,
+    removals: &BTreeMap<usize, usize>,
+    g: diep_checkpoint::GroupLimit,
+) -> Result<BTreeMap<usize, Vec<usize>>> {
+    let mut out = BTreeMap::new();
+    for (l, s) in scores {
+        let (n, r) = (s.len(), removals[l]);
+        if n % g.n_group != 0 || r % g.n_group != 0 {
+            return Err(PruneError::Config(format!(
+                "layer {l}: removing {r} of {n} experts cannot be split evenly over the router's {} groups \
+                 (n_group); choose a ratio that removes a multiple of {} experts per layer",
+                g.n_group, g.n_group
+            )));
+        }
+        let size = n / g.n_group;
+        let mut kept = Vec::new();
+        for gi in 0..g.n_group {
+            let mut order: Vec<usize> = (gi * size..(gi + 1) * size).collect();
+            order.sort_by(|a, b| s[*a].total_cmp(&s[*b]).then(b.cmp(a)));
+            kept.extend_from_slice(&order[r / g.n_group..]);
+        }
+        kept.sort_unstable();
+        out.insert(*l, kept);
+    }
+    Ok(out)
+}
+
 /// Runs a baseline criterion on collected statistics and returns the plan.
 pub fn plan_baseline(config: &ModelConfig, stats: &CalibrationStats, spec: &BaselineSpec) -> Result<PruningPlan> {
     criteria::check_ratio(spec.ratio)?;
@@ -120,11 +151,15 @@ pub fn plan_baseline(config: &ModelConfig, stats: &CalibrationStats, spec: &Base
         }
         (method, allocation) => {
             let scores = criteria::scores(method, stats, spec.seed);
-            let kept = match allocation {
-                Allocation::Uniform => {
+            let kept = match (allocation, config.moe.routing.group_limit) {
+                // Group-limited routing (DeepSeek): the same number removed from every group.
+                (Allocation::Uniform, Some(g)) => {
+                    select_uniform_per_group(&scores, &criteria::uniform_removals(&counts, spec.ratio, floor)?, g)?
+                }
+                (Allocation::Uniform, None) => {
                     criteria::select_uniform(&scores, &criteria::uniform_removals(&counts, spec.ratio, floor)?)
                 }
-                Allocation::Global => criteria::select_global(&scores, spec.ratio, floor)?,
+                (Allocation::Global, _) => criteria::select_global(&scores, spec.ratio, floor)?,
             };
             (kept, scores)
         }
@@ -136,4 +171,20 @@ pub fn plan_baseline(config: &ModelConfig, stats: &CalibrationStats, spec: &Base
     plan.settings = settings;
     plan.timings.insert("statistics_s".into(), stats.seconds);
     Ok(plan)
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    #[test]
+    fn per_group_selection_keeps_equal_groups() {
+        let g = diep_checkpoint::GroupLimit { n_group: 2, topk_group: 1, score: diep_checkpoint::GroupScore::Top2Sum };
+        // Group 0 (experts 0-3) holds the four best scores; a flat ranking would empty group 1.
+        let scores = BTreeMap::from([(1, vec![9.0, 8.0, 7.0, 6.0, 1.0, 3.0, 2.0, 0.5])]);
+        let kept = select_uniform_per_group(&scores, &BTreeMap::from([(1, 4)]), g).unwrap();
+        assert_eq!(kept[&1], vec![0, 1, 5, 6]);
+        let err = select_uniform_per_group(&scores, &BTreeMap::from([(1, 3)]), g).unwrap_err().to_string();
+        assert!(err.contains("n_group"), "{err}");
+    }
 }

@@ -4,12 +4,13 @@
 //!
 //! Every expert's output on the cached tokens is computed once; a subset's output is then
 //! re-routed on the host (softmax over the subset's router logits, top-k, optional
-//! renormalisation — the same rule as [`diep_models::moe::route`] with the others masked) and
+//! renormalisation — the same rule as [`diep_models::moe::route`] with the others masked; for
+//! DeepSeek's sigmoid / group-limited rules [`diep_models::RoutingRule::route_row`]) and
 //! compared with the full routed output in Frobenius norm. The shared expert, identical in
 //! both, cancels.
 
 use burn::tensor::{Tensor, TensorData};
-use diep_models::MoeBlock;
+use diep_models::{MoeBlock, RoutingRule};
 
 use crate::error::{PruneError, Result};
 use crate::stats::BlockCache;
@@ -38,6 +39,10 @@ struct Precomputed {
     logits: Vec<f32>,
     /// `[expert][token * hidden]`.
     outputs: Vec<Vec<f32>>,
+    /// The block's routing rule.
+    rule: RoutingRule,
+    /// DeepSeek-V3's selection bias, on the host.
+    correction: Option<Vec<f32>>,
 }
 
 fn precompute(block: &MoeBlock, cache: &BlockCache) -> Precomputed {
@@ -47,13 +52,30 @@ fn precompute(block: &MoeBlock, cache: &BlockCache) -> Precomputed {
     let outputs = (0..block.num_experts())
         .map(|e| block.expert_forward(e, x.clone()).into_data().iter::<f32>().collect())
         .collect();
-    Precomputed { tokens: cache.tokens, hidden: cache.hidden, logits, outputs }
+    let correction = block.correction_bias.clone().map(|b| b.into_data().iter::<f32>().collect());
+    Precomputed { tokens: cache.tokens, hidden: cache.hidden, logits, outputs, rule: block.rule(), correction }
 }
 
 /// The routed output of the block restricted to `subset` (ascending expert ids).
 fn routed_output(p: &Precomputed, subset: &[usize], top_k: usize, norm: bool, out: &mut [f32]) {
     let n = p.outputs.len();
     out.iter_mut().for_each(|v| *v = 0.0);
+    if !p.rule.is_plain_softmax() {
+        let mut allowed = vec![false; n];
+        for &e in subset {
+            allowed[e] = true;
+        }
+        for t in 0..p.tokens {
+            let row = &p.logits[t * n..(t + 1) * n];
+            for (e, w) in p.rule.route_row(row, &allowed, p.correction.as_deref()) {
+                let src = &p.outputs[e][t * p.hidden..(t + 1) * p.hidden];
+                for (o, s) in out[t * p.hidden..(t + 1) * p.hidden].iter_mut().zip(src) {
+                    *o += w * s;
+                }
+            }
+        }
+        return;
+    }
     let mut probs: Vec<(f32, usize)> = Vec::with_capacity(subset.len());
     for t in 0..p.tokens {
         let row = &p.logits[t * n..(t + 1) * n];

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use diep_checkpoint::ModelConfig;
+use diep_checkpoint::{GroupLimit, GroupScore, ModelConfig};
 
 /// The `format` tag of plans this version writes and reads.
 pub const PLAN_FORMAT: &str = "diep-pruning-plan/1";
@@ -140,6 +140,16 @@ impl PruningPlan {
                     kept.len()
                 ));
             }
+            if let Some(g) = config.moe.routing.group_limit {
+                check_groups(layer, n, kept, g, top_k)?;
+            }
+        }
+        if config.architecture.is_deepseek() && !self.is_uniform() {
+            return err(format!(
+                "`{model_type}` checkpoints can only be pruned uniformly (the same number of experts in every MoE \
+                 layer): no remote code for per-layer expert counts exists for this architecture, got {:?}",
+                self.kept_counts()
+            ));
         }
         for (layer, groups) in &self.merge {
             let Some(kept) = self.kept_experts.get(layer) else {
@@ -184,4 +194,35 @@ impl PruningPlan {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("plans serialise")
     }
+}
+
+/// Group-limited routing (DeepSeek) scores contiguous groups of `E / n_group` experts; after
+/// renumbering, the kept experts must still form `n_group` equal groups made of the same
+/// experts, so every original group must keep the same count (at least 2 for DeepSeek-V3, whose
+/// group score is the sum of the two best), and the `topk_group` groups a token may use must
+/// still hold `num_experts_per_tok` experts.
+fn check_groups(layer: usize, n: usize, kept: &[usize], g: GroupLimit, top_k: usize) -> Result<(), PlanError> {
+    let size = n / g.n_group;
+    let per_group: Vec<usize> = (0..g.n_group).map(|gi| kept.iter().filter(|e| **e / size == gi).count()).collect();
+    let err = |m: String| Err(PlanError(format!("layer {layer}: {m}")));
+    if per_group.windows(2).any(|w| w[0] != w[1]) {
+        return err(format!(
+            "keeps {per_group:?} experts in its {} routing groups (n_group, groups of {size}); group-limited \
+             routing needs the same count in every group",
+            g.n_group
+        ));
+    }
+    let new_size = per_group[0];
+    let min = if g.score == GroupScore::Top2Sum { 2 } else { 1 };
+    if new_size < min {
+        let why = if min == 2 { " (DeepSeek-V3 scores a group by the sum of its two best experts)" } else { "" };
+        return err(format!("keeps {new_size} expert(s) per routing group; at least {min} per group are needed{why}"));
+    }
+    if top_k > g.topk_group * new_size {
+        return err(format!(
+            "num_experts_per_tok = {top_k} exceeds topk_group ({}) × kept experts per group ({new_size})",
+            g.topk_group
+        ));
+    }
+    Ok(())
 }

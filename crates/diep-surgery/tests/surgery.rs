@@ -81,7 +81,11 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
                 (format!("{}.experts.{new}.{rest}", keys.block_prefix(layer)), None)
             }
             Some(MoeTensor::Router { layer }) => (name.to_string(), Some(plan.kept_experts[&layer].clone())),
-            None => (name.to_string(), None),
+            // DeepSeek-V3's `e_score_correction_bias` is sliced with the router rows.
+            None => match correction_bias_layer(&keys, name) {
+                Some(layer) => (name.to_string(), Some(plan.kept_experts[&layer].clone())),
+                None => (name.to_string(), None),
+            },
         };
         let o = output.get(&out_name).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(o.dtype, t.dtype, "{out_name}");
@@ -176,6 +180,12 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
     assert_eq!(listed, on_disk);
     let size: u64 = on_disk.iter().map(|f| std::fs::metadata(out_dir.join(f)).unwrap().len()).sum();
     assert_eq!(report.bytes_written, size);
+}
+
+/// The layer whose router correction bias `name` is, if it is one.
+fn correction_bias_layer(keys: &MoeKeys, name: &str) -> Option<usize> {
+    let layer: usize = name.strip_prefix("model.layers.")?.split_once('.')?.0.parse().ok()?;
+    (keys.router_correction_bias(layer)? == name).then_some(layer)
 }
 
 /// Nothing but `allowed` in `dir` (no temp directories left behind).
@@ -705,4 +715,69 @@ fn bad_merge_groups_are_refused() {
         let err = plan.validate(&config).unwrap_err().to_string();
         assert!(err.contains(expect), "{expect}: {err}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DeepSeek: correction bias, routing groups.
+
+#[test]
+fn deepseek_uniform_plans_slice_the_correction_bias_and_keep_routing_keys() {
+    for name in ["tiny-deepseek-v3", "tiny-deepseek-v2"] {
+        let dir = fixture(name);
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        // V3: groups of 4 -> [1, 3 | 5, 7], two per group; V2: groups of 2 -> one per group.
+        let plan = uniform_plan(&config);
+        let outs = tempfile::tempdir().unwrap();
+        let out = outs.path().join("pruned");
+        let report = apply_plan(&dir, &plan, &out, &opts()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        verify(&dir, &out, &plan, &report);
+        let raw = read_json(&out.join("config.json"));
+        assert_eq!(raw["n_routed_experts"], 4, "{name}");
+        let raw_in = read_json(&dir.join("config.json"));
+        for k in ["n_group", "topk_group", "topk_method", "scoring_func", "routed_scaling_factor", "first_k_dense_replace"] {
+            assert_eq!(raw.get(k), raw_in.get(k), "{name}: `{k}`");
+        }
+        let cout = ModelConfig::from_dir(&out).unwrap();
+        assert_eq!(cout.moe.routing, config.moe.routing, "{name}");
+        let c = Checkpoint::open(&out).unwrap();
+        let keys = MoeKeys::of(config.architecture);
+        for (layer, kept) in &plan.kept_experts {
+            if let Some(bias) = keys.router_correction_bias(*layer) {
+                let before = Checkpoint::open(&dir).unwrap().get(&bias).unwrap().to_f32().unwrap();
+                let after = c.get(&bias).unwrap();
+                assert_eq!(after.dtype, Dtype::F32);
+                let want: Vec<f32> = kept.iter().map(|e| before[*e]).collect();
+                assert_eq!(after.to_f32().unwrap(), want, "{name}: {bias}");
+            }
+        }
+        // Dense layer 0 has no experts and is not in the plan.
+        assert!(!plan.kept_experts.contains_key(&0));
+    }
+}
+
+#[test]
+fn deepseek_v3_plans_must_respect_routing_groups() {
+    let s = scratch("tiny-deepseek-v3");
+    let config = ModelConfig::from_dir(&s.model).unwrap();
+    // Unequal groups (3 + 1).
+    let msg = fail(&s, &plan_from(&config, |_, _, _| vec![0, 1, 2, 5]));
+    assert!(msg.contains("routing groups") && msg.contains("[3, 1]") && msg.contains("config.json"), "{msg}");
+    // One per group: V3 scores a group by its two best experts.
+    let msg = fail(&s, &plan_from(&config, |_, _, _| vec![0, 4]));
+    assert!(msg.contains("at least 2 per group"), "{msg}");
+    // Non-uniform plans have no loader for this architecture.
+    let msg = fail(&s, &plan_from(&config, |j, _, _| if j == 0 { vec![0, 1, 4, 5] } else { vec![0, 1, 2, 4, 5, 6] }));
+    assert!(msg.contains("uniformly"), "{msg}");
+}
+
+#[test]
+fn deepseek_v2_top_k_must_fit_the_kept_groups() {
+    let s = scratch("tiny-deepseek-v2");
+    // 4 groups of 2, topk_group 2: one expert per group leaves 2 reachable experts per token.
+    edit_config(&s.model, |c| {
+        c.insert("num_experts_per_tok".into(), Value::from(3));
+    });
+    let config = ModelConfig::from_dir(&s.model).unwrap();
+    let msg = fail(&s, &plan_from(&config, |_, _, _| vec![0, 2, 4, 6]));
+    assert!(msg.contains("num_experts_per_tok = 3") && msg.contains("topk_group (2)"), "{msg}");
 }

@@ -15,4 +15,6 @@ pub const MOE_KEYS: MoeKeys = MoeKeys {
     expert_up: "w3",
     expert_down: "w2",
     shared_expert: None,
+    shared_experts: None,
+    router_correction_bias: None,
 };

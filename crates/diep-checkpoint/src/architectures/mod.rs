@@ -3,11 +3,15 @@
 //! They live in this framework-free crate so that the model crate and checkpoint surgery
 //! read the same names.
 //!
-//! All four architectures share the decoder skeleton (`model.embed_tokens`, `model.layers.{i}`
-//! with `self_attn.{q,k,v,o}_proj`, `input_layernorm`, `post_attention_layernorm`,
-//! `model.norm`, `lm_head`); they differ in where the MoE block lives and what its expert
-//! projections are called, which is what [`MoeKeys`] records.
+//! All architectures share the decoder skeleton (`model.embed_tokens`, `model.layers.{i}` with
+//! `input_layernorm`, `post_attention_layernorm`, `model.norm`, `lm_head`); Mixtral, Qwen and
+//! OLMoE use `self_attn.{q,k,v,o}_proj`, DeepSeek-V2/V3 multi-head latent attention
+//! ([`MlaKeys`]). They differ in where the MoE block lives, what its expert projections are
+//! called, and what sits beside the experts (shared experts, a router correction bias), which
+//! is what [`MoeKeys`] records.
 
+pub mod deepseek_v2;
+pub mod deepseek_v3;
 pub mod mixtral;
 pub mod olmoe;
 pub mod qwen2_moe;
@@ -28,8 +32,14 @@ pub struct MoeKeys {
     pub expert_up: &'static str,
     /// Expert down projection (`w2` / `down_proj`), `[hidden, intermediate]`.
     pub expert_down: &'static str,
-    /// Shared expert module and its gate (Qwen2-MoE), if the architecture has one.
+    /// Shared expert module and its sigmoid gate (Qwen2-MoE), if the architecture has one.
     pub shared_expert: Option<(&'static str, &'static str)>,
+    /// Ungated shared experts module (DeepSeek's `shared_experts`, `n_shared_experts` experts
+    /// fused into one MLP), if the architecture has one.
+    pub shared_experts: Option<&'static str>,
+    /// A per-expert `[E]` f32 vector of the router module added to the scores for selection
+    /// only (DeepSeek-V3's `e_score_correction_bias`).
+    pub router_correction_bias: Option<&'static str>,
 }
 
 impl MoeKeys {
@@ -40,6 +50,8 @@ impl MoeKeys {
             Architecture::Qwen2Moe => qwen2_moe::MOE_KEYS,
             Architecture::Qwen3Moe => qwen3_moe::MOE_KEYS,
             Architecture::Olmoe => olmoe::MOE_KEYS,
+            Architecture::DeepseekV3 => deepseek_v3::MOE_KEYS,
+            Architecture::DeepseekV2 => deepseek_v2::MOE_KEYS,
         }
     }
 
@@ -53,6 +65,11 @@ impl MoeKeys {
         format!("{}.{}.weight", self.block_prefix(layer), self.router)
     }
 
+    /// The router's correction-bias name (`[experts]`), if the architecture has one.
+    pub fn router_correction_bias(&self, layer: usize) -> Option<String> {
+        self.router_correction_bias.map(|b| format!("{}.{}.{b}", self.block_prefix(layer), self.router))
+    }
+
     /// The names of expert `e`'s gate, up and down weights.
     pub fn expert_weights(&self, layer: usize, e: usize) -> [String; 3] {
         let p = format!("{}.experts.{e}", self.block_prefix(layer));
@@ -62,6 +79,28 @@ impl MoeKeys {
             format!("{p}.{}.weight", self.expert_down),
         ]
     }
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3) module names, relative to
+/// `model.layers.{i}.self_attn.`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaKeys {
+    /// Uncompressed query projection `[heads·(nope+rope), H]` (when `q_lora_rank` is null).
+    pub q_proj: &'static str,
+    /// Query down-projection `[q_lora_rank, H]`.
+    pub q_a_proj: &'static str,
+    /// RMSNorm over the compressed query `[q_lora_rank]`.
+    pub q_a_layernorm: &'static str,
+    /// Query up-projection `[heads·(nope+rope), q_lora_rank]`.
+    pub q_b_proj: &'static str,
+    /// Key/value down-projection plus the shared rotary key `[kv_lora_rank + rope, H]`.
+    pub kv_a_proj_with_mqa: &'static str,
+    /// RMSNorm over the compressed key/value `[kv_lora_rank]`.
+    pub kv_a_layernorm: &'static str,
+    /// Key/value up-projection `[heads·(nope+v), kv_lora_rank]`.
+    pub kv_b_proj: &'static str,
+    /// Output projection `[H, heads·v]`.
+    pub o_proj: &'static str,
 }
 
 /// Dense-MLP names relative to `model.layers.{i}.mlp.` (Qwen's non-MoE layers, shared experts).

@@ -18,4 +18,6 @@ pub const MOE_KEYS: MoeKeys = MoeKeys {
     expert_up: "up_proj",
     expert_down: "down_proj",
     shared_expert: Some(("shared_expert", "shared_expert_gate")),
+    shared_experts: None,
+    router_correction_bias: None,
 };

@@ -16,4 +16,6 @@ pub const MOE_KEYS: MoeKeys = MoeKeys {
     expert_up: "up_proj",
     expert_down: "down_proj",
     shared_expert: None,
+    shared_experts: None,
+    router_correction_bias: None,
 };
