@@ -135,6 +135,8 @@ def main() -> int:
         tok_ok = enc[:n] == ids.flatten().tolist()
         nll, count = transformers_nll(model, ids)
         ours = rust_eval(d, ids_path, args.xtask)
+        # `xtask eval` reports each input file under "details" (perplexity, predictions, mean_nll).
+        ours = next(iter(ours["details"].values()))
         if ours["predictions"] != count:
             raise SystemExit(f"{dom}: {ours['predictions']} predictions in cargo xtask eval, {count} here")
         rel = abs(ours["mean_nll"] - nll) / abs(nll)

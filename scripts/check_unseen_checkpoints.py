@@ -364,6 +364,8 @@ def run_one(spec: dict, root: Path, args) -> dict:
             row["error"] = f"xtask eval exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
             return row
         ours = json.loads(out_path.read_text())
+        # One --ids input: its numbers are under "details" (perplexity, tokens, predictions).
+        ours = next(iter(ours["details"].values()))
         b, t = spec["batch"], spec["seq_len"]
         assert ours["tokens"] == b * t and ours["predictions"] == b * (t - 1), ours
         ref_ppl = math.exp(res["loss"])

@@ -344,7 +344,7 @@ def main() -> int:
         "original_unpruned": math.exp(nll_o),
         "transformers_pruned": math.exp(nll_p),
         "masked_original": math.exp(nll_m),
-        "xtask_eval": float(xt["perplexity"]),
+        "xtask_eval": float(next(iter(xt["perplexity"].values()))),
     }
     errs = {
         "pruned_vs_masked": rel(ppl["transformers_pruned"], ppl["masked_original"]),

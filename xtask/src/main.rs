@@ -3,6 +3,7 @@
 //! Run `cargo xtask` alone for the list of commands.
 
 mod bench;
+mod compare;
 mod eval;
 mod fixture;
 mod prune;
@@ -25,8 +26,12 @@ enum Command {
     /// Prune experts: compute a plan with a criterion on calibration text (or apply an
     /// existing pruning.json) and write the smaller checkpoint.
     Prune(prune::PruneArgs),
-    /// Evaluate a model directory: perplexity over token-id sequences.
+    /// Evaluate a model directory: perplexity over token ids and text files, multiple-choice
+    /// tasks scored exactly as lm-evaluation-harness scores them.
     Eval(eval::EvalArgs),
+    /// Evaluate a base and a pruned model on the same inputs; write a retention table
+    /// (Markdown and JSON) and figures of kept experts per layer and retention.
+    Compare(compare::CompareArgs),
     /// Compare pruning methods: prune a model with every method at every ratio, evaluate
     /// held-out perplexity and multiple choice, write results.json, RESULTS.md and a chart.
     BenchMethods(bench::BenchArgs),
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Prune(args) => prune::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Compare(args) => compare::run(args),
         Command::BenchMethods(args) => bench::run(args),
         Command::Fixture(args) => fixture::run(args),
         Command::Ci => util::run_ci(),

@@ -46,7 +46,7 @@ fn eval_ids_matches_transformers_loss_and_writes_json() {
     )
     .unwrap();
     let expected = reference["loss"].as_f64().unwrap().exp();
-    let p = written["perplexity"].as_f64().unwrap();
+    let p = written["perplexity"]["ids.json"].as_f64().unwrap();
     assert!((p - expected).abs() / expected < 1e-4, "{p} vs {expected}");
     assert_eq!(written["tokens"], 48);
     assert!(written["tokens_per_second"].as_f64().unwrap() > 0.0);

@@ -47,7 +47,7 @@ fn committed_trained_fixture_matches_its_summary() {
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let ppl = report["perplexity"].as_f64().unwrap();
+        let ppl = report["perplexity"][format!("{domain}.ids.json")].as_f64().unwrap();
         let recorded = summary["heldout"][domain]["perplexity"].as_f64().unwrap();
         assert!((ppl - recorded).abs() <= 1e-5 * recorded, "{domain}: {ppl} vs recorded {recorded}");
         assert!(ppl < 100.0, "{domain}: perplexity {ppl}");

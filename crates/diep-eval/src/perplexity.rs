@@ -22,6 +22,12 @@ pub enum EvalError {
         #[source]
         source: std::io::Error,
     },
+    /// Text could not be tokenised, or a request is malformed.
+    #[error("tokenization: {reason}")]
+    Tokenize {
+        /// What went wrong.
+        reason: String,
+    },
     /// An input file has the wrong content.
     #[error("{path}: {reason}")]
     Input {
