@@ -255,7 +255,12 @@ pub struct RoutingConfig {
 impl RoutingConfig {
     /// Softmax, plain top-k, no scaling: Mixtral, Qwen and OLMoE.
     pub fn softmax() -> Self {
-        RoutingConfig { scoring: Scoring::Softmax, group_limit: None, routed_scaling_factor: 1.0, correction_bias: false }
+        RoutingConfig {
+            scoring: Scoring::Softmax,
+            group_limit: None,
+            routed_scaling_factor: 1.0,
+            correction_bias: false,
+        }
     }
 }
 
@@ -380,7 +385,10 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(f.invalid(if deepseek { "qk_rope_head_dim" } else { "head_dim" }, format!("{head_dim} must be even for RoPE")));
+            return Err(f.invalid(
+                if deepseek { "qk_rope_head_dim" } else { "head_dim" },
+                format!("{head_dim} must be even for RoPE"),
+            ));
         }
 
         // transformers' per-architecture defaults, used only when a key is absent.
@@ -448,10 +456,9 @@ impl ModelConfig {
         let top_k = f.req_usize("num_experts_per_tok")?;
         let intermediate_size = f.req_usize("intermediate_size")?;
         let expert_intermediate_size = match architecture {
-            Architecture::Qwen2Moe
-            | Architecture::Qwen3Moe
-            | Architecture::DeepseekV3
-            | Architecture::DeepseekV2 => f.req_usize("moe_intermediate_size")?,
+            Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::DeepseekV3 | Architecture::DeepseekV2 => {
+                f.req_usize("moe_intermediate_size")?
+            }
             _ => intermediate_size,
         };
         let norm_topk_prob = match architecture {
@@ -482,7 +489,10 @@ impl ModelConfig {
             return Err(f.invalid("mlp_bias", "MLP biases are not supported".into()));
         }
         let first_k_dense = if deepseek { f.opt_usize("first_k_dense_replace")?.unwrap_or(0) } else { 0 };
-        if deepseek && let Some(freq) = f.opt_usize("moe_layer_freq")? && freq != 1 {
+        if deepseek
+            && let Some(freq) = f.opt_usize("moe_layer_freq")?
+            && freq != 1
+        {
             // transformers 5.x ignores `moe_layer_freq` (every layer from `first_k_dense_replace`
             // on is MoE) while DeepSeek's remote code honours it: refuse rather than guess.
             return Err(f.invalid(
@@ -636,7 +646,10 @@ fn rope_settings(
     let num = |key: &str| -> Result<Option<f64>> {
         match params.get(key).filter(|v| !v.is_null()) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| f.invalid(&format!("{field}.{key}"), format!("expected a number, found {v}"))),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| f.invalid(&format!("{field}.{key}"), format!("expected a number, found {v}"))),
         }
     };
     match ty {
@@ -664,7 +677,9 @@ fn rope_settings(
             let truncate = match params.get("truncate").filter(|v| !v.is_null()) {
                 None => true,
                 Some(Value::Bool(b)) => *b,
-                Some(v) => return Err(f.invalid(&format!("{field}.truncate"), format!("expected true or false, found {v}"))),
+                Some(v) => {
+                    return Err(f.invalid(&format!("{field}.truncate"), format!("expected true or false, found {v}")));
+                }
             };
             if num("partial_rotary_factor")?.is_some_and(|p| p != 1.0) {
                 return Err(f.invalid(&format!("{field}.partial_rotary_factor"), "only 1.0 is supported".into()));
@@ -745,7 +760,9 @@ fn routing_config(f: &Fields<'_>, arch: Architecture, num_experts: usize, top_k:
             if let Some(s) = f.opt_str("scoring_func")?
                 && s != "sigmoid"
             {
-                return Err(f.invalid("scoring_func", format!("`{s}` is not supported for deepseek_v3 (only `sigmoid`)")));
+                return Err(
+                    f.invalid("scoring_func", format!("`{s}` is not supported for deepseek_v3 (only `sigmoid`)"))
+                );
             }
             Ok(RoutingConfig {
                 scoring: Scoring::Sigmoid,
@@ -769,9 +786,16 @@ fn routing_config(f: &Fields<'_>, arch: Architecture, num_experts: usize, top_k:
             if let Some(s) = f.opt_str("scoring_func")?
                 && s != "softmax"
             {
-                return Err(f.invalid("scoring_func", format!("`{s}` is not supported for deepseek_v2 (only `softmax`)")));
+                return Err(
+                    f.invalid("scoring_func", format!("`{s}` is not supported for deepseek_v2 (only `softmax`)"))
+                );
             }
-            Ok(RoutingConfig { scoring: Scoring::Softmax, group_limit, routed_scaling_factor: scaling(1.0)?, correction_bias: false })
+            Ok(RoutingConfig {
+                scoring: Scoring::Softmax,
+                group_limit,
+                routed_scaling_factor: scaling(1.0)?,
+                correction_bias: false,
+            })
         }
         _ => Ok(RoutingConfig::softmax()),
     }
@@ -783,16 +807,18 @@ fn routing_config(f: &Fields<'_>, arch: Architecture, num_experts: usize, top_k:
 fn check_groups(f: &Fields<'_>, g: GroupLimit, num_experts: usize, top_k: usize, layer: usize) -> Result<()> {
     let at = if layer == usize::MAX { String::new() } else { format!(" (layer {layer})") };
     if num_experts % g.n_group != 0 {
-        return Err(f.invalid(
-            "n_group",
-            format!("{} groups do not split {num_experts} routed experts evenly{at}", g.n_group),
-        ));
+        return Err(
+            f.invalid("n_group", format!("{} groups do not split {num_experts} routed experts evenly{at}", g.n_group))
+        );
     }
     let size = num_experts / g.n_group;
     if g.score == GroupScore::Top2Sum && size < 2 {
         return Err(f.invalid(
             "n_group",
-            format!("{} groups of {num_experts} experts leave {size} per group; DeepSeek-V3 needs at least 2{at}", g.n_group),
+            format!(
+                "{} groups of {num_experts} experts leave {size} per group; DeepSeek-V3 needs at least 2{at}",
+                g.n_group
+            ),
         ));
     }
     if top_k > g.topk_group * size {
@@ -1004,7 +1030,10 @@ mod tests {
     fn deepseek_v3_4x_rope_scaling() {
         let c = parse(DEEPSEEK_V3_4X).unwrap();
         assert_eq!(c.architecture, Architecture::DeepseekV3);
-        assert_eq!(c.layers, vec![LayerKind::Dense, LayerKind::Moe { num_experts: 8 }, LayerKind::Moe { num_experts: 8 }]);
+        assert_eq!(
+            c.layers,
+            vec![LayerKind::Dense, LayerKind::Moe { num_experts: 8 }, LayerKind::Moe { num_experts: 8 }]
+        );
         assert_eq!(c.attention.head_dim, 8);
         assert_eq!(c.attention.rope_theta, 5000.0);
         let RopeScaling::Yarn(y) = &c.attention.rope_scaling else { panic!("not yarn") };
@@ -1014,7 +1043,10 @@ mod tests {
         assert!(m.rope_interleave);
         assert_eq!(c.moe.shared_expert_intermediate_size, Some(32));
         assert_eq!(c.moe.routing.scoring, Scoring::Sigmoid);
-        assert_eq!(c.moe.routing.group_limit, Some(GroupLimit { n_group: 2, topk_group: 1, score: GroupScore::Top2Sum }));
+        assert_eq!(
+            c.moe.routing.group_limit,
+            Some(GroupLimit { n_group: 2, topk_group: 1, score: GroupScore::Top2Sum })
+        );
         // softmax scale: 1/sqrt(24) · mscale(4, 0.7)²; cos/sin factor mscale(4, 1)/mscale(4, 0.7).
         let ms = 0.1 * 0.7 * 4f64.ln() + 1.0;
         assert!((c.attention.softmax_scale() - ms * ms / 24f64.sqrt()).abs() < 1e-12);
@@ -1056,9 +1088,13 @@ mod tests {
         // V3: groups must split the experts and hold top_k experts.
         let err = parse(&DEEPSEEK_V3_4X.replace(r#""n_group":2"#, r#""n_group":3"#)).unwrap_err().to_string();
         assert!(err.contains("n_group"), "{err}");
-        let err = parse(&DEEPSEEK_V3_4X.replace(r#""n_group":2"#, r#""n_group":8"#).replace(r#""topk_group":1"#, r#""topk_group":4"#))
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            &DEEPSEEK_V3_4X
+                .replace(r#""n_group":2"#, r#""n_group":8"#)
+                .replace(r#""topk_group":1"#, r#""topk_group":4"#),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("at least 2"), "{err}");
         let err = parse(&DEEPSEEK_V3_4X.replace(r#""num_key_value_heads":4"#, r#""num_key_value_heads":2"#))
             .unwrap_err()

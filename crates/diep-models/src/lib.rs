@@ -24,11 +24,11 @@ pub mod rope;
 pub mod tokenizer;
 pub mod train;
 
+pub use attention::SelfAttention;
 pub use burn;
 pub use device::DeviceSpec;
 pub use diep_checkpoint as checkpoint;
 pub use diep_checkpoint::architectures;
 pub use error::{ModelError, Result};
 pub use model::{DecoderLayer, FeedForward, LayerOutput, LayerSource, MoeModel, StreamingModel};
-pub use attention::SelfAttention;
 pub use moe::{DynamicSkip, MoeBlock, MoeForwardOptions, MoeOutput, Routing, RoutingRule};

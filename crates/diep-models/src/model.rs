@@ -272,7 +272,12 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
                 q,
                 kv_a: ld.linear(&n(k.kv_a_proj_with_mqa), h, m.kv_lora_rank + m.qk_rope_head_dim, m.bias)?,
                 kv_norm: ld.rms_norm(&format!("{}.weight", n(k.kv_a_layernorm)), m.kv_lora_rank, MLA_NORM_EPS)?,
-                kv_b: ld.linear(&n(k.kv_b_proj), m.kv_lora_rank, a.num_heads * (m.qk_nope_head_dim + m.v_head_dim), false)?,
+                kv_b: ld.linear(
+                    &n(k.kv_b_proj),
+                    m.kv_lora_rank,
+                    a.num_heads * (m.qk_nope_head_dim + m.v_head_dim),
+                    false,
+                )?,
                 o_proj: ld.linear(&n(k.o_proj), a.num_heads * m.v_head_dim, h, m.bias)?,
                 mla: m.clone(),
                 cfg: a.clone(),

@@ -78,8 +78,7 @@ impl RoutingRule {
         let scores: Vec<f32> = match self.config.scoring {
             Scoring::Softmax => {
                 let max = (0..n).filter(|e| allowed[*e]).map(|e| logits[e]).fold(f32::NEG_INFINITY, f32::max);
-                let exps: Vec<f32> =
-                    (0..n).map(|e| if allowed[e] { (logits[e] - max).exp() } else { 0.0 }).collect();
+                let exps: Vec<f32> = (0..n).map(|e| if allowed[e] { (logits[e] - max).exp() } else { 0.0 }).collect();
                 let z: f32 = exps.iter().sum();
                 exps.iter().map(|v| v / z).collect()
             }
@@ -137,9 +136,7 @@ pub fn select_experts(choice: &[f32], top_k: usize, groups: Option<GroupLimit>) 
     }
     let mut order: Vec<usize> = (0..n).collect();
     // Experts outside the kept groups rank below every expert inside them.
-    order.sort_by(|&a, &b| {
-        allowed[b].cmp(&allowed[a]).then(choice[b].total_cmp(&choice[a])).then(a.cmp(&b))
-    });
+    order.sort_by(|&a, &b| allowed[b].cmp(&allowed[a]).then(choice[b].total_cmp(&choice[a])).then(a.cmp(&b)));
     order.truncate(top_k);
     order
 }
@@ -203,7 +200,9 @@ pub fn route_with(
     };
     let mut selected = Vec::with_capacity(n * top_k);
     for t in 0..n {
-        selected.extend(select_experts(&choice[t * e..(t + 1) * e], top_k, rule.config.group_limit).into_iter().map(|x| x as i64));
+        selected.extend(
+            select_experts(&choice[t * e..(t + 1) * e], top_k, rule.config.group_limit).into_iter().map(|x| x as i64),
+        );
     }
     let experts = Tensor::<2, Int>::from_data(TensorData::new(selected, [n, top_k]), &device);
     let mut weights = probs.clone().gather(1, experts.clone());

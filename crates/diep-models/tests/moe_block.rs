@@ -45,8 +45,8 @@ fn block(seed: u64, h: usize, e: usize, k: usize, norm: bool, shared: bool, devi
     let mut rng = Rng(seed);
     let router = Linear { weight: rng.tensor([h, e], 2.0, device), bias: None };
     let experts = (0..e).map(|_| swiglu(&mut rng, h, 6, device)).collect();
-    let shared =
-        shared.then(|| SharedExpert { mlp: swiglu(&mut rng, h, 5, device), gate: Some(linear(&mut rng, h, 1, device)) });
+    let shared = shared
+        .then(|| SharedExpert { mlp: swiglu(&mut rng, h, 5, device), gate: Some(linear(&mut rng, h, 1, device)) });
     MoeBlock::new(router, experts, shared, k, norm)
 }
 

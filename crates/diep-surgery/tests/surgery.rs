@@ -734,7 +734,9 @@ fn deepseek_uniform_plans_slice_the_correction_bias_and_keep_routing_keys() {
         let raw = read_json(&out.join("config.json"));
         assert_eq!(raw["n_routed_experts"], 4, "{name}");
         let raw_in = read_json(&dir.join("config.json"));
-        for k in ["n_group", "topk_group", "topk_method", "scoring_func", "routed_scaling_factor", "first_k_dense_replace"] {
+        for k in
+            ["n_group", "topk_group", "topk_method", "scoring_func", "routed_scaling_factor", "first_k_dense_replace"]
+        {
             assert_eq!(raw.get(k), raw_in.get(k), "{name}: `{k}`");
         }
         let cout = ModelConfig::from_dir(&out).unwrap();
