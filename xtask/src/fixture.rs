@@ -58,6 +58,9 @@ enum FixtureCommand {
     /// Train the `fixtures/trained-moe` model from scratch on English (GCIDE) and Python
     /// (standard library) text, and write it with its tokenizer, held-out data and a README.
     Train(TrainArgs),
+    /// Generate a Mixtral-shaped checkpoint of any size with random weights (bf16 by default,
+    /// ~3 GB with the defaults), sharded like transformers; for memory and speed measurements.
+    Generate(crate::generate::GenerateArgs),
 }
 
 /// Arguments of `cargo xtask fixture train`.
@@ -146,6 +149,7 @@ pub struct TrainArgs {
 pub fn run(args: FixtureArgs) -> Result<()> {
     match args.command {
         FixtureCommand::Train(a) => train(a),
+        FixtureCommand::Generate(a) => crate::generate::generate(a),
     }
 }
 

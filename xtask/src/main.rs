@@ -6,6 +6,7 @@ mod bench;
 mod compare;
 mod eval;
 mod fixture;
+mod generate;
 mod prune;
 mod util;
 

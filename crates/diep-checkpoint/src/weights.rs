@@ -52,6 +52,9 @@ pub struct TensorRef<'a> {
     pub shape: &'a [usize],
     /// Its raw little-endian bytes (memory-mapped).
     pub bytes: &'a [u8],
+    /// The mapping the bytes live in and their offset there (for [`TensorRef::release`]).
+    map: &'a Mmap,
+    offset: usize,
 }
 
 impl TensorRef<'_> {
@@ -60,13 +63,34 @@ impl TensorRef<'_> {
         self.shape.iter().product()
     }
 
-    /// Decodes to f32 (from f32, f16 or bf16).
+    /// Decodes to f32 (from f32, f16 or bf16), then [releases](TensorRef::release) the mapped
+    /// pages: the caller holds its own copy, so streaming a checkpoint tensor by tensor keeps
+    /// only the tensors in use resident, not every page read so far.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
-        decode_to_f32(self.bytes, self.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
+        let out = decode_to_f32(self.bytes, self.dtype).ok_or_else(|| CheckpointError::UnsupportedDtype {
             name: self.name.to_string(),
             path: self.path.to_path_buf(),
             dtype: self.dtype,
-        })
+        })?;
+        self.release();
+        Ok(out)
+    }
+
+    /// Drops this tensor's pages from the process's memory (`madvise(MADV_DONTNEED)` on the
+    /// pages that lie wholly inside the tensor). The mapping stays valid: reading `bytes`
+    /// again faults the pages back in from the file (usually still in the page cache). A no-op
+    /// where the call is unsupported.
+    pub fn release(&self) {
+        const PAGE: usize = 4096;
+        let start = self.offset.div_ceil(PAGE) * PAGE;
+        let end = (self.offset + self.bytes.len()) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the mapping is a read-only, private mapping of a file this process does
+            // not write; MADV_DONTNEED only discards the process's copies of its pages, which
+            // later reads fault back in unchanged from the file. No reference observes a change.
+            #[allow(unsafe_code)]
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
     }
 
     /// Checks the shape against what the config implies.
@@ -235,6 +259,8 @@ impl Checkpoint {
             dtype: e.dtype,
             shape: &e.shape,
             bytes: &shard.mmap[shard.data_start + e.start..shard.data_start + e.end],
+            map: &shard.mmap,
+            offset: shard.data_start + e.start,
         })
     }
 

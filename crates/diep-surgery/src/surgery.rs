@@ -743,6 +743,7 @@ fn write_shard(path: &Path, tensors: &[OutTensor<'_>], progress: &mut Progress<'
         for t in &order {
             if let Some(group) = &t.merge {
                 w.write_all(&merged_bytes(t, group)?)?;
+                group.iter().for_each(|(src, _)| src.release());
                 progress.state.tensors_written += 1;
                 progress.advance(t.nbytes);
                 continue;
@@ -772,6 +773,8 @@ fn write_shard(path: &Path, tensors: &[OutTensor<'_>], progress: &mut Progress<'
                     progress.advance(t.nbytes);
                 }
             }
+            // Written: drop the source pages, so memory stays at one tensor, not the checkpoint.
+            t.src.release();
         }
         w.flush()?;
         let file = w.into_inner().map_err(|e| e.into_error())?;

@@ -1,0 +1,267 @@
+//! `cargo xtask fixture generate`: a Mixtral-shaped checkpoint of any size with random
+//! weights, written tensor by tensor (never more than one tensor in memory), in bf16, f16 or
+//! f32, sharded like transformers' `save_pretrained` (`model-0000i-of-0000n.safetensors` and
+//! `model.safetensors.index.json`). For memory and speed measurements at scale; the weights
+//! are random, so the model computes nothing meaningful.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+
+use crate::util::{progress_bar, workspace_root};
+
+/// Arguments of `cargo xtask fixture generate`.
+#[derive(Args, Clone, Debug)]
+pub struct GenerateArgs {
+    /// Output directory (must not exist unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    force: bool,
+    /// Decoder layers (all MoE).
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    /// Hidden size.
+    #[arg(long, default_value_t = 1536)]
+    hidden: usize,
+    /// Expert width (`intermediate_size`).
+    #[arg(long, default_value_t = 4608)]
+    intermediate: usize,
+    /// Routed experts per layer.
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 2)]
+    top_k: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 12)]
+    heads: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 4)]
+    kv_heads: usize,
+    /// Vocabulary size (the tokenizer copied from fixtures/trained-moe uses the first 2048 ids).
+    #[arg(long, default_value_t = 32000)]
+    vocab: usize,
+    /// Weight dtype on disk: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Largest shard in MB (transformers' default is 5000; 0 = one file).
+    #[arg(long, default_value_t = 1000)]
+    shard_mb: u64,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+struct TensorSpec {
+    name: String,
+    shape: Vec<usize>,
+    /// Standard deviation of the values (norm weights are 1 ± std).
+    std: f32,
+    norm: bool,
+}
+
+/// SplitMix64: a fast seeded generator; values are uniform with the requested std.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform on [−√3·std, √3·std] (variance std²).
+    fn fill(&mut self, out: &mut [f32], std: f32) {
+        let scale = std * 3f32.sqrt() * 2.0 / (1u64 << 24) as f32;
+        let shift = std * 3f32.sqrt();
+        for pair in out.chunks_mut(2) {
+            let r = self.next_u64();
+            for (i, x) in pair.iter_mut().enumerate() {
+                *x = ((r >> (32 * i + 8)) & 0xFF_FFFF) as f32 * scale - shift;
+            }
+        }
+    }
+}
+
+fn specs(a: &GenerateArgs) -> Vec<TensorSpec> {
+    let (h, i, hd) = (a.hidden, a.intermediate, a.hidden / a.heads);
+    let t = |name: String, shape: Vec<usize>, std: f32| TensorSpec { name, shape, std, norm: false };
+    let n = |name: String| TensorSpec { name, shape: vec![h], std: 0.05, norm: true };
+    let std = 0.02;
+    let mut v = vec![t("model.embed_tokens.weight".into(), vec![a.vocab, h], std)];
+    for l in 0..a.layers {
+        let p = format!("model.layers.{l}");
+        v.push(n(format!("{p}.input_layernorm.weight")));
+        v.push(t(format!("{p}.self_attn.q_proj.weight"), vec![a.heads * hd, h], std));
+        v.push(t(format!("{p}.self_attn.k_proj.weight"), vec![a.kv_heads * hd, h], std));
+        v.push(t(format!("{p}.self_attn.v_proj.weight"), vec![a.kv_heads * hd, h], std));
+        v.push(t(format!("{p}.self_attn.o_proj.weight"), vec![h, a.heads * hd], std));
+        v.push(n(format!("{p}.post_attention_layernorm.weight")));
+        v.push(t(format!("{p}.block_sparse_moe.gate.weight"), vec![a.experts, h], 0.1));
+        for e in 0..a.experts {
+            let q = format!("{p}.block_sparse_moe.experts.{e}");
+            v.push(t(format!("{q}.w1.weight"), vec![i, h], std));
+            v.push(t(format!("{q}.w2.weight"), vec![h, i], std));
+            v.push(t(format!("{q}.w3.weight"), vec![i, h], std));
+        }
+    }
+    v.push(n("model.norm.weight".into()));
+    v.push(t("lm_head.weight".into(), vec![a.vocab, h], std));
+    v
+}
+
+fn encode(values: &[f32], dtype: &str, out: &mut Vec<u8>) {
+    out.clear();
+    match dtype {
+        "bf16" => out.extend(values.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())),
+        "f16" => out.extend(values.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes())),
+        _ => out.extend(values.iter().flat_map(|x| x.to_le_bytes())),
+    }
+}
+
+/// Writes one safetensors file from `specs`, generating each tensor as it is written.
+fn write_shard(path: &Path, specs: &[&TensorSpec], dtype: &str, rng: &mut Rng, pb: &indicatif::ProgressBar) -> Result<()> {
+    let width = match dtype {
+        "f32" => 4,
+        _ => 2,
+    };
+    let st_dtype = match dtype {
+        "bf16" => "BF16",
+        "f16" => "F16",
+        _ => "F32",
+    };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for s in specs {
+        let bytes = s.shape.iter().product::<usize>() * width;
+        header.insert(s.name.clone(), json!({"dtype": st_dtype, "shape": s.shape, "data_offsets": [offset, offset + bytes]}));
+        offset += bytes;
+    }
+    let mut h = serde_json::to_vec(&header)?;
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 22, file);
+    w.write_all(&(h.len() as u64).to_le_bytes())?;
+    w.write_all(&h)?;
+    let mut values = Vec::new();
+    let mut buf = Vec::new();
+    for s in specs {
+        values.resize(s.shape.iter().product(), 0.0);
+        rng.fill(&mut values, s.std);
+        if s.norm {
+            values.iter_mut().for_each(|x| *x += 1.0);
+        }
+        encode(&values, dtype, &mut buf);
+        w.write_all(&buf)?;
+        pb.inc(buf.len() as u64);
+    }
+    w.flush()?;
+    Ok(())
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    if !["bf16", "f16", "f32"].contains(&a.dtype.as_str()) {
+        bail!("--dtype must be bf16, f16 or f32, not {:?}", a.dtype);
+    }
+    if a.hidden % a.heads != 0 || a.heads % a.kv_heads != 0 || a.top_k > a.experts || a.top_k == 0 {
+        bail!("inconsistent shape: hidden % heads, heads % kv_heads must be 0 and 1 ≤ top_k ≤ experts");
+    }
+    if a.out.exists() && !a.force {
+        bail!("{} exists; pass --force to replace it", a.out.display());
+    }
+    let width = if a.dtype == "f32" { 4 } else { 2 };
+    let specs = specs(&a);
+    let total: usize = specs.iter().map(|s| s.shape.iter().product::<usize>() * width).sum();
+    // Shards as transformers cuts them: in order, a new shard when the next tensor would overflow.
+    let limit = if a.shard_mb == 0 { usize::MAX } else { (a.shard_mb * 1_000_000) as usize };
+    let mut shards: Vec<Vec<&TensorSpec>> = vec![Vec::new()];
+    let mut size = 0;
+    for s in &specs {
+        let b = s.shape.iter().product::<usize>() * width;
+        if size + b > limit && !shards.last().expect("one").is_empty() {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("one").push(s);
+        size += b;
+    }
+    let parent = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let name = a.out.file_name().context("--out needs a directory name")?.to_string_lossy().into_owned();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    eprintln!(
+        "generating {} ({} layers, hidden {}, {} experts × {}, vocab {}, {}): {:.2} GB in {} shard(s)",
+        a.out.display(),
+        a.layers,
+        a.hidden,
+        a.experts,
+        a.intermediate,
+        a.vocab,
+        a.dtype,
+        total as f64 / 1e9,
+        shards.len()
+    );
+    let start = Instant::now();
+    let pb = progress_bar(total as u64, "bytes");
+    let mut rng = Rng(a.seed ^ 0xD1E9_5EED);
+    let mut weight_map = BTreeMap::new();
+    let n = shards.len();
+    for (k, shard) in shards.iter().enumerate() {
+        let file = if n == 1 { "model.safetensors".to_owned() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
+        write_shard(&tmp.join(&file), shard, &a.dtype, &mut rng, &pb)?;
+        for s in shard {
+            weight_map.insert(s.name.clone(), file.clone());
+        }
+    }
+    pb.finish_and_clear();
+    if n > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        std::fs::write(tmp.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?)?;
+    }
+    let torch_dtype = match a.dtype.as_str() {
+        "bf16" => "bfloat16",
+        "f16" => "float16",
+        _ => "float32",
+    };
+    let config = json!({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "hidden_size": a.hidden, "intermediate_size": a.intermediate, "num_hidden_layers": a.layers,
+        "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hidden / a.heads,
+        "num_local_experts": a.experts, "num_experts_per_tok": a.top_k, "vocab_size": a.vocab,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": null,
+        "tie_word_embeddings": false, "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 0,
+        "router_aux_loss_coef": 0.0, "dtype": torch_dtype, "torch_dtype": torch_dtype,
+        "transformers_version": "5.24.0"
+    });
+    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
+    let tok_dir = workspace_root().join("fixtures/trained-moe");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tok_dir.join(f), tmp.join(f)).with_context(|| format!("copying {f} from {}", tok_dir.display()))?;
+    }
+    if a.out.exists() {
+        std::fs::remove_dir_all(&a.out).with_context(|| format!("removing {}", a.out.display()))?;
+    }
+    std::fs::rename(&tmp, &a.out)?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "wrote {}: {:.2} GB ({} tensors, {n} shard(s)) in {secs:.1}s ({:.0} MB/s)",
+        a.out.display(),
+        total as f64 / 1e9,
+        specs.len(),
+        total as f64 / 1e6 / secs
+    );
+    Ok(())
+}
