@@ -32,6 +32,9 @@ What it generates (all random init, fixed seeds, deterministic):
 * ``tiny-deepseek-v3``    deepseek_v3, 3 layers (layer 0 dense via first_k_dense_replace=1), MLA with
                           q_lora_rank, yarn RoPE (mscale != mscale_all_dim), sigmoid routing with a
                           random e_score_correction_bias, n_group=2 / topk_group=1, shared expert.
+* ``tiny-gpt-oss``        gpt_oss, 3 layers (sliding, full, sliding; window 6), fused experts with
+                        biases, router bias, clamped SwiGLU (limit 2 so it clamps), attention sinks,
+                        q/k/v/o biases, yarn RoPE (truncate false).
 * ``tiny-deepseek-v2``    deepseek_v2, 3 layers (layer 0 dense), MLA without q_lora_rank (q_proj),
                           yarn RoPE, group_limited_greedy (n_group=4, topk_group=2), 2 shared experts.
 
@@ -228,7 +231,36 @@ def make_config(kind: str):
         return deepseek_config("v3")
     if kind.startswith("tiny-deepseek-v2"):
         return deepseek_config("v2")
+    if kind == "tiny-gpt-oss":
+        return gpt_oss_config()
+    if kind == "tiny-gpt-oss-mxfp4":
+        # MXFP4 packs 32 input values a block: intermediate_size (down_proj's input) must be a multiple
+        return gpt_oss_config(num_hidden_layers=2, intermediate_size=32)
     raise ValueError(kind)
+
+
+GPT_OSS_SWIGLU_LIMIT = 2.0  # default 7 never clamps at this scale
+
+
+def gpt_oss_config(**overrides):
+    """Tiny gpt-oss: 3 layers (transformers' default layer_types: sliding, full, sliding)."""
+    from transformers import GptOssConfig
+
+    c = common_kwargs()
+    kw = dict(
+        num_hidden_layers=3,
+        head_dim=16,
+        intermediate_size=16,
+        num_local_experts=N_EXPERTS,
+        sliding_window=SWA_WINDOW,
+        rms_norm_eps=1e-6,  # default 1e-5
+        swiglu_limit=GPT_OSS_SWIGLU_LIMIT,
+        tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="yarn", rope_theta=5000.0, factor=4.0, original_max_position_embeddings=128,
+                             beta_fast=32.0, beta_slow=1.0, truncate=False),
+    )
+    kw.update(overrides)
+    return GptOssConfig(**{**c, **kw})
 
 
 def deepseek_config(version: str, **overrides):
@@ -272,6 +304,8 @@ SEEDS = {
     "tiny-qwen3-moe-tf4": 1005,
     "tiny-deepseek-v3": 1006,
     "tiny-deepseek-v2": 1007,
+    "tiny-gpt-oss": 1008,
+    "tiny-gpt-oss-mxfp4": 1009,
 }
 IDS_SEEDS = {
     "tiny-mixtral": 2001,
@@ -283,6 +317,8 @@ IDS_SEEDS = {
     "tiny-qwen3-moe-tf4": 2005,
     "tiny-deepseek-v3": 2006,
     "tiny-deepseek-v2": 2007,
+    "tiny-gpt-oss": 2008,
+    "tiny-gpt-oss-mxfp4": 2009,
 }
 
 
@@ -320,6 +356,15 @@ def perturb(model, seed: int) -> None:
         if leaf in ("q_proj", "k_proj", "v_proj") and getattr(mod, "bias", None) is not None:
             mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
             n_bias += 1
+        if model.config.model_type == "gpt_oss":
+            # zero at init: o_proj bias, expert biases; sinks 1.0 randn so they take real mass
+            if leaf == "o_proj":
+                mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
+            if hasattr(mod, "gate_up_proj_bias"):
+                mod.gate_up_proj_bias.copy_(BIAS_STD * torch.randn(mod.gate_up_proj_bias.shape, generator=g))
+                mod.down_proj_bias.copy_(BIAS_STD * torch.randn(mod.down_proj_bias.shape, generator=g))
+            if hasattr(mod, "sinks"):
+                mod.sinks.copy_(torch.randn(mod.sinks.shape, generator=g))
     log(f"    perturbed {n_norm} RMSNorm weights, {n_bias} q/k/v biases")
 
 
@@ -331,9 +376,14 @@ def check_params_nontrivial(model) -> None:
 def moe_block(layer):
     for attr in ("mlp", "block_sparse_moe"):
         m = getattr(layer, attr, None)
-        if m is not None and hasattr(m, "experts") and hasattr(m, "gate"):
+        if m is not None and hasattr(m, "experts") and (hasattr(m, "gate") or hasattr(m, "router")):
             return m
     return None
+
+
+def router_of(block):
+    """The router module (`gate`, gpt-oss: `router`)."""
+    return block.router if hasattr(block, "router") else block.gate
 
 
 def moe_layers_of(model) -> list[int]:
@@ -342,7 +392,7 @@ def moe_layers_of(model) -> list[int]:
 
 def expected_moe_layers(cfg) -> list[int]:
     L = cfg.num_hidden_layers
-    if cfg.model_type in ("mixtral", "olmoe"):
+    if cfg.model_type in ("mixtral", "olmoe", "gpt_oss"):
         return list(range(L))
     if cfg.model_type in ("deepseek_v3", "deepseek_v2"):
         return list(range(cfg.first_k_dense_replace, L))
@@ -403,8 +453,20 @@ def key_patterns(keys: dict) -> dict[str, dict]:
 
 def check_disk_layout(name: str, model_dir: Path, cfg, moe_layers: list[int]) -> dict:
     keys = disk_tensors(model_dir)
-    assert not any("gate_up_proj" in k for k in keys), "fused expert tensors on disk"
     mt = cfg.model_type
+    if mt == "gpt_oss":
+        E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        for i in moe_layers:
+            p = f"model.layers.{i}.mlp"
+            want = {f"{p}.router.weight": [E, H], f"{p}.router.bias": [E],
+                    f"{p}.experts.gate_up_proj": [E, H, 2 * I], f"{p}.experts.gate_up_proj_bias": [E, 2 * I],
+                    f"{p}.experts.down_proj": [E, I, H], f"{p}.experts.down_proj_bias": [E, H],
+                    f"model.layers.{i}.self_attn.sinks": [cfg.num_attention_heads]}
+            for n, shape in want.items():
+                assert n in keys and keys[n][0] == shape, f"{name}: {n} missing or not {shape}"
+        assert ("lm_head.weight" in keys) == (not cfg.tie_word_embeddings)
+        return keys
+    assert not any("gate_up_proj" in k for k in keys), "fused expert tensors on disk"
     for i in moe_layers:
         for e in range(N_EXPERTS):
             if mt == "mixtral":
@@ -448,7 +510,7 @@ def run_reference(model, ids: torch.Tensor, *, verify: bool = True) -> tuple[dic
 
     handles = [model.model.layers[-1].register_forward_hook(last_layer_hook)]
     for i in moe_layers:
-        handles.append(moe_block(model.model.layers[i]).gate.register_forward_hook(gate_hook(i)))
+        handles.append(router_of(moe_block(model.model.layers[i])).register_forward_hook(gate_hook(i)))
     try:
         out = model(ids, output_hidden_states=True, output_router_logits=True)
     finally:
@@ -480,9 +542,9 @@ def run_reference(model, ids: torch.Tensor, *, verify: bool = True) -> tuple[dic
         assert not torch.allclose(hs[L], captured["prenorm"]), "final norm seems not applied"
         # router logits are the raw linear gate outputs (before softmax).
         for i, r in zip(moe_layers, rl):
-            gate = moe_block(model.model.layers[i]).gate
+            gate = router_of(moe_block(model.model.layers[i]))
             x = captured[f"gate_in.{i}"].reshape(-1, cfg.hidden_size)
-            raw = F.linear(x, gate.weight)
+            raw = F.linear(x, gate.weight, getattr(gate, "bias", None))
             assert torch.equal(r, raw), f"router_logits.{i} is not gate(x)"
             assert (r < 0).any() and not torch.allclose(r.float().exp().sum(-1), torch.ones(r.shape[0]))
 
@@ -571,7 +633,7 @@ def masked_router(model, masked: dict[int, list[int]]):
     everything else to torch.nn.functional. The routing code itself is transformers' unmodified code.
     """
     assert TF_MAJOR >= 5
-    gates = {i: moe_block(model.model.layers[i]).gate for i in masked}
+    gates = {i: router_of(moe_block(model.model.layers[i])) for i in masked}
     mod = sys.modules[type(next(iter(gates.values()))).__module__]
     real_F = mod.F
     by_weight = {id(g.weight): (i, list(masked[i])) for i, g in gates.items()}
@@ -605,13 +667,19 @@ def physically_remove_experts(model, masked: dict[int, list[int]]):
     m = copy.deepcopy(model)
     for i, drop in masked.items():
         blk = moe_block(m.model.layers[i])
+        gate = router_of(blk)
         keep = [e for e in range(N_EXPERTS) if e not in drop]
-        blk.gate.weight = torch.nn.Parameter(blk.gate.weight[keep].clone())
-        blk.gate.num_experts = len(keep)
-        if getattr(blk.gate, "e_score_correction_bias", None) is not None:
-            blk.gate.e_score_correction_bias = torch.nn.Buffer(blk.gate.e_score_correction_bias[keep].clone())
+        gate.weight = torch.nn.Parameter(gate.weight[keep].clone())
+        gate.num_experts = len(keep)
+        if getattr(gate, "e_score_correction_bias", None) is not None:
+            gate.e_score_correction_bias = torch.nn.Buffer(gate.e_score_correction_bias[keep].clone())
+        if isinstance(getattr(gate, "bias", None), torch.nn.Parameter):
+            gate.bias = torch.nn.Parameter(gate.bias[keep].clone())
         blk.experts.gate_up_proj = torch.nn.Parameter(blk.experts.gate_up_proj[keep].clone())
         blk.experts.down_proj = torch.nn.Parameter(blk.experts.down_proj[keep].clone())
+        for b in ("gate_up_proj_bias", "down_proj_bias"):
+            if getattr(blk.experts, b, None) is not None:
+                setattr(blk.experts, b, torch.nn.Parameter(getattr(blk.experts, b)[keep].clone()))
         blk.experts.num_experts = len(keep)
     return m
 
@@ -937,6 +1005,118 @@ def gen_deepseek(out: Path, name: str) -> None:
     write_json(pdir / "reference.json", ref)
 
 
+@torch.no_grad()
+def check_gpt_oss(model, ids) -> dict:
+    """Checks that sinks, the sliding window and the SwiGLU clamp all matter on these inputs."""
+    cfg = model.config
+    base = model(ids).logits
+    # sinks: -inf sinks drop the extra softmax column
+    saved = [layer.self_attn.sinks.clone() for layer in model.model.layers]
+    for layer in model.model.layers:
+        layer.self_attn.sinks.fill_(float("-inf"))
+    d_sinks = float((model(ids).logits - base).abs().max())
+    for layer, s in zip(model.model.layers, saved):
+        layer.self_attn.sinks.copy_(s)
+    # clamp: fraction of gate (> limit) and up (|.| > limit) entries over all experts
+    xs = {}
+    hs = [model.model.layers[i].mlp.experts.register_forward_pre_hook(
+        lambda _m, a, i=i: xs.__setitem__(i, a[0].clone())) for i in range(cfg.num_hidden_layers)]
+    model(ids)
+    for h in hs:
+        h.remove()
+    lim = cfg.swiglu_limit
+    n_gate = n_up = n = 0
+    for i, x in xs.items():
+        ex = model.model.layers[i].mlp.experts
+        gu = torch.einsum("nh,ehk->enk", x, ex.gate_up_proj) + ex.gate_up_proj_bias[:, None, :]
+        n_gate += int((gu[..., ::2] > lim).sum())
+        n_up += int((gu[..., 1::2].abs() > lim).sum())
+        n += gu[..., ::2].numel()
+    log(f"    sinks -> -inf: max |dlogit| {d_sinks:.3g}; clamped gate {n_gate / n:.3f}, up {n_up / n:.3f}; "
+        f"layer_types {cfg.layer_types}")
+    assert d_sinks > 1e-2 and n_gate > 0 and n_up > 0
+    assert "sliding_attention" in cfg.layer_types and "full_attention" in cfg.layer_types
+    return {
+        "layer_types": cfg.layer_types,
+        "sliding_window": cfg.sliding_window,
+        "swiglu_limit": lim,
+        "sinks_to_neg_inf_max_abs_diff": d_sinks,
+        "swiglu_clamped_fraction": {"gate": n_gate / n, "up": n_up / n},
+        "yarn_cos_sin_factor": float(model.model.rotary_emb.attention_scaling),
+    }
+
+
+def gen_gpt_oss(out: Path, name: str = "tiny-gpt-oss") -> None:
+    """gpt-oss with masked.safetensors (router logits -> -inf, checked equal to removal)."""
+    log(name)
+    m = build_model(name, SEEDS[name])
+    generate_f32(name, out, m, masked=True, extra_check=check_gpt_oss)
+
+
+def mxfp4_quantize(w: torch.Tensor):
+    """w [E, in, out] (gpt-oss's x @ W layout) -> blocks [E, out, in/32, 16] uint8, scales [E, out, in/32]
+    uint8, and the dequantised [E, in, out], in the layout transformers' ``convert_moe_packed_tensors``
+    reads: per 32 input values one exponent ``2^(s-127)`` (the smallest with max|v|/2^s <= 6), values
+    rounded to the nearest FP4 E2M1 value, two a byte, the low nibble first."""
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    lut = torch.tensor(FP4_VALUES)
+    wt = w.transpose(1, 2).contiguous()
+    E, O, I = wt.shape
+    g = wt.reshape(E, O, I // 32, 32)
+    s = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
+    scaled = g / torch.exp2(s)[..., None]
+    idx = (scaled.abs()[..., None] - lut[:8]).abs().argmin(-1) + 8 * (scaled < 0).long()
+    blocks = (idx[..., 0::2] | (idx[..., 1::2] << 4)).to(torch.uint8)
+    deq = (lut[idx] * torch.exp2(s)[..., None]).reshape(E, O, I).transpose(1, 2).contiguous()
+    return blocks.contiguous(), (s + 127).to(torch.uint8).contiguous(), deq
+
+
+@torch.no_grad()
+def gen_gpt_oss_mxfp4(out: Path, name: str = "tiny-gpt-oss-mxfp4") -> None:
+    """A gpt-oss checkpoint whose expert weights are MXFP4 (``*_blocks`` + ``*_scales``, as
+    ``openai/gpt-oss-*`` ship), written here with transformers' layout (its quantiser needs a GPU);
+    transformers loads it on CPU by dequantising, and that model gives the references."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    log(name)
+    src = build_model(name, SEEDS[name])
+    tensors, deq = {}, {}
+    for k, v in src.state_dict().items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            b, sc, d = mxfp4_quantize(v)
+            assert torch.equal(convert_moe_packed_tensors(b, sc, dtype=torch.float32), d), k
+            tensors[k + "_blocks"], tensors[k + "_scales"], deq[k] = b, sc, d
+        else:
+            tensors[k] = v.contiguous()
+    mdir = fresh_dir(out / "models" / name)
+    save_file(tensors, str(mdir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads(src.config.to_json_string())
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                   "lm_head"],
+    }
+    (mdir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    model = load(mdir)  # CPU: transformers dequantises the MXFP4 experts
+    for k, d in deq.items():
+        got = model.get_parameter(k)
+        assert got.dtype == torch.float32 and torch.equal(got, d), f"{k}: transformers' dequantisation differs"
+    ids = make_ids(name)
+    ref_tensors, fields = run_reference(model, ids)
+    src.load_state_dict({**src.state_dict(), **deq})
+    assert torch.equal(src(ids).logits, model(ids).logits), "dequantised in-memory model differs from the load"
+    keys = disk_tensors(mdir)
+    ref = base_reference_json(name, model, ids, keys, "float32 + uint8 MXFP4 experts")
+    ref.update(fields)
+    ref["mxfp4_semantics"] = (
+        "experts.{gate_up,down}_proj stored as *_blocks [E, out, in/32, 16] + *_scales [E, out, in/32] (uint8); "
+        "references from transformers loading the checkpoint on CPU (dequantize=True) in float32; the loaded "
+        "expert weights equal transformers.integrations.mxfp4.convert_moe_packed_tensors(blocks, scales)"
+    )
+    emit(name, out, ref, ref_tensors, ids)
+
+
 def tf4_worker(out: Path) -> None:
     """Runs under transformers 4.x: build, save and reference tiny-qwen3-moe-tf4 (no tokenizer)."""
     assert TF_MAJOR == 4, transformers.__version__
@@ -1019,6 +1199,8 @@ All models: hidden 64, 4 heads / 2 kv heads, 8 experts, top-2, 3 x 16 token ids,
 | `tiny-qwen3-moe-tf4` | qwen3_moe | f32, 1 file | as tiny-qwen3-moe (other weights) but saved by transformers {tf4}: 4.x config keys (`rope_theta`, `num_experts`); references from a 4.x forward (5.x reproduces them) |
 | `tiny-deepseek-v3` | deepseek_v3 | f32, 1 file | 3 layers, layer 0 dense (`first_k_dense_replace: 1`), MLA with `q_lora_rank: 24` (kv_lora 16, nope 16, rope 8, v 12, 4 heads = 4 kv heads), yarn RoPE (factor 4, mscale 1, mscale_all_dim 0.7: cos/sin and softmax scale both change) on interleaved pairs, sigmoid routing + random `e_score_correction_bias`, `n_group: 2`, `topk_group: 1`, norm_topk_prob, `routed_scaling_factor: 2.5`, 1 shared expert; `masked.safetensors` |
 | `tiny-deepseek-v2` | deepseek_v2 | f32, 1 file | 3 layers, layer 0 dense, MLA without q_lora_rank (`q_proj`), yarn RoPE (complex-number form), softmax `group_limited_greedy` (`n_group: 4`, `topk_group: 2`), `routed_scaling_factor: 1.5`, 2 shared experts; `masked.safetensors` |
+| `tiny-gpt-oss` | gpt_oss | f32, 1 file | 3 layers (`layer_types` sliding, full, sliding; `sliding_window: 6`), fused `mlp.experts.gate_up_proj` (interleaved) / `down_proj` with biases, router bias, clamped SwiGLU with `swiglu_limit: 2` (clamps), per-head attention `sinks` (1.0 randn), q/k/v/o biases, yarn RoPE (factor 4, truncate false), intermediate 16, head_dim 16; `masked.safetensors` |
+| `tiny-gpt-oss-mxfp4` | gpt_oss | f32 + uint8 MXFP4 experts, 1 file | 2 layers, intermediate 32, experts as `gate_up_proj_blocks/_scales`, `down_proj_blocks/_scales` (written in transformers' layout; transformers on CPU dequantises them, and its loaded weights equal `convert_moe_packed_tensors`); references from that load in f32 |
 
 Per fixture, in `fixtures/parity/<name>/`:
 
@@ -1034,8 +1216,8 @@ Per fixture, in `fixtures/parity/<name>/`:
   (router logits set to -inf before softmax/top-k; checked equal to deleting those experts). For the DeepSeek
   fixtures: the logits with `masked_experts` (one per routing group) physically deleted.
 
-The DeepSeek fixtures can be regenerated alone (the others stay untouched):
-`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2`.
+The DeepSeek and gpt-oss fixtures can be regenerated alone (the others stay untouched):
+`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2 tiny-gpt-oss tiny-gpt-oss-mxfp4`.
 
 Regenerate (needs `/opt/tf4`, see `scripts/requirements-fixtures.txt`):
 
@@ -1067,7 +1249,8 @@ def main() -> None:
     ap.add_argument("--out", default="fixtures", type=Path)
     ap.add_argument("--tf4-path", default="/opt/tf4", help=f"--target dir holding transformers {TF4_VERSION}")
     ap.add_argument("--skip-tf4", action="store_true")
-    ap.add_argument("--only", nargs="+", choices=["tiny-deepseek-v3", "tiny-deepseek-v2"],
+    ap.add_argument("--only", nargs="+", choices=["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss",
+                                                        "tiny-gpt-oss-mxfp4"],
                     help="(re)generate only these fixtures (the others are left as they are)")
     ap.add_argument("--tf4-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -1084,20 +1267,27 @@ def main() -> None:
 
     if args.only:
         for name in args.only:
-            gen_deepseek(out, name)
+            if name == "tiny-gpt-oss":
+                gen_gpt_oss(out, name)
+            elif name == "tiny-gpt-oss-mxfp4":
+                gen_gpt_oss_mxfp4(out, name)
+            else:
+                gen_deepseek(out, name)
         finish_tokenizer(out, args.only)
         write_readme(out)
         summary(out)
         return
 
     names = ["tiny-mixtral", "tiny-mixtral-swa", "tiny-mixtral-bf16", "tiny-qwen2-moe", "tiny-qwen3-moe",
-             "tiny-olmoe", "tiny-deepseek-v3", "tiny-deepseek-v2"]
+             "tiny-olmoe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss", "tiny-gpt-oss-mxfp4"]
     gen_mixtral_family(out)
     gen_qwen2(out)
     gen_qwen3(out)
     gen_olmoe(out)
     gen_deepseek(out, "tiny-deepseek-v3")
     gen_deepseek(out, "tiny-deepseek-v2")
+    gen_gpt_oss(out)
+    gen_gpt_oss_mxfp4(out)
     if not args.skip_tf4:
         gen_tf4(out, args.tf4_path)
         names.append("tiny-qwen3-moe-tf4")

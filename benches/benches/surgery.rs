@@ -77,7 +77,8 @@ fn surgery(c: &mut Criterion) {
     std::fs::create_dir_all(&src).unwrap();
     let size = write_checkpoint(&src);
     let original: BTreeMap<usize, usize> = (0..LAYERS).map(|l| (l, EXPERTS)).collect();
-    let kept: BTreeMap<usize, Vec<usize>> = (0..LAYERS).map(|l| (l, (0..EXPERTS).filter(|e| e % 4 != l % 4).collect())).collect();
+    let kept: BTreeMap<usize, Vec<usize>> =
+        (0..LAYERS).map(|l| (l, (0..EXPERTS).filter(|e| e % 4 != l % 4).collect())).collect();
     let plan = PruningPlan::new("mixtral", original, kept, "bench");
     let out = tmp.path().join("pruned");
     let copy = tmp.path().join("copy.safetensors");

@@ -354,3 +354,34 @@ fn prune_with_merge_and_dynamic_skip_then_eval_skipping() {
     let stderr = String::from_utf8_lossy(&e.stderr);
     assert!(!e.status.success() && stderr.contains("pruning.json"), "{stderr}");
 }
+
+#[test]
+fn prune_gpt_oss_uniformly_then_eval() {
+    // DiEP (uniform allocation: gpt-oss has no per-layer-count loader) on the bf16/f32 fixture,
+    // REAP on the MXFP4 one; both outputs load and evaluate. Global allocation is refused.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, method) in [("tiny-gpt-oss", "diep"), ("tiny-gpt-oss-mxfp4", "reap")] {
+        let model = format!("fixtures/models/{name}");
+        let out = dir.path().join(name);
+        let mut args = vec!["--model", &model, "--method", method, "--allocation", "uniform", "--ratio", "0.5"];
+        if method == "diep" {
+            args.extend(["--epochs", "1"]);
+        }
+        args.extend(CALIB);
+        let o = prune(&args, &out);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        let plan = diep_surgery::PruningPlan::read(out.join("pruning.json")).unwrap();
+        assert!(plan.kept_experts.values().all(|k| k.len() == 4), "{name}: {:?}", plan.kept_experts);
+        let ids = format!("fixtures/parity/{name}/ids.json");
+        let e = xtask().args(["eval", "--model"]).arg(&out).args(["--ids", &ids]).output().unwrap();
+        assert!(e.status.success(), "{name}: {}", String::from_utf8_lossy(&e.stderr));
+    }
+    let model = "fixtures/models/tiny-gpt-oss";
+    let mut args = vec!["--model", model, "--method", "frequency", "--allocation", "global", "--ratio", "0.5"];
+    args.extend(CALIB);
+    let out = dir.path().join("global");
+    let o = prune(&args, &out);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("uniformly") && stderr.contains("gpt_oss"), "{stderr}");
+    assert!(!out.exists());
+}

@@ -8,7 +8,7 @@ use crate::error::{CheckpointError, Result};
 
 /// The `model_type` values this toolkit implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2"];
+    &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss"];
 
 /// A supported decoder architecture, named as in `config.json`'s `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,6 +27,9 @@ pub enum Architecture {
     /// `deepseek_v2`: DeepSeek-V2 / V2-Lite (MLA, softmax routing, greedy or group-limited,
     /// shared experts, leading dense layers).
     DeepseekV2,
+    /// `gpt_oss`: gpt-oss (router bias, fused experts with biases and a clamped SwiGLU,
+    /// attention sinks, alternating sliding/full attention, yarn RoPE).
+    GptOss,
 }
 
 impl Architecture {
@@ -39,6 +42,7 @@ impl Architecture {
             Architecture::Olmoe => "olmoe",
             Architecture::DeepseekV3 => "deepseek_v3",
             Architecture::DeepseekV2 => "deepseek_v2",
+            Architecture::GptOss => "gpt_oss",
         }
     }
 
@@ -56,6 +60,7 @@ impl Architecture {
             "olmoe" => Some(Architecture::Olmoe),
             "deepseek_v3" => Some(Architecture::DeepseekV3),
             "deepseek_v2" => Some(Architecture::DeepseekV2),
+            "gpt_oss" => Some(Architecture::GptOss),
             _ => None,
         }
     }
@@ -94,6 +99,12 @@ pub struct AttentionConfig {
     pub rope_theta: f64,
     /// Sliding-window attention: a query attends to keys at most `window - 1` positions back.
     pub sliding_window: Option<usize>,
+    /// Which layers use the sliding window (gpt-oss's `layer_types`: `sliding_attention` /
+    /// `full_attention`); `None`: every layer, when `sliding_window` is set.
+    pub sliding_layers: Option<Vec<bool>>,
+    /// A per-head learned sink logit (`self_attn.sinks [heads]`) joins each softmax and is
+    /// dropped after it (gpt-oss).
+    pub sinks: bool,
     /// RoPE frequency scaling (`rope_parameters` / `rope_scaling`).
     pub rope_scaling: RopeScaling,
     /// Multi-head latent attention (DeepSeek-V2/V3); `head_dim` is then the rotary width
@@ -190,6 +201,21 @@ pub struct MlaConfig {
     pub rope_interleave: bool,
 }
 
+/// The activation between an expert's gate/up and down projections.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertActivation {
+    /// `silu(gate) · up` (every architecture but gpt-oss).
+    Silu,
+    /// gpt-oss's clamped SwiGLU: `g = min(gate, limit)`, `u = clamp(up, ±limit)`,
+    /// `(u + 1) · g · sigmoid(alpha · g)`.
+    ClampedSwiglu {
+        /// `swiglu_alpha` (1.702).
+        alpha: f64,
+        /// `swiglu_limit` (7).
+        limit: f64,
+    },
+}
+
 /// Mixture-of-experts settings shared by all MoE layers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {
@@ -206,6 +232,12 @@ pub struct MoeConfig {
     pub shared_expert_intermediate_size: Option<usize>,
     /// How routing scores are computed and experts selected.
     pub routing: RoutingConfig,
+    /// The router carries an additive bias `[experts]` that is part of the logits (gpt-oss).
+    pub router_bias: bool,
+    /// Expert projections carry biases (gpt-oss).
+    pub expert_bias: bool,
+    /// The expert activation.
+    pub activation: ExpertActivation,
 }
 
 /// How router logits become scores.
@@ -354,6 +386,7 @@ impl ModelConfig {
         let num_layers = f.req_usize("num_hidden_layers")?;
         let num_heads = f.req_usize("num_attention_heads")?;
         let deepseek = architecture.is_deepseek();
+        let gpt_oss = architecture == Architecture::GptOss;
         let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
         if deepseek && num_kv_heads != num_heads {
             // MLA expands one latent into every head; transformers' `repeat_kv` would then
@@ -397,14 +430,32 @@ impl ModelConfig {
             Architecture::Qwen2Moe | Architecture::Qwen3Moe => (1e-6, 10_000.0),
             Architecture::Olmoe => (1e-5, 10_000.0),
             Architecture::DeepseekV3 | Architecture::DeepseekV2 => (1e-6, 10_000.0),
+            Architecture::GptOss => (1e-5, 150_000.0),
         };
         let rms_norm_eps = f.opt_f64("rms_norm_eps")?.unwrap_or(default_eps);
         let tie_word_embeddings = f.opt_bool("tie_word_embeddings")?.unwrap_or(false);
         let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(match architecture {
             Architecture::DeepseekV2 => 2048,
+            Architecture::GptOss => 131_072,
             _ => 4096,
         });
-        let (rope_theta, rope_scaling) = rope_settings(&f, default_theta, deepseek, max_position_embeddings)?;
+        let (rope_theta, rope_scaling) = if gpt_oss && !f.has("rope_parameters") && !f.has("rope_scaling") {
+            // transformers' GptOssConfig default: yarn, factor 32 over 4096 positions.
+            let theta = f.opt_f64("rope_theta")?.unwrap_or(default_theta);
+            let yarn = YarnConfig {
+                factor: 32.0,
+                original_max_position_embeddings: 4096,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: None,
+                mscale_all_dim: None,
+                attention_factor: None,
+                truncate: false,
+            };
+            (theta, RopeScaling::Yarn(yarn))
+        } else {
+            rope_settings(&f, default_theta, deepseek || gpt_oss, max_position_embeddings)?
+        };
 
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Mixtral => (false, false),
@@ -412,6 +463,10 @@ impl ModelConfig {
             Architecture::Qwen2Moe => (f.opt_bool("qkv_bias")?.unwrap_or(true), false),
             Architecture::Qwen3Moe | Architecture::Olmoe => {
                 let b = f.opt_bool("attention_bias")?.unwrap_or(false);
+                (b, b)
+            }
+            Architecture::GptOss => {
+                let b = f.opt_bool("attention_bias")?.unwrap_or(true);
                 (b, b)
             }
             // MLA's biases (`attention_bias`) are recorded in `MlaConfig::bias`.
@@ -428,6 +483,7 @@ impl ModelConfig {
         };
         let sliding_window = match architecture {
             Architecture::Mixtral => f.opt_usize("sliding_window")?,
+            Architecture::GptOss => f.opt_usize("sliding_window")?,
             Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
                 if f.opt_bool("use_sliding_window")?.unwrap_or(false) {
                     return Err(f.invalid(
@@ -442,9 +498,10 @@ impl ModelConfig {
         if sliding_window == Some(0) {
             return Err(f.invalid("sliding_window", "must be positive".into()));
         }
+        let sliding_layers = if gpt_oss { Some(gpt_oss_layer_types(&f, num_layers, sliding_window)?) } else { None };
 
         let num_experts = match architecture {
-            Architecture::Mixtral => f.req_usize("num_local_experts")?,
+            Architecture::Mixtral | Architecture::GptOss => f.req_usize("num_local_experts")?,
             Architecture::Qwen2Moe | Architecture::Olmoe => f.req_usize("num_experts")?,
             // 4.x writes `num_experts`, 5.x `num_local_experts`.
             Architecture::Qwen3Moe => match f.opt_usize("num_experts")? {
@@ -462,8 +519,9 @@ impl ModelConfig {
             _ => intermediate_size,
         };
         let norm_topk_prob = match architecture {
-            // Mixtral always renormalises the top-k weights.
-            Architecture::Mixtral => true,
+            // Mixtral always renormalises the top-k weights; gpt-oss's softmax over the k
+            // selected logits is the same thing.
+            Architecture::Mixtral | Architecture::GptOss => true,
             Architecture::DeepseekV3 => f.opt_bool("norm_topk_prob")?.unwrap_or(true),
             // transformers 5.x's DeepSeek-V2 router never renormalises, whatever the config says
             // (vLLM honours the flag; the released models have it false).
@@ -501,10 +559,24 @@ impl ModelConfig {
             ));
         }
 
+        let activation = if gpt_oss {
+            let alpha = f.opt_f64("swiglu_alpha")?.unwrap_or(1.702);
+            let limit = f.opt_f64("swiglu_limit")?.unwrap_or(7.0);
+            if !alpha.is_finite() {
+                return Err(f.invalid("swiglu_alpha", format!("{alpha} is not finite")));
+            }
+            if !(limit.is_finite() && limit > 0.0) {
+                return Err(f.invalid("swiglu_limit", format!("{limit} must be positive")));
+            }
+            ExpertActivation::ClampedSwiglu { alpha, limit }
+        } else {
+            ExpertActivation::Silu
+        };
+
         let mut layers = Vec::with_capacity(num_layers);
         for i in 0..num_layers {
             let is_moe = match architecture {
-                Architecture::Mixtral | Architecture::Olmoe => true,
+                Architecture::Mixtral | Architecture::Olmoe | Architecture::GptOss => true,
                 Architecture::DeepseekV3 | Architecture::DeepseekV2 => i >= first_k_dense,
                 Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
                     let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1);
@@ -580,6 +652,8 @@ impl ModelConfig {
                 clip_qkv,
                 rope_theta,
                 sliding_window,
+                sliding_layers,
+                sinks: gpt_oss,
                 rope_scaling,
                 mla,
             },
@@ -590,6 +664,9 @@ impl ModelConfig {
                 norm_topk_prob,
                 shared_expert_intermediate_size,
                 routing,
+                router_bias: gpt_oss,
+                expert_bias: gpt_oss,
+                activation,
             },
             layers,
             path,
@@ -830,6 +907,34 @@ fn check_groups(f: &Fields<'_>, g: GroupLimit, num_experts: usize, top_k: usize,
     Ok(())
 }
 
+/// gpt-oss's `layer_types`: per layer, whether it uses the sliding window. transformers'
+/// default alternates, starting with a sliding layer; without a `sliding_window` every layer
+/// attends fully.
+fn gpt_oss_layer_types(f: &Fields<'_>, num_layers: usize, window: Option<usize>) -> Result<Vec<bool>> {
+    let sliding = match f.get("layer_types") {
+        None => (0..num_layers).map(|i| i % 2 == 0).collect::<Vec<_>>(),
+        Some(Value::Array(items)) => {
+            if items.len() != num_layers {
+                return Err(f.invalid("layer_types", format!("has {} entries for {num_layers} layers", items.len())));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(f.invalid(
+                        "layer_types",
+                        format!("entry {i} is {v}; expected \"sliding_attention\" or \"full_attention\""),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+        Some(v) => return Err(f.invalid("layer_types", format!("expected a list, found {v}"))),
+    };
+    Ok(if window.is_some() { sliding } else { vec![false; num_layers] })
+}
+
 /// Typed access to config fields with errors that name the file and the field.
 struct Fields<'a> {
     map: &'a Map<String, Value>,
@@ -847,6 +952,10 @@ impl Fields<'_> {
 
     fn get(&self, field: &str) -> Option<&Value> {
         self.map.get(field).filter(|v| !v.is_null())
+    }
+
+    fn has(&self, field: &str) -> bool {
+        self.get(field).is_some()
     }
 
     fn req_str(&self, field: &str) -> Result<String> {
@@ -1108,5 +1217,55 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("yarn") && err.contains("rope_scaling"), "{err}");
+    }
+
+    const GPT_OSS: &str = r#"{"model_type":"gpt_oss","vocab_size":320,"hidden_size":64,"num_hidden_layers":3,
+        "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"intermediate_size":16,
+        "num_local_experts":8,"num_experts_per_tok":2,"sliding_window":6,"swiglu_limit":2.0,
+        "layer_types":["sliding_attention","full_attention","sliding_attention"],
+        "rope_parameters":{"rope_type":"yarn","rope_theta":5000.0,"factor":4.0,
+        "original_max_position_embeddings":128,"beta_fast":32.0,"beta_slow":1.0,"truncate":false}}"#;
+
+    #[test]
+    fn gpt_oss_config() {
+        let c = parse(GPT_OSS).unwrap();
+        assert_eq!(c.architecture, Architecture::GptOss);
+        assert_eq!(c.layers, vec![LayerKind::Moe { num_experts: 8 }; 3]);
+        assert!(c.attention.qkv_bias && c.attention.o_bias && c.attention.sinks);
+        assert_eq!(c.attention.sliding_window, Some(6));
+        assert_eq!(c.attention.sliding_layers, Some(vec![true, false, true]));
+        assert_eq!(c.moe.activation, ExpertActivation::ClampedSwiglu { alpha: 1.702, limit: 2.0 });
+        assert!(c.moe.router_bias && c.moe.expert_bias && c.moe.norm_topk_prob);
+        assert_eq!(c.moe.expert_intermediate_size, 16);
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        let RopeScaling::Yarn(y) = &c.attention.rope_scaling else { panic!("not yarn") };
+        assert!(!y.truncate && y.factor == 4.0);
+        assert_eq!(c.attention.softmax_scale(), 0.25);
+        // transformers' defaults: alternating layer types, yarn factor 32 over 4096, θ 150000.
+        let d = GPT_OSS
+            .replace(r#""layer_types":["sliding_attention","full_attention","sliding_attention"],"#, "")
+            .replace(r#""swiglu_limit":2.0,"#, "");
+        let d = &d[..d.find(r#""rope_parameters""#).unwrap()];
+        let c = parse(&format!("{}\"rms_norm_eps\":1e-5}}", d)).unwrap();
+        assert_eq!(c.attention.sliding_layers, Some(vec![true, false, true]));
+        assert_eq!(c.moe.activation, ExpertActivation::ClampedSwiglu { alpha: 1.702, limit: 7.0 });
+        assert_eq!(c.attention.rope_theta, 150_000.0);
+        let RopeScaling::Yarn(y) = &c.attention.rope_scaling else { panic!("not yarn") };
+        assert_eq!((y.factor, y.original_max_position_embeddings, y.truncate), (32.0, 4096, false));
+        // Without a window every layer attends fully.
+        let c = parse(&GPT_OSS.replace(r#""sliding_window":6"#, r#""sliding_window":null"#)).unwrap();
+        assert_eq!(c.attention.sliding_layers, Some(vec![false; 3]));
+    }
+
+    #[test]
+    fn gpt_oss_bad_fields_are_named() {
+        let err = parse(&GPT_OSS.replace("full_attention", "chunked_attention")).unwrap_err().to_string();
+        assert!(err.contains("layer_types") && err.contains("entry 1") && err.contains("config.json"), "{err}");
+        let err = parse(&GPT_OSS.replace(r#","sliding_attention"]"#, "]")).unwrap_err().to_string();
+        assert!(err.contains("layer_types") && err.contains("2 entries for 3 layers"), "{err}");
+        let err = parse(&GPT_OSS.replace(r#""swiglu_limit":2.0"#, r#""swiglu_limit":-1"#)).unwrap_err().to_string();
+        assert!(err.contains("swiglu_limit"), "{err}");
+        let err = parse(&GPT_OSS.replace(r#""num_local_experts":8,"#, "")).unwrap_err().to_string();
+        assert!(err.contains("missing field `num_local_experts`"), "{err}");
     }
 }

@@ -11,17 +11,19 @@
 //! - [`Checkpoint`]: memory-mapped safetensors weights, single-file or sharded through
 //!   `model.safetensors.index.json`, with tensors addressed by their exact on-disk names and
 //!   decoded from f32, f16 or bf16;
+//! - [`mxfp4`]: gpt-oss's MXFP4 expert weights (`*_blocks` + `*_scales`) decoded to f32;
 //! - [`CheckpointError`]: every error names the file and the field or tensor at fault.
 #![warn(missing_docs)]
 
 pub mod architectures;
 mod config;
 mod error;
+pub mod mxfp4;
 mod weights;
 
 pub use config::{
-    Architecture, AttentionConfig, GroupLimit, GroupScore, LayerKind, MlaConfig, ModelConfig, MoeConfig,
-    PER_LAYER_EXPERTS_KEY, QkNorm, RopeScaling, RoutingConfig, SUPPORTED_MODEL_TYPES, Scoring, YarnConfig,
+    Architecture, AttentionConfig, ExpertActivation, GroupLimit, GroupScore, LayerKind, MlaConfig, ModelConfig,
+    MoeConfig, PER_LAYER_EXPERTS_KEY, QkNorm, RopeScaling, RoutingConfig, SUPPORTED_MODEL_TYPES, Scoring, YarnConfig,
     yarn_get_mscale,
 };
 pub use error::{CheckpointError, Result};

@@ -20,25 +20,37 @@ pub struct AttentionContext {
     pub rope: RopeTables,
     /// Additive mask `[1, 1, seq_len, seq_len]`: 0 where attention is allowed, -inf elsewhere.
     pub mask: Tensor<4>,
+    /// The sliding-window mask of models that window only some layers (gpt-oss's
+    /// `layer_types`); `mask` is then the plain causal one.
+    pub sliding_mask: Option<Tensor<4>>,
 }
 
 impl AttentionContext {
     /// Builds the context for a `[batch, seq_len]` input.
     pub fn new(cfg: &AttentionConfig, batch: usize, seq_len: usize, device: &Device) -> Self {
-        let mut mask = vec![0f32; seq_len * seq_len];
-        for q in 0..seq_len {
-            for k in 0..seq_len {
-                let too_far = cfg.sliding_window.is_some_and(|w| q - k.min(q) >= w);
-                if k > q || too_far {
-                    mask[q * seq_len + k] = f32::NEG_INFINITY;
+        let causal = |window: Option<usize>| {
+            let mut mask = vec![0f32; seq_len * seq_len];
+            for q in 0..seq_len {
+                for k in 0..seq_len {
+                    let too_far = window.is_some_and(|w| q - k.min(q) >= w);
+                    if k > q || too_far {
+                        mask[q * seq_len + k] = f32::NEG_INFINITY;
+                    }
                 }
             }
-        }
+            Tensor::from_data(TensorData::new(mask, [1, 1, seq_len, seq_len]), device)
+        };
+        let (mask, sliding_mask) = match &cfg.sliding_layers {
+            None => (causal(cfg.sliding_window), None),
+            Some(layers) if layers.iter().any(|s| *s) => (causal(None), Some(causal(cfg.sliding_window))),
+            Some(_) => (causal(None), None),
+        };
         AttentionContext {
             batch,
             seq_len,
             rope: RopeTables::with_scaling(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, seq_len, device),
-            mask: Tensor::from_data(TensorData::new(mask, [1, 1, seq_len, seq_len]), device),
+            mask,
+            sliding_mask,
         }
     }
 }
@@ -58,6 +70,11 @@ pub struct Attention {
     pub q_norm: Option<RmsNorm>,
     /// Key norm.
     pub k_norm: Option<RmsNorm>,
+    /// Per-head sink logits `[heads]` (gpt-oss): a column that joins the softmax and is
+    /// dropped after it.
+    pub sinks: Option<Tensor<1>>,
+    /// This layer uses [`AttentionContext::sliding_mask`] when the context has one.
+    pub sliding: bool,
     /// Settings.
     pub cfg: AttentionConfig,
 }
@@ -93,8 +110,18 @@ impl Attention {
 
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        let scores = scores + ctx.mask.clone().expand([b, c.num_heads, t, t]);
-        let probs = softmax(scores, 3);
+        let mask = match (&ctx.sliding_mask, self.sliding) {
+            (Some(m), true) => m,
+            _ => &ctx.mask,
+        };
+        let scores = scores + mask.clone().expand([b, c.num_heads, t, t]);
+        let probs = match &self.sinks {
+            None => softmax(scores, 3),
+            Some(s) => {
+                let sink = s.clone().reshape([1, c.num_heads, 1, 1]).expand([b, c.num_heads, t, 1]);
+                softmax(Tensor::cat(vec![scores, sink], 3), 3).narrow(3, 0, t)
+            }
+        };
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, c.num_heads * hd]);
         self.o_proj.forward(out)
     }

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use burn::tensor::{Device, Tensor, TensorData};
+use diep_checkpoint::mxfp4::{decode_mxfp4_pair, mxfp4_names};
 use diep_checkpoint::{Checkpoint, CheckpointError};
 
 use crate::error::Result;
@@ -49,6 +50,30 @@ impl<'a> Loader<'a> {
         t.expect_shape(shape)?;
         self.used.insert(name.to_string());
         Ok(t.to_f32()?)
+    }
+
+    /// Reads a weight as f32 on the host, checking its shape: the tensor `name` itself, or, when
+    /// the checkpoint has no such tensor, its MXFP4 pair `{name}_blocks` + `{name}_scales`
+    /// (gpt-oss), decoded exactly as transformers dequantises it.
+    pub fn host_or_mxfp4(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (blocks, scales) = mxfp4_names(name);
+        if self.ckpt.contains(name) || !(self.ckpt.contains(&blocks) && self.ckpt.contains(&scales)) {
+            return self.host(name, shape);
+        }
+        let (b, s) = (self.ckpt.get(&blocks)?, self.ckpt.get(&scales)?);
+        let (data, found) = decode_mxfp4_pair(&b, &s)?;
+        if found != shape {
+            return Err(CheckpointError::ShapeMismatch {
+                name: blocks,
+                path: b.path.to_path_buf(),
+                expected: shape.to_vec(),
+                found,
+            }
+            .into());
+        }
+        self.used.insert(blocks);
+        self.used.insert(scales);
+        Ok(data)
     }
 
     /// Reads a tensor onto the device, checking its shape.

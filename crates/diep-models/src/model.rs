@@ -254,6 +254,8 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
             o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_out, h, a.o_bias)?,
             q_norm,
             k_norm,
+            sinks: if a.sinks { Some(ld.tensor(&format!("{p}.self_attn.sinks"), [a.num_heads])?) } else { None },
+            sliding: a.sliding_layers.as_ref().is_some_and(|s| s[i]),
             cfg: a.clone(),
         }),
         Some(m) => {
@@ -290,13 +292,20 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
         }
         LayerKind::Moe { num_experts } => {
             let router_w = ld.weight_t(&keys.router_weight(i), num_experts, h)?;
-            let router = Linear { weight: ld.from_host(router_w, [h, num_experts]), bias: None };
-            let experts = (0..num_experts)
-                .map(|e| {
-                    let [g, u, d] = keys.expert_weights(i, e);
-                    load_swiglu_named(ld, [&g, &u, &d], h, c.moe.expert_intermediate_size)
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let router_bias = match (c.moe.router_bias, keys.router_bias(i)) {
+                (true, Some(name)) => Some(ld.tensor(&name, [num_experts])?),
+                _ => None,
+            };
+            let router = Linear { weight: ld.from_host(router_w, [h, num_experts]), bias: router_bias };
+            let experts = match keys.fused_expert_tensors(i) {
+                Some(names) => load_fused_experts(ld, &names, num_experts, h, c.moe.expert_intermediate_size)?,
+                None => (0..num_experts)
+                    .map(|e| {
+                        let [g, u, d] = keys.expert_weights(i, e);
+                        load_swiglu_named(ld, [&g, &u, &d], h, c.moe.expert_intermediate_size)
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            };
             let block = keys.block_prefix(i);
             let shared = match (keys.shared_expert, keys.shared_experts, c.moe.shared_expert_intermediate_size) {
                 (Some((mlp, gate)), _, Some(width)) => Some(SharedExpert {
@@ -315,7 +324,8 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
             };
             FeedForward::Moe(
                 MoeBlock::new(router, experts, shared, c.moe.top_k, c.moe.norm_topk_prob)
-                    .with_routing(c.moe.routing.clone(), correction),
+                    .with_routing(c.moe.routing.clone(), correction)
+                    .with_activation(c.moe.activation),
             )
         }
     };
@@ -447,6 +457,47 @@ impl LayerSource for StreamingModel {
         let layer = self.load_layer(i)?;
         Ok(f(&layer))
     }
+}
+
+/// gpt-oss's fused experts `[gate_up [E, H, 2I], gate_up_bias [E, 2I], down [E, I, H],
+/// down_bias [E, H]]` (weights in f32/bf16 or MXFP4) split into one SwiGLU per expert, with
+/// the interleaved gate (even) and up (odd) columns regrouped as gate first, then up.
+fn load_fused_experts(
+    ld: &mut Loader<'_>,
+    [gu, gub, d, db]: &[String; 4],
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+) -> Result<Vec<SwiGlu>> {
+    let gate_up = ld.host_or_mxfp4(gu, &[experts, hidden, 2 * inter])?;
+    let gate_up_bias = ld.host(gub, &[experts, 2 * inter])?;
+    let down = ld.host_or_mxfp4(d, &[experts, inter, hidden])?;
+    let down_bias = ld.host(db, &[experts, hidden])?;
+    let deinterleave = |src: &[f32], rows: usize| {
+        let mut out = vec![0f32; rows * 2 * inter];
+        for r in 0..rows {
+            for j in 0..inter {
+                out[r * 2 * inter + j] = src[r * 2 * inter + 2 * j];
+                out[r * 2 * inter + inter + j] = src[r * 2 * inter + 2 * j + 1];
+            }
+        }
+        out
+    };
+    Ok((0..experts)
+        .map(|e| {
+            let w = deinterleave(&gate_up[e * hidden * 2 * inter..(e + 1) * hidden * 2 * inter], hidden);
+            let b = deinterleave(&gate_up_bias[e * 2 * inter..(e + 1) * 2 * inter], 1);
+            let dw = down[e * inter * hidden..(e + 1) * inter * hidden].to_vec();
+            let dbias = down_bias[e * hidden..(e + 1) * hidden].to_vec();
+            SwiGlu {
+                gate_up: Linear {
+                    weight: ld.from_host(w, [hidden, 2 * inter]),
+                    bias: Some(ld.from_host(b, [2 * inter])),
+                },
+                down: Linear { weight: ld.from_host(dw, [inter, hidden]), bias: Some(ld.from_host(dbias, [hidden])) },
+            }
+        })
+        .collect())
 }
 
 fn load_swiglu(ld: &mut Loader<'_>, prefix: &str, names: [&str; 3], hidden: usize, inter: usize) -> Result<SwiGlu> {

@@ -4,15 +4,20 @@
 //! masking for pruning, evaluation — goes through [`MoeBlock::forward_detailed`], so there is
 //! exactly one definition of what a layer computes:
 //!
-//! 1. router logits `z = x·Wᵀ` (`[tokens, experts]`, f32), plus an optional additive
+//! 1. router logits `z = x·Wᵀ (+ b)` (`[tokens, experts]`, f32; gpt-oss's router has a bias
+//!    `b`), plus an optional additive
 //!    per-expert bias (an expert mask is a bias of −∞ on masked experts);
 //! 2. [`route_with`]: the architecture's [`RoutingConfig`] — `p = softmax(z)` (Mixtral, Qwen,
 //!    OLMoE, DeepSeek-V2) or `p = sigmoid(z)` (DeepSeek-V3, whose selection adds a per-expert
 //!    correction bias), optionally limited to the best `topk_group` expert groups; top-k,
 //!    renormalised when `norm_topk_prob`, times `routed_scaling_factor`;
 //! 3. grouped dispatch: each expert gathers the tokens routed to it, runs one SwiGLU over
-//!    them, and the weighted results are scatter-added back;
+//!    them (gpt-oss: with biases and its clamped activation, [`ExpertActivation`]), and the
+//!    weighted results are scatter-added back;
 //! 4. plus the shared expert, gated by `sigmoid(x·w_sg)` (Qwen2-MoE) or ungated (DeepSeek).
+//!
+//! gpt-oss's rule (top-k of the logits, softmax over the k selected) is the softmax rule with
+//! `norm_topk_prob`: a full softmax renormalised over the top-k is the same arithmetic.
 //!
 //! A masked expert gets probability exactly 0, is never selected, and the softmax
 //! renormalises over the kept experts: the same arithmetic as a checkpoint from which the
@@ -26,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
-use diep_checkpoint::{GroupLimit, GroupScore, RoutingConfig, Scoring};
+use diep_checkpoint::{ExpertActivation, GroupLimit, GroupScore, RoutingConfig, Scoring};
 
 use crate::error::{ModelError, Result};
 use crate::nn::{Linear, SwiGlu};
@@ -330,6 +335,9 @@ pub struct MoeBlock {
     pub routing: RoutingConfig,
     /// DeepSeek-V3's `e_score_correction_bias` `[experts]`, added to the scores for selection.
     pub correction_bias: Option<Tensor<1>>,
+    /// The experts' activation ([`ExpertActivation::Silu`] unless set with
+    /// [`MoeBlock::with_activation`]).
+    pub activation: ExpertActivation,
     mask: Option<Vec<bool>>,
     mask_bias: Option<Tensor<1>>,
     skip: Option<DynamicSkip>,
@@ -352,6 +360,7 @@ impl MoeBlock {
             norm_topk_prob,
             routing: RoutingConfig::softmax(),
             correction_bias: None,
+            activation: ExpertActivation::Silu,
             mask: None,
             mask_bias: None,
             skip: None,
@@ -362,6 +371,12 @@ impl MoeBlock {
     pub fn with_routing(mut self, routing: RoutingConfig, correction_bias: Option<Tensor<1>>) -> Self {
         self.routing = routing;
         self.correction_bias = correction_bias;
+        self
+    }
+
+    /// Sets the experts' activation (gpt-oss's clamped SwiGLU).
+    pub fn with_activation(mut self, activation: ExpertActivation) -> Self {
+        self.activation = activation;
         self
     }
 
@@ -452,7 +467,20 @@ impl MoeBlock {
 
     /// `E_j(x)` for one expert on `[tokens, hidden]` rows.
     pub fn expert_forward(&self, expert: usize, x: Tensor<2>) -> Tensor<2> {
-        self.experts[expert].forward(x)
+        let mlp = &self.experts[expert];
+        match self.activation {
+            ExpertActivation::Silu => mlp.forward(x),
+            ExpertActivation::ClampedSwiglu { alpha, limit } => {
+                // `gate_up` holds the gate columns first, then the up columns (de-interleaved
+                // at load).
+                let i = mlp.intermediate();
+                let gu = mlp.gate_up.forward(x);
+                let gate = gu.clone().narrow(1, 0, i).clamp_max(limit);
+                let up = gu.narrow(1, i, i).clamp(-limit, limit);
+                let glu = gate.clone() * sigmoid(gate * alpha);
+                mlp.down.forward((up + 1.0) * glu)
+            }
+        }
     }
 
     /// The block's output.
@@ -515,7 +543,7 @@ impl MoeBlock {
             let m = tokens.len();
             let tok = Tensor::<1, Int>::from_data(TensorData::new(tokens.clone(), [m]), &device);
             let pos = Tensor::<1, Int>::from_data(TensorData::new(positions, [m]), &device);
-            let y = self.experts[e].forward(x.clone().select(0, tok.clone()));
+            let y = self.expert_forward(e, x.clone().select(0, tok.clone()));
             let w = weights.clone().select(0, pos);
             if let Some(c) = captured.as_mut() {
                 c[e] = Some(ExpertOutput {
@@ -545,9 +573,9 @@ impl MoeBlock {
             None => dense,
         };
         let mut out = Tensor::<2>::zeros([n, hidden], &device);
-        for (e, expert) in self.experts.iter().enumerate() {
+        for e in 0..self.num_experts() {
             let w = dense.clone().narrow(1, e, 1);
-            out = out + expert.forward(x.clone()) * w;
+            out = out + self.expert_forward(e, x.clone()) * w;
         }
         out
     }

@@ -258,6 +258,11 @@ impl MoeModel {
                 c.num_layers
             )));
         }
+        if c.architecture == diep_checkpoint::Architecture::GptOss {
+            return Err(ModelError::InvalidInput(
+                "random initialisation of `gpt_oss` (fused experts, attention sinks) is not supported".into(),
+            ));
+        }
         if c.attention.mla.is_some() {
             return Err(ModelError::InvalidInput(format!(
                 "random initialisation of `{}` (multi-head latent attention) is not supported",
@@ -291,6 +296,8 @@ impl MoeModel {
                 o_proj: init.linear(&format!("{p}.self_attn.o_proj"), q_out, h, a.o_bias),
                 q_norm,
                 k_norm,
+                sinks: None,
+                sliding: false,
                 cfg: a.clone(),
             });
             let ffn = match *kind {

@@ -134,3 +134,52 @@ fn truncated_weights_name_the_file() {
     let err = load_err(dir.path());
     assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
 }
+
+#[test]
+fn gpt_oss_errors_name_the_fused_or_mxfp4_tensor() {
+    // A missing sink, a fused tensor with the wrong shape, MXFP4 blocks of the wrong width,
+    // scales that do not match their blocks, and a non-uint8 blocks tensor.
+    let keep = |n: &str, d, s: &[usize], b: &[u8]| vec![(n.to_string(), d, s.to_vec(), b.to_vec())];
+    let sinks = "model.layers.2.self_attn.sinks";
+    let dir = copy_fixture("tiny-gpt-oss");
+    rewrite(&dir.path().join("model.safetensors"), |n, d, s, b| if n == sinks { vec![] } else { keep(n, d, s, b) });
+    let err = load_err(dir.path());
+    assert!(err.contains(sinks) && err.contains("model.safetensors") && err.contains("missing"), "{err}");
+
+    let down = "model.layers.1.mlp.experts.down_proj";
+    let dir = copy_fixture("tiny-gpt-oss");
+    rewrite(&dir.path().join("model.safetensors"), |n, d, s, b| {
+        if n == down { vec![(n.into(), d, vec![8, 64, 16], b.to_vec())] } else { keep(n, d, s, b) }
+    });
+    let err = load_err(dir.path());
+    assert!(err.contains(down) && err.contains("[8, 64, 16]") && err.contains("[8, 16, 64]"), "{err}");
+
+    let blocks = "model.layers.0.mlp.experts.gate_up_proj_blocks";
+    let scales = "model.layers.0.mlp.experts.gate_up_proj_scales";
+    let dir = copy_fixture("tiny-gpt-oss-mxfp4");
+    rewrite(&dir.path().join("model.safetensors"), |n, d, s, b| match n {
+        // [8, 64, 2, 16] -> [8, 64, 1, 32]: the same bytes, 64 values a row still, but the
+        // scales no longer match.
+        _ if n == blocks => vec![(n.into(), d, vec![8, 64, 1, 32], b.to_vec())],
+        _ => keep(n, d, s, b),
+    });
+    let err = load_err(dir.path());
+    assert!(err.contains(scales) && err.contains("[8, 64, 1]") && err.contains("[8, 64, 2]"), "{err}");
+
+    let dir = copy_fixture("tiny-gpt-oss-mxfp4");
+    rewrite(&dir.path().join("model.safetensors"), |n, d, s, b| match n {
+        _ if n == blocks => vec![(n.into(), d, vec![8, 32, 4, 16], b.to_vec())],
+        _ if n == scales => vec![(n.into(), d, vec![8, 32, 4], b.to_vec())],
+        _ => keep(n, d, s, b),
+    });
+    let err = load_err(dir.path());
+    assert!(err.contains(blocks) && err.contains("[8, 128, 32]") && err.contains("[8, 64, 64]"), "{err}");
+
+    let dir = copy_fixture("tiny-gpt-oss-mxfp4");
+    rewrite(&dir.path().join("model.safetensors"), |n, d, s, b| match n {
+        _ if n == blocks => vec![(n.into(), safetensors::Dtype::I8, s.to_vec(), b.to_vec())],
+        _ => keep(n, d, s, b),
+    });
+    let err = load_err(dir.path());
+    assert!(err.contains(blocks) && err.contains("I8"), "{err}");
+}

@@ -74,6 +74,7 @@ fn check_model(name: &str, reference_key: &str, tol: f32) {
     // The fixture must be far from uniform for the comparison to mean something.
     assert!(logits_std(&expected) > 0.5, "{name}: reference logits are nearly uniform");
     let err = max_rel_err(&got, &expected);
+    eprintln!("{name}: logits max rel err vs transformers {err:.3e}");
     assert!(err <= tol, "{name}: logits differ from transformers by {err:.3e} (tolerance {tol:.0e})");
 
     let moe_layers: Vec<usize> = serde_json::from_value(reference.json["moe_layers"].clone()).unwrap();
@@ -129,6 +130,19 @@ fn deepseek_v3_matches_transformers() {
 fn deepseek_v2_matches_transformers() {
     // MLA without q_lora_rank, yarn RoPE, softmax group_limited_greedy routing, scaling factor.
     check_model("tiny-deepseek-v2", "logits", 1e-4);
+}
+
+#[test]
+fn gpt_oss_matches_transformers() {
+    // Fused experts (interleaved gate/up) with biases, router bias, clamped SwiGLU that clamps,
+    // attention sinks, sliding and full layers, yarn RoPE.
+    check_model("tiny-gpt-oss", "logits", 1e-4);
+}
+
+#[test]
+fn gpt_oss_mxfp4_matches_transformers() {
+    // Experts stored as MXFP4 `*_blocks` + `*_scales`; transformers dequantised them on load.
+    check_model("tiny-gpt-oss-mxfp4", "logits", 1e-4);
 }
 
 #[test]
@@ -208,6 +222,12 @@ fn qwen2_moe_expert_mask_matches_transformers() {
 }
 
 #[test]
+fn gpt_oss_expert_mask_matches_transformers() {
+    // Router logits (bias included) set to −∞; the generator checked this equals removal.
+    check_masked("tiny-gpt-oss");
+}
+
+#[test]
 fn deepseek_v3_expert_mask_equals_removing_experts_in_transformers() {
     // One expert per routing group masked; the reference deleted them in transformers.
     check_masked("tiny-deepseek-v3");
@@ -219,8 +239,8 @@ fn deepseek_v2_expert_mask_equals_removing_experts_in_transformers() {
 }
 
 #[test]
-fn deepseek_loss_matches_transformers() {
-    for name in ["tiny-deepseek-v3", "tiny-deepseek-v2"] {
+fn deepseek_and_gpt_oss_loss_matches_transformers() {
+    for name in ["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss", "tiny-gpt-oss-mxfp4"] {
         let reference = Reference::load(name);
         let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
         let ids = reference.ids();

@@ -250,3 +250,29 @@ proptest! {
         prop_assert!(err <= 1e-5, "{}: pruned vs masked logits differ by {:e}", name, err);
     }
 }
+
+/// gpt-oss: a uniformly pruned checkpoint (fused experts, MXFP4 blocks/scales and router bias
+/// sliced) equals the original model with those experts masked.
+#[test]
+fn gpt_oss_pruned_checkpoint_equals_masked_model() {
+    for name in ["tiny-gpt-oss", "tiny-gpt-oss-mxfp4"] {
+        gpt_oss_pruned_equals_masked(name);
+    }
+}
+
+fn gpt_oss_pruned_equals_masked(name: &str) {
+    let m = model(name);
+    let kept: BTreeMap<usize, Vec<usize>> =
+        m.moe_layers().into_iter().map(|l| (l, if l == 1 { vec![0, 2, 5, 7] } else { vec![1, 3, 4, 6] })).collect();
+    let original = kept.keys().map(|l| (*l, 8)).collect();
+    let plan = PruningPlan::new("gpt_oss", original, kept, "test");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pruned");
+    diep_surgery::apply_plan(&root().join("fixtures/models").join(name), &plan, &out, &Default::default()).unwrap();
+    let pruned = MoeModel::load(&out, &device()).unwrap();
+    let ids = ids(name);
+    let got: Vec<f32> = pruned.forward(&ids).unwrap().into_data().iter::<f32>().collect();
+    let expected = masked_logits(name, &plan, &ids);
+    let err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f32::max);
+    assert!(err <= 1e-5, "{name}: pruned vs masked logits differ by {err:e}");
+}

@@ -26,7 +26,7 @@ pub const AUTO_MAP_KEY: &str = "auto_map";
 /// both.
 pub fn expert_count_keys(architecture: Architecture) -> &'static [&'static str] {
     match architecture {
-        Architecture::Mixtral => &["num_local_experts"],
+        Architecture::Mixtral | Architecture::GptOss => &["num_local_experts"],
         Architecture::Qwen2Moe | Architecture::Olmoe => &["num_experts"],
         Architecture::Qwen3Moe => &["num_experts", "num_local_experts"],
         // `topk_method`, `scoring_func`, `n_group`, `topk_group` stay as they are.

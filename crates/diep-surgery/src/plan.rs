@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use diep_checkpoint::{GroupLimit, GroupScore, ModelConfig};
+use diep_checkpoint::{Architecture, GroupLimit, GroupScore, ModelConfig};
 
 /// The `format` tag of plans this version writes and reads.
 pub const PLAN_FORMAT: &str = "diep-pruning-plan/1";
@@ -144,11 +144,17 @@ impl PruningPlan {
                 check_groups(layer, n, kept, g, top_k)?;
             }
         }
-        if config.architecture.is_deepseek() && !self.is_uniform() {
+        if (config.architecture.is_deepseek() || config.architecture == Architecture::GptOss) && !self.is_uniform() {
             return err(format!(
                 "`{model_type}` checkpoints can only be pruned uniformly (the same number of experts in every MoE \
                  layer): no remote code for per-layer expert counts exists for this architecture, got {:?}",
                 self.kept_counts()
+            ));
+        }
+        if config.architecture == Architecture::GptOss && self.merge.values().any(|g| !g.is_empty()) {
+            return err(format!(
+                "`merge` is not supported for `{model_type}` checkpoints (fused expert tensors); \
+                 prune without merging"
             ));
         }
         for (layer, groups) in &self.merge {

@@ -293,6 +293,9 @@ pub(crate) enum Role<'a> {
     /// The router's weight, or another tensor of the router module (`{block}.{router}.*`),
     /// one row per expert.
     Router { layer: usize },
+    /// A fused expert tensor (gpt-oss's `experts.gate_up_proj`, its bias, `down_proj`, its
+    /// bias, and their MXFP4 `_blocks` / `_scales`): one slab per expert along axis 0.
+    Fused { layer: usize, rest: &'a str },
 }
 
 /// Recognises expert and router tensors by name (see [`MoeKeys::parse`]), plus any other tensor
@@ -303,6 +306,7 @@ pub(crate) fn classify<'a>(keys: &MoeKeys, name: &'a str) -> Role<'a> {
             return Role::Expert { layer, expert, rest };
         }
         Some(MoeTensor::Router { layer }) => return Role::Router { layer },
+        Some(MoeTensor::FusedExperts { layer, rest }) => return Role::Fused { layer, rest },
         None => {}
     }
     let attached = || -> Option<usize> {
@@ -397,18 +401,47 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
                     return Err(mismatch(&t, format!("{} bytes cannot be split into {rows} rows", t.bytes.len())));
                 }
             }
+            Role::Fused { layer, rest } => {
+                let n = config.experts_in_layer(layer);
+                if n == 0 {
+                    return Err(mismatch(&t, format!("fused experts of layer {layer}, but {}", not_moe(layer))));
+                }
+                let (h, i) = (config.hidden_size, config.moe.expert_intermediate_size);
+                let Some(shape) = fused_shape(rest, n, h, i) else {
+                    return Err(mismatch(&t, format!("`{rest}` is not a known fused expert tensor")));
+                };
+                if t.shape != shape.as_slice() {
+                    return Err(mismatch(
+                        &t,
+                        format!(
+                            "shape {:?}, but {cfg} implies {shape:?} ({n} experts ({field}), hidden_size = {h}, \
+                             expert width = {i})",
+                            t.shape
+                        ),
+                    ));
+                }
+            }
             Role::Plain => {
                 let block = format!(".{}.experts.", keys.block);
                 if let Some(layer) = layer_of(t.name).filter(|l| config.experts_in_layer(*l) > 0)
                     && t.name.contains(&block)
                 {
-                    return Err(mismatch(
-                        &t,
-                        format!(
+                    let reason = match keys.fused_expert_tensors(layer) {
+                        Some(names) => format!(
+                            "not a fused expert tensor of `{}` (expected `{}`, `{}`, `{}`, `{}` or their MXFP4 \
+                             `_blocks` / `_scales`)",
+                            config.architecture.model_type(),
+                            names[0],
+                            names[1],
+                            names[2],
+                            names[3]
+                        ),
+                        None => format!(
                             "not a per-expert tensor (expected names like `{}`); fused expert layouts are not supported",
                             keys.expert_weights(layer, 0)[0]
                         ),
-                    ));
+                    };
+                    return Err(mismatch(&t, reason));
                 }
             }
         }
@@ -432,6 +465,30 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
                 format!("shape {:?}, but {cfg} implies [{n}, {h}] (experts, hidden_size)", router.shape),
             ));
         }
+    }
+    if let Some(fused) = keys.fused_experts {
+        // Each fused weight is there in full precision or as an MXFP4 blocks/scales pair.
+        for layer in config.moe_layers() {
+            let [gu, gub, d, db] = keys.fused_expert_tensors(layer).expect("fused architecture");
+            for (name, weight) in [(gu, true), (gub, false), (d, true), (db, false)] {
+                let has = |n: &str| out.iter().any(|(t, _)| t.name == n);
+                let (blocks, scales) = diep_checkpoint::mxfp4::mxfp4_names(&name);
+                if has(&name) || (weight && has(&blocks) && has(&scales)) {
+                    continue;
+                }
+                let missing = if weight && (has(&blocks) || has(&scales)) {
+                    if has(&blocks) { scales } else { blocks }
+                } else {
+                    name
+                };
+                return Err(SurgeryError::MissingTensor {
+                    tensor: missing,
+                    location: dir.clone(),
+                    reason: format!("{cfg} makes layer {layer} an MoE layer (`{}` fused experts)", fused.gate_up),
+                });
+            }
+        }
+        return Ok(out);
     }
     for layer in config.moe_layers() {
         let n = config.experts_in_layer(layer);
@@ -493,6 +550,30 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
         }
     }
     Ok(out)
+}
+
+/// The shape a fused expert tensor must have for `n` experts, hidden size `h` and expert
+/// width `i`; MXFP4 pairs are stored transposed, 32 values a block (16 bytes).
+fn fused_shape(rest: &str, n: usize, h: usize, i: usize) -> Option<Vec<usize>> {
+    let f = diep_checkpoint::architectures::gpt_oss::FUSED;
+    let (blocks, scales) =
+        (diep_checkpoint::architectures::gpt_oss::MXFP4_BLOCKS, diep_checkpoint::architectures::gpt_oss::MXFP4_SCALES);
+    let mx = |base: &str, out: usize, inp: usize| -> Option<Vec<usize>> {
+        if rest == format!("{base}{blocks}") {
+            Some(vec![n, out, inp / 32, 16])
+        } else if rest == format!("{base}{scales}") {
+            Some(vec![n, out, inp / 32])
+        } else {
+            None
+        }
+    };
+    match rest {
+        r if r == f.gate_up => Some(vec![n, h, 2 * i]),
+        r if r == f.gate_up_bias => Some(vec![n, 2 * i]),
+        r if r == f.down => Some(vec![n, i, h]),
+        r if r == f.down_bias => Some(vec![n, h]),
+        _ => mx(f.gate_up, 2 * i, h).or_else(|| mx(f.down, h, i)),
+    }
 }
 
 fn check_routers_finite(config: &ModelConfig, inventory: &[(TensorRef<'_>, Role<'_>)]) -> Result<(), SurgeryError> {
@@ -613,7 +694,7 @@ fn output_tensors<'c>(plan: &PruningPlan, inventory: &[(TensorRef<'c>, Role<'c>)
                     }
                 }
             },
-            Role::Router { layer } => match plan.kept_experts.get(&layer) {
+            Role::Router { layer } | Role::Fused { layer, .. } => match plan.kept_experts.get(&layer) {
                 None => out.push(copy(t.name.to_string())),
                 Some(kept) => {
                     let row_bytes = t.bytes.len() / t.shape[0];

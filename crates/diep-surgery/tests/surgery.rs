@@ -81,6 +81,8 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
                 (format!("{}.experts.{new}.{rest}", keys.block_prefix(layer)), None)
             }
             Some(MoeTensor::Router { layer }) => (name.to_string(), Some(plan.kept_experts[&layer].clone())),
+            // gpt-oss's fused `[E, ...]` expert tensors are sliced along the expert axis.
+            Some(MoeTensor::FusedExperts { layer, .. }) => (name.to_string(), Some(plan.kept_experts[&layer].clone())),
             // DeepSeek-V3's `e_score_correction_bias` is sliced with the router rows.
             None => match correction_bias_layer(&keys, name) {
                 Some(layer) => (name.to_string(), Some(plan.kept_experts[&layer].clone())),
@@ -107,8 +109,9 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
     }
     let got: BTreeSet<String> = output.names().map(str::to_string).collect();
     assert_eq!(got, expected, "output tensor set");
-    // No pruned expert left: expert ids in each layer are exactly 0..kept.
-    for (layer, kept) in &plan.kept_experts {
+    // No pruned expert left: expert ids in each layer are exactly 0..kept (fused layouts have
+    // no per-expert names; their slabs were checked above).
+    for (layer, kept) in plan.kept_experts.iter().filter(|_| keys.fused_experts.is_none()) {
         let ids: BTreeSet<usize> = output
             .names()
             .filter_map(|n| match keys.parse(n) {
@@ -782,4 +785,86 @@ fn deepseek_v2_top_k_must_fit_the_kept_groups() {
     let config = ModelConfig::from_dir(&s.model).unwrap();
     let msg = fail(&s, &plan_from(&config, |_, _, _| vec![0, 2, 4, 6]));
     assert!(msg.contains("num_experts_per_tok = 3") && msg.contains("topk_group (2)"), "{msg}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// gpt-oss: fused experts, router bias.
+
+#[test]
+fn gpt_oss_mxfp4_plan_slices_blocks_and_scales() {
+    let dir = fixture("tiny-gpt-oss-mxfp4");
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    let plan = plan_from(&config, |j, _, _| if j == 1 { vec![0, 2, 5] } else { vec![1, 6, 7] });
+    let outs = tempfile::tempdir().unwrap();
+    let out = outs.path().join("pruned");
+    let report = apply_plan(&dir, &plan, &out, &opts()).unwrap();
+    // verify() checks every `[E, ...]` tensor (blocks and scales included) slab by slab.
+    verify(&dir, &out, &plan, &report);
+    let c = Checkpoint::open(&out).unwrap();
+    let blocks = c.get("model.layers.1.mlp.experts.gate_up_proj_blocks").unwrap();
+    assert_eq!((blocks.dtype, blocks.shape), (Dtype::U8, &[3usize, 64, 2, 16][..]));
+    assert_eq!(c.get("model.layers.0.mlp.experts.down_proj_scales").unwrap().shape, &[3, 64, 1]);
+    assert!(!c.contains("model.layers.0.mlp.experts.gate_up_proj"));
+    // A scales tensor missing its blocks is named.
+    let s = scratch("tiny-gpt-oss-mxfp4");
+    let mut tensors = load_owned(&s.model);
+    tensors.retain(|t| t.0 != "model.layers.1.mlp.experts.down_proj_blocks");
+    write_owned(&s.model.join("model.safetensors"), &tensors);
+    let msg = fail(&s, &plan_for(&s.model));
+    assert!(msg.contains("model.layers.1.mlp.experts.down_proj_blocks") && msg.contains("missing"), "{msg}");
+}
+
+#[test]
+fn gpt_oss_uniform_plan_slices_fused_experts_and_router_bias() {
+    let dir = fixture("tiny-gpt-oss");
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    let plan = plan_from(&config, |j, _, _| if j == 1 { vec![0, 2, 5, 7] } else { vec![1, 3, 4, 6] });
+    let outs = tempfile::tempdir().unwrap();
+    let out = outs.path().join("pruned");
+    let report = apply_plan(&dir, &plan, &out, &opts()).unwrap();
+    verify(&dir, &out, &plan, &report);
+    let raw = read_json(&out.join("config.json"));
+    assert_eq!(raw["num_local_experts"], 4);
+    let (cin, cout) = (Checkpoint::open(&dir).unwrap(), Checkpoint::open(&out).unwrap());
+    let keys = MoeKeys::of(config.architecture);
+    for (layer, kept) in &plan.kept_experts {
+        let mut names = keys.fused_expert_tensors(*layer).unwrap().to_vec();
+        names.push(keys.router_bias(*layer).unwrap());
+        names.push(keys.router_weight(*layer));
+        for name in names {
+            let (a, b) = (cin.get(&name).unwrap(), cout.get(&name).unwrap());
+            assert_eq!(b.shape[0], kept.len(), "{name}");
+            assert_eq!(&b.shape[1..], &a.shape[1..], "{name}");
+            let (va, vb) = (a.to_f32().unwrap(), b.to_f32().unwrap());
+            let slab = va.len() / a.shape[0];
+            let want: Vec<f32> = kept.iter().flat_map(|e| va[e * slab..(e + 1) * slab].iter().copied()).collect();
+            assert_eq!(vb, want, "{name}");
+        }
+    }
+}
+
+#[test]
+fn gpt_oss_refuses_non_uniform_plans_merges_and_missing_fused_tensors() {
+    let s = scratch("tiny-gpt-oss");
+    let config = ModelConfig::from_dir(&s.model).unwrap();
+    let msg = fail(&s, &plan_from(&config, |j, _, _| if j == 0 { vec![0, 1, 4] } else { vec![0, 1, 2, 4, 5, 6] }));
+    assert!(msg.contains("uniformly") && msg.contains("gpt_oss"), "{msg}");
+    let mut merged = plan_from(&config, |_, _, _| vec![0, 1, 2, 3]);
+    merged.merge.insert(0, [(0usize, vec![(0usize, 0.5f64), (4, 0.5)])].into_iter().collect());
+    let msg = fail(&s, &merged);
+    assert!(msg.contains("merge") && msg.contains("fused"), "{msg}");
+    // A fused tensor with the wrong expert count, then one missing.
+    let mut tensors = load_owned(&s.model);
+    let victim = "model.layers.2.mlp.experts.down_proj_bias";
+    let pos = tensors.iter().position(|t| t.0 == victim).unwrap();
+    let (_, _, shape, bytes) = &mut tensors[pos];
+    shape[0] = 7;
+    bytes.truncate(bytes.len() / 8 * 7);
+    write_owned(&s.model.join("model.safetensors"), &tensors);
+    let msg = fail(&s, &plan_for(&s.model));
+    assert!(msg.contains(victim) && msg.contains("[7, 64]") && msg.contains("[8, 64]"), "{msg}");
+    tensors.remove(pos);
+    write_owned(&s.model.join("model.safetensors"), &tensors);
+    let msg = fail(&s, &plan_for(&s.model));
+    assert!(msg.contains(victim) && msg.contains("missing"), "{msg}");
 }

@@ -23,6 +23,8 @@ pub const MOE_KEYS: MoeKeys = MoeKeys {
     shared_expert: None,
     shared_experts: Some("shared_experts"),
     router_correction_bias: None,
+    router_bias: None,
+    fused_experts: None,
 };
 
 /// Multi-head latent attention tensor names, relative to `model.layers.{i}.self_attn.`.

@@ -26,6 +26,8 @@ pub const MOE_KEYS: MoeKeys = MoeKeys {
     shared_expert: None,
     shared_experts: Some("shared_experts"),
     router_correction_bias: Some("e_score_correction_bias"),
+    router_bias: None,
+    fused_experts: None,
 };
 
 /// DeepSeek-V3's attention tensor names (shared with V2).

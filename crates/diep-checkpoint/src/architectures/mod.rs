@@ -5,13 +5,14 @@
 //!
 //! All architectures share the decoder skeleton (`model.embed_tokens`, `model.layers.{i}` with
 //! `input_layernorm`, `post_attention_layernorm`, `model.norm`, `lm_head`); Mixtral, Qwen and
-//! OLMoE use `self_attn.{q,k,v,o}_proj`, DeepSeek-V2/V3 multi-head latent attention
+//! OLMoE and gpt-oss use `self_attn.{q,k,v,o}_proj`, DeepSeek-V2/V3 multi-head latent attention
 //! ([`MlaKeys`]). They differ in where the MoE block lives, what its expert projections are
 //! called, and what sits beside the experts (shared experts, a router correction bias), which
 //! is what [`MoeKeys`] records.
 
 pub mod deepseek_v2;
 pub mod deepseek_v3;
+pub mod gpt_oss;
 pub mod mixtral;
 pub mod olmoe;
 pub mod qwen2_moe;
@@ -40,6 +41,24 @@ pub struct MoeKeys {
     /// A per-expert `[E]` f32 vector of the router module added to the scores for selection
     /// only (DeepSeek-V3's `e_score_correction_bias`).
     pub router_correction_bias: Option<&'static str>,
+    /// The router's additive bias `[E]` (gpt-oss's `router.bias`), part of the logits.
+    pub router_bias: Option<&'static str>,
+    /// Experts stored fused, one `[E, ...]` tensor per kind (gpt-oss), instead of
+    /// `experts.{e}.*` per expert.
+    pub fused_experts: Option<FusedExpertKeys>,
+}
+
+/// Names of fused expert tensors (`[E, ...]`, one per kind), relative to `{block}.experts.`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FusedExpertKeys {
+    /// Gate and up projections, `[E, H, 2I]`, gate and up columns interleaved.
+    pub gate_up: &'static str,
+    /// Their biases `[E, 2I]`, interleaved the same way.
+    pub gate_up_bias: &'static str,
+    /// Down projection `[E, I, H]`.
+    pub down: &'static str,
+    /// Its bias `[E, H]`.
+    pub down_bias: &'static str,
 }
 
 impl MoeKeys {
@@ -52,6 +71,7 @@ impl MoeKeys {
             Architecture::Olmoe => olmoe::MOE_KEYS,
             Architecture::DeepseekV3 => deepseek_v3::MOE_KEYS,
             Architecture::DeepseekV2 => deepseek_v2::MOE_KEYS,
+            Architecture::GptOss => gpt_oss::MOE_KEYS,
         }
     }
 
@@ -68,6 +88,19 @@ impl MoeKeys {
     /// The router's correction-bias name (`[experts]`), if the architecture has one.
     pub fn router_correction_bias(&self, layer: usize) -> Option<String> {
         self.router_correction_bias.map(|b| format!("{}.{}.{b}", self.block_prefix(layer), self.router))
+    }
+
+    /// The router's additive bias name (`[experts]`), if the architecture has one.
+    pub fn router_bias(&self, layer: usize) -> Option<String> {
+        self.router_bias.map(|b| format!("{}.{}.{b}", self.block_prefix(layer), self.router))
+    }
+
+    /// The fused expert tensors' full names `[gate_up, gate_up_bias, down, down_bias]`, if the
+    /// architecture stores its experts fused.
+    pub fn fused_expert_tensors(&self, layer: usize) -> Option<[String; 4]> {
+        let f = self.fused_experts?;
+        let p = format!("{}.experts", self.block_prefix(layer));
+        Some([f.gate_up, f.gate_up_bias, f.down, f.down_bias].map(|n| format!("{p}.{n}")))
     }
 
     /// The names of expert `e`'s gate, up and down weights.
@@ -119,10 +152,18 @@ pub enum MoeTensor<'a> {
         /// The name after `experts.{e}.`.
         rest: &'a str,
     },
-    /// The router's weight (`[experts, hidden]`, one row per expert).
+    /// The router's weight (`[experts, hidden]`, one row per expert), or its bias (`[experts]`).
     Router {
         /// Decoder layer.
         layer: usize,
+    },
+    /// A fused expert tensor holding every expert of a layer along its first axis
+    /// (gpt-oss's `experts.gate_up_proj`, `..._bias`, and the MXFP4 `_blocks` / `_scales`).
+    FusedExperts {
+        /// Decoder layer.
+        layer: usize,
+        /// The name after `experts.` (e.g. `down_proj_bias`, `gate_up_proj_blocks`).
+        rest: &'a str,
     },
 }
 
@@ -135,10 +176,19 @@ impl MoeKeys {
         let layer: usize = layer.parse().ok()?;
         let rest = rest.strip_prefix(self.block)?.strip_prefix('.')?;
         if let Some(e) = rest.strip_prefix("experts.") {
+            if let Some(f) = self.fused_experts {
+                let base = e.strip_suffix(gpt_oss::MXFP4_BLOCKS).or_else(|| e.strip_suffix(gpt_oss::MXFP4_SCALES));
+                let base = base.unwrap_or(e);
+                if [f.gate_up, f.gate_up_bias, f.down, f.down_bias].contains(&base) {
+                    return Some(MoeTensor::FusedExperts { layer, rest: e });
+                }
+                return None;
+            }
             let (expert, rest) = e.split_once('.')?;
             return Some(MoeTensor::Expert { layer, expert: expert.parse().ok()?, rest });
         }
-        if rest.strip_prefix(self.router)? == ".weight" {
+        let attr = rest.strip_prefix(self.router)?.strip_prefix('.')?;
+        if attr == "weight" || self.router_bias == Some(attr) {
             return Some(MoeTensor::Router { layer });
         }
         None
@@ -167,5 +217,27 @@ mod tests {
             assert!(matches!(k.parse(name), Some(MoeTensor::Expert { layer: 2, expert: 5, .. })), "{e}");
         }
         assert_eq!(k.parse(&k.router_weight(4)), Some(MoeTensor::Router { layer: 4 }));
+        assert_eq!(k.parse("model.layers.3.block_sparse_moe.gate.bias"), None);
+    }
+
+    #[test]
+    fn parses_gpt_oss_fused_names() {
+        let k = MoeKeys::of(Architecture::GptOss);
+        assert_eq!(k.parse("model.layers.1.mlp.router.weight"), Some(MoeTensor::Router { layer: 1 }));
+        assert_eq!(k.parse("model.layers.1.mlp.router.bias"), Some(MoeTensor::Router { layer: 1 }));
+        for n in k.fused_expert_tensors(2).unwrap() {
+            let rest = n.rsplit_once("experts.").unwrap().1.to_string();
+            assert_eq!(k.parse(&n), Some(MoeTensor::FusedExperts { layer: 2, rest: &rest }));
+        }
+        assert_eq!(
+            k.parse("model.layers.0.mlp.experts.gate_up_proj_blocks"),
+            Some(MoeTensor::FusedExperts { layer: 0, rest: "gate_up_proj_blocks" })
+        );
+        assert_eq!(
+            k.parse("model.layers.0.mlp.experts.down_proj_scales"),
+            Some(MoeTensor::FusedExperts { layer: 0, rest: "down_proj_scales" })
+        );
+        assert_eq!(k.parse("model.layers.0.mlp.experts.other"), None);
+        assert_eq!(k.parse("model.layers.0.self_attn.sinks"), None);
     }
 }

@@ -20,4 +20,6 @@ pub const MOE_KEYS: MoeKeys = MoeKeys {
     shared_expert: Some(("shared_expert", "shared_expert_gate")),
     shared_experts: None,
     router_correction_bias: None,
+    router_bias: None,
+    fused_experts: None,
 };

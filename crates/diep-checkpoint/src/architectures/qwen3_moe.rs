@@ -18,4 +18,6 @@ pub const MOE_KEYS: MoeKeys = MoeKeys {
     shared_expert: None,
     shared_experts: None,
     router_correction_bias: None,
+    router_bias: None,
+    fused_experts: None,
 };
