@@ -128,7 +128,13 @@ fn encode(values: &[f32], dtype: &str, out: &mut Vec<u8>) {
 }
 
 /// Writes one safetensors file from `specs`, generating each tensor as it is written.
-fn write_shard(path: &Path, specs: &[&TensorSpec], dtype: &str, rng: &mut Rng, pb: &indicatif::ProgressBar) -> Result<()> {
+fn write_shard(
+    path: &Path,
+    specs: &[&TensorSpec],
+    dtype: &str,
+    rng: &mut Rng,
+    pb: &indicatif::ProgressBar,
+) -> Result<()> {
     let width = match dtype {
         "f32" => 4,
         _ => 2,
@@ -143,7 +149,10 @@ fn write_shard(path: &Path, specs: &[&TensorSpec], dtype: &str, rng: &mut Rng, p
     let mut offset = 0usize;
     for s in specs {
         let bytes = s.shape.iter().product::<usize>() * width;
-        header.insert(s.name.clone(), json!({"dtype": st_dtype, "shape": s.shape, "data_offsets": [offset, offset + bytes]}));
+        header.insert(
+            s.name.clone(),
+            json!({"dtype": st_dtype, "shape": s.shape, "data_offsets": [offset, offset + bytes]}),
+        );
         offset += bytes;
     }
     let mut h = serde_json::to_vec(&header)?;
@@ -220,7 +229,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut weight_map = BTreeMap::new();
     let n = shards.len();
     for (k, shard) in shards.iter().enumerate() {
-        let file = if n == 1 { "model.safetensors".to_owned() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
+        let file =
+            if n == 1 { "model.safetensors".to_owned() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
         write_shard(&tmp.join(&file), shard, &a.dtype, &mut rng, &pb)?;
         for s in shard {
             weight_map.insert(s.name.clone(), file.clone());
@@ -249,7 +259,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
     let tok_dir = workspace_root().join("fixtures/trained-moe");
     for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(tok_dir.join(f), tmp.join(f)).with_context(|| format!("copying {f} from {}", tok_dir.display()))?;
+        std::fs::copy(tok_dir.join(f), tmp.join(f))
+            .with_context(|| format!("copying {f} from {}", tok_dir.display()))?;
     }
     if a.out.exists() {
         std::fs::remove_dir_all(&a.out).with_context(|| format!("removing {}", a.out.display()))?;
