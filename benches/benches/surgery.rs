@@ -17,13 +17,15 @@ const EXPERTS: usize = 8;
 const HIDDEN: usize = 1024;
 const INTER: usize = 2048;
 
+/// `n` bytes of bf16 values uniform in [-0.05, 0.05].
 fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
+    let mut s = seed.wrapping_add(1);
+    (0..n / 2)
+        .flat_map(|_| {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            // Plain bf16 values in [-0.06, 0.06]: exponent byte 0x3D.. and random mantissa.
-            (s >> 56) as u8
+            let x = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+            let b = (x.to_bits() >> 16) as u16;
+            b.to_le_bytes()
         })
         .collect()
 }
