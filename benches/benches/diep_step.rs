@@ -17,7 +17,7 @@ fn diep_step(c: &mut Criterion) {
     let text: Vec<Vec<u32>> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("heldout/english.ids.json")).unwrap()).unwrap();
     let ids: Vec<Vec<u32>> = text.into_iter().take(16).collect();
-    let settings = DiepSettings { epochs: 1, batch_size: 16, ..Default::default() };
+    let settings = DiepSettings { epochs: 1, batch_size: 16, ..DiepSettings::paper() };
     let mut g = c.benchmark_group("diep_step");
     g.sample_size(10);
     g.throughput(Throughput::Elements((16 * ids[0].len()) as u64));

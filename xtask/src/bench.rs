@@ -670,6 +670,30 @@ fn analysis(results: &[RunResult], ratios: &[f64]) -> String {
         }
         text.push_str("\n\n");
     }
+    // The paper's Mixtral-8x7B figure: 92% retained with half of the experts removed.
+    let half = rows(results, 0.5);
+    if let Some(d) = half.iter().find(|r| r.diep_default) {
+        let best_baseline = half.iter().filter(|r| r.method != "diep").map(|r| r.retention.0).fold(0.0, f64::max);
+        let _ = write!(
+            text,
+            "Target: the paper reports that DiEP keeps about 92% of Mixtral-8x7B's quality with half of the experts \
+             removed. Here DiEP's default retains {:.3} of the perplexity at ratio 0.5, so that figure is {}. ",
+            d.retention.0,
+            if d.retention.0 >= 0.92 { "reached" } else { "NOT reached" }
+        );
+        if d.retention.0 < 0.92 {
+            let _ = write!(
+                text,
+                "This fixture has much less redundancy than Mixtral-8x7B: it is a 4-layer model with 8 experts of width \
+                 192 per layer, trained for 25 minutes on two domains, so its experts are few, small and specialised \
+                 (expert usage per domain in fixtures/trained-moe/summary.json), and no selection can remove half of \
+                 them cheaply: the best baseline keeps {best_baseline:.3}. Retention also multiplies through only 4 layers \
+                 with no dense FFN to fall back on. The ranking between methods, not the absolute level, is what this \
+                 benchmark measures."
+            );
+        }
+        text.push_str("\n\n");
+    }
     if diep_present {
         if diep_always_best {
             text.push_str(

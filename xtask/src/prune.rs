@@ -97,9 +97,10 @@ pub struct DiepArgs {
     /// `paper` (routed contributions scaled by β·N·softmax(α)).
     #[arg(long, default_value = "routed-gated")]
     relaxation: RelaxationKind,
-    /// Objective: `ce-norm` (the paper's CE + λ‖F′−F‖), `kl` (to the original next-token
-    /// distribution) or `layer-wise` (per-block reconstruction; streams the model).
-    #[arg(long, default_value = "ce-norm")]
+    /// Objective: `kl` (to the original model's next-token distribution; the default),
+    /// `ce-norm` (the paper's CE + λ‖F′−F‖; with `--lr 5e-3` the paper's settings) or
+    /// `layer-wise` (per-block reconstruction; streams the model).
+    #[arg(long, default_value = "kl")]
     objective: Objective,
     /// Routed relaxation: `implicit` gives the global threshold θ the budget's gradient
     /// (zero-sum keep budget); `fixed` treats it as a constant of each step.
@@ -108,8 +109,8 @@ pub struct DiepArgs {
     /// Passes over the calibration set.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
-    /// Peak learning rate (cosine schedule).
-    #[arg(long, default_value_t = 5e-3)]
+    /// Peak learning rate (cosine schedule); the paper's is 5e-3.
+    #[arg(long, default_value_t = 0.02)]
     lr: f64,
     /// Update rule: adam or sgd.
     #[arg(long, default_value = "adam")]

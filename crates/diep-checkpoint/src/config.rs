@@ -883,7 +883,7 @@ fn routing_config(f: &Fields<'_>, arch: Architecture, num_experts: usize, top_k:
 /// `layer == usize::MAX` means the architecture's unpruned count.
 fn check_groups(f: &Fields<'_>, g: GroupLimit, num_experts: usize, top_k: usize, layer: usize) -> Result<()> {
     let at = if layer == usize::MAX { String::new() } else { format!(" (layer {layer})") };
-    if num_experts % g.n_group != 0 {
+    if !num_experts.is_multiple_of(g.n_group) {
         return Err(
             f.invalid("n_group", format!("{} groups do not split {num_experts} routed experts evenly{at}", g.n_group))
         );

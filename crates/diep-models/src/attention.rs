@@ -176,6 +176,7 @@ impl SelfAttention {
 
 /// How an MLA layer computes its queries.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum MlaQuery {
     /// `q_proj` (when `q_lora_rank` is null).
     Direct(Linear),

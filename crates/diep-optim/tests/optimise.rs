@@ -240,7 +240,10 @@ fn adam_and_sgd_updates_match_hand_computation() {
 
 #[test]
 fn schedules_and_settings_validation() {
-    let s = DiepSettings::default();
+    let d = DiepSettings::default();
+    assert_eq!((d.objective, d.lr), (Objective::Kl, 0.02));
+    let s = DiepSettings::paper();
+    assert_eq!(s.objective, Objective::CeNorm);
     assert_eq!((s.lr, s.epochs, s.batch_size, s.alpha_steps, s.beta_steps, s.lambda), (5e-3, 10, 16, 3, 1, 0.01));
     assert_eq!(s.lr_at(0, 20), 5e-3);
     assert!((s.lr_at(10, 20) - 2.5e-3).abs() < 1e-15);
