@@ -268,7 +268,8 @@ fn prune_with_diep_saves_state_resumes_and_records_alpha_beta() {
         assert_eq!(diep["kept_per_layer"][l.to_string()].as_u64().unwrap() as usize, plan.kept_experts[l].len());
     }
     assert_eq!(plan.settings["epochs"], 2);
-    assert_eq!(plan.settings["lr"], 5e-3);
+    assert_eq!(plan.settings["lr"], 0.02);
+    assert_eq!(plan.settings["objective"], "kl");
     // The state beside the output; resuming a finished run gives the same plan.
     let state = dir.path().join("diep.diep-state.json");
     assert!(state.exists());
