@@ -37,6 +37,31 @@ What it generates (all random init, fixed seeds, deterministic):
                         q/k/v/o biases, yarn RoPE (truncate false).
 * ``tiny-deepseek-v2``    deepseek_v2, 3 layers (layer 0 dense), MLA without q_lora_rank (q_proj),
                           yarn RoPE, group_limited_greedy (n_group=4, topk_group=2), 2 shared experts.
+* ``tiny-deepseek``       deepseek (DeepSeek-MoE 16B's remote-code model type), 3 layers (layer 0 dense via
+                          first_k_dense_replace=1, moe_layer_freq=1), Llama attention with GQA (2 kv heads),
+                          rotate-half RoPE, softmax greedy top-2 without renormalisation, 2 shared experts.
+* ``tiny-deepseek-freq2`` deepseek, 4 layers, first_k_dense_replace=1 and moe_layer_freq=2 (only layer 2 is
+                          MoE), norm_topk_prob=true, no shared experts, linear rope_scaling (factor 2), tied
+                          embeddings.
+
+transformers has no ``deepseek`` model (DeepSeek-MoE ships remote code, ``configuration_deepseek.py`` /
+``modeling_deepseek.py``, referenced from its config.json's ``auto_map``). Its references are built HERE,
+from the remote code's semantics (read from a vendored copy of the upstream file,
+``BZX667/CMoE: modeling_deepseek.py``; the upstream repository is ``deepseek-ai/deepseek-moe-16b-base``):
+transformers' own Llama pieces (``LlamaModel``: embeddings, ``LlamaAttention`` with eager attention and
+``repeat_kv``, ``LlamaRotaryEmbedding`` (rotate-half; ``rope_type: linear`` divides the frequencies by the
+factor, which for factor 2 is bit-identical to the remote code's ``t / factor``), ``LlamaRMSNorm``, dense
+``LlamaMLP``) are exactly the remote code's ``DeepseekAttention`` / ``DeepseekRMSNorm`` /
+``DeepseekRotaryEmbedding`` / ``DeepseekMLP``; only the MoE block is hand-written below
+(``DeepseekMoERef``, ``MoEGateRef``): ``logits = F.linear(x, gate.weight)`` in the model dtype,
+``softmax``, ``torch.topk`` (greedy), ``/ (sum + 1e-20)`` only if ``top_k > 1 and norm_topk_prob``,
+routed experts ``experts.{e}.{gate,up,down}_proj`` (SiLU-gated) weighted and summed per token as in
+``moe_infer``, plus ``shared_experts`` (width ``moe_intermediate_size * n_shared_experts``) without a gate.
+Parameter names equal the upstream checkpoint keys; the checkpoint is written with ``safetensors`` and a
+config.json in the upstream key style (``model_type: deepseek``, ``auto_map`` to
+``configuration_deepseek.DeepseekConfig`` / ``modeling_deepseek.DeepseekForCausalLM``, ``rope_theta``,
+``rope_scaling``), and the references come from the model rebuilt from that config.json and loaded from
+that file.
 
 Every model: vocab 320 (= the byte-level BPE tokenizer.json written next to it), hidden 64,
 4 heads / 2 kv heads, 8 experts, top-2, max_position_embeddings 512, non-default rope theta and
@@ -306,6 +331,8 @@ SEEDS = {
     "tiny-deepseek-v2": 1007,
     "tiny-gpt-oss": 1008,
     "tiny-gpt-oss-mxfp4": 1009,
+    "tiny-deepseek": 1010,
+    "tiny-deepseek-freq2": 1011,
 }
 IDS_SEEDS = {
     "tiny-mixtral": 2001,
@@ -319,6 +346,8 @@ IDS_SEEDS = {
     "tiny-deepseek-v2": 2007,
     "tiny-gpt-oss": 2008,
     "tiny-gpt-oss-mxfp4": 2009,
+    "tiny-deepseek": 2010,
+    "tiny-deepseek-freq2": 2011,
 }
 
 
@@ -396,6 +425,8 @@ def expected_moe_layers(cfg) -> list[int]:
         return list(range(L))
     if cfg.model_type in ("deepseek_v3", "deepseek_v2"):
         return list(range(cfg.first_k_dense_replace, L))
+    if cfg.model_type == "deepseek":
+        return [i for i in range(L) if i >= cfg.first_k_dense_replace and i % cfg.moe_layer_freq == 0]
     n_exp = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts")
     return [
         i
@@ -675,6 +706,9 @@ def physically_remove_experts(model, masked: dict[int, list[int]]):
             gate.e_score_correction_bias = torch.nn.Buffer(gate.e_score_correction_bias[keep].clone())
         if isinstance(getattr(gate, "bias", None), torch.nn.Parameter):
             gate.bias = torch.nn.Parameter(gate.bias[keep].clone())
+        if isinstance(blk.experts, torch.nn.ModuleList):  # per-expert modules (tiny-deepseek)
+            blk.experts = torch.nn.ModuleList([blk.experts[e] for e in keep])
+            continue
         blk.experts.gate_up_proj = torch.nn.Parameter(blk.experts.gate_up_proj[keep].clone())
         blk.experts.down_proj = torch.nn.Parameter(blk.experts.down_proj[keep].clone())
         for b in ("gate_up_proj_bias", "down_proj_bias"):
@@ -1005,6 +1039,285 @@ def gen_deepseek(out: Path, name: str) -> None:
     write_json(pdir / "reference.json", ref)
 
 
+# --------------------------------------------------------------------------------------------
+# DeepSeek-MoE (`deepseek`): no transformers class; reference built from the remote code's semantics
+# --------------------------------------------------------------------------------------------
+
+DEEPSEEK_AUTO_MAP = {
+    "AutoConfig": "configuration_deepseek.DeepseekConfig",
+    "AutoModel": "modeling_deepseek.DeepseekModel",
+    "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+}
+
+
+def deepseek_moe_config(name: str) -> dict:
+    """config.json of the tiny DeepSeek-MoE fixtures, in the upstream (transformers 4.x remote code) key
+    style and key order of deepseek-moe-16b-base."""
+    freq2 = name == "tiny-deepseek-freq2"
+    return {
+        "architectures": ["DeepseekForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "auto_map": DEEPSEEK_AUTO_MAP,
+        "aux_loss_alpha": 0.001,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+        "first_k_dense_replace": 1,
+        "hidden_act": "silu",
+        "hidden_size": HIDDEN,
+        "initializer_range": 0.2,
+        "intermediate_size": 96,
+        "max_position_embeddings": 512,
+        "model_type": "deepseek",
+        "moe_intermediate_size": 32,
+        "moe_layer_freq": 2 if freq2 else 1,
+        "n_routed_experts": N_EXPERTS,
+        "n_shared_experts": None if freq2 else 2,
+        "norm_topk_prob": freq2,
+        "num_attention_heads": N_HEADS,
+        "num_experts_per_tok": TOP_K,
+        "num_hidden_layers": 4 if freq2 else 3,
+        "num_key_value_heads": N_KV_HEADS,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 2e-6 if freq2 else 1e-5,  # default 1e-6
+        "rope_scaling": {"type": "linear", "factor": 2.0} if freq2 else None,
+        "rope_theta": 20000.0 if freq2 else 5000.0,  # default 10000
+        "scoring_func": "softmax",
+        "seq_aux": True,
+        "tie_word_embeddings": freq2,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": VOCAB,
+    }
+
+
+class DeepseekMLPRef(torch.nn.Module):
+    """The remote code's ``DeepseekMLP`` (pretraining_tp = 1): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGateRef(torch.nn.Module):
+    """The remote code's ``MoEGate`` at inference: softmax scores, greedy top-k, optional renormalisation.
+    Keeps the raw logits of its last call (``router_logits``). ``F`` is this module's global, so
+    ``masked_router`` can patch it like transformers' routers."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.top_k = cfg["num_experts_per_tok"]
+        self.norm_topk_prob = cfg["norm_topk_prob"]
+        assert cfg["scoring_func"] == "softmax"
+        self.weight = torch.nn.Parameter(torch.empty(cfg["n_routed_experts"], cfg["hidden_size"]))
+        self.last_logits = None
+
+    def forward(self, hidden_states):
+        h = hidden_states.shape[-1]
+        logits = F.linear(hidden_states.view(-1, h), self.weight, None)
+        self.last_logits = logits
+        scores = logits.softmax(dim=-1)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_idx, topk_weight
+
+
+class DeepseekMoERef(torch.nn.Module):
+    """The remote code's ``DeepseekMoE`` at inference (``moe_infer``): each expert runs on the tokens
+    routed to it, its output times the routing weight is summed per token; then the shared experts'
+    output is added without a gate."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        H, I = cfg["hidden_size"], cfg["moe_intermediate_size"]
+        self.experts = torch.nn.ModuleList([DeepseekMLPRef(H, I) for _ in range(cfg["n_routed_experts"])])
+        self.gate = MoEGateRef(cfg)
+        if cfg["n_shared_experts"] is not None:
+            self.shared_experts = DeepseekMLPRef(H, I * cfg["n_shared_experts"])
+
+    def forward(self, hidden_states):
+        identity = hidden_states
+        shape = hidden_states.shape
+        topk_idx, topk_weight = self.gate(hidden_states)
+        x = hidden_states.view(-1, shape[-1])
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (topk_idx == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            out = expert(x[tok]) * topk_weight[tok, slot].unsqueeze(-1)
+            y.index_add_(0, tok, out)
+        y = y.view(*shape)
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(identity)
+        return y
+
+
+class DeepseekMoERefForCausalLM(torch.nn.Module):
+    """DeepSeek-MoE as its remote code computes it: transformers' ``LlamaModel`` (the remote code's attention,
+    RoPE, RMSNorm and dense MLP are Llama's) with the MoE layers' ``mlp`` replaced by ``DeepseekMoERef``,
+    and an ``lm_head``. Submodule names give the upstream checkpoint keys."""
+
+    def __init__(self, cfg: dict):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        super().__init__()
+        rs = cfg["rope_scaling"]
+        rope = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
+        if rs is not None:
+            assert rs["type"] == "linear", rs
+            rope = {"rope_type": "linear", "rope_theta": cfg["rope_theta"], "factor": rs["factor"]}
+        llama_cfg = LlamaConfig(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg["num_key_value_heads"], hidden_act=cfg["hidden_act"],
+            max_position_embeddings=cfg["max_position_embeddings"], initializer_range=cfg["initializer_range"],
+            rms_norm_eps=cfg["rms_norm_eps"], bos_token_id=cfg["bos_token_id"], eos_token_id=cfg["eos_token_id"],
+            pad_token_id=None, tie_word_embeddings=cfg["tie_word_embeddings"], rope_parameters=rope,
+            attention_bias=cfg["attention_bias"], attention_dropout=0.0, mlp_bias=False,
+            attn_implementation="eager",
+        )
+        lm = LlamaForCausalLM(llama_cfg)
+        self.model = lm.model
+        self.lm_head = lm.lm_head
+        if cfg["tie_word_embeddings"]:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.moe_layers = [i for i in range(cfg["num_hidden_layers"])
+                           if i >= cfg["first_k_dense_replace"] and i % cfg["moe_layer_freq"] == 0]
+        for i in self.moe_layers:
+            self.model.layers[i].mlp = DeepseekMoERef(cfg)
+        self.config = argparse.Namespace(**cfg, output_router_logits=False)
+
+    def forward(self, input_ids, labels=None, output_hidden_states=False, output_router_logits=False):
+        out = self.model(input_ids=input_ids, output_hidden_states=output_hidden_states)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = None
+        if labels is not None:  # transformers' ForCausalLMLoss: mean CE over the shifted positions
+            V = logits.shape[-1]
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1))
+        router_logits = None
+        if output_router_logits:
+            router_logits = tuple(self.model.layers[i].mlp.gate.last_logits for i in moe_layers_of(self))
+        return argparse.Namespace(logits=logits, loss=loss, hidden_states=out.hidden_states,
+                                  router_logits=router_logits)
+
+
+def build_deepseek_moe(name: str, seed: int) -> DeepseekMoERefForCausalLM:
+    cfg = deepseek_moe_config(name)
+    torch.manual_seed(seed)
+    model = DeepseekMoERefForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # hand-written modules: same init as transformers' (normal, initializer_range)
+        for i in model.moe_layers:
+            for p in model.model.layers[i].mlp.parameters():
+                p.normal_(0.0, cfg["initializer_range"])
+    perturb(model, seed)
+    check_params_nontrivial(model)
+    return model
+
+
+def save_deepseek_moe(model: DeepseekMoERefForCausalLM, mdir: Path) -> None:
+    cfg = dict(vars(model.config))
+    del cfg["output_router_logits"]
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if cfg["tie_word_embeddings"]:
+        del sd["lm_head.weight"]
+    save_file(sd, str(mdir / "model.safetensors"), metadata={"format": "pt"})
+    (mdir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {"_from_model_config": True, "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+           "transformers_version": transformers.__version__}
+    (mdir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def load_deepseek_moe(mdir: Path) -> DeepseekMoERefForCausalLM:
+    """Rebuilt from config.json, weights from model.safetensors (strict: every key used, none missing)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((mdir / "config.json").read_text())
+    model = DeepseekMoERefForCausalLM(cfg).float().eval()
+    sd = load_file(str(mdir / "model.safetensors"))
+    if cfg["tie_word_embeddings"]:
+        assert "lm_head.weight" not in sd
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True)
+    if cfg["tie_word_embeddings"]:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+@torch.no_grad()
+def check_deepseek_moe(model, ids) -> dict:
+    """Records that the shared experts and (freq2) the renormalisation and linear RoPE scaling matter."""
+    cfg = model.config
+    base = model(ids).logits
+    out = {"moe_layer_freq": cfg.moe_layer_freq, "first_k_dense_replace": cfg.first_k_dense_replace}
+    if cfg.n_shared_experts is not None:
+        saved = {}
+        for i in moe_layers_of(model):
+            m = model.model.layers[i].mlp
+            saved[i] = m.shared_experts
+            del m.shared_experts
+        d = float((model(ids).logits - base).abs().max())
+        for i, s in saved.items():
+            model.model.layers[i].mlp.shared_experts = s
+        log(f"    without shared experts: max |dlogit| {d:.3g}")
+        assert d > 1e-2
+        out["without_shared_experts_max_abs_diff"] = d
+    if cfg.norm_topk_prob:
+        gates = [model.model.layers[i].mlp.gate for i in moe_layers_of(model)]
+        for g in gates:
+            g.norm_topk_prob = False
+        d = float((model(ids).logits - base).abs().max())
+        for g in gates:
+            g.norm_topk_prob = True
+        log(f"    without renormalisation: max |dlogit| {d:.3g}")
+        assert d > 1e-2
+        out["without_norm_topk_prob_max_abs_diff"] = d
+    if cfg.rope_scaling is not None:
+        rot = model.model.rotary_emb
+        saved = rot.inv_freq.clone()
+        rot.inv_freq.mul_(cfg.rope_scaling["factor"])
+        d = float((model(ids).logits - base).abs().max())
+        rot.inv_freq.copy_(saved)
+        log(f"    without linear RoPE scaling: max |dlogit| {d:.3g}")
+        assert d > 1e-2
+        out["without_rope_scaling_max_abs_diff"] = d
+    assert torch.equal(model(ids).logits, base)
+    return out
+
+
+def gen_deepseek_moe(out: Path, name: str) -> None:
+    log(name)
+    src = build_deepseek_moe(name, SEEDS[name])
+    mdir = fresh_dir(out / "models" / name)
+    save_deepseek_moe(src, mdir)
+    model = load_deepseek_moe(mdir)
+    ids = make_ids(name)
+    tensors, fields = run_reference(model, ids)
+    with torch.no_grad():
+        assert torch.equal(src(ids).logits, model(ids).logits), f"{name}: save/load round trip changed logits"
+    keys = check_disk_layout(name, mdir, model.config, fields["moe_layers"])
+    ref = base_reference_json(name, model, ids, keys, "float32")
+    ref.update(fields)
+    ref["transformers_version"] = (
+        f"{transformers.__version__} (LlamaModel pieces; the MoE block hand-written from the remote code)")
+    ref["experts_implementation"] = "n/a (DeepseekMoERef, per-expert nn.ModuleList as the remote code)"
+    ref["reference_implementation"] = (
+        "no transformers class: scripts/gen_parity_fixtures.py DeepseekMoERefForCausalLM = transformers "
+        "LlamaModel (attention, RoPE, RMSNorm, dense MLP) + hand-written DeepseekMoE/MoEGate following the "
+        "upstream remote code modeling_deepseek.py (deepseek-ai/deepseek-moe-16b-base; read from the vendored "
+        "copy BZX667/CMoE:modeling_deepseek.py)")
+    mt, mf = masked_reference(name, model, ids, tensors)
+    ref.update(mf)
+    ref.update(check_deepseek_moe(model, ids))
+    emit(name, out, ref, tensors, ids, {"masked.safetensors": mt})
+
+
 @torch.no_grad()
 def check_gpt_oss(model, ids) -> dict:
     """Checks that sinks, the sliding window and the SwiGLU clamp all matter on these inputs."""
@@ -1201,6 +1514,8 @@ All models: hidden 64, 4 heads / 2 kv heads, 8 experts, top-2, 3 x 16 token ids,
 | `tiny-deepseek-v2` | deepseek_v2 | f32, 1 file | 3 layers, layer 0 dense, MLA without q_lora_rank (`q_proj`), yarn RoPE (complex-number form), softmax `group_limited_greedy` (`n_group: 4`, `topk_group: 2`), `routed_scaling_factor: 1.5`, 2 shared experts; `masked.safetensors` |
 | `tiny-gpt-oss` | gpt_oss | f32, 1 file | 3 layers (`layer_types` sliding, full, sliding; `sliding_window: 6`), fused `mlp.experts.gate_up_proj` (interleaved) / `down_proj` with biases, router bias, clamped SwiGLU with `swiglu_limit: 2` (clamps), per-head attention `sinks` (1.0 randn), q/k/v/o biases, yarn RoPE (factor 4, truncate false), intermediate 16, head_dim 16; `masked.safetensors` |
 | `tiny-gpt-oss-mxfp4` | gpt_oss | f32 + uint8 MXFP4 experts, 1 file | 2 layers, intermediate 32, experts as `gate_up_proj_blocks/_scales`, `down_proj_blocks/_scales` (written in transformers' layout; transformers on CPU dequantises them, and its loaded weights equal `convert_moe_packed_tensors`); references from that load in f32 |
+| `tiny-deepseek` | deepseek | f32, 1 file | DeepSeek-MoE (remote code; reference built by the script, see below): 3 layers, layer 0 dense (`first_k_dense_replace: 1`, `moe_layer_freq: 1`), Llama attention with GQA (4 heads, 2 kv heads), rotate-half RoPE, softmax greedy top-2 without renormalisation, 2 shared experts (`mlp.shared_experts`, width 64); `masked.safetensors` |
+| `tiny-deepseek-freq2` | deepseek | f32, 1 file | DeepSeek-MoE, 4 layers, `first_k_dense_replace: 1`, `moe_layer_freq: 2` (layer 2 MoE; 0, 1, 3 dense), `norm_topk_prob: true`, no shared experts, `rope_scaling: {{type: linear, factor: 2}}`, tied embeddings; `masked.safetensors` |
 
 Per fixture, in `fixtures/parity/<name>/`:
 
@@ -1212,12 +1527,26 @@ Per fixture, in `fixtures/parity/<name>/`:
   logits before softmax, row = b*16 + t); `hidden_states.{{k}}` [3, 16, 64] for k = 0..L (0 = embeddings,
   k = output of layer k-1, **L = after the final norm**); `final_prenorm` (last layer output before the final norm);
   bf16 fixture also `logits_bf16`, `router_logits_bf16.{{layer}}`.
-- `masked.safetensors` (tiny-mixtral, tiny-qwen2-moe): `logits` with `masked_experts` (per layer) never selectable
-  (router logits set to -inf before softmax/top-k; checked equal to deleting those experts). For the DeepSeek
-  fixtures: the logits with `masked_experts` (one per routing group) physically deleted.
+- `masked.safetensors` (tiny-mixtral, tiny-qwen2-moe, tiny-gpt-oss, tiny-deepseek, tiny-deepseek-freq2): `logits`
+  with `masked_experts` (per layer) never selectable (router logits set to -inf before softmax/top-k; checked
+  equal to deleting those experts). For the DeepSeek-V2/V3 fixtures: the logits with `masked_experts` (one per
+  routing group) physically deleted.
+
+`tiny-deepseek*` (`model_type: deepseek`, DeepSeek-MoE 16B) have no transformers class: the model ships remote
+code (`configuration_deepseek.py`, `modeling_deepseek.py` of `deepseek-ai/deepseek-moe-16b-base`, named by
+`auto_map` in its config.json). The script builds the reference from that remote code's semantics (read
+from a vendored copy of the upstream file, `BZX667/CMoE: modeling_deepseek.py`): transformers' `LlamaModel`
+supplies the parts the remote code copied from Llama (embeddings, eager `LlamaAttention` with `repeat_kv`,
+rotate-half `LlamaRotaryEmbedding`, `LlamaRMSNorm`, dense `LlamaMLP`), and only the MoE block is written by
+hand (`DeepseekMoERef` / `MoEGateRef`: `F.linear(x, gate.weight)` in the model dtype, softmax, `torch.topk`,
+`/ (sum + 1e-20)` only if `top_k > 1 and norm_topk_prob`, SiLU-gated `experts.{{e}}.{{gate,up,down}}_proj`
+weighted and summed per token as `moe_infer` does, plus ungated `shared_experts`). Parameter names are the
+upstream checkpoint keys; config.json is written in the upstream key style (`rope_theta`, `rope_scaling`,
+`auto_map`), and the references come from the model rebuilt from that config.json and loaded from the
+saved file. Their `reference.json` says so in `reference_implementation`.
 
 The DeepSeek and gpt-oss fixtures can be regenerated alone (the others stay untouched):
-`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2 tiny-gpt-oss tiny-gpt-oss-mxfp4`.
+`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2 tiny-gpt-oss tiny-gpt-oss-mxfp4 tiny-deepseek tiny-deepseek-freq2`.
 
 Regenerate (needs `/opt/tf4`, see `scripts/requirements-fixtures.txt`):
 
@@ -1250,7 +1579,8 @@ def main() -> None:
     ap.add_argument("--tf4-path", default="/opt/tf4", help=f"--target dir holding transformers {TF4_VERSION}")
     ap.add_argument("--skip-tf4", action="store_true")
     ap.add_argument("--only", nargs="+", choices=["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss",
-                                                        "tiny-gpt-oss-mxfp4"],
+                                                        "tiny-gpt-oss-mxfp4", "tiny-deepseek",
+                                                        "tiny-deepseek-freq2"],
                     help="(re)generate only these fixtures (the others are left as they are)")
     ap.add_argument("--tf4-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -1271,6 +1601,8 @@ def main() -> None:
                 gen_gpt_oss(out, name)
             elif name == "tiny-gpt-oss-mxfp4":
                 gen_gpt_oss_mxfp4(out, name)
+            elif name in ("tiny-deepseek", "tiny-deepseek-freq2"):
+                gen_deepseek_moe(out, name)
             else:
                 gen_deepseek(out, name)
         finish_tokenizer(out, args.only)
@@ -1279,7 +1611,8 @@ def main() -> None:
         return
 
     names = ["tiny-mixtral", "tiny-mixtral-swa", "tiny-mixtral-bf16", "tiny-qwen2-moe", "tiny-qwen3-moe",
-             "tiny-olmoe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss", "tiny-gpt-oss-mxfp4"]
+             "tiny-olmoe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss", "tiny-gpt-oss-mxfp4",
+             "tiny-deepseek", "tiny-deepseek-freq2"]
     gen_mixtral_family(out)
     gen_qwen2(out)
     gen_qwen3(out)
@@ -1288,6 +1621,8 @@ def main() -> None:
     gen_deepseek(out, "tiny-deepseek-v2")
     gen_gpt_oss(out)
     gen_gpt_oss_mxfp4(out)
+    gen_deepseek_moe(out, "tiny-deepseek")
+    gen_deepseek_moe(out, "tiny-deepseek-freq2")
     if not args.skip_tf4:
         gen_tf4(out, args.tf4_path)
         names.append("tiny-qwen3-moe-tf4")

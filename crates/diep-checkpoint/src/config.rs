@@ -8,7 +8,7 @@ use crate::error::{CheckpointError, Result};
 
 /// The `model_type` values this toolkit implements.
 pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss"];
+    &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "deepseek", "gpt_oss"];
 
 /// A supported decoder architecture, named as in `config.json`'s `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,6 +27,10 @@ pub enum Architecture {
     /// `deepseek_v2`: DeepSeek-V2 / V2-Lite (MLA, softmax routing, greedy or group-limited,
     /// shared experts, leading dense layers).
     DeepseekV2,
+    /// `deepseek`: DeepSeek-MoE 16B (remote code `modeling_deepseek.py`: standard multi-head
+    /// attention with rotate-half RoPE, softmax greedy routing, shared experts, dense layers
+    /// from `first_k_dense_replace` and `moe_layer_freq`).
+    Deepseek,
     /// `gpt_oss`: gpt-oss (router bias, fused experts with biases and a clamped SwiGLU,
     /// attention sinks, alternating sliding/full attention, yarn RoPE).
     GptOss,
@@ -42,12 +46,20 @@ impl Architecture {
             Architecture::Olmoe => "olmoe",
             Architecture::DeepseekV3 => "deepseek_v3",
             Architecture::DeepseekV2 => "deepseek_v2",
+            Architecture::Deepseek => "deepseek",
             Architecture::GptOss => "gpt_oss",
         }
     }
 
-    /// DeepSeek-V2/V3: multi-head latent attention, ungated shared experts, `n_routed_experts`.
+    /// The DeepSeek family (DeepSeek-MoE, V2, V3): ungated shared experts, `n_routed_experts`,
+    /// dense layers before `first_k_dense_replace`, and no stock loader for per-layer expert
+    /// counts. Only V2/V3 use multi-head latent attention ([`Architecture::has_mla`]).
     pub fn is_deepseek(self) -> bool {
+        matches!(self, Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek)
+    }
+
+    /// DeepSeek-V2/V3: multi-head latent attention (DeepSeek-MoE has standard attention).
+    pub fn has_mla(self) -> bool {
         matches!(self, Architecture::DeepseekV3 | Architecture::DeepseekV2)
     }
 
@@ -60,6 +72,7 @@ impl Architecture {
             "olmoe" => Some(Architecture::Olmoe),
             "deepseek_v3" => Some(Architecture::DeepseekV3),
             "deepseek_v2" => Some(Architecture::DeepseekV2),
+            "deepseek" => Some(Architecture::Deepseek),
             "gpt_oss" => Some(Architecture::GptOss),
             _ => None,
         }
@@ -144,6 +157,12 @@ pub enum RopeScaling {
     None,
     /// YaRN (`rope_type: yarn`), as transformers' `_compute_yarn_parameters`.
     Yarn(YarnConfig),
+    /// Linear position interpolation (`rope_scaling: {"type": "linear", "factor": f}`):
+    /// positions are divided by `factor` (DeepSeek-MoE's `DeepseekLinearScalingRotaryEmbedding`).
+    Linear {
+        /// `factor`.
+        factor: f64,
+    },
 }
 
 /// YaRN parameters, resolved with transformers' defaults.
@@ -243,7 +262,7 @@ pub struct MoeConfig {
 /// How router logits become scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scoring {
-    /// `softmax(logits)` in f32 (Mixtral, Qwen, OLMoE, DeepSeek-V2).
+    /// `softmax(logits)` in f32 (Mixtral, Qwen, OLMoE, DeepSeek-MoE, DeepSeek-V2).
     Softmax,
     /// `sigmoid(logits)` in f32 (DeepSeek-V3).
     Sigmoid,
@@ -285,7 +304,7 @@ pub struct RoutingConfig {
 }
 
 impl RoutingConfig {
-    /// Softmax, plain top-k, no scaling: Mixtral, Qwen and OLMoE.
+    /// Softmax, plain top-k, no scaling: Mixtral, Qwen, OLMoE and DeepSeek-MoE.
     pub fn softmax() -> Self {
         RoutingConfig {
             scoring: Scoring::Softmax,
@@ -386,9 +405,10 @@ impl ModelConfig {
         let num_layers = f.req_usize("num_hidden_layers")?;
         let num_heads = f.req_usize("num_attention_heads")?;
         let deepseek = architecture.is_deepseek();
+        let mla_arch = architecture.has_mla();
         let gpt_oss = architecture == Architecture::GptOss;
         let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-        if deepseek && num_kv_heads != num_heads {
+        if mla_arch && num_kv_heads != num_heads {
             // MLA expands one latent into every head; transformers' `repeat_kv` would then
             // fail, so such a config has no meaning.
             return Err(f.invalid(
@@ -402,7 +422,7 @@ impl ModelConfig {
                 format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
             ));
         }
-        let mla = if deepseek { Some(mla_config(&f, architecture)?) } else { None };
+        let mla = if mla_arch { Some(mla_config(&f, architecture)?) } else { None };
         let head_dim = match (&mla, f.opt_usize("head_dim")?) {
             // transformers sets `head_dim = qk_rope_head_dim` for these models: the RoPE width.
             (Some(m), _) => m.qk_rope_head_dim,
@@ -419,7 +439,7 @@ impl ModelConfig {
         };
         if head_dim % 2 != 0 {
             return Err(f.invalid(
-                if deepseek { "qk_rope_head_dim" } else { "head_dim" },
+                if mla_arch { "qk_rope_head_dim" } else { "head_dim" },
                 format!("{head_dim} must be even for RoPE"),
             ));
         }
@@ -429,13 +449,13 @@ impl ModelConfig {
             Architecture::Mixtral => (1e-5, 1e6),
             Architecture::Qwen2Moe | Architecture::Qwen3Moe => (1e-6, 10_000.0),
             Architecture::Olmoe => (1e-5, 10_000.0),
-            Architecture::DeepseekV3 | Architecture::DeepseekV2 => (1e-6, 10_000.0),
+            Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek => (1e-6, 10_000.0),
             Architecture::GptOss => (1e-5, 150_000.0),
         };
         let rms_norm_eps = f.opt_f64("rms_norm_eps")?.unwrap_or(default_eps);
         let tie_word_embeddings = f.opt_bool("tie_word_embeddings")?.unwrap_or(false);
         let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(match architecture {
-            Architecture::DeepseekV2 => 2048,
+            Architecture::DeepseekV2 | Architecture::Deepseek => 2048,
             Architecture::GptOss => 131_072,
             _ => 4096,
         });
@@ -454,14 +474,21 @@ impl ModelConfig {
             };
             (theta, RopeScaling::Yarn(yarn))
         } else {
-            rope_settings(&f, default_theta, deepseek || gpt_oss, max_position_embeddings)?
+            let allowed = match architecture {
+                Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::GptOss => RopeAllowed::Yarn,
+                // DeepSeek-MoE's remote code knows `linear` and `dynamic` (NTK); only `linear` is
+                // implemented here.
+                Architecture::Deepseek => RopeAllowed::Linear,
+                _ => RopeAllowed::Default,
+            };
+            rope_settings(&f, default_theta, allowed, max_position_embeddings)?
         };
 
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Mixtral => (false, false),
             // 4.x hard-codes q/k/v biases; 5.x exposes them as `qkv_bias` (default true).
             Architecture::Qwen2Moe => (f.opt_bool("qkv_bias")?.unwrap_or(true), false),
-            Architecture::Qwen3Moe | Architecture::Olmoe => {
+            Architecture::Qwen3Moe | Architecture::Olmoe | Architecture::Deepseek => {
                 let b = f.opt_bool("attention_bias")?.unwrap_or(false);
                 (b, b)
             }
@@ -493,7 +520,7 @@ impl ModelConfig {
                 }
                 None
             }
-            Architecture::Olmoe | Architecture::DeepseekV3 | Architecture::DeepseekV2 => None,
+            Architecture::Olmoe | Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek => None,
         };
         if sliding_window == Some(0) {
             return Err(f.invalid("sliding_window", "must be positive".into()));
@@ -508,14 +535,20 @@ impl ModelConfig {
                 Some(n) => n,
                 None => f.opt_usize("num_local_experts")?.ok_or_else(|| f.missing("num_experts"))?,
             },
-            Architecture::DeepseekV3 | Architecture::DeepseekV2 => f.req_usize("n_routed_experts")?,
+            // DeepSeek-MoE's remote code builds no MoE layer at all when `n_routed_experts` is
+            // null (a dense model, nothing to prune): required here.
+            Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek => {
+                f.req_usize("n_routed_experts")?
+            }
         };
         let top_k = f.req_usize("num_experts_per_tok")?;
         let intermediate_size = f.req_usize("intermediate_size")?;
         let expert_intermediate_size = match architecture {
-            Architecture::Qwen2Moe | Architecture::Qwen3Moe | Architecture::DeepseekV3 | Architecture::DeepseekV2 => {
-                f.req_usize("moe_intermediate_size")?
-            }
+            Architecture::Qwen2Moe
+            | Architecture::Qwen3Moe
+            | Architecture::DeepseekV3
+            | Architecture::DeepseekV2
+            | Architecture::Deepseek => f.req_usize("moe_intermediate_size")?,
             _ => intermediate_size,
         };
         let norm_topk_prob = match architecture {
@@ -526,6 +559,9 @@ impl ModelConfig {
             // transformers 5.x's DeepSeek-V2 router never renormalises, whatever the config says
             // (vLLM honours the flag; the released models have it false).
             Architecture::DeepseekV2 => false,
+            // DeepSeek-MoE's `MoEGate` renormalises only `if top_k > 1 and norm_topk_prob`
+            // (dividing by the sum + 1e-20, which is the sum itself in f32).
+            Architecture::Deepseek => f.opt_bool("norm_topk_prob")?.unwrap_or(false) && top_k > 1,
             _ => f.opt_bool("norm_topk_prob")?.unwrap_or(false),
         };
         let shared_expert_intermediate_size = match architecture {
@@ -533,8 +569,13 @@ impl ModelConfig {
                 Some(0) | None => None,
                 Some(n) => Some(n),
             },
-            Architecture::DeepseekV3 | Architecture::DeepseekV2 => {
-                let default = if architecture == Architecture::DeepseekV3 { 1 } else { 2 };
+            Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek => {
+                // transformers' defaults (V3: 1, V2: 2); DeepSeek-MoE's `DeepseekConfig`: null.
+                let default = match architecture {
+                    Architecture::DeepseekV3 => 1,
+                    Architecture::DeepseekV2 => 2,
+                    _ => 0,
+                };
                 match f.opt_usize("n_shared_experts")?.unwrap_or(default) {
                     0 => None,
                     n => Some(n * expert_intermediate_size),
@@ -547,7 +588,17 @@ impl ModelConfig {
             return Err(f.invalid("mlp_bias", "MLP biases are not supported".into()));
         }
         let first_k_dense = if deepseek { f.opt_usize("first_k_dense_replace")?.unwrap_or(0) } else { 0 };
-        if deepseek
+        // DeepSeek-MoE's remote code: layer `i` is MoE iff `i >= first_k_dense_replace and
+        // i % moe_layer_freq == 0`.
+        let moe_layer_freq = if architecture == Architecture::Deepseek {
+            match f.opt_usize("moe_layer_freq")?.unwrap_or(1) {
+                0 => return Err(f.invalid("moe_layer_freq", "must be positive".into())),
+                n => n,
+            }
+        } else {
+            1
+        };
+        if mla_arch
             && let Some(freq) = f.opt_usize("moe_layer_freq")?
             && freq != 1
         {
@@ -578,6 +629,7 @@ impl ModelConfig {
             let is_moe = match architecture {
                 Architecture::Mixtral | Architecture::Olmoe | Architecture::GptOss => true,
                 Architecture::DeepseekV3 | Architecture::DeepseekV2 => i >= first_k_dense,
+                Architecture::Deepseek => i >= first_k_dense && i % moe_layer_freq == 0,
                 Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
                     let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1);
                     if step == 0 {
@@ -692,12 +744,24 @@ impl ModelConfig {
 /// checkpoint (0 for dense layers).
 pub const PER_LAYER_EXPERTS_KEY: &str = "num_experts_per_layer";
 
+/// Which RoPE scalings an architecture implements besides plain RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RopeAllowed {
+    /// Plain RoPE only.
+    Default,
+    /// Plain or yarn (DeepSeek-V2/V3, gpt-oss).
+    Yarn,
+    /// Plain or linear (DeepSeek-MoE).
+    Linear,
+}
+
 /// RoPE θ and scaling from `rope_parameters` (5.x) or `rope_theta` + `rope_scaling` (4.x).
-/// Only DeepSeek models accept yarn; everything else must be plain RoPE.
+/// DeepSeek-V2/V3 and gpt-oss accept yarn, DeepSeek-MoE linear; everything else must be
+/// plain RoPE.
 fn rope_settings(
     f: &Fields<'_>,
     default_theta: f64,
-    allow_yarn: bool,
+    allowed: RopeAllowed,
     max_position_embeddings: usize,
 ) -> Result<(f64, RopeScaling)> {
     let top_theta = f.opt_f64("rope_theta")?;
@@ -731,7 +795,14 @@ fn rope_settings(
     };
     match ty {
         "default" => Ok((theta, RopeScaling::None)),
-        "yarn" if allow_yarn => {
+        "linear" if allowed == RopeAllowed::Linear => {
+            let factor = num("factor")?.ok_or_else(|| f.missing(&format!("{field}.factor")))?;
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(f.invalid(&format!("{field}.factor"), format!("{factor} must be positive")));
+            }
+            Ok((theta, RopeScaling::Linear { factor }))
+        }
+        "yarn" if allowed == RopeAllowed::Yarn => {
             // As `standardize_rope_params`: a top-level `original_max_position_embeddings` wins,
             // then the one in the parameters, then `max_position_embeddings`.
             let original = match f.opt_usize("original_max_position_embeddings")? {
@@ -776,7 +847,11 @@ fn rope_settings(
             ))
         }
         _ => {
-            let supported = if allow_yarn { "only `default` and `yarn`" } else { "only `default`" };
+            let supported = match allowed {
+                RopeAllowed::Default => "only `default`",
+                RopeAllowed::Yarn => "only `default` and `yarn`",
+                RopeAllowed::Linear => "only `default` and `linear`",
+            };
             Err(f.invalid(&format!("{field}.rope_type"), format!("RoPE type `{ty}` is not supported ({supported})")))
         }
     }
@@ -873,6 +948,16 @@ fn routing_config(f: &Fields<'_>, arch: Architecture, num_experts: usize, top_k:
                 routed_scaling_factor: scaling(1.0)?,
                 correction_bias: false,
             })
+        }
+        Architecture::Deepseek => {
+            // DeepSeek-MoE's `MoEGate` implements only softmax scoring and plain (greedy) top-k;
+            // it has no `routed_scaling_factor`.
+            if let Some(s) = f.opt_str("scoring_func")?
+                && s != "softmax"
+            {
+                return Err(f.invalid("scoring_func", format!("`{s}` is not supported for deepseek (only `softmax`)")));
+            }
+            Ok(RoutingConfig::softmax())
         }
         _ => Ok(RoutingConfig::softmax()),
     }
@@ -1217,6 +1302,113 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("yarn") && err.contains("rope_scaling"), "{err}");
+    }
+
+    /// `deepseek-ai/deepseek-moe-16b-base`'s config.json (transformers 4.x style, remote code).
+    const DEEPSEEK_MOE_16B: &str = r#"{"architectures":["DeepseekForCausalLM"],"attention_bias":false,
+        "attention_dropout":0.0,"auto_map":{"AutoConfig":"configuration_deepseek.DeepseekConfig",
+        "AutoModel":"modeling_deepseek.DeepseekModel","AutoModelForCausalLM":"modeling_deepseek.DeepseekForCausalLM"},
+        "aux_loss_alpha":0.001,"bos_token_id":100000,"eos_token_id":100001,"first_k_dense_replace":1,
+        "hidden_act":"silu","hidden_size":2048,"initializer_range":0.02,"intermediate_size":10944,
+        "max_position_embeddings":4096,"model_type":"deepseek","moe_intermediate_size":1408,"moe_layer_freq":1,
+        "n_routed_experts":64,"n_shared_experts":2,"norm_topk_prob":false,"num_attention_heads":16,
+        "num_experts_per_tok":6,"num_hidden_layers":28,"num_key_value_heads":16,"pretraining_tp":1,
+        "rms_norm_eps":1e-06,"rope_scaling":null,"rope_theta":10000,"scoring_func":"softmax","seq_aux":true,
+        "tie_word_embeddings":false,"torch_dtype":"bfloat16","transformers_version":"4.36.0","use_cache":true,
+        "vocab_size":102400}"#;
+
+    #[test]
+    fn deepseek_moe_16b() {
+        let c = parse(DEEPSEEK_MOE_16B).unwrap();
+        assert_eq!(c.architecture, Architecture::Deepseek);
+        assert!(c.architecture.is_deepseek() && !c.architecture.has_mla());
+        assert_eq!((c.vocab_size, c.hidden_size, c.num_layers), (102_400, 2048, 28));
+        assert_eq!(c.dense_intermediate_size, 10944);
+        assert_eq!(c.layers.len(), 28);
+        assert_eq!(c.layers[0], LayerKind::Dense);
+        assert_eq!(c.moe_layers(), (1..28).collect::<Vec<_>>());
+        assert_eq!(c.experts_in_layer(5), 64);
+        let a = &c.attention;
+        assert!(a.mla.is_none(), "DeepSeek-MoE has standard attention");
+        assert_eq!((a.num_heads, a.num_kv_heads, a.head_dim), (16, 16, 128));
+        assert!(!a.qkv_bias && !a.o_bias && a.qk_norm == QkNorm::None && a.sliding_window.is_none());
+        assert_eq!((a.rope_theta, &a.rope_scaling), (10_000.0, &RopeScaling::None));
+        assert_eq!(a.softmax_scale(), 1.0 / 128f64.sqrt());
+        assert_eq!((c.rms_norm_eps, c.max_position_embeddings, c.tie_word_embeddings), (1e-6, 4096, false));
+        let m = &c.moe;
+        assert_eq!((m.num_experts, m.top_k, m.expert_intermediate_size), (64, 6, 1408));
+        assert_eq!(m.shared_expert_intermediate_size, Some(2 * 1408));
+        assert!(!m.norm_topk_prob && !m.router_bias && !m.expert_bias);
+        assert_eq!(m.routing, RoutingConfig::softmax());
+        assert_eq!(m.activation, ExpertActivation::Silu);
+        // Absent keys take DeepSeek-MoE's `DeepseekConfig` defaults.
+        let bare = DEEPSEEK_MOE_16B
+            .replace(r#""rms_norm_eps":1e-06,"#, "")
+            .replace(r#""rope_theta":10000,"#, "")
+            .replace(r#""max_position_embeddings":4096,"#, "")
+            .replace(r#""n_shared_experts":2,"#, "");
+        let c = parse(&bare).unwrap();
+        assert_eq!((c.rms_norm_eps, c.attention.rope_theta, c.max_position_embeddings), (1e-6, 10_000.0, 2048));
+        assert_eq!(c.moe.shared_expert_intermediate_size, None);
+    }
+
+    #[test]
+    fn deepseek_moe_layer_freq_gqa_and_renormalisation() {
+        let tiny = DEEPSEEK_MOE_16B
+            .replace(r#""num_hidden_layers":28"#, r#""num_hidden_layers":4"#)
+            .replace(r#""moe_layer_freq":1"#, r#""moe_layer_freq":2"#);
+        // Layer 0 dense (first_k_dense_replace), 1 and 3 dense (odd), 2 MoE.
+        let c = parse(&tiny).unwrap();
+        assert_eq!(
+            c.layers,
+            vec![LayerKind::Dense, LayerKind::Dense, LayerKind::Moe { num_experts: 64 }, LayerKind::Dense]
+        );
+        let c = parse(&tiny.replace(r#""first_k_dense_replace":1"#, r#""first_k_dense_replace":0"#)).unwrap();
+        assert_eq!(c.moe_layers(), vec![0, 2]);
+        let err = parse(&tiny.replace(r#""moe_layer_freq":2"#, r#""moe_layer_freq":0"#)).unwrap_err().to_string();
+        assert!(err.contains("moe_layer_freq") && err.contains("positive"), "{err}");
+        // GQA is honoured (Llama attention with `repeat_kv`), unlike MLA.
+        let c = parse(&DEEPSEEK_MOE_16B.replace(r#""num_key_value_heads":16"#, r#""num_key_value_heads":4"#)).unwrap();
+        assert_eq!((c.attention.num_heads, c.attention.num_kv_heads), (16, 4));
+        // norm_topk_prob renormalises only when top_k > 1.
+        let norm = DEEPSEEK_MOE_16B.replace(r#""norm_topk_prob":false"#, r#""norm_topk_prob":true"#);
+        assert!(parse(&norm).unwrap().moe.norm_topk_prob);
+        let top1 = norm.replace(r#""num_experts_per_tok":6"#, r#""num_experts_per_tok":1"#);
+        assert!(!parse(&top1).unwrap().moe.norm_topk_prob);
+        let c = parse(&DEEPSEEK_MOE_16B.replace(r#""attention_bias":false"#, r#""attention_bias":true"#)).unwrap();
+        assert!(c.attention.qkv_bias && c.attention.o_bias);
+    }
+
+    #[test]
+    fn deepseek_moe_errors_and_rope_scaling() {
+        let err = parse(&DEEPSEEK_MOE_16B.replace(r#""scoring_func":"softmax""#, r#""scoring_func":"sigmoid""#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("scoring_func") && err.contains("sigmoid") && err.contains("softmax"), "{err}");
+        assert!(err.contains("config.json"), "{err}");
+        let err = parse(&DEEPSEEK_MOE_16B.replace(r#""n_routed_experts":64,"#, "")).unwrap_err().to_string();
+        assert!(err.contains("missing field `n_routed_experts`"), "{err}");
+        let linear =
+            DEEPSEEK_MOE_16B.replace(r#""rope_scaling":null"#, r#""rope_scaling":{"type":"linear","factor":4.0}"#);
+        assert_eq!(parse(&linear).unwrap().attention.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+        let err = parse(&linear.replace("linear", "dynamic")).unwrap_err().to_string();
+        assert!(err.contains("rope_scaling") && err.contains("dynamic") && err.contains("linear"), "{err}");
+        let err = parse(&linear.replace("linear", "yarn")).unwrap_err().to_string();
+        assert!(err.contains("rope_scaling") && err.contains("yarn"), "{err}");
+        // Linear scaling stays refused where it is not implemented.
+        let err = parse(&MIXTRAL_4X.replace(
+            r#""rope_theta":1000000.0"#,
+            r#""rope_theta":1000000.0,"rope_scaling":{"type":"linear","factor":4.0}"#,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("linear") && err.contains("rope_scaling"), "{err}");
+        // `moe_layer_freq` stays refused for DeepSeek-V2 (transformers ignores it).
+        let v2 = DEEPSEEK_V3_4X.replace("deepseek_v3", "deepseek_v2").replace(
+            r#""topk_method":"noaux_tc","scoring_func":"sigmoid""#,
+            r#""topk_method":"greedy","moe_layer_freq":2"#,
+        );
+        assert!(parse(&v2).unwrap_err().to_string().contains("moe_layer_freq"));
     }
 
     const GPT_OSS: &str = r#"{"model_type":"gpt_oss","vocab_size":320,"hidden_size":64,"num_hidden_layers":3,

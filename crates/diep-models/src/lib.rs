@@ -3,8 +3,8 @@
 //! This crate is the toolkit's forward pass. [`MoeModel::load`] reads a model directory
 //! (`config.json` from transformers 4.x or 5.x, single or sharded safetensors in f32, f16 or
 //! bf16; gpt-oss's MXFP4 experts are decoded at load) for `mixtral`, `qwen2_moe`, `qwen3_moe`,
-//! `olmoe`, `deepseek_v3`, `deepseek_v2` and `gpt_oss`, and computes what transformers computes,
-//! in f32.
+//! `olmoe`, `deepseek_v3`, `deepseek_v2`, `deepseek` (DeepSeek-MoE, whose reference is its remote
+//! code) and `gpt_oss`, and computes what transformers computes, in f32.
 //!
 //! The [`moe::MoeBlock`] is the shared building block every other crate uses to look inside a
 //! layer: router logits and probabilities, the selected experts, per-expert outputs, and an

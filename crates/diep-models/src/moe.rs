@@ -8,7 +8,7 @@
 //!    `b`), plus an optional additive
 //!    per-expert bias (an expert mask is a bias of −∞ on masked experts);
 //! 2. [`route_with`]: the architecture's [`RoutingConfig`] — `p = softmax(z)` (Mixtral, Qwen,
-//!    OLMoE, DeepSeek-V2) or `p = sigmoid(z)` (DeepSeek-V3, whose selection adds a per-expert
+//!    OLMoE, DeepSeek-MoE, DeepSeek-V2) or `p = sigmoid(z)` (DeepSeek-V3, whose selection adds a per-expert
 //!    correction bias), optionally limited to the best `topk_group` expert groups; top-k,
 //!    renormalised when `norm_topk_prob`, times `routed_scaling_factor`;
 //! 3. grouped dispatch: each expert gathers the tokens routed to it, runs one SwiGLU over
@@ -225,7 +225,7 @@ pub fn route_with(
 }
 
 /// Softmax in f32, top-k of the probabilities, optional renormalisation: Mixtral, Qwen, OLMoE,
-/// DeepSeek-V2 `greedy`.
+/// DeepSeek-MoE, DeepSeek-V2 `greedy`.
 fn route_softmax(logits: Tensor<2>, bias: Option<&Tensor<1>>, top_k: usize, norm_topk_prob: bool) -> Routing {
     let biased = match bias {
         Some(b) => logits.clone() + b.clone().unsqueeze::<2>(),

@@ -1,5 +1,5 @@
 //! Rotary position embeddings: the default "rotate half" variant, DeepSeek's interleaved
-//! pairs, and yarn frequency scaling.
+//! pairs, yarn frequency scaling and linear position scaling.
 
 use burn::tensor::{Device, Tensor, TensorData};
 use diep_checkpoint::{RopeScaling, YarnConfig};
@@ -64,18 +64,24 @@ impl RopeTables {
     }
 
     /// Tables for `len` positions with frequency scaling; yarn also multiplies cos and sin by
-    /// its attention factor (as transformers does).
+    /// its attention factor (as transformers does); linear scaling divides the positions by
+    /// its factor.
     pub fn with_scaling(theta: f64, head_dim: usize, scaling: &RopeScaling, len: usize, device: &Device) -> Self {
         let (inv, attention_factor) = match scaling {
-            RopeScaling::None => (inv_freq(theta, head_dim), None),
+            RopeScaling::None | RopeScaling::Linear { .. } => (inv_freq(theta, head_dim), None),
             RopeScaling::Yarn(y) => (yarn_inv_freq(theta, head_dim, y), Some(y.attention_factor() as f32)),
+        };
+        // Linear scaling divides the positions (as DeepSeek-MoE's remote code: `t / factor`).
+        let position = |p: usize| match scaling {
+            RopeScaling::Linear { factor } => p as f32 / *factor as f32,
+            _ => p as f32,
         };
         let half = head_dim / 2;
         let mut cos = vec![0f32; len * head_dim];
         let mut sin = vec![0f32; len * head_dim];
         for p in 0..len {
             for (i, f) in inv.iter().enumerate() {
-                let angle = p as f32 * f;
+                let angle = position(p) * f;
                 let (mut s, mut c) = angle.sin_cos();
                 if let Some(a) = attention_factor {
                     s *= a;

@@ -133,6 +133,21 @@ fn deepseek_v2_matches_transformers() {
 }
 
 #[test]
+fn deepseek_moe_matches_remote_code_reference() {
+    // DeepSeek-MoE (`deepseek`, remote code; the generator builds the reference from transformers'
+    // Llama pieces plus the remote code's MoE block): standard attention with GQA, rotate-half
+    // RoPE, softmax greedy top-2 without renormalisation, 2 shared experts, a leading dense layer.
+    check_model("tiny-deepseek", "logits", 1e-4);
+}
+
+#[test]
+fn deepseek_moe_layer_freq_linear_rope_and_tied_embeddings_match() {
+    // `moe_layer_freq: 2` after `first_k_dense_replace: 1` (only layer 2 is MoE), norm_topk_prob,
+    // no shared experts, linear RoPE scaling, tied embeddings.
+    check_model("tiny-deepseek-freq2", "logits", 1e-4);
+}
+
+#[test]
 fn gpt_oss_matches_transformers() {
     // Fused experts (interleaved gate/up) with biases, router bias, clamped SwiGLU that clamps,
     // attention sinks, sliding and full layers, yarn RoPE.
@@ -236,6 +251,31 @@ fn deepseek_v3_expert_mask_equals_removing_experts_in_transformers() {
 #[test]
 fn deepseek_v2_expert_mask_equals_removing_experts_in_transformers() {
     check_masked("tiny-deepseek-v2");
+}
+
+#[test]
+fn deepseek_moe_expert_mask_equals_removing_experts() {
+    for name in ["tiny-deepseek", "tiny-deepseek-freq2"] {
+        check_masked(name);
+    }
+}
+
+#[test]
+fn deepseek_moe_logits_and_loss_parity() {
+    for name in ["tiny-deepseek", "tiny-deepseek-freq2"] {
+        let reference = Reference::load(name);
+        let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
+        let ids = reference.ids();
+        let got = to_vec(model.forward(&ids).unwrap());
+        let (expected, _) = reference.tensor("logits");
+        let max_abs = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let loss = mean_nll(&got, &ids, model.config.vocab_size);
+        let want = reference.json["loss"].as_f64().unwrap();
+        let rel = (loss - want).abs() / want;
+        eprintln!("{name}: max |dlogit| {max_abs:.3e}, loss {loss:.7} vs {want:.7} (rel {rel:.2e})");
+        assert!(max_abs < 1e-3, "{name}: max |dlogit| {max_abs:.3e}");
+        assert!(rel < 1e-5, "{name}: loss {loss} vs reference {want} ({rel:.2e})");
+    }
 }
 
 #[test]

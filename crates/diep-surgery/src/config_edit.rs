@@ -30,7 +30,7 @@ pub fn expert_count_keys(architecture: Architecture) -> &'static [&'static str] 
         Architecture::Qwen2Moe | Architecture::Olmoe => &["num_experts"],
         Architecture::Qwen3Moe => &["num_experts", "num_local_experts"],
         // `topk_method`, `scoring_func`, `n_group`, `topk_group` stay as they are.
-        Architecture::DeepseekV3 | Architecture::DeepseekV2 => &["n_routed_experts"],
+        Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek => &["n_routed_experts"],
     }
 }
 

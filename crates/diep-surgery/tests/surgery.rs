@@ -145,7 +145,12 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
     let py: Vec<_> = REMOTE_CODE_FILES.iter().map(|(n, text)| (out_dir.join(n), text)).collect();
     if uniform {
         assert!(!raw_out.contains_key(PER_LAYER_EXPERTS_KEY));
-        assert!(!raw_out.contains_key(AUTO_MAP_KEY));
+        // A stale `auto_map` of ours goes; the checkpoint's own (DeepSeek-MoE's remote code) stays.
+        let ours = Value::Object(remote_code_auto_map().unwrap());
+        match raw_in.get(AUTO_MAP_KEY) {
+            Some(v) if *v != ours => assert_eq!(raw_out.get(AUTO_MAP_KEY), Some(v)),
+            _ => assert!(!raw_out.contains_key(AUTO_MAP_KEY)),
+        }
         for (p, _) in &py {
             assert!(!p.exists(), "{}", p.display());
         }
@@ -758,6 +763,37 @@ fn deepseek_uniform_plans_slice_the_correction_bias_and_keep_routing_keys() {
         // Dense layer 0 has no experts and is not in the plan.
         assert!(!plan.kept_experts.contains_key(&0));
     }
+}
+
+#[test]
+fn deepseek_moe_uniform_plans_keep_the_upstream_auto_map_and_layer_layout() {
+    for name in ["tiny-deepseek", "tiny-deepseek-freq2"] {
+        let dir = fixture(name);
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let plan = uniform_plan(&config);
+        let outs = tempfile::tempdir().unwrap();
+        let out = outs.path().join("pruned");
+        let report = apply_plan(&dir, &plan, &out, &opts()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        verify(&dir, &out, &plan, &report);
+        let raw = read_json(&out.join("config.json"));
+        let raw_in = read_json(&dir.join("config.json"));
+        assert_eq!(raw["n_routed_experts"], 4, "{name}");
+        // The checkpoint's own remote code stays referenced; no per-layer list is added.
+        assert_eq!(raw.get(AUTO_MAP_KEY), raw_in.get(AUTO_MAP_KEY), "{name}");
+        assert!(!raw.contains_key(PER_LAYER_EXPERTS_KEY), "{name}");
+        for k in ["moe_layer_freq", "first_k_dense_replace", "n_shared_experts", "norm_topk_prob", "scoring_func"] {
+            assert_eq!(raw.get(k), raw_in.get(k), "{name}: `{k}`");
+        }
+        let cout = ModelConfig::from_dir(&out).unwrap();
+        assert_eq!(cout.moe_layers(), config.moe_layers(), "{name}");
+        assert_eq!(cout.moe.routing, config.moe.routing, "{name}");
+        assert_eq!(expert_count_keys(config.architecture), &["n_routed_experts"]);
+    }
+    // `n_routed_experts` is one count: per-layer counts have no loader.
+    let s = scratch("tiny-deepseek");
+    let config = ModelConfig::from_dir(&s.model).unwrap();
+    let msg = fail(&s, &plan_from(&config, |j, _, _| if j == 0 { vec![0, 1, 4] } else { vec![0, 1, 2, 4, 5, 6] }));
+    assert!(msg.contains("uniformly") && msg.contains("`deepseek`"), "{msg}");
 }
 
 #[test]

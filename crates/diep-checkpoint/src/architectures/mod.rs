@@ -5,11 +5,12 @@
 //!
 //! All architectures share the decoder skeleton (`model.embed_tokens`, `model.layers.{i}` with
 //! `input_layernorm`, `post_attention_layernorm`, `model.norm`, `lm_head`); Mixtral, Qwen and
-//! OLMoE and gpt-oss use `self_attn.{q,k,v,o}_proj`, DeepSeek-V2/V3 multi-head latent attention
+//! OLMoE, gpt-oss and DeepSeek-MoE use `self_attn.{q,k,v,o}_proj`, DeepSeek-V2/V3 multi-head latent attention
 //! ([`MlaKeys`]). They differ in where the MoE block lives, what its expert projections are
 //! called, and what sits beside the experts (shared experts, a router correction bias), which
 //! is what [`MoeKeys`] records.
 
+pub mod deepseek;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
 pub mod gpt_oss;
@@ -71,6 +72,7 @@ impl MoeKeys {
             Architecture::Olmoe => olmoe::MOE_KEYS,
             Architecture::DeepseekV3 => deepseek_v3::MOE_KEYS,
             Architecture::DeepseekV2 => deepseek_v2::MOE_KEYS,
+            Architecture::Deepseek => deepseek::MOE_KEYS,
             Architecture::GptOss => gpt_oss::MOE_KEYS,
         }
     }
