@@ -3,6 +3,10 @@
 //! - `moe_layer/*`: one Mixtral-shaped MoE layer (hidden 1024, 8 experts of width 2816, top-2)
 //!   on 512 tokens, grouped dispatch against the dense reference.
 //! - `model_forward/*`: the shipped `tiny-qwen2-moe` fixture end to end (tokens/s).
+//! - `eval_nll/*`: what `cargo xtask eval --ids` times: next-token NLL of 16 × 256 tokens on
+//!   the trained fixture (Mixtral, hidden 128, 4 layers, vocab 2048), by the burn model with
+//!   the fused CPU kernels (`burn`; run with `DIEP_REFERENCE_KERNELS=1` for plain burn ops) and
+//!   by the fused CPU engine of `diep-infer` (`fused-cpu`).
 //!
 //! Run: `cargo bench -p diep-benches --bench moe_forward`.
 
@@ -12,7 +16,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use diep_models::burn::tensor::{Device, Tensor, TensorData};
 use diep_models::moe::{MoeBlock, MoeForwardOptions};
 use diep_models::nn::{Linear, SwiGlu};
-use diep_models::{DeviceSpec, MoeModel};
+use diep_models::{CausalLm, DeviceSpec, MoeModel};
 
 fn random(shape: [usize; 2], seed: u64, scale: f32, device: &Device) -> Tensor<2> {
     let mut s = seed;
@@ -69,5 +73,28 @@ fn model_forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, moe_layer, model_forward);
+fn eval_nll(c: &mut Criterion) {
+    let device = device();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/trained-moe");
+    let model = MoeModel::load(&dir, &device).expect("fixture");
+    let vocab = model.config.vocab_size;
+    let ids: Vec<Vec<u32>> =
+        (0..16).map(|b| (0..256).map(|t| ((b * 7919 + t * 104_729) % vocab) as u32).collect()).collect();
+    let mut g = c.benchmark_group("eval_nll");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements((16 * 256) as u64));
+    g.bench_function("trained-moe/16x256/burn", |bench| {
+        bench.iter(|| model.next_token_nll(&ids).expect("forward"));
+    });
+    #[cfg(feature = "cpu")]
+    if device == Device::flex() {
+        let engine = diep_infer::CpuModel::from_model(model).expect("supported");
+        g.bench_function("trained-moe/16x256/fused-cpu", |bench| {
+            bench.iter(|| engine.next_token_nll(&ids).expect("forward"));
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, moe_layer, model_forward, eval_nll);
 criterion_main!(benches);

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use diep_eval::report::{Metrics, TaskMetric};
 use diep_eval::{LmTokenizer, TaskFormat};
-use diep_models::{DeviceSpec, MoeModel};
+use diep_models::{CausalLm, DeviceSpec, MoeModel};
 use serde_json::{Value, json};
 
 use crate::util::{progress_bar, write_atomic};
@@ -49,6 +49,90 @@ pub struct EvalInputs {
     /// Compute device: cpu, wgpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// Forward engine. `auto`: on `--device cpu`, the fused CPU engine (crate `diep-infer`:
+    /// plain f32 buffers, one GEMM per projection, fused attention/MoE/NLL kernels) where it
+    /// covers the architecture, else the burn model; `burn`: always the burn model that
+    /// pruning uses; `fused`: the fused engine or an error saying why not.
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
+}
+
+/// The forward engine of `eval` (see `--engine`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The fused CPU engine where possible, else burn.
+    Auto,
+    /// The burn model.
+    Burn,
+    /// The fused CPU engine, or an error.
+    Fused,
+}
+
+/// The loaded model behind one of the engines.
+enum Loaded {
+    Burn(MoeModel),
+    #[cfg(feature = "cpu")]
+    Fused(diep_infer::CpuModel),
+}
+
+impl Loaded {
+    fn lm(&self) -> &dyn CausalLm {
+        match self {
+            Loaded::Burn(m) => m,
+            #[cfg(feature = "cpu")]
+            Loaded::Fused(m) => m,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Loaded::Burn(_) => "burn",
+            #[cfg(feature = "cpu")]
+            Loaded::Fused(_) => "fused-cpu",
+        }
+    }
+}
+
+/// Picks the engine for a loaded burn model.
+fn select_engine(model: MoeModel, engine: Engine, device: DeviceSpec, dynamic_skip: bool) -> Result<Loaded> {
+    if engine == Engine::Burn {
+        return Ok(Loaded::Burn(model));
+    }
+    let why_not = if device != DeviceSpec::Cpu {
+        Some(format!("it runs on the CPU only (--device {device})"))
+    } else if dynamic_skip {
+        Some("--dynamic-skip needs the burn model".to_string())
+    } else {
+        unsupported_by_fused(&model)
+    };
+    match (why_not, engine) {
+        (None, _) => fused(model),
+        (Some(why), Engine::Fused) => bail!("--engine fused: the fused CPU engine cannot run this model: {why}"),
+        (Some(why), _) => {
+            eprintln!("engine: burn (the fused CPU engine does not apply: {why})");
+            Ok(Loaded::Burn(model))
+        }
+    }
+}
+
+#[cfg(feature = "cpu")]
+fn unsupported_by_fused(model: &MoeModel) -> Option<String> {
+    diep_infer::CpuModel::unsupported(model)
+}
+
+#[cfg(not(feature = "cpu"))]
+fn unsupported_by_fused(_: &MoeModel) -> Option<String> {
+    Some("this build has no `cpu` feature".into())
+}
+
+#[cfg(feature = "cpu")]
+fn fused(model: MoeModel) -> Result<Loaded> {
+    Ok(Loaded::Fused(diep_infer::CpuModel::from_model(model)?))
+}
+
+#[cfg(not(feature = "cpu"))]
+fn fused(_: MoeModel) -> Result<Loaded> {
+    unreachable!("unsupported_by_fused refuses every model without the cpu feature")
 }
 
 /// Arguments of `cargo xtask eval`.
@@ -196,7 +280,7 @@ pub fn evaluate(model_dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Re
     let mut model =
         MoeModel::load(model_dir, &device).with_context(|| format!("loading model from {}", model_dir.display()))?;
     let skip_rules = if dynamic_skip { install_dynamic_skip(&mut model, model_dir)? } else { Vec::new() };
-    let c = &model.config;
+    let c = model.config.clone();
     eprintln!(
         "model: {} ({}), {} layers ({} MoE), {} experts, top-{}, loaded in {:.2}s on {}",
         model_dir.display(),
@@ -208,6 +292,9 @@ pub fn evaluate(model_dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Re
         load_start.elapsed().as_secs_f64(),
         inputs.device
     );
+    let loaded_model = select_engine(model, inputs.engine, inputs.device, dynamic_skip)?;
+    eprintln!("engine: {}", loaded_model.name());
+    let model = loaded_model.lm();
 
     let mut metrics = Metrics::default();
     let mut details = serde_json::Map::new();
@@ -228,7 +315,7 @@ pub fn evaluate(model_dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Re
     }
     for (key, seqs) in &sequences {
         let pb = progress_bar(seqs.len() as u64, "sequences");
-        let report = diep_eval::perplexity(&model, seqs, inputs.batch_tokens, |done, _| pb.set_position(done as u64))?;
+        let report = diep_eval::perplexity(model, seqs, inputs.batch_tokens, |done, _| pb.set_position(done as u64))?;
         pb.finish_and_clear();
         eprintln!(
             "{key}: perplexity {:.4} over {} predictions ({:.0} tok/s)",
@@ -255,7 +342,7 @@ pub fn evaluate(model_dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Re
         let pb = progress_bar(requests as u64, "requests");
         let start = Instant::now();
         let task_docs: Vec<&[diep_eval::McDoc]> = loaded.tasks.iter().map(|(_, d)| d.as_slice()).collect();
-        let all = diep_eval::evaluate_tasks(&model, tok, &task_docs, opts, |done, _| pb.set_position(done as u64))?;
+        let all = diep_eval::evaluate_tasks(model, tok, &task_docs, opts, |done, _| pb.set_position(done as u64))?;
         pb.finish_and_clear();
         eprintln!("{requests} multiple-choice requests in {:.1}s", start.elapsed().as_secs_f64());
         for ((spec, _), scores) in loaded.tasks.iter().zip(all) {
@@ -290,6 +377,7 @@ pub fn evaluate(model_dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Re
         "model": model_dir,
         "model_type": c.architecture.model_type(),
         "device": inputs.device.to_string(),
+        "engine": loaded_model.name(),
     });
     if !loaded.text.is_empty() {
         out["seq_len"] = json!(inputs.seq_len);

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
-use diep_models::MoeModel;
+use diep_models::CausalLm;
 
 use crate::EvalError;
 use crate::tokenize::EncodedPair;
@@ -57,7 +57,7 @@ struct Row {
 /// Log-likelihoods of `pairs`. `progress(done, total)` is called after each batch with counts
 /// of requests.
 pub fn loglikelihoods(
-    model: &MoeModel,
+    model: &dyn CausalLm,
     pairs: &[EncodedPair],
     opts: LoglikOptions,
     mut progress: impl FnMut(usize, usize),
@@ -135,7 +135,7 @@ pub fn loglikelihoods(
     Ok(out)
 }
 
-fn score_batch(model: &MoeModel, rows: &[Row], padded: usize) -> Result<Vec<(usize, Loglikelihood)>, EvalError> {
+fn score_batch(model: &dyn CausalLm, rows: &[Row], padded: usize) -> Result<Vec<(usize, Loglikelihood)>, EvalError> {
     let ids: Vec<Vec<u32>> = rows
         .iter()
         .map(|r| {
@@ -144,7 +144,7 @@ fn score_batch(model: &MoeModel, rows: &[Row], padded: usize) -> Result<Vec<(usi
             v
         })
         .collect();
-    let logits = model.forward(&ids)?;
+    let logits = model.logits(&ids)?;
     let [b, t, _] = logits.dims();
     let logp = log_softmax(logits, 2);
     // One gather slot per group member: member k of a row reads its j-th token at the

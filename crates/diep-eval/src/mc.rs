@@ -5,7 +5,7 @@
 //! points, Python's `len`) first. Ties and NaNs resolve as `numpy.argmax` does: the first
 //! NaN, else the first maximum.
 
-use diep_models::MoeModel;
+use diep_models::CausalLm;
 use serde::Serialize;
 
 use crate::EvalError;
@@ -83,7 +83,7 @@ pub fn score_docs(docs: &[McDoc], lls: &[Loglikelihood]) -> TaskScores {
 
 /// Tokenises every request of `docs` and scores the task on `model`.
 pub fn evaluate_task(
-    model: &MoeModel,
+    model: &dyn CausalLm,
     tokenizer: &LmTokenizer,
     docs: &[McDoc],
     opts: LoglikOptions,
@@ -95,7 +95,7 @@ pub fn evaluate_task(
 /// Scores several tasks with one pass over all their requests, as lm-eval's evaluator does
 /// (with `logits_cache`, requests of different tasks can share a forward pass there too).
 pub fn evaluate_tasks(
-    model: &MoeModel,
+    model: &dyn CausalLm,
     tokenizer: &LmTokenizer,
     tasks: &[&[McDoc]],
     opts: LoglikOptions,

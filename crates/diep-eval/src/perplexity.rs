@@ -2,9 +2,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, TensorData};
-use diep_models::{ModelError, MoeModel};
+use diep_models::{CausalLm, ModelError};
 use serde::Serialize;
 
 /// Errors of evaluation.
@@ -74,25 +72,16 @@ pub fn read_ids_file(path: impl AsRef<Path>) -> Result<Vec<Vec<u32>>, EvalError>
 
 /// Per-token negative log-likelihoods of one batch of equal-length sequences:
 /// `[batch][len − 1]`, position `t` scoring token `t + 1`.
-pub fn sequence_nll(model: &MoeModel, batch: &[Vec<u32>]) -> Result<Vec<Vec<f64>>, ModelError> {
-    let logits = model.forward(batch)?;
-    let [b, t, _] = logits.dims();
-    if t < 2 {
-        return Ok(vec![Vec::new(); b]);
-    }
-    let logp = log_softmax(logits.narrow(1, 0, t - 1), 2);
-    let targets: Vec<i64> = batch.iter().flat_map(|s| s[1..].iter().map(|x| *x as i64)).collect();
-    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [b, t - 1, 1]), model.device());
-    let picked: Vec<f32> = logp.gather(2, targets).into_data().iter::<f32>().collect();
-    debug_assert_eq!(picked.len(), b * (t - 1));
-    Ok(picked.chunks(t - 1).map(|c| c.iter().map(|x| -(*x as f64)).collect()).collect())
+pub fn sequence_nll(model: &dyn CausalLm, batch: &[Vec<u32>]) -> Result<Vec<Vec<f64>>, ModelError> {
+    let nll = model.next_token_nll(batch)?;
+    Ok(nll.into_iter().map(|row| row.into_iter().map(f64::from).collect()).collect())
 }
 
 /// Perplexity of `model` over `seqs`. Sequences are grouped by length and batched up to
 /// `max_batch_tokens` input tokens; `progress(done, total)` is called after every batch with
 /// counts of sequences.
 pub fn perplexity(
-    model: &MoeModel,
+    model: &dyn CausalLm,
     seqs: &[Vec<u32>],
     max_batch_tokens: usize,
     mut progress: impl FnMut(usize, usize),

@@ -6,6 +6,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use diep_checkpoint::{AttentionConfig, MlaConfig, QkNorm};
 
+use crate::kernels;
 use crate::nn::{Linear, RmsNorm};
 use crate::rope::RopeTables;
 
@@ -23,6 +24,10 @@ pub struct AttentionContext {
     /// The sliding-window mask of models that window only some layers (gpt-oss's
     /// `layer_types`); `mask` is then the plain causal one.
     pub sliding_mask: Option<Tensor<4>>,
+    /// The window `mask` applies (`None`: plain causal), for the fused softmax.
+    pub mask_window: Option<usize>,
+    /// The window of `sliding_mask`.
+    pub sliding_window: Option<usize>,
 }
 
 impl AttentionContext {
@@ -40,17 +45,21 @@ impl AttentionContext {
             }
             Tensor::from_data(TensorData::new(mask, [1, 1, seq_len, seq_len]), device)
         };
-        let (mask, sliding_mask) = match &cfg.sliding_layers {
-            None => (causal(cfg.sliding_window), None),
-            Some(layers) if layers.iter().any(|s| *s) => (causal(None), Some(causal(cfg.sliding_window))),
-            Some(_) => (causal(None), None),
+        let (mask_window, sliding_window) = match &cfg.sliding_layers {
+            None => (cfg.sliding_window, None),
+            Some(layers) if layers.iter().any(|s| *s) => (None, cfg.sliding_window),
+            Some(_) => (None, None),
         };
+        let sliding_mask = cfg.sliding_layers.as_ref().filter(|l| l.iter().any(|s| *s)).map(|_| causal(sliding_window));
+        let mask = causal(mask_window);
         AttentionContext {
             batch,
             seq_len,
             rope: RopeTables::with_scaling(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, seq_len, device),
             mask,
             sliding_mask,
+            mask_window,
+            sliding_window,
         }
     }
 }
@@ -96,28 +105,28 @@ impl Attention {
             k = k.clamp(-clip, clip);
             v = v.clamp(-clip, clip);
         }
-        let split = |x: Tensor<2>, heads: usize| x.reshape([b, t, heads, hd]);
-        let mut q = split(q, c.num_heads);
-        let mut k = split(k, c.num_kv_heads);
         if c.qk_norm == QkNorm::PerHead {
-            q = self.q_norm.as_ref().expect("q_norm").forward(q);
-            k = self.k_norm.as_ref().expect("k_norm").forward(k);
+            let per_head = |norm: &RmsNorm, x: Tensor<2>, heads: usize| {
+                norm.forward(x.reshape([b * t * heads, hd])).reshape([b * t, heads * hd])
+            };
+            q = per_head(self.q_norm.as_ref().expect("q_norm"), q, c.num_heads);
+            k = per_head(self.k_norm.as_ref().expect("k_norm"), k, c.num_kv_heads);
         }
-        let q = ctx.rope.apply(q.swap_dims(1, 2));
-        let k = ctx.rope.apply(k.swap_dims(1, 2));
-        let v = split(v, c.num_kv_heads).swap_dims(1, 2);
+        let q = kernels::rope_heads(q, b, c.num_heads, &ctx.rope.cos, &ctx.rope.sin);
+        let k = kernels::rope_heads(k, b, c.num_kv_heads, &ctx.rope.cos, &ctx.rope.sin);
+        let v = v.reshape([b, t, c.num_kv_heads, hd]).swap_dims(1, 2);
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
 
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        let mask = match (&ctx.sliding_mask, self.sliding) {
-            (Some(m), true) => m,
-            _ => &ctx.mask,
+        let scores = q.matmul(k.swap_dims(2, 3));
+        let (mask, window) = match (&ctx.sliding_mask, self.sliding) {
+            (Some(m), true) => (m, ctx.sliding_window),
+            _ => (&ctx.mask, ctx.mask_window),
         };
-        let scores = scores + mask.clone().expand([b, c.num_heads, t, t]);
         let probs = match &self.sinks {
-            None => softmax(scores, 3),
+            None => kernels::causal_softmax(scores, scale, window, mask),
             Some(s) => {
+                let scores = scores * scale + mask.clone().expand([b, c.num_heads, t, t]);
                 let sink = s.clone().reshape([1, c.num_heads, 1, 1]).expand([b, c.num_heads, t, 1]);
                 softmax(Tensor::cat(vec![scores, sink], 3), 3).narrow(3, 0, t)
             }
@@ -241,9 +250,8 @@ impl MlaAttention {
         let k = Tensor::cat(vec![k_nope, k_rot.expand([b, heads, t, rope])], 3);
         let q = Tensor::cat(vec![q_pass, q_rot], 3);
 
-        let scores = q.matmul(k.swap_dims(2, 3)) * self.cfg.softmax_scale();
-        let scores = scores + ctx.mask.clone().expand([b, heads, t, t]);
-        let probs = softmax(scores, 3);
+        let scores = q.matmul(k.swap_dims(2, 3));
+        let probs = kernels::causal_softmax(scores, self.cfg.softmax_scale(), ctx.mask_window, &ctx.mask);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, heads * vd]);
         self.o_proj.forward(out)
     }

@@ -17,6 +17,8 @@
 pub mod attention;
 pub mod device;
 mod error;
+pub mod kernels;
+pub mod lm;
 pub mod loader;
 pub mod model;
 pub mod moe;
@@ -31,5 +33,6 @@ pub use device::DeviceSpec;
 pub use diep_checkpoint as checkpoint;
 pub use diep_checkpoint::architectures;
 pub use error::{ModelError, Result};
+pub use lm::CausalLm;
 pub use model::{DecoderLayer, FeedForward, LayerOutput, LayerSource, MoeModel, StreamingModel};
 pub use moe::{DynamicSkip, MoeBlock, MoeForwardOptions, MoeOutput, Routing, RoutingRule};

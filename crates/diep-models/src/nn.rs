@@ -1,7 +1,8 @@
 //! Small building blocks: linear layers, RMSNorm, SwiGLU.
 
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
+
+use crate::kernels;
 
 /// `y = x · W (+ b)` with `W` stored `[in, out]`.
 #[derive(Debug, Clone)]
@@ -40,9 +41,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Normalises over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let ms = x.clone().square().mean_dim(D - 1);
-        let inv = (ms + self.eps).sqrt().recip();
-        x * inv * self.weight.clone().unsqueeze::<D>()
+        kernels::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -64,9 +63,6 @@ impl SwiGlu {
     /// Applies the block to `[n, hidden]` rows.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let i = self.intermediate();
-        let gu = self.gate_up.forward(x);
-        let gate = gu.clone().narrow(1, 0, i);
-        let up = gu.narrow(1, i, i);
-        self.down.forward(silu(gate) * up)
+        self.down.forward(kernels::silu_mul(self.gate_up.forward(x), i))
     }
 }

@@ -1,0 +1,623 @@
+//! A fused CPU inference engine for evaluating MoE checkpoints.
+//!
+//! `diep-models` runs every forward pass as burn ops, which is what pruning needs (autodiff,
+//! GPUs, per-layer hooks). On a CPU, for evaluation only, that pays for one allocation and one
+//! pass over memory per op, and at small hidden sizes those dominate the GEMMs. [`CpuModel`]
+//! computes the same function with its weights as plain `f32` buffers, GEMMs from the `gemm`
+//! crate (the kernels burn's `flex` backend calls), and fused row kernels from
+//! [`diep_models::kernels`]:
+//!
+//! - one GEMM for q, k and v; RoPE while splitting heads;
+//! - causal attention per (sequence, head), computing only the blocks on or below the diagonal,
+//!   with the softmax fused (scale, mask, exp, normalisation in one pass);
+//! - grouped expert dispatch: the tokens of each expert gathered, one fused gate/up GEMM,
+//!   fused SiLU·up, one down GEMM, weighted scatter-add; experts run in parallel;
+//! - the next-token NLL as `logsumexp − logit` straight from the logits buffer.
+//!
+//! It covers the standard-attention architectures with softmax routing (`mixtral`,
+//! `qwen2_moe`, `qwen3_moe`, `olmoe`, `deepseek`), expert masks included;
+//! [`CpuModel::from_model`] says why when a model needs the burn path (multi-head latent
+//! attention, attention sinks, sigmoid or group-limited routing, dynamic skipping, gpt-oss's
+//! clamped SwiGLU). The burn model is the reference: `tests/engine.rs` checks the two agree on
+//! every covered fixture, and the fixtures themselves are transformers goldens.
+#![warn(missing_docs)]
+
+pub mod gemm;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use diep_models::attention::{Attention, SelfAttention};
+use diep_models::checkpoint::{ExpertActivation, ModelConfig, QkNorm, Scoring};
+use diep_models::kernels::{causal_softmax_rows, exp_f32, nll_rows, rms_norm_rows, silu_mul_rows};
+use diep_models::moe::SharedExpert;
+use diep_models::nn::{Linear, RmsNorm, SwiGlu};
+use diep_models::rope::RopeTables;
+use diep_models::{CausalLm, FeedForward, ModelError, MoeBlock, MoeModel, Result};
+use rayon::prelude::*;
+
+use crate::gemm::{MatRef, matmul};
+
+pub use diep_models::burn;
+
+/// Query rows per attention block: keys beyond a block's last row are never computed.
+const ATTENTION_BLOCK: usize = 64;
+
+/// A dense layer `y = x·W (+ b)` with `W` row-major `[in, out]`.
+#[derive(Debug, Clone)]
+struct Dense {
+    w: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    inp: usize,
+    out: usize,
+}
+
+impl Dense {
+    fn from_linear(l: Linear) -> Self {
+        let [inp, out] = l.weight.dims();
+        Dense { w: host(l.weight), bias: l.bias.map(host), inp, out }
+    }
+
+    /// Concatenates the output columns of several layers with the same input width.
+    fn concat(parts: Vec<Dense>) -> Self {
+        let inp = parts[0].inp;
+        let out: usize = parts.iter().map(|p| p.out).sum();
+        let mut w = vec![0f32; inp * out];
+        let any_bias = parts.iter().any(|p| p.bias.is_some());
+        let mut bias = any_bias.then(|| vec![0f32; out]);
+        let mut col = 0;
+        for p in &parts {
+            for r in 0..inp {
+                w[r * out + col..r * out + col + p.out].copy_from_slice(&p.w[r * p.out..(r + 1) * p.out]);
+            }
+            if let (Some(b), Some(pb)) = (bias.as_mut(), p.bias.as_ref()) {
+                b[col..col + p.out].copy_from_slice(pb);
+            }
+            col += p.out;
+        }
+        Dense { w, bias, inp, out }
+    }
+
+    /// `out (+)= x·W + b` for `n` rows of `x` (row-major, `inp` wide).
+    fn apply(&self, x: &[f32], n: usize, out: &mut [f32], accumulate: bool, parallel: bool) {
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(self.out).take(n) {
+                if accumulate {
+                    row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+                } else {
+                    row.copy_from_slice(b);
+                }
+            }
+        }
+        let a = MatRef::rows(x, n, self.inp, self.inp);
+        let w = MatRef::rows(&self.w, self.inp, self.out, self.out);
+        matmul(out, self.out, a, w, accumulate || self.bias.is_some(), parallel);
+    }
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().expect("f32 data")
+}
+
+/// A SwiGLU MLP: `[in, 2i]` gate/up (gate columns first) and `[i, in]` down.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_up: Dense,
+    down: Dense,
+}
+
+impl Mlp {
+    fn from_swiglu(m: SwiGlu) -> Self {
+        Mlp { gate_up: Dense::from_linear(m.gate_up), down: Dense::from_linear(m.down) }
+    }
+
+    fn inter(&self) -> usize {
+        self.down.inp
+    }
+
+    /// `out (+)= down(silu(gate·x) · up·x)` for `n` rows.
+    fn apply(&self, x: &[f32], n: usize, out: &mut [f32], accumulate: bool, parallel: bool) {
+        let i = self.inter();
+        let mut gu = vec![0f32; n * 2 * i];
+        self.gate_up.apply(x, n, &mut gu, false, parallel);
+        let mut act = vec![0f32; n * i];
+        if parallel {
+            let rows = (8192 / i).max(1);
+            act.par_chunks_mut(rows * i).zip(gu.par_chunks(rows * 2 * i)).for_each(|(a, g)| silu_mul_rows(g, a, i));
+        } else {
+            silu_mul_rows(&gu, &mut act, i);
+        }
+        self.down.apply(&act, n, out, accumulate, parallel);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Norm {
+    w: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn from(n: RmsNorm) -> Self {
+        Norm { w: host(n.weight), eps: n.eps as f32 }
+    }
+
+    /// Normalises rows of `w.len()` in place.
+    fn apply(&self, x: &mut [f32]) {
+        let d = self.w.len();
+        let rows = (16_384 / d).max(1);
+        x.par_chunks_mut(rows * d).for_each(|c| rms_norm_rows(c, &self.w, self.eps));
+    }
+}
+
+#[derive(Debug, Clone)]
+struct AttentionLayer {
+    qkv: Dense,
+    o: Dense,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    qk_norm: QkNorm,
+    clip: Option<f32>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    window: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+struct MoeLayer {
+    router: Dense,
+    /// `0` for kept experts, `−∞` for masked ones.
+    mask_bias: Option<Vec<f32>>,
+    experts: Vec<Mlp>,
+    shared: Option<Mlp>,
+    shared_gate: Option<Dense>,
+    top_k: usize,
+    norm_topk_prob: bool,
+    scale: f32,
+}
+
+#[derive(Debug, Clone)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(MoeLayer),
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Norm,
+    attention: AttentionLayer,
+    post_norm: Norm,
+    ffn: Ffn,
+}
+
+/// A model converted for fused CPU inference. See the crate documentation.
+#[derive(Debug)]
+pub struct CpuModel {
+    /// The model's configuration.
+    pub config: ModelConfig,
+    embed: Vec<f32>,
+    layers: Vec<Layer>,
+    norm: Norm,
+    lm_head: Dense,
+    device: Device,
+}
+
+impl CpuModel {
+    /// Why `model` cannot run on this engine, or `None` if it can.
+    pub fn unsupported(model: &MoeModel) -> Option<String> {
+        for (i, layer) in model.layers.iter().enumerate() {
+            let why = |what: &str| Some(format!("layer {i}: {what}"));
+            let a = match &layer.attention {
+                SelfAttention::Standard(a) => a,
+                SelfAttention::Latent(_) => return why("multi-head latent attention"),
+            };
+            if a.sinks.is_some() {
+                return why("attention sinks");
+            }
+            if a.cfg.sliding_layers.is_some() {
+                return why("per-layer sliding windows");
+            }
+            if let FeedForward::Moe(m) = &layer.ffn {
+                if !matches!(m.activation, ExpertActivation::Silu) {
+                    return why("clamped SwiGLU experts");
+                }
+                let r = &m.routing;
+                if r.scoring != Scoring::Softmax || r.group_limit.is_some() || m.correction_bias.is_some() {
+                    return why("sigmoid or group-limited routing");
+                }
+                if m.dynamic_skip().is_some() {
+                    return why("dynamic expert skipping");
+                }
+                if m.router.bias.is_some() {
+                    return why("a router bias");
+                }
+            }
+        }
+        None
+    }
+
+    /// Converts a loaded model (consuming it, so that its weights are moved rather than
+    /// copied where possible). Fails with the reason when [`Self::unsupported`] says so.
+    pub fn from_model(model: MoeModel) -> Result<Self> {
+        if let Some(why) = Self::unsupported(&model) {
+            return Err(ModelError::InvalidInput(format!("the fused CPU engine does not support {why}")));
+        }
+        let device = model.device().clone();
+        let MoeModel { config, embed_tokens, layers, norm, lm_head, .. } = model;
+        let layers = layers
+            .into_iter()
+            .map(|l| {
+                let SelfAttention::Standard(a) = l.attention else { unreachable!("checked above") };
+                Layer {
+                    input_norm: Norm::from(l.input_norm),
+                    attention: convert_attention(a),
+                    post_norm: Norm::from(l.post_attention_norm),
+                    ffn: match l.ffn {
+                        FeedForward::Dense(m) => Ffn::Dense(Mlp::from_swiglu(m)),
+                        FeedForward::Moe(m) => Ffn::Moe(convert_moe(m)),
+                    },
+                }
+            })
+            .collect();
+        Ok(CpuModel {
+            config,
+            embed: host(embed_tokens),
+            layers,
+            norm: Norm::from(norm),
+            lm_head: Dense::from_linear(lm_head),
+            device,
+        })
+    }
+
+    /// Logits `[batch·len, vocab]` (row-major) for a batch of equal-length sequences.
+    pub fn forward_host(&self, ids: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let h = self.final_hidden(ids)?;
+        let n = h.len() / self.config.hidden_size;
+        let mut logits = vec![0f32; n * self.config.vocab_size];
+        self.lm_head.apply(&h, n, &mut logits, false, true);
+        Ok(logits)
+    }
+
+    /// The last layer's output after the final norm, `[batch·len, hidden]`.
+    fn final_hidden(&self, ids: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let (b, t) = check_batch(ids, self.config.vocab_size)?;
+        let hidden = self.config.hidden_size;
+        let n = b * t;
+        let mut h = vec![0f32; n * hidden];
+        for (row, &id) in h.chunks_exact_mut(hidden).zip(ids.iter().flatten()) {
+            row.copy_from_slice(&self.embed[id as usize * hidden..(id as usize + 1) * hidden]);
+        }
+        let rope = rope_tables(&self.config, t, &self.device);
+        let mut x = vec![0f32; n * hidden];
+        for layer in &self.layers {
+            x.copy_from_slice(&h);
+            layer.input_norm.apply(&mut x);
+            layer.attention.apply(&x, b, t, &rope, &mut h);
+            x.copy_from_slice(&h);
+            layer.post_norm.apply(&mut x);
+            match &layer.ffn {
+                Ffn::Dense(m) => m.apply(&x, n, &mut h, true, true),
+                Ffn::Moe(m) => m.apply(&x, n, &mut h),
+            }
+        }
+        self.norm.apply(&mut h);
+        Ok(h)
+    }
+}
+
+fn check_batch(ids: &[Vec<u32>], vocab: usize) -> Result<(usize, usize)> {
+    let b = ids.len();
+    let t = ids.first().map(Vec::len).unwrap_or(0);
+    if b == 0 || t == 0 {
+        return Err(ModelError::InvalidInput("empty batch".into()));
+    }
+    for (s, seq) in ids.iter().enumerate() {
+        if seq.len() != t {
+            return Err(ModelError::InvalidInput(format!(
+                "sequence {s} has {} tokens but sequence 0 has {t}; a batch needs equal lengths",
+                seq.len()
+            )));
+        }
+        if let Some((p, id)) = seq.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {id} (sequence {s}, position {p}) is outside the vocabulary of {vocab}"
+            )));
+        }
+    }
+    Ok((b, t))
+}
+
+/// `(cos, sin)` as `[t, head_dim]` row-major tables, exactly as the burn model builds them.
+fn rope_tables(config: &ModelConfig, t: usize, device: &Device) -> (Vec<f32>, Vec<f32>) {
+    let a = &config.attention;
+    let tables = RopeTables::with_scaling(a.rope_theta, a.head_dim, &a.rope_scaling, t, device);
+    (host(tables.cos), host(tables.sin))
+}
+
+fn convert_attention(a: Attention) -> AttentionLayer {
+    let c = a.cfg;
+    let qkv =
+        Dense::concat(vec![Dense::from_linear(a.q_proj), Dense::from_linear(a.k_proj), Dense::from_linear(a.v_proj)]);
+    AttentionLayer {
+        qkv,
+        o: Dense::from_linear(a.o_proj),
+        q_norm: a.q_norm.map(Norm::from),
+        k_norm: a.k_norm.map(Norm::from),
+        qk_norm: c.qk_norm,
+        clip: c.clip_qkv.map(|v| v as f32),
+        heads: c.num_heads,
+        kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
+        window: c.sliding_window,
+    }
+}
+
+fn convert_moe(m: MoeBlock) -> MoeLayer {
+    let mask_bias = m.mask().map(|keep| keep.iter().map(|k| if *k { 0.0 } else { f32::NEG_INFINITY }).collect());
+    let (top_k, norm_topk_prob) = (m.top_k, m.norm_topk_prob);
+    let scale = m.routing.routed_scaling_factor as f32;
+    let MoeBlock { router, experts, shared, .. } = m;
+    let (shared, shared_gate) = match shared {
+        Some(SharedExpert { mlp, gate }) => (Some(Mlp::from_swiglu(mlp)), gate.map(Dense::from_linear)),
+        None => (None, None),
+    };
+    MoeLayer {
+        router: Dense::from_linear(router),
+        mask_bias,
+        experts: experts.into_iter().map(Mlp::from_swiglu).collect(),
+        shared,
+        shared_gate,
+        top_k,
+        norm_topk_prob,
+        scale,
+    }
+}
+
+impl AttentionLayer {
+    /// `h += o_proj(attention(x))` for `b` sequences of `t` tokens.
+    fn apply(&self, x: &[f32], b: usize, t: usize, rope: &(Vec<f32>, Vec<f32>), h: &mut [f32]) {
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let n = b * t;
+        let width = (nh + 2 * nkv) * d;
+        let mut qkv = vec![0f32; n * width];
+        self.qkv.apply(x, n, &mut qkv, false, true);
+        // As transformers: OLMoE's full q/k norms come before `clip_qkv`, Qwen3's per-head
+        // norms after it. Full norms have weights over all heads, per-head norms over one head's
+        // `d`: `rms_norm_rows` normalises chunks of the weight's length either way.
+        let qk_norm = |qkv: &mut [f32]| {
+            let (qn, kn) = (self.q_norm.as_ref().expect("q_norm"), self.k_norm.as_ref().expect("k_norm"));
+            qkv.par_chunks_mut(width).for_each(|row| {
+                let (q, rest) = row.split_at_mut(nh * d);
+                rms_norm_rows(q, &qn.w, qn.eps);
+                rms_norm_rows(&mut rest[..nkv * d], &kn.w, kn.eps);
+            });
+        };
+        if self.qk_norm == QkNorm::Full {
+            qk_norm(&mut qkv);
+        }
+        if let Some(c) = self.clip {
+            qkv.par_chunks_mut(16_384).for_each(|c2| c2.iter_mut().for_each(|v| *v = v.clamp(-c, c)));
+        }
+        if self.qk_norm == QkNorm::PerHead {
+            qk_norm(&mut qkv);
+        }
+        // Heads laid out [b, heads, t, d]; RoPE applied to q and k on the way.
+        let split = |col0: usize, heads: usize, rotate: bool| {
+            let mut out = vec![0f32; b * heads * t * d];
+            out.par_chunks_mut(t * d).enumerate().for_each(|(bh, block)| {
+                let (bi, hd) = (bh / heads, bh % heads);
+                for (pos, o) in block.chunks_exact_mut(d).enumerate() {
+                    let src = &qkv[(bi * t + pos) * width + col0 + hd * d..][..d];
+                    if rotate {
+                        rope_row(src, &rope.0[pos * d..(pos + 1) * d], &rope.1[pos * d..(pos + 1) * d], o);
+                    } else {
+                        o.copy_from_slice(src);
+                    }
+                }
+            });
+            out
+        };
+        let q = split(0, nh, true);
+        let k = split(nh * d, nkv, true);
+        let v = split((nh + nkv) * d, nkv, false);
+        let rep = nh / nkv;
+        let window = self.window.unwrap_or(usize::MAX);
+        // Per (sequence, head): causal attention in blocks of query rows.
+        let mut heads_out = vec![0f32; b * nh * t * d];
+        heads_out.par_chunks_mut(t * d).enumerate().for_each_init(
+            || vec![0f32; ATTENTION_BLOCK * t],
+            |scores, (bh, out)| {
+                let (bi, hd) = (bh / nh, bh % nh);
+                let kvh = bi * nkv + hd / rep;
+                let qh = &q[bh * t * d..(bh + 1) * t * d];
+                let kh = &k[kvh * t * d..(kvh + 1) * t * d];
+                let vh = &v[kvh * t * d..(kvh + 1) * t * d];
+                for r0 in (0..t).step_by(ATTENTION_BLOCK) {
+                    let r1 = (r0 + ATTENTION_BLOCK).min(t);
+                    let rows = r1 - r0;
+                    // Keys 0..r1 cover every unmasked key of rows r0..r1.
+                    let s = &mut scores[..rows * r1];
+                    matmul(
+                        s,
+                        r1,
+                        MatRef::rows(&qh[r0 * d..], rows, d, d),
+                        MatRef::transposed(kh, d, r1, d),
+                        false,
+                        false,
+                    );
+                    for (j, row) in s.chunks_exact_mut(r1).enumerate() {
+                        causal_row(row, r0 + j, self.scale, window);
+                    }
+                    matmul(
+                        &mut out[r0 * d..r1 * d],
+                        d,
+                        MatRef::rows(s, rows, r1, r1),
+                        MatRef::rows(vh, r1, d, d),
+                        false,
+                        false,
+                    );
+                }
+            },
+        );
+        // [b, heads, t, d] → rows [b·t, heads·d] for the output projection.
+        let mut attn = vec![0f32; n * nh * d];
+        attn.par_chunks_mut(t * nh * d).enumerate().for_each(|(bi, seq)| {
+            for (pos, row) in seq.chunks_exact_mut(nh * d).enumerate() {
+                for hd in 0..nh {
+                    row[hd * d..(hd + 1) * d].copy_from_slice(&heads_out[((bi * nh + hd) * t + pos) * d..][..d]);
+                }
+            }
+        });
+        self.o.apply(&attn, n, h, true, true);
+    }
+}
+
+/// Rotate-half RoPE of one head row: `x·cos + rotate_half(x)·sin`.
+#[inline]
+fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = x.len() / 2;
+    for j in 0..half {
+        out[j] = x[j] * cos[j] - x[j + half] * sin[j];
+        out[j + half] = x[j + half] * cos[j + half] + x[j] * sin[j + half];
+    }
+}
+
+/// Softmax of one score row for query `q`: keys `lo..=q` live (scaled), the rest zero.
+#[inline]
+fn causal_row(row: &mut [f32], q: usize, scale: f32, window: usize) {
+    // `causal_softmax_rows` treats the row as row `q` of a matrix `row.len()` wide; the row
+    // here is the prefix `0..r1` (r1 > q) of the full row, which is all it reads or writes.
+    debug_assert!(q < row.len());
+    causal_softmax_rows(row, row.len(), q, scale, window);
+}
+
+impl MoeLayer {
+    /// `h += moe(x)` for `n` rows.
+    fn apply(&self, x: &[f32], n: usize, h: &mut [f32]) {
+        let hidden = self.router.inp;
+        let e = self.experts.len();
+        let k = self.top_k;
+        let mut logits = vec![0f32; n * e];
+        self.router.apply(x, n, &mut logits, false, true);
+        // Routing: softmax in f32, top-k (ties to the lower index), optional renormalisation,
+        // scaling — per token.
+        let mut sel = vec![0u32; n * k];
+        let mut wts = vec![0f32; n * k];
+        sel.par_chunks_mut(k).zip(wts.par_chunks_mut(k)).zip(logits.par_chunks(e)).for_each(|((s, w), l)| {
+            let mut p: Vec<f32> = match &self.mask_bias {
+                Some(m) => l.iter().zip(m).map(|(a, b)| a + b).collect(),
+                None => l.to_vec(),
+            };
+            let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for v in p.iter_mut() {
+                *v = exp_f32(*v - max) * f32::from(*v != f32::NEG_INFINITY);
+                sum += *v;
+            }
+            p.iter_mut().for_each(|v| *v /= sum);
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            for j in 0..k {
+                s[j] = order[j] as u32;
+                w[j] = p[order[j]];
+            }
+            if self.norm_topk_prob {
+                let total: f32 = w.iter().sum();
+                w.iter_mut().for_each(|v| *v /= total);
+            }
+            if self.scale != 1.0 {
+                w.iter_mut().for_each(|v| *v *= self.scale);
+            }
+        });
+        let mut groups: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); e];
+        for (slot, (&ex, &w)) in sel.iter().zip(&wts).enumerate() {
+            groups[ex as usize].0.push(slot / k);
+            groups[ex as usize].1.push(w);
+        }
+        let busy = groups.iter().filter(|g| !g.0.is_empty()).count();
+        // Many experts with tokens: one expert per task; few: each expert's GEMMs in parallel.
+        let outer = busy >= rayon::current_num_threads();
+        let run = |ex: usize, (tokens, _): &(Vec<usize>, Vec<f32>)| {
+            let m = tokens.len();
+            let mut xe = vec![0f32; m * hidden];
+            for (row, &tok) in xe.chunks_exact_mut(hidden).zip(tokens) {
+                row.copy_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
+            }
+            let mut y = vec![0f32; m * hidden];
+            self.experts[ex].apply(&xe, m, &mut y, false, !outer);
+            y
+        };
+        let outputs: Vec<Vec<f32>> = if outer {
+            groups.par_iter().enumerate().map(|(ex, g)| if g.0.is_empty() { Vec::new() } else { run(ex, g) }).collect()
+        } else {
+            groups.iter().enumerate().map(|(ex, g)| if g.0.is_empty() { Vec::new() } else { run(ex, g) }).collect()
+        };
+        // Scatter-add in expert order (each token's slots are summed in a fixed order).
+        for ((tokens, ws), y) in groups.iter().zip(&outputs) {
+            for ((&tok, &w), yr) in tokens.iter().zip(ws).zip(y.chunks_exact(hidden)) {
+                for (o, v) in h[tok * hidden..(tok + 1) * hidden].iter_mut().zip(yr) {
+                    *o += w * v;
+                }
+            }
+        }
+        if let Some(shared) = &self.shared {
+            let mut y = vec![0f32; n * hidden];
+            shared.apply(x, n, &mut y, false, true);
+            if let Some(g) = &self.shared_gate {
+                let mut gate = vec![0f32; n];
+                g.apply(x, n, &mut gate, false, false);
+                for (row, g) in y.chunks_exact_mut(hidden).zip(&gate) {
+                    let s = 1.0 / (1.0 + (-g).exp());
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+            }
+            h.iter_mut().zip(&y).for_each(|(o, v)| *o += v);
+        }
+    }
+}
+
+impl CpuModel {
+    /// Next-token NLLs `[batch][len − 1]`. The LM head runs in blocks of rows, each block's
+    /// logits scored (`logsumexp − logit`) while still in cache: the `[batch·len, vocab]`
+    /// logits are never materialised.
+    pub fn nll_host(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let h = self.final_hidden(ids)?;
+        let (b, t, v, hidden) = (ids.len(), ids[0].len(), self.config.vocab_size, self.config.hidden_size);
+        if t < 2 {
+            return Ok(vec![Vec::new(); b]);
+        }
+        let mut targets = vec![0u32; b * t];
+        for (s, seq) in ids.iter().enumerate() {
+            targets[s * t..s * t + t - 1].copy_from_slice(&seq[1..]);
+        }
+        let mut out = vec![0f32; b * t];
+        const ROWS: usize = 32;
+        out.par_chunks_mut(ROWS).zip(h.par_chunks(ROWS * hidden)).zip(targets.par_chunks(ROWS)).for_each_init(
+            || vec![0f32; ROWS * v],
+            |logits, ((o, x), tg)| {
+                let rows = o.len();
+                let l = &mut logits[..rows * v];
+                self.lm_head.apply(x, rows, l, false, false);
+                nll_rows(l, tg, o, v);
+            },
+        );
+        Ok(out.chunks_exact(t).map(|r| r[..t - 1].to_vec()).collect())
+    }
+}
+
+impl CausalLm for CpuModel {
+    fn logits(&self, ids: &[Vec<u32>]) -> Result<Tensor<3>> {
+        let logits = self.forward_host(ids)?;
+        let shape = [ids.len(), ids[0].len(), self.config.vocab_size];
+        Ok(Tensor::from_data(TensorData::new(logits, shape), &self.device))
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn next_token_nll(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        self.nll_host(ids)
+    }
+}
