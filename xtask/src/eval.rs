@@ -93,45 +93,55 @@ impl Loaded {
     }
 }
 
-/// Picks the engine for a loaded burn model.
-fn select_engine(model: MoeModel, engine: Engine, device: DeviceSpec, dynamic_skip: bool) -> Result<Loaded> {
-    if engine == Engine::Burn {
-        return Ok(Loaded::Burn(model));
-    }
-    let why_not = if device != DeviceSpec::Cpu {
-        Some(format!("it runs on the CPU only (--device {device})"))
+/// Loads the model behind the engine `--engine` picks (see [`Engine`]), with the dynamic
+/// skipping rules installed when asked for (burn only).
+fn load_model(dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Result<(Loaded, Vec<diep_models::DynamicSkip>)> {
+    let config = diep_models::checkpoint::ModelConfig::from_dir(dir)?;
+    let why_not = if inputs.engine == Engine::Burn {
+        Some("--engine burn".to_string())
+    } else if inputs.device != DeviceSpec::Cpu {
+        Some(format!("it runs on the CPU only (--device {})", inputs.device))
     } else if dynamic_skip {
         Some("--dynamic-skip needs the burn model".to_string())
     } else {
-        unsupported_by_fused(&model)
+        unsupported_by_fused(&config)
     };
-    match (why_not, engine) {
-        (None, _) => fused(model),
+    match (why_not, inputs.engine) {
+        (None, _) => Ok((fused(dir)?, Vec::new())),
         (Some(why), Engine::Fused) => bail!("--engine fused: the fused CPU engine cannot run this model: {why}"),
-        (Some(why), _) => {
-            eprintln!("engine: burn (the fused CPU engine does not apply: {why})");
-            Ok(Loaded::Burn(model))
+        (Some(why), engine) => {
+            if engine == Engine::Auto {
+                eprintln!("engine: burn (the fused CPU engine does not apply: {why})");
+            }
+            let device = inputs.device.device()?;
+            let mut model =
+                MoeModel::load(dir, &device).with_context(|| format!("loading model from {}", dir.display()))?;
+            let rules = if dynamic_skip { install_dynamic_skip(&mut model, dir)? } else { Vec::new() };
+            Ok((Loaded::Burn(model), rules))
         }
     }
 }
 
 #[cfg(feature = "cpu")]
-fn unsupported_by_fused(model: &MoeModel) -> Option<String> {
-    diep_infer::CpuModel::unsupported(model)
+fn unsupported_by_fused(config: &diep_models::checkpoint::ModelConfig) -> Option<String> {
+    diep_infer::CpuModel::unsupported_config(config)
 }
 
 #[cfg(not(feature = "cpu"))]
-fn unsupported_by_fused(_: &MoeModel) -> Option<String> {
+fn unsupported_by_fused(_: &diep_models::checkpoint::ModelConfig) -> Option<String> {
     Some("this build has no `cpu` feature".into())
 }
 
 #[cfg(feature = "cpu")]
-fn fused(model: MoeModel) -> Result<Loaded> {
-    Ok(Loaded::Fused(diep_infer::CpuModel::from_model(model)?))
+fn fused(dir: &Path) -> Result<Loaded> {
+    let model = diep_infer::CpuModel::load(dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let (bytes, types) = model.resident_weights();
+    eprintln!("fused CPU engine: weights held in {} ({:.1} MB)", types.join("/"), bytes as f64 / 1e6);
+    Ok(Loaded::Fused(model))
 }
 
 #[cfg(not(feature = "cpu"))]
-fn fused(_: MoeModel) -> Result<Loaded> {
+fn fused(_: &Path) -> Result<Loaded> {
     unreachable!("unsupported_by_fused refuses every model without the cpu feature")
 }
 
@@ -275,24 +285,20 @@ pub fn evaluate(model_dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Re
     } else {
         None
     };
-    let device = inputs.device.device()?;
     let load_start = Instant::now();
-    let mut model =
-        MoeModel::load(model_dir, &device).with_context(|| format!("loading model from {}", model_dir.display()))?;
-    let skip_rules = if dynamic_skip { install_dynamic_skip(&mut model, model_dir)? } else { Vec::new() };
-    let c = model.config.clone();
+    let (loaded_model, skip_rules) = load_model(model_dir, inputs, dynamic_skip)?;
+    let c = diep_models::checkpoint::ModelConfig::from_dir(model_dir)?;
     eprintln!(
         "model: {} ({}), {} layers ({} MoE), {} experts, top-{}, loaded in {:.2}s on {}",
         model_dir.display(),
         c.architecture.model_type(),
         c.num_layers,
-        model.moe_layers().len(),
+        c.layers.iter().filter(|k| matches!(k, diep_models::checkpoint::LayerKind::Moe { .. })).count(),
         c.moe.num_experts,
         c.moe.top_k,
         load_start.elapsed().as_secs_f64(),
         inputs.device
     );
-    let loaded_model = select_engine(model, inputs.engine, inputs.device, dynamic_skip)?;
     eprintln!("engine: {}", loaded_model.name());
     let model = loaded_model.lm();
 

@@ -31,7 +31,7 @@ use diep_models::kernels::{causal_softmax_rows, exp_f32, nll_rows, rms_norm_rows
 use diep_models::moe::SharedExpert;
 use diep_models::nn::{Linear, RmsNorm, SwiGlu};
 use diep_models::rope::RopeTables;
-use diep_models::{CausalLm, FeedForward, ModelError, MoeBlock, MoeModel, Result};
+use diep_models::{CausalLm, DecoderLayer, FeedForward, ModelError, MoeBlock, MoeModel, Result};
 use rayon::prelude::*;
 
 use crate::gemm::{MatRef, matmul};
@@ -41,10 +41,65 @@ pub use diep_models::burn;
 /// Query rows per attention block: keys beyond a block's last row are never computed.
 const ATTENTION_BLOCK: usize = 64;
 
+/// A weight matrix as it stays in memory: f32, or — when every value of it is exactly a
+/// bf16 (or f16) number, as for weights read from a bf16 (f16) checkpoint — those 2-byte
+/// values, widened to f32 when a GEMM uses them. Arithmetic is f32 either way, so results are
+/// bit-identical; only the resident size halves.
+#[derive(Debug, Clone)]
+enum Weights {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl Weights {
+    /// The narrowest exact representation of `v`.
+    fn compact(v: Vec<f32>) -> Self {
+        let exact_bf16 = v.par_iter().all(|x| half::bf16::from_f32(*x).to_f32().to_bits() == x.to_bits());
+        if exact_bf16 {
+            return Weights::Bf16(v.par_iter().map(|x| half::bf16::from_f32(*x)).collect());
+        }
+        let exact_f16 = v.par_iter().all(|x| half::f16::from_f32(*x).to_f32().to_bits() == x.to_bits());
+        if exact_f16 {
+            return Weights::F16(v.par_iter().map(|x| half::f16::from_f32(*x)).collect());
+        }
+        Weights::F32(v)
+    }
+
+    /// The values as f32: borrowed, or widened into a new buffer.
+    fn f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Weights::F32(v) => std::borrow::Cow::Borrowed(v),
+            Weights::Bf16(v) => std::borrow::Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            Weights::F16(v) => std::borrow::Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+        }
+    }
+
+    fn as_f32_vec(&self) -> Vec<f32> {
+        self.f32().into_owned()
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Weights::F32(v) => v.len() * 4,
+            Weights::Bf16(v) => v.len() * 2,
+            Weights::F16(v) => v.len() * 2,
+        }
+    }
+
+    fn dtype(&self) -> &'static str {
+        match self {
+            Weights::F32(_) => "f32",
+            Weights::Bf16(_) => "bf16",
+            Weights::F16(_) => "f16",
+        }
+    }
+}
+
 /// A dense layer `y = x·W (+ b)` with `W` row-major `[in, out]`.
 #[derive(Debug, Clone)]
 struct Dense {
-    w: Vec<f32>,
+    w: Weights,
     bias: Option<Vec<f32>>,
     inp: usize,
     out: usize,
@@ -53,7 +108,7 @@ struct Dense {
 impl Dense {
     fn from_linear(l: Linear) -> Self {
         let [inp, out] = l.weight.dims();
-        Dense { w: host(l.weight), bias: l.bias.map(host), inp, out }
+        Dense { w: Weights::compact(host(l.weight)), bias: l.bias.map(host), inp, out }
     }
 
     /// Concatenates the output columns of several layers with the same input width.
@@ -65,19 +120,25 @@ impl Dense {
         let mut bias = any_bias.then(|| vec![0f32; out]);
         let mut col = 0;
         for p in &parts {
+            let pw = p.w.as_f32_vec();
             for r in 0..inp {
-                w[r * out + col..r * out + col + p.out].copy_from_slice(&p.w[r * p.out..(r + 1) * p.out]);
+                w[r * out + col..r * out + col + p.out].copy_from_slice(&pw[r * p.out..(r + 1) * p.out]);
             }
             if let (Some(b), Some(pb)) = (bias.as_mut(), p.bias.as_ref()) {
                 b[col..col + p.out].copy_from_slice(pb);
             }
             col += p.out;
         }
-        Dense { w, bias, inp, out }
+        Dense { w: Weights::compact(w), bias, inp, out }
     }
 
     /// `out (+)= x·W + b` for `n` rows of `x` (row-major, `inp` wide).
     fn apply(&self, x: &[f32], n: usize, out: &mut [f32], accumulate: bool, parallel: bool) {
+        self.apply_with(&self.w.f32(), x, n, out, accumulate, parallel);
+    }
+
+    /// [`Self::apply`] with the weights already widened to f32 (`w`).
+    fn apply_with(&self, w: &[f32], x: &[f32], n: usize, out: &mut [f32], accumulate: bool, parallel: bool) {
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(self.out).take(n) {
                 if accumulate {
@@ -88,7 +149,7 @@ impl Dense {
             }
         }
         let a = MatRef::rows(x, n, self.inp, self.inp);
-        let w = MatRef::rows(&self.w, self.inp, self.out, self.out);
+        let w = MatRef::rows(w, self.inp, self.out, self.out);
         matmul(out, self.out, a, w, accumulate || self.bias.is_some(), parallel);
     }
 }
@@ -195,7 +256,7 @@ struct Layer {
 pub struct CpuModel {
     /// The model's configuration.
     pub config: ModelConfig,
-    embed: Vec<f32>,
+    embed: Weights,
     layers: Vec<Layer>,
     norm: Norm,
     lm_head: Dense,
@@ -205,35 +266,62 @@ pub struct CpuModel {
 impl CpuModel {
     /// Why `model` cannot run on this engine, or `None` if it can.
     pub fn unsupported(model: &MoeModel) -> Option<String> {
-        for (i, layer) in model.layers.iter().enumerate() {
-            let why = |what: &str| Some(format!("layer {i}: {what}"));
-            let a = match &layer.attention {
-                SelfAttention::Standard(a) => a,
-                SelfAttention::Latent(_) => return why("multi-head latent attention"),
-            };
-            if a.sinks.is_some() {
-                return why("attention sinks");
-            }
-            if a.cfg.sliding_layers.is_some() {
-                return why("per-layer sliding windows");
-            }
-            if let FeedForward::Moe(m) = &layer.ffn {
-                if !matches!(m.activation, ExpertActivation::Silu) {
-                    return why("clamped SwiGLU experts");
-                }
-                let r = &m.routing;
-                if r.scoring != Scoring::Softmax || r.group_limit.is_some() || m.correction_bias.is_some() {
-                    return why("sigmoid or group-limited routing");
-                }
-                if m.dynamic_skip().is_some() {
-                    return why("dynamic expert skipping");
-                }
-                if m.router.bias.is_some() {
-                    return why("a router bias");
-                }
-            }
+        model.layers.iter().enumerate().find_map(|(i, l)| layer_unsupported(l).map(|why| format!("layer {i}: {why}")))
+    }
+
+    /// Why a model of this configuration cannot run on this engine, or `None` if it can
+    /// (what [`Self::unsupported`] finds, decided from `config.json` alone).
+    pub fn unsupported_config(config: &ModelConfig) -> Option<String> {
+        let a = &config.attention;
+        let m = &config.moe;
+        let r = &m.routing;
+        let why = if a.mla.is_some() {
+            "multi-head latent attention"
+        } else if a.sinks {
+            "attention sinks"
+        } else if a.sliding_layers.is_some() {
+            "per-layer sliding windows"
+        } else if !matches!(m.activation, ExpertActivation::Silu) {
+            "clamped SwiGLU experts"
+        } else if r.scoring != Scoring::Softmax || r.group_limit.is_some() || r.correction_bias {
+            "sigmoid or group-limited routing"
+        } else if m.router_bias {
+            "a router bias"
+        } else {
+            return None;
+        };
+        Some(format!("{} ({why})", config.architecture.model_type()))
+    }
+
+    /// Loads a model directory straight into the engine, one decoder layer at a time: each
+    /// layer is decoded to f32, converted and dropped before the next, so memory peaks at the
+    /// converted model plus one f32 layer (weights of a bf16/f16 checkpoint stay 16-bit).
+    pub fn load(dir: impl AsRef<std::path::Path>) -> Result<Self> {
+        let device = Device::flex();
+        let streaming = diep_models::StreamingModel::open(dir, &device)?;
+        if let Some(why) = Self::unsupported_config(&streaming.config) {
+            return Err(ModelError::InvalidInput(format!("the fused CPU engine does not support {why}")));
         }
-        None
+        let embed = Weights::compact(host(streaming.embed_tokens().clone()));
+        let (norm, lm_head) = streaming.load_head()?;
+        let mut layers = Vec::with_capacity(streaming.config.num_layers);
+        for i in 0..streaming.config.num_layers {
+            let layer = streaming.load_layer(i)?;
+            if let Some(why) = layer_unsupported(&layer) {
+                return Err(ModelError::InvalidInput(format!(
+                    "the fused CPU engine does not support layer {i}: {why}"
+                )));
+            }
+            layers.push(convert_layer(layer));
+        }
+        Ok(CpuModel {
+            config: streaming.config.clone(),
+            embed,
+            layers,
+            norm: Norm::from(norm),
+            lm_head: Dense::from_linear(lm_head),
+            device,
+        })
     }
 
     /// Converts a loaded model (consuming it, so that its weights are moved rather than
@@ -244,29 +332,38 @@ impl CpuModel {
         }
         let device = model.device().clone();
         let MoeModel { config, embed_tokens, layers, norm, lm_head, .. } = model;
-        let layers = layers
-            .into_iter()
-            .map(|l| {
-                let SelfAttention::Standard(a) = l.attention else { unreachable!("checked above") };
-                Layer {
-                    input_norm: Norm::from(l.input_norm),
-                    attention: convert_attention(a),
-                    post_norm: Norm::from(l.post_attention_norm),
-                    ffn: match l.ffn {
-                        FeedForward::Dense(m) => Ffn::Dense(Mlp::from_swiglu(m)),
-                        FeedForward::Moe(m) => Ffn::Moe(convert_moe(m)),
-                    },
-                }
-            })
-            .collect();
+        let layers = layers.into_iter().map(convert_layer).collect();
         Ok(CpuModel {
             config,
-            embed: host(embed_tokens),
+            embed: Weights::compact(host(embed_tokens)),
             layers,
             norm: Norm::from(norm),
             lm_head: Dense::from_linear(lm_head),
             device,
         })
+    }
+
+    /// Bytes of weight matrices held in memory, and their storage types (e.g. `["bf16"]`).
+    pub fn resident_weights(&self) -> (usize, Vec<&'static str>) {
+        let mut mats: Vec<&Dense> = vec![&self.lm_head];
+        for l in &self.layers {
+            mats.extend([&l.attention.qkv, &l.attention.o]);
+            let mlps: Vec<&Mlp> = match &l.ffn {
+                Ffn::Dense(m) => vec![m],
+                Ffn::Moe(m) => {
+                    mats.push(&m.router);
+                    mats.extend(&m.shared_gate);
+                    m.experts.iter().chain(&m.shared).collect()
+                }
+            };
+            for m in mlps {
+                mats.extend([&m.gate_up, &m.down]);
+            }
+        }
+        let mut types: Vec<&'static str> = mats.iter().map(|m| m.w.dtype()).chain([self.embed.dtype()]).collect();
+        types.sort_unstable();
+        types.dedup();
+        (mats.iter().map(|m| m.w.bytes()).sum::<usize>() + self.embed.bytes(), types)
     }
 
     /// Logits `[batch·len, vocab]` (row-major) for a batch of equal-length sequences.
@@ -285,7 +382,12 @@ impl CpuModel {
         let n = b * t;
         let mut h = vec![0f32; n * hidden];
         for (row, &id) in h.chunks_exact_mut(hidden).zip(ids.iter().flatten()) {
-            row.copy_from_slice(&self.embed[id as usize * hidden..(id as usize + 1) * hidden]);
+            let r = id as usize * hidden..(id as usize + 1) * hidden;
+            match &self.embed {
+                Weights::F32(e) => row.copy_from_slice(&e[r]),
+                Weights::Bf16(e) => row.iter_mut().zip(&e[r]).for_each(|(o, v)| *o = v.to_f32()),
+                Weights::F16(e) => row.iter_mut().zip(&e[r]).for_each(|(o, v)| *o = v.to_f32()),
+            }
         }
         let rope = rope_tables(&self.config, t, &self.device);
         let mut x = vec![0f32; n * hidden];
@@ -302,6 +404,50 @@ impl CpuModel {
         }
         self.norm.apply(&mut h);
         Ok(h)
+    }
+}
+
+/// What in a decoder layer this engine does not compute, if anything.
+fn layer_unsupported(layer: &DecoderLayer) -> Option<&'static str> {
+    let a = match &layer.attention {
+        SelfAttention::Standard(a) => a,
+        SelfAttention::Latent(_) => return Some("multi-head latent attention"),
+    };
+    if a.sinks.is_some() {
+        return Some("attention sinks");
+    }
+    if a.cfg.sliding_layers.is_some() {
+        return Some("per-layer sliding windows");
+    }
+    if let FeedForward::Moe(m) = &layer.ffn {
+        let r = &m.routing;
+        if !matches!(m.activation, ExpertActivation::Silu) {
+            return Some("clamped SwiGLU experts");
+        }
+        if r.scoring != Scoring::Softmax || r.group_limit.is_some() || m.correction_bias.is_some() {
+            return Some("sigmoid or group-limited routing");
+        }
+        if m.dynamic_skip().is_some() {
+            return Some("dynamic expert skipping");
+        }
+        if m.router.bias.is_some() {
+            return Some("a router bias");
+        }
+    }
+    None
+}
+
+/// Converts a supported layer (see [`layer_unsupported`]).
+fn convert_layer(l: DecoderLayer) -> Layer {
+    let SelfAttention::Standard(a) = l.attention else { unreachable!("callers check layer_unsupported") };
+    Layer {
+        input_norm: Norm::from(l.input_norm),
+        attention: convert_attention(a),
+        post_norm: Norm::from(l.post_attention_norm),
+        ffn: match l.ffn {
+            FeedForward::Dense(m) => Ffn::Dense(Mlp::from_swiglu(m)),
+            FeedForward::Moe(m) => Ffn::Moe(convert_moe(m)),
+        },
     }
 }
 
@@ -592,13 +738,15 @@ impl CpuModel {
             targets[s * t..s * t + t - 1].copy_from_slice(&seq[1..]);
         }
         let mut out = vec![0f32; b * t];
+        // Widened once for all blocks when the head is stored in 16 bits.
+        let head = self.lm_head.w.f32();
         const ROWS: usize = 32;
         out.par_chunks_mut(ROWS).zip(h.par_chunks(ROWS * hidden)).zip(targets.par_chunks(ROWS)).for_each_init(
             || vec![0f32; ROWS * v],
             |logits, ((o, x), tg)| {
                 let rows = o.len();
                 let l = &mut logits[..rows * v];
-                self.lm_head.apply(x, rows, l, false, false);
+                self.lm_head.apply_with(&head, x, rows, l, false, false);
                 nll_rows(l, tg, o, v);
             },
         );

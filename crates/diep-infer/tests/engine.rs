@@ -64,8 +64,14 @@ fn mixtral() {
 }
 
 #[test]
-fn mixtral_bf16() {
+fn mixtral_bf16_stays_bf16_in_memory() {
     check("tiny-mixtral-bf16");
+    let bf16 = CpuModel::from_model(load("tiny-mixtral-bf16")).unwrap();
+    let f32 = CpuModel::from_model(load("tiny-mixtral")).unwrap();
+    let ((b_bytes, b_types), (f_bytes, f_types)) = (bf16.resident_weights(), f32.resident_weights());
+    assert_eq!(b_types, ["bf16"], "every matrix of a bf16 checkpoint is held as bf16");
+    assert_eq!(f_types, ["f32"]);
+    assert_eq!(b_bytes * 2, f_bytes, "same shapes, half the bytes");
 }
 
 #[test]
@@ -105,7 +111,11 @@ fn unsupported_architectures_say_why() {
         let model = load(name);
         let reason = CpuModel::unsupported(&model).unwrap_or_default();
         assert!(reason.contains(why), "{name}: {reason}");
+        let config_reason = CpuModel::unsupported_config(&model.config).unwrap_or_default();
+        assert!(config_reason.contains(why), "{name}: {config_reason}");
         let err = CpuModel::from_model(model).unwrap_err().to_string();
+        assert!(err.contains(why), "{name}: {err}");
+        let err = CpuModel::load(fixtures().join("models").join(name)).unwrap_err().to_string();
         assert!(err.contains(why), "{name}: {err}");
     }
 }

@@ -410,6 +410,26 @@ impl StreamingModel {
         embed_ids(&self.embed_tokens, &self.config, &self.device, ids)
     }
 
+    /// The token embeddings `[vocab, hidden]`.
+    pub fn embed_tokens(&self) -> &Tensor<2> {
+        &self.embed_tokens
+    }
+
+    /// Loads the final norm and the LM head (`[hidden, vocab]`; the transposed embeddings when
+    /// they are tied), as [`MoeModel::load`] does.
+    pub fn load_head(&self) -> Result<(RmsNorm, Linear)> {
+        let c = &self.config;
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let mut ld = Loader::new(&self.ckpt, &self.device);
+        let lm_head = if c.tie_word_embeddings {
+            let embed: Vec<f32> = self.embed_tokens.to_data().iter::<f32>().collect();
+            Linear { weight: ld.from_host(transpose(&embed, v, h), [h, v]), bias: None }
+        } else {
+            ld.linear("lm_head", h, v, false)?
+        };
+        Ok((ld.rms_norm("model.norm.weight", h, c.rms_norm_eps)?, lm_head))
+    }
+
     /// Loads decoder layer `i` from disk.
     pub fn load_layer(&self, i: usize) -> Result<DecoderLayer> {
         if i >= self.config.num_layers {
