@@ -27,7 +27,7 @@ pub mod gemm;
 use burn::tensor::{Device, Tensor, TensorData};
 use diep_models::attention::{Attention, SelfAttention};
 use diep_models::checkpoint::{ExpertActivation, ModelConfig, QkNorm, Scoring};
-use diep_models::kernels::{causal_softmax_rows, exp_f32, nll_rows, rms_norm_rows, silu_mul_rows};
+use diep_models::kernels::{causal_softmax_rows, nll_rows, rms_norm_rows, silu_mul_rows};
 use diep_models::moe::SharedExpert;
 use diep_models::nn::{Linear, RmsNorm, SwiGlu};
 use diep_models::rope::RopeTables;
@@ -207,6 +207,16 @@ impl Norm {
         let rows = (16_384 / d).max(1);
         x.par_chunks_mut(rows * d).for_each(|c| rms_norm_rows(c, &self.w, self.eps));
     }
+
+    /// `dst = norm(src)`, row blocks in parallel.
+    fn apply_into(&self, src: &[f32], dst: &mut [f32]) {
+        let d = self.w.len();
+        let rows = (16_384 / d).max(1);
+        dst.par_chunks_mut(rows * d).zip(src.par_chunks(rows * d)).for_each(|(o, i)| {
+            o.copy_from_slice(i);
+            rms_norm_rows(o, &self.w, self.eps);
+        });
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -380,23 +390,24 @@ impl CpuModel {
         let (b, t) = check_batch(ids, self.config.vocab_size)?;
         let hidden = self.config.hidden_size;
         let n = b * t;
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let mut h = vec![0f32; n * hidden];
-        for (row, &id) in h.chunks_exact_mut(hidden).zip(ids.iter().flatten()) {
+        h.par_chunks_mut(hidden).zip(&flat).for_each(|(row, &id)| {
             let r = id as usize * hidden..(id as usize + 1) * hidden;
             match &self.embed {
                 Weights::F32(e) => row.copy_from_slice(&e[r]),
                 Weights::Bf16(e) => row.iter_mut().zip(&e[r]).for_each(|(o, v)| *o = v.to_f32()),
                 Weights::F16(e) => row.iter_mut().zip(&e[r]).for_each(|(o, v)| *o = v.to_f32()),
             }
-        }
+        });
         let rope = rope_tables(&self.config, t, &self.device);
         let mut x = vec![0f32; n * hidden];
+        // Attention buffers, reused by every layer.
+        let mut scratch = AttentionScratch::default();
         for layer in &self.layers {
-            x.copy_from_slice(&h);
-            layer.input_norm.apply(&mut x);
-            layer.attention.apply(&x, b, t, &rope, &mut h);
-            x.copy_from_slice(&h);
-            layer.post_norm.apply(&mut x);
+            layer.input_norm.apply_into(&h, &mut x);
+            layer.attention.apply(&x, b, t, &rope, &mut h, &mut scratch);
+            layer.post_norm.apply_into(&h, &mut x);
             match &layer.ffn {
                 Ffn::Dense(m) => m.apply(&x, n, &mut h, true, true),
                 Ffn::Moe(m) => m.apply(&x, n, &mut h),
@@ -520,14 +531,41 @@ fn convert_moe(m: MoeBlock) -> MoeLayer {
     }
 }
 
+/// Buffers of one attention layer, kept across the layers of a forward pass.
+#[derive(Default)]
+struct AttentionScratch {
+    qkv: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    heads: Vec<f32>,
+    attn: Vec<f32>,
+}
+
+/// The first `len` elements of `v`, grown (never shrunk) as needed.
+fn prefix(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
 impl AttentionLayer {
     /// `h += o_proj(attention(x))` for `b` sequences of `t` tokens.
-    fn apply(&self, x: &[f32], b: usize, t: usize, rope: &(Vec<f32>, Vec<f32>), h: &mut [f32]) {
+    fn apply(
+        &self,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        rope: &(Vec<f32>, Vec<f32>),
+        h: &mut [f32],
+        sc: &mut AttentionScratch,
+    ) {
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
         let n = b * t;
         let width = (nh + 2 * nkv) * d;
-        let mut qkv = vec![0f32; n * width];
-        self.qkv.apply(x, n, &mut qkv, false, true);
+        let qkv = prefix(&mut sc.qkv, n * width);
+        self.qkv.apply(x, n, qkv, false, true);
         // As transformers: OLMoE's full q/k norms come before `clip_qkv`, Qwen3's per-head
         // norms after it. Full norms have weights over all heads, per-head norms over one head's
         // `d`: `rms_norm_rows` normalises chunks of the weight's length either way.
@@ -540,17 +578,17 @@ impl AttentionLayer {
             });
         };
         if self.qk_norm == QkNorm::Full {
-            qk_norm(&mut qkv);
+            qk_norm(qkv);
         }
         if let Some(c) = self.clip {
             qkv.par_chunks_mut(16_384).for_each(|c2| c2.iter_mut().for_each(|v| *v = v.clamp(-c, c)));
         }
         if self.qk_norm == QkNorm::PerHead {
-            qk_norm(&mut qkv);
+            qk_norm(qkv);
         }
+        let qkv: &[f32] = qkv;
         // Heads laid out [b, heads, t, d]; RoPE applied to q and k on the way.
-        let split = |col0: usize, heads: usize, rotate: bool| {
-            let mut out = vec![0f32; b * heads * t * d];
+        let split = |out: &mut [f32], col0: usize, heads: usize, rotate: bool| {
             out.par_chunks_mut(t * d).enumerate().for_each(|(bh, block)| {
                 let (bi, hd) = (bh / heads, bh % heads);
                 for (pos, o) in block.chunks_exact_mut(d).enumerate() {
@@ -562,15 +600,17 @@ impl AttentionLayer {
                     }
                 }
             });
-            out
         };
-        let q = split(0, nh, true);
-        let k = split(nh * d, nkv, true);
-        let v = split((nh + nkv) * d, nkv, false);
+        let (q, k, v) =
+            (prefix(&mut sc.q, b * nh * t * d), prefix(&mut sc.k, b * nkv * t * d), prefix(&mut sc.v, b * nkv * t * d));
+        split(q, 0, nh, true);
+        split(k, nh * d, nkv, true);
+        split(v, (nh + nkv) * d, nkv, false);
+        let (q, k, v): (&[f32], &[f32], &[f32]) = (q, k, v);
         let rep = nh / nkv;
         let window = self.window.unwrap_or(usize::MAX);
         // Per (sequence, head): causal attention in blocks of query rows.
-        let mut heads_out = vec![0f32; b * nh * t * d];
+        let heads_out = prefix(&mut sc.heads, b * nh * t * d);
         heads_out.par_chunks_mut(t * d).enumerate().for_each_init(
             || vec![0f32; ATTENTION_BLOCK * t],
             |scores, (bh, out)| {
@@ -607,7 +647,8 @@ impl AttentionLayer {
             },
         );
         // [b, heads, t, d] → rows [b·t, heads·d] for the output projection.
-        let mut attn = vec![0f32; n * nh * d];
+        let heads_out: &[f32] = heads_out;
+        let attn = prefix(&mut sc.attn, n * nh * d);
         attn.par_chunks_mut(t * nh * d).enumerate().for_each(|(bi, seq)| {
             for (pos, row) in seq.chunks_exact_mut(nh * d).enumerate() {
                 for hd in 0..nh {
@@ -615,7 +656,7 @@ impl AttentionLayer {
                 }
             }
         });
-        self.o.apply(&attn, n, h, true, true);
+        self.o.apply(attn, n, h, true, true);
     }
 }
 
@@ -658,7 +699,7 @@ impl MoeLayer {
             let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut sum = 0f32;
             for v in p.iter_mut() {
-                *v = exp_f32(*v - max) * f32::from(*v != f32::NEG_INFINITY);
+                *v = (*v - max).exp();
                 sum += *v;
             }
             p.iter_mut().for_each(|v| *v /= sum);
@@ -676,37 +717,47 @@ impl MoeLayer {
                 w.iter_mut().for_each(|v| *v *= self.scale);
             }
         });
-        let mut groups: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); e];
-        for (slot, (&ex, &w)) in sel.iter().zip(&wts).enumerate() {
-            groups[ex as usize].0.push(slot / k);
-            groups[ex as usize].1.push(w);
+        // Each expert's token rows, in token order.
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); e];
+        for (slot, &ex) in sel.iter().enumerate() {
+            groups[ex as usize].push(slot);
         }
-        let busy = groups.iter().filter(|g| !g.0.is_empty()).count();
-        // Many experts with tokens: one expert per task; few: each expert's GEMMs in parallel.
-        let outer = busy >= rayon::current_num_threads();
-        let run = |ex: usize, (tokens, _): &(Vec<usize>, Vec<f32>)| {
-            let m = tokens.len();
+        // Tasks of up to EXPERT_ROWS rows of one expert: balanced across threads, and each
+        // task's weights stay in cache while it runs.
+        const EXPERT_ROWS: usize = 128;
+        let tasks: Vec<(usize, &[usize])> =
+            groups.iter().enumerate().flat_map(|(ex, slots)| slots.chunks(EXPERT_ROWS).map(move |c| (ex, c))).collect();
+        let outer = tasks.len() >= rayon::current_num_threads();
+        let run = |&(ex, slots): &(usize, &[usize])| {
+            let m = slots.len();
             let mut xe = vec![0f32; m * hidden];
-            for (row, &tok) in xe.chunks_exact_mut(hidden).zip(tokens) {
+            for (row, &slot) in xe.chunks_exact_mut(hidden).zip(slots) {
+                let tok = slot / k;
                 row.copy_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
             }
             let mut y = vec![0f32; m * hidden];
             self.experts[ex].apply(&xe, m, &mut y, false, !outer);
             y
         };
-        let outputs: Vec<Vec<f32>> = if outer {
-            groups.par_iter().enumerate().map(|(ex, g)| if g.0.is_empty() { Vec::new() } else { run(ex, g) }).collect()
-        } else {
-            groups.iter().enumerate().map(|(ex, g)| if g.0.is_empty() { Vec::new() } else { run(ex, g) }).collect()
-        };
-        // Scatter-add in expert order (each token's slots are summed in a fixed order).
-        for ((tokens, ws), y) in groups.iter().zip(&outputs) {
-            for ((&tok, &w), yr) in tokens.iter().zip(ws).zip(y.chunks_exact(hidden)) {
-                for (o, v) in h[tok * hidden..(tok + 1) * hidden].iter_mut().zip(yr) {
-                    *o += w * v;
-                }
+        let outputs: Vec<Vec<f32>> =
+            if outer { tasks.par_iter().map(run).collect() } else { tasks.iter().map(run).collect() };
+        // Where each slot's output row is: (task, row).
+        let mut source = vec![(0u32, 0u32); n * k];
+        for (ti, (_, slots)) in tasks.iter().enumerate() {
+            for (r, &slot) in slots.iter().enumerate() {
+                source[slot] = (ti as u32, r as u32);
             }
         }
+        // Weighted sum per token, its slots in order, rows in parallel.
+        h.par_chunks_mut(hidden).enumerate().for_each(|(tok, row)| {
+            for j in 0..k {
+                let slot = tok * k + j;
+                let (ti, r) = source[slot];
+                let w = wts[slot];
+                let y = &outputs[ti as usize][r as usize * hidden..(r as usize + 1) * hidden];
+                row.iter_mut().zip(y).for_each(|(o, v)| *o += w * v);
+            }
+        });
         if let Some(shared) = &self.shared {
             let mut y = vec![0f32; n * hidden];
             shared.apply(x, n, &mut y, false, true);
@@ -718,7 +769,9 @@ impl MoeLayer {
                     row.iter_mut().for_each(|v| *v *= s);
                 }
             }
-            h.iter_mut().zip(&y).for_each(|(o, v)| *o += v);
+            h.par_chunks_mut(hidden).zip(y.par_chunks(hidden)).for_each(|(o, y)| {
+                o.iter_mut().zip(y).for_each(|(o, v)| *o += v);
+            });
         }
     }
 }
