@@ -69,6 +69,7 @@ pub enum Engine {
 }
 
 /// The loaded model behind one of the engines.
+#[allow(clippy::large_enum_variant)] // one per run
 enum Loaded {
     Burn(MoeModel),
     #[cfg(feature = "cpu")]

@@ -183,7 +183,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if !["bf16", "f16", "f32"].contains(&a.dtype.as_str()) {
         bail!("--dtype must be bf16, f16 or f32, not {:?}", a.dtype);
     }
-    if a.hidden % a.heads != 0 || a.heads % a.kv_heads != 0 || a.top_k > a.experts || a.top_k == 0 {
+    if !a.hidden.is_multiple_of(a.heads) || !a.heads.is_multiple_of(a.kv_heads) || a.top_k > a.experts || a.top_k == 0 {
         bail!("inconsistent shape: hidden % heads, heads % kv_heads must be 0 and 1 ≤ top_k ≤ experts");
     }
     if a.out.exists() && !a.force {

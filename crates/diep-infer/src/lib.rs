@@ -248,6 +248,7 @@ struct MoeLayer {
 }
 
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per layer
 enum Ffn {
     Dense(Mlp),
     Moe(MoeLayer),
