@@ -32,13 +32,20 @@ fn task_args(g: &Value) -> Vec<String> {
 
 #[test]
 fn eval_text_and_tasks_match_transformers_and_lm_eval() {
+    // The fused CPU engine (the default) and the burn model must both reproduce them.
+    for (engine, name) in [("auto", "fused-cpu"), ("burn", "burn")] {
+        eval_text_and_tasks(engine, name);
+    }
+}
+
+fn eval_text_and_tasks(engine: &str, engine_name: &str) {
     let g = golden();
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("eval.json");
     let samples = dir.path().join("samples.jsonl");
     let out = xtask()
         .args(["eval", "--model", "fixtures/trained-moe", "--text", "fixtures/trained-moe/heldout/english.txt"])
-        .args(["--seq-len", "256", "--batch-tokens", "1024", "--json"])
+        .args(["--seq-len", "256", "--batch-tokens", "1024", "--engine", engine, "--json"])
         .arg(&json)
         .arg("--log-samples")
         .arg(&samples)
@@ -47,6 +54,7 @@ fn eval_text_and_tasks_match_transformers_and_lm_eval() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["engine"], engine_name);
     let want = g["text_perplexity"]["perplexity"].as_f64().unwrap();
     let got = r["perplexity"]["english.txt"].as_f64().unwrap();
     assert!((got - want).abs() / want < 1e-4, "text perplexity {got} vs transformers {want}");
@@ -62,6 +70,31 @@ fn eval_text_and_tasks_match_transformers_and_lm_eval() {
     let lines = std::fs::read_to_string(&samples).unwrap();
     let n: u64 = g["task_metrics"].as_object().unwrap().keys().map(|t| r["tasks"][t]["n"].as_u64().unwrap()).sum();
     assert_eq!(lines.lines().count() as u64, n);
+}
+
+#[test]
+fn eval_engine_choice_is_explained() {
+    let ids = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ids.path(), "[[1, 2, 3, 4, 5, 6, 7, 8]]").unwrap();
+    let run = |model: &str, engine: &str| {
+        xtask().args(["eval", "--model", model, "--engine", engine, "--ids"]).arg(ids.path()).output().unwrap()
+    };
+    // gpt-oss has attention sinks: `auto` falls back to burn and says why, `fused` refuses.
+    let out = run("fixtures/models/tiny-gpt-oss", "auto");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("engine: burn (the fused CPU engine does not apply"), "{stderr}");
+    let out = run("fixtures/models/tiny-gpt-oss", "fused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("attention sinks"), "{stderr}");
+    // Both engines give the same perplexity on a covered model.
+    let ppl = |engine: &str| {
+        let out = run("fixtures/models/tiny-qwen2-moe", engine);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["perplexity"].as_object().unwrap().values().next().unwrap().as_f64().unwrap()
+    };
+    let (fused, burn) = (ppl("fused"), ppl("burn"));
+    assert!((fused - burn).abs() / burn < 1e-5, "fused {fused} vs burn {burn}");
 }
 
 #[test]
