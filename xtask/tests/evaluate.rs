@@ -79,13 +79,13 @@ fn eval_engine_choice_is_explained() {
     let run = |model: &str, engine: &str| {
         xtask().args(["eval", "--model", model, "--engine", engine, "--ids"]).arg(ids.path()).output().unwrap()
     };
-    // gpt-oss has attention sinks: `auto` falls back to burn and says why, `fused` refuses.
-    let out = run("fixtures/models/tiny-gpt-oss", "auto");
+    // DeepSeek-V3 has multi-head latent attention: `auto` falls back to burn and says why, `fused` refuses.
+    let out = run("fixtures/models/tiny-deepseek-v3", "auto");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.contains("engine: burn (the fused CPU engine does not apply"), "{stderr}");
-    let out = run("fixtures/models/tiny-gpt-oss", "fused");
+    let out = run("fixtures/models/tiny-deepseek-v3", "fused");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("attention sinks"), "{stderr}");
+    assert!(!out.status.success() && stderr.contains("multi-head latent attention"), "{stderr}");
     // Both engines give the same perplexity on a covered model.
     let ppl = |engine: &str| {
         let out = run("fixtures/models/tiny-qwen2-moe", engine);

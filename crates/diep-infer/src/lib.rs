@@ -15,11 +15,12 @@
 //! - the next-token NLL as `logsumexp − logit` straight from the logits buffer.
 //!
 //! It covers the standard-attention architectures with softmax routing (`mixtral`,
-//! `qwen2_moe`, `qwen3_moe`, `olmoe`, `deepseek`), expert masks included;
-//! [`CpuModel::from_model`] says why when a model needs the burn path (multi-head latent
-//! attention, attention sinks, sigmoid or group-limited routing, dynamic skipping, gpt-oss's
-//! clamped SwiGLU). The burn model is the reference: `tests/engine.rs` checks the two agree on
-//! every covered fixture, and the fixtures themselves are transformers goldens.
+//! `qwen2_moe`, `qwen3_moe`, `olmoe`, `deepseek`, and `gpt_oss` with its sinks, biases, clamped
+//! SwiGLU and sliding layers), expert masks included; [`CpuModel::from_model`] says why when a
+//! model needs the burn path (DeepSeek-V2/V3's multi-head latent attention and sigmoid or
+//! group-limited routing, dynamic skipping). Weights of bf16/f16 checkpoints stay 16-bit. The
+//! burn model is the reference: `tests/engine.rs` checks the engine against the transformers
+//! goldens of every covered fixture and against the burn model.
 #![warn(missing_docs)]
 
 pub mod gemm;
@@ -158,16 +159,54 @@ fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_into_vec::<f32>().expect("f32 data")
 }
 
-/// A SwiGLU MLP: `[in, 2i]` gate/up (gate columns first) and `[i, in]` down.
+/// A gated MLP's activation.
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    /// `silu(gate) · up`.
+    Silu,
+    /// gpt-oss: `(clamp(up, ±limit) + 1) · g · sigmoid(alpha · g)`, `g = min(gate, limit)`.
+    Clamped { alpha: f32, limit: f32 },
+}
+
+impl Act {
+    fn of(a: ExpertActivation) -> Self {
+        match a {
+            ExpertActivation::Silu => Act::Silu,
+            ExpertActivation::ClampedSwiglu { alpha, limit } => {
+                Act::Clamped { alpha: alpha as f32, limit: limit as f32 }
+            }
+        }
+    }
+
+    /// Rows of `[gate | up]` (`2i` wide) to rows of `i`.
+    fn rows(self, gu: &[f32], out: &mut [f32], i: usize) {
+        match self {
+            Act::Silu => silu_mul_rows(gu, out, i),
+            Act::Clamped { alpha, limit } => {
+                for (row, o) in gu.chunks_exact(2 * i).zip(out.chunks_exact_mut(i)) {
+                    let (g, u) = row.split_at(i);
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        let g = g.min(limit);
+                        let u = u.clamp(-limit, limit);
+                        *o = (u + 1.0) * (g * (1.0 / (1.0 + (-(g * alpha)).exp())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A gated MLP: `[in, 2i]` gate/up (gate columns first) and `[i, in]` down.
 #[derive(Debug, Clone)]
 struct Mlp {
     gate_up: Dense,
     down: Dense,
+    act: Act,
 }
 
 impl Mlp {
-    fn from_swiglu(m: SwiGlu) -> Self {
-        Mlp { gate_up: Dense::from_linear(m.gate_up), down: Dense::from_linear(m.down) }
+    fn from_swiglu(m: SwiGlu, act: Act) -> Self {
+        Mlp { gate_up: Dense::from_linear(m.gate_up), down: Dense::from_linear(m.down), act }
     }
 
     fn inter(&self) -> usize {
@@ -182,9 +221,9 @@ impl Mlp {
         let mut act = vec![0f32; n * i];
         if parallel {
             let rows = (8192 / i).max(1);
-            act.par_chunks_mut(rows * i).zip(gu.par_chunks(rows * 2 * i)).for_each(|(a, g)| silu_mul_rows(g, a, i));
+            act.par_chunks_mut(rows * i).zip(gu.par_chunks(rows * 2 * i)).for_each(|(a, g)| self.act.rows(g, a, i));
         } else {
-            silu_mul_rows(&gu, &mut act, i);
+            self.act.rows(&gu, &mut act, i);
         }
         self.down.apply(&act, n, out, accumulate, parallel);
     }
@@ -232,6 +271,8 @@ struct AttentionLayer {
     head_dim: usize,
     scale: f32,
     window: Option<usize>,
+    /// Per-head sink logits (gpt-oss): one more term in each softmax denominator.
+    sinks: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -284,20 +325,11 @@ impl CpuModel {
     /// (what [`Self::unsupported`] finds, decided from `config.json` alone).
     pub fn unsupported_config(config: &ModelConfig) -> Option<String> {
         let a = &config.attention;
-        let m = &config.moe;
-        let r = &m.routing;
+        let r = &config.moe.routing;
         let why = if a.mla.is_some() {
             "multi-head latent attention"
-        } else if a.sinks {
-            "attention sinks"
-        } else if a.sliding_layers.is_some() {
-            "per-layer sliding windows"
-        } else if !matches!(m.activation, ExpertActivation::Silu) {
-            "clamped SwiGLU experts"
         } else if r.scoring != Scoring::Softmax || r.group_limit.is_some() || r.correction_bias {
             "sigmoid or group-limited routing"
-        } else if m.router_bias {
-            "a router bias"
         } else {
             return None;
         };
@@ -425,25 +457,14 @@ fn layer_unsupported(layer: &DecoderLayer) -> Option<&'static str> {
         SelfAttention::Standard(a) => a,
         SelfAttention::Latent(_) => return Some("multi-head latent attention"),
     };
-    if a.sinks.is_some() {
-        return Some("attention sinks");
-    }
-    if a.cfg.sliding_layers.is_some() {
-        return Some("per-layer sliding windows");
-    }
+    let _ = a;
     if let FeedForward::Moe(m) = &layer.ffn {
         let r = &m.routing;
-        if !matches!(m.activation, ExpertActivation::Silu) {
-            return Some("clamped SwiGLU experts");
-        }
         if r.scoring != Scoring::Softmax || r.group_limit.is_some() || m.correction_bias.is_some() {
             return Some("sigmoid or group-limited routing");
         }
         if m.dynamic_skip().is_some() {
             return Some("dynamic expert skipping");
-        }
-        if m.router.bias.is_some() {
-            return Some("a router bias");
         }
     }
     None
@@ -457,7 +478,7 @@ fn convert_layer(l: DecoderLayer) -> Layer {
         attention: convert_attention(a),
         post_norm: Norm::from(l.post_attention_norm),
         ffn: match l.ffn {
-            FeedForward::Dense(m) => Ffn::Dense(Mlp::from_swiglu(m)),
+            FeedForward::Dense(m) => Ffn::Dense(Mlp::from_swiglu(m, Act::Silu)),
             FeedForward::Moe(m) => Ffn::Moe(convert_moe(m)),
         },
     }
@@ -494,6 +515,12 @@ fn rope_tables(config: &ModelConfig, t: usize, device: &Device) -> (Vec<f32>, Ve
 
 fn convert_attention(a: Attention) -> AttentionLayer {
     let c = a.cfg;
+    // A model windows every layer (`sliding_window`) or those `layer_types` marks (gpt-oss).
+    let window = match &c.sliding_layers {
+        None => c.sliding_window,
+        Some(_) if a.sliding => c.sliding_window,
+        Some(_) => None,
+    };
     let qkv =
         Dense::concat(vec![Dense::from_linear(a.q_proj), Dense::from_linear(a.k_proj), Dense::from_linear(a.v_proj)]);
     AttentionLayer {
@@ -507,7 +534,8 @@ fn convert_attention(a: Attention) -> AttentionLayer {
         kv_heads: c.num_kv_heads,
         head_dim: c.head_dim,
         scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
-        window: c.sliding_window,
+        window,
+        sinks: a.sinks.map(host),
     }
 }
 
@@ -515,15 +543,16 @@ fn convert_moe(m: MoeBlock) -> MoeLayer {
     let mask_bias = m.mask().map(|keep| keep.iter().map(|k| if *k { 0.0 } else { f32::NEG_INFINITY }).collect());
     let (top_k, norm_topk_prob) = (m.top_k, m.norm_topk_prob);
     let scale = m.routing.routed_scaling_factor as f32;
+    let act = Act::of(m.activation);
     let MoeBlock { router, experts, shared, .. } = m;
     let (shared, shared_gate) = match shared {
-        Some(SharedExpert { mlp, gate }) => (Some(Mlp::from_swiglu(mlp)), gate.map(Dense::from_linear)),
+        Some(SharedExpert { mlp, gate }) => (Some(Mlp::from_swiglu(mlp, Act::Silu)), gate.map(Dense::from_linear)),
         None => (None, None),
     };
     MoeLayer {
         router: Dense::from_linear(router),
         mask_bias,
-        experts: experts.into_iter().map(Mlp::from_swiglu).collect(),
+        experts: experts.into_iter().map(|e| Mlp::from_swiglu(e, act)).collect(),
         shared,
         shared_gate,
         top_k,
@@ -633,8 +662,12 @@ impl AttentionLayer {
                         false,
                         false,
                     );
+                    let sink = self.sinks.as_ref().map(|s| s[hd]);
                     for (j, row) in s.chunks_exact_mut(r1).enumerate() {
-                        causal_row(row, r0 + j, self.scale, window);
+                        match sink {
+                            None => causal_row(row, r0 + j, self.scale, window),
+                            Some(sink) => causal_row_with_sink(row, r0 + j, self.scale, window, sink),
+                        }
                     }
                     matmul(
                         &mut out[r0 * d..r1 * d],
@@ -678,6 +711,22 @@ fn causal_row(row: &mut [f32], q: usize, scale: f32, window: usize) {
     // here is the prefix `0..r1` (r1 > q) of the full row, which is all it reads or writes.
     debug_assert!(q < row.len());
     causal_softmax_rows(row, row.len(), q, scale, window);
+}
+
+/// [`causal_row`] with a sink logit (not scaled) joining the softmax and dropped after it, as
+/// gpt-oss computes `softmax(cat[scores, sink])[..t]`.
+fn causal_row_with_sink(row: &mut [f32], q: usize, scale: f32, window: usize, sink: f32) {
+    let lo = (q + 1).saturating_sub(window);
+    let max = row[lo..=q].iter().fold(sink, |m, &x| m.max(x * scale));
+    let mut sum = (sink - max).exp();
+    for x in &mut row[lo..=q] {
+        *x = (*x * scale - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row[lo..=q].iter_mut().for_each(|x| *x *= inv);
+    row[..lo].fill(0.0);
+    row[q + 1..].fill(0.0);
 }
 
 impl MoeLayer {
