@@ -49,10 +49,10 @@ pub struct EvalInputs {
     /// Compute device: cpu, wgpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
-    /// Forward engine. `auto`: on `--device cpu`, the fused CPU engine (crate `diep-infer`:
-    /// plain f32 buffers, one GEMM per projection, fused attention/MoE/NLL kernels) where it
-    /// covers the architecture, else the burn model; `burn`: always the burn model that
-    /// pruning uses; `fused`: the fused engine or an error saying why not.
+    /// Forward engine. `auto`: on `--device cpu` without `--dynamic-skip`, the fused CPU
+    /// engine (crate `diep-infer`: plain weight buffers, bf16 kept 16-bit, fused attention,
+    /// MoE and NLL kernels), else the burn model; `burn`: always the burn model that pruning
+    /// uses; `fused`: the fused engine or an error saying why not.
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
 }
@@ -124,8 +124,9 @@ fn load_model(dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Result<(Lo
 }
 
 #[cfg(feature = "cpu")]
-fn unsupported_by_fused(config: &diep_models::checkpoint::ModelConfig) -> Option<String> {
-    diep_infer::CpuModel::unsupported_config(config)
+fn unsupported_by_fused(_: &diep_models::checkpoint::ModelConfig) -> Option<String> {
+    // The engine covers every architecture; `CpuModel::load` still checks each layer.
+    None
 }
 
 #[cfg(not(feature = "cpu"))]

@@ -79,13 +79,14 @@ fn eval_engine_choice_is_explained() {
     let run = |model: &str, engine: &str| {
         xtask().args(["eval", "--model", model, "--engine", engine, "--ids"]).arg(ids.path()).output().unwrap()
     };
-    // DeepSeek-V3 has multi-head latent attention: `auto` falls back to burn and says why, `fused` refuses.
-    let out = run("fixtures/models/tiny-deepseek-v3", "auto");
+    // The fused engine is CPU-only: asked for on another device, it refuses and says why.
+    let out = xtask()
+        .args(["eval", "--model", "fixtures/models/tiny-deepseek-v3", "--engine", "fused", "--device", "wgpu", "--ids"])
+        .arg(ids.path())
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stderr.contains("engine: burn (the fused CPU engine does not apply"), "{stderr}");
-    let out = run("fixtures/models/tiny-deepseek-v3", "fused");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("multi-head latent attention"), "{stderr}");
+    assert!(!out.status.success() && stderr.contains("CPU only"), "{stderr}");
     // Both engines give the same perplexity on a covered model.
     let ppl = |engine: &str| {
         let out = run("fixtures/models/tiny-qwen2-moe", engine);
@@ -95,6 +96,10 @@ fn eval_engine_choice_is_explained() {
     };
     let (fused, burn) = (ppl("fused"), ppl("burn"));
     assert!((fused - burn).abs() / burn < 1e-5, "fused {fused} vs burn {burn}");
+    // And `auto` picks the fused engine for DeepSeek-V3 too.
+    let out = run("fixtures/models/tiny-deepseek-v3", "auto");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("engine: fused-cpu"), "{stderr}");
 }
 
 #[test]

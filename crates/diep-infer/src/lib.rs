@@ -14,25 +14,26 @@
 //!   fused SiLU·up, one down GEMM, weighted scatter-add; experts run in parallel;
 //! - the next-token NLL as `logsumexp − logit` straight from the logits buffer.
 //!
-//! It covers the standard-attention architectures with softmax routing (`mixtral`,
-//! `qwen2_moe`, `qwen3_moe`, `olmoe`, `deepseek`, and `gpt_oss` with its sinks, biases, clamped
-//! SwiGLU and sliding layers), expert masks included; [`CpuModel::from_model`] says why when a
-//! model needs the burn path (DeepSeek-V2/V3's multi-head latent attention and sigmoid or
-//! group-limited routing, dynamic skipping). Weights of bf16/f16 checkpoints stay 16-bit. The
-//! burn model is the reference: `tests/engine.rs` checks the engine against the transformers
-//! goldens of every covered fixture and against the burn model.
+//! It covers every architecture the burn model loads — `mixtral`, `qwen2_moe`, `qwen3_moe`,
+//! `olmoe`, `deepseek`, `gpt_oss` (sinks, biases, clamped SwiGLU, sliding layers) and
+//! DeepSeek-V2/V3 (multi-head latent attention with interleaved RoPE; sigmoid, group-limited
+//! routing through the burn model's own [`RoutingRule::route_row`]) — with expert masks;
+//! [`CpuModel::from_model`] refuses, saying why, a model with dynamic expert skipping, which
+//! only the burn model computes. Weights of bf16/f16 checkpoints stay 16-bit. The burn model is
+//! the reference: `tests/engine.rs` checks the engine against the transformers goldens of every
+//! fixture and against the burn model.
 #![warn(missing_docs)]
 
 pub mod gemm;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use diep_models::attention::{Attention, SelfAttention};
-use diep_models::checkpoint::{ExpertActivation, ModelConfig, QkNorm, Scoring};
+use diep_models::attention::{Attention, MlaAttention, MlaQuery, SelfAttention};
+use diep_models::checkpoint::{ExpertActivation, ModelConfig, QkNorm};
 use diep_models::kernels::{causal_softmax_rows, nll_rows, rms_norm_rows, silu_mul_rows};
 use diep_models::moe::SharedExpert;
 use diep_models::nn::{Linear, RmsNorm, SwiGlu};
 use diep_models::rope::RopeTables;
-use diep_models::{CausalLm, DecoderLayer, FeedForward, ModelError, MoeBlock, MoeModel, Result};
+use diep_models::{CausalLm, DecoderLayer, FeedForward, ModelError, MoeBlock, MoeModel, Result, RoutingRule};
 use rayon::prelude::*;
 
 use crate::gemm::{MatRef, matmul};
@@ -275,17 +276,181 @@ struct AttentionLayer {
     sinks: Option<Vec<f32>>,
 }
 
+/// How an MLA layer computes its queries.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per layer
+enum MlaQ {
+    Direct(Dense),
+    LowRank { a: Dense, norm: Norm, b: Dense },
+}
+
+/// DeepSeek-V2/V3's multi-head latent attention, as `diep_models::attention::MlaAttention`
+/// computes it: keys and values expanded from a normalised latent, one rotary key shared by
+/// all heads.
+#[derive(Debug, Clone)]
+struct MlaLayer {
+    q: MlaQ,
+    kv_a: Dense,
+    kv_norm: Norm,
+    kv_b: Dense,
+    o: Dense,
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    vd: usize,
+    kv_lora: usize,
+    interleave: bool,
+    scale: f32,
+    window: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per layer
+enum AttnKind {
+    Standard(AttentionLayer),
+    Latent(MlaLayer),
+}
+
+impl AttnKind {
+    fn apply(
+        &self,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        rope: &(Vec<f32>, Vec<f32>),
+        h: &mut [f32],
+        sc: &mut AttentionScratch,
+    ) {
+        match self {
+            AttnKind::Standard(a) => a.apply(x, b, t, rope, h, sc),
+            AttnKind::Latent(a) => a.apply(x, b, t, rope, h, sc),
+        }
+    }
+
+    fn denses(&self) -> Vec<&Dense> {
+        match self {
+            AttnKind::Standard(a) => vec![&a.qkv, &a.o],
+            AttnKind::Latent(a) => {
+                let mut v = vec![&a.kv_a, &a.kv_b, &a.o];
+                match &a.q {
+                    MlaQ::Direct(d) => v.push(d),
+                    MlaQ::LowRank { a, b, .. } => v.extend([a, b]),
+                }
+                v
+            }
+        }
+    }
+}
+
+impl MlaLayer {
+    fn from(a: MlaAttention) -> Self {
+        let m = a.mla;
+        let q = match a.q {
+            MlaQuery::Direct(p) => MlaQ::Direct(Dense::from_linear(p)),
+            MlaQuery::LowRank { a, norm, b } => {
+                MlaQ::LowRank { a: Dense::from_linear(a), norm: Norm::from(norm), b: Dense::from_linear(b) }
+            }
+        };
+        MlaLayer {
+            q,
+            kv_a: Dense::from_linear(a.kv_a),
+            kv_norm: Norm::from(a.kv_norm),
+            kv_b: Dense::from_linear(a.kv_b),
+            o: Dense::from_linear(a.o_proj),
+            heads: a.cfg.num_heads,
+            nope: m.qk_nope_head_dim,
+            rope: m.qk_rope_head_dim,
+            vd: m.v_head_dim,
+            kv_lora: m.kv_lora_rank,
+            interleave: m.rope_interleave,
+            scale: a.cfg.softmax_scale() as f32,
+            window: a.cfg.sliding_window,
+        }
+    }
+
+    /// `h += o_proj(attention(x))` for `b` sequences of `t` tokens.
+    fn apply(
+        &self,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        rope: &(Vec<f32>, Vec<f32>),
+        h: &mut [f32],
+        sc: &mut AttentionScratch,
+    ) {
+        let (nh, nope, r, vd, kvl) = (self.heads, self.nope, self.rope, self.vd, self.kv_lora);
+        let n = b * t;
+        let dq = nope + r;
+        let qw = nh * dq;
+        let mut qf = vec![0f32; n * qw];
+        match &self.q {
+            MlaQ::Direct(p) => p.apply(x, n, &mut qf, false, true),
+            MlaQ::LowRank { a, norm, b: up } => {
+                let mut low = vec![0f32; n * a.out];
+                a.apply(x, n, &mut low, false, true);
+                norm.apply(&mut low);
+                up.apply(&low, n, &mut qf, false, true);
+            }
+        }
+        let cw = kvl + r;
+        let mut comp = vec![0f32; n * cw];
+        self.kv_a.apply(x, n, &mut comp, false, true);
+        let mut latent = vec![0f32; n * kvl];
+        latent.par_chunks_mut(kvl).zip(comp.par_chunks(cw)).for_each(|(o, c)| {
+            o.copy_from_slice(&c[..kvl]);
+            rms_norm_rows(o, &self.kv_norm.w, self.kv_norm.eps);
+        });
+        let kw = nh * (nope + vd);
+        let mut kv = vec![0f32; n * kw];
+        self.kv_b.apply(&latent, n, &mut kv, false, true);
+        let rot = |src: &[f32], pos: usize, out: &mut [f32]| {
+            let (c, s) = (&rope.0[pos * r..(pos + 1) * r], &rope.1[pos * r..(pos + 1) * r]);
+            if self.interleave { rope_interleaved_row(src, c, s, out) } else { rope_row(src, c, s, out) }
+        };
+        let q = prefix(&mut sc.q, b * nh * t * dq);
+        q.par_chunks_mut(t * dq).enumerate().for_each(|(bh, block)| {
+            let (bi, hd) = (bh / nh, bh % nh);
+            for (pos, o) in block.chunks_exact_mut(dq).enumerate() {
+                let src = &qf[(bi * t + pos) * qw + hd * dq..][..dq];
+                o[..nope].copy_from_slice(&src[..nope]);
+                rot(&src[nope..], pos, &mut o[nope..]);
+            }
+        });
+        let k = prefix(&mut sc.k, b * nh * t * dq);
+        k.par_chunks_mut(t * dq).enumerate().for_each(|(bh, block)| {
+            let (bi, hd) = (bh / nh, bh % nh);
+            for (pos, o) in block.chunks_exact_mut(dq).enumerate() {
+                let row = bi * t + pos;
+                o[..nope].copy_from_slice(&kv[row * kw + hd * (nope + vd)..][..nope]);
+                rot(&comp[row * cw + kvl..][..r], pos, &mut o[nope..]);
+            }
+        });
+        let v = prefix(&mut sc.v, b * nh * t * vd);
+        v.par_chunks_mut(t * vd).enumerate().for_each(|(bh, block)| {
+            let (bi, hd) = (bh / nh, bh % nh);
+            for (pos, o) in block.chunks_exact_mut(vd).enumerate() {
+                o.copy_from_slice(&kv[(bi * t + pos) * kw + hd * (nope + vd) + nope..][..vd]);
+            }
+        });
+        let heads = Heads { q, k, v, b, t, heads: nh, kv_heads: nh, dq, dv: vd };
+        let attn = attend(&heads, self.scale, self.window, None, &mut sc.heads, &mut sc.attn);
+        self.o.apply(attn, n, h, true, true);
+    }
+}
+
 #[derive(Debug, Clone)]
 struct MoeLayer {
     router: Dense,
-    /// `0` for kept experts, `−∞` for masked ones.
-    mask_bias: Option<Vec<f32>>,
+    /// The routing rule (scores, groups, renormalisation, scaling), applied per token by
+    /// [`RoutingRule::route_row`], the burn model's own host routing arithmetic.
+    rule: RoutingRule,
+    /// `false` for masked experts.
+    allowed: Vec<bool>,
+    /// DeepSeek-V3's `e_score_correction_bias`.
+    correction: Option<Vec<f32>>,
     experts: Vec<Mlp>,
     shared: Option<Mlp>,
     shared_gate: Option<Dense>,
-    top_k: usize,
-    norm_topk_prob: bool,
-    scale: f32,
 }
 
 #[derive(Debug, Clone)]
@@ -298,7 +463,7 @@ enum Ffn {
 #[derive(Debug, Clone)]
 struct Layer {
     input_norm: Norm,
-    attention: AttentionLayer,
+    attention: AttnKind,
     post_norm: Norm,
     ffn: Ffn,
 }
@@ -321,30 +486,12 @@ impl CpuModel {
         model.layers.iter().enumerate().find_map(|(i, l)| layer_unsupported(l).map(|why| format!("layer {i}: {why}")))
     }
 
-    /// Why a model of this configuration cannot run on this engine, or `None` if it can
-    /// (what [`Self::unsupported`] finds, decided from `config.json` alone).
-    pub fn unsupported_config(config: &ModelConfig) -> Option<String> {
-        let a = &config.attention;
-        let r = &config.moe.routing;
-        let why = if a.mla.is_some() {
-            "multi-head latent attention"
-        } else if r.scoring != Scoring::Softmax || r.group_limit.is_some() || r.correction_bias {
-            "sigmoid or group-limited routing"
-        } else {
-            return None;
-        };
-        Some(format!("{} ({why})", config.architecture.model_type()))
-    }
-
     /// Loads a model directory straight into the engine, one decoder layer at a time: each
     /// layer is decoded to f32, converted and dropped before the next, so memory peaks at the
     /// converted model plus one f32 layer (weights of a bf16/f16 checkpoint stay 16-bit).
     pub fn load(dir: impl AsRef<std::path::Path>) -> Result<Self> {
         let device = Device::flex();
         let streaming = diep_models::StreamingModel::open(dir, &device)?;
-        if let Some(why) = Self::unsupported_config(&streaming.config) {
-            return Err(ModelError::InvalidInput(format!("the fused CPU engine does not support {why}")));
-        }
         let embed = Weights::compact(host(streaming.embed_tokens().clone()));
         let (norm, lm_head) = streaming.load_head()?;
         let mut layers = Vec::with_capacity(streaming.config.num_layers);
@@ -390,7 +537,7 @@ impl CpuModel {
     pub fn resident_weights(&self) -> (usize, Vec<&'static str>) {
         let mut mats: Vec<&Dense> = vec![&self.lm_head];
         for l in &self.layers {
-            mats.extend([&l.attention.qkv, &l.attention.o]);
+            mats.extend(l.attention.denses());
             let mlps: Vec<&Mlp> = match &l.ffn {
                 Ffn::Dense(m) => vec![m],
                 Ffn::Moe(m) => {
@@ -453,16 +600,7 @@ impl CpuModel {
 
 /// What in a decoder layer this engine does not compute, if anything.
 fn layer_unsupported(layer: &DecoderLayer) -> Option<&'static str> {
-    let a = match &layer.attention {
-        SelfAttention::Standard(a) => a,
-        SelfAttention::Latent(_) => return Some("multi-head latent attention"),
-    };
-    let _ = a;
     if let FeedForward::Moe(m) = &layer.ffn {
-        let r = &m.routing;
-        if r.scoring != Scoring::Softmax || r.group_limit.is_some() || m.correction_bias.is_some() {
-            return Some("sigmoid or group-limited routing");
-        }
         if m.dynamic_skip().is_some() {
             return Some("dynamic expert skipping");
         }
@@ -472,10 +610,12 @@ fn layer_unsupported(layer: &DecoderLayer) -> Option<&'static str> {
 
 /// Converts a supported layer (see [`layer_unsupported`]).
 fn convert_layer(l: DecoderLayer) -> Layer {
-    let SelfAttention::Standard(a) = l.attention else { unreachable!("callers check layer_unsupported") };
     Layer {
         input_norm: Norm::from(l.input_norm),
-        attention: convert_attention(a),
+        attention: match l.attention {
+            SelfAttention::Standard(a) => AttnKind::Standard(convert_attention(a)),
+            SelfAttention::Latent(a) => AttnKind::Latent(MlaLayer::from(a)),
+        },
         post_norm: Norm::from(l.post_attention_norm),
         ffn: match l.ffn {
             FeedForward::Dense(m) => Ffn::Dense(Mlp::from_swiglu(m, Act::Silu)),
@@ -540,24 +680,22 @@ fn convert_attention(a: Attention) -> AttentionLayer {
 }
 
 fn convert_moe(m: MoeBlock) -> MoeLayer {
-    let mask_bias = m.mask().map(|keep| keep.iter().map(|k| if *k { 0.0 } else { f32::NEG_INFINITY }).collect());
-    let (top_k, norm_topk_prob) = (m.top_k, m.norm_topk_prob);
-    let scale = m.routing.routed_scaling_factor as f32;
+    let allowed = m.mask().map(<[bool]>::to_vec).unwrap_or_else(|| vec![true; m.num_experts()]);
+    let rule = m.rule();
     let act = Act::of(m.activation);
-    let MoeBlock { router, experts, shared, .. } = m;
+    let MoeBlock { router, experts, shared, correction_bias, .. } = m;
     let (shared, shared_gate) = match shared {
         Some(SharedExpert { mlp, gate }) => (Some(Mlp::from_swiglu(mlp, Act::Silu)), gate.map(Dense::from_linear)),
         None => (None, None),
     };
     MoeLayer {
         router: Dense::from_linear(router),
-        mask_bias,
+        rule,
+        allowed,
+        correction: correction_bias.map(host),
         experts: experts.into_iter().map(|e| Mlp::from_swiglu(e, act)).collect(),
         shared,
         shared_gate,
-        top_k,
-        norm_topk_prob,
-        scale,
     }
 }
 
@@ -637,60 +775,104 @@ impl AttentionLayer {
         split(k, nh * d, nkv, true);
         split(v, (nh + nkv) * d, nkv, false);
         let (q, k, v): (&[f32], &[f32], &[f32]) = (q, k, v);
-        let rep = nh / nkv;
-        let window = self.window.unwrap_or(usize::MAX);
-        // Per (sequence, head): causal attention in blocks of query rows.
-        let heads_out = prefix(&mut sc.heads, b * nh * t * d);
-        heads_out.par_chunks_mut(t * d).enumerate().for_each_init(
-            || vec![0f32; ATTENTION_BLOCK * t],
-            |scores, (bh, out)| {
-                let (bi, hd) = (bh / nh, bh % nh);
-                let kvh = bi * nkv + hd / rep;
-                let qh = &q[bh * t * d..(bh + 1) * t * d];
-                let kh = &k[kvh * t * d..(kvh + 1) * t * d];
-                let vh = &v[kvh * t * d..(kvh + 1) * t * d];
-                for r0 in (0..t).step_by(ATTENTION_BLOCK) {
-                    let r1 = (r0 + ATTENTION_BLOCK).min(t);
-                    let rows = r1 - r0;
-                    // Keys 0..r1 cover every unmasked key of rows r0..r1.
-                    let s = &mut scores[..rows * r1];
-                    matmul(
-                        s,
-                        r1,
-                        MatRef::rows(&qh[r0 * d..], rows, d, d),
-                        MatRef::transposed(kh, d, r1, d),
-                        false,
-                        false,
-                    );
-                    let sink = self.sinks.as_ref().map(|s| s[hd]);
-                    for (j, row) in s.chunks_exact_mut(r1).enumerate() {
-                        match sink {
-                            None => causal_row(row, r0 + j, self.scale, window),
-                            Some(sink) => causal_row_with_sink(row, r0 + j, self.scale, window, sink),
-                        }
-                    }
-                    matmul(
-                        &mut out[r0 * d..r1 * d],
-                        d,
-                        MatRef::rows(s, rows, r1, r1),
-                        MatRef::rows(vh, r1, d, d),
-                        false,
-                        false,
-                    );
-                }
-            },
-        );
-        // [b, heads, t, d] → rows [b·t, heads·d] for the output projection.
-        let heads_out: &[f32] = heads_out;
-        let attn = prefix(&mut sc.attn, n * nh * d);
-        attn.par_chunks_mut(t * nh * d).enumerate().for_each(|(bi, seq)| {
-            for (pos, row) in seq.chunks_exact_mut(nh * d).enumerate() {
-                for hd in 0..nh {
-                    row[hd * d..(hd + 1) * d].copy_from_slice(&heads_out[((bi * nh + hd) * t + pos) * d..][..d]);
-                }
-            }
-        });
+        let heads = Heads { q, k, v, b, t, heads: nh, kv_heads: nkv, dq: d, dv: d };
+        let attn = attend(&heads, self.scale, self.window, self.sinks.as_deref(), &mut sc.heads, &mut sc.attn);
         self.o.apply(attn, n, h, true, true);
+    }
+}
+
+/// Per-head queries, keys and values laid out `[b, heads, t, d]`.
+struct Heads<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    /// Query/key width.
+    dq: usize,
+    /// Value width.
+    dv: usize,
+}
+
+/// Causal attention per (sequence, head), in blocks of query rows that compute keys only up
+/// to the block's last row; query head `h` reads kv head `h / (heads / kv_heads)`. Returns the
+/// rows `[b·t, heads·dv]` for the output projection (in `attn_buf`).
+fn attend<'a>(
+    x: &Heads<'_>,
+    scale: f32,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    heads_buf: &mut Vec<f32>,
+    attn_buf: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let Heads { q, k, v, b, t, heads: nh, kv_heads: nkv, dq, dv } = *x;
+    let rep = nh / nkv;
+    let window = window.unwrap_or(usize::MAX);
+    let heads_out = prefix(heads_buf, b * nh * t * dv);
+    heads_out.par_chunks_mut(t * dv).enumerate().for_each_init(
+        || vec![0f32; ATTENTION_BLOCK * t],
+        |scores, (bh, out)| {
+            let (bi, hd) = (bh / nh, bh % nh);
+            let kvh = bi * nkv + hd / rep;
+            let qh = &q[bh * t * dq..(bh + 1) * t * dq];
+            let kh = &k[kvh * t * dq..(kvh + 1) * t * dq];
+            let vh = &v[kvh * t * dv..(kvh + 1) * t * dv];
+            let sink = sinks.map(|s| s[hd]);
+            for r0 in (0..t).step_by(ATTENTION_BLOCK) {
+                let r1 = (r0 + ATTENTION_BLOCK).min(t);
+                let rows = r1 - r0;
+                // Keys 0..r1 cover every unmasked key of rows r0..r1.
+                let s = &mut scores[..rows * r1];
+                matmul(
+                    s,
+                    r1,
+                    MatRef::rows(&qh[r0 * dq..], rows, dq, dq),
+                    MatRef::transposed(kh, dq, r1, dq),
+                    false,
+                    false,
+                );
+                for (j, row) in s.chunks_exact_mut(r1).enumerate() {
+                    match sink {
+                        None => causal_row(row, r0 + j, scale, window),
+                        Some(sink) => causal_row_with_sink(row, r0 + j, scale, window, sink),
+                    }
+                }
+                matmul(
+                    &mut out[r0 * dv..r1 * dv],
+                    dv,
+                    MatRef::rows(s, rows, r1, r1),
+                    MatRef::rows(vh, r1, dv, dv),
+                    false,
+                    false,
+                );
+            }
+        },
+    );
+    // [b, heads, t, dv] → rows [b·t, heads·dv].
+    let heads_out: &[f32] = heads_out;
+    let attn = prefix(attn_buf, b * t * nh * dv);
+    attn.par_chunks_mut(t * nh * dv).enumerate().for_each(|(bi, seq)| {
+        for (pos, row) in seq.chunks_exact_mut(nh * dv).enumerate() {
+            for hd in 0..nh {
+                row[hd * dv..(hd + 1) * dv].copy_from_slice(&heads_out[((bi * nh + hd) * t + pos) * dv..][..dv]);
+            }
+        }
+    });
+    attn
+}
+
+/// DeepSeek's interleaved RoPE of one head's rotary part, as transformers'
+/// `apply_rotary_pos_emb_interleave`: pairs `(x[2i], x[2i+1])` rotated by frequency `i`, the
+/// rotated even elements first, then the odd ones.
+#[inline]
+fn rope_interleaved_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (e, o) = (x[2 * i], x[2 * i + 1]);
+        out[i] = e * cos[i] - o * sin[i];
+        out[half + i] = o * cos[i] + e * sin[i];
     }
 }
 
@@ -734,37 +916,17 @@ impl MoeLayer {
     fn apply(&self, x: &[f32], n: usize, h: &mut [f32]) {
         let hidden = self.router.inp;
         let e = self.experts.len();
-        let k = self.top_k;
+        let k = self.rule.top_k;
         let mut logits = vec![0f32; n * e];
         self.router.apply(x, n, &mut logits, false, true);
-        // Routing: softmax in f32, top-k (ties to the lower index), optional renormalisation,
-        // scaling — per token.
+        // Routing per token, exactly the burn model's host arithmetic.
         let mut sel = vec![0u32; n * k];
         let mut wts = vec![0f32; n * k];
         sel.par_chunks_mut(k).zip(wts.par_chunks_mut(k)).zip(logits.par_chunks(e)).for_each(|((s, w), l)| {
-            let mut p: Vec<f32> = match &self.mask_bias {
-                Some(m) => l.iter().zip(m).map(|(a, b)| a + b).collect(),
-                None => l.to_vec(),
-            };
-            let max = p.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for v in p.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            p.iter_mut().for_each(|v| *v /= sum);
-            let mut order: Vec<usize> = (0..e).collect();
-            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-            for j in 0..k {
-                s[j] = order[j] as u32;
-                w[j] = p[order[j]];
-            }
-            if self.norm_topk_prob {
-                let total: f32 = w.iter().sum();
-                w.iter_mut().for_each(|v| *v /= total);
-            }
-            if self.scale != 1.0 {
-                w.iter_mut().for_each(|v| *v *= self.scale);
+            let chosen = self.rule.route_row(l, &self.allowed, self.correction.as_deref());
+            for (j, (ex, weight)) in chosen.into_iter().enumerate() {
+                s[j] = ex as u32;
+                w[j] = weight;
             }
         });
         // Each expert's token rows, in token order.

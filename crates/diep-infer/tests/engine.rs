@@ -112,20 +112,26 @@ fn gpt_oss_sinks_biases_clamped_swiglu_sliding_layers() {
 }
 
 #[test]
-fn unsupported_architectures_say_why() {
-    for (name, why) in
-        [("tiny-deepseek-v3", "multi-head latent attention"), ("tiny-deepseek-v2", "multi-head latent attention")]
-    {
-        let model = load(name);
-        let reason = CpuModel::unsupported(&model).unwrap_or_default();
-        assert!(reason.contains(why), "{name}: {reason}");
-        let config_reason = CpuModel::unsupported_config(&model.config).unwrap_or_default();
-        assert!(config_reason.contains(why), "{name}: {config_reason}");
-        let err = CpuModel::from_model(model).unwrap_err().to_string();
-        assert!(err.contains(why), "{name}: {err}");
-        let err = CpuModel::load(fixtures().join("models").join(name)).unwrap_err().to_string();
-        assert!(err.contains(why), "{name}: {err}");
-    }
+fn deepseek_v3_latent_attention_sigmoid_group_routing() {
+    check("tiny-deepseek-v3");
+}
+
+#[test]
+fn deepseek_v2_latent_attention_group_limited_greedy() {
+    check("tiny-deepseek-v2");
+}
+
+#[test]
+fn dynamic_skipping_needs_the_burn_model() {
+    let mut model = load("tiny-mixtral");
+    let layer = model.moe_layers()[0];
+    let n = model.moe_block(layer).unwrap().num_experts();
+    model.set_dynamic_skip(layer, Some(diep_models::DynamicSkip::new(vec![0.5; n * n], n).unwrap())).unwrap();
+    assert!(CpuModel::unsupported(&load("tiny-deepseek-v3")).is_none());
+    let reason = CpuModel::unsupported(&model).unwrap_or_default();
+    assert!(reason.contains("dynamic expert skipping"), "{reason}");
+    let err = CpuModel::from_model(model).unwrap_err().to_string();
+    assert!(err.contains("dynamic expert skipping"), "{err}");
 }
 
 /// On the trained fixture (long sequences, several attention blocks), the engine's NLL equals
