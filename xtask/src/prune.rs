@@ -358,7 +358,7 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
     // The budget and floors are checked before any computation.
     let counts = diep_prune::expert_counts(config);
     let zero: std::collections::BTreeMap<usize, Vec<f64>> = counts.iter().map(|(l, n)| (*l, vec![0.0; *n])).collect();
-    diep_relax::discretise(&zero, ratio, floor, relax_allocation(allocation))?;
+    diep_optim::select_kept(config, &zero, ratio, floor, relax_allocation(allocation))?;
     let state_file = state_path(args);
     let resume = if args.diep.resume {
         let state = DiepState::read(&state_file).context("--resume")?;

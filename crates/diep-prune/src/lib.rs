@@ -84,33 +84,30 @@ fn naee_global_error() -> PruneError {
 
 /// Uniform selection for group-limited routers (DeepSeek): each layer's removals are split
 /// evenly over its `n_group` contiguous expert groups, and each group drops its lowest-scoring
-/// experts (ties: the higher id first), so the pruned checkpoint keeps equal groups.
+/// experts (ties: the higher id first), so the pruned checkpoint keeps equal groups. See
+/// [`diep_surgery::select_uniform_per_group`] (shared with DiEP).
 pub fn select_uniform_per_group(
     scores: &BTreeMap<usize, Vec<f64>>,
     removals: &BTreeMap<usize, usize>,
     g: diep_checkpoint::GroupLimit,
+    top_k: usize,
+    floor: usize,
 ) -> Result<BTreeMap<usize, Vec<usize>>> {
-    let mut out = BTreeMap::new();
-    for (l, s) in scores {
-        let (n, r) = (s.len(), removals[l]);
-        if n % g.n_group != 0 || r % g.n_group != 0 {
-            return Err(PruneError::Config(format!(
-                "layer {l}: removing {r} of {n} experts cannot be split evenly over the router's {} groups \
-                 (n_group); choose a ratio that removes a multiple of {} experts per layer",
-                g.n_group, g.n_group
-            )));
-        }
-        let size = n / g.n_group;
-        let mut kept = Vec::new();
-        for gi in 0..g.n_group {
-            let mut order: Vec<usize> = (gi * size..(gi + 1) * size).collect();
-            order.sort_by(|a, b| s[*a].total_cmp(&s[*b]).then(b.cmp(a)));
-            kept.extend_from_slice(&order[r / g.n_group..]);
-        }
-        kept.sort_unstable();
-        out.insert(*l, kept);
-    }
-    Ok(out)
+    diep_surgery::select_uniform_per_group(scores, removals, g, top_k, floor).map_err(|e| PruneError::Config(e.0))
+}
+
+/// Global selection for group-limited routers (DeepSeek): one ranking over all layers in units
+/// of one expert per group, so every layer keeps the top-`c_l` experts of each group. See
+/// [`diep_surgery::select_global_per_group`] (shared with DiEP).
+pub fn select_global_per_group(
+    scores: &BTreeMap<usize, Vec<f64>>,
+    ratio: f64,
+    g: diep_checkpoint::GroupLimit,
+    top_k: usize,
+    floor: usize,
+) -> Result<BTreeMap<usize, Vec<usize>>> {
+    criteria::check_ratio(ratio)?;
+    diep_surgery::select_global_per_group(scores, ratio, g, top_k, floor).map_err(|e| PruneError::Config(e.0))
 }
 
 /// Runs a baseline criterion on collected statistics and returns the plan.
@@ -153,13 +150,21 @@ pub fn plan_baseline(config: &ModelConfig, stats: &CalibrationStats, spec: &Base
             let scores = criteria::scores(method, stats, spec.seed);
             let kept = match (allocation, config.moe.routing.group_limit) {
                 // Group-limited routing (DeepSeek): the same number removed from every group.
-                (Allocation::Uniform, Some(g)) => {
-                    select_uniform_per_group(&scores, &criteria::uniform_removals(&counts, spec.ratio, floor)?, g)?
-                }
+                (Allocation::Uniform, Some(g)) => select_uniform_per_group(
+                    &scores,
+                    &criteria::uniform_removals(&counts, spec.ratio, floor)?,
+                    g,
+                    config.moe.top_k,
+                    floor,
+                )?,
                 (Allocation::Uniform, None) => {
                     criteria::select_uniform(&scores, &criteria::uniform_removals(&counts, spec.ratio, floor)?)
                 }
-                (Allocation::Global, _) => criteria::select_global(&scores, spec.ratio, floor)?,
+                // ... and the same number kept in every group of a layer, layers differing.
+                (Allocation::Global, Some(g)) => {
+                    select_global_per_group(&scores, spec.ratio, g, config.moe.top_k, floor)?
+                }
+                (Allocation::Global, None) => criteria::select_global(&scores, spec.ratio, floor)?,
             };
             (kept, scores)
         }
@@ -182,9 +187,26 @@ mod group_tests {
         let g = diep_checkpoint::GroupLimit { n_group: 2, topk_group: 1, score: diep_checkpoint::GroupScore::Top2Sum };
         // Group 0 (experts 0-3) holds the four best scores; a flat ranking would empty group 1.
         let scores = BTreeMap::from([(1, vec![9.0, 8.0, 7.0, 6.0, 1.0, 3.0, 2.0, 0.5])]);
-        let kept = select_uniform_per_group(&scores, &BTreeMap::from([(1, 4)]), g).unwrap();
+        let kept = select_uniform_per_group(&scores, &BTreeMap::from([(1, 4)]), g, 2, 2).unwrap();
         assert_eq!(kept[&1], vec![0, 1, 5, 6]);
-        let err = select_uniform_per_group(&scores, &BTreeMap::from([(1, 3)]), g).unwrap_err().to_string();
+        let err = select_uniform_per_group(&scores, &BTreeMap::from([(1, 3)]), g, 2, 2).unwrap_err().to_string();
         assert!(err.contains("n_group"), "{err}");
+    }
+
+    #[test]
+    fn per_group_global_selection_keeps_equal_groups() {
+        let g = diep_checkpoint::GroupLimit { n_group: 2, topk_group: 1, score: diep_checkpoint::GroupScore::Top2Sum };
+        let scores = BTreeMap::from([
+            (1, vec![9.0, 8.0, 7.0, 6.0, 1.0, 3.0, 2.0, 0.5]),
+            (2, vec![0.1, 0.2, 4.0, 4.0, 0.3, 0.4, 4.0, 4.0]),
+        ]);
+        // 6 of 16 = 3 slices: layer 2's {0, 4} (mean 0.2) and {1, 5} (0.3), then layer 1's {3, 7} (3.25).
+        let kept = select_global_per_group(&scores, 0.375, g, 2, 2).unwrap();
+        assert_eq!(kept[&1], vec![0, 1, 2, 4, 5, 6]);
+        assert_eq!(kept[&2], vec![2, 3, 6, 7]);
+        // The flat ranking would unbalance layer 1's groups ([4, 2]).
+        let flat = criteria::select_global(&scores, 0.375, 2).unwrap();
+        assert_eq!(flat[&1], vec![0, 1, 2, 3, 5, 6]);
+        assert!(select_global_per_group(&scores, 1.5, g, 2, 2).is_err());
     }
 }

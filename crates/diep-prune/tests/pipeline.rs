@@ -276,3 +276,69 @@ fn gpt_oss_pruned_equals_masked(name: &str) {
     let err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f32::max);
     assert!(err <= 1e-5, "{name}: pruned vs masked logits differ by {err:e}");
 }
+
+/// DeepSeek-V2/V3 and gpt-oss: non-uniformly pruned checkpoints (per-layer counts; DeepSeek
+/// groups of `E_i / n_group` with `e_score_correction_bias` of length `E_i`) load in this
+/// project's model and equal the original with those experts masked.
+#[test]
+fn non_uniform_deepseek_and_gpt_oss_checkpoints_equal_masked_model() {
+    type Case = (&'static str, &'static str, Vec<(usize, Vec<usize>)>);
+    let cases: [Case; 3] = [
+        // n_group 2 (groups of 4): layer 1 keeps 2 + 2, layer 2 keeps 3 + 3.
+        ("tiny-deepseek-v3", "deepseek_v3", vec![(1, vec![1, 3, 4, 6]), (2, vec![0, 1, 3, 4, 5, 7])]),
+        // n_group 4 (groups of 2): layer 1 keeps all 8, layer 2 one per group.
+        ("tiny-deepseek-v2", "deepseek_v2", vec![(1, (0..8).collect()), (2, vec![1, 2, 5, 7])]),
+        ("tiny-gpt-oss", "gpt_oss", vec![(0, vec![0, 2, 3, 5, 6]), (1, vec![1, 4, 7]), (2, (0..7).collect())]),
+    ];
+    for (name, model_type, kept) in cases {
+        let kept: BTreeMap<usize, Vec<usize>> = kept.into_iter().collect();
+        let original = kept.keys().map(|l| (*l, 8)).collect();
+        let plan = PruningPlan::new(model_type, original, kept, "test");
+        assert!(!plan.is_uniform());
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pruned");
+        diep_surgery::apply_plan(&root().join("fixtures/models").join(name), &plan, &out, &Default::default()).unwrap();
+        let pruned = MoeModel::load(&out, &device()).unwrap();
+        for (l, k) in &plan.kept_experts {
+            assert_eq!(pruned.moe_block(*l).unwrap().num_experts(), k.len(), "{name} layer {l}");
+        }
+        let ids = ids(name);
+        let got: Vec<f32> = pruned.forward(&ids).unwrap().into_data().iter::<f32>().collect();
+        let expected = masked_logits(name, &plan, &ids);
+        let err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f32::max);
+        eprintln!("{name}: non-uniform pruned vs masked original, max rel logit diff {err:e}");
+        assert!(err <= 1e-5, "{name}: pruned vs masked logits differ by {err:e}");
+    }
+}
+
+/// Group-limited routers: both allocations of every score-based baseline keep equal routing
+/// groups (the top experts of each group), so surgery accepts the plans.
+#[test]
+fn baselines_respect_routing_groups() {
+    for name in ["tiny-deepseek-v3", "tiny-deepseek-v2"] {
+        let m = model(name);
+        let g = m.config.moe.routing.group_limit.unwrap();
+        let samples = calib(name, 4, 32, 3);
+        let stats = collect_statistics(&m, &samples, &StatsOptions::default(), |_, _| {}).unwrap();
+        for method in [Method::Frequency, Method::Reap, Method::Random] {
+            for allocation in [Allocation::Uniform, Allocation::Global] {
+                let plan = plan_baseline(&m.config, &stats, &spec(method, allocation, 0.5))
+                    .unwrap_or_else(|e| panic!("{name} {method} {allocation}: {e}"));
+                plan.validate(&m.config).unwrap_or_else(|e| panic!("{name} {method} {allocation}: {e}"));
+                for (l, kept) in &plan.kept_experts {
+                    assert_eq!(kept.len() % g.n_group, 0, "{name} {method} {allocation} layer {l}");
+                    // Within each group the kept experts outscore the removed ones.
+                    let s = &plan.scores[l];
+                    let size = 8 / g.n_group;
+                    for gi in 0..g.n_group {
+                        let members = gi * size..(gi + 1) * size;
+                        let min_kept =
+                            members.clone().filter(|e| kept.contains(e)).map(|e| s[e]).fold(f64::MAX, f64::min);
+                        let max_removed = members.filter(|e| !kept.contains(e)).map(|e| s[e]).fold(f64::MIN, f64::max);
+                        assert!(min_kept >= max_removed, "{name} {method} {allocation} layer {l} group {gi}");
+                    }
+                }
+            }
+        }
+    }
+}

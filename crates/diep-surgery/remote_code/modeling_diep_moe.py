@@ -6,8 +6,9 @@ Written next to a pruned checkpoint by ``diep-surgery`` (together with ``auto_ma
     AutoModelForCausalLM.from_pretrained(pruned_dir, trust_remote_code=True)
 
 loads it with transformers 5.x (and 4.57). Supported ``model_type``s: ``mixtral``, ``qwen2_moe``,
-``qwen3_moe``, ``olmoe``. ``model_type`` stays the original one, so the config class is transformers' own
-(``MixtralConfig``, ...); no configuration file is needed.
+``qwen3_moe``, ``olmoe``, and with transformers 5.x only (written against 5.24) ``deepseek_v2``, ``deepseek_v3``
+and ``gpt_oss`` (bf16/f32 experts; MXFP4 checkpoints are pruned uniformly only). ``model_type`` stays the
+original one, so the config class is transformers' own (``MixtralConfig``, ...); no configuration file is needed.
 
 Checkpoint contract (what the surgery writes):
 
@@ -31,8 +32,27 @@ router with ``E_i`` rows. Its routing is each architecture's, as written in the 
 * qwen2_moe / qwen3_moe / olmoe: ``softmax(logits, dtype=f32)``, top-k, renormalised iff ``norm_topk_prob``,
   cast to the logits dtype; qwen2_moe adds ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``.
 
-A layer with ``E_i`` experts therefore computes exactly what the original layer computes when the router
-logits of the pruned experts are set to -inf before the softmax / top-k.
+* deepseek_v2 / deepseek_v3 / gpt_oss: the block is ``Diep<DeepseekV2Moe|DeepseekV3MoE|GptOssMLP>``, a subclass
+  of transformers' block that keeps its ``forward`` and builds its parts from a shallow copy of the config with
+  the expert count (``n_routed_experts`` / ``num_local_experts``) set to ``E_i``. The router is transformers'
+  own class (a subclass that only pads the returned logits): DeepSeek-V3 ``sigmoid`` scores +
+  ``e_score_correction_bias [E_i]`` for selection, ``n_group`` groups of ``E_i / n_group`` experts scored by
+  their two best, ``topk_group`` groups, ``norm_topk_prob``, ``routed_scaling_factor``; DeepSeek-V2 softmax
+  with ``greedy`` / ``group_limited_greedy``, ``routed_scaling_factor``; gpt-oss ``linear`` with bias, top-k
+  over the logits, softmax over the k. DeepSeek routed experts are :class:`DiepDeepseekExperts`, an
+  ``nn.ModuleList`` of ``E_i`` SwiGLU MLPs named as on disk (``mlp.experts.{e}.gate_proj.weight`` ...; the
+  surgery keeps the per-expert layout, and transformers 5.x's per-expert -> fused conversion is not applied
+  to custom code) with the loop of transformers' ``DeepseekV3Experts``; shared experts are
+  ``Deepseek<V2|V3>MLP``. gpt-oss experts are transformers' ``GptOssExperts`` with the on-disk fused tensors
+  ``gate_up_proj [E_i, H, 2I]`` (gate/up interleaved) + ``gate_up_proj_bias [E_i, 2I]``,
+  ``down_proj [E_i, I, H]`` + ``down_proj_bias [E_i, H]``, router ``router.weight [E_i, H]`` + ``router.bias``.
+  The surgery keeps every group of a layer equally large, so the groups over the ``E_i`` kept experts are
+  the original groups restricted to them.
+
+A layer with ``E_i`` experts therefore computes exactly what the original layer computes with the pruned
+experts removed: for softmax routers, their router logits set to -inf before the softmax / top-k; for
+DeepSeek-V3, their ``e_score_correction_bias`` set to -inf (a -inf logit alone is a sigmoid score of 0, still
+selectable through the bias); for gpt-oss, their router bias set to -inf.
 
 Because these classes are custom code, transformers 5.x does not apply its checkpoint conversion mapping
 (per-expert -> fused ``gate_up_proj``; mixtral's ``block_sparse_moe`` -> ``mlp`` rename) to them: the
@@ -49,6 +69,7 @@ concrete ``Diep<Arch>ForCausalLM`` (all of them are instances of ``DiepMoeForCau
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import threading
 
@@ -101,7 +122,35 @@ _ARCHS = {
         module="olmoe", prefix="Olmoe", moe_attr="mlp", count_keys=("num_experts",),
         proj=("gate_proj", "up_proj", "down_proj"), inter="intermediate_size", shared_expert=False,
     ),
+    # DeepSeek-V2/V3 and gpt-oss: the block is built from transformers' own router (and, for gpt-oss, its fused
+    # experts) with a per-layer copy of the config whose expert count is E_i; `family` selects the block class,
+    # `block`/`router` name transformers' classes.
+    "deepseek_v2": dict(
+        module="deepseek_v2", prefix="DeepseekV2", moe_attr="mlp", count_keys=("n_routed_experts",),
+        proj=("gate_proj", "up_proj", "down_proj"), inter="moe_intermediate_size", shared_expert=False,
+        family="deepseek", block="DeepseekV2Moe", router="DeepseekV2TopkRouter",
+    ),
+    "deepseek_v3": dict(
+        module="deepseek_v3", prefix="DeepseekV3", moe_attr="mlp", count_keys=("n_routed_experts",),
+        proj=("gate_proj", "up_proj", "down_proj"), inter="moe_intermediate_size", shared_expert=False,
+        family="deepseek", block="DeepseekV3MoE", router="DeepseekV3TopkRouter",
+    ),
+    "gpt_oss": dict(
+        module="gpt_oss", prefix="GptOss", moe_attr="mlp", count_keys=("num_local_experts",),
+        proj=None, inter="intermediate_size", shared_expert=False,
+        family="gpt_oss", block="GptOssMLP", router="GptOssTopKRouter",
+    ),
 }
+
+
+def _stock_block_name(arch: str) -> str:
+    spec = _ARCHS[arch]
+    return spec.get("block") or f"{spec['prefix']}SparseMoeBlock"
+
+
+def _stock_router_name(arch: str) -> str:
+    spec = _ARCHS[arch]
+    return spec.get("router") or f"{spec['prefix']}TopKRouter"
 
 
 def _stock_module(arch: str):
@@ -249,6 +298,150 @@ class DiepSparseMoeBlock(nn.Module):
         return f"arch={self.arch}, layer_idx={self.layer_idx}, num_experts={self.num_experts}"
 
 
+def _layer_config(config, arch: str, num_experts: int):
+    """A shallow copy of ``config`` whose expert count is this layer's ``E_i`` (everything else shared)."""
+    layer_config = copy.copy(config)
+    for key in _ARCHS[arch]["count_keys"]:
+        setattr(layer_config, key, num_experts)
+    return layer_config
+
+
+_PADDED_ROUTERS: dict[type, type] = {}
+
+
+def _padded_router_cls(stock_router_cls):
+    """transformers' router class, returning its logits padded with -inf to the config's expert count.
+
+    A subclass, so transformers' own ``OutputRecorder(<Arch>TopkRouter)`` and ``_init_weights`` still apply.
+    """
+    cls = _PADDED_ROUTERS.get(stock_router_cls)
+    if cls is not None:
+        return cls
+
+    def __init__(self, config, num_experts_padded: int):
+        stock_router_cls.__init__(self, config)
+        self.num_experts_padded = num_experts_padded
+
+    def forward(self, hidden_states):
+        router_logits, *rest = stock_router_cls.forward(self, hidden_states)
+        pad = self.num_experts_padded - router_logits.shape[-1]
+        if pad > 0:
+            router_logits = torch.cat(
+                [router_logits, router_logits.new_full((router_logits.shape[0], pad), float("-inf"))], dim=-1
+            )
+        return (router_logits, *rest)
+
+    name = f"Diep{stock_router_cls.__name__}"
+    cls = type(name, (stock_router_cls,), {"__init__": __init__, "forward": forward, "__module__": __name__,
+                                            "__qualname__": name})
+    _PADDED_ROUTERS[stock_router_cls] = cls
+    return cls
+
+
+class DiepDeepseekExperts(nn.ModuleList):
+    """DeepSeek-V2/V3 routed experts of one layer as ``E_i`` separate SwiGLU MLPs (on-disk names
+    ``experts.{e}.gate_proj.weight`` ...); ``forward`` has the signature and arithmetic of transformers'
+    ``DeepseekV3Experts`` (per-expert ``linear`` instead of slices of the fused ``gate_up_proj``)."""
+
+    def __init__(self, config, num_experts: int, names: tuple[str, str, str]):
+        super().__init__(
+            [DiepExpertMLP(config.hidden_size, config.moe_intermediate_size, config.hidden_act, names)
+             for _ in range(num_experts)]
+        )
+        self.num_experts = num_experts
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            expert_idx = int(expert_idx[0])
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_hidden_states = self[expert_idx](hidden_states[token_idx])
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+def _deepseek_block_cls(arch: str):
+    """``Diep<DeepseekV2Moe|DeepseekV3MoE>``: a subclass of transformers' block that keeps its ``forward``
+    (router -> experts -> + shared experts) and builds its parts for ``E_i`` experts."""
+    stock = _stock_module(arch)
+    stock_block = getattr(stock, _stock_block_name(arch))
+    router_cls = _padded_router_cls(getattr(stock, _stock_router_name(arch)))
+    mlp_cls = getattr(stock, f"{_ARCHS[arch]['prefix']}MLP")
+
+    def __init__(self, config, num_experts: int, layer_idx: int):
+        nn.Module.__init__(self)  # not the stock __init__: it would allocate fused [E, 2I, H] experts
+        layer_config = _layer_config(config, arch, num_experts)
+        self.config = layer_config
+        self.layer_idx = layer_idx
+        self.num_experts = num_experts
+        self.experts = DiepDeepseekExperts(layer_config, num_experts, _ARCHS[arch]["proj"])
+        # V3: sigmoid + e_score_correction_bias [E_i], n_group groups of E_i / n_group, topk_group,
+        # norm_topk_prob, routed_scaling_factor; V2: softmax, greedy / group_limited_greedy. All transformers'.
+        self.gate = router_cls(layer_config, max(num_experts, config_expert_count(config, arch)))
+        self.shared_experts = mlp_cls(
+            config=layer_config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts
+        )
+
+    def extra_repr(self) -> str:
+        return f"arch={arch}, layer_idx={self.layer_idx}, num_experts={self.num_experts}"
+
+    name = f"Diep{stock_block.__name__}"
+    return type(name, (stock_block,), {"__init__": __init__, "extra_repr": extra_repr, "__module__": __name__,
+                                       "__qualname__": name, "diep_block": True})
+
+
+def _gpt_oss_block_cls(arch: str):
+    """``DiepGptOssMLP``: transformers' ``GptOssMLP`` (its ``forward``, its ``GptOssExperts`` with fused interleaved
+    ``gate_up_proj [E_i, H, 2I]`` + ``gate_up_proj_bias [E_i, 2I]``, ``down_proj [E_i, I, H]`` + ``down_proj_bias``,
+    its biased top-k-then-softmax router) built for ``E_i`` experts; the on-disk names are the module names."""
+    stock = _stock_module(arch)
+    stock_block = getattr(stock, _stock_block_name(arch))
+    router_cls = _padded_router_cls(getattr(stock, _stock_router_name(arch)))
+    experts_cls = getattr(stock, f"{_ARCHS[arch]['prefix']}Experts")
+
+    def __init__(self, config, num_experts: int, layer_idx: int):
+        nn.Module.__init__(self)
+        layer_config = _layer_config(config, arch, num_experts)
+        self.layer_idx = layer_idx
+        self.num_experts = num_experts
+        self.router = router_cls(layer_config, max(num_experts, config_expert_count(config, arch)))
+        self.experts = experts_cls(layer_config)
+
+    def extra_repr(self) -> str:
+        return f"arch={arch}, layer_idx={self.layer_idx}, num_experts={self.num_experts}"
+
+    name = f"Diep{stock_block.__name__}"
+    return type(name, (stock_block,), {"__init__": __init__, "extra_repr": extra_repr, "__module__": __name__,
+                                       "__qualname__": name, "diep_block": True})
+
+
+_BLOCK_CLS: dict[str, type] = {}
+
+
+def _block_cls(arch: str) -> type:
+    """The MoE block class used for ``arch``'s layers."""
+    if arch not in _BLOCK_CLS:
+        family = _ARCHS[arch].get("family")
+        if family == "deepseek":
+            _BLOCK_CLS[arch] = _deepseek_block_cls(arch)
+        elif family == "gpt_oss":
+            _BLOCK_CLS[arch] = _gpt_oss_block_cls(arch)
+        else:
+            _BLOCK_CLS[arch] = DiepSparseMoeBlock
+    return _BLOCK_CLS[arch]
+
+
+def _new_block(config, arch: str, num_experts: int, layer_idx: int) -> nn.Module:
+    cls = _block_cls(arch)
+    if cls is DiepSparseMoeBlock:
+        return DiepSparseMoeBlock(config, arch, num_experts, layer_idx)
+    return cls(config, num_experts, layer_idx)
+
+
 class _MoePlaceholder(nn.Module):
     """Stands in for transformers' sparse-MoE block while the stock model is built (no parameters)."""
 
@@ -299,7 +492,8 @@ def _install_moe_blocks(model, arch: str, stock_block_cls) -> None:
     target = _ARCHS[arch]["moe_attr"]
     per_layer = experts_per_layer(config, arch)
     n_uniform = config_expert_count(config, arch)
-    kinds = (_MoePlaceholder, stock_block_cls, DiepSparseMoeBlock)
+    ours = _block_cls(arch)
+    kinds = (_MoePlaceholder, stock_block_cls, DiepSparseMoeBlock, ours)
     for i, layer in enumerate(model.layers):
         slots = [name for name, child in layer.named_children() if isinstance(child, kinds)]
         if len(slots) > 1:
@@ -315,10 +509,10 @@ def _install_moe_blocks(model, arch: str, stock_block_cls) -> None:
             raise ValueError(f"num_experts_per_layer[{i}] = {n} but layer {i} is a MoE layer in {arch}")
         if n < config.num_experts_per_tok:
             raise ValueError(f"layer {i}: {n} experts < num_experts_per_tok = {config.num_experts_per_tok}")
-        if isinstance(current, DiepSparseMoeBlock):
+        if isinstance(current, (DiepSparseMoeBlock, ours)) and getattr(current, "num_experts", None) == n:
             block = current
         else:
-            block = DiepSparseMoeBlock(config, arch, n, i)
+            block = _new_block(config, arch, n, i)
         if slot == target:
             setattr(layer, slot, block)
         else:
@@ -337,7 +531,7 @@ def _init_router(model, module) -> None:
             module.weight.data.normal_(mean=0.0, std=std)
 
 
-def _record_outputs(stock_model_cls, stock_router_cls, stock_block_cls):
+def _record_outputs(stock_model_cls, stock_router_cls, stock_block_cls, arch: str):
     """transformers' `_can_record_outputs` with the router-logits recorder pointed at our classes."""
     stock = getattr(stock_model_cls, "_can_record_outputs", None)
     if not stock or OutputRecorder is None:
@@ -347,7 +541,9 @@ def _record_outputs(stock_model_cls, stock_router_cls, stock_block_cls):
     if spec is not None:
         target = getattr(spec, "target_class", spec)
         if stock_router_cls is not None and target is stock_router_cls:
-            out["router_logits"] = OutputRecorder(DiepRouter, index=0)
+            # DeepSeek / gpt-oss routers are subclasses of the stock router: transformers' recorder matches them.
+            if _ARCHS[arch].get("family") is None:
+                out["router_logits"] = OutputRecorder(DiepRouter, index=0)
         elif target is stock_block_cls:
             out["router_logits"] = OutputRecorder(DiepSparseMoeBlock, index=1)
     return out
@@ -409,11 +605,12 @@ def _build_classes(arch: str):
     stock = _stock_module(arch)
     StockModel = getattr(stock, f"{prefix}Model")
     StockForCausalLM = getattr(stock, f"{prefix}ForCausalLM")
-    StockBlock = getattr(stock, f"{prefix}SparseMoeBlock")
-    StockRouter = getattr(stock, f"{prefix}TopKRouter", None)  # 5.x only
+    StockBlock = getattr(stock, _stock_block_name(arch))
+    StockRouter = getattr(stock, _stock_router_name(arch), None)  # 5.x only
+    _block_cls(arch)  # now, while the stock module's names are unpatched (the block may subclass StockBlock)
 
     class Model(StockModel):
-        _can_record_outputs = _record_outputs(StockModel, StockRouter, StockBlock)
+        _can_record_outputs = _record_outputs(StockModel, StockRouter, StockBlock, arch)
         _can_compile_fullgraph = False  # the per-expert loop is data dependent
         diep_arch = arch
 
@@ -456,8 +653,17 @@ def _build_classes(arch: str):
     return Model, ForCausalLM
 
 
-for _arch in _ARCHS:
-    _MODEL[_arch], _CAUSAL_LM[_arch] = _build_classes(_arch)
+for _arch in list(_ARCHS):
+    if _ARCHS[_arch].get("family") is not None:
+        # DeepSeek-V2/V3 and gpt-oss are written against transformers 5.x's classes (5.24): skipped elsewhere.
+        if TF_MAJOR < 5:
+            continue
+        try:
+            _MODEL[_arch], _CAUSAL_LM[_arch] = _build_classes(_arch)
+        except (ImportError, AttributeError):  # pragma: no cover - a transformers without these classes
+            continue
+    else:
+        _MODEL[_arch], _CAUSAL_LM[_arch] = _build_classes(_arch)
     globals()[_MODEL[_arch].__name__] = _MODEL[_arch]
     globals()[_CAUSAL_LM[_arch].__name__] = _CAUSAL_LM[_arch]
 del _arch
@@ -484,4 +690,6 @@ __all__ = [
     "DiepQwen3MoeForCausalLM",
     "DiepOlmoeModel",
     "DiepOlmoeForCausalLM",
-]
+    "DiepDeepseekExperts",
+] + [cls.__name__ for table in (_MODEL, _CAUSAL_LM) for arch, cls in table.items()
+     if _ARCHS[arch].get("family") is not None]

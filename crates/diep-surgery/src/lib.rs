@@ -25,11 +25,13 @@
 //!   into place at the end; on error nothing is left behind.
 #![warn(missing_docs)]
 
+pub mod allocation;
 mod config_edit;
 mod error;
 pub mod plan;
 mod surgery;
 
+pub use allocation::{min_per_group, select_global_per_group, select_uniform_per_group};
 pub use config_edit::{
     AUTO_MAP_FILE, AUTO_MAP_JSON, AUTO_MAP_KEY, REMOTE_CODE_FILES, expert_count_keys, kept_counts_per_layer,
     pruned_config, remote_code_auto_map,

@@ -144,12 +144,23 @@ impl PruningPlan {
                 check_groups(layer, n, kept, g, top_k)?;
             }
         }
-        if (config.architecture.is_deepseek() || config.architecture == Architecture::GptOss) && !self.is_uniform() {
-            return err(format!(
-                "`{model_type}` checkpoints can only be pruned uniformly (the same number of experts in every MoE \
-                 layer): no remote code for per-layer expert counts exists for this architecture, got {:?}",
-                self.kept_counts()
-            ));
+        if !self.is_uniform() {
+            if config.architecture == Architecture::Deepseek {
+                return err(format!(
+                    "`{model_type}` (DeepSeek-MoE) checkpoints can only be pruned uniformly (the same number of \
+                     experts in every MoE layer): they load through the checkpoint's own upstream remote code, \
+                     which has one `n_routed_experts` for all layers; got {:?}",
+                    self.kept_counts()
+                ));
+            }
+            if config.architecture == Architecture::GptOss && is_mxfp4(config) {
+                return err(format!(
+                    "MXFP4-quantised `{model_type}` checkpoints can only be pruned uniformly (the same number of \
+                     experts in every MoE layer): the remote code for per-layer expert counts covers bf16/f32 \
+                     experts only; dequantise first or use a uniform plan, got {:?}",
+                    self.kept_counts()
+                ));
+            }
         }
         if config.architecture == Architecture::GptOss && self.merge.values().any(|g| !g.is_empty()) {
             return err(format!(
@@ -200,6 +211,16 @@ impl PruningPlan {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("plans serialise")
     }
+}
+
+/// Whether the config declares MXFP4-quantised experts (`quantization_config.quant_method`).
+pub(crate) fn is_mxfp4(config: &ModelConfig) -> bool {
+    config
+        .raw
+        .get("quantization_config")
+        .and_then(|q| q.get("quant_method"))
+        .and_then(|m| m.as_str())
+        .is_some_and(|m| m.eq_ignore_ascii_case("mxfp4"))
 }
 
 /// Group-limited routing (DeepSeek) scores contiguous groups of `E / n_group` experts; after

@@ -149,6 +149,20 @@ pub fn apply_plan(
     let ckpt = Checkpoint::open(model_dir)?;
     let inventory = inspect(&config, &ckpt)?;
     check_routers_finite(&config, &inventory)?;
+    if !uniform
+        && let Some((t, _)) =
+            inventory.iter().find(|(t, _)| t.name.ends_with(diep_checkpoint::architectures::gpt_oss::MXFP4_BLOCKS))
+    {
+        return Err(crate::plan::PlanError(format!(
+            "`{}` holds MXFP4-quantised experts (`{}`): such checkpoints can only be pruned uniformly (the same \
+             number of experts in every MoE layer); the remote code for per-layer expert counts covers bf16/f32 \
+             experts only, got {:?}",
+            model_dir.display(),
+            t.name,
+            plan.kept_counts()
+        ))
+        .into());
+    }
     let tensors = output_tensors(plan, &inventory);
     let shards = assign_shards(&tensors, opts.max_shard_bytes);
     let new_config = pruned_config(&config, plan);

@@ -806,9 +806,50 @@ fn deepseek_v3_plans_must_respect_routing_groups() {
     // One per group: V3 scores a group by its two best experts.
     let msg = fail(&s, &plan_from(&config, |_, _, _| vec![0, 4]));
     assert!(msg.contains("at least 2 per group"), "{msg}");
-    // Non-uniform plans have no loader for this architecture.
-    let msg = fail(&s, &plan_from(&config, |j, _, _| if j == 0 { vec![0, 1, 4, 5] } else { vec![0, 1, 2, 4, 5, 6] }));
-    assert!(msg.contains("uniformly"), "{msg}");
+    // Non-uniform plans are checked per layer: layer 2 unbalanced.
+    let msg = fail(&s, &plan_from(&config, |j, _, _| if j == 0 { vec![0, 1, 4, 5] } else { vec![0, 1, 2, 4, 5] }));
+    assert!(msg.contains("layer 2") && msg.contains("[3, 2]"), "{msg}");
+    // ... and one per group in layer 1 only.
+    let msg = fail(&s, &plan_from(&config, |j, _, _| if j == 0 { vec![0, 4] } else { vec![0, 1, 2, 4, 5, 6] }));
+    assert!(msg.contains("layer 1") && msg.contains("at least 2 per group"), "{msg}");
+}
+
+#[test]
+fn deepseek_v3_non_uniform_plan_writes_per_layer_counts_and_remote_code() {
+    let dir = fixture("tiny-deepseek-v3");
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    // Layer 1 keeps 2 + 2 (groups of 4), layer 2 keeps 3 + 3.
+    let plan = plan_from(&config, |j, _, _| if j == 0 { vec![1, 3, 4, 6] } else { vec![0, 1, 3, 4, 5, 7] });
+    assert!(!plan.is_uniform());
+    let outs = tempfile::tempdir().unwrap();
+    let out = outs.path().join("pruned");
+    let report = apply_plan(&dir, &plan, &out, &opts()).unwrap();
+    verify(&dir, &out, &plan, &report);
+    assert!(!report.uniform);
+    let raw = read_json(&out.join("config.json"));
+    let raw_in = read_json(&dir.join("config.json"));
+    assert_eq!(raw["n_routed_experts"], 6);
+    assert_eq!(raw[PER_LAYER_EXPERTS_KEY], serde_json::json!([0, 4, 6]));
+    assert_eq!(raw[AUTO_MAP_KEY], Value::Object(remote_code_auto_map().unwrap()));
+    for (name, text) in REMOTE_CODE_FILES {
+        assert_eq!(&std::fs::read_to_string(out.join(name)).unwrap(), text);
+    }
+    for k in ["n_group", "topk_group", "topk_method", "scoring_func", "routed_scaling_factor", "norm_topk_prob"] {
+        assert_eq!(raw.get(k), raw_in.get(k), "`{k}`");
+    }
+    // This project's loader reads per-layer counts; groups are E_i / n_group per layer.
+    let cout = ModelConfig::from_dir(&out).unwrap();
+    assert_eq!((cout.experts_in_layer(1), cout.experts_in_layer(2)), (4, 6));
+    assert_eq!(cout.moe.routing, config.moe.routing);
+    let c = Checkpoint::open(&out).unwrap();
+    let keys = MoeKeys::of(config.architecture);
+    let before = Checkpoint::open(&dir).unwrap();
+    for (layer, kept) in &plan.kept_experts {
+        let bias = keys.router_correction_bias(*layer).unwrap();
+        let (a, b) = (before.get(&bias).unwrap().to_f32().unwrap(), c.get(&bias).unwrap().to_f32().unwrap());
+        assert_eq!(b, kept.iter().map(|e| a[*e]).collect::<Vec<f32>>(), "{bias}");
+        assert_eq!(c.get(&keys.router_weight(*layer)).unwrap().shape, &[kept.len(), 64]);
+    }
 }
 
 #[test]
@@ -880,11 +921,40 @@ fn gpt_oss_uniform_plan_slices_fused_experts_and_router_bias() {
 }
 
 #[test]
-fn gpt_oss_refuses_non_uniform_plans_merges_and_missing_fused_tensors() {
+fn gpt_oss_non_uniform_plans_need_full_precision_experts() {
+    let dir = fixture("tiny-gpt-oss");
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    let plan = plan_from(&config, |j, _, _| [vec![0, 2, 3, 5, 6], vec![1, 4, 7], vec![0, 1, 2, 3, 4, 5, 6]][j].clone());
+    let outs = tempfile::tempdir().unwrap();
+    let out = outs.path().join("pruned");
+    let report = apply_plan(&dir, &plan, &out, &opts()).unwrap();
+    verify(&dir, &out, &plan, &report);
+    let raw = read_json(&out.join("config.json"));
+    assert_eq!(raw["num_local_experts"], 7);
+    assert_eq!(raw[PER_LAYER_EXPERTS_KEY], serde_json::json!([5, 3, 7]));
+    assert_eq!(raw[AUTO_MAP_KEY], Value::Object(remote_code_auto_map().unwrap()));
+    let c = Checkpoint::open(&out).unwrap();
+    assert_eq!(c.get("model.layers.1.mlp.experts.gate_up_proj").unwrap().shape, &[3, 64, 32]);
+    assert_eq!(c.get("model.layers.2.mlp.router.bias").unwrap().shape, &[7]);
+    // MXFP4 experts: uniform only (by quantization_config, and by the tensors without it).
+    let s = scratch("tiny-gpt-oss-mxfp4");
+    let config = ModelConfig::from_dir(&s.model).unwrap();
+    let non_uniform = plan_from(&config, |j, _, _| if j == 0 { vec![0, 1, 4] } else { vec![0, 1, 2, 4, 5, 6] });
+    let msg = fail(&s, &non_uniform);
+    assert!(msg.contains("MXFP4") && msg.contains("uniformly"), "{msg}");
+    edit_config(&s.model, |c| {
+        c.remove("quantization_config");
+    });
+    let config = ModelConfig::from_dir(&s.model).unwrap();
+    let non_uniform = plan_from(&config, |j, _, _| if j == 0 { vec![0, 1, 4] } else { vec![0, 1, 2, 4, 5, 6] });
+    let msg = fail(&s, &non_uniform);
+    assert!(msg.contains("MXFP4") && msg.contains("_blocks"), "{msg}");
+}
+
+#[test]
+fn gpt_oss_refuses_merges_and_missing_fused_tensors() {
     let s = scratch("tiny-gpt-oss");
     let config = ModelConfig::from_dir(&s.model).unwrap();
-    let msg = fail(&s, &plan_from(&config, |j, _, _| if j == 0 { vec![0, 1, 4] } else { vec![0, 1, 2, 4, 5, 6] }));
-    assert!(msg.contains("uniformly") && msg.contains("gpt_oss"), "{msg}");
     let mut merged = plan_from(&config, |_, _, _| vec![0, 1, 2, 3]);
     merged.merge.insert(0, [(0usize, vec![(0usize, 0.5f64), (4, 0.5)])].into_iter().collect());
     let msg = fail(&s, &merged);
