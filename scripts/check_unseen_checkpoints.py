@@ -7,15 +7,31 @@ fixtures were generated with, see scripts/requirements-fixtures.txt) and, for th
 saved by transformers 4.x, transformers 4.57.1 installed with
 ``pip install --target /opt/tf4 transformers==4.57.1`` (``--tf4-path``; ``--no-tf4`` skips them).
 
-What it checks: for every supported ``model_type`` (mixtral, qwen2_moe, qwen3_moe, olmoe) it
-builds ``--count`` tiny random checkpoints in a fresh temporary directory, with configs and
-weights drawn from ``--seed`` (default: time-based; printed, so any failure can be reproduced
-with ``--seed N``). The draws vary hidden size, layers, experts, top-k, GQA ratio, explicit
-head_dim (qwen3_moe always, mixtral sometimes), norm_topk_prob, decoder_sparse_step /
-mlp_only_layers, shared-expert width, qkv / attention biases, clip_qkv (sometimes None), tied
-embeddings, mixtral's sliding window (shorter than the sequences), rope theta and rms eps. The
-weights are initialised wide (initializer_range 0.1-0.3, RMSNorm weights 1 + 0.3 randn, all
-attention biases 0.5 randn) so the logits are far from uniform.
+What it checks: for every supported ``model_type`` (mixtral, qwen2_moe, qwen3_moe, olmoe,
+deepseek_v3, deepseek_v2, gpt_oss) it builds ``--count`` tiny random checkpoints in a fresh
+temporary directory, with configs and weights drawn from ``--seed`` (default: time-based;
+printed, so any failure can be reproduced with ``--seed N``). The draws vary hidden size,
+layers, experts, top-k, GQA ratio, explicit head_dim (qwen3_moe always, mixtral sometimes),
+norm_topk_prob, decoder_sparse_step / mlp_only_layers, shared-expert width, qkv / attention
+biases, clip_qkv (sometimes None), tied embeddings, mixtral's sliding window (shorter than the
+sequences), rope theta and rms eps. The weights are initialised wide (initializer_range 0.1-0.3,
+RMSNorm weights 1 + 0.3 randn, all attention biases 0.5 randn) so the logits are far from uniform.
+
+deepseek_v3 / deepseek_v2 / gpt_oss are drawn in the 5.x config style (``rope_parameters``:
+default or YaRN with factor, original_max_position_embeddings, beta_fast / beta_slow and, for
+DeepSeek, mscale / mscale_all_dim; gpt_oss also truncate) and saved by transformers 5.x only.
+DeepSeek draws MLA attention (q_lora_rank None or a rank, kv_lora_rank, qk_nope / qk_rope / v head
+dims), first_k_dense_replace 0-2, n_shared_experts 0-2 (0: a zero-width shared MLP),
+routed_scaling_factor and attention biases; deepseek_v3 adds group-limited sigmoid routing
+(n_group / topk_group, >= 2 experts per group), norm_topk_prob, rope_interleave and a random
+e_score_correction_bias (init leaves it 0); deepseek_v2 draws topk_method greedy or
+group_limited_greedy (norm_topk_prob stays False: transformers' V2 router ignores it). gpt_oss
+draws explicit head_dim, GQA, a mix of sliding / full layer_types (window shorter than the
+sequences), attention biases, swiglu_limit / swiglu_alpha, and random attention sinks (1.0 randn)
+and router / expert biases (0.5 randn). gpt_oss is saved in f32 or bf16 only (an f16 plan becomes
+bf16). For these types the printed line also reports how much the loss moves with
+e_score_correction_bias zeroed, sinks removed, expert biases zeroed, swiglu_limit lifted and the
+sliding window widened, which shows the features matter.
 
 Each checkpoint is written by ``save_pretrained`` in one of f32 / bf16 / f16, as one file or
 sharded (small ``max_shard_size``), and by transformers 5.x or 4.57.1 (a subprocess with
@@ -44,11 +60,14 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
 
 torch.set_num_threads(2)
+# n_shared_experts = 0 gives deepseek a zero-width shared-expert MLP, which torch warns about.
+warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import transformers  # noqa: E402
@@ -57,11 +76,17 @@ transformers.utils.logging.disable_progress_bar()
 
 TF_MAJOR = int(transformers.__version__.split(".")[0])
 TF4_VERSION = "4.57.1"
-MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss")
+# Drawn in the 5.x config style (rope_parameters) and saved by transformers 5.x only.
+TF5_ONLY = ("deepseek_v3", "deepseek_v2", "gpt_oss")
 DTYPES = ("float32", "bfloat16", "float16")
+# gpt_oss checkpoints are bf16 (or f32): an f16 save plan is saved as bf16 instead.
+NO_F16 = ("gpt_oss",)
 DISK_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 NORM_STD = 0.3
 BIAS_STD = 0.5
+SINK_STD = 1.0  # gpt_oss attention sinks (init: initializer_range randn)
+E_BIAS_STD = 0.25  # deepseek_v3 e_score_correction_bias (init: zeros; the sigmoid scores are in (0, 1))
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -81,6 +106,10 @@ def sig(x: float, digits: int = 3) -> float:
 
 def draw_config(rng: random.Random, model_type: str, seq_len: int, tf4: bool) -> dict:
     """Config kwargs (valid for transformers 4.57 and 5.x) for one random checkpoint."""
+    if model_type in ("deepseek_v3", "deepseek_v2"):
+        return draw_deepseek_config(rng, model_type)
+    if model_type == "gpt_oss":
+        return draw_gpt_oss_config(rng, seq_len)
     # Attention shape: kv heads x GQA ratio, head width, hidden size in 32..96.
     while True:
         n_kv = rng.choice([1, 2, 4])
@@ -173,6 +202,141 @@ def draw_config(rng: random.Random, model_type: str, seq_len: int, tf4: bool) ->
     return c
 
 
+def draw_rope(rng: random.Random, *, gpt_oss: bool = False) -> tuple[dict, int]:
+    """5.x-style rope_parameters (default or YaRN) and a matching max_position_embeddings."""
+    theta = sig(10 ** rng.uniform(2.0, 6.5))
+    if rng.random() < 0.4:
+        return {"rope_type": "default", "rope_theta": theta}, rng.choice([128, 512, 2048, 4096])
+    # YaRN; max_position_embeddings = factor x original (what transformers' validation expects).
+    original = rng.choice([8, 16, 32, 64, 128])
+    factor = float(rng.choice([2, 4, 8, 16, 32, 40]))
+    rp = {"rope_type": "yarn", "rope_theta": theta, "factor": factor,
+          "original_max_position_embeddings": original}
+    if rng.random() < 0.7:
+        rp["beta_fast"] = float(rng.choice([4, 8, 16, 32]))
+        rp["beta_slow"] = float(rng.choice([0.5, 1, 2]))
+    if gpt_oss:
+        rp["truncate"] = rng.random() < 0.5
+    else:
+        # DeepSeek: mscale / mscale_all_dim scale the cos/sin (their ratio) and the softmax (mscale_all_dim).
+        u = rng.random()
+        if u < 0.3:
+            rp["mscale"] = rp["mscale_all_dim"] = sig(rng.uniform(0.5, 1.5), 2)  # as DeepSeek-V3 (1.0, 1.0)
+        elif u < 0.7:
+            rp["mscale"] = sig(rng.uniform(0.5, 1.5), 2)
+            rp["mscale_all_dim"] = sig(rng.uniform(0.5, 1.5), 2)
+        elif u < 0.85:
+            rp["mscale"] = sig(rng.uniform(0.5, 1.5), 2)  # mscale alone: attention factor from factor only
+    return rp, int(original * factor)
+
+
+def draw_deepseek_config(rng: random.Random, model_type: str) -> dict:
+    """DeepSeek-V3 / V2 (MLA attention, routed + shared experts, dense first layers), 5.x style."""
+    n_heads = rng.choice([1, 2, 3, 4, 6, 8])
+    hidden = rng.randrange(32, 97, 8)
+    if model_type == "deepseek_v2":
+        while hidden % n_heads:  # DeepseekV2Config.validate_architecture
+            hidden = rng.randrange(32, 97, 8)
+    n_layers = rng.randint(2, 4)
+    rope, max_pos = draw_rope(rng)
+    c = dict(
+        vocab_size=rng.randint(160, 512),
+        hidden_size=hidden,
+        intermediate_size=rng.randrange(16, 129, 8),  # dense layers
+        moe_intermediate_size=rng.randrange(8, 65, 8),
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_heads,  # MLA: kv_b_proj expands to every head
+        q_lora_rank=None if rng.random() < 0.4 else rng.randrange(8, 49, 8),
+        kv_lora_rank=rng.randrange(8, 49, 8),
+        qk_nope_head_dim=rng.choice([4, 8, 12, 16, 24]),
+        qk_rope_head_dim=rng.choice([4, 8, 12, 16]),
+        v_head_dim=rng.choice([4, 8, 12, 16, 24]),
+        first_k_dense_replace=rng.randint(0, min(2, n_layers - 1)),
+        n_shared_experts=rng.randint(0, 2),
+        routed_scaling_factor=sig(rng.uniform(0.5, 3.0)),
+        attention_bias=rng.random() < 0.3,
+        max_position_embeddings=max_pos,
+        rope_parameters=rope,
+        initializer_range=sig(rng.uniform(0.1, 0.3)),
+        rms_norm_eps=rng.choice([1e-6, 1e-5, 3e-5, 1e-4, 1e-3]),
+        tie_word_embeddings=rng.random() < 0.35,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        hidden_act="silu",
+    )
+    if model_type == "deepseek_v3":
+        # Group-limited routing on sigmoid scores + e_score_correction_bias: groups are ranked by
+        # the sum of their top-2 scores, so every group needs at least 2 experts.
+        n_group = rng.choice([1, 2, 3, 4])
+        per_group = rng.randint(2, max(2, 16 // n_group))
+        topk_group = rng.randint(1, n_group)
+        c.update(
+            n_routed_experts=n_group * per_group,
+            n_group=n_group,
+            topk_group=topk_group,
+            num_experts_per_tok=rng.randint(1, min(6, topk_group * per_group)),
+            norm_topk_prob=rng.random() < 0.5,
+            rope_interleave=rng.random() < 0.5,
+        )
+    else:
+        # transformers' DeepseekV2 router ignores norm_topk_prob (left False, as in the released models).
+        if rng.random() < 0.5:
+            n_experts = rng.randint(4, 16)
+            c.update(topk_method="greedy", n_routed_experts=n_experts,
+                     num_experts_per_tok=rng.randint(1, min(4, n_experts)))
+        else:
+            n_group = rng.choice([2, 3, 4])
+            per_group = rng.randint(1, 16 // n_group)
+            topk_group = rng.randint(1, n_group)
+            c.update(topk_method="group_limited_greedy", n_routed_experts=n_group * per_group,
+                     n_group=n_group, topk_group=topk_group,
+                     num_experts_per_tok=rng.randint(1, min(4, topk_group * per_group)))
+    return c
+
+
+def draw_gpt_oss_config(rng: random.Random, seq_len: int) -> dict:
+    """gpt-oss (sinks, biased experts with clamped SwiGLU, sliding/full layers), 5.x style."""
+    while True:
+        n_kv = rng.choice([1, 2, 4])
+        n_heads = n_kv * rng.choice([1, 2, 4])
+        if n_heads <= 8:
+            break
+    n_layers = rng.randint(2, 4)
+    while True:
+        layer_types = [rng.choice(["sliding_attention", "full_attention"]) for _ in range(n_layers)]
+        if len(set(layer_types)) == 2:
+            break
+    n_experts = rng.randint(4, 16)
+    rope, max_pos = draw_rope(rng, gpt_oss=True)
+    return dict(
+        vocab_size=rng.randint(160, 512),
+        hidden_size=rng.randrange(32, 97, 8),
+        head_dim=rng.choice([8, 12, 16, 20, 24, 32]),  # explicit, independent of hidden / heads
+        intermediate_size=rng.randrange(16, 97, 8),
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        num_local_experts=n_experts,
+        num_experts_per_tok=rng.randint(1, min(4, n_experts)),
+        sliding_window=rng.randint(2, seq_len - 2),
+        layer_types=layer_types,
+        attention_bias=rng.random() < 0.7,
+        swiglu_limit=sig(rng.uniform(0.3, 4.0), 2),
+        swiglu_alpha=sig(rng.uniform(1.0, 2.5), 3),
+        max_position_embeddings=max_pos,
+        rope_parameters=rope,
+        initializer_range=sig(rng.uniform(0.1, 0.3)),
+        rms_norm_eps=rng.choice([1e-6, 1e-5, 3e-5, 1e-4, 1e-3]),
+        tie_word_embeddings=rng.random() < 0.35,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        hidden_act="silu",
+    )
+
+
 def draw_specs(seed: int, count: int, model_types: list[str], *, batch: int, seq_len: int,
                use_tf4: bool) -> list[dict]:
     rng = random.Random(seed)
@@ -186,6 +350,10 @@ def draw_specs(seed: int, count: int, model_types: list[str], *, batch: int, seq
         for j in range(count):
             dtype, sharded, saver = plans[k % len(plans)]
             k += 1
+            if mt in TF5_ONLY:
+                saver = "5.x"
+            if mt in NO_F16 and dtype == "float16":
+                dtype = "bfloat16"
             tf4 = saver != "5.x"
             specs.append(dict(
                 name=f"{mt}-{j}",
@@ -210,8 +378,13 @@ def draw_specs(seed: int, count: int, model_types: list[str], *, batch: int, seq
 def config_class(model_type: str):
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-    return {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig,
-            "olmoe": OlmoeConfig}[model_type]
+    classes = {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig,
+               "olmoe": OlmoeConfig}
+    if model_type in TF5_ONLY:
+        from transformers import DeepseekV2Config, DeepseekV3Config, GptOssConfig
+
+        classes.update(deepseek_v3=DeepseekV3Config, deepseek_v2=DeepseekV2Config, gpt_oss=GptOssConfig)
+    return classes[model_type]
 
 
 def impl_kwargs() -> dict:
@@ -228,14 +401,29 @@ def make_ids(spec: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def perturb(model, seed: int) -> None:
-    """RMSNorm weights -> 1 + 0.3 randn; every attention bias -> 0.5 randn (init leaves them 0)."""
+    """RMSNorm weights -> 1 + 0.3 randn; every attention bias -> 0.5 randn (init leaves them 0).
+
+    Also what init leaves zero (or tiny) elsewhere: deepseek_v3's e_score_correction_bias -> 0.25 randn,
+    gpt_oss's expert and router biases -> 0.5 randn and its attention sinks -> 1.0 randn.
+    """
     g = torch.Generator().manual_seed(seed + 7)
     for name, mod in model.named_modules():
-        if type(mod).__name__.endswith("RMSNorm"):
+        cls = type(mod).__name__
+        if cls.endswith("RMSNorm"):
             mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj") and getattr(mod, "bias", None) is not None:
+        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "kv_a_proj_with_mqa") \
+                and getattr(mod, "bias", None) is not None:
             mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
+        if cls == "DeepseekV3TopkRouter":
+            mod.e_score_correction_bias.copy_(E_BIAS_STD * torch.randn(mod.e_score_correction_bias.shape, generator=g))
+        if cls == "GptOssAttention":
+            mod.sinks.copy_(SINK_STD * torch.randn(mod.sinks.shape, generator=g))
+        if cls == "GptOssTopKRouter":
+            mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
+        if cls == "GptOssExperts":
+            mod.gate_up_proj_bias.copy_(BIAS_STD * torch.randn(mod.gate_up_proj_bias.shape, generator=g))
+            mod.down_proj_bias.copy_(BIAS_STD * torch.randn(mod.down_proj_bias.shape, generator=g))
 
 
 def shard_size(model, dtype: torch.dtype) -> str:
@@ -254,7 +442,10 @@ def build_save_reference(spec: dict, mdir: Path) -> dict:
     model = AutoModelForCausalLM.from_config(cfg, **impl_kwargs()).float().eval()
     perturb(model, spec["weight_seed"])
     for n, p in model.named_parameters():
-        assert float(p.detach().std()) > 1e-3, f"{n} looks uninitialised"
+        if p.numel() == 0:
+            continue  # n_shared_experts = 0: deepseek's shared-expert MLP has width 0
+        spread = float(p.detach().std()) if p.numel() > 1 else float(p.detach().abs().max())
+        assert spread > 1e-3, f"{n} looks uninitialised"
 
     dtype = getattr(torch, spec["dtype"])
     model = model.to(dtype)
@@ -289,12 +480,46 @@ def build_save_reference(spec: dict, mdir: Path) -> dict:
     for key in ("sliding_window", "clip_qkv"):
         if getattr(ref.config, key, None) is not None and key in spec["config"]:
             old = getattr(ref.config, key)
-            setattr(ref.config, key, None)
+            # gpt_oss always builds a sliding mask for its sliding layers: widen it instead.
+            setattr(ref.config, key, 10**6 if spec["model_type"] == "gpt_oss" else None)
             try:
                 with torch.no_grad():
                     effects[key] = abs(float(ref(ids, labels=ids).loss) - loss)
             finally:
                 setattr(ref.config, key, old)
+    # Module state that init leaves at zero / neutral: switched off on the reloaded model (which
+    # also proves the perturbed values were saved and reloaded).
+    for key, cls, attr, off in (("e_score_correction_bias", "DeepseekV3TopkRouter", "e_score_correction_bias", 0.0),
+                                ("sinks", "GptOssAttention", "sinks", -math.inf),
+                                ("expert_biases", "GptOssExperts", "gate_up_proj_bias", 0.0),
+                                ("swiglu_limit", "GptOssExperts", "limit", math.inf)):
+        mods = [mod for mod in ref.modules() if type(mod).__name__ == cls]
+        if not mods:
+            continue
+        saved = [getattr(mod, attr) for mod in mods]
+        if isinstance(saved[0], torch.Tensor):
+            assert all(float(t.detach().abs().max()) > 0 for t in saved), f"{key} reloaded as zeros"
+            saved = [t.detach().clone() for t in saved]
+        extra = [mod.down_proj_bias.detach().clone() for mod in mods] if key == "expert_biases" else None
+        try:
+            with torch.no_grad():
+                for mod in mods:
+                    if isinstance(getattr(mod, attr), torch.Tensor):
+                        getattr(mod, attr).fill_(off)
+                    else:
+                        setattr(mod, attr, off)
+                    if extra is not None:
+                        mod.down_proj_bias.zero_()
+                effects[key] = abs(float(ref(ids, labels=ids).loss) - loss)
+        finally:
+            with torch.no_grad():
+                for i, mod in enumerate(mods):
+                    if isinstance(saved[i], torch.Tensor):
+                        getattr(mod, attr).copy_(saved[i])
+                    else:
+                        setattr(mod, attr, saved[i])
+                    if extra is not None:
+                        mod.down_proj_bias.copy_(extra[i])
     return {
         "loss": loss,
         "transformers_version": transformers.__version__,
@@ -393,16 +618,32 @@ def describe(spec: dict) -> str:
              f"heads={c['num_attention_heads']}/{c['num_key_value_heads']}"]
     if "head_dim" in c:
         parts.append(f"head_dim={c['head_dim']}")
-    parts.append(f"E={c.get('num_experts', c.get('num_local_experts'))}")
-    parts.append(f"k={c['num_experts_per_tok']}")
-    for key, short in [("norm_topk_prob", "norm_topk"), ("decoder_sparse_step", "step"),
-                       ("mlp_only_layers", "mlp_only"), ("shared_expert_intermediate_size", "shared"),
-                       ("qkv_bias", "qkv_bias"), ("attention_bias", "attn_bias"), ("clip_qkv", "clip_qkv"),
-                       ("sliding_window", "swa")]:
+    for key, short in [("q_lora_rank", "q_lora"), ("kv_lora_rank", "kv_lora"), ("qk_nope_head_dim", "nope"),
+                       ("qk_rope_head_dim", "rope_dim"), ("v_head_dim", "v_dim"), ("rope_interleave", "interleave")]:
         if key in c:
             parts.append(f"{short}={c[key]}")
-    parts += [f"tie={c['tie_word_embeddings']}", f"theta={c['rope_theta']:g}", f"eps={c['rms_norm_eps']:g}",
-              f"init={c['initializer_range']}", f"V={c['vocab_size']}"]
+    parts.append(f"E={c.get('num_experts', c.get('num_local_experts', c.get('n_routed_experts')))}")
+    parts.append(f"k={c['num_experts_per_tok']}")
+    for key, short in [("topk_method", "method"), ("n_group", "groups"), ("topk_group", "topk_group"),
+                       ("norm_topk_prob", "norm_topk"), ("routed_scaling_factor", "scale"),
+                       ("first_k_dense_replace", "dense_first"), ("n_shared_experts", "shared_experts"),
+                       ("decoder_sparse_step", "step"),
+                       ("mlp_only_layers", "mlp_only"), ("shared_expert_intermediate_size", "shared"),
+                       ("qkv_bias", "qkv_bias"), ("attention_bias", "attn_bias"), ("clip_qkv", "clip_qkv"),
+                       ("sliding_window", "swa"), ("swiglu_limit", "limit"), ("swiglu_alpha", "alpha")]:
+        if key in c:
+            parts.append(f"{short}={c[key]}")
+    if "layer_types" in c:
+        parts.append("layers=" + "".join("S" if t == "sliding_attention" else "F" for t in c["layer_types"]))
+    parts.append(f"tie={c['tie_word_embeddings']}")
+    if "rope_parameters" in c:
+        rp = c["rope_parameters"]
+        parts.append(f"theta={rp['rope_theta']:g}")
+        if rp["rope_type"] != "default":
+            parts.append("rope=" + ",".join(f"{k}={v}" for k, v in rp.items() if k != "rope_theta"))
+    else:
+        parts.append(f"theta={c['rope_theta']:g}")
+    parts += [f"eps={c['rms_norm_eps']:g}", f"init={c['initializer_range']}", f"V={c['vocab_size']}"]
     return " ".join(parts)
 
 
@@ -452,7 +693,7 @@ def main() -> int:
         sys.exit(f"run with transformers 5.x (got {transformers.__version__})")
     if not args.xtask.is_file():
         sys.exit(f"{args.xtask} not found: build it with `cargo build -p xtask` or pass --xtask")
-    use_tf4 = not args.no_tf4
+    use_tf4 = not args.no_tf4 and any(mt not in TF5_ONLY for mt in args.model_types)
     if use_tf4 and not Path(args.tf4_path, "transformers").is_dir():
         sys.exit(f"transformers {TF4_VERSION} not found under {args.tf4_path} (install it there or pass --no-tf4)")
     seed = args.seed if args.seed is not None else int(time.time() * 1000) % (2**31)
