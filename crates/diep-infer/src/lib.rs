@@ -600,12 +600,10 @@ impl CpuModel {
 
 /// What in a decoder layer this engine does not compute, if anything.
 fn layer_unsupported(layer: &DecoderLayer) -> Option<&'static str> {
-    if let FeedForward::Moe(m) = &layer.ffn {
-        if m.dynamic_skip().is_some() {
-            return Some("dynamic expert skipping");
-        }
+    match &layer.ffn {
+        FeedForward::Moe(m) if m.dynamic_skip().is_some() => Some("dynamic expert skipping"),
+        _ => None,
     }
-    None
 }
 
 /// Converts a supported layer (see [`layer_unsupported`]).
