@@ -24,16 +24,5 @@
 
 use super::MoeKeys;
 
-/// DeepSeek-MoE's MoE tensor names.
-pub const MOE_KEYS: MoeKeys = MoeKeys {
-    block: "mlp",
-    router: "gate",
-    expert_gate: "gate_proj",
-    expert_up: "up_proj",
-    expert_down: "down_proj",
-    shared_expert: None,
-    shared_experts: Some("shared_experts"),
-    router_correction_bias: None,
-    router_bias: None,
-    fused_experts: None,
-};
+/// DeepSeek-MoE's MoE tensor names: the same as DeepSeek-V2's.
+pub const MOE_KEYS: MoeKeys = super::deepseek_v2::MOE_KEYS;
