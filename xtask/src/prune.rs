@@ -9,9 +9,9 @@ use clap::Args;
 use diep_checkpoint::{Checkpoint, ModelConfig};
 use diep_models::{DeviceSpec, MoeModel, StreamingModel};
 use diep_optim::{DiepSettings, DiepState, Event, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
+use diep_plan::{Allocation, Constraints, PruningPlan, check_ratio};
 use diep_prune::calib::{CalibrationSpec, sample_calibration};
-use diep_prune::criteria::check_ratio;
-use diep_prune::{Allocation, BaselineSpec, Method, PruningPlan, StatsOptions};
+use diep_prune::{BaselineSpec, Method};
 use diep_surgery::{SurgeryOptions, SurgeryReport, apply_plan};
 
 use crate::util::progress_bar;
@@ -193,6 +193,9 @@ pub fn run(args: PruneArgs) -> Result<()> {
     let opts = SurgeryOptions { force: args.force, max_shard_bytes: args.max_shard_bytes, progress: Some(&progress) };
     let report = apply_plan(&args.model, &plan, &args.out, &opts)?;
     pb.finish_and_clear();
+    for stale in &report.stale_staging_removed {
+        eprintln!("removed {}, left by an interrupted run (process {} is gone)", stale.path.display(), stale.pid);
+    }
     let seconds = start.elapsed().as_secs_f64();
     print_summary(&args, &plan, &report, seconds, peak_rss_mb());
     Ok(())
@@ -228,18 +231,18 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
         naee_max_subsets: args.naee_max_subsets,
     };
     // Settings are checked (budget, floors, NAEE's subset count) before any computation.
-    let stats_opts: StatsOptions = diep_prune::stats_options(config, &spec, batch_size, args.naee_tokens)?;
+    diep_prune::prepare(config, &spec)?;
+    let stats_opts = diep_prune::stats_options(&spec, batch_size, args.naee_tokens);
     // Layers are streamed from the memory-mapped checkpoint: one layer's weights at a time.
     let model = StreamingModel::open(&args.model, &device)?;
     print_model_line(args, config, args.samples);
     let calibrated = Instant::now();
     let pb = progress_bar(config.num_layers as u64, "layers");
-    let stats = diep_prune::collect_statistics(&model, &samples, &stats_opts, |done, _| pb.set_position(done as u64))?;
+    let (stats, mut plan) =
+        diep_prune::run_baseline(&model, &samples, &spec, &stats_opts, |done, _| pb.set_position(done as u64))?;
     pb.finish_and_clear();
-    let select = Instant::now();
-    let mut plan = diep_prune::plan_baseline(config, &stats, &spec)?;
-    plan.timings.insert("statistics_s".into(), (select - calibrated).as_secs_f64());
-    plan.timings.insert("selection_s".into(), select.elapsed().as_secs_f64());
+    plan.timings.insert("statistics_s".into(), stats.seconds);
+    plan.timings.insert("selection_s".into(), (calibrated.elapsed().as_secs_f64() - stats.seconds).max(0.0));
     record_run(&mut plan, args);
     Ok(plan)
 }
@@ -354,11 +357,9 @@ fn state_path(args: &PruneArgs) -> PathBuf {
 fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<PruningPlan> {
     let settings = diep_settings(args, ratio)?;
     let allocation = args.allocation.unwrap_or(Allocation::Global);
-    let floor = diep_prune::floor(config, args.min_experts);
-    // The budget and floors are checked before any computation.
-    let counts = diep_prune::expert_counts(config);
-    let zero: std::collections::BTreeMap<usize, Vec<f64>> = counts.iter().map(|(l, n)| (*l, vec![0.0; *n])).collect();
-    diep_optim::select_kept(config, &zero, ratio, floor, relax_allocation(allocation))?;
+    let constraints = Constraints::for_model(config, args.min_experts);
+    // The budget, floors and routing groups are checked before any computation.
+    diep_plan::check_feasible(&diep_plan::expert_counts(config), ratio, allocation, &constraints)?;
     let state_file = state_path(args);
     let resume = if args.diep.resume {
         let state = DiepState::read(&state_file).context("--resume")?;
@@ -428,21 +429,13 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
     };
     pb.finish_and_clear();
     let optimised = Instant::now();
-    let mut plan =
-        diep_optim::diep_plan(config, &state, floor, args.min_experts, relax_allocation(allocation), &device)?;
+    let mut plan = diep_optim::pruning_plan(config, &state, &constraints, args.min_experts, allocation, &device)?;
     plan.timings.insert("calibration_s".into(), (calibrated - started).as_secs_f64());
     plan.timings.insert("optimise_s".into(), (optimised - calibrated).as_secs_f64());
     plan.timings.insert("selection_s".into(), optimised.elapsed().as_secs_f64());
     record_run(&mut plan, args);
     plan.settings["state_file"] = state_file.display().to_string().into();
     Ok(plan)
-}
-
-fn relax_allocation(a: Allocation) -> diep_relax::Allocation {
-    match a {
-        Allocation::Uniform => diep_relax::Allocation::Uniform,
-        Allocation::Global => diep_relax::Allocation::Global,
-    }
 }
 
 fn print_summary(args: &PruneArgs, plan: &PruningPlan, report: &SurgeryReport, seconds: f64, rss_mb: Option<f64>) {

@@ -25,9 +25,8 @@ pub mod plan;
 pub mod settings;
 pub mod state;
 
-pub use diep_relax::Allocation;
 pub use error::{OptimError, Result};
 pub use optimise::{Event, epoch_order, keep_count, next_token_ce, optimise, optimise_layer_wise};
-pub use plan::{diep_plan, expert_scores, kept_experts, select_kept};
+pub use plan::{expert_scores, pruning_plan};
 pub use settings::{DiepSettings, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
 pub use state::{DiepState, EpochRecord, LayerState, Moments, STATE_FORMAT, fingerprint};

@@ -50,15 +50,10 @@ pub enum Event<'a> {
     },
 }
 
-/// Routed experts per MoE layer of a model.
-pub fn expert_counts(config: &diep_models::checkpoint::ModelConfig) -> BTreeMap<usize, usize> {
-    config.moe_layers().into_iter().map(|l| (l, config.experts_in_layer(l))).collect()
-}
-
 /// Experts the routed relaxation's threshold keeps: `Σ N − round(ratio·Σ N)`.
 pub fn keep_count(experts: &BTreeMap<usize, usize>, ratio: f64) -> usize {
     let total: usize = experts.values().sum();
-    total - (ratio * total as f64).round() as usize
+    total - diep_plan::budget(total, ratio)
 }
 
 /// The relaxation at a temperature.
@@ -84,7 +79,7 @@ pub fn optimise(
     }
     check_inputs(ids, settings)?;
     let device = model.device().clone();
-    let experts = expert_counts(&model.config);
+    let experts = diep_plan::expert_counts(&model.config);
     let vocab = model.config.vocab_size;
     let cache_bytes = ids.iter().map(Vec::len).sum::<usize>() * vocab * 4;
     let reference_of = |seq: &[Vec<u32>]| -> Result<Tensor<3>> { Ok(model.forward(seq)?.detach()) };
@@ -140,7 +135,7 @@ pub fn optimise_layer_wise<S: LayerSource>(
 ) -> Result<DiepState> {
     check_inputs(ids, settings)?;
     let config = source.config().clone();
-    let experts = expert_counts(&config);
+    let experts = diep_plan::expert_counts(&config);
     // One layer-by-layer pass of the original model: each MoE block's input and output,
     // per calibration sequence.
     let mut inputs: BTreeMap<usize, Vec<Tensor<2>>> = experts.keys().map(|l| (*l, Vec::new())).collect();

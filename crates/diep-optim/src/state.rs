@@ -168,13 +168,8 @@ impl DiepState {
 
     /// Writes the state atomically (a temporary file beside `path`, then a rename).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| OptimError::io(dir, e))?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "state".into());
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let text = serde_json::to_string(self).expect("state serialises");
-        std::fs::write(&tmp, text).map_err(|e| OptimError::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| OptimError::io(path, e))
+        diep_common::write_atomic(path, text.as_bytes()).map_err(|e| OptimError::io(path, e))
     }
 
     /// The parameters as (untracked) tensors.
@@ -217,21 +212,16 @@ impl DiepState {
     }
 }
 
-/// A stable fingerprint of token-id sequences (FNV-1a 64 over lengths and ids).
+/// A stable fingerprint of token-id sequences (FNV-1a 64 over lengths and ids, each as 8
+/// little-endian bytes).
 pub fn fingerprint(ids: &[Vec<u32>]) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    let mut eat = |x: u64| {
-        for b in x.to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    };
-    eat(ids.len() as u64);
+    let mut h = diep_common::Fnv1a::new();
+    h.write_u64(ids.len() as u64);
     for s in ids {
-        eat(s.len() as u64);
+        h.write_u64(s.len() as u64);
         for &t in s {
-            eat(t as u64);
+            h.write_u64(u64::from(t));
         }
     }
-    format!("fnv1a64:{h:016x}")
+    format!("fnv1a64:{:016x}", h.finish())
 }

@@ -13,8 +13,8 @@
 //!   so that `Σ p = Σ N − K`; the router sees `z + log p` before its usual top-k. At
 //!   `p ∈ {0, 1}` this is exactly the pruned model.
 //!
-//! [`discretise`] turns scores into kept experts: a budget `K = round(r·Σ N)` removed by one
-//! global ranking with a per-layer floor, or the same count per layer (`uniform`).
+//! [`scores`] gives the per-expert scores the discrete choice ranks by; the choice itself is
+//! [`diep_plan::select`], the one shared by every method.
 #![warn(missing_docs)]
 
 use std::collections::BTreeMap;
@@ -22,14 +22,6 @@ use std::collections::BTreeMap;
 use burn::tensor::activation::{log_sigmoid, log_softmax, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 use diep_models::MoeForwardOptions;
-
-/// Errors of the relaxation.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum RelaxError {
-    /// The budget cannot be met under the floors, or the ratio is out of range.
-    #[error("{0}")]
-    Budget(String),
-}
 
 /// Which relaxation the model runs under.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -200,86 +192,9 @@ pub fn hard_mask_options(kept: &BTreeMap<usize, Vec<bool>>, device: &Device) -> 
         .collect()
 }
 
-/// How the discrete choice is made from scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Allocation {
-    /// The same number removed in every layer (`round(r·N_l)`), ranked by α within the layer.
-    Uniform,
-    /// One ranking of all experts of all layers by their global score.
-    Global,
-}
-
-/// Turns per-layer scores (higher = keep) into kept expert ids (ascending) per layer.
-///
-/// `Global` removes exactly `K = round(ratio·Σ N)` experts, the lowest-scoring first, never
-/// taking a layer below `floor`; `Uniform` removes `round(ratio·N_l)` per layer.
-pub fn discretise(
-    scores: &BTreeMap<usize, Vec<f64>>,
-    ratio: f64,
-    floor: usize,
-    allocation: Allocation,
-) -> Result<BTreeMap<usize, Vec<usize>>, RelaxError> {
-    if !(ratio > 0.0 && ratio < 1.0) {
-        return Err(RelaxError::Budget(format!("the ratio must be strictly between 0 and 1, got {ratio}")));
-    }
-    let total: usize = scores.values().map(Vec::len).sum();
-    let mut removed: BTreeMap<usize, Vec<bool>> = scores.iter().map(|(l, s)| (*l, vec![false; s.len()])).collect();
-    let order = |layer_filter: Option<usize>| -> Vec<(usize, usize)> {
-        let mut all: Vec<(usize, usize, f64)> = scores
-            .iter()
-            .filter(|(l, _)| layer_filter.is_none_or(|f| f == **l))
-            .flat_map(|(l, s)| s.iter().enumerate().map(move |(e, v)| (*l, e, *v)))
-            .collect();
-        all.sort_by(|a, b| a.2.total_cmp(&b.2).then(b.0.cmp(&a.0)).then(b.1.cmp(&a.1)));
-        all.into_iter().map(|(l, e, _)| (l, e)).collect()
-    };
-    match allocation {
-        Allocation::Global => {
-            let budget = (ratio * total as f64).round() as usize;
-            let removable: usize = scores.values().map(|s| s.len().saturating_sub(floor)).sum();
-            if budget > removable {
-                return Err(RelaxError::Budget(format!(
-                    "removing {budget} of {total} experts leaves a layer below its floor of {floor} (at most {removable} can go)"
-                )));
-            }
-            let mut left: BTreeMap<usize, usize> = scores.iter().map(|(l, s)| (*l, s.len())).collect();
-            let mut count = 0;
-            for (l, e) in order(None) {
-                if count == budget {
-                    break;
-                }
-                let n = left.get_mut(&l).expect("layer");
-                if *n > floor {
-                    *n -= 1;
-                    removed.get_mut(&l).expect("layer")[e] = true;
-                    count += 1;
-                }
-            }
-        }
-        Allocation::Uniform => {
-            for (l, s) in scores {
-                let r = (ratio * s.len() as f64).round() as usize;
-                if s.len() - r < floor {
-                    return Err(RelaxError::Budget(format!(
-                        "layer {l}: removing {r} of {} experts leaves fewer than the floor of {floor}",
-                        s.len()
-                    )));
-                }
-                for (_, e) in order(Some(*l)).into_iter().take(r) {
-                    removed.get_mut(l).expect("layer")[e] = true;
-                }
-            }
-        }
-    }
-    Ok(removed
-        .into_iter()
-        .map(|(l, r)| (l, r.iter().enumerate().filter(|(_, x)| !**x).map(|(e, _)| e).collect()))
-        .collect())
-}
-
 /// The global score of each expert under a relaxation: the paper ranks by `α·β` (raw
 /// logits); the routed relaxation by its own `s`, so the discrete choice is the one the
-/// optimiser saw. For `Uniform` allocation only α's order within a layer matters.
+/// optimiser saw. Under a uniform allocation only the order within a layer matters.
 pub fn scores(relaxation: Relaxation, params: &BTreeMap<usize, LayerParams>) -> BTreeMap<usize, Vec<f64>> {
     params
         .iter()
