@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use diep_checkpoint::{Checkpoint, ModelConfig};
-use diep_models::{DeviceSpec, MoeModel, StreamingModel};
+use diep_models::{DeviceSpec, StreamingModel};
 use diep_optim::{DiepSettings, DiepState, Event, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
 use diep_plan::{Allocation, Constraints, PruningPlan, check_ratio};
 use diep_prune::calib::{CalibrationSpec, sample_calibration};
@@ -134,6 +134,18 @@ pub struct DiepArgs {
     /// starting afresh.
     #[arg(long)]
     resume: bool,
+    /// Tokens per position kept of the original model's next-token distribution for the `kl`
+    /// objective (the rest is one "other" outcome); 0 keeps the whole vocabulary (exact).
+    #[arg(long, default_value_t = 64)]
+    reference_top_k: usize,
+    /// Calibration sequences per micro-batch within a step (0: the whole batch): bounds the
+    /// autodiff memory of one layer's recomputation; the gradient is the same.
+    #[arg(long, default_value_t = 0)]
+    micro_batch: usize,
+    /// Where the hidden states at layer boundaries are kept during a step: `auto` (host for
+    /// GPUs), `device` or `host`.
+    #[arg(long, default_value = "auto")]
+    boundaries: String,
 }
 
 /// `--method`: DiEP or a baseline criterion.
@@ -340,6 +352,7 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         tau_start: d.tau_start,
         tau_end: d.tau_end,
         seed: args.seed,
+        reference_top_k: d.reference_top_k,
     };
     settings.validate().map_err(anyhow::Error::msg)?;
     Ok(settings)
@@ -383,6 +396,13 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
         args.diep.alternation,
         state_file.display()
     );
+    if settings.objective == Objective::Kl {
+        eprintln!(
+            "diep: reference distributions of the original model: top {} tokens per position{}",
+            settings.reference_top_k,
+            if settings.reference_top_k == 0 { " (all, exact)" } else { "" }
+        );
+    }
     let pb = progress_bar(0, "epoch");
     pb.set_style(
         indicatif::ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
@@ -397,6 +417,14 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
                 if epochs_done > 0 {
                     pb.println(format!("resuming after epoch {epochs_done} from {}", state_file.display()));
                 }
+            }
+            Event::Reference { done, total } => {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+                pb.set_message("reference".to_string());
+            }
+            Event::Layer { epoch, step, phase, done, total } => {
+                pb.set_message(format!("epoch {epoch}/{epochs} step {step} {phase} {done}/{total}"));
             }
             Event::Step { epoch, step, loss, .. } => {
                 pb.set_position(step as u64);
@@ -416,17 +444,22 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
                 }
                 pb.set_position(0);
             }
+            _ => {}
         }
         Ok(())
     };
-    let state = if settings.objective == Objective::LayerWise {
-        // Per-block objective: layers are streamed from the memory-mapped checkpoint.
-        let model = StreamingModel::open(&args.model, &device)?;
-        diep_optim::optimise_layer_wise(&model, &samples, &settings, resume, on_event)?
-    } else {
-        let model = MoeModel::load(&args.model, &device)?;
-        diep_optim::optimise(&model, &samples, &settings, resume, on_event)?
+    // Layers are streamed from the memory-mapped checkpoint: one layer's weights at a time.
+    let model = StreamingModel::open(&args.model, &device)?;
+    let stream = diep_optim::StreamOptions {
+        micro_batch: args.diep.micro_batch,
+        offload: match args.diep.boundaries.as_str() {
+            "auto" => diep_optim::Offload::Auto,
+            "device" => diep_optim::Offload::Device,
+            "host" => diep_optim::Offload::Host,
+            other => bail!("--boundaries must be auto, device or host, got `{other}`"),
+        },
     };
+    let state = diep_optim::optimise_with(&model, &samples, &settings, resume, &stream, on_event)?;
     pb.finish_and_clear();
     let optimised = Instant::now();
     let mut plan = diep_optim::pruning_plan(config, &state, &constraints, args.min_experts, allocation, &device)?;

@@ -22,11 +22,17 @@
 mod error;
 pub mod optimise;
 pub mod plan;
+pub mod reference;
 pub mod settings;
 pub mod state;
+pub mod stream;
 
 pub use error::{OptimError, Result};
-pub use optimise::{Event, epoch_order, keep_count, next_token_ce, optimise, optimise_layer_wise};
+pub use optimise::{
+    Event, StepGrads, budget, epoch_order, keep_count, next_token_ce, optimise, optimise_layer_wise, optimise_with,
+};
+pub use reference::ReferenceStore;
+pub use stream::{Offload, Phase, StreamOptions};
 pub use plan::{expert_scores, pruning_plan};
 pub use settings::{DiepSettings, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
 pub use state::{DiepState, EpochRecord, LayerState, Moments, STATE_FORMAT, fingerprint};

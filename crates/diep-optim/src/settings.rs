@@ -125,6 +125,15 @@ pub struct DiepSettings {
     pub tau_end: f64,
     /// Seed of the per-epoch order of calibration sequences.
     pub seed: u64,
+    /// Tokens per position kept of the original model's distribution for the `kl` objective
+    /// (the rest is one "other" outcome; 0: the whole vocabulary, exact). See
+    /// [`crate::reference`].
+    #[serde(default = "default_top_k")]
+    pub reference_top_k: usize,
+}
+
+fn default_top_k() -> usize {
+    DiepSettings::default().reference_top_k
 }
 
 impl Default for DiepSettings {
@@ -144,6 +153,7 @@ impl Default for DiepSettings {
             tau_start: 0.1,
             tau_end: 0.01,
             seed: 0,
+            reference_top_k: 64,
         }
     }
 }
