@@ -134,6 +134,14 @@ pub struct DiepArgs {
     /// starting afresh.
     #[arg(long)]
     resume: bool,
+    /// How α starts: `zero`, or from the original model's routing on the calibration set,
+    /// `soft-activation` (mean router probability) or `frequency` (top-k selections):
+    /// α = scale · ln(share).
+    #[arg(long, default_value = "zero")]
+    alpha_init: diep_optim::AlphaInit,
+    /// The scale of a statistics-based α start.
+    #[arg(long, default_value_t = 1.0)]
+    alpha_init_scale: f64,
     /// Tokens per position kept of the original model's next-token distribution for the `kl`
     /// objective (the rest is one "other" outcome); 0 keeps the whole vocabulary (exact).
     #[arg(long, default_value_t = 64)]
@@ -353,6 +361,9 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         tau_end: d.tau_end,
         seed: args.seed,
         reference_top_k: d.reference_top_k,
+        alpha_init: d.alpha_init,
+        alpha_init_scale: d.alpha_init_scale,
+        allocation: args.allocation.unwrap_or(Allocation::Global),
     };
     settings.validate().map_err(anyhow::Error::msg)?;
     Ok(settings)
@@ -368,8 +379,8 @@ fn state_path(args: &PruneArgs) -> PathBuf {
 
 /// `--method diep`: optimise α and β on the calibration set, then rank.
 fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<PruningPlan> {
-    let settings = diep_settings(args, ratio)?;
     let allocation = args.allocation.unwrap_or(Allocation::Global);
+    let settings = diep_settings(args, ratio)?;
     let constraints = Constraints::for_model(config, args.min_experts);
     // The budget, floors and routing groups are checked before any computation.
     diep_plan::check_feasible(&diep_plan::expert_counts(config), ratio, allocation, &constraints)?;

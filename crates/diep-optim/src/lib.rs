@@ -32,7 +32,7 @@ pub use optimise::{
     Event, StepGrads, budget, epoch_order, keep_count, next_token_ce, optimise, optimise_layer_wise, optimise_with,
 };
 pub use reference::ReferenceStore;
-pub use stream::{Offload, Phase, StreamOptions};
+pub use stream::{Offload, Phase, RoutingShares, StreamOptions};
 pub use plan::{expert_scores, pruning_plan};
-pub use settings::{DiepSettings, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
+pub use settings::{AlphaInit, DiepSettings, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
 pub use state::{DiepState, EpochRecord, LayerState, Moments, STATE_FORMAT, fingerprint};

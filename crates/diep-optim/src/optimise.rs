@@ -28,7 +28,8 @@ use crate::error::{OptimError, Result};
 use crate::reference::ReferenceStore;
 use crate::settings::{DiepSettings, Objective, RelaxationKind, ThresholdMode};
 use crate::state::{DiepState, EpochRecord, fingerprint};
-use crate::stream::{Phase, StreamOptions, Target, build_reference, streamed_step};
+use crate::settings::AlphaInit;
+use crate::stream::{Phase, RoutingShares, StreamOptions, Target, prepass, streamed_step};
 
 /// Progress of an optimisation.
 #[derive(Debug)]
@@ -100,10 +101,20 @@ pub fn relaxation(kind: RelaxationKind, tau: f64) -> Relaxation {
     }
 }
 
-/// The routed relaxation's keep budget for a run: one pool of all experts keeping
-/// `Σ N − round(ratio·Σ N)`.
-pub fn budget(experts: &BTreeMap<usize, usize>, settings: &DiepSettings) -> Budget {
-    Budget::global(experts, keep_count(experts, settings.ratio))
+/// The routed relaxation's keep budget for a run on a model: under a global allocation one
+/// pool of all experts keeping `Σ N − round(ratio·Σ N)`; under a uniform allocation one pool
+/// per layer keeping `N_l − round(ratio·N_l)` — one per routing group of each layer for
+/// group-limited routers, each keeping its share.
+pub fn budget(config: &diep_models::checkpoint::ModelConfig, settings: &DiepSettings) -> Budget {
+    let experts = diep_plan::expert_counts(config);
+    match settings.allocation {
+        diep_plan::Allocation::Global => Budget::global(&experts, keep_count(&experts, settings.ratio)),
+        diep_plan::Allocation::Uniform => {
+            let keep = experts.iter().map(|(l, n)| (*l, n - diep_plan::budget(*n, settings.ratio).min(*n))).collect();
+            let n_group = config.moe.routing.group_limit.map_or(1, |g| g.n_group.max(1));
+            Budget::per_group(&experts, n_group, &keep)
+        }
+    }
 }
 
 /// Optimises α and β on `source` (a [`diep_models::MoeModel`] or a
@@ -137,13 +148,15 @@ pub fn optimise_with<S: LayerSource>(
     check_lengths(ids)?;
     let config = source.config().clone();
     let experts = diep_plan::expert_counts(&config);
-    let budget = budget(&experts, settings);
-    let reference = match settings.objective {
-        Objective::Kl => Some(build_reference(source, ids, settings.reference_top_k, stream, |done, total| {
-            on_event(Event::Reference { done, total })
-        })?),
-        _ => None,
+    let budget = budget(&config, settings);
+    let k = (settings.objective == Objective::Kl).then_some(settings.reference_top_k);
+    let needs_stats = settings.alpha_init != AlphaInit::Zero;
+    let (reference, shares) = if k.is_some() || needs_stats {
+        prepass(source, ids, k, stream, |done, total| on_event(Event::Reference { done, total }))?
+    } else {
+        (None, RoutingShares::default())
     };
+    let init = initial_alpha(settings, &shares);
     let target = match &reference {
         Some(store) => Target::Kl(store),
         None => Target::CeNorm { lambda: settings.lambda },
@@ -158,7 +171,26 @@ pub fn optimise_with<S: LayerSource>(
             (events.borrow_mut())(Event::Layer { epoch: input.epoch, step: input.step, phase, done, total })
         })
     };
-    run(&experts, ids, settings, resume, step, |e| (events.borrow_mut())(e))
+    run(&experts, ids, settings, resume, init, step, |e| (events.borrow_mut())(e))
+}
+
+/// α at the start of a run: zero, or `scale · ln(share)` of the routing shares the settings
+/// name, centred per layer.
+pub fn initial_alpha(settings: &DiepSettings, shares: &RoutingShares) -> BTreeMap<usize, Vec<f32>> {
+    let source = match settings.alpha_init {
+        AlphaInit::Zero => return BTreeMap::new(),
+        AlphaInit::SoftActivation => &shares.soft,
+        AlphaInit::Frequency => &shares.selected,
+    };
+    source
+        .iter()
+        .map(|(l, v)| {
+            let total: f64 = v.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+            let logs: Vec<f64> = v.iter().map(|x| (x / total + 1e-6).ln()).collect();
+            let mean = logs.iter().sum::<f64>() / logs.len().max(1) as f64;
+            (*l, logs.iter().map(|x| (settings.alpha_init_scale * (x - mean)) as f32).collect())
+        })
+        .collect()
 }
 
 /// Optimises α and β with the `layer-wise` objective: each MoE block's relaxed output is
@@ -175,7 +207,7 @@ pub fn optimise_layer_wise<S: LayerSource>(
     check_inputs(ids, settings)?;
     let config = source.config().clone();
     let experts = diep_plan::expert_counts(&config);
-    let budget = budget(&experts, settings);
+    let budget = budget(&config, settings);
     // One layer-by-layer pass of the original model: each MoE block's input and output,
     // per calibration sequence.
     let mut inputs: BTreeMap<usize, Vec<Tensor<2>>> = experts.keys().map(|l| (*l, Vec::new())).collect();
@@ -218,7 +250,7 @@ pub fn optimise_layer_wise<S: LayerSource>(
         Ok(Loss::new(total.clone(), None, total))
     };
     let step = |input: &StepInput<'_>| autodiff_step(input, settings, &budget, &device, &loss_fn);
-    run(&experts, ids, settings, resume, step, on_event)
+    run(&experts, ids, settings, resume, BTreeMap::new(), step, on_event)
 }
 
 /// A step's objective and its parts, as a tracked tensor.
@@ -528,8 +560,7 @@ pub fn reference_step_grads(
 ) -> Result<StepGrads> {
     let settings = &state.settings;
     let device = model.device().clone();
-    let experts = diep_plan::expert_counts(&model.config);
-    let budget = budget(&experts, settings);
+    let budget = budget(&model.config, settings);
     let loss_fn = |batch: &[usize], opts: &BTreeMap<usize, MoeForwardOptions>| -> Result<Loss> {
         let seqs: Vec<Vec<u32>> = batch.iter().map(|i| ids[*i].clone()).collect();
         let logits = model.forward_per_layer(&seqs, opts)?;
@@ -566,12 +597,12 @@ pub fn streamed_step_grads<S: LayerSource>(
     stream: &StreamOptions,
 ) -> Result<StepGrads> {
     let settings = &state.settings;
-    let experts = diep_plan::expert_counts(source.config());
-    let budget = budget(&experts, settings);
+    let budget = budget(source.config(), settings);
     let device = source.embed(&ids[..1])?.0.device();
-    let store: Option<ReferenceStore> = match settings.objective {
-        Objective::Kl => Some(build_reference(source, ids, settings.reference_top_k, stream, |_, _| Ok(()))?),
-        _ => None,
+    let k = (settings.objective == Objective::Kl).then_some(settings.reference_top_k);
+    let store: Option<ReferenceStore> = match k {
+        Some(_) => prepass(source, ids, k, stream, |_, _| Ok(()))?.0,
+        None => None,
     };
     let target = match &store {
         Some(s) => Target::Kl(s),
@@ -587,13 +618,21 @@ fn run(
     ids: &[Vec<u32>],
     settings: &DiepSettings,
     resume: Option<DiepState>,
+    init: BTreeMap<usize, Vec<f32>>,
     mut step_fn: impl FnMut(&StepInput<'_>) -> Result<StepGrads>,
     mut on_event: impl FnMut(Event<'_>) -> Result<()>,
 ) -> Result<DiepState> {
     if experts.is_empty() {
         return Err(OptimError::Config("the model has no MoE layer".into()));
     }
-    let fresh = DiepState::new(settings.clone(), fingerprint(ids), experts);
+    let mut fresh = DiepState::new(settings.clone(), fingerprint(ids), experts);
+    for (l, alpha) in init {
+        if let Some(layer) = fresh.layers.get_mut(&l)
+            && layer.alpha.len() == alpha.len()
+        {
+            layer.alpha = alpha;
+        }
+    }
     let mut state = match resume {
         Some(saved) => {
             fresh.check_resumable(&saved)?;

@@ -120,31 +120,58 @@ fn offload_to_host(opts: &StreamOptions, device: &Device) -> bool {
     }
 }
 
-/// Computes the original model's reference distributions of every calibration sequence, the
-/// model streamed layer by layer (each layer loaded once), keeping the top `k` tokens of each
-/// position (`0`: all). `progress(done, total)` counts layers.
-pub(crate) fn build_reference<S: LayerSource>(
+/// How the original model routes the calibration set: per MoE layer, each expert's summed
+/// router probability and its number of top-k selections, over `tokens` tokens.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoutingShares {
+    /// Tokens seen.
+    pub tokens: usize,
+    /// Per MoE layer, summed router probability per expert.
+    pub soft: BTreeMap<usize, Vec<f64>>,
+    /// Per MoE layer, top-k selections per expert.
+    pub selected: BTreeMap<usize, Vec<f64>>,
+}
+
+/// One pass of the original model over the calibration set, streamed layer by layer (each layer
+/// loaded once): the reference distributions of every sequence, keeping the top `k` tokens of
+/// each position (`0`: all) when `k` is given, and the routing shares of every MoE layer.
+/// `progress(done, total)` counts layers.
+pub(crate) fn prepass<S: LayerSource>(
     source: &S,
     ids: &[Vec<u32>],
-    k: usize,
+    k: Option<usize>,
     opts: &StreamOptions,
     mut progress: impl FnMut(usize, usize) -> Result<()>,
-) -> Result<ReferenceStore> {
+) -> Result<(Option<ReferenceStore>, RoutingShares)> {
     let config = source.config();
     let t = ids[0].len();
-    let mut store = ReferenceStore::new(ids.len(), t, config.vocab_size, k);
     let chunks = micro_batches(ids.len(), opts);
     let mut states = chunks.iter().map(|c| source.embed(&ids[c.clone()])).collect::<std::result::Result<Vec<_>, _>>()?;
     let plain = MoeForwardOptions::default();
     let total = config.num_layers;
+    let mut shares = RoutingShares { tokens: ids.len() * t, ..Default::default() };
     for l in 0..total {
         source.with_layer(l, |layer| {
             for (h, ctx) in states.iter_mut() {
-                *h = layer.forward(h.clone(), ctx, &plain).hidden.detach();
+                let out = layer.forward(h.clone(), ctx, &plain);
+                if let Some(moe) = out.moe {
+                    let n = moe.routing.probs.dims()[1];
+                    let soft = shares.soft.entry(l).or_insert_with(|| vec![0.0; n]);
+                    for (s, p) in soft.iter_mut().zip(moe.routing.probs.sum_dim(0).into_data().iter::<f32>()) {
+                        *s += p as f64;
+                    }
+                    let selected = shares.selected.entry(l).or_insert_with(|| vec![0.0; n]);
+                    for e in moe.routing.experts.into_data().iter::<i64>() {
+                        selected[e as usize] += 1.0;
+                    }
+                }
+                *h = out.hidden.detach();
             }
         })?;
         progress(l + 1, total)?;
     }
+    let Some(k) = k else { return Ok((None, shares)) };
+    let mut store = ReferenceStore::new(ids.len(), t, config.vocab_size, k);
     let vocab = config.vocab_size;
     source.with_head(|norm, head| {
         for (c, (h, _)) in chunks.iter().zip(states) {
@@ -154,7 +181,7 @@ pub(crate) fn build_reference<S: LayerSource>(
             }
         }
     })?;
-    Ok(store)
+    Ok((Some(store), shares))
 }
 
 /// Sum of next-token cross-entropies of `[rows, vocab]` logits for `seqs` (each `t` tokens).

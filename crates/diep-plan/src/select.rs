@@ -31,7 +31,8 @@ use crate::error::PlanError;
 pub type Kept = BTreeMap<usize, Vec<usize>>;
 
 /// How the removal budget is spread over layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Allocation {
     /// Each MoE layer removes `round(ratio · N_l)` of its experts: the same count per layer
     /// (the only output vLLM and SGLang serve).
