@@ -84,6 +84,24 @@ pub struct PruneArgs {
     /// Calibration tokens per layer on which expert similarity (CKA) is measured.
     #[arg(long, default_value_t = 512)]
     similarity_tokens: usize,
+    /// Rounds of local search after the plan is computed (any method): in every layer the best
+    /// swap of a kept and a removed expert, and under a global allocation the best move of an
+    /// expert between layers, each kept only if it lowers the calibration objective (KL to the
+    /// original model). 0: none.
+    #[arg(long, default_value_t = 0)]
+    refine: usize,
+    /// Calibration sequences the greedy search and --refine score plans on (the first ones
+    /// sampled; 0: all).
+    #[arg(long, default_value_t = 0)]
+    search_samples: usize,
+    /// --refine considers, in each layer, the N lowest-scored kept and the N highest-scored removed
+    /// experts of the method's scores (0: every expert).
+    #[arg(long, default_value_t = 0)]
+    refine_width: usize,
+    /// The greedy search refuses to start when its estimated cost exceeds this many forward
+    /// passes over the scored sequences.
+    #[arg(long, default_value_t = 20_000.0)]
+    search_max_passes: f64,
     #[command(flatten)]
     diep: DiepArgs,
 }
@@ -142,6 +160,10 @@ pub struct DiepArgs {
     /// The scale of a statistics-based α start.
     #[arg(long, default_value_t = 1.0)]
     alpha_init_scale: f64,
+    /// Calibration sequences on which each epoch's plan is scored (kl, hard masks); the best
+    /// epoch's plan is the result. 0: the last epoch's.
+    #[arg(long, default_value_t = 8)]
+    select_samples: usize,
     /// Tokens per position kept of the original model's next-token distribution for the `kl`
     /// objective (the rest is one "other" outcome); 0 keeps the whole vocabulary (exact).
     #[arg(long, default_value_t = 64)]
@@ -156,11 +178,13 @@ pub struct DiepArgs {
     boundaries: String,
 }
 
-/// `--method`: DiEP or a baseline criterion.
+/// `--method`: DiEP, the greedy search or a baseline criterion.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PruneMethod {
     /// Differentiable expert pruning.
     Diep,
+    /// Greedy removal by the calibration objective (the quality reference).
+    GreedySearch,
     /// A baseline criterion.
     Baseline(Method),
 }
@@ -168,11 +192,14 @@ pub enum PruneMethod {
 impl FromStr for PruneMethod {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        if s == "diep" {
-            return Ok(PruneMethod::Diep);
+        match s {
+            "diep" => return Ok(PruneMethod::Diep),
+            "greedy-search" => return Ok(PruneMethod::GreedySearch),
+            _ => {}
         }
         s.parse::<Method>().map(PruneMethod::Baseline).map_err(|_| {
-            let names: Vec<&str> = std::iter::once("diep").chain(Method::ALL.iter().map(|m| m.name())).collect();
+            let names: Vec<&str> =
+                ["diep", "greedy-search"].into_iter().chain(Method::ALL.iter().map(|m| m.name())).collect();
             format!("unknown method `{s}`; expected one of {}", names.join(", "))
         })
     }
@@ -195,6 +222,12 @@ pub fn run(args: PruneArgs) -> Result<()> {
         None => compute_plan(&args, &config)?,
     };
     let mut plan = plan;
+    if args.refine > 0 {
+        if args.plan.is_some() {
+            bail!("--refine improves a computed plan; it cannot be added to an existing --plan");
+        }
+        refine_plan(&args, &config, &mut plan)?;
+    }
     if args.merge || args.dynamic_skip {
         if args.plan.is_some() {
             bail!("--merge and --dynamic-skip are computed with a plan; they cannot be added to an existing --plan");
@@ -236,6 +269,7 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
     check_ratio(ratio)?;
     let method = match method {
         PruneMethod::Diep => return diep_plan(args, config, ratio),
+        PruneMethod::GreedySearch => return greedy_plan(args, config, ratio),
         PruneMethod::Baseline(m) => m,
     };
     let device = args.device.device()?;
@@ -265,6 +299,181 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
     plan.timings.insert("selection_s".into(), (calibrated.elapsed().as_secs_f64() - stats.seconds).max(0.0));
     record_run(&mut plan, args);
     Ok(plan)
+}
+
+/// The model the discrete searches run on, without gradients: in memory when it is small (every
+/// candidate then reuses the loaded layers), streamed from disk otherwise.
+fn search_source(args: &PruneArgs) -> Result<Box<dyn SearchRunner>> {
+    let device = args.device.device()?;
+    let bytes = Checkpoint::open(&args.model)?.data_bytes();
+    Ok(if bytes <= SEARCH_IN_MEMORY_BYTES {
+        Box::new(diep_models::MoeModel::load(&args.model, &device)?)
+    } else {
+        Box::new(StreamingModel::open(&args.model, &device)?)
+    })
+}
+
+/// Checkpoints up to this size are loaded whole for the searches.
+const SEARCH_IN_MEMORY_BYTES: usize = 2_000_000_000;
+
+/// The searches over either kind of model.
+trait SearchRunner {
+    fn greedy(
+        &self,
+        ids: &[Vec<u32>],
+        ratio: f64,
+        allocation: Allocation,
+        c: &Constraints,
+        opts: &diep_optim::SearchOptions,
+        max: f64,
+        progress: &mut dyn FnMut(usize, usize, f64) -> diep_optim::Result<()>,
+    ) -> diep_optim::Result<diep_optim::SearchOutcome>;
+    fn refine(
+        &self,
+        ids: &[Vec<u32>],
+        kept: &diep_plan::Kept,
+        scores: Option<&std::collections::BTreeMap<usize, Vec<f64>>>,
+        rounds: usize,
+        allocation: Allocation,
+        c: &Constraints,
+        opts: &diep_optim::SearchOptions,
+        progress: &mut dyn FnMut(usize, usize, f64) -> diep_optim::Result<()>,
+    ) -> diep_optim::Result<diep_optim::SearchOutcome>;
+}
+
+impl<S: diep_models::LayerSource> SearchRunner for S {
+    fn greedy(
+        &self,
+        ids: &[Vec<u32>],
+        ratio: f64,
+        allocation: Allocation,
+        c: &Constraints,
+        opts: &diep_optim::SearchOptions,
+        max: f64,
+        progress: &mut dyn FnMut(usize, usize, f64) -> diep_optim::Result<()>,
+    ) -> diep_optim::Result<diep_optim::SearchOutcome> {
+        diep_optim::greedy_search(self, ids, ratio, allocation, c, opts, max, progress)
+    }
+    fn refine(
+        &self,
+        ids: &[Vec<u32>],
+        kept: &diep_plan::Kept,
+        scores: Option<&std::collections::BTreeMap<usize, Vec<f64>>>,
+        rounds: usize,
+        allocation: Allocation,
+        c: &Constraints,
+        opts: &diep_optim::SearchOptions,
+        progress: &mut dyn FnMut(usize, usize, f64) -> diep_optim::Result<()>,
+    ) -> diep_optim::Result<diep_optim::SearchOutcome> {
+        diep_optim::refine(self, ids, kept, scores, rounds, allocation, c, opts, progress)
+    }
+}
+
+fn search_options(args: &PruneArgs) -> diep_optim::SearchOptions {
+    diep_optim::SearchOptions {
+        samples: args.search_samples,
+        reference_top_k: args.diep.reference_top_k,
+        width: args.refine_width,
+        ..Default::default()
+    }
+}
+
+/// `--method greedy-search`: remove one expert at a time by the calibration objective.
+fn greedy_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<PruningPlan> {
+    let allocation = args.allocation.unwrap_or(Allocation::Global);
+    let constraints = Constraints::for_model(config, args.min_experts);
+    diep_plan::check_feasible(&diep_plan::expert_counts(config), ratio, allocation, &constraints)?;
+    let started = Instant::now();
+    let samples = calibration(args)?;
+    print_model_line(args, config, samples.len());
+    let model = search_source(args)?;
+    let pb = progress_bar(0, "removed");
+    let opts = search_options(args);
+    let outcome = model.greedy(
+        &samples,
+        ratio,
+        allocation,
+        &constraints,
+        &opts,
+        args.search_max_passes,
+        &mut |done, total, loss| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+            pb.set_message(format!("kl {loss:.5}"));
+            Ok(())
+        },
+    )?;
+    pb.finish_and_clear();
+    eprintln!(
+        "greedy search: {} removals, {} plans evaluated ({:.0} forward passes over {} sequences), kl {:.5} -> {:.5}",
+        outcome.moves.len(),
+        outcome.evaluations,
+        outcome.forward_passes,
+        outcome.samples,
+        outcome.loss_before,
+        outcome.loss_after
+    );
+    let mut plan = PruningPlan::new(
+        config.architecture.model_type(),
+        diep_plan::expert_counts(config),
+        outcome.kept.clone(),
+        "greedy-search",
+    );
+    plan.allocation = Some(allocation.name().into());
+    plan.ratio = Some(ratio);
+    plan.settings = serde_json::json!({"min_experts": args.min_experts, "floor": constraints.floor, "objective": "kl",
+        "reference_top_k": opts.reference_top_k, "max_forward_passes": args.search_max_passes});
+    plan.extra.insert("search".into(), serde_json::to_value(&outcome)?);
+    plan.timings.insert("search_s".into(), started.elapsed().as_secs_f64());
+    record_run(&mut plan, args);
+    Ok(plan)
+}
+
+/// `--refine N`: local search from the computed plan.
+fn refine_plan(args: &PruneArgs, config: &ModelConfig, plan: &mut PruningPlan) -> Result<()> {
+    let started = Instant::now();
+    let allocation = match plan.allocation.as_deref() {
+        Some("uniform") => Allocation::Uniform,
+        _ if plan.is_uniform() && plan.method != "diep" && plan.method != "greedy-search" => Allocation::Uniform,
+        _ => Allocation::Global,
+    };
+    let constraints = Constraints::for_model(config, args.min_experts);
+    let samples = calibration(args)?;
+    let model = search_source(args)?;
+    let pb = progress_bar(args.refine as u64, "refine");
+    let opts = search_options(args);
+    let scores = (!plan.scores.is_empty()).then_some(&plan.scores);
+    let outcome = model.refine(
+        &samples,
+        &plan.kept_experts,
+        scores,
+        args.refine,
+        allocation,
+        &constraints,
+        &opts,
+        &mut |round, _, loss| {
+            pb.set_position(round as u64);
+            pb.set_message(format!("kl {loss:.5}"));
+            Ok(())
+        },
+    )?;
+    pb.finish_and_clear();
+    eprintln!(
+        "refine: {} move(s) in up to {} round(s), {} plans evaluated ({:.0} forward passes over {} sequences), kl {:.5} -> {:.5}",
+        outcome.moves.len(),
+        args.refine,
+        outcome.evaluations,
+        outcome.forward_passes,
+        outcome.samples,
+        outcome.loss_before,
+        outcome.loss_after
+    );
+    plan.kept_experts = outcome.kept.clone();
+    plan.settings["refine"] = serde_json::json!({"rounds": args.refine, "samples": outcome.samples,
+        "objective": "kl", "reference_top_k": opts.reference_top_k});
+    plan.extra.insert("refine".into(), serde_json::to_value(&outcome)?);
+    plan.timings.insert("refine_s".into(), started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// Expert merging and dynamic-skip tables from one similarity pass through the pruned model.
@@ -363,6 +572,8 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         reference_top_k: d.reference_top_k,
         alpha_init: d.alpha_init,
         alpha_init_scale: d.alpha_init_scale,
+        min_experts: args.min_experts,
+        select_samples: d.select_samples,
         allocation: args.allocation.unwrap_or(Allocation::Global),
     };
     settings.validate().map_err(anyhow::Error::msg)?;
@@ -444,8 +655,15 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
             Event::Epoch { record, state } => {
                 state.save(&state_file)?;
                 let line = format!(
-                    "epoch {:>3}/{epochs}  loss {:.5}  ce {:.5}  reg {:.5}  lr {:.2e}  τ {:.3e}  {:.1}s",
-                    record.epoch, record.loss, record.ce, record.reg, record.lr, record.tau, record.seconds
+                    "epoch {:>3}/{epochs}  loss {:.5}  ce {:.5}  reg {:.5}  lr {:.2e}  τ {:.3e}  {:.1}s{}",
+                    record.epoch,
+                    record.loss,
+                    record.ce,
+                    record.reg,
+                    record.lr,
+                    record.tau,
+                    record.seconds,
+                    record.discrete.map(|d| format!("  plan kl {d:.5}")).unwrap_or_default()
                 );
                 // Epoch lines also go to logs when stderr is not a terminal.
                 if pb.is_hidden() {

@@ -23,16 +23,19 @@ mod error;
 pub mod optimise;
 pub mod plan;
 pub mod reference;
+pub mod search;
 pub mod settings;
 pub mod state;
 pub mod stream;
 
 pub use error::{OptimError, Result};
 pub use optimise::{
-    Event, StepGrads, budget, epoch_order, keep_count, next_token_ce, optimise, optimise_layer_wise, optimise_with,
+    Event, StepGrads, Stepper, budget, epoch_order, keep_count, next_token_ce, optimise, optimise_layer_wise,
+    optimise_with,
 };
-pub use reference::ReferenceStore;
-pub use stream::{Offload, Phase, RoutingShares, StreamOptions};
 pub use plan::{expert_scores, pruning_plan};
+pub use reference::ReferenceStore;
+pub use search::{Evaluator, Move, SearchOptions, SearchOutcome, greedy_search, refine};
 pub use settings::{AlphaInit, DiepSettings, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
-pub use state::{DiepState, EpochRecord, LayerState, Moments, STATE_FORMAT, fingerprint};
+pub use state::{BestEpoch, DiepState, EpochRecord, LayerState, Moments, STATE_FORMAT, fingerprint};
+pub use stream::{Offload, Phase, RoutingShares, StreamOptions};

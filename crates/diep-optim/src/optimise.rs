@@ -26,9 +26,9 @@ use diep_relax::{Budget, LayerParams, Relaxation, Thresholds, forward_options, r
 
 use crate::error::{OptimError, Result};
 use crate::reference::ReferenceStore;
+use crate::settings::AlphaInit;
 use crate::settings::{DiepSettings, Objective, RelaxationKind, ThresholdMode};
 use crate::state::{DiepState, EpochRecord, fingerprint};
-use crate::settings::AlphaInit;
 use crate::stream::{Phase, RoutingShares, StreamOptions, Target, prepass, streamed_step};
 
 /// Progress of an optimisation.
@@ -162,6 +162,26 @@ pub fn optimise_with<S: LayerSource>(
         None => Target::CeNorm { lambda: settings.lambda },
     };
     let device = source.embed(&ids[..1])?.0.device();
+    // Each epoch's plan scored on the first calibration sequences (kl only: it needs the reference).
+    let constraints = diep_plan::Constraints::for_model(&config, settings.min_experts);
+    let select_opts = crate::search::SearchOptions {
+        samples: settings.select_samples,
+        micro_batch: stream.micro_batch,
+        ..Default::default()
+    };
+    let score_epoch = |state: &DiepState| -> Result<Option<f64>> {
+        let (Some(store), true) = (&reference, settings.select_samples > 0) else { return Ok(None) };
+        let scores = crate::plan::expert_scores(state, &device);
+        let kept = diep_plan::select(&scores, settings.ratio, settings.allocation, &constraints)?;
+        let eval = crate::search::Evaluator::with_reference(
+            source,
+            ids,
+            std::borrow::Cow::Borrowed(store),
+            Some(&kept),
+            &select_opts,
+        )?;
+        Ok(Some(eval.loss()))
+    };
     let events = std::cell::RefCell::new(&mut on_event);
     let step = |input: &StepInput<'_>| -> Result<StepGrads> {
         let relax = StepRelax::new(input.state, settings, &budget, input.tau, input.alpha_phase, &device)?;
@@ -171,7 +191,7 @@ pub fn optimise_with<S: LayerSource>(
             (events.borrow_mut())(Event::Layer { epoch: input.epoch, step: input.step, phase, done, total })
         })
     };
-    run(&experts, ids, settings, resume, init, step, |e| (events.borrow_mut())(e))
+    run(&experts, ids, settings, resume, init, step, score_epoch, |e| (events.borrow_mut())(e))
 }
 
 /// α at the start of a run: zero, or `scale · ln(share)` of the routing shares the settings
@@ -250,7 +270,7 @@ pub fn optimise_layer_wise<S: LayerSource>(
         Ok(Loss::new(total.clone(), None, total))
     };
     let step = |input: &StepInput<'_>| autodiff_step(input, settings, &budget, &device, &loss_fn);
-    run(&experts, ids, settings, resume, BTreeMap::new(), step, on_event)
+    run(&experts, ids, settings, resume, BTreeMap::new(), step, |_| Ok(None), on_event)
 }
 
 /// A step's objective and its parts, as a tracked tensor.
@@ -467,9 +487,7 @@ impl<'a> StepRelax<'a> {
     /// `s = log softmax(α) + log N + log β`.
     pub(crate) fn finish(&self, acc: &BTreeMap<usize, LayerGrad>, out: &mut StepGrads) {
         let folded = match &self.thresholds {
-            Some(th) if self.implicit => {
-                Some(th.fold(&acc.iter().map(|(l, g)| (*l, g.theta.clone())).collect()))
-            }
+            Some(th) if self.implicit => Some(th.fold(&acc.iter().map(|(l, g)| (*l, g.theta.clone())).collect())),
             _ => None,
         };
         for (l, layer) in &self.state.layers {
@@ -584,8 +602,56 @@ pub fn reference_step_grads(
     autodiff_step(&input, settings, &budget, &device, &loss_fn)
 }
 
-/// The streamed gradients of one step, for tests: [`crate::stream::streamed_step`] on
-/// `source` with the settings of `state`, the `kl` reference kept exact.
+/// One step of the streamed objectives outside the optimisation loop, for benchmarks and
+/// tests: the reference is computed once by [`Stepper::new`], then [`Stepper::step`] returns the
+/// objective and the phase's gradients for any batch and state.
+pub struct Stepper<'a, S: LayerSource> {
+    source: &'a S,
+    ids: &'a [Vec<u32>],
+    settings: DiepSettings,
+    budget: Budget,
+    store: Option<ReferenceStore>,
+    stream: StreamOptions,
+    device: Device,
+}
+
+impl<'a, S: LayerSource> Stepper<'a, S> {
+    /// Prepares steps on `ids` with `settings` (`kl`: computes the reference distributions).
+    pub fn new(source: &'a S, ids: &'a [Vec<u32>], settings: &DiepSettings, stream: &StreamOptions) -> Result<Self> {
+        check_inputs(ids, settings)?;
+        check_lengths(ids)?;
+        let k = (settings.objective == Objective::Kl).then_some(settings.reference_top_k);
+        let store = match k {
+            Some(_) => prepass(source, ids, k, stream, |_, _| Ok(()))?.0,
+            None => None,
+        };
+        Ok(Stepper {
+            source,
+            ids,
+            settings: settings.clone(),
+            budget: budget(source.config(), settings),
+            store,
+            stream: stream.clone(),
+            device: source.embed(&ids[..1])?.0.device(),
+        })
+    }
+
+    /// The objective on calibration sequences `batch` and the gradient of α (`alpha_phase`) or
+    /// of `log β`, at `state` and temperature `tau`.
+    pub fn step(&self, batch: &[usize], state: &DiepState, alpha_phase: bool, tau: f64) -> Result<StepGrads> {
+        let target = match &self.store {
+            Some(s) => Target::Kl(s),
+            None => Target::CeNorm { lambda: self.settings.lambda },
+        };
+        let relax = StepRelax::new(state, &self.settings, &self.budget, tau, alpha_phase, &self.device)?;
+        let seqs: Vec<Vec<u32>> = batch.iter().map(|i| self.ids[*i].clone()).collect();
+        let positions = seqs.len() * self.ids[0].len();
+        streamed_step(self.source, &seqs, batch, &relax, &target, positions, &self.stream, &mut |_, _, _| Ok(()))
+    }
+}
+
+/// The streamed gradients of one step, for tests: [`Stepper::step`] with the settings of
+/// `state`.
 #[doc(hidden)]
 pub fn streamed_step_grads<S: LayerSource>(
     source: &S,
@@ -596,21 +662,7 @@ pub fn streamed_step_grads<S: LayerSource>(
     tau: f64,
     stream: &StreamOptions,
 ) -> Result<StepGrads> {
-    let settings = &state.settings;
-    let budget = budget(source.config(), settings);
-    let device = source.embed(&ids[..1])?.0.device();
-    let k = (settings.objective == Objective::Kl).then_some(settings.reference_top_k);
-    let store: Option<ReferenceStore> = match k {
-        Some(_) => prepass(source, ids, k, stream, |_, _| Ok(()))?.0,
-        None => None,
-    };
-    let target = match &store {
-        Some(s) => Target::Kl(s),
-        None => Target::CeNorm { lambda: settings.lambda },
-    };
-    let relax = StepRelax::new(state, settings, &budget, tau, alpha_phase, &device)?;
-    let seqs: Vec<Vec<u32>> = batch.iter().map(|i| ids[*i].clone()).collect();
-    streamed_step(source, &seqs, batch, &relax, &target, seqs.len() * ids[0].len(), stream, &mut |_, _, _| Ok(()))
+    Stepper::new(source, ids, &state.settings, stream)?.step(batch, state, alpha_phase, tau)
 }
 
 fn run(
@@ -620,6 +672,7 @@ fn run(
     resume: Option<DiepState>,
     init: BTreeMap<usize, Vec<f32>>,
     mut step_fn: impl FnMut(&StepInput<'_>) -> Result<StepGrads>,
+    mut score_epoch: impl FnMut(&DiepState) -> Result<Option<f64>>,
     mut on_event: impl FnMut(Event<'_>) -> Result<()>,
 ) -> Result<DiepState> {
     if experts.is_empty() {
@@ -689,7 +742,17 @@ fn run(
             lr,
             tau,
             seconds: started.elapsed().as_secs_f64(),
+            discrete: score_epoch(&state)?,
         };
+        if let Some(d) = record.discrete
+            && state.best.as_ref().is_none_or(|b| d < b.discrete)
+        {
+            state.best = Some(crate::state::BestEpoch {
+                epoch: epoch + 1,
+                discrete: d,
+                params: state.layers.iter().map(|(l, s)| (*l, (s.alpha.clone(), s.log_beta))).collect(),
+            });
+        }
         state.history.push(record.clone());
         state.epochs_done = epoch + 1;
         on_event(Event::Epoch { record: &record, state: &state })?;

@@ -31,7 +31,8 @@ pub fn pruning_plan(
     allocation: Allocation,
     device: &Device,
 ) -> Result<PruningPlan> {
-    let scores = expert_scores(state, device);
+    let chosen = state.for_plan();
+    let scores = expert_scores(&chosen, device);
     let kept = select(&scores, state.settings.ratio, allocation, constraints)?;
     let mut plan = PruningPlan::new(config.architecture.model_type(), expert_counts(config), kept.clone(), "diep");
     plan.allocation = Some(allocation.name().into());
@@ -49,8 +50,9 @@ pub fn pruning_plan(
         json!({
             "relaxation": state.settings.relaxation.name(),
             "objective": state.settings.objective.name(),
-            "alpha": by_layer(&|l| json!(state.layers[&l].alpha)),
-            "beta": by_layer(&|l| json!(state.layers[&l].beta())),
+            "alpha": by_layer(&|l| json!(chosen.layers[&l].alpha)),
+            "beta": by_layer(&|l| json!(chosen.layers[&l].beta())),
+            "selected_epoch": state.best.as_ref().map_or(state.epochs_done, |b| b.epoch),
             "kept_per_layer": by_layer(&|l| json!(kept[&l].len())),
             "loss_curve": state.history,
             "steps": state.steps_done,

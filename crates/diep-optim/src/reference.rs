@@ -131,7 +131,10 @@ impl ReferenceStore {
             return (p * (lp - log_q)).sum();
         }
         let idx = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, k]), &device);
-        let p = Tensor::<2>::from_data(TensorData::new(logp.iter().map(|l| l.exp()).collect::<Vec<f32>>(), [rows, k]), &device);
+        let p = Tensor::<2>::from_data(
+            TensorData::new(logp.iter().map(|l| l.exp()).collect::<Vec<f32>>(), [rows, k]),
+            &device,
+        );
         // log q = z − logsumexp(z), with the row maximum (a constant) subtracted for stability.
         let max = logits.clone().detach().max_dim(1);
         let shifted = logits - max;

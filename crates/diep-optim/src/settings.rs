@@ -157,6 +157,19 @@ pub struct DiepSettings {
     /// The scale of a statistics-based α start.
     #[serde(default = "default_alpha_init_scale")]
     pub alpha_init_scale: f64,
+    /// Minimum experts kept per layer (the floor is `max(num_experts_per_tok, min_experts)`).
+    #[serde(default)]
+    pub min_experts: usize,
+    /// Calibration sequences on which each epoch's plan — the experts its scores select under
+    /// the allocation — is scored by the `kl` objective with hard masks; the plan of the best
+    /// epoch is the result (the relaxed optimum and the discrete plan can drift apart as τ
+    /// anneals). 0: the last epoch's scores, no scoring.
+    #[serde(default = "default_select_samples")]
+    pub select_samples: usize,
+}
+
+fn default_select_samples() -> usize {
+    DiepSettings::default().select_samples
 }
 
 fn default_alpha_init() -> AlphaInit {
@@ -196,6 +209,8 @@ impl Default for DiepSettings {
             allocation: Allocation::Global,
             alpha_init: AlphaInit::Zero,
             alpha_init_scale: 1.0,
+            min_experts: 0,
+            select_samples: 8,
         }
     }
 }

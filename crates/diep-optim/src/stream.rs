@@ -115,8 +115,10 @@ fn offload_to_host(opts: &StreamOptions, device: &Device) -> bool {
     match opts.offload {
         Offload::Host => true,
         Offload::Device => false,
-        Offload::Auto => !format!("{device:?}").to_ascii_lowercase().contains("cpu")
-            && !format!("{device:?}").to_ascii_lowercase().contains("flex"),
+        Offload::Auto => {
+            !format!("{device:?}").to_ascii_lowercase().contains("cpu")
+                && !format!("{device:?}").to_ascii_lowercase().contains("flex")
+        }
     }
 }
 
@@ -146,7 +148,8 @@ pub(crate) fn prepass<S: LayerSource>(
     let config = source.config();
     let t = ids[0].len();
     let chunks = micro_batches(ids.len(), opts);
-    let mut states = chunks.iter().map(|c| source.embed(&ids[c.clone()])).collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut states =
+        chunks.iter().map(|c| source.embed(&ids[c.clone()])).collect::<std::result::Result<Vec<_>, _>>()?;
     let plain = MoeForwardOptions::default();
     let total = config.num_layers;
     let mut shares = RoutingShares { tokens: ids.len() * t, ..Default::default() };

@@ -75,7 +75,12 @@ fn check(name: &str, relaxation: RelaxationKind, threshold: ThresholdMode, objec
                 streamed_step_grads(&streaming, &ids, &batch, &st, alpha_phase, 0.1, &opts).unwrap()
             };
             let what = format!("{name} {relaxation} {threshold} {objective} α {alpha_phase} {source} mb {micro_batch}");
-            assert!((streamed.loss - reference.loss).abs() <= 1e-5 * reference.loss.abs().max(1e-3), "{what}: loss {} vs {}", streamed.loss, reference.loss);
+            assert!(
+                (streamed.loss - reference.loss).abs() <= 1e-5 * reference.loss.abs().max(1e-3),
+                "{what}: loss {} vs {}",
+                streamed.loss,
+                reference.loss
+            );
             let err = max_rel(&streamed, &reference);
             eprintln!("{what}: max relative gradient difference {err:.2e}");
             assert!(err < 1e-6, "{what}: {err:e}\n{streamed:?}\n{reference:?}");

@@ -245,7 +245,10 @@ impl Thresholds {
                 per_pool[self.pool[l][e]] += g;
             }
         }
-        self.weights.iter().map(|(l, w)| (*l, w.iter().zip(&self.pool[l]).map(|(w, p)| w * per_pool[*p]).collect())).collect()
+        self.weights
+            .iter()
+            .map(|(l, w)| (*l, w.iter().zip(&self.pool[l]).map(|(w, p)| w * per_pool[*p]).collect()))
+            .collect()
     }
 }
 
