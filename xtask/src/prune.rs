@@ -160,9 +160,12 @@ pub struct DiepArgs {
     /// The scale of a statistics-based α start.
     #[arg(long, default_value_t = 1.0)]
     alpha_init_scale: f64,
-    /// Calibration sequences on which each epoch's plan is scored (kl, hard masks); the best
-    /// epoch's plan is the result. 0: the last epoch's.
-    #[arg(long, default_value_t = 8)]
+    /// Which epoch's scores make the plan: `best` (every epoch's plan is scored by the kl
+    /// objective with hard masks on the calibration set) or `last`.
+    #[arg(long, default_value = "best", value_parser = ["best", "last"])]
+    select_epoch: String,
+    /// Calibration sequences the epochs' plans are scored on (the first ones; 0: all).
+    #[arg(long, default_value_t = 0)]
     select_samples: usize,
     /// Tokens per position kept of the original model's next-token distribution for the `kl`
     /// objective (the rest is one "other" outcome); 0 keeps the whole vocabulary (exact).
@@ -573,6 +576,7 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         alpha_init: d.alpha_init,
         alpha_init_scale: d.alpha_init_scale,
         min_experts: args.min_experts,
+        select_epoch: d.select_epoch == "best",
         select_samples: d.select_samples,
         allocation: args.allocation.unwrap_or(Allocation::Global),
     };

@@ -170,7 +170,7 @@ pub fn optimise_with<S: LayerSource>(
         ..Default::default()
     };
     let score_epoch = |state: &DiepState| -> Result<Option<f64>> {
-        let (Some(store), true) = (&reference, settings.select_samples > 0) else { return Ok(None) };
+        let (Some(store), true) = (&reference, settings.select_epoch) else { return Ok(None) };
         let scores = crate::plan::expert_scores(state, &device);
         let kept = diep_plan::select(&scores, settings.ratio, settings.allocation, &constraints)?;
         let eval = crate::search::Evaluator::with_reference(

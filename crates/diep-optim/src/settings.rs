@@ -160,16 +160,18 @@ pub struct DiepSettings {
     /// Minimum experts kept per layer (the floor is `max(num_experts_per_tok, min_experts)`).
     #[serde(default)]
     pub min_experts: usize,
-    /// Calibration sequences on which each epoch's plan — the experts its scores select under
-    /// the allocation — is scored by the `kl` objective with hard masks; the plan of the best
-    /// epoch is the result (the relaxed optimum and the discrete plan can drift apart as τ
-    /// anneals). 0: the last epoch's scores, no scoring.
-    #[serde(default = "default_select_samples")]
+    /// Score each epoch's plan — the experts its scores select under the allocation — by the
+    /// `kl` objective with hard masks, and make the best epoch's plan the result (the relaxed
+    /// optimum and the discrete plan can drift apart as τ anneals). Off: the last epoch's.
+    #[serde(default = "default_select_epoch")]
+    pub select_epoch: bool,
+    /// Calibration sequences the epochs' plans are scored on (the first ones; 0: all).
+    #[serde(default)]
     pub select_samples: usize,
 }
 
-fn default_select_samples() -> usize {
-    DiepSettings::default().select_samples
+fn default_select_epoch() -> bool {
+    DiepSettings::default().select_epoch
 }
 
 fn default_alpha_init() -> AlphaInit {
@@ -210,7 +212,8 @@ impl Default for DiepSettings {
             alpha_init: AlphaInit::Zero,
             alpha_init_scale: 1.0,
             min_experts: 0,
-            select_samples: 8,
+            select_epoch: true,
+            select_samples: 0,
         }
     }
 }
