@@ -84,8 +84,8 @@ pub fn optimise(
     }
     check_inputs(ids, settings)?;
     let device = model.device().clone();
-    let experts = expert_counts(&model.config);
-    let vocab = model.config.vocab_size;
+    let experts = expert_counts(model.config());
+    let vocab = model.config().vocab_size;
     let cache_bytes = ids.iter().map(Vec::len).sum::<usize>() * vocab * 4;
     let reference_of = |seq: &[Vec<u32>]| -> Result<Tensor<3>> { Ok(model.forward(seq)?.detach()) };
     let cache: Option<Vec<Tensor<3>>> = if cache_bytes <= REFERENCE_CACHE_BYTES {
@@ -149,7 +149,7 @@ pub fn optimise_layer_wise<S: LayerSource>(
     for chunk in ids.chunks(settings.batch_size) {
         let (mut h, ctx) = source.embed(chunk)?;
         device.get_or_insert_with(|| h.device());
-        let t = ctx.seq_len;
+        let t = ctx.seq_len();
         for i in 0..config.num_layers {
             let out = source.with_layer(i, |layer| layer.forward(h.clone(), &ctx, &MoeForwardOptions::default()))?;
             if let Some(moe) = &out.moe {

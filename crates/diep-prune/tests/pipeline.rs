@@ -68,7 +68,7 @@ fn statistics_are_consistent() {
     for s in stats.layers.values() {
         assert_eq!(s.tokens, 6 * 32);
         // Every token picks top_k experts; probabilities sum to one per token.
-        assert_eq!(s.frequency.iter().sum::<u64>(), (6 * 32 * m.config.moe.top_k) as u64);
+        assert_eq!(s.frequency.iter().sum::<u64>(), (6 * 32 * m.config().moe.top_k) as u64);
         assert!((s.soft_activation.iter().sum::<f64>() - (6 * 32) as f64).abs() < 1e-3);
         for (e, f) in s.frequency.iter().enumerate() {
             assert_eq!(*f == 0, s.norm_sum[e] == 0.0);
@@ -77,7 +77,7 @@ fn statistics_are_consistent() {
         }
         let cache = s.cache.as_ref().unwrap();
         assert_eq!(cache.tokens, 50);
-        assert_eq!(cache.inputs.len(), 50 * m.config.hidden_size);
+        assert_eq!(cache.inputs.len(), 50 * m.config().hidden_size);
     }
 }
 
@@ -114,7 +114,7 @@ fn naee_error_matches_the_real_masked_block() {
     // The pass refuses an oversized search before computing anything.
     let mut spec = spec(Method::Naee, Allocation::Uniform, 0.5);
     spec.naee_max_subsets = 10;
-    let opts = stats_options(&m.config, &spec, 4, 64).unwrap();
+    let opts = stats_options(m.config(), &spec, 4, 64).unwrap();
     let err = collect_statistics(&m, &samples, &opts, |_, _| panic!("no layer may run")).unwrap_err();
     assert!(err.to_string().contains("C(8, 4) = 70") && err.to_string().contains("--naee-max-subsets"), "{err}");
 }
@@ -152,12 +152,12 @@ fn every_baseline_meets_its_budget_and_floors() {
         for allocation in [Allocation::Uniform, Allocation::Global] {
             for ratio in [0.25, 0.5] {
                 let spec = spec(method, allocation, ratio);
-                let plan = match stats_options(&m.config, &spec, 4, 64) {
+                let plan = match stats_options(m.config(), &spec, 4, 64) {
                     Ok(opts) if method == Method::Naee => {
                         let naee_stats = collect_statistics(&m, &samples, &opts, |_, _| {}).unwrap();
-                        plan_baseline(&m.config, &naee_stats, &spec)
+                        plan_baseline(m.config(), &naee_stats, &spec)
                     }
-                    Ok(_) => plan_baseline(&m.config, &stats, &spec),
+                    Ok(_) => plan_baseline(m.config(), &stats, &spec),
                     Err(e) => Err(e),
                 };
                 if method == Method::Naee && allocation == Allocation::Global {
@@ -165,7 +165,7 @@ fn every_baseline_meets_its_budget_and_floors() {
                     continue;
                 }
                 let plan = plan.unwrap();
-                plan.validate(&m.config).unwrap();
+                plan.validate(m.config()).unwrap();
                 let kept: usize = plan.kept_experts.values().map(Vec::len).sum();
                 assert_eq!(total - kept, (ratio * total as f64).round() as usize, "{method} {allocation} {ratio}");
                 assert!(plan.kept_experts.values().all(|k| k.len() >= 2));
@@ -175,9 +175,9 @@ fn every_baseline_meets_its_budget_and_floors() {
             }
         }
     }
-    let err = plan_baseline(&m.config, &stats, &spec(Method::Frequency, Allocation::Global, 1.0)).unwrap_err();
+    let err = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Global, 1.0)).unwrap_err();
     assert!(err.to_string().contains("between 0 and 1"));
-    let err = plan_baseline(&m.config, &stats, &spec(Method::Frequency, Allocation::Uniform, 0.9)).unwrap_err();
+    let err = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Uniform, 0.9)).unwrap_err();
     assert!(err.to_string().contains("floor"));
 }
 
@@ -186,7 +186,7 @@ fn frequency_keeps_the_most_selected_experts() {
     let m = model("tiny-mixtral");
     let samples = calib("tiny-mixtral", 4, 32, 4);
     let stats = collect_statistics(&m, &samples, &StatsOptions::default(), |_, _| {}).unwrap();
-    let plan = plan_baseline(&m.config, &stats, &spec(Method::Frequency, Allocation::Uniform, 0.5)).unwrap();
+    let plan = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Uniform, 0.5)).unwrap();
     for (l, kept) in &plan.kept_experts {
         let f = &stats.layers[l].frequency;
         let min_kept = kept.iter().map(|e| f[*e]).min().unwrap();
@@ -235,7 +235,7 @@ proptest! {
             kept.insert(l, k);
             original.insert(l, 8);
         }
-        let plan = PruningPlan::new(m.config.architecture.model_type(), original, kept, "test");
+        let plan = PruningPlan::new(m.config().architecture.model_type(), original, kept, "test");
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("pruned");
         diep_surgery::apply_plan(&root().join("fixtures/models").join(name), &plan, &out, &Default::default()).unwrap();
@@ -317,14 +317,14 @@ fn non_uniform_deepseek_and_gpt_oss_checkpoints_equal_masked_model() {
 fn baselines_respect_routing_groups() {
     for name in ["tiny-deepseek-v3", "tiny-deepseek-v2"] {
         let m = model(name);
-        let g = m.config.moe.routing.group_limit.unwrap();
+        let g = m.config().moe.routing.group_limit.unwrap();
         let samples = calib(name, 4, 32, 3);
         let stats = collect_statistics(&m, &samples, &StatsOptions::default(), |_, _| {}).unwrap();
         for method in [Method::Frequency, Method::Reap, Method::Random] {
             for allocation in [Allocation::Uniform, Allocation::Global] {
-                let plan = plan_baseline(&m.config, &stats, &spec(method, allocation, 0.5))
+                let plan = plan_baseline(m.config(), &stats, &spec(method, allocation, 0.5))
                     .unwrap_or_else(|e| panic!("{name} {method} {allocation}: {e}"));
-                plan.validate(&m.config).unwrap_or_else(|e| panic!("{name} {method} {allocation}: {e}"));
+                plan.validate(m.config()).unwrap_or_else(|e| panic!("{name} {method} {allocation}: {e}"));
                 for (l, kept) in &plan.kept_experts {
                     assert_eq!(kept.len() % g.n_group, 0, "{name} {method} {allocation} layer {l}");
                     // Within each group the kept experts outscore the removed ones.
