@@ -840,7 +840,7 @@ fn readme(a: &TrainArgs, s: &Value, usage: &BTreeMap<&str, Vec<Vec<f64>>>) -> St
     let _ = writeln!(
         r,
         "Built from scratch by `cargo xtask fixture train` (`xtask/src/fixture.rs`, model code \
-         `crates/diep-models/src/train.rs`) on a CPU. Regenerate with:\n\n```sh\n\
+         `xtask/src/train.rs`) on a CPU. Regenerate with:\n\n```sh\n\
          apt-get install -y dict-gcide   # English domain; the Python standard library is the code domain\n{}\n```\n",
         s["command"].as_str().unwrap_or_default()
     );
