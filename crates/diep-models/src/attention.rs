@@ -12,8 +12,8 @@ use crate::nn::{Linear, RmsNorm};
 /// Per-forward inputs shared by every layer: the batch shape, RoPE tables and causal masks.
 #[derive(Debug, Clone)]
 pub struct AttentionContext {
-    batch: usize,
-    seq_len: usize,
+    pub(crate) batch: usize,
+    pub(crate) seq_len: usize,
     rope: RopeTables,
     /// The additive mask `[1, 1, seq_len, seq_len]` of each window the model's layers use
     /// (`None`: plain causal), for the burn-op softmax.
@@ -31,11 +31,6 @@ impl AttentionContext {
             }
         }
         AttentionContext { batch, seq_len, rope: RopeTables::for_config(cfg, seq_len, device), masks }
-    }
-
-    /// Sequences in the batch.
-    pub fn batch(&self) -> usize {
-        self.batch
     }
 
     /// Tokens per sequence.

@@ -189,7 +189,7 @@ impl MoeModel {
 
     /// Embeds a batch of equal-length token sequences: `[batch·len, hidden]` rows, and the
     /// attention context for that shape.
-    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
+    pub(crate) fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
         embed_ids(&self.embed_tokens, &self.config, &self.device, ids)
     }
 
@@ -215,7 +215,7 @@ impl MoeModel {
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(h, &ctx, opts.get(&i).unwrap_or(&plain)).hidden;
         }
-        Ok(self.head(h).reshape([ctx.batch(), ctx.seq_len(), self.config.vocab_size]))
+        Ok(self.head(h).reshape([ctx.batch, ctx.seq_len, self.config.vocab_size]))
     }
 
     /// Logits, calling `on_moe(layer, input, output)` after every MoE layer with the block's
@@ -235,7 +235,7 @@ impl MoeModel {
             }
         }
         let logits = self.head(h);
-        Ok(logits.reshape([ctx.batch(), ctx.seq_len(), self.config.vocab_size]))
+        Ok(logits.reshape([ctx.batch, ctx.seq_len, self.config.vocab_size]))
     }
 }
 
@@ -400,8 +400,8 @@ impl StreamingModel {
         &self.config
     }
 
-    /// Embeds a batch of equal-length sequences (see [`MoeModel::embed`]).
-    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
+    /// Embeds a batch of equal-length sequences.
+    pub(crate) fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
         embed_ids(&self.embed_tokens, &self.config, &self.device, ids)
     }
 

@@ -299,11 +299,6 @@ impl DynamicSkip {
         Ok(DynamicSkip { gamma, counts: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]) })
     }
 
-    /// `γ` row-major `[experts, experts]`: row = first expert, column = the other.
-    pub fn gamma(&self) -> &[f32] {
-        &self.gamma
-    }
-
     /// `(skipped, eligible)`: expert slots skipped, and slots that could have been (all
     /// slots after the first), since the rule was made.
     pub fn counts(&self) -> (u64, u64) {
@@ -418,11 +413,6 @@ impl MoeBlock {
     /// The shared expert, if the architecture has one.
     pub fn shared(&self) -> Option<&SharedExpert> {
         self.shared.as_ref()
-    }
-
-    /// The experts' activation.
-    pub fn activation(&self) -> ExpertActivation {
-        self.activation
     }
 
     /// The block's full routing rule.

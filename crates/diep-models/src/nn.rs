@@ -24,11 +24,6 @@ impl Linear {
         &self.weight
     }
 
-    /// The bias `[out]`, if any.
-    pub fn bias(&self) -> Option<&Tensor<1>> {
-        self.bias.as_ref()
-    }
-
     /// Applies the layer to `[n, in]` rows.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let y = x.matmul(self.weight.clone());
@@ -39,7 +34,7 @@ impl Linear {
     }
 
     /// Output width.
-    pub fn out_features(&self) -> usize {
+    pub(crate) fn out_features(&self) -> usize {
         self.weight.dims()[1]
     }
 }
@@ -55,13 +50,8 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     /// A norm from its weight `[dim]` and epsilon.
-    pub fn new(weight: Tensor<1>, eps: f64) -> Self {
+    pub(crate) fn new(weight: Tensor<1>, eps: f64) -> Self {
         RmsNorm { weight, eps }
-    }
-
-    /// The weight `[dim]`.
-    pub fn weight(&self) -> &Tensor<1> {
-        &self.weight
     }
 
     /// Normalises over the last dimension.
@@ -87,7 +77,7 @@ impl SwiGlu {
     }
 
     /// Intermediate width.
-    pub fn intermediate(&self) -> usize {
+    pub(crate) fn intermediate(&self) -> usize {
         self.gate_up.out_features() / 2
     }
 

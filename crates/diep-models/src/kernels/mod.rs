@@ -13,7 +13,7 @@
 //! | causal softmax (window, sink) | [`causal_softmax_rows`] | [`causal_softmax`] |
 //! | `clip_qkv` | [`clip_rows`] | [`clip`] |
 //! | RMSNorm (and qk-norm) | [`rms_norm_rows`] | [`rms_norm`] |
-//! | rotate-half / interleaved RoPE | [`rope_row`], [`head_row`] | [`rope_heads`] |
+//! | rotate-half / interleaved RoPE | [`head_row`] | [`rope_heads`] |
 //! | MLA keys (latent + shared rotary key) | [`head_row`] | [`latent_keys`] |
 //! | next-token NLL | [`nll_rows`] | [`token_nll`] |
 //!
@@ -73,7 +73,7 @@ pub use attention::{
 };
 pub use nll::{nll_rows, token_nll};
 pub use norm::{rms_norm, rms_norm_rows};
-pub use rope::{RopeStyle, RopeTables, head_row, latent_keys, rope_heads, rope_row, rope_tables};
+pub use rope::{RopeStyle, RopeTables, head_row, latent_keys, rope_heads, rope_tables};
 
 /// The burn-op references of the tensor functions: what runs on GPUs and under autodiff, and
 /// what the row path is tested against.
@@ -89,7 +89,7 @@ pub mod reference {
 }
 
 /// Environment variable that forces the burn-op reference path everywhere.
-pub const REFERENCE_ENV: &str = "DIEP_REFERENCE_KERNELS";
+const REFERENCE_ENV: &str = "DIEP_REFERENCE_KERNELS";
 
 /// Whether the row path may be used at all (`DIEP_REFERENCE_KERNELS` unset or `0`).
 pub fn enabled() -> bool {
@@ -133,7 +133,7 @@ fn from_vec<const D: usize>(v: Vec<f32>, shape: [usize; D], device: &Device) -> 
 /// log2 e)` comes from adding 1.5·2²³ (which rounds to nearest even), and `2^n` from the
 /// integer bits of that sum.
 #[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
+fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -219,6 +219,7 @@ fn exp_sum(x: &[f32], shift: f32) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use super::rope::rope_row;
     use super::*;
 
     #[test]

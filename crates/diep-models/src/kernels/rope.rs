@@ -104,20 +104,15 @@ impl RopeTables {
     }
 
     /// The tables of an attention configuration (its θ, rotary width and scaling).
-    pub fn for_config(cfg: &AttentionConfig, len: usize, device: &Device) -> Self {
+    pub(crate) fn for_config(cfg: &AttentionConfig, len: usize, device: &Device) -> Self {
         Self::with_scaling(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, len, device)
     }
 
     /// Tables for `len` positions with frequency scaling (see [`rope_tables`]).
-    pub fn with_scaling(theta: f64, head_dim: usize, scaling: &RopeScaling, len: usize, device: &Device) -> Self {
+    fn with_scaling(theta: f64, head_dim: usize, scaling: &RopeScaling, len: usize, device: &Device) -> Self {
         let (host_cos, host_sin) = rope_tables(theta, head_dim, scaling, len);
         let mk = |v: &[f32]| Tensor::from_data(TensorData::new(v.to_vec(), [1, 1, len, head_dim]), device);
         RopeTables { cos: mk(&host_cos), sin: mk(&host_sin), host_cos, host_sin, dim: head_dim }
-    }
-
-    /// The rotary width.
-    pub fn dim(&self) -> usize {
-        self.dim
     }
 
     /// The cos and sin rows of position `pos`.
@@ -176,7 +171,7 @@ impl RopeStyle {
 /// RoPE of one head row `x` (width `d`) at one position, into `out`: `cos` and `sin` are that
 /// position's table rows (width `d`; the interleaved style reads their first half).
 #[inline]
-pub fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], style: RopeStyle) {
+pub(super) fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], style: RopeStyle) {
     let half = x.len() / 2;
     match style {
         RopeStyle::RotateHalf => {
@@ -196,7 +191,10 @@ pub fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], style: Rop
 }
 
 /// One head row of queries or keys: `pass` copied as is (MLA's non-rotary part; empty for
-/// standard attention), then `rot` rotated ([`rope_row`]).
+/// standard attention), then `rot` rotated: rotate-half (element `j` pairs with `j + d/2`) or
+/// interleaved (pairs `(rot[2i], rot[2i+1])`, output even elements first), see [`RopeStyle`];
+/// `cos` and `sin` are the position's table rows (width `rot.len()`; the interleaved style
+/// reads their first half).
 #[inline]
 pub fn head_row(pass: &[f32], rot: &[f32], cos: &[f32], sin: &[f32], style: RopeStyle, out: &mut [f32]) {
     let (o_pass, o_rot) = out.split_at_mut(pass.len());
