@@ -1,9 +1,15 @@
-"""Trains a small Mixtral MoE with transformers, for checking pruning methods on a model the
-Rust code has never seen (issue 4's done-when): two text domains, a BPE tokenizer, held-out
-token ids per domain and a calibration text drawn from the training split.
+"""Trains a small MoE with transformers, for checking pruning methods on a model the Rust code
+has never seen: two text domains, a BPE tokenizer, held-out token ids per domain, a
+multiple-choice task from held-out documents, and a calibration text drawn from the training
+split. The output directory has the layout `cargo xtask bench-methods --model DIR` reads
+(`calib.txt`, `heldout/{english,code}.ids.json`, `mc.jsonl`, `tokenizer.json`).
 
     apt-get install -y fortunes          # English domain (fortune cookie files)
+    # A Mixtral-shaped model: 4 layers x 8 experts, top-2.
     /opt/ref-venv/bin/python scripts/train_heldout_moe.py --out /tmp/heldout-moe --minutes 10
+    # A fine-grained model like today's releases: Qwen3-MoE, 6 layers x 32 experts, top-4.
+    /opt/ref-venv/bin/python scripts/train_heldout_moe.py --arch qwen3_moe --layers 6 --experts 32 \
+        --top-k 4 --expert-width 64 --out /tmp/heldout-fine --minutes 25
 
 The code domain is Rust source from the local cargo registry (crates this workspace depends
 on). Nothing here is used by the tests; the output directory is not committed.
@@ -12,7 +18,7 @@ import argparse, glob, hashlib, json, math, os, random, time
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)
@@ -21,6 +27,13 @@ ap.add_argument("--minutes", type=float, default=10.0)
 ap.add_argument("--vocab", type=int, default=2048)
 ap.add_argument("--seq", type=int, default=256)
 ap.add_argument("--batch", type=int, default=16)
+ap.add_argument("--arch", choices=["mixtral", "qwen3_moe"], default="mixtral")
+ap.add_argument("--layers", type=int, default=4)
+ap.add_argument("--experts", type=int, default=8)
+ap.add_argument("--top-k", type=int, default=2)
+ap.add_argument("--hidden", type=int, default=128)
+ap.add_argument("--expert-width", type=int, default=256)
+ap.add_argument("--mc-items", type=int, default=200)
 args = ap.parse_args()
 torch.manual_seed(args.seed)
 random.seed(args.seed)
@@ -71,21 +84,56 @@ def chunks(ids, n):
 train_e, train_c = chunks(stream(english["train"]), args.seq), chunks(stream(code["train"]), args.seq)
 train = train_e + train_c
 print("train sequences", len(train_e), len(train_c))
+os.makedirs(f"{args.out}/heldout", exist_ok=True)
 for name, dom in [("english", english), ("code", code)]:
     seqs = chunks(stream(dom["heldout"]), args.seq)[:64]
     json.dump(seqs, open(f"{args.out}/heldout-{name}.ids.json", "w"))
+    json.dump(seqs, open(f"{args.out}/heldout/{name}.ids.json", "w"))
     print("heldout", name, len(seqs))
+# Multiple choice from held-out documents: the true continuation of a context against three
+# continuations of other documents of the same domain.
+rng = random.Random(args.seed)
+items = []
+for name, dom in [("english", english), ("code", code)]:
+    docs = [d for d in dom["heldout"] if len(d) > 120]
+    rng.shuffle(docs)
+    for d in docs[: args.mc_items // 2]:
+        cut = rng.randint(40, min(len(d) - 40, 400))
+        context, cont = d[:cut], d[cut:cut + 60]
+        others = [o for o in docs if o is not d]
+        distractors = []
+        for o in rng.sample(others, 3):
+            c2 = rng.randint(0, max(0, len(o) - 60))
+            distractors.append(o[c2:c2 + 60])
+        choices = distractors + [cont]
+        rng.shuffle(choices)
+        items.append({"domain": name, "context": context, "choices": choices, "label": choices.index(cont)})
+with open(f"{args.out}/mc.jsonl", "w") as f:
+    for it in items:
+        f.write(json.dumps(it) + "\n")
 # Calibration text: training documents of both domains, shuffled.
 calib = english["train"][:4000] + code["train"][:40]
 random.shuffle(calib)
 open(f"{args.out}/calib.txt", "w").write("".join(calib))
 
-cfg = MixtralConfig(vocab_size=args.vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                    max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5, initializer_range=0.02,
-                    sliding_window=None, tie_word_embeddings=False, router_aux_loss_coef=0.02,
-                    output_router_logits=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-model = MixtralForCausalLM(cfg)
+if args.arch == "mixtral":
+    cfg = MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.expert_width,
+                        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                        num_local_experts=args.experts, num_experts_per_tok=args.top_k,
+                        max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5, initializer_range=0.02,
+                        sliding_window=None, tie_word_embeddings=False, router_aux_loss_coef=0.02,
+                        output_router_logits=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = MixtralForCausalLM(cfg)
+else:
+    cfg = Qwen3MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                         moe_intermediate_size=args.expert_width, num_hidden_layers=args.layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=args.hidden // 4,
+                         num_experts=args.experts, num_experts_per_tok=args.top_k, norm_topk_prob=True,
+                         decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=1024,
+                         rope_theta=10000.0, rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False,
+                         router_aux_loss_coef=0.01, output_router_logits=True, bos_token_id=0, eos_token_id=0,
+                         pad_token_id=0)
+    model = Qwen3MoeForCausalLM(cfg)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95))
 start, step, log = time.time(), 0, []
 budget = args.minutes * 60
@@ -108,7 +156,8 @@ while time.time() - start < budget:
 model.config.output_router_logits = False
 model.save_pretrained(args.out)
 tok.save(f"{args.out}/tokenizer.json")
-json.dump({"steps": step, "seconds": time.time() - start, "log": log}, open(f"{args.out}/train-log.json", "w"))
+json.dump({"steps": step, "seconds": time.time() - start, "args": vars(args), "log": log},
+          open(f"{args.out}/train-log.json", "w"))
 model.eval()
 with torch.no_grad():
     for name in ["english", "code"]:

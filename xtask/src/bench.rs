@@ -166,7 +166,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--methods and --ratios must each name at least one value");
     }
     for r in &args.ratios {
-        diep_prune::criteria::check_ratio(*r).with_context(|| format!("--ratios {r}"))?;
+        diep_plan::check_ratio(*r).with_context(|| format!("--ratios {r}"))?;
     }
     if args.out.exists() && !args.force {
         bail!("output directory {} already exists (use --force to replace it)", args.out.display());

@@ -7,11 +7,11 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use diep_checkpoint::{Checkpoint, ModelConfig};
-use diep_models::{DeviceSpec, MoeModel, StreamingModel};
+use diep_models::{DeviceSpec, StreamingModel};
 use diep_optim::{DiepSettings, DiepState, Event, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
+use diep_plan::{Allocation, Constraints, PruningPlan, check_ratio};
 use diep_prune::calib::{CalibrationSpec, sample_calibration};
-use diep_prune::criteria::check_ratio;
-use diep_prune::{Allocation, BaselineSpec, Method, PruningPlan, StatsOptions};
+use diep_prune::{BaselineSpec, Method};
 use diep_surgery::{SurgeryOptions, SurgeryReport, apply_plan};
 
 use crate::util::progress_bar;
@@ -84,6 +84,24 @@ pub struct PruneArgs {
     /// Calibration tokens per layer on which expert similarity (CKA) is measured.
     #[arg(long, default_value_t = 512)]
     similarity_tokens: usize,
+    /// Rounds of local search after the plan is computed (any method): in every layer the best
+    /// swap of a kept and a removed expert, and under a global allocation the best move of an
+    /// expert between layers, each kept only if it lowers the calibration objective (KL to the
+    /// original model). 0: none.
+    #[arg(long, default_value_t = 0)]
+    refine: usize,
+    /// Calibration sequences the greedy search and --refine score plans on (the first ones
+    /// sampled; 0: all).
+    #[arg(long, default_value_t = 0)]
+    search_samples: usize,
+    /// --refine considers, in each layer, the N lowest-scored kept and the N highest-scored removed
+    /// experts of the method's scores (0: every expert).
+    #[arg(long, default_value_t = 0)]
+    refine_width: usize,
+    /// The greedy search refuses to start when its estimated cost exceeds this many forward
+    /// passes over the scored sequences.
+    #[arg(long, default_value_t = 20_000.0)]
+    search_max_passes: f64,
     #[command(flatten)]
     diep: DiepArgs,
 }
@@ -134,13 +152,39 @@ pub struct DiepArgs {
     /// starting afresh.
     #[arg(long)]
     resume: bool,
+    /// How α starts: `zero`, or from the original model's routing on the calibration set,
+    /// `soft-activation` (mean router probability) or `frequency` (top-k selections):
+    /// α = scale · ln(share).
+    #[arg(long, default_value = "zero")]
+    alpha_init: diep_optim::AlphaInit,
+    /// The scale of a statistics-based α start.
+    #[arg(long, default_value_t = 1.0)]
+    alpha_init_scale: f64,
+    /// Calibration sequences on which each epoch's plan is scored (kl, hard masks); the best
+    /// epoch's plan is the result. 0: the last epoch's.
+    #[arg(long, default_value_t = 8)]
+    select_samples: usize,
+    /// Tokens per position kept of the original model's next-token distribution for the `kl`
+    /// objective (the rest is one "other" outcome); 0 keeps the whole vocabulary (exact).
+    #[arg(long, default_value_t = 64)]
+    reference_top_k: usize,
+    /// Calibration sequences per micro-batch within a step (0: the whole batch): bounds the
+    /// autodiff memory of one layer's recomputation; the gradient is the same.
+    #[arg(long, default_value_t = 0)]
+    micro_batch: usize,
+    /// Where the hidden states at layer boundaries are kept during a step: `auto` (host for
+    /// GPUs), `device` or `host`.
+    #[arg(long, default_value = "auto")]
+    boundaries: String,
 }
 
-/// `--method`: DiEP or a baseline criterion.
+/// `--method`: DiEP, the greedy search or a baseline criterion.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PruneMethod {
     /// Differentiable expert pruning.
     Diep,
+    /// Greedy removal by the calibration objective (the quality reference).
+    GreedySearch,
     /// A baseline criterion.
     Baseline(Method),
 }
@@ -148,11 +192,14 @@ pub enum PruneMethod {
 impl FromStr for PruneMethod {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        if s == "diep" {
-            return Ok(PruneMethod::Diep);
+        match s {
+            "diep" => return Ok(PruneMethod::Diep),
+            "greedy-search" => return Ok(PruneMethod::GreedySearch),
+            _ => {}
         }
         s.parse::<Method>().map(PruneMethod::Baseline).map_err(|_| {
-            let names: Vec<&str> = std::iter::once("diep").chain(Method::ALL.iter().map(|m| m.name())).collect();
+            let names: Vec<&str> =
+                ["diep", "greedy-search"].into_iter().chain(Method::ALL.iter().map(|m| m.name())).collect();
             format!("unknown method `{s}`; expected one of {}", names.join(", "))
         })
     }
@@ -175,6 +222,12 @@ pub fn run(args: PruneArgs) -> Result<()> {
         None => compute_plan(&args, &config)?,
     };
     let mut plan = plan;
+    if args.refine > 0 {
+        if args.plan.is_some() {
+            bail!("--refine improves a computed plan; it cannot be added to an existing --plan");
+        }
+        refine_plan(&args, &config, &mut plan)?;
+    }
     if args.merge || args.dynamic_skip {
         if args.plan.is_some() {
             bail!("--merge and --dynamic-skip are computed with a plan; they cannot be added to an existing --plan");
@@ -193,6 +246,9 @@ pub fn run(args: PruneArgs) -> Result<()> {
     let opts = SurgeryOptions { force: args.force, max_shard_bytes: args.max_shard_bytes, progress: Some(&progress) };
     let report = apply_plan(&args.model, &plan, &args.out, &opts)?;
     pb.finish_and_clear();
+    for stale in &report.stale_staging_removed {
+        eprintln!("removed {}, left by an interrupted run (process {} is gone)", stale.path.display(), stale.pid);
+    }
     let seconds = start.elapsed().as_secs_f64();
     print_summary(&args, &plan, &report, seconds, peak_rss_mb());
     Ok(())
@@ -213,6 +269,7 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
     check_ratio(ratio)?;
     let method = match method {
         PruneMethod::Diep => return diep_plan(args, config, ratio),
+        PruneMethod::GreedySearch => return greedy_plan(args, config, ratio),
         PruneMethod::Baseline(m) => m,
     };
     let device = args.device.device()?;
@@ -228,20 +285,195 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
         naee_max_subsets: args.naee_max_subsets,
     };
     // Settings are checked (budget, floors, NAEE's subset count) before any computation.
-    let stats_opts: StatsOptions = diep_prune::stats_options(config, &spec, batch_size, args.naee_tokens)?;
+    diep_prune::prepare(config, &spec)?;
+    let stats_opts = diep_prune::stats_options(&spec, batch_size, args.naee_tokens);
     // Layers are streamed from the memory-mapped checkpoint: one layer's weights at a time.
     let model = StreamingModel::open(&args.model, &device)?;
     print_model_line(args, config, args.samples);
     let calibrated = Instant::now();
     let pb = progress_bar(config.num_layers as u64, "layers");
-    let stats = diep_prune::collect_statistics(&model, &samples, &stats_opts, |done, _| pb.set_position(done as u64))?;
+    let (stats, mut plan) =
+        diep_prune::run_baseline(&model, &samples, &spec, &stats_opts, |done, _| pb.set_position(done as u64))?;
     pb.finish_and_clear();
-    let select = Instant::now();
-    let mut plan = diep_prune::plan_baseline(config, &stats, &spec)?;
-    plan.timings.insert("statistics_s".into(), (select - calibrated).as_secs_f64());
-    plan.timings.insert("selection_s".into(), select.elapsed().as_secs_f64());
+    plan.timings.insert("statistics_s".into(), stats.seconds);
+    plan.timings.insert("selection_s".into(), (calibrated.elapsed().as_secs_f64() - stats.seconds).max(0.0));
     record_run(&mut plan, args);
     Ok(plan)
+}
+
+/// The model the discrete searches run on, without gradients: in memory when it is small (every
+/// candidate then reuses the loaded layers), streamed from disk otherwise.
+fn search_source(args: &PruneArgs) -> Result<Box<dyn SearchRunner>> {
+    let device = args.device.device()?;
+    let bytes = Checkpoint::open(&args.model)?.data_bytes();
+    Ok(if bytes <= SEARCH_IN_MEMORY_BYTES {
+        Box::new(diep_models::MoeModel::load(&args.model, &device)?)
+    } else {
+        Box::new(StreamingModel::open(&args.model, &device)?)
+    })
+}
+
+/// Checkpoints up to this size are loaded whole for the searches.
+const SEARCH_IN_MEMORY_BYTES: usize = 2_000_000_000;
+
+/// The searches over either kind of model.
+trait SearchRunner {
+    fn greedy(
+        &self,
+        ids: &[Vec<u32>],
+        ratio: f64,
+        allocation: Allocation,
+        c: &Constraints,
+        opts: &diep_optim::SearchOptions,
+        max: f64,
+        progress: &mut dyn FnMut(usize, usize, f64) -> diep_optim::Result<()>,
+    ) -> diep_optim::Result<diep_optim::SearchOutcome>;
+    fn refine(
+        &self,
+        ids: &[Vec<u32>],
+        kept: &diep_plan::Kept,
+        scores: Option<&std::collections::BTreeMap<usize, Vec<f64>>>,
+        rounds: usize,
+        allocation: Allocation,
+        c: &Constraints,
+        opts: &diep_optim::SearchOptions,
+        progress: &mut dyn FnMut(usize, usize, f64) -> diep_optim::Result<()>,
+    ) -> diep_optim::Result<diep_optim::SearchOutcome>;
+}
+
+impl<S: diep_models::LayerSource> SearchRunner for S {
+    fn greedy(
+        &self,
+        ids: &[Vec<u32>],
+        ratio: f64,
+        allocation: Allocation,
+        c: &Constraints,
+        opts: &diep_optim::SearchOptions,
+        max: f64,
+        progress: &mut dyn FnMut(usize, usize, f64) -> diep_optim::Result<()>,
+    ) -> diep_optim::Result<diep_optim::SearchOutcome> {
+        diep_optim::greedy_search(self, ids, ratio, allocation, c, opts, max, progress)
+    }
+    fn refine(
+        &self,
+        ids: &[Vec<u32>],
+        kept: &diep_plan::Kept,
+        scores: Option<&std::collections::BTreeMap<usize, Vec<f64>>>,
+        rounds: usize,
+        allocation: Allocation,
+        c: &Constraints,
+        opts: &diep_optim::SearchOptions,
+        progress: &mut dyn FnMut(usize, usize, f64) -> diep_optim::Result<()>,
+    ) -> diep_optim::Result<diep_optim::SearchOutcome> {
+        diep_optim::refine(self, ids, kept, scores, rounds, allocation, c, opts, progress)
+    }
+}
+
+fn search_options(args: &PruneArgs) -> diep_optim::SearchOptions {
+    diep_optim::SearchOptions {
+        samples: args.search_samples,
+        reference_top_k: args.diep.reference_top_k,
+        width: args.refine_width,
+        ..Default::default()
+    }
+}
+
+/// `--method greedy-search`: remove one expert at a time by the calibration objective.
+fn greedy_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<PruningPlan> {
+    let allocation = args.allocation.unwrap_or(Allocation::Global);
+    let constraints = Constraints::for_model(config, args.min_experts);
+    diep_plan::check_feasible(&diep_plan::expert_counts(config), ratio, allocation, &constraints)?;
+    let started = Instant::now();
+    let samples = calibration(args)?;
+    print_model_line(args, config, samples.len());
+    let model = search_source(args)?;
+    let pb = progress_bar(0, "removed");
+    let opts = search_options(args);
+    let outcome = model.greedy(
+        &samples,
+        ratio,
+        allocation,
+        &constraints,
+        &opts,
+        args.search_max_passes,
+        &mut |done, total, loss| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+            pb.set_message(format!("kl {loss:.5}"));
+            Ok(())
+        },
+    )?;
+    pb.finish_and_clear();
+    eprintln!(
+        "greedy search: {} removals, {} plans evaluated ({:.0} forward passes over {} sequences), kl {:.5} -> {:.5}",
+        outcome.moves.len(),
+        outcome.evaluations,
+        outcome.forward_passes,
+        outcome.samples,
+        outcome.loss_before,
+        outcome.loss_after
+    );
+    let mut plan = PruningPlan::new(
+        config.architecture.model_type(),
+        diep_plan::expert_counts(config),
+        outcome.kept.clone(),
+        "greedy-search",
+    );
+    plan.allocation = Some(allocation.name().into());
+    plan.ratio = Some(ratio);
+    plan.settings = serde_json::json!({"min_experts": args.min_experts, "floor": constraints.floor, "objective": "kl",
+        "reference_top_k": opts.reference_top_k, "max_forward_passes": args.search_max_passes});
+    plan.extra.insert("search".into(), serde_json::to_value(&outcome)?);
+    plan.timings.insert("search_s".into(), started.elapsed().as_secs_f64());
+    record_run(&mut plan, args);
+    Ok(plan)
+}
+
+/// `--refine N`: local search from the computed plan.
+fn refine_plan(args: &PruneArgs, config: &ModelConfig, plan: &mut PruningPlan) -> Result<()> {
+    let started = Instant::now();
+    let allocation = match plan.allocation.as_deref() {
+        Some("uniform") => Allocation::Uniform,
+        _ if plan.is_uniform() && plan.method != "diep" && plan.method != "greedy-search" => Allocation::Uniform,
+        _ => Allocation::Global,
+    };
+    let constraints = Constraints::for_model(config, args.min_experts);
+    let samples = calibration(args)?;
+    let model = search_source(args)?;
+    let pb = progress_bar(args.refine as u64, "refine");
+    let opts = search_options(args);
+    let scores = (!plan.scores.is_empty()).then_some(&plan.scores);
+    let outcome = model.refine(
+        &samples,
+        &plan.kept_experts,
+        scores,
+        args.refine,
+        allocation,
+        &constraints,
+        &opts,
+        &mut |round, _, loss| {
+            pb.set_position(round as u64);
+            pb.set_message(format!("kl {loss:.5}"));
+            Ok(())
+        },
+    )?;
+    pb.finish_and_clear();
+    eprintln!(
+        "refine: {} move(s) in up to {} round(s), {} plans evaluated ({:.0} forward passes over {} sequences), kl {:.5} -> {:.5}",
+        outcome.moves.len(),
+        args.refine,
+        outcome.evaluations,
+        outcome.forward_passes,
+        outcome.samples,
+        outcome.loss_before,
+        outcome.loss_after
+    );
+    plan.kept_experts = outcome.kept.clone();
+    plan.settings["refine"] = serde_json::json!({"rounds": args.refine, "samples": outcome.samples,
+        "objective": "kl", "reference_top_k": opts.reference_top_k});
+    plan.extra.insert("refine".into(), serde_json::to_value(&outcome)?);
+    plan.timings.insert("refine_s".into(), started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// Expert merging and dynamic-skip tables from one similarity pass through the pruned model.
@@ -337,6 +569,12 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         tau_start: d.tau_start,
         tau_end: d.tau_end,
         seed: args.seed,
+        reference_top_k: d.reference_top_k,
+        alpha_init: d.alpha_init,
+        alpha_init_scale: d.alpha_init_scale,
+        min_experts: args.min_experts,
+        select_samples: d.select_samples,
+        allocation: args.allocation.unwrap_or(Allocation::Global),
     };
     settings.validate().map_err(anyhow::Error::msg)?;
     Ok(settings)
@@ -352,13 +590,11 @@ fn state_path(args: &PruneArgs) -> PathBuf {
 
 /// `--method diep`: optimise α and β on the calibration set, then rank.
 fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<PruningPlan> {
-    let settings = diep_settings(args, ratio)?;
     let allocation = args.allocation.unwrap_or(Allocation::Global);
-    let floor = diep_prune::floor(config, args.min_experts);
-    // The budget and floors are checked before any computation.
-    let counts = diep_prune::expert_counts(config);
-    let zero: std::collections::BTreeMap<usize, Vec<f64>> = counts.iter().map(|(l, n)| (*l, vec![0.0; *n])).collect();
-    diep_optim::select_kept(config, &zero, ratio, floor, relax_allocation(allocation))?;
+    let settings = diep_settings(args, ratio)?;
+    let constraints = Constraints::for_model(config, args.min_experts);
+    // The budget, floors and routing groups are checked before any computation.
+    diep_plan::check_feasible(&diep_plan::expert_counts(config), ratio, allocation, &constraints)?;
     let state_file = state_path(args);
     let resume = if args.diep.resume {
         let state = DiepState::read(&state_file).context("--resume")?;
@@ -382,6 +618,13 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
         args.diep.alternation,
         state_file.display()
     );
+    if settings.objective == Objective::Kl {
+        eprintln!(
+            "diep: reference distributions of the original model: top {} tokens per position{}",
+            settings.reference_top_k,
+            if settings.reference_top_k == 0 { " (all, exact)" } else { "" }
+        );
+    }
     let pb = progress_bar(0, "epoch");
     pb.set_style(
         indicatif::ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
@@ -397,6 +640,14 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
                     pb.println(format!("resuming after epoch {epochs_done} from {}", state_file.display()));
                 }
             }
+            Event::Reference { done, total } => {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+                pb.set_message("reference".to_string());
+            }
+            Event::Layer { epoch, step, phase, done, total } => {
+                pb.set_message(format!("epoch {epoch}/{epochs} step {step} {phase} {done}/{total}"));
+            }
             Event::Step { epoch, step, loss, .. } => {
                 pb.set_position(step as u64);
                 pb.set_message(format!("epoch {epoch}/{epochs} loss {loss:.4}"));
@@ -404,8 +655,15 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
             Event::Epoch { record, state } => {
                 state.save(&state_file)?;
                 let line = format!(
-                    "epoch {:>3}/{epochs}  loss {:.5}  ce {:.5}  reg {:.5}  lr {:.2e}  τ {:.3e}  {:.1}s",
-                    record.epoch, record.loss, record.ce, record.reg, record.lr, record.tau, record.seconds
+                    "epoch {:>3}/{epochs}  loss {:.5}  ce {:.5}  reg {:.5}  lr {:.2e}  τ {:.3e}  {:.1}s{}",
+                    record.epoch,
+                    record.loss,
+                    record.ce,
+                    record.reg,
+                    record.lr,
+                    record.tau,
+                    record.seconds,
+                    record.discrete.map(|d| format!("  plan kl {d:.5}")).unwrap_or_default()
                 );
                 // Epoch lines also go to logs when stderr is not a terminal.
                 if pb.is_hidden() {
@@ -415,34 +673,31 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
                 }
                 pb.set_position(0);
             }
+            _ => {}
         }
         Ok(())
     };
-    let state = if settings.objective == Objective::LayerWise {
-        // Per-block objective: layers are streamed from the memory-mapped checkpoint.
-        let model = StreamingModel::open(&args.model, &device)?;
-        diep_optim::optimise_layer_wise(&model, &samples, &settings, resume, on_event)?
-    } else {
-        let model = MoeModel::load(&args.model, &device)?;
-        diep_optim::optimise(&model, &samples, &settings, resume, on_event)?
+    // Layers are streamed from the memory-mapped checkpoint: one layer's weights at a time.
+    let model = StreamingModel::open(&args.model, &device)?;
+    let stream = diep_optim::StreamOptions {
+        micro_batch: args.diep.micro_batch,
+        offload: match args.diep.boundaries.as_str() {
+            "auto" => diep_optim::Offload::Auto,
+            "device" => diep_optim::Offload::Device,
+            "host" => diep_optim::Offload::Host,
+            other => bail!("--boundaries must be auto, device or host, got `{other}`"),
+        },
     };
+    let state = diep_optim::optimise_with(&model, &samples, &settings, resume, &stream, on_event)?;
     pb.finish_and_clear();
     let optimised = Instant::now();
-    let mut plan =
-        diep_optim::diep_plan(config, &state, floor, args.min_experts, relax_allocation(allocation), &device)?;
+    let mut plan = diep_optim::pruning_plan(config, &state, &constraints, args.min_experts, allocation, &device)?;
     plan.timings.insert("calibration_s".into(), (calibrated - started).as_secs_f64());
     plan.timings.insert("optimise_s".into(), (optimised - calibrated).as_secs_f64());
     plan.timings.insert("selection_s".into(), optimised.elapsed().as_secs_f64());
     record_run(&mut plan, args);
     plan.settings["state_file"] = state_file.display().to_string().into();
     Ok(plan)
-}
-
-fn relax_allocation(a: Allocation) -> diep_relax::Allocation {
-    match a {
-        Allocation::Uniform => diep_relax::Allocation::Uniform,
-        Allocation::Global => diep_relax::Allocation::Global,
-    }
 }
 
 fn print_summary(args: &PruneArgs, plan: &PruningPlan, report: &SurgeryReport, seconds: f64, rss_mb: Option<f64>) {

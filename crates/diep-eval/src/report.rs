@@ -107,10 +107,6 @@ pub fn retention_markdown(rows: &[RetentionRow]) -> String {
     s
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
 /// Horizontal bars of each row's retention, with a reference line at 1.
 pub fn retention_svg(rows: &[RetentionRow], title: &str) -> String {
     let (label_w, bar_w, row_h, top) = (230.0, 360.0, 22.0, 40.0);
@@ -123,7 +119,7 @@ pub fn retention_svg(rows: &[RetentionRow], title: &str) -> String {
     let _ = write!(
         s,
         r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="22" font-size="14" font-weight="bold">{}</text>"#,
-        esc(title)
+        diep_common::xml::escape(title)
     );
     for (i, r) in rows.iter().enumerate() {
         let y = top + i as f64 * row_h;
@@ -141,8 +137,8 @@ pub fn retention_svg(rows: &[RetentionRow], title: &str) -> String {
             r#"<text x="{:.0}" y="{:.1}" text-anchor="end">{} {}</text><rect x="{label_w}" y="{:.1}" width="{w:.1}" height="{:.1}" fill="{color}"/><text x="{:.1}" y="{:.1}">{:.3}</text>"#,
             label_w - 6.0,
             y + row_h * 0.7,
-            esc(&r.metric),
-            esc(&r.input),
+            diep_common::xml::escape(&r.metric),
+            diep_common::xml::escape(&r.input),
             y + 3.0,
             row_h - 6.0,
             label_w + w + 4.0,
@@ -176,7 +172,7 @@ pub fn kept_heatmap_svg(layers: &[(usize, usize, Vec<usize>)], title: &str) -> S
     let _ = write!(
         s,
         r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="22" font-size="14" font-weight="bold">{}</text>"#,
-        esc(title)
+        diep_common::xml::escape(title)
     );
     for (row, (layer, n, kept)) in layers.iter().enumerate() {
         let y = top + row as f64 * cell;

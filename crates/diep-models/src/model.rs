@@ -377,6 +377,7 @@ pub struct StreamingModel {
     ckpt: Checkpoint,
     embed_tokens: Tensor<2>,
     device: Device,
+    residency: Residency,
 }
 
 impl StreamingModel {
@@ -387,7 +388,7 @@ impl StreamingModel {
         let ckpt = Checkpoint::open(dir)?;
         let mut ld = Loader::new(&ckpt, device);
         let embed_tokens = ld.tensor("model.embed_tokens.weight", [config.vocab_size, config.hidden_size])?;
-        Ok(StreamingModel { config, ckpt, embed_tokens, device: device.clone() })
+        Ok(StreamingModel { config, ckpt, embed_tokens, device: device.clone(), residency: Residency::default() })
     }
 
     /// The device layers are loaded onto.
@@ -398,6 +399,11 @@ impl StreamingModel {
     /// The normalised configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// How layers were loaded so far (for tests and diagnostics).
+    pub fn residency(&self) -> &Residency {
+        &self.residency
     }
 
     /// Embeds a batch of equal-length sequences.
@@ -443,6 +449,8 @@ pub trait LayerSource {
     fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)>;
     /// Calls `f` with decoder layer `i` (borrowed, or loaded for the call and dropped after).
     fn with_layer<R>(&self, i: usize, f: impl FnOnce(&DecoderLayer) -> R) -> Result<R>;
+    /// Calls `f` with the final norm and the LM head (borrowed, or loaded for the call).
+    fn with_head<R>(&self, f: impl FnOnce(&RmsNorm, &Linear) -> R) -> Result<R>;
 }
 
 impl LayerSource for MoeModel {
@@ -457,6 +465,9 @@ impl LayerSource for MoeModel {
         let layer = self.layers.get(i).ok_or(ModelError::NoSuchLayer { layer: i, layers })?;
         Ok(f(layer))
     }
+    fn with_head<R>(&self, f: impl FnOnce(&RmsNorm, &Linear) -> R) -> Result<R> {
+        Ok(f(&self.norm, &self.lm_head))
+    }
 }
 
 impl LayerSource for StreamingModel {
@@ -468,7 +479,57 @@ impl LayerSource for StreamingModel {
     }
     fn with_layer<R>(&self, i: usize, f: impl FnOnce(&DecoderLayer) -> R) -> Result<R> {
         let layer = self.load_layer(i)?;
+        let _resident = self.residency.enter(i);
         Ok(f(&layer))
+    }
+    fn with_head<R>(&self, f: impl FnOnce(&RmsNorm, &Linear) -> R) -> Result<R> {
+        let (norm, head) = self.load_head()?;
+        Ok(f(&norm, &head))
+    }
+}
+
+/// Counts of a [`StreamingModel`]'s layer loads: how often each decoder layer was loaded, and the
+/// most layers resident at once (a streamed pass keeps this at 1).
+#[derive(Debug, Default)]
+pub struct Residency {
+    loads: std::sync::Mutex<Vec<usize>>,
+    resident: std::sync::atomic::AtomicUsize,
+    max_resident: std::sync::atomic::AtomicUsize,
+}
+
+/// Marks a layer resident until dropped.
+struct ResidentGuard<'a>(&'a Residency);
+
+impl Drop for ResidentGuard<'_> {
+    fn drop(&mut self) {
+        self.0.resident.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Residency {
+    fn enter(&self, layer: usize) -> ResidentGuard<'_> {
+        use std::sync::atomic::Ordering::SeqCst;
+        {
+            let mut loads = self.loads.lock().expect("residency lock");
+            if loads.len() <= layer {
+                loads.resize(layer + 1, 0);
+            }
+            loads[layer] += 1;
+        }
+        let now = self.resident.fetch_add(1, SeqCst) + 1;
+        self.max_resident.fetch_max(now, SeqCst);
+        ResidentGuard(self)
+    }
+
+    /// How many times each decoder layer has been loaded through
+    /// [`LayerSource::with_layer`].
+    pub fn loads(&self) -> Vec<usize> {
+        self.loads.lock().expect("residency lock").clone()
+    }
+
+    /// The most decoder layers that were resident at the same time.
+    pub fn max_resident(&self) -> usize {
+        self.max_resident.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -4,13 +4,14 @@ use std::path::{Path, PathBuf};
 
 /// What can go wrong while optimising α and β.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OptimError {
     /// The model could not run (bad input ids, a layer failed to load, ...).
     #[error(transparent)]
     Model(#[from] diep_models::ModelError),
-    /// The budget cannot be met.
+    /// The ratio, budget, floors or routing groups cannot be satisfied.
     #[error(transparent)]
-    Relax(#[from] diep_relax::RelaxError),
+    Plan(#[from] diep_plan::PlanError),
     /// Settings out of range or inconsistent with the model or data.
     #[error("{0}")]
     Config(String),

@@ -22,12 +22,20 @@
 mod error;
 pub mod optimise;
 pub mod plan;
+pub mod reference;
+pub mod search;
 pub mod settings;
 pub mod state;
+pub mod stream;
 
-pub use diep_relax::Allocation;
 pub use error::{OptimError, Result};
-pub use optimise::{Event, epoch_order, keep_count, next_token_ce, optimise, optimise_layer_wise};
-pub use plan::{diep_plan, expert_scores, kept_experts, select_kept};
-pub use settings::{DiepSettings, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
-pub use state::{DiepState, EpochRecord, LayerState, Moments, STATE_FORMAT, fingerprint};
+pub use optimise::{
+    Event, StepGrads, Stepper, budget, epoch_order, keep_count, next_token_ce, optimise, optimise_layer_wise,
+    optimise_with,
+};
+pub use plan::{expert_scores, pruning_plan};
+pub use reference::ReferenceStore;
+pub use search::{Evaluator, Move, SearchOptions, SearchOutcome, greedy_search, refine};
+pub use settings::{AlphaInit, DiepSettings, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
+pub use state::{BestEpoch, DiepState, EpochRecord, LayerState, Moments, STATE_FORMAT, fingerprint};
+pub use stream::{Offload, Phase, RoutingShares, StreamOptions};

@@ -1,24 +1,48 @@
 //! The alternating α/β optimisation loop and its objectives.
+//!
+//! Every step computes the gradient of the objective with respect to α (or β) of every MoE
+//! layer and applies one update. How the gradient is computed depends on the objective:
+//!
+//! - `kl` and `ce-norm` ([`crate::stream`]): the calibration batch goes forward through the
+//!   model one decoder layer at a time, keeping only the hidden states at layer boundaries; the
+//!   objective's gradient at the last hidden state is then pulled back layer by layer in
+//!   reverse (each layer loaded again, its forward recomputed from the saved input under
+//!   autodiff: a vector–Jacobian product), giving each layer's α/β gradient. Only one layer's
+//!   weights are resident at a time, so the model may stream from disk.
+//! - `layer-wise`: each MoE block's relaxed output against its original output on the original
+//!   block inputs, cached once.
+//!
+//! The routed relaxation's threshold θ couples all layers of a budget pool; its gradient is
+//! accumulated over layers and applied once per step ([`Thresholds::fold`]), so the streamed
+//! gradient is the whole-model gradient.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use diep_models::{LayerSource, MoeForwardOptions, MoeModel};
-use diep_relax::{LayerParams, Relaxation, forward_options, routed_options_implicit};
+use diep_models::{LayerSource, MoeForwardOptions};
+use diep_relax::{Budget, LayerParams, Relaxation, Thresholds, forward_options, routed_layer_options};
 
 use crate::error::{OptimError, Result};
+use crate::reference::ReferenceStore;
+use crate::settings::AlphaInit;
 use crate::settings::{DiepSettings, Objective, RelaxationKind, ThresholdMode};
 use crate::state::{DiepState, EpochRecord, fingerprint};
-
-/// Reference logits are cached for the whole calibration set up to this size; above it they
-/// are recomputed for every batch.
-const REFERENCE_CACHE_BYTES: usize = 1 << 30;
+use crate::stream::{Phase, RoutingShares, StreamOptions, Target, prepass, streamed_step};
 
 /// Progress of an optimisation.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Event<'a> {
+    /// The original model's reference distributions are being computed (`kl`): `done` of
+    /// `total` decoder layers.
+    Reference {
+        /// Layers done.
+        done: usize,
+        /// Layers in all.
+        total: usize,
+    },
     /// The loop is about to start (or resume).
     Started {
         /// Steps per epoch.
@@ -27,6 +51,19 @@ pub enum Event<'a> {
         epochs: usize,
         /// Epochs already done (a resumed run).
         epochs_done: usize,
+    },
+    /// A decoder layer of the current step was processed (streamed objectives).
+    Layer {
+        /// 1-based epoch.
+        epoch: usize,
+        /// 1-based step within the epoch.
+        step: usize,
+        /// Forward or backward.
+        phase: Phase,
+        /// Layers done in this phase.
+        done: usize,
+        /// Layers in the phase.
+        total: usize,
     },
     /// One update was applied.
     Step {
@@ -50,15 +87,10 @@ pub enum Event<'a> {
     },
 }
 
-/// Routed experts per MoE layer of a model.
-pub fn expert_counts(config: &diep_models::checkpoint::ModelConfig) -> BTreeMap<usize, usize> {
-    config.moe_layers().into_iter().map(|l| (l, config.experts_in_layer(l))).collect()
-}
-
 /// Experts the routed relaxation's threshold keeps: `Σ N − round(ratio·Σ N)`.
 pub fn keep_count(experts: &BTreeMap<usize, usize>, ratio: f64) -> usize {
     let total: usize = experts.values().sum();
-    total - (ratio * total as f64).round() as usize
+    total - diep_plan::budget(total, ratio)
 }
 
 /// The relaxation at a temperature.
@@ -69,62 +101,116 @@ pub fn relaxation(kind: RelaxationKind, tau: f64) -> Relaxation {
     }
 }
 
-/// Optimises α and β with an end-to-end objective (`ce-norm` or `kl`) on `model`, loaded on
-/// an autodiff device (`device.autodiff()`). The model's weights are never updated: only α
-/// and β are tracked. `resume` continues a saved state of the same run.
-pub fn optimise(
-    model: &MoeModel,
+/// The routed relaxation's keep budget for a run on a model: under a global allocation one
+/// pool of all experts keeping `Σ N − round(ratio·Σ N)`; under a uniform allocation one pool
+/// per layer keeping `N_l − round(ratio·N_l)` — one per routing group of each layer for
+/// group-limited routers, each keeping its share.
+pub fn budget(config: &diep_models::checkpoint::ModelConfig, settings: &DiepSettings) -> Budget {
+    let experts = diep_plan::expert_counts(config);
+    match settings.allocation {
+        diep_plan::Allocation::Global => Budget::global(&experts, keep_count(&experts, settings.ratio)),
+        diep_plan::Allocation::Uniform => {
+            let keep = experts.iter().map(|(l, n)| (*l, n - diep_plan::budget(*n, settings.ratio).min(*n))).collect();
+            let n_group = config.moe.routing.group_limit.map_or(1, |g| g.n_group.max(1));
+            Budget::per_group(&experts, n_group, &keep)
+        }
+    }
+}
+
+/// Optimises α and β on `source` (a [`diep_models::MoeModel`] or a
+/// [`diep_models::StreamingModel`] on an autodiff device, `device.autodiff()`) with the
+/// settings' objective, streaming the end-to-end objectives layer by layer with the default
+/// [`StreamOptions`]. The model's weights are never updated: only α and β are tracked.
+/// `resume` continues a saved state of the same run.
+pub fn optimise<S: LayerSource>(
+    source: &S,
     ids: &[Vec<u32>],
     settings: &DiepSettings,
     resume: Option<DiepState>,
     on_event: impl FnMut(Event<'_>) -> Result<()>,
 ) -> Result<DiepState> {
+    optimise_with(source, ids, settings, resume, &StreamOptions::default(), on_event)
+}
+
+/// [`optimise`] with explicit [`StreamOptions`] (micro-batch size, where boundary states live).
+pub fn optimise_with<S: LayerSource>(
+    source: &S,
+    ids: &[Vec<u32>],
+    settings: &DiepSettings,
+    resume: Option<DiepState>,
+    stream: &StreamOptions,
+    mut on_event: impl FnMut(Event<'_>) -> Result<()>,
+) -> Result<DiepState> {
     if settings.objective == Objective::LayerWise {
-        return optimise_layer_wise(model, ids, settings, resume, on_event);
+        return optimise_layer_wise(source, ids, settings, resume, on_event);
     }
     check_inputs(ids, settings)?;
-    let device = model.device().clone();
-    let experts = expert_counts(model.config());
-    let vocab = model.config().vocab_size;
-    let cache_bytes = ids.iter().map(Vec::len).sum::<usize>() * vocab * 4;
-    let reference_of = |seq: &[Vec<u32>]| -> Result<Tensor<3>> { Ok(model.forward(seq)?.detach()) };
-    let cache: Option<Vec<Tensor<3>>> = if cache_bytes <= REFERENCE_CACHE_BYTES {
-        let mut cached = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(settings.batch_size) {
-            let logits = reference_of(chunk)?;
-            let [b, t, v] = logits.dims();
-            cached.extend((0..b).map(|i| logits.clone().slice([i..i + 1, 0..t, 0..v])));
-        }
-        Some(cached)
+    check_lengths(ids)?;
+    let config = source.config().clone();
+    let experts = diep_plan::expert_counts(&config);
+    let budget = budget(&config, settings);
+    let k = (settings.objective == Objective::Kl).then_some(settings.reference_top_k);
+    let needs_stats = settings.alpha_init != AlphaInit::Zero;
+    let (reference, shares) = if k.is_some() || needs_stats {
+        prepass(source, ids, k, stream, |done, total| on_event(Event::Reference { done, total }))?
     } else {
-        None
+        (None, RoutingShares::default())
     };
-    let objective = settings.objective;
-    let lambda = settings.lambda;
-    let loss_fn = |batch: &[usize], opts: &BTreeMap<usize, MoeForwardOptions>| -> Result<Loss> {
-        let seqs: Vec<Vec<u32>> = batch.iter().map(|i| ids[*i].clone()).collect();
-        let logits = model.forward_per_layer(&seqs, opts)?;
-        let reference = match &cache {
-            Some(c) => Tensor::cat(batch.iter().map(|i| c[*i].clone()).collect(), 0),
-            None => reference_of(&seqs)?,
-        };
-        Ok(match objective {
-            Objective::CeNorm => {
-                let ce = next_token_ce(logits.clone(), &seqs, &device);
-                let norm = (logits - reference).square().sum().add_scalar(1e-12).sqrt();
-                Loss::new(ce.clone() + norm.clone() * lambda, Some(ce), norm)
-            }
-            Objective::Kl => {
-                let log_q = log_softmax(logits, 2);
-                let log_p = log_softmax(reference, 2);
-                let [b, t, _] = log_q.dims();
-                let kl = (log_p.clone().exp() * (log_p - log_q)).sum() / (b * t) as f64;
-                Loss::new(kl.clone(), None, kl)
-            }
-            Objective::LayerWise => unreachable!("handled by optimise_layer_wise"),
+    let init = initial_alpha(settings, &shares);
+    let target = match &reference {
+        Some(store) => Target::Kl(store),
+        None => Target::CeNorm { lambda: settings.lambda },
+    };
+    let device = source.embed(&ids[..1])?.0.device();
+    // Each epoch's plan scored on the first calibration sequences (kl only: it needs the reference).
+    let constraints = diep_plan::Constraints::for_model(&config, settings.min_experts);
+    let select_opts = crate::search::SearchOptions {
+        samples: settings.select_samples,
+        micro_batch: stream.micro_batch,
+        ..Default::default()
+    };
+    let score_epoch = |state: &DiepState| -> Result<Option<f64>> {
+        let (Some(store), true) = (&reference, settings.select_samples > 0) else { return Ok(None) };
+        let scores = crate::plan::expert_scores(state, &device);
+        let kept = diep_plan::select(&scores, settings.ratio, settings.allocation, &constraints)?;
+        let eval = crate::search::Evaluator::with_reference(
+            source,
+            ids,
+            std::borrow::Cow::Borrowed(store),
+            Some(&kept),
+            &select_opts,
+        )?;
+        Ok(Some(eval.loss()))
+    };
+    let events = std::cell::RefCell::new(&mut on_event);
+    let step = |input: &StepInput<'_>| -> Result<StepGrads> {
+        let relax = StepRelax::new(input.state, settings, &budget, input.tau, input.alpha_phase, &device)?;
+        let seqs: Vec<Vec<u32>> = input.batch.iter().map(|i| ids[*i].clone()).collect();
+        let positions = seqs.len() * ids[0].len();
+        streamed_step(source, &seqs, input.batch, &relax, &target, positions, stream, &mut |phase, done, total| {
+            (events.borrow_mut())(Event::Layer { epoch: input.epoch, step: input.step, phase, done, total })
         })
     };
-    run(&device, &experts, ids, settings, resume, loss_fn, on_event)
+    run(&experts, ids, settings, resume, init, step, score_epoch, |e| (events.borrow_mut())(e))
+}
+
+/// α at the start of a run: zero, or `scale · ln(share)` of the routing shares the settings
+/// name, centred per layer.
+pub fn initial_alpha(settings: &DiepSettings, shares: &RoutingShares) -> BTreeMap<usize, Vec<f32>> {
+    let source = match settings.alpha_init {
+        AlphaInit::Zero => return BTreeMap::new(),
+        AlphaInit::SoftActivation => &shares.soft,
+        AlphaInit::Frequency => &shares.selected,
+    };
+    source
+        .iter()
+        .map(|(l, v)| {
+            let total: f64 = v.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+            let logs: Vec<f64> = v.iter().map(|x| (x / total + 1e-6).ln()).collect();
+            let mean = logs.iter().sum::<f64>() / logs.len().max(1) as f64;
+            (*l, logs.iter().map(|x| (settings.alpha_init_scale * (x - mean)) as f32).collect())
+        })
+        .collect()
 }
 
 /// Optimises α and β with the `layer-wise` objective: each MoE block's relaxed output is
@@ -140,7 +226,8 @@ pub fn optimise_layer_wise<S: LayerSource>(
 ) -> Result<DiepState> {
     check_inputs(ids, settings)?;
     let config = source.config().clone();
-    let experts = expert_counts(&config);
+    let experts = diep_plan::expert_counts(&config);
+    let budget = budget(&config, settings);
     // One layer-by-layer pass of the original model: each MoE block's input and output,
     // per calibration sequence.
     let mut inputs: BTreeMap<usize, Vec<Tensor<2>>> = experts.keys().map(|l| (*l, Vec::new())).collect();
@@ -182,23 +269,54 @@ pub fn optimise_layer_wise<S: LayerSource>(
         let total = total.ok_or_else(|| OptimError::Config("the model has no MoE layer".into()))?;
         Ok(Loss::new(total.clone(), None, total))
     };
-    run(&device, &experts, ids, settings, resume, loss_fn, on_event)
+    let step = |input: &StepInput<'_>| autodiff_step(input, settings, &budget, &device, &loss_fn);
+    run(&experts, ids, settings, resume, BTreeMap::new(), step, |_| Ok(None), on_event)
 }
 
-/// A step's objective and its parts.
-struct Loss {
+/// A step's objective and its parts, as a tracked tensor.
+pub(crate) struct Loss {
     total: Tensor<1>,
     ce: Option<Tensor<1>>,
     reg: Tensor<1>,
 }
 
 impl Loss {
-    fn new(total: Tensor<1>, ce: Option<Tensor<1>>, reg: Tensor<1>) -> Self {
+    pub(crate) fn new(total: Tensor<1>, ce: Option<Tensor<1>>, reg: Tensor<1>) -> Self {
         Loss { total, ce, reg }
     }
 }
 
-fn scalar(t: Tensor<1>) -> f64 {
+/// What a step works on.
+pub(crate) struct StepInput<'a> {
+    /// Calibration sequences of the step.
+    pub batch: &'a [usize],
+    /// The state before the step.
+    pub state: &'a DiepState,
+    /// Whether the step updates α (else β).
+    pub alpha_phase: bool,
+    /// The routed relaxation's temperature.
+    pub tau: f64,
+    /// 1-based epoch and step within it.
+    pub epoch: usize,
+    pub step: usize,
+}
+
+/// A step's objective value and the gradient of the phase's parameters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepGrads {
+    /// The objective.
+    pub loss: f64,
+    /// Its cross-entropy part (`ce-norm`), or 0.
+    pub ce: f64,
+    /// Its regulariser / divergence part.
+    pub reg: f64,
+    /// `∂L/∂α_l` per MoE layer (alpha steps).
+    pub alpha: BTreeMap<usize, Vec<f32>>,
+    /// `∂L/∂log β_l` per MoE layer (beta steps).
+    pub log_beta: BTreeMap<usize, f32>,
+}
+
+pub(crate) fn scalar(t: Tensor<1>) -> f64 {
     t.into_data().iter::<f32>().next().map(f64::from).unwrap_or(f64::NAN)
 }
 
@@ -214,6 +332,16 @@ fn check_inputs(ids: &[Vec<u32>], settings: &DiepSettings) -> Result<()> {
     if ids.iter().any(|s| s.len() < 2) {
         return Err(OptimError::Config("calibration sequences need at least 2 tokens".into()));
     }
+    if settings.relaxation == RelaxationKind::RoutedGated && settings.threshold == ThresholdMode::Fixed {
+        return Err(OptimError::Config("the routed-gated relaxation needs the implicit threshold".into()));
+    }
+    Ok(())
+}
+
+fn check_lengths(ids: &[Vec<u32>]) -> Result<()> {
+    if ids.iter().any(|s| s.len() != ids[0].len()) {
+        return Err(OptimError::Config("calibration sequences must all have the same length".into()));
+    }
     Ok(())
 }
 
@@ -226,8 +354,8 @@ pub fn next_token_ce(logits: Tensor<3>, ids: &[Vec<u32>], device: &Device) -> Te
     -logp.gather(2, targets).mean().reshape([1])
 }
 
-/// The order of calibration sequences in an epoch: a seeded shuffle (SplitMix64 +
-/// Fisher–Yates), so a resumed run sees the same batches.
+/// The order of calibration sequences in an epoch: a seeded shuffle, so a resumed run sees the
+/// same batches.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut s = seed ^ (epoch as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15);
     let mut next = move || {
@@ -245,19 +373,319 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-fn run(
+/// The relaxation of one step: the state's α/β, the phase, the temperature and, for the routed
+/// relaxations, the thresholds of the budget's pools.
+pub(crate) struct StepRelax<'a> {
+    state: &'a DiepState,
+    kind: RelaxationKind,
+    tau: f64,
+    alpha_phase: bool,
+    implicit: bool,
+    thresholds: Option<Thresholds>,
+    device: Device,
+}
+
+/// A layer's tracked parameters and the leaf of its threshold input.
+pub(crate) struct Tracked {
+    pub params: LayerParams,
+    pub theta: Option<Tensor<1>>,
+    pub options: MoeForwardOptions,
+}
+
+/// Gradients of one layer accumulated over micro-batches.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LayerGrad {
+    pub alpha: Vec<f64>,
+    pub log_beta: f64,
+    pub theta: Vec<f64>,
+}
+
+impl<'a> StepRelax<'a> {
+    pub(crate) fn new(
+        state: &'a DiepState,
+        settings: &DiepSettings,
+        budget: &Budget,
+        tau: f64,
+        alpha_phase: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let kind = settings.relaxation;
+        let thresholds = (kind != RelaxationKind::Paper).then(|| {
+            let scores = state.params(device).iter().map(|(l, p)| (*l, host_f64(p.routed_score()))).collect();
+            Thresholds::solve(budget, &scores, tau)
+        });
+        Ok(StepRelax {
+            state,
+            kind,
+            tau,
+            alpha_phase,
+            implicit: settings.threshold == ThresholdMode::Implicit,
+            thresholds,
+            device: device.clone(),
+        })
+    }
+
+    /// The options of MoE layer `l` without gradients (the forward sweep).
+    pub(crate) fn plain(&self, l: usize) -> MoeForwardOptions {
+        let p = self.state.layers[&l].params(&self.device, false, false);
+        self.options(l, &p, None)
+    }
+
+    fn options(&self, l: usize, p: &LayerParams, theta: Option<Tensor<1>>) -> MoeForwardOptions {
+        match (self.kind, &self.thresholds) {
+            (RelaxationKind::Paper, _) | (_, None) => {
+                forward_options(Relaxation::Paper, &BTreeMap::from([(l, p.clone())]), 0).remove(&l).expect("layer")
+            }
+            (kind, Some(th)) => {
+                let theta = theta.unwrap_or_else(|| th.layer_theta(l, &self.device));
+                routed_layer_options(p, theta, self.tau, kind == RelaxationKind::RoutedGated)
+            }
+        }
+    }
+
+    /// The options of MoE layer `l` with the phase's parameter (and the threshold input, for
+    /// the implicit threshold) tracked.
+    pub(crate) fn tracked(&self, l: usize) -> Tracked {
+        let params = self.state.layers[&l].params(&self.device, self.alpha_phase, !self.alpha_phase);
+        let theta = match &self.thresholds {
+            Some(th) if self.implicit && self.kind != RelaxationKind::Paper => {
+                Some(th.layer_theta(l, &self.device).require_grad())
+            }
+            _ => None,
+        };
+        let options = self.options(l, &params, theta.clone());
+        Tracked { params, theta, options }
+    }
+
+    /// Adds one backward pass's gradients of layer `l`'s tracked tensors to `acc`.
+    pub(crate) fn accumulate(&self, t: &Tracked, grads: &burn::tensor::Gradients, acc: &mut LayerGrad) {
+        let n = t.params.num_experts();
+        if acc.alpha.is_empty() {
+            acc.alpha = vec![0.0; n];
+            acc.theta = vec![0.0; n];
+        }
+        if self.alpha_phase {
+            if let Some(g) = t.params.alpha.grad(grads) {
+                for (a, x) in acc.alpha.iter_mut().zip(host(g)) {
+                    *a += x as f64;
+                }
+            }
+        } else if let Some(g) = t.params.log_beta.grad(grads) {
+            acc.log_beta += host(g)[0] as f64;
+        }
+        if let Some(theta) = &t.theta
+            && let Some(g) = theta.grad(grads)
+        {
+            for (a, x) in acc.theta.iter_mut().zip(host(g)) {
+                *a += x as f64;
+            }
+        }
+    }
+
+    /// The phase's gradients from the per-layer accumulations: the direct terms plus the
+    /// thresholds' implicit-gradient terms, folded once over all layers and chained through
+    /// `s = log softmax(α) + log N + log β`.
+    pub(crate) fn finish(&self, acc: &BTreeMap<usize, LayerGrad>, out: &mut StepGrads) {
+        let folded = match &self.thresholds {
+            Some(th) if self.implicit => Some(th.fold(&acc.iter().map(|(l, g)| (*l, g.theta.clone())).collect())),
+            _ => None,
+        };
+        for (l, layer) in &self.state.layers {
+            let n = layer.alpha.len();
+            let g = acc.get(l).cloned().unwrap_or_else(|| LayerGrad { alpha: vec![0.0; n], ..Default::default() });
+            let extra = folded.as_ref().map(|f| f[l].clone()).unwrap_or_else(|| vec![0.0; n]);
+            let sum_extra: f64 = extra.iter().sum();
+            if self.alpha_phase {
+                let max = layer.alpha.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let e: Vec<f64> = layer.alpha.iter().map(|a| (*a as f64 - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                let grad = (0..n)
+                    .map(|k| {
+                        let direct = g.alpha.get(k).copied().unwrap_or(0.0);
+                        (direct + extra[k] - e[k] / z * sum_extra) as f32
+                    })
+                    .collect();
+                out.alpha.insert(*l, grad);
+            } else {
+                out.log_beta.insert(*l, (g.log_beta + sum_extra) as f32);
+            }
+        }
+    }
+}
+
+fn host_f64(t: Tensor<1>) -> Vec<f64> {
+    t.into_data().iter::<f32>().map(f64::from).collect()
+}
+
+/// One step through a whole-graph autodiff pass: the phase's parameters tracked, the
+/// relaxation's options for every layer at once ([`diep_relax::routed_options_budget`]), one
+/// backward. Used by the `layer-wise` objective, and as the reference the streamed gradients
+/// are tested against.
+pub(crate) fn autodiff_step(
+    input: &StepInput<'_>,
+    settings: &DiepSettings,
+    budget: &Budget,
     device: &Device,
+    loss_fn: &dyn Fn(&[usize], &BTreeMap<usize, MoeForwardOptions>) -> Result<Loss>,
+) -> Result<StepGrads> {
+    let alpha_phase = input.alpha_phase;
+    let params: BTreeMap<usize, LayerParams> =
+        input.state.layers.iter().map(|(l, s)| (*l, s.params(device, alpha_phase, !alpha_phase))).collect();
+    let opts = match settings.relaxation {
+        RelaxationKind::Paper => forward_options(Relaxation::Paper, &params, 0),
+        kind => diep_relax::routed_options_budget(
+            &params,
+            budget,
+            input.tau,
+            kind == RelaxationKind::RoutedGated,
+            settings.threshold == ThresholdMode::Implicit,
+        ),
+    };
+    let loss = loss_fn(input.batch, &opts)?;
+    let mut out = StepGrads {
+        loss: scalar(loss.total.clone()),
+        ce: loss.ce.map(scalar).unwrap_or(0.0),
+        reg: scalar(loss.reg),
+        ..Default::default()
+    };
+    if !out.loss.is_finite() {
+        return Ok(out);
+    }
+    let grads = loss.total.backward();
+    for (l, p) in &params {
+        if alpha_phase {
+            let g = p.alpha.grad(&grads).map(host).unwrap_or_else(|| vec![0.0; p.num_experts()]);
+            out.alpha.insert(*l, g);
+        } else {
+            let g = p.log_beta.grad(&grads).map(host).map_or(0.0, |v| v[0]);
+            out.log_beta.insert(*l, g);
+        }
+    }
+    Ok(out)
+}
+
+/// The whole-model objective of the in-memory reference: `kl` or `ce-norm` on the final logits
+/// of `model` under per-layer options, against the original model's logits. Kept beside the
+/// streamed implementation, which the tests compare with it.
+#[doc(hidden)]
+pub fn reference_step_grads(
+    model: &diep_models::MoeModel,
+    ids: &[Vec<u32>],
+    batch: &[usize],
+    state: &DiepState,
+    alpha_phase: bool,
+    tau: f64,
+) -> Result<StepGrads> {
+    let settings = &state.settings;
+    let device = model.device().clone();
+    let budget = budget(model.config(), settings);
+    let loss_fn = |batch: &[usize], opts: &BTreeMap<usize, MoeForwardOptions>| -> Result<Loss> {
+        let seqs: Vec<Vec<u32>> = batch.iter().map(|i| ids[*i].clone()).collect();
+        let logits = model.forward_per_layer(&seqs, opts)?;
+        let reference = model.forward(&seqs)?.detach();
+        Ok(match settings.objective {
+            Objective::CeNorm => {
+                let ce = next_token_ce(logits.clone(), &seqs, &device);
+                let norm = (logits - reference).square().sum().add_scalar(1e-12).sqrt();
+                Loss::new(ce.clone() + norm.clone() * settings.lambda, Some(ce), norm)
+            }
+            _ => {
+                let log_q = log_softmax(logits, 2);
+                let log_p = log_softmax(reference, 2);
+                let [b, t, _] = log_q.dims();
+                let kl = (log_p.clone().exp() * (log_p - log_q)).sum() / (b * t) as f64;
+                Loss::new(kl.clone(), None, kl)
+            }
+        })
+    };
+    let input = StepInput { batch, state, alpha_phase, tau, epoch: 1, step: 1 };
+    autodiff_step(&input, settings, &budget, &device, &loss_fn)
+}
+
+/// One step of the streamed objectives outside the optimisation loop, for benchmarks and
+/// tests: the reference is computed once by [`Stepper::new`], then [`Stepper::step`] returns the
+/// objective and the phase's gradients for any batch and state.
+pub struct Stepper<'a, S: LayerSource> {
+    source: &'a S,
+    ids: &'a [Vec<u32>],
+    settings: DiepSettings,
+    budget: Budget,
+    store: Option<ReferenceStore>,
+    stream: StreamOptions,
+    device: Device,
+}
+
+impl<'a, S: LayerSource> Stepper<'a, S> {
+    /// Prepares steps on `ids` with `settings` (`kl`: computes the reference distributions).
+    pub fn new(source: &'a S, ids: &'a [Vec<u32>], settings: &DiepSettings, stream: &StreamOptions) -> Result<Self> {
+        check_inputs(ids, settings)?;
+        check_lengths(ids)?;
+        let k = (settings.objective == Objective::Kl).then_some(settings.reference_top_k);
+        let store = match k {
+            Some(_) => prepass(source, ids, k, stream, |_, _| Ok(()))?.0,
+            None => None,
+        };
+        Ok(Stepper {
+            source,
+            ids,
+            settings: settings.clone(),
+            budget: budget(source.config(), settings),
+            store,
+            stream: stream.clone(),
+            device: source.embed(&ids[..1])?.0.device(),
+        })
+    }
+
+    /// The objective on calibration sequences `batch` and the gradient of α (`alpha_phase`) or
+    /// of `log β`, at `state` and temperature `tau`.
+    pub fn step(&self, batch: &[usize], state: &DiepState, alpha_phase: bool, tau: f64) -> Result<StepGrads> {
+        let target = match &self.store {
+            Some(s) => Target::Kl(s),
+            None => Target::CeNorm { lambda: self.settings.lambda },
+        };
+        let relax = StepRelax::new(state, &self.settings, &self.budget, tau, alpha_phase, &self.device)?;
+        let seqs: Vec<Vec<u32>> = batch.iter().map(|i| self.ids[*i].clone()).collect();
+        let positions = seqs.len() * self.ids[0].len();
+        streamed_step(self.source, &seqs, batch, &relax, &target, positions, &self.stream, &mut |_, _, _| Ok(()))
+    }
+}
+
+/// The streamed gradients of one step, for tests: [`Stepper::step`] with the settings of
+/// `state`.
+#[doc(hidden)]
+pub fn streamed_step_grads<S: LayerSource>(
+    source: &S,
+    ids: &[Vec<u32>],
+    batch: &[usize],
+    state: &DiepState,
+    alpha_phase: bool,
+    tau: f64,
+    stream: &StreamOptions,
+) -> Result<StepGrads> {
+    Stepper::new(source, ids, &state.settings, stream)?.step(batch, state, alpha_phase, tau)
+}
+
+fn run(
     experts: &BTreeMap<usize, usize>,
     ids: &[Vec<u32>],
     settings: &DiepSettings,
     resume: Option<DiepState>,
-    mut loss_fn: impl FnMut(&[usize], &BTreeMap<usize, MoeForwardOptions>) -> Result<Loss>,
+    init: BTreeMap<usize, Vec<f32>>,
+    mut step_fn: impl FnMut(&StepInput<'_>) -> Result<StepGrads>,
+    mut score_epoch: impl FnMut(&DiepState) -> Result<Option<f64>>,
     mut on_event: impl FnMut(Event<'_>) -> Result<()>,
 ) -> Result<DiepState> {
     if experts.is_empty() {
         return Err(OptimError::Config("the model has no MoE layer".into()));
     }
-    let fresh = DiepState::new(settings.clone(), fingerprint(ids), experts);
+    let mut fresh = DiepState::new(settings.clone(), fingerprint(ids), experts);
+    for (l, alpha) in init {
+        if let Some(layer) = fresh.layers.get_mut(&l)
+            && layer.alpha.len() == alpha.len()
+        {
+            layer.alpha = alpha;
+        }
+    }
     let mut state = match resume {
         Some(saved) => {
             fresh.check_resumable(&saved)?;
@@ -265,7 +693,6 @@ fn run(
         }
         None => fresh,
     };
-    let keep = keep_count(experts, settings.ratio);
     let steps_per_epoch = ids.len().div_ceil(settings.batch_size);
     let total = steps_per_epoch * settings.epochs;
     on_event(Event::Started { steps_per_epoch, epochs: settings.epochs, epochs_done: state.epochs_done })?;
@@ -279,20 +706,9 @@ fn run(
             let alpha_phase = settings.is_alpha_step(step);
             lr = settings.lr_at(step, total);
             tau = settings.tau_at(step, total);
-            let params: BTreeMap<usize, LayerParams> =
-                state.layers.iter().map(|(l, s)| (*l, s.params(device, alpha_phase, !alpha_phase))).collect();
-            let opts = match (settings.relaxation, settings.threshold) {
-                (RelaxationKind::Routed, ThresholdMode::Implicit) => routed_options_implicit(&params, keep, tau, false),
-                (RelaxationKind::RoutedGated, ThresholdMode::Implicit) => {
-                    routed_options_implicit(&params, keep, tau, true)
-                }
-                (RelaxationKind::RoutedGated, ThresholdMode::Fixed) => {
-                    return Err(OptimError::Config("the routed-gated relaxation needs the implicit threshold".into()));
-                }
-                (kind, _) => forward_options(relaxation(kind, tau), &params, keep),
-            };
-            let loss = loss_fn(batch, &opts)?;
-            let value = scalar(loss.total.clone());
+            let input = StepInput { batch, state: &state, alpha_phase, tau, epoch: epoch + 1, step: b + 1 };
+            let grads = step_fn(&input)?;
+            let value = grads.loss;
             if !value.is_finite() {
                 return Err(OptimError::Diverged(format!(
                     "the objective is {value} at epoch {} step {} (lr {lr:.3e}, τ {tau:.3e})",
@@ -301,18 +717,16 @@ fn run(
                 )));
             }
             sum += value;
-            sum_ce += loss.ce.map(scalar).unwrap_or(0.0);
-            sum_reg += scalar(loss.reg);
-            let grads = loss.total.backward();
-            for (l, p) in &params {
-                let s = state.layers.get_mut(l).expect("layer");
+            sum_ce += grads.ce;
+            sum_reg += grads.reg;
+            for (l, s) in state.layers.iter_mut() {
                 if alpha_phase {
-                    let g = p.alpha.grad(&grads).map(host).unwrap_or_else(|| vec![0.0; s.alpha.len()]);
+                    let g = grads.alpha.get(l).cloned().unwrap_or_else(|| vec![0.0; s.alpha.len()]);
                     s.alpha_moments.update(settings.optimizer, &mut s.alpha, &g, lr);
                 } else {
-                    let g = p.log_beta.grad(&grads).map(host).unwrap_or_else(|| vec![0.0]);
+                    let g = grads.log_beta.get(l).copied().unwrap_or(0.0);
                     let mut lb = [s.log_beta];
-                    s.beta_moments.update(settings.optimizer, &mut lb, &g, lr);
+                    s.beta_moments.update(settings.optimizer, &mut lb, &[g], lr);
                     s.log_beta = lb[0];
                 }
             }
@@ -328,7 +742,17 @@ fn run(
             lr,
             tau,
             seconds: started.elapsed().as_secs_f64(),
+            discrete: score_epoch(&state)?,
         };
+        if let Some(d) = record.discrete
+            && state.best.as_ref().is_none_or(|b| d < b.discrete)
+        {
+            state.best = Some(crate::state::BestEpoch {
+                epoch: epoch + 1,
+                discrete: d,
+                params: state.layers.iter().map(|(l, s)| (*l, (s.alpha.clone(), s.log_beta))).collect(),
+            });
+        }
         state.history.push(record.clone());
         state.epochs_done = epoch + 1;
         on_event(Event::Epoch { record: &record, state: &state })?;

@@ -7,6 +7,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use diep_plan::Allocation;
 use serde::{Deserialize, Serialize};
 
 macro_rules! named_enum {
@@ -84,6 +85,20 @@ named_enum!(
 );
 
 named_enum!(
+    /// How α starts.
+    AlphaInit {
+        /// α = 0: every expert of a layer equally likely to be kept.
+        Zero => "zero",
+        /// `α_i = scale · ln(share_i)` with `share_i` the expert's mean router probability on
+        /// the calibration set (soft activation), measured in the pass that computes the
+        /// reference: the relaxation starts at the soft-activation ranking.
+        SoftActivation => "soft-activation",
+        /// The same with the share of top-k selections (frequency).
+        Frequency => "frequency",
+    }
+);
+
+named_enum!(
     /// The update rule.
     OptimizerKind {
         /// Adam (β1 0.9, β2 0.999, ε 1e-8).
@@ -125,6 +140,52 @@ pub struct DiepSettings {
     pub tau_end: f64,
     /// Seed of the per-epoch order of calibration sequences.
     pub seed: u64,
+    /// Tokens per position kept of the original model's distribution for the `kl` objective
+    /// (the rest is one "other" outcome; 0: the whole vocabulary, exact). See
+    /// [`crate::reference`].
+    #[serde(default = "default_top_k")]
+    pub reference_top_k: usize,
+    /// The allocation the plan will be cut with. The routed relaxation trains under the same
+    /// budget: one threshold over all layers for `global`, one per layer (per routing group,
+    /// for group-limited routers) for `uniform`, so the optimiser sees the per-layer counts that
+    /// will be cut.
+    #[serde(default = "default_allocation")]
+    pub allocation: Allocation,
+    /// How α starts.
+    #[serde(default = "default_alpha_init")]
+    pub alpha_init: AlphaInit,
+    /// The scale of a statistics-based α start.
+    #[serde(default = "default_alpha_init_scale")]
+    pub alpha_init_scale: f64,
+    /// Minimum experts kept per layer (the floor is `max(num_experts_per_tok, min_experts)`).
+    #[serde(default)]
+    pub min_experts: usize,
+    /// Calibration sequences on which each epoch's plan — the experts its scores select under
+    /// the allocation — is scored by the `kl` objective with hard masks; the plan of the best
+    /// epoch is the result (the relaxed optimum and the discrete plan can drift apart as τ
+    /// anneals). 0: the last epoch's scores, no scoring.
+    #[serde(default = "default_select_samples")]
+    pub select_samples: usize,
+}
+
+fn default_select_samples() -> usize {
+    DiepSettings::default().select_samples
+}
+
+fn default_alpha_init() -> AlphaInit {
+    DiepSettings::default().alpha_init
+}
+
+fn default_alpha_init_scale() -> f64 {
+    DiepSettings::default().alpha_init_scale
+}
+
+fn default_allocation() -> Allocation {
+    Allocation::Global
+}
+
+fn default_top_k() -> usize {
+    DiepSettings::default().reference_top_k
 }
 
 impl Default for DiepSettings {
@@ -144,6 +205,12 @@ impl Default for DiepSettings {
             tau_start: 0.1,
             tau_end: 0.01,
             seed: 0,
+            reference_top_k: 64,
+            allocation: Allocation::Global,
+            alpha_init: AlphaInit::Zero,
+            alpha_init_scale: 1.0,
+            min_experts: 0,
+            select_samples: 8,
         }
     }
 }
@@ -175,6 +242,9 @@ impl DiepSettings {
         positive(self.lr, "lr")?;
         positive(self.tau_start, "tau_start")?;
         positive(self.tau_end, "tau_end")?;
+        if !(self.alpha_init_scale.is_finite() && self.alpha_init_scale >= 0.0) {
+            return Err(format!("alpha_init_scale must be a non-negative number, got {}", self.alpha_init_scale));
+        }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             return Err(format!("lambda must be a non-negative number, got {}", self.lambda));
         }
@@ -194,8 +264,13 @@ impl DiepSettings {
     }
 
     /// Whether `step` updates α (else β): cycles of `alpha_steps` α steps then `beta_steps`
-    /// β steps.
+    /// β steps. Under a uniform allocation the routed relaxations have one threshold per layer,
+    /// which absorbs any change of `log β_l` (every score of the layer moves with it), so β has
+    /// no effect and every step updates α.
     pub fn is_alpha_step(&self, step: usize) -> bool {
+        if self.allocation == Allocation::Uniform && self.relaxation != RelaxationKind::Paper {
+            return true;
+        }
         step % (self.alpha_steps + self.beta_steps) < self.alpha_steps
     }
 }

@@ -116,6 +116,21 @@ pub struct EpochRecord {
     pub tau: f64,
     /// Wall time of the epoch.
     pub seconds: f64,
+    /// The calibration objective of the plan the epoch's scores select (hard masks), where it
+    /// was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discrete: Option<f64>,
+}
+
+/// The epoch whose discretised plan scored best on the calibration objective, and its α/β.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestEpoch {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Its plan's calibration objective.
+    pub discrete: f64,
+    /// `(α_l, log β_l)` per MoE layer after that epoch.
+    pub params: BTreeMap<usize, (Vec<f32>, f32)>,
 }
 
 /// Everything needed to continue an optimisation.
@@ -135,6 +150,10 @@ pub struct DiepState {
     pub layers: BTreeMap<usize, LayerState>,
     /// The loss curve so far.
     pub history: Vec<EpochRecord>,
+    /// The epoch whose plan scored best so far, when epochs are selected by their plan
+    /// ([`crate::DiepSettings::select_epoch`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestEpoch>,
 }
 
 impl DiepState {
@@ -148,6 +167,7 @@ impl DiepState {
             steps_done: 0,
             layers: experts.iter().map(|(l, n)| (*l, LayerState::init(*n))).collect(),
             history: Vec::new(),
+            best: None,
         }
     }
 
@@ -168,13 +188,23 @@ impl DiepState {
 
     /// Writes the state atomically (a temporary file beside `path`, then a rename).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| OptimError::io(dir, e))?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "state".into());
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let text = serde_json::to_string(self).expect("state serialises");
-        std::fs::write(&tmp, text).map_err(|e| OptimError::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| OptimError::io(path, e))
+        diep_common::write_atomic(path, text.as_bytes()).map_err(|e| OptimError::io(path, e))
+    }
+
+    /// The state whose α/β the plan is made from: the best epoch's where one was selected,
+    /// else this one.
+    pub fn for_plan(&self) -> DiepState {
+        let mut st = self.clone();
+        if let Some(best) = &self.best {
+            for (l, (alpha, log_beta)) in &best.params {
+                if let Some(layer) = st.layers.get_mut(l) {
+                    layer.alpha = alpha.clone();
+                    layer.log_beta = *log_beta;
+                }
+            }
+        }
+        st
     }
 
     /// The parameters as (untracked) tensors.
@@ -217,21 +247,16 @@ impl DiepState {
     }
 }
 
-/// A stable fingerprint of token-id sequences (FNV-1a 64 over lengths and ids).
+/// A stable fingerprint of token-id sequences (FNV-1a 64 over lengths and ids, each as 8
+/// little-endian bytes).
 pub fn fingerprint(ids: &[Vec<u32>]) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    let mut eat = |x: u64| {
-        for b in x.to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    };
-    eat(ids.len() as u64);
+    let mut h = diep_common::Fnv1a::new();
+    h.write_u64(ids.len() as u64);
     for s in ids {
-        eat(s.len() as u64);
+        h.write_u64(s.len() as u64);
         for &t in s {
-            eat(t as u64);
+            h.write_u64(u64::from(t));
         }
     }
-    format!("fnv1a64:{h:016x}")
+    format!("fnv1a64:{:016x}", h.finish())
 }

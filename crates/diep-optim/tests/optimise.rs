@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use diep_models::burn::tensor::Device;
 use diep_models::{DeviceSpec, MoeModel, StreamingModel};
 use diep_optim::{
-    Allocation, DiepSettings, DiepState, Event, Moments, Objective, OptimizerKind, RelaxationKind, ThresholdMode,
-    diep_plan, optimise, optimise_layer_wise,
+    DiepSettings, DiepState, Event, Moments, Objective, OptimizerKind, RelaxationKind, ThresholdMode, optimise,
+    optimise_layer_wise, pruning_plan,
 };
+use diep_plan::{Allocation, Constraints};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -44,7 +45,7 @@ fn run(model: &MoeModel, s: &DiepSettings) -> DiepState {
     optimise(model, &calibration(), s, None, |_| Ok(())).unwrap()
 }
 
-/// Every weight of the model, by name, as bits.
+/// Every weight of the model, as bits, by HF name.
 fn weights(m: &MoeModel) -> Vec<(String, Vec<u32>)> {
     m.to_hf_tensors().into_iter().map(|t| (t.name, t.data.into_iter().map(f32::to_bits).collect())).collect()
 }
@@ -76,7 +77,9 @@ fn same_seed_same_state_and_plan() {
     let s = settings(RelaxationKind::Routed, Objective::CeNorm);
     let (a, b) = (run(&model, &s), run(&model, &s));
     assert_eq!(a.layers, b.layers);
-    let plan = |st: &DiepState| diep_plan(model.config(), st, 2, 0, Allocation::Global, &device()).unwrap();
+    let plan = |st: &DiepState| {
+        pruning_plan(model.config(), st, &Constraints::ungrouped(2, 2), 0, Allocation::Global, &device()).unwrap()
+    };
     assert_eq!(plan(&a).kept_experts, plan(&b).kept_experts);
     // Another seed shuffles the calibration order differently.
     let c = run(&model, &DiepSettings { seed: 7, ..s });
@@ -179,7 +182,7 @@ fn plan_meets_the_budget_and_records_alpha_beta_and_curve() {
     let model = load();
     let st = run(&model, &settings(RelaxationKind::Routed, Objective::CeNorm));
     for (allocation, name) in [(Allocation::Global, "global"), (Allocation::Uniform, "uniform")] {
-        let plan = diep_plan(model.config(), &st, 2, 0, allocation, &device()).unwrap();
+        let plan = pruning_plan(model.config(), &st, &Constraints::ungrouped(2, 2), 0, allocation, &device()).unwrap();
         plan.validate(model.config()).unwrap();
         assert_eq!(plan.method, "diep");
         assert_eq!(plan.allocation.as_deref(), Some(name));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use diep_models::tokenizer::{Tokenizer, encode};
 
 use crate::error::{PruneError, Result};
-use crate::rng::SplitMix64;
+use diep_common::SplitMix64;
 
 /// How to draw calibration samples.
 #[derive(Debug, Clone)]

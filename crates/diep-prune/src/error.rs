@@ -5,6 +5,7 @@ pub type Result<T, E = PruneError> = std::result::Result<T, E>;
 
 /// Errors of the pruning pipeline.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PruneError {
     /// The model failed.
     #[error(transparent)]
@@ -26,8 +27,11 @@ pub enum PruneError {
         /// What is wrong.
         reason: String,
     },
-    /// The requested settings cannot be satisfied (ratio out of range, budget below the
-    /// per-layer floors, too many NAEE subsets, ...).
+    /// The ratio, budget, floors or routing groups cannot be satisfied.
+    #[error(transparent)]
+    Plan(#[from] diep_plan::PlanError),
+    /// The requested settings cannot be satisfied (too many NAEE subsets, no calibration
+    /// text, ...).
     #[error("{0}")]
     Config(String),
 }

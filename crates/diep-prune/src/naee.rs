@@ -9,11 +9,14 @@
 //! compared with the full routed output in Frobenius norm. The shared expert, identical in
 //! both, cancels.
 
+use std::collections::BTreeMap;
+
 use burn::tensor::{Tensor, TensorData};
+use diep_checkpoint::ModelConfig;
 use diep_models::{MoeBlock, RoutingRule};
 
 use crate::error::{PruneError, Result};
-use crate::stats::BlockCache;
+use crate::stats::{BlockCache, LayerHook, LayerStats};
 
 /// Number of `k`-subsets of `n`, saturating.
 pub fn binomial(n: usize, k: usize) -> u128 {
@@ -30,6 +33,59 @@ pub struct NaeeResult {
     pub error: f64,
     /// Subsets tried.
     pub subsets: u128,
+}
+
+/// NAEE's search as a [`LayerHook`] of the statistics pass: each MoE layer's best subset of
+/// the requested size, searched on the layer's cached block inputs while its weights are
+/// resident. The statistics pass must cache tokens ([`crate::StatsOptions::naee_tokens`]).
+#[derive(Debug, Clone)]
+pub struct NaeeSearch {
+    keep: BTreeMap<usize, usize>,
+    max_subsets: u128,
+    /// The result of each layer searched so far.
+    pub results: BTreeMap<usize, NaeeResult>,
+}
+
+impl NaeeSearch {
+    /// A search keeping `keep[l]` experts in MoE layer `l`. Refuses, before any computation,
+    /// a layer with more than `max_subsets` subsets or without a kept count.
+    pub fn new(config: &ModelConfig, keep: BTreeMap<usize, usize>, max_subsets: u128) -> Result<Self> {
+        for layer in config.moe_layers() {
+            let n = config.experts_in_layer(layer);
+            let k = *keep
+                .get(&layer)
+                .ok_or_else(|| PruneError::Config(format!("NAEE: no kept count for layer {layer}")))?;
+            check_subsets(layer, n, k, max_subsets)?;
+        }
+        Ok(NaeeSearch { keep, max_subsets, results: BTreeMap::new() })
+    }
+}
+
+impl LayerHook for NaeeSearch {
+    fn on_moe_layer(&mut self, layer: usize, block: &MoeBlock, stats: &LayerStats) -> Result<()> {
+        let cache = stats
+            .cache
+            .as_ref()
+            .ok_or_else(|| PruneError::Config("NAEE needs cached calibration tokens (naee_tokens > 0)".into()))?;
+        let keep = *self
+            .keep
+            .get(&layer)
+            .ok_or_else(|| PruneError::Config(format!("NAEE: no kept count for layer {layer}")))?;
+        self.results.insert(layer, search_layer(block, cache, keep, self.max_subsets, layer)?);
+        Ok(())
+    }
+}
+
+fn check_subsets(layer: usize, n: usize, keep: usize, max_subsets: u128) -> Result<u128> {
+    let subsets = binomial(n, keep);
+    if subsets > max_subsets {
+        return Err(PruneError::Config(format!(
+            "NAEE on layer {layer} would try C({n}, {keep}) = {subsets} expert subsets, more than the limit of \
+             {max_subsets} (--naee-max-subsets); NAEE's exhaustive search does not scale to this many experts — \
+             use another method"
+        )));
+    }
+    Ok(subsets)
 }
 
 /// Router logits and every expert's output on the cached inputs, on the host.
@@ -111,14 +167,7 @@ pub fn search_layer(
     layer: usize,
 ) -> Result<NaeeResult> {
     let n = block.num_experts();
-    let subsets = binomial(n, keep);
-    if subsets > max_subsets {
-        return Err(PruneError::Config(format!(
-            "NAEE on layer {layer} would try C({n}, {keep}) = {subsets} expert subsets, more than the limit of \
-             {max_subsets} (--naee-max-subsets); NAEE's exhaustive search does not scale to this many experts — \
-             use another method"
-        )));
-    }
+    let subsets = check_subsets(layer, n, keep, max_subsets)?;
     if cache.tokens == 0 {
         return Err(PruneError::Config(format!("NAEE: no cached calibration tokens for layer {layer}")));
     }

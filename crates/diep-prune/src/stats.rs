@@ -5,41 +5,38 @@
 //! (the shape a streaming loader needs). For every MoE layer and expert it collects:
 //! selection count, summed router probability, REAP's `Σ g_j(x)·‖E_j(x)‖₂` and `Σ ‖E_j(x)‖₂`
 //! over routed tokens, and, on the first `naee_tokens` tokens, the block's inputs and
-//! outputs for NAEE's reconstruction search.
+//! outputs (for NAEE's reconstruction search). A [`LayerHook`] runs more work on each MoE layer
+//! while its weights are resident (NAEE's subset search is one).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use burn::tensor::Tensor;
-use diep_models::{LayerSource, MoeForwardOptions};
+use diep_models::{LayerSource, MoeBlock, MoeForwardOptions};
 
-use crate::error::{PruneError, Result};
-use crate::naee::{NaeeResult, binomial, search_layer};
+use crate::error::Result;
 
 /// Options of [`collect_statistics`].
 #[derive(Debug, Clone)]
 pub struct StatsOptions {
     /// Calibration sequences per forward batch.
     pub batch_size: usize,
-    /// Tokens whose MoE inputs/outputs are cached for NAEE (0: none).
+    /// Tokens whose MoE inputs/outputs are cached per layer ([`LayerStats::cache`]; 0: none).
     pub naee_tokens: usize,
-    /// Run NAEE's subset search on each layer while its weights are loaded.
-    pub naee: Option<NaeeSpec>,
 }
 
 impl Default for StatsOptions {
     fn default() -> Self {
-        StatsOptions { batch_size: 8, naee_tokens: 0, naee: None }
+        StatsOptions { batch_size: 8, naee_tokens: 0 }
     }
 }
 
-/// NAEE's search, run during the statistics pass.
-#[derive(Debug, Clone)]
-pub struct NaeeSpec {
-    /// Experts to keep per MoE layer.
-    pub keep: BTreeMap<usize, usize>,
-    /// Refuse layers with more subsets than this (checked before any computation).
-    pub max_subsets: u128,
+/// Work run on each MoE layer during the statistics pass, after the whole calibration set has
+/// gone through it and while its weights are resident (so a streaming model loads each layer
+/// once).
+pub trait LayerHook {
+    /// Called once per MoE layer, in layer order, with the layer's block and its statistics.
+    fn on_moe_layer(&mut self, layer: usize, block: &MoeBlock, stats: &LayerStats) -> Result<()>;
 }
 
 /// Cached MoE-block inputs and outputs of one layer, row-major `[tokens, hidden]`.
@@ -70,10 +67,8 @@ pub struct LayerStats {
     pub reap_sum: Vec<f64>,
     /// `Σ ‖E_j(x)‖₂` over the tokens routed to each expert.
     pub norm_sum: Vec<f64>,
-    /// NAEE's cache, if requested.
+    /// The block's cached inputs and outputs, if requested ([`StatsOptions::naee_tokens`]).
     pub cache: Option<BlockCache>,
-    /// NAEE's search result, if requested.
-    pub naee: Option<NaeeResult>,
 }
 
 impl LayerStats {
@@ -86,7 +81,6 @@ impl LayerStats {
             reap_sum: vec![0.0; experts],
             norm_sum: vec![0.0; experts],
             cache: None,
-            naee: None,
         }
     }
 
@@ -128,32 +122,21 @@ pub fn collect_statistics<S: LayerSource>(
     model: &S,
     samples: &[Vec<u32>],
     opts: &StatsOptions,
+    progress: impl FnMut(usize, usize),
+) -> Result<CalibrationStats> {
+    collect_statistics_with(model, samples, opts, &mut [], progress)
+}
+
+/// [`collect_statistics`], running each of `hooks` on every MoE layer while it is resident.
+pub fn collect_statistics_with<S: LayerSource>(
+    model: &S,
+    samples: &[Vec<u32>],
+    opts: &StatsOptions,
+    hooks: &mut [&mut dyn LayerHook],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<CalibrationStats> {
     let start = Instant::now();
     let config = model.config();
-    if let Some(naee) = &opts.naee {
-        if opts.naee_tokens == 0 {
-            return Err(PruneError::Config("NAEE needs cached calibration tokens (naee_tokens > 0)".into()));
-        }
-        // Refuse before any computation.
-        for layer in config.moe_layers() {
-            let n = config.experts_in_layer(layer);
-            let keep = *naee
-                .keep
-                .get(&layer)
-                .ok_or_else(|| PruneError::Config(format!("NAEE: no kept count for layer {layer}")))?;
-            let subsets = binomial(n, keep);
-            if subsets > naee.max_subsets {
-                return Err(PruneError::Config(format!(
-                    "NAEE on layer {layer} would try C({n}, {keep}) = {subsets} expert subsets, more than the limit of \
-                     {} (--naee-max-subsets); NAEE's exhaustive search does not scale to this many experts — \
-                     use another method",
-                    naee.max_subsets
-                )));
-            }
-        }
-    }
     let mut states =
         samples.chunks(opts.batch_size.max(1)).map(|b| model.embed(b)).collect::<std::result::Result<Vec<_>, _>>()?;
     let tokens: usize = samples.iter().map(Vec::len).sum();
@@ -194,10 +177,10 @@ pub fn collect_statistics<S: LayerSource>(
                 }
                 *h = out.hidden;
             }
-            if let (Some(stats), Some(naee), Some(block)) = (stats.as_mut(), &opts.naee, layer.moe()) {
-                let cache = stats.cache.take().unwrap_or_default();
-                stats.naee = Some(search_layer(block, &cache, naee.keep[&i], naee.max_subsets, i)?);
-                stats.cache = Some(cache);
+            if let (Some(stats), Some(block)) = (stats.as_ref(), layer.moe()) {
+                for hook in hooks.iter_mut() {
+                    hook.on_moe_layer(i, block, stats)?;
+                }
             }
             Ok(stats)
         })??;

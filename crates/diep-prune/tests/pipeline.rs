@@ -8,10 +8,9 @@ use std::path::PathBuf;
 use diep_models::StreamingModel;
 use diep_models::burn::tensor::{Device, Tensor, TensorData};
 use diep_models::{DeviceSpec, MoeModel};
+use diep_plan::{Allocation, PruningPlan};
 use diep_prune::calib::{CalibrationSpec, sample_calibration};
-use diep_prune::{
-    Allocation, BaselineSpec, Method, PruningPlan, StatsOptions, collect_statistics, plan_baseline, stats_options,
-};
+use diep_prune::{BaselineSpec, Method, StatsOptions, collect_statistics, plan_baseline, run_baseline, stats_options};
 use proptest::prelude::*;
 
 fn root() -> PathBuf {
@@ -61,9 +60,7 @@ fn calibration_is_deterministic_and_checks_its_budget() {
 fn statistics_are_consistent() {
     let m = model("tiny-qwen2-moe");
     let samples = calib("tiny-qwen2-moe", 6, 32, 1);
-    let stats =
-        collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 50, naee: None }, |_, _| {})
-            .unwrap();
+    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 50 }, |_, _| {}).unwrap();
     assert_eq!(stats.layers.keys().copied().collect::<Vec<_>>(), m.moe_layers());
     for s in stats.layers.values() {
         assert_eq!(s.tokens, 6 * 32);
@@ -85,9 +82,7 @@ fn statistics_are_consistent() {
 fn naee_error_matches_the_real_masked_block() {
     let mut m = model("tiny-mixtral");
     let samples = calib("tiny-mixtral", 4, 32, 3);
-    let stats =
-        collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64, naee: None }, |_, _| {})
-            .unwrap();
+    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64 }, |_, _| {}).unwrap();
     for (layer, s) in &stats.layers {
         let cache = s.cache.as_ref().unwrap();
         let block = m.moe_block(*layer).unwrap().clone();
@@ -114,8 +109,8 @@ fn naee_error_matches_the_real_masked_block() {
     // The pass refuses an oversized search before computing anything.
     let mut spec = spec(Method::Naee, Allocation::Uniform, 0.5);
     spec.naee_max_subsets = 10;
-    let opts = stats_options(m.config(), &spec, 4, 64).unwrap();
-    let err = collect_statistics(&m, &samples, &opts, |_, _| panic!("no layer may run")).unwrap_err();
+    let opts = stats_options(&spec, 4, 64);
+    let err = run_baseline(&m, &samples, &spec, &opts, |_, _| panic!("no layer may run")).unwrap_err();
     assert!(err.to_string().contains("C(8, 4) = 70") && err.to_string().contains("--naee-max-subsets"), "{err}");
 }
 
@@ -124,7 +119,7 @@ fn streaming_statistics_equal_in_memory_statistics() {
     let m = model("tiny-qwen2-moe");
     let streaming = StreamingModel::open(root().join("fixtures/models/tiny-qwen2-moe"), &device()).unwrap();
     let samples = calib("tiny-qwen2-moe", 4, 32, 9);
-    let opts = StatsOptions { batch_size: 3, naee_tokens: 16, naee: None };
+    let opts = StatsOptions { batch_size: 3, naee_tokens: 16 };
     let a = collect_statistics(&m, &samples, &opts, |_, _| {}).unwrap();
     let b = collect_statistics(&streaming, &samples, &opts, |_, _| {}).unwrap();
     for (l, sa) in &a.layers {
@@ -144,21 +139,16 @@ fn spec(method: Method, allocation: Allocation, ratio: f64) -> BaselineSpec {
 fn every_baseline_meets_its_budget_and_floors() {
     let m = model("tiny-qwen2-moe");
     let samples = calib("tiny-qwen2-moe", 4, 32, 2);
-    let stats =
-        collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64, naee: None }, |_, _| {})
-            .unwrap();
+    let stats = collect_statistics(&m, &samples, &StatsOptions { batch_size: 4, naee_tokens: 64 }, |_, _| {}).unwrap();
     let total: usize = 3 * 8;
     for method in Method::ALL {
         for allocation in [Allocation::Uniform, Allocation::Global] {
             for ratio in [0.25, 0.5] {
                 let spec = spec(method, allocation, ratio);
-                let plan = match stats_options(m.config(), &spec, 4, 64) {
-                    Ok(opts) if method == Method::Naee => {
-                        let naee_stats = collect_statistics(&m, &samples, &opts, |_, _| {}).unwrap();
-                        plan_baseline(m.config(), &naee_stats, &spec)
-                    }
-                    Ok(_) => plan_baseline(m.config(), &stats, &spec),
-                    Err(e) => Err(e),
+                let plan = if method == Method::Naee {
+                    run_baseline(&m, &samples, &spec, &stats_options(&spec, 4, 64), |_, _| {}).map(|(_, p)| p)
+                } else {
+                    plan_baseline(m.config(), &stats, &spec, None)
                 };
                 if method == Method::Naee && allocation == Allocation::Global {
                     assert!(plan.unwrap_err().to_string().contains("uniform"));
@@ -175,9 +165,9 @@ fn every_baseline_meets_its_budget_and_floors() {
             }
         }
     }
-    let err = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Global, 1.0)).unwrap_err();
+    let err = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Global, 1.0), None).unwrap_err();
     assert!(err.to_string().contains("between 0 and 1"));
-    let err = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Uniform, 0.9)).unwrap_err();
+    let err = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Uniform, 0.9), None).unwrap_err();
     assert!(err.to_string().contains("floor"));
 }
 
@@ -186,7 +176,7 @@ fn frequency_keeps_the_most_selected_experts() {
     let m = model("tiny-mixtral");
     let samples = calib("tiny-mixtral", 4, 32, 4);
     let stats = collect_statistics(&m, &samples, &StatsOptions::default(), |_, _| {}).unwrap();
-    let plan = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Uniform, 0.5)).unwrap();
+    let plan = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Uniform, 0.5), None).unwrap();
     for (l, kept) in &plan.kept_experts {
         let f = &stats.layers[l].frequency;
         let min_kept = kept.iter().map(|e| f[*e]).min().unwrap();
@@ -322,7 +312,7 @@ fn baselines_respect_routing_groups() {
         let stats = collect_statistics(&m, &samples, &StatsOptions::default(), |_, _| {}).unwrap();
         for method in [Method::Frequency, Method::Reap, Method::Random] {
             for allocation in [Allocation::Uniform, Allocation::Global] {
-                let plan = plan_baseline(m.config(), &stats, &spec(method, allocation, 0.5))
+                let plan = plan_baseline(m.config(), &stats, &spec(method, allocation, 0.5), None)
                     .unwrap_or_else(|e| panic!("{name} {method} {allocation}: {e}"));
                 plan.validate(m.config()).unwrap_or_else(|e| panic!("{name} {method} {allocation}: {e}"));
                 for (l, kept) in &plan.kept_experts {

@@ -13,8 +13,8 @@
 //!   so that `Σ p = Σ N − K`; the router sees `z + log p` before its usual top-k. At
 //!   `p ∈ {0, 1}` this is exactly the pruned model.
 //!
-//! [`discretise`] turns scores into kept experts: a budget `K = round(r·Σ N)` removed by one
-//! global ranking with a per-layer floor, or the same count per layer (`uniform`).
+//! [`scores`] gives the per-expert scores the discrete choice ranks by; the choice itself is
+//! [`diep_plan::select`], the one shared by every method.
 #![warn(missing_docs)]
 
 use std::collections::BTreeMap;
@@ -22,14 +22,6 @@ use std::collections::BTreeMap;
 use burn::tensor::activation::{log_sigmoid, log_softmax, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 use diep_models::MoeForwardOptions;
-
-/// Errors of the relaxation.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum RelaxError {
-    /// The budget cannot be met under the floors, or the ratio is out of range.
-    #[error("{0}")]
-    Budget(String),
-}
 
 /// Which relaxation the model runs under.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -135,56 +127,210 @@ pub fn routed_options(
         .collect()
 }
 
-/// The routed relaxation with a threshold that carries the budget's gradient: `θ(s)` is the
-/// solution of `Σ σ((s − θ)/τ) = keep`, so by the implicit function theorem
-/// `∂θ/∂s_i = σ'_i / Σ_j σ'_j`. The value is the bisection's; the gradient makes the keep
-/// budget zero-sum, so raising one expert's (or layer's) score lowers everyone else's
-/// keep-probability, as the discrete ranking will.
+/// Which experts share a threshold of the routed relaxation, and how many each group keeps in
+/// expectation: the relaxation's keep budget.
+///
+/// - [`Budget::global`]: one pool of all experts of all layers keeping `Σ N − K` — the budget
+///   of a global allocation, where layers compete for experts;
+/// - [`Budget::per_layer`]: one pool per layer keeping `N_l − round(r·N_l)` — the budget of a
+///   uniform allocation, so the optimiser sees the per-layer counts that will be cut;
+/// - [`Budget::per_group`]: one pool per routing group of each layer, for group-limited
+///   routers under a uniform allocation (each group keeps the same count).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    /// Members of each pool, `(layer, expert)`.
+    pools: Vec<Vec<(usize, usize)>>,
+    /// Experts each pool keeps in expectation.
+    keep: Vec<f64>,
+}
+
+impl Budget {
+    /// One pool of every expert of `experts` (routed experts per MoE layer), keeping `keep`.
+    pub fn global(experts: &BTreeMap<usize, usize>, keep: usize) -> Self {
+        let members = experts.iter().flat_map(|(l, n)| (0..*n).map(move |e| (*l, e))).collect();
+        Budget { pools: vec![members], keep: vec![keep as f64] }
+    }
+
+    /// One pool per layer, layer `l` keeping `keep[l]` of its `experts[l]`.
+    pub fn per_layer(experts: &BTreeMap<usize, usize>, keep: &BTreeMap<usize, usize>) -> Self {
+        Self::per_group(experts, 1, keep)
+    }
+
+    /// One pool per routing group (`n_group` contiguous groups per layer), layer `l` keeping
+    /// `keep[l]` split evenly over its groups.
+    pub fn per_group(experts: &BTreeMap<usize, usize>, n_group: usize, keep: &BTreeMap<usize, usize>) -> Self {
+        let n_group = n_group.max(1);
+        let mut b = Budget { pools: Vec::new(), keep: Vec::new() };
+        for (l, n) in experts {
+            let size = n / n_group;
+            for g in 0..n_group {
+                b.pools.push((g * size..(g + 1) * size).map(|e| (*l, e)).collect());
+                b.keep.push(keep.get(l).copied().unwrap_or(*n) as f64 / n_group as f64);
+            }
+        }
+        b
+    }
+
+    /// Number of pools.
+    pub fn pools(&self) -> usize {
+        self.pools.len()
+    }
+
+    /// Expected kept count of each pool.
+    pub fn keep(&self) -> &[f64] {
+        &self.keep
+    }
+}
+
+/// The thresholds of a routed relaxation at one step: `θ_P` of every pool `P` of a [`Budget`],
+/// set by bisection so that `Σ_{i∈P} σ((s_i − θ_P)/τ) = keep_P`, and the weights of its
+/// implicit gradient `∂θ_P/∂s_i = σ'_i / Σ_{j∈P} σ'_j` (zero outside `P`). Computed on the host,
+/// without gradients: a whole-model autodiff pass ([`routed_options_budget`]) and a streamed
+/// per-layer one (each layer's `θ` a leaf whose gradient is folded back through these weights)
+/// use the same numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Thresholds {
+    /// `θ` of each pool.
+    pub theta: Vec<f64>,
+    /// Per layer, the pool of each expert.
+    pub pool: BTreeMap<usize, Vec<usize>>,
+    /// Per layer, `∂θ_{pool(i)}/∂s_i` of each expert.
+    pub weights: BTreeMap<usize, Vec<f64>>,
+}
+
+impl Thresholds {
+    /// Solves every pool's threshold for `scores` (per layer, per expert `s`) at temperature
+    /// `tau`.
+    pub fn solve(budget: &Budget, scores: &BTreeMap<usize, Vec<f64>>, tau: f64) -> Self {
+        let mut pool: BTreeMap<usize, Vec<usize>> = scores.iter().map(|(l, s)| (*l, vec![0; s.len()])).collect();
+        let mut weights: BTreeMap<usize, Vec<f64>> = scores.iter().map(|(l, s)| (*l, vec![0.0; s.len()])).collect();
+        let mut theta = Vec::with_capacity(budget.pools.len());
+        for (p, members) in budget.pools.iter().enumerate() {
+            let s: Vec<f64> = members.iter().map(|(l, e)| scores[l][*e]).collect();
+            let t = threshold(&s, budget.keep[p], tau);
+            // σ'((s − θ)/τ) per member, normalised over the pool: the weights of ∂θ/∂s.
+            let slope: Vec<f64> = s
+                .iter()
+                .map(|s| {
+                    let q = 1.0 / (1.0 + (-(s - t) / tau).exp());
+                    q * (1.0 - q)
+                })
+                .collect();
+            let norm: f64 = slope.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+            for ((l, e), w) in members.iter().zip(slope) {
+                pool.get_mut(l).expect("layer")[*e] = p;
+                weights.get_mut(l).expect("layer")[*e] = w / norm;
+            }
+            theta.push(t);
+        }
+        Thresholds { theta, pool, weights }
+    }
+
+    /// `θ` of each expert of `layer` (its pool's), as an f32 tensor: the threshold input of
+    /// [`routed_layer_options`].
+    pub fn layer_theta(&self, layer: usize, device: &Device) -> Tensor<1> {
+        let v: Vec<f32> = self.pool[&layer].iter().map(|p| self.theta[*p] as f32).collect();
+        let n = v.len();
+        Tensor::from_data(TensorData::new(v, [n]), device)
+    }
+
+    /// Folds the gradient of the loss with respect to each expert's threshold input (`dθ`, per
+    /// layer and expert, as returned for [`Thresholds::layer_theta`] leaves) back onto the
+    /// scores: the implicit-gradient term `Σ_{j∈P} dθ_j · ∂θ_P/∂s_i` of every expert `i` of
+    /// pool `P`, per layer. Add it to the direct `∂L/∂s`.
+    pub fn fold(&self, dtheta: &BTreeMap<usize, Vec<f64>>) -> BTreeMap<usize, Vec<f64>> {
+        let mut per_pool = vec![0.0; self.theta.len()];
+        for (l, d) in dtheta {
+            for (e, g) in d.iter().enumerate() {
+                per_pool[self.pool[l][e]] += g;
+            }
+        }
+        self.weights
+            .iter()
+            .map(|(l, w)| (*l, w.iter().zip(&self.pool[l]).map(|(w, p)| w * per_pool[*p]).collect()))
+            .collect()
+    }
+}
+
+/// The routed relaxation's options for one layer given its threshold input `theta` (`[N_l]`,
+/// each expert's pool threshold; a tensor so a streamed backward can take its gradient):
+/// router bias `log p`, `p = σ((s − θ)/τ)`, and with `gate_outputs` every routed contribution
+/// multiplied by `p`.
+pub fn routed_layer_options(p: &LayerParams, theta: Tensor<1>, tau: f64, gate_outputs: bool) -> MoeForwardOptions {
+    // log σ computed stably: finite (with a finite gradient) even where p underflows.
+    let log_p = log_sigmoid((p.routed_score() - theta) / tau);
+    let expert_scale = gate_outputs.then(|| log_p.clone().exp());
+    MoeForwardOptions { router_bias: Some(log_p), expert_scale, ..Default::default() }
+}
+
+/// The routed relaxation over a whole model under a [`Budget`], for one autodiff pass through
+/// every layer. With `implicit`, each pool's threshold carries its implicit gradient: `θ_P(s)`
+/// solves `Σ_{i∈P} σ((s_i − θ_P)/τ) = keep_P`, so `∂θ_P/∂s_i = σ'_i / Σ_{j∈P} σ'_j`; the value
+/// is the bisection's, and the gradient makes each pool's keep budget zero-sum, so raising one
+/// expert's (or layer's) score lowers the others' keep-probability, as the discrete ranking
+/// will. Without, θ is a constant of the step.
 ///
 /// With `gate_outputs`, each routed contribution is also multiplied by `p` (still exact at
 /// hard masks: a kept expert has `p = 1`, a removed one is never selected), so a uniformly
 /// lowered `p` — invisible to the softmax — is felt through the block's output.
+pub fn routed_options_budget(
+    params: &BTreeMap<usize, LayerParams>,
+    budget: &Budget,
+    tau: f64,
+    gate_outputs: bool,
+    implicit: bool,
+) -> BTreeMap<usize, MoeForwardOptions> {
+    let scores: BTreeMap<usize, Tensor<1>> = params.iter().map(|(l, p)| (*l, p.routed_score())).collect();
+    let host_scores: BTreeMap<usize, Vec<f64>> = scores.iter().map(|(l, s)| (*l, host(s.clone().detach()))).collect();
+    let th = Thresholds::solve(budget, &host_scores, tau);
+    // θ_P = θ0_P + Σ_{j∈P} w_j (s_j − detach(s_j)): the bisection's value, the implicit gradient.
+    let mut pool_theta: Vec<Option<Tensor<1>>> = vec![None; th.theta.len()];
+    if implicit {
+        for (l, s) in &scores {
+            let n = s.dims()[0];
+            for (p, slot) in pool_theta.iter_mut().enumerate() {
+                let w: Vec<f32> =
+                    (0..n).map(|e| if th.pool[l][e] == p { th.weights[l][e] as f32 } else { 0.0 }).collect();
+                if w.iter().all(|x| *x == 0.0) {
+                    continue;
+                }
+                let w = Tensor::from_data(TensorData::new(w, [n]), &s.device());
+                let term = ((s.clone() - s.clone().detach()) * w).sum();
+                *slot = Some(match slot.take() {
+                    Some(t) => t + term,
+                    None => term,
+                });
+            }
+        }
+    }
+    params
+        .iter()
+        .map(|(l, p)| {
+            let device = p.alpha.device();
+            let n = p.num_experts();
+            let mut theta = th.layer_theta(*l, &device);
+            for (pi, t) in pool_theta.iter().enumerate() {
+                let Some(t) = t else { continue };
+                let ind: Vec<f32> = th.pool[l].iter().map(|q| if *q == pi { 1.0 } else { 0.0 }).collect();
+                if ind.iter().any(|x| *x != 0.0) {
+                    theta = theta + t.clone().expand([n]) * Tensor::from_data(TensorData::new(ind, [n]), &device);
+                }
+            }
+            (*l, routed_layer_options(p, theta, tau, gate_outputs))
+        })
+        .collect()
+}
+
+/// [`routed_options_budget`] with one global pool keeping `keep` experts and the implicit
+/// threshold gradient.
 pub fn routed_options_implicit(
     params: &BTreeMap<usize, LayerParams>,
     keep: usize,
     tau: f64,
     gate_outputs: bool,
 ) -> BTreeMap<usize, MoeForwardOptions> {
-    let scores: BTreeMap<usize, Tensor<1>> = params.iter().map(|(l, p)| (*l, p.routed_score())).collect();
-    let all: Vec<f64> = scores.values().flat_map(|s| host(s.clone().detach())).collect();
-    let theta0 = threshold(&all, keep as f64, tau);
-    // σ'((s − θ)/τ) per expert, normalised over all experts: the weights of ∂θ/∂s.
-    let slope: Vec<f64> = all
-        .iter()
-        .map(|s| {
-            let p = 1.0 / (1.0 + (-(s - theta0) / tau).exp());
-            p * (1.0 - p)
-        })
-        .collect();
-    let norm: f64 = slope.iter().sum::<f64>().max(f64::MIN_POSITIVE);
-    let mut offset = 0;
-    let mut theta: Option<Tensor<1>> = None;
-    for s in scores.values() {
-        let n = s.dims()[0];
-        let w: Vec<f32> = slope[offset..offset + n].iter().map(|x| (x / norm) as f32).collect();
-        offset += n;
-        let w = Tensor::from_data(TensorData::new(w, [n]), &s.device());
-        let term = ((s.clone() - s.clone().detach()) * w).sum();
-        theta = Some(match theta {
-            Some(t) => t + term,
-            None => term,
-        });
-    }
-    let theta = theta.map(|t| t + theta0);
-    params
-        .keys()
-        .map(|l| {
-            let t = theta.clone().expect("at least one layer");
-            let log_p = log_sigmoid((scores[l].clone() - t) / tau);
-            let expert_scale = gate_outputs.then(|| log_p.clone().exp());
-            (*l, MoeForwardOptions { router_bias: Some(log_p), expert_scale, ..Default::default() })
-        })
-        .collect()
+    let experts = params.iter().map(|(l, p)| (*l, p.num_experts())).collect();
+    routed_options_budget(params, &Budget::global(&experts, keep), tau, gate_outputs, true)
 }
 
 /// Router biases that keep exactly the given experts (0 kept, −∞ removed): the routed
@@ -200,86 +346,9 @@ pub fn hard_mask_options(kept: &BTreeMap<usize, Vec<bool>>, device: &Device) -> 
         .collect()
 }
 
-/// How the discrete choice is made from scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Allocation {
-    /// The same number removed in every layer (`round(r·N_l)`), ranked by α within the layer.
-    Uniform,
-    /// One ranking of all experts of all layers by their global score.
-    Global,
-}
-
-/// Turns per-layer scores (higher = keep) into kept expert ids (ascending) per layer.
-///
-/// `Global` removes exactly `K = round(ratio·Σ N)` experts, the lowest-scoring first, never
-/// taking a layer below `floor`; `Uniform` removes `round(ratio·N_l)` per layer.
-pub fn discretise(
-    scores: &BTreeMap<usize, Vec<f64>>,
-    ratio: f64,
-    floor: usize,
-    allocation: Allocation,
-) -> Result<BTreeMap<usize, Vec<usize>>, RelaxError> {
-    if !(ratio > 0.0 && ratio < 1.0) {
-        return Err(RelaxError::Budget(format!("the ratio must be strictly between 0 and 1, got {ratio}")));
-    }
-    let total: usize = scores.values().map(Vec::len).sum();
-    let mut removed: BTreeMap<usize, Vec<bool>> = scores.iter().map(|(l, s)| (*l, vec![false; s.len()])).collect();
-    let order = |layer_filter: Option<usize>| -> Vec<(usize, usize)> {
-        let mut all: Vec<(usize, usize, f64)> = scores
-            .iter()
-            .filter(|(l, _)| layer_filter.is_none_or(|f| f == **l))
-            .flat_map(|(l, s)| s.iter().enumerate().map(move |(e, v)| (*l, e, *v)))
-            .collect();
-        all.sort_by(|a, b| a.2.total_cmp(&b.2).then(b.0.cmp(&a.0)).then(b.1.cmp(&a.1)));
-        all.into_iter().map(|(l, e, _)| (l, e)).collect()
-    };
-    match allocation {
-        Allocation::Global => {
-            let budget = (ratio * total as f64).round() as usize;
-            let removable: usize = scores.values().map(|s| s.len().saturating_sub(floor)).sum();
-            if budget > removable {
-                return Err(RelaxError::Budget(format!(
-                    "removing {budget} of {total} experts leaves a layer below its floor of {floor} (at most {removable} can go)"
-                )));
-            }
-            let mut left: BTreeMap<usize, usize> = scores.iter().map(|(l, s)| (*l, s.len())).collect();
-            let mut count = 0;
-            for (l, e) in order(None) {
-                if count == budget {
-                    break;
-                }
-                let n = left.get_mut(&l).expect("layer");
-                if *n > floor {
-                    *n -= 1;
-                    removed.get_mut(&l).expect("layer")[e] = true;
-                    count += 1;
-                }
-            }
-        }
-        Allocation::Uniform => {
-            for (l, s) in scores {
-                let r = (ratio * s.len() as f64).round() as usize;
-                if s.len() - r < floor {
-                    return Err(RelaxError::Budget(format!(
-                        "layer {l}: removing {r} of {} experts leaves fewer than the floor of {floor}",
-                        s.len()
-                    )));
-                }
-                for (_, e) in order(Some(*l)).into_iter().take(r) {
-                    removed.get_mut(l).expect("layer")[e] = true;
-                }
-            }
-        }
-    }
-    Ok(removed
-        .into_iter()
-        .map(|(l, r)| (l, r.iter().enumerate().filter(|(_, x)| !**x).map(|(e, _)| e).collect()))
-        .collect())
-}
-
 /// The global score of each expert under a relaxation: the paper ranks by `α·β` (raw
 /// logits); the routed relaxation by its own `s`, so the discrete choice is the one the
-/// optimiser saw. For `Uniform` allocation only α's order within a layer matters.
+/// optimiser saw. Under a uniform allocation only the order within a layer matters.
 pub fn scores(relaxation: Relaxation, params: &BTreeMap<usize, LayerParams>) -> BTreeMap<usize, Vec<f64>> {
     params
         .iter()

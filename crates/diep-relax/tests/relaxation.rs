@@ -1,12 +1,12 @@
-//! The relaxations against the real model, and the discretisation's budget.
+//! The relaxations against the real model.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use diep_models::burn::tensor::{Device, Tensor, TensorData};
 use diep_models::{DeviceSpec, MoeModel};
-use diep_relax::{Allocation, LayerParams, Relaxation, discretise, forward_options, hard_mask_options, threshold};
-use proptest::prelude::*;
+use diep_plan::{Allocation, Constraints, select};
+use diep_relax::{LayerParams, Relaxation, forward_options, hard_mask_options, threshold};
 
 fn device() -> Device {
     DeviceSpec::from_test_env().unwrap().device().unwrap()
@@ -63,7 +63,8 @@ fn routed_relaxation_at_hard_masks_is_the_pruned_model() {
 
         // The same choice as a discrete plan: the top `keep` routed scores, masked.
         let scores = diep_relax::scores(Relaxation::Routed { tau: 1e-4 }, &params);
-        let kept = discretise(&scores, (total - keep) as f64 / total as f64, 2, Allocation::Global).unwrap();
+        let ratio = (total - keep) as f64 / total as f64;
+        let kept = select(&scores, ratio, Allocation::Global, &Constraints::ungrouped(2, 2)).unwrap();
         for (l, k) in &kept {
             let n = params[l].num_experts();
             m.set_expert_mask(*l, Some(&(0..n).map(|e| k.contains(&e)).collect::<Vec<_>>())).unwrap();
@@ -88,43 +89,6 @@ fn threshold_meets_the_expected_kept_count() {
             let theta = threshold(&scores, keep, tau);
             let sum: f64 = scores.iter().map(|s| 1.0 / (1.0 + (-(s - theta) / tau).exp())).sum();
             assert!((sum - keep).abs() < 1e-6, "tau {tau} keep {keep}: {sum}");
-        }
-    }
-}
-
-proptest! {
-    #[test]
-    fn discretisation_budget_and_floors_are_exact(
-        layers in prop::collection::vec(prop::collection::vec(-5.0f64..5.0, 4..16), 1..6),
-        ratio in 0.05f64..0.95,
-        floor in 1usize..4,
-    ) {
-        let scores: BTreeMap<usize, Vec<f64>> = layers.into_iter().enumerate().collect();
-        let total: usize = scores.values().map(Vec::len).sum();
-        match discretise(&scores, ratio, floor, Allocation::Global) {
-            Ok(kept) => {
-                let k: usize = kept.values().map(Vec::len).sum();
-                prop_assert_eq!(total - k, (ratio * total as f64).round() as usize);
-                prop_assert!(kept.values().all(|v| v.len() >= floor));
-                // Kept ids are ascending, unique and in range.
-                for (l, v) in &kept {
-                    prop_assert!(v.windows(2).all(|w| w[0] < w[1]));
-                    prop_assert!(v.iter().all(|e| *e < scores[l].len()));
-                }
-            }
-            Err(e) => {
-                let removable: usize = scores.values().map(|s| s.len().saturating_sub(floor)).sum();
-                prop_assert!((ratio * total as f64).round() as usize > removable, "{}", e);
-            }
-        }
-        if let Ok(kept) = discretise(&scores, ratio, floor, Allocation::Uniform) {
-            for (l, v) in &kept {
-                let n = scores[l].len();
-                prop_assert_eq!(n - v.len(), (ratio * n as f64).round() as usize);
-                let min_kept = v.iter().map(|e| scores[l][*e]).fold(f64::INFINITY, f64::min);
-                let max_removed = (0..n).filter(|e| !v.contains(e)).map(|e| scores[l][e]).fold(f64::NEG_INFINITY, f64::max);
-                prop_assert!(min_kept >= max_removed);
-            }
         }
     }
 }

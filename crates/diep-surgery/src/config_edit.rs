@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 use diep_checkpoint::{Architecture, LayerKind, ModelConfig, PER_LAYER_EXPERTS_KEY};
 
 use crate::error::SurgeryError;
-use crate::plan::PruningPlan;
+use diep_plan::PruningPlan;
 
 /// The Python files of `remote_code/` written beside non-uniformly pruned checkpoints, as
 /// `(file name, contents)`; generated at build time from every `remote_code/*.py`.

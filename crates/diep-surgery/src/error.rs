@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use diep_checkpoint::CheckpointError;
 
-use crate::plan::PlanError;
+use diep_plan::PlanError;
 
 /// Everything that can go wrong applying a pruning plan. Each variant names the file and, where
 /// there is one, the tensor or JSON field concerned.
@@ -19,16 +19,8 @@ pub enum SurgeryError {
         #[source]
         source: std::io::Error,
     },
-    /// A plan file (`pruning.json`) cannot be parsed.
-    #[error("{}: invalid pruning plan: {reason}", path.display())]
-    Plan {
-        /// The plan file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The plan does not fit the model (wrong model type, layers, expert ids, too few experts
-    /// kept for `num_experts_per_tok`, ...).
+    /// The plan cannot be read, or does not fit the model (wrong model type, layers, expert
+    /// ids, too few experts kept for `num_experts_per_tok`, ...).
     #[error(transparent)]
     InvalidPlan(#[from] PlanError),
     /// The input model directory cannot be read (config.json, safetensors, shard index).

@@ -21,21 +21,21 @@
 //!   non-uniform plans a per-layer count list plus the remote-code `auto_map` and Python files
 //!   of `remote_code/` (no stock runtime takes per-layer expert counts);
 //! - copies tokenizer, generation config and other small non-weight files;
-//! - is atomic: everything is written to a temporary directory beside the output and renamed
-//!   into place at the end; on error nothing is left behind.
+//! - is atomic: everything is written to a staging directory beside the output and renamed
+//!   into place at the end; on error nothing is left behind, and staging directories that a
+//!   killed run left beside the same output are removed first ([`diep_common::fs`]).
 #![warn(missing_docs)]
 
-pub mod allocation;
 mod config_edit;
 mod error;
-pub mod plan;
 mod surgery;
 
-pub use allocation::{min_per_group, select_global_per_group, select_uniform_per_group};
 pub use config_edit::{
     AUTO_MAP_FILE, AUTO_MAP_JSON, AUTO_MAP_KEY, REMOTE_CODE_FILES, expert_count_keys, kept_counts_per_layer,
     pruned_config, remote_code_auto_map,
 };
+/// The plan type surgery applies, from `diep-plan` (re-exported so a downstream crate needs
+/// only this one to apply a plan).
+pub use diep_plan::{PLAN_FILE, PlanError, PruningPlan};
 pub use error::SurgeryError;
-pub use plan::{PLAN_FORMAT, PlanError, PruningPlan};
-pub use surgery::{DEFAULT_MAX_SHARD_BYTES, PLAN_FILE, SurgeryOptions, SurgeryProgress, SurgeryReport, apply_plan};
+pub use surgery::{DEFAULT_MAX_SHARD_BYTES, SurgeryOptions, SurgeryProgress, SurgeryReport, apply_plan};

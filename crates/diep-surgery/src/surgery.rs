@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::Instant;
 
 use serde_json::{Map, Value, json};
@@ -17,14 +16,11 @@ use crate::config_edit::{
     REMOTE_CODE_FILES, expert_count_keys, kept_counts_per_layer, pruned_config, remote_code_auto_map,
 };
 use crate::error::SurgeryError;
-use crate::plan::PruningPlan;
+use diep_common::{Staging, StaleStaging, remove_stale_staging};
+use diep_plan::{PLAN_FILE, PlanError, PruningPlan};
 
 /// transformers' default `max_shard_size="5GB"` (5·10⁹ bytes of tensor data per shard).
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
-
-/// The file name plans are stored under; an input's `pruning.json` describes an earlier pruning
-/// and is not copied to the output.
-pub const PLAN_FILE: &str = "pruning.json";
 
 /// How [`apply_plan`] writes its output.
 #[derive(Clone, Copy)]
@@ -97,6 +93,8 @@ pub struct SurgeryReport {
     pub shards: usize,
     /// Files written, relative to `out_dir`.
     pub files_written: Vec<PathBuf>,
+    /// Staging directories of `out_dir` left by killed runs, removed before writing.
+    pub stale_staging_removed: Vec<StaleStaging>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -135,8 +133,10 @@ pub fn apply_plan(
 ) -> Result<SurgeryReport, SurgeryError> {
     let started = Instant::now();
     let config = ModelConfig::from_dir(model_dir)?;
-    plan.validate(&config)
-        .map_err(|e| crate::plan::PlanError(format!("{} (model config: {})", e.0, config.path.display())))?;
+    plan.validate(&config).map_err(|e| match e {
+        PlanError::Invalid(m) => PlanError::Invalid(format!("{m} (model config: {})", config.path.display())),
+        other => other,
+    })?;
     check_top_k(&config, plan)?;
     check_output_location(model_dir, out_dir, opts.force)?;
     let counts = kept_counts_per_layer(&config, plan);
@@ -153,7 +153,7 @@ pub fn apply_plan(
         && let Some((t, _)) =
             inventory.iter().find(|(t, _)| t.name.ends_with(diep_checkpoint::architectures::gpt_oss::MXFP4_BLOCKS))
     {
-        return Err(crate::plan::PlanError(format!(
+        return Err(PlanError::Invalid(format!(
             "`{}` holds MXFP4-quantised experts (`{}`): such checkpoints can only be pruned uniformly (the same \
              number of experts in every MoE layer); the remote code for per-layer expert counts covers bf16/f32 \
              experts only, got {:?}",
@@ -171,7 +171,9 @@ pub fn apply_plan(
     let params_after: u64 = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
     let tensor_bytes: u64 = tensors.iter().map(|t| t.nbytes as u64).sum();
 
-    let staging = Staging::create(out_dir)?;
+    // Staging directories of this output left by killed runs go first.
+    let stale_staging_removed = remove_stale_staging(out_dir).map_err(SurgeryError::io(out_dir))?;
+    let staging = Staging::create(out_dir).map_err(SurgeryError::io(out_dir))?;
     let mut files = Vec::new();
     let mut bytes_written = 0u64;
     let mut progress = Progress {
@@ -194,7 +196,7 @@ pub fn apply_plan(
             if n == 1 { SINGLE_FILE.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
         progress.state.shard = i + 1;
         let shard = &tensors[range.clone()];
-        bytes_written += write_shard(&staging.path.join(&file_name), shard, &mut progress)?;
+        bytes_written += write_shard(&staging.path().join(&file_name), shard, &mut progress)?;
         for t in shard {
             weight_map.insert(t.name.clone(), Value::from(file_name.clone()));
         }
@@ -205,23 +207,23 @@ pub fn apply_plan(
             "metadata": {"total_parameters": params_after, "total_size": tensor_bytes},
             "weight_map": Value::Object(weight_map.into_iter().collect::<Map<_, _>>()),
         });
-        bytes_written += write_json(&staging.path.join(SHARD_INDEX), &index)?;
+        bytes_written += write_json(&staging.path().join(SHARD_INDEX), &index)?;
         files.push(PathBuf::from(SHARD_INDEX));
     }
 
     // config.json, remote code, other files.
-    bytes_written += write_json(&staging.path.join("config.json"), &Value::Object(new_config))?;
+    bytes_written += write_json(&staging.path().join("config.json"), &Value::Object(new_config))?;
     files.push(PathBuf::from("config.json"));
     if !uniform {
         for (name, text) in REMOTE_CODE_FILES {
-            let path = staging.path.join(name);
+            let path = staging.path().join(name);
             fs::write(&path, text).map_err(SurgeryError::io(&path))?;
             bytes_written += text.len() as u64;
             files.push(PathBuf::from(name));
         }
     }
     for name in files_to_copy(model_dir)? {
-        let (from, to) = (model_dir.join(&name), staging.path.join(&name));
+        let (from, to) = (model_dir.join(&name), staging.path().join(&name));
         let copied = fs::copy(&from, &to).map_err(|source| SurgeryError::Io {
             path: from.clone(),
             source: std::io::Error::new(source.kind(), format!("copying to {}: {source}", to.display())),
@@ -231,13 +233,16 @@ pub fn apply_plan(
     }
 
     // The plan that produced this checkpoint travels with it.
-    let plan_path = staging.path.join(PLAN_FILE);
+    let plan_path = staging.path().join(PLAN_FILE);
     let plan_json = plan.to_json() + "\n";
     fs::write(&plan_path, &plan_json).map_err(SurgeryError::io(&plan_path))?;
     bytes_written += plan_json.len() as u64;
     files.push(PathBuf::from(PLAN_FILE));
 
-    staging.commit(out_dir, opts.force)?;
+    staging.commit(out_dir, opts.force).map_err(|e| match e {
+        diep_common::fs::CommitError::Exists(path) => SurgeryError::OutputExists { path },
+        diep_common::fs::CommitError::Io(source) => SurgeryError::Io { path: out_dir.to_path_buf(), source },
+    })?;
     Ok(SurgeryReport {
         out_dir: out_dir.to_path_buf(),
         experts_before: config.moe_layers().into_iter().map(|l| (l, config.experts_in_layer(l))).collect(),
@@ -250,6 +255,7 @@ pub fn apply_plan(
         bytes_written,
         shards: n,
         files_written: files,
+        stale_staging_removed,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -263,7 +269,7 @@ fn check_top_k(config: &ModelConfig, plan: &PruningPlan) -> Result<(), SurgeryEr
     let top_k = config.moe.top_k;
     for (layer, kept) in &plan.kept_experts {
         if kept.len() < top_k {
-            return Err(crate::plan::PlanError(format!(
+            return Err(PlanError::Invalid(format!(
                 "layer {layer} keeps {} experts, fewer than num_experts_per_tok = {top_k} (model config: {})",
                 kept.len(),
                 config.path.display()
@@ -937,74 +943,6 @@ fn files_to_copy(model_dir: &Path) -> Result<Vec<String>, SurgeryError> {
     }
     names.sort();
     Ok(names)
-}
-
-/// The temporary output directory beside `out_dir`; removed on drop unless committed.
-struct Staging {
-    path: PathBuf,
-    /// Ancestors of `out_dir` this run created, deepest first (removed again on failure).
-    created: Vec<PathBuf>,
-    committed: bool,
-}
-
-impl Staging {
-    fn create(out_dir: &Path) -> Result<Self, SurgeryError> {
-        let name = out_dir.file_name().expect("checked by check_output_location").to_string_lossy().into_owned();
-        let parent = match out_dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut created = Vec::new();
-        let mut p = parent.as_path();
-        while fs::symlink_metadata(p).is_err() {
-            created.push(p.to_path_buf());
-            match p.parent() {
-                Some(q) if !q.as_os_str().is_empty() => p = q,
-                _ => break,
-            }
-        }
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let seq = SEQ.fetch_add(1, AtomicOrdering::Relaxed);
-        let tmp_name = format!(".{name}.tmp-{}-{seq}", std::process::id());
-        let staging = Staging { path: parent.join(tmp_name), created, committed: false };
-        fs::create_dir_all(&parent).map_err(SurgeryError::io(&parent))?;
-        if fs::symlink_metadata(&staging.path).is_ok() {
-            // Left by a crashed run that had our process id.
-            fs::remove_dir_all(&staging.path).map_err(SurgeryError::io(&staging.path))?;
-        }
-        fs::create_dir(&staging.path).map_err(SurgeryError::io(&staging.path))?;
-        Ok(staging)
-    }
-
-    fn commit(mut self, out_dir: &Path, force: bool) -> Result<(), SurgeryError> {
-        if let Ok(meta) = fs::symlink_metadata(out_dir) {
-            if !force {
-                return Err(SurgeryError::OutputExists { path: out_dir.to_path_buf() });
-            }
-            if meta.is_dir() {
-                fs::remove_dir_all(out_dir).map_err(SurgeryError::io(out_dir))?;
-            } else {
-                fs::remove_file(out_dir).map_err(SurgeryError::io(out_dir))?;
-            }
-        }
-        fs::rename(&self.path, out_dir).map_err(|source| SurgeryError::Io {
-            path: out_dir.to_path_buf(),
-            source: std::io::Error::new(source.kind(), format!("moving {} into place: {source}", self.path.display())),
-        })?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_dir_all(&self.path);
-            for dir in &self.created {
-                let _ = fs::remove_dir(dir);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

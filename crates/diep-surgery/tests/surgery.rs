@@ -595,6 +595,40 @@ fn existing_output_needs_force() {
     assert_only(&s.outs, &["pruned"]);
 }
 
+/// A run killed with SIGKILL during surgery leaves its staging directory beside `--out`; the
+/// next run on the same `--out` removes it (its owner is gone) and reports it, and leaves a
+/// live run's staging alone.
+#[test]
+fn stale_staging_of_killed_runs_is_removed() {
+    let s = scratch("tiny-mixtral");
+    let plan = plan_for(&s.model);
+    let out = s.outs.join("pruned");
+    // What a killed run leaves: a half-written staging directory owned by a finished process.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = s.outs.join(format!(".pruned.diep-staging.{dead}.4242.0"));
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), vec![0u8; 1000]).unwrap();
+    // An older version's name for the same thing, and a live process's (ours) staging.
+    let old = s.outs.join(format!(".pruned.tmp-{dead}-0"));
+    std::fs::create_dir(&old).unwrap();
+    let live = diep_common::Staging::create(&s.outs.join("pruned")).unwrap();
+    let report = apply_plan(&s.model, &plan, &out, &opts()).unwrap();
+    verify(&s.model, &out, &plan, &report);
+    if std::fs::metadata("/proc/self/stat").is_ok() {
+        let mut removed: Vec<_> = report.stale_staging_removed.iter().map(|r| r.path.clone()).collect();
+        removed.sort();
+        let mut expect = vec![stale.clone(), old.clone()];
+        expect.sort();
+        assert_eq!(removed, expect);
+        assert!(report.stale_staging_removed.iter().all(|r| r.pid == dead));
+        assert!(live.path().exists());
+        drop(live);
+        assert_only(&s.outs, &["pruned"]);
+    }
+}
+
 #[test]
 fn output_cannot_replace_the_input() {
     let s = scratch("tiny-mixtral");

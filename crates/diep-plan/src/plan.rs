@@ -6,10 +6,16 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use diep_checkpoint::{Architecture, GroupLimit, GroupScore, ModelConfig};
+use diep_checkpoint::{Architecture, ModelConfig};
+
+use crate::error::PlanError;
+use crate::select::check_groups;
 
 /// The `format` tag of plans this version writes and reads.
 pub const PLAN_FORMAT: &str = "diep-pruning-plan/1";
+
+/// The plan's file name beside the pruned weights.
+pub const PLAN_FILE: &str = "pruning.json";
 
 /// Which experts of each MoE layer to keep, with how and why they were chosen.
 ///
@@ -52,11 +58,6 @@ pub struct PruningPlan {
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
-
-/// A plan that does not fit the model it is applied to.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("pruning plan: {0}")]
-pub struct PlanError(pub String);
 
 impl PruningPlan {
     /// A plan with the given kept experts and no scores, settings or timings.
@@ -103,7 +104,7 @@ impl PruningPlan {
     /// (and nothing else), expert ids in range, ascending and unique, and at least
     /// `num_experts_per_tok` experts kept per layer.
     pub fn validate(&self, config: &ModelConfig) -> Result<(), PlanError> {
-        let err = |m: String| Err(PlanError(m));
+        let err = |m: String| Err(PlanError::Invalid(m));
         if self.format != PLAN_FORMAT {
             return err(format!("unknown format `{}` (expected `{PLAN_FORMAT}`)", self.format));
         }
@@ -199,12 +200,11 @@ impl PruningPlan {
     }
 
     /// Reads `pruning.json`.
-    pub fn read(path: impl AsRef<Path>) -> Result<Self, crate::SurgeryError> {
+    pub fn read(path: impl AsRef<Path>) -> Result<Self, PlanError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| crate::SurgeryError::Io { path: path.to_path_buf(), source })?;
-        serde_json::from_str(&text)
-            .map_err(|e| crate::SurgeryError::Plan { path: path.to_path_buf(), reason: e.to_string() })
+        let text =
+            std::fs::read_to_string(path).map_err(|source| PlanError::Read { path: path.to_path_buf(), source })?;
+        serde_json::from_str(&text).map_err(|e| PlanError::Parse { path: path.to_path_buf(), reason: e.to_string() })
     }
 
     /// The plan as pretty JSON.
@@ -214,42 +214,11 @@ impl PruningPlan {
 }
 
 /// Whether the config declares MXFP4-quantised experts (`quantization_config.quant_method`).
-pub(crate) fn is_mxfp4(config: &ModelConfig) -> bool {
+fn is_mxfp4(config: &ModelConfig) -> bool {
     config
         .raw
         .get("quantization_config")
         .and_then(|q| q.get("quant_method"))
         .and_then(|m| m.as_str())
         .is_some_and(|m| m.eq_ignore_ascii_case("mxfp4"))
-}
-
-/// Group-limited routing (DeepSeek) scores contiguous groups of `E / n_group` experts; after
-/// renumbering, the kept experts must still form `n_group` equal groups made of the same
-/// experts, so every original group must keep the same count (at least 2 for DeepSeek-V3, whose
-/// group score is the sum of the two best), and the `topk_group` groups a token may use must
-/// still hold `num_experts_per_tok` experts.
-fn check_groups(layer: usize, n: usize, kept: &[usize], g: GroupLimit, top_k: usize) -> Result<(), PlanError> {
-    let size = n / g.n_group;
-    let per_group: Vec<usize> = (0..g.n_group).map(|gi| kept.iter().filter(|e| **e / size == gi).count()).collect();
-    let err = |m: String| Err(PlanError(format!("layer {layer}: {m}")));
-    if per_group.windows(2).any(|w| w[0] != w[1]) {
-        return err(format!(
-            "keeps {per_group:?} experts in its {} routing groups (n_group, groups of {size}); group-limited \
-             routing needs the same count in every group",
-            g.n_group
-        ));
-    }
-    let new_size = per_group[0];
-    let min = if g.score == GroupScore::Top2Sum { 2 } else { 1 };
-    if new_size < min {
-        let why = if min == 2 { " (DeepSeek-V3 scores a group by the sum of its two best experts)" } else { "" };
-        return err(format!("keeps {new_size} expert(s) per routing group; at least {min} per group are needed{why}"));
-    }
-    if top_k > g.topk_group * new_size {
-        return err(format!(
-            "num_experts_per_tok = {top_k} exceeds topk_group ({}) × kept experts per group ({new_size})",
-            g.topk_group
-        ));
-    }
-    Ok(())
 }
