@@ -31,9 +31,8 @@ fn random(shape: [usize; 2], seed: u64, scale: f32, device: &Device) -> Tensor<2
 
 fn block(device: &Device) -> MoeBlock {
     let (h, i, e) = (1024, 2816, 8);
-    let lin = |inp, out, seed| Linear { weight: random([inp, out], seed, 0.05, device), bias: None };
-    let experts =
-        (0..e).map(|j| SwiGlu { gate_up: lin(h, 2 * i, 10 + j as u64), down: lin(i, h, 100 + j as u64) }).collect();
+    let lin = |inp, out, seed| Linear::new(random([inp, out], seed, 0.05, device), None);
+    let experts = (0..e).map(|j| SwiGlu::new(lin(h, 2 * i, 10 + j as u64), lin(i, h, 100 + j as u64))).collect();
     MoeBlock::new(lin(h, e, 1), experts, None, 2, true)
 }
 
@@ -77,7 +76,7 @@ fn eval_nll(c: &mut Criterion) {
     let device = device();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/trained-moe");
     let model = MoeModel::load(&dir, &device).expect("fixture");
-    let vocab = model.config.vocab_size;
+    let vocab = model.config().vocab_size;
     let ids: Vec<Vec<u32>> =
         (0..16).map(|b| (0..256).map(|t| ((b * 7919 + t * 104_729) % vocab) as u32).collect()).collect();
     let mut g = c.benchmark_group("eval_nll");

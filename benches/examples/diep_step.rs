@@ -31,12 +31,12 @@ fn main() {
     }
     let (best, source) = if streamed {
         let model = StreamingModel::open(&args[1], &device).expect("model");
-        let state = DiepState::new(settings.clone(), fingerprint(&ids), &diep_plan::expert_counts(&model.config));
+        let state = DiepState::new(settings.clone(), fingerprint(&ids), &diep_plan::expert_counts(model.config()));
         let stepper = Stepper::new(&model, &ids, &settings, &StreamOptions::default()).expect("stepper");
         (time(&|| timed(&stepper, &rows, &state)), "disk")
     } else {
         let model = MoeModel::load(&args[1], &device).expect("model");
-        let state = DiepState::new(settings.clone(), fingerprint(&ids), &diep_plan::expert_counts(&model.config));
+        let state = DiepState::new(settings.clone(), fingerprint(&ids), &diep_plan::expert_counts(model.config()));
         let stepper = Stepper::new(&model, &ids, &settings, &StreamOptions::default()).expect("stepper");
         (time(&|| timed(&stepper, &rows, &state)), "memory")
     };

@@ -97,15 +97,19 @@ impl Loaded {
 /// Loads the model behind the engine `--engine` picks (see [`Engine`]), with the dynamic
 /// skipping rules installed when asked for (burn only).
 fn load_model(dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Result<(Loaded, Vec<diep_models::DynamicSkip>)> {
-    let config = diep_models::checkpoint::ModelConfig::from_dir(dir)?;
+    // A bad config.json fails here, the same way whichever engine would have run.
+    diep_models::checkpoint::ModelConfig::from_dir(dir)?;
     let why_not = if inputs.engine == Engine::Burn {
         Some("--engine burn".to_string())
     } else if inputs.device != DeviceSpec::Cpu {
         Some(format!("it runs on the CPU only (--device {})", inputs.device))
     } else if dynamic_skip {
         Some("--dynamic-skip needs the burn model".to_string())
+    } else if !cfg!(feature = "cpu") {
+        Some("this build has no `cpu` feature".to_string())
     } else {
-        unsupported_by_fused(&config)
+        // The engine covers every architecture; `CpuModel::load` still checks each layer.
+        None
     };
     match (why_not, inputs.engine) {
         (None, _) => Ok((fused(dir)?, Vec::new())),
@@ -124,17 +128,6 @@ fn load_model(dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Result<(Lo
 }
 
 #[cfg(feature = "cpu")]
-fn unsupported_by_fused(_: &diep_models::checkpoint::ModelConfig) -> Option<String> {
-    // The engine covers every architecture; `CpuModel::load` still checks each layer.
-    None
-}
-
-#[cfg(not(feature = "cpu"))]
-fn unsupported_by_fused(_: &diep_models::checkpoint::ModelConfig) -> Option<String> {
-    Some("this build has no `cpu` feature".into())
-}
-
-#[cfg(feature = "cpu")]
 fn fused(dir: &Path) -> Result<Loaded> {
     let model = diep_infer::CpuModel::load(dir).with_context(|| format!("loading model from {}", dir.display()))?;
     let (bytes, types) = model.resident_weights();
@@ -144,7 +137,7 @@ fn fused(dir: &Path) -> Result<Loaded> {
 
 #[cfg(not(feature = "cpu"))]
 fn fused(_: &Path) -> Result<Loaded> {
-    unreachable!("unsupported_by_fused refuses every model without the cpu feature")
+    unreachable!("load_model picks the burn model in builds without the cpu feature")
 }
 
 /// Arguments of `cargo xtask eval`.

@@ -1,6 +1,6 @@
 //! `cargo xtask fixture train`: builds `fixtures/trained-moe`, a small Mixtral-architecture MoE
 //! trained from scratch on two text domains this machine can install, with the project's own
-//! model code ([`diep_models::train`]).
+//! model code ([`crate::train`]).
 //!
 //! Pipeline (everything deterministic from `--seed` and the installed packages):
 //!
@@ -10,7 +10,7 @@
 //!    out). A document is held out when `fnv1a64(key) % 20 == 0` (key = GCIDE entry offset or
 //!    path relative to the library); held-out text never reaches the tokenizer or the model;
 //! 2. a byte-level BPE tokenizer (`tokenizers` crate) trained on training documents;
-//! 3. a Mixtral model ([`MoeModel::random`]) trained with AdamW on random 256-token windows of
+//! 3. a Mixtral model ([`random_model`]) trained with AdamW on random 256-token windows of
 //!    both domains (half a batch each), next-token cross-entropy plus the load-balancing loss;
 //! 4. the output directory, written beside the target and renamed into place: HF checkpoint,
 //!    tokenizer, held-out text and token ids per domain, calibration text (training split), a
@@ -25,13 +25,15 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Subcommand};
 use diep_models::checkpoint::ModelConfig;
-use diep_models::train::training_loss;
-use diep_models::train::{AdamW, AdamWConfig, InitOptions, SplitMix64, fnv1a64, grad_norm, save_safetensors};
 use diep_models::{DeviceSpec, MoeForwardOptions, MoeModel};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
+use crate::train::{
+    AdamW, AdamWConfig, InitOptions, SplitMix64, fnv1a64, grad_norm, num_parameters, random_model, require_grad,
+    save_safetensors, training_loss,
+};
 use crate::util::workspace_root;
 
 /// The special token between documents (id 0).
@@ -715,9 +717,9 @@ fn build(a: &TrainArgs, stage: &Path, started: Instant) -> Result<()> {
     write(stage, "config.json", &config_text)?;
     let config = ModelConfig::from_json_str(&config_text, stage.join("config.json"))?;
     let device = a.device.device()?.autodiff();
-    let mut model = MoeModel::random(config, InitOptions { seed: a.seed, std: 0.02 }, &device)?;
-    model.require_grad();
-    let params = model.num_parameters();
+    let mut model = random_model(config, InitOptions { seed: a.seed, std: 0.02 }, &device)?;
+    require_grad(&mut model);
+    let params = num_parameters(&mut model);
     let active = params - a.layers * (a.experts - a.top_k) * 3 * a.hidden * a.intermediate;
     eprintln!(
         "model: mixtral, {} layers, hidden {}, {} heads ({} kv), {} experts × {} (top-{}), vocab {}: {} parameters ({} active per token)",
@@ -838,7 +840,7 @@ fn readme(a: &TrainArgs, s: &Value, usage: &BTreeMap<&str, Vec<Vec<f64>>>) -> St
     let _ = writeln!(
         r,
         "Built from scratch by `cargo xtask fixture train` (`xtask/src/fixture.rs`, model code \
-         `crates/diep-models/src/train.rs`) on a CPU. Regenerate with:\n\n```sh\n\
+         `xtask/src/train.rs`) on a CPU. Regenerate with:\n\n```sh\n\
          apt-get install -y dict-gcide   # English domain; the Python standard library is the code domain\n{}\n```\n",
         s["command"].as_str().unwrap_or_default()
     );

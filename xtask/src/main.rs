@@ -8,6 +8,7 @@ mod eval;
 mod fixture;
 mod generate;
 mod prune;
+mod train;
 mod util;
 
 use std::process::ExitCode;

@@ -3,9 +3,10 @@
 //! `diep-models` runs every forward pass as burn ops, which is what pruning needs (autodiff,
 //! GPUs, per-layer hooks). On a CPU, for evaluation only, that pays for one allocation and one
 //! pass over memory per op, and at small hidden sizes those dominate the GEMMs. [`CpuModel`]
-//! computes the same function with its weights as plain `f32` buffers, GEMMs from the `gemm`
-//! crate (the kernels burn's `flex` backend calls), and fused row kernels from
-//! [`diep_models::kernels`]:
+//! computes the same function from the plain weight buffers of [`diep_models::export`], with
+//! GEMMs from the `gemm` crate (the kernels burn's `flex` backend calls) and, for every
+//! per-row operation, the row functions of [`diep_models::kernels`] that the burn model's CPU
+//! path calls too:
 //!
 //! - one GEMM for q, k and v; RoPE while splitting heads;
 //! - causal attention per (sequence, head), computing only the blocks on or below the diagonal,
@@ -27,13 +28,16 @@
 pub mod gemm;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use diep_models::attention::{Attention, MlaAttention, MlaQuery, SelfAttention};
-use diep_models::checkpoint::{ExpertActivation, ModelConfig, QkNorm};
-use diep_models::kernels::{causal_softmax_rows, nll_rows, rms_norm_rows, silu_mul_rows};
-use diep_models::moe::SharedExpert;
-use diep_models::nn::{Linear, RmsNorm, SwiGlu};
-use diep_models::rope::RopeTables;
-use diep_models::{CausalLm, DecoderLayer, FeedForward, ModelError, MoeBlock, MoeModel, Result, RoutingRule};
+use diep_models::checkpoint::{AttentionConfig, ExpertActivation, ModelConfig};
+use diep_models::export::{
+    AttentionWeights, DenseWeights, FeedForwardWeights, HeadWeights, LatentAttentionWeights, LayerWeights,
+    MlaQueryWeights, MlpWeights, MoeWeights, NormWeights, StandardAttentionWeights,
+};
+use diep_models::kernels::{
+    QkvStep, RopeStyle, causal_softmax_rows, clamped_swiglu_rows, clip_rows, head_row, nll_rows, qkv_steps,
+    rms_norm_rows, rope_tables, sigmoid_gate_rows, silu_mul_rows,
+};
+use diep_models::{CausalLm, ModelError, MoeModel, Result, RoutingRule, StreamingModel, check_batch};
 use rayon::prelude::*;
 
 use crate::gemm::{MatRef, matmul};
@@ -108,9 +112,8 @@ struct Dense {
 }
 
 impl Dense {
-    fn from_linear(l: Linear) -> Self {
-        let [inp, out] = l.weight.dims();
-        Dense { w: Weights::compact(host(l.weight)), bias: l.bias.map(host), inp, out }
+    fn from(d: DenseWeights) -> Self {
+        Dense { w: Weights::compact(d.weight), bias: d.bias, inp: d.inp, out: d.out }
     }
 
     /// Concatenates the output columns of several layers with the same input width.
@@ -156,10 +159,6 @@ impl Dense {
     }
 }
 
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().try_into_vec::<f32>().expect("f32 data")
-}
-
 /// A gated MLP's activation.
 #[derive(Debug, Clone, Copy)]
 enum Act {
@@ -183,16 +182,7 @@ impl Act {
     fn rows(self, gu: &[f32], out: &mut [f32], i: usize) {
         match self {
             Act::Silu => silu_mul_rows(gu, out, i),
-            Act::Clamped { alpha, limit } => {
-                for (row, o) in gu.chunks_exact(2 * i).zip(out.chunks_exact_mut(i)) {
-                    let (g, u) = row.split_at(i);
-                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                        let g = g.min(limit);
-                        let u = u.clamp(-limit, limit);
-                        *o = (u + 1.0) * (g * (1.0 / (1.0 + (-(g * alpha)).exp())));
-                    }
-                }
-            }
+            Act::Clamped { alpha, limit } => clamped_swiglu_rows(gu, out, i, alpha, limit),
         }
     }
 }
@@ -206,8 +196,8 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn from_swiglu(m: SwiGlu, act: Act) -> Self {
-        Mlp { gate_up: Dense::from_linear(m.gate_up), down: Dense::from_linear(m.down), act }
+    fn from(m: MlpWeights, act: Act) -> Self {
+        Mlp { gate_up: Dense::from(m.gate_up), down: Dense::from(m.down), act }
     }
 
     fn inter(&self) -> usize {
@@ -237,8 +227,8 @@ struct Norm {
 }
 
 impl Norm {
-    fn from(n: RmsNorm) -> Self {
-        Norm { w: host(n.weight), eps: n.eps as f32 }
+    fn from(n: NormWeights) -> Self {
+        Norm { w: n.weight, eps: n.eps }
     }
 
     /// Normalises rows of `w.len()` in place.
@@ -265,7 +255,8 @@ struct AttentionLayer {
     o: Dense,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
-    qk_norm: QkNorm,
+    /// qk-norm and `clip_qkv`, in the order the model applies them.
+    steps: &'static [QkvStep],
     clip: Option<f32>,
     heads: usize,
     kv_heads: usize,
@@ -284,9 +275,8 @@ enum MlaQ {
     LowRank { a: Dense, norm: Norm, b: Dense },
 }
 
-/// DeepSeek-V2/V3's multi-head latent attention, as `diep_models::attention::MlaAttention`
-/// computes it: keys and values expanded from a normalised latent, one rotary key shared by
-/// all heads.
+/// DeepSeek-V2/V3's multi-head latent attention, as the burn model computes it: keys and
+/// values expanded from a normalised latent, one rotary key shared by all heads.
 #[derive(Debug, Clone)]
 struct MlaLayer {
     q: MlaQ,
@@ -299,7 +289,7 @@ struct MlaLayer {
     rope: usize,
     vd: usize,
     kv_lora: usize,
-    interleave: bool,
+    style: RopeStyle,
     scale: f32,
     window: Option<usize>,
 }
@@ -343,28 +333,28 @@ impl AttnKind {
 }
 
 impl MlaLayer {
-    fn from(a: MlaAttention) -> Self {
-        let m = a.mla;
+    fn from(a: LatentAttentionWeights, cfg: &AttentionConfig) -> Self {
+        let m = cfg.mla.as_ref().expect("latent attention weights come with an MLA config");
         let q = match a.q {
-            MlaQuery::Direct(p) => MlaQ::Direct(Dense::from_linear(p)),
-            MlaQuery::LowRank { a, norm, b } => {
-                MlaQ::LowRank { a: Dense::from_linear(a), norm: Norm::from(norm), b: Dense::from_linear(b) }
+            MlaQueryWeights::Direct(p) => MlaQ::Direct(Dense::from(p)),
+            MlaQueryWeights::LowRank { a, norm, b } => {
+                MlaQ::LowRank { a: Dense::from(a), norm: Norm::from(norm), b: Dense::from(b) }
             }
         };
         MlaLayer {
             q,
-            kv_a: Dense::from_linear(a.kv_a),
+            kv_a: Dense::from(a.kv_a),
             kv_norm: Norm::from(a.kv_norm),
-            kv_b: Dense::from_linear(a.kv_b),
-            o: Dense::from_linear(a.o_proj),
-            heads: a.cfg.num_heads,
+            kv_b: Dense::from(a.kv_b),
+            o: Dense::from(a.o_proj),
+            heads: cfg.num_heads,
             nope: m.qk_nope_head_dim,
             rope: m.qk_rope_head_dim,
             vd: m.v_head_dim,
             kv_lora: m.kv_lora_rank,
-            interleave: m.rope_interleave,
-            scale: a.cfg.softmax_scale() as f32,
-            window: a.cfg.sliding_window,
+            style: RopeStyle::interleaved_if(m.rope_interleave),
+            scale: cfg.softmax_scale() as f32,
+            window: a.window,
         }
     }
 
@@ -403,17 +393,14 @@ impl MlaLayer {
         let kw = nh * (nope + vd);
         let mut kv = vec![0f32; n * kw];
         self.kv_b.apply(&latent, n, &mut kv, false, true);
-        let rot = |src: &[f32], pos: usize, out: &mut [f32]| {
-            let (c, s) = (&rope.0[pos * r..(pos + 1) * r], &rope.1[pos * r..(pos + 1) * r]);
-            if self.interleave { rope_interleaved_row(src, c, s, out) } else { rope_row(src, c, s, out) }
-        };
+        let table = |pos: usize| (&rope.0[pos * r..(pos + 1) * r], &rope.1[pos * r..(pos + 1) * r]);
         let q = prefix(&mut sc.q, b * nh * t * dq);
         q.par_chunks_mut(t * dq).enumerate().for_each(|(bh, block)| {
             let (bi, hd) = (bh / nh, bh % nh);
             for (pos, o) in block.chunks_exact_mut(dq).enumerate() {
                 let src = &qf[(bi * t + pos) * qw + hd * dq..][..dq];
-                o[..nope].copy_from_slice(&src[..nope]);
-                rot(&src[nope..], pos, &mut o[nope..]);
+                let (c, s) = table(pos);
+                head_row(&src[..nope], &src[nope..], c, s, self.style, o);
             }
         });
         let k = prefix(&mut sc.k, b * nh * t * dq);
@@ -421,8 +408,9 @@ impl MlaLayer {
             let (bi, hd) = (bh / nh, bh % nh);
             for (pos, o) in block.chunks_exact_mut(dq).enumerate() {
                 let row = bi * t + pos;
-                o[..nope].copy_from_slice(&kv[row * kw + hd * (nope + vd)..][..nope]);
-                rot(&comp[row * cw + kvl..][..r], pos, &mut o[nope..]);
+                let (c, s) = table(pos);
+                let pass = &kv[row * kw + hd * (nope + vd)..][..nope];
+                head_row(pass, &comp[row * cw + kvl..][..r], c, s, self.style, o);
             }
         });
         let v = prefix(&mut sc.v, b * nh * t * vd);
@@ -483,7 +471,10 @@ pub struct CpuModel {
 impl CpuModel {
     /// Why `model` cannot run on this engine, or `None` if it can.
     pub fn unsupported(model: &MoeModel) -> Option<String> {
-        model.layers.iter().enumerate().find_map(|(i, l)| layer_unsupported(l).map(|why| format!("layer {i}: {why}")))
+        model.moe_layers().into_iter().find_map(|i| {
+            let skips = model.moe_block(i).is_some_and(|m| m.dynamic_skip().is_some());
+            skips.then(|| format!("layer {i}: {DYNAMIC_SKIP}"))
+        })
     }
 
     /// Loads a model directory straight into the engine, one decoder layer at a time: each
@@ -491,46 +482,38 @@ impl CpuModel {
     /// converted model plus one f32 layer (weights of a bf16/f16 checkpoint stay 16-bit).
     pub fn load(dir: impl AsRef<std::path::Path>) -> Result<Self> {
         let device = Device::flex();
-        let streaming = diep_models::StreamingModel::open(dir, &device)?;
-        let embed = Weights::compact(host(streaming.embed_tokens().clone()));
-        let (norm, lm_head) = streaming.load_head()?;
-        let mut layers = Vec::with_capacity(streaming.config.num_layers);
-        for i in 0..streaming.config.num_layers {
-            let layer = streaming.load_layer(i)?;
-            if let Some(why) = layer_unsupported(&layer) {
-                return Err(ModelError::InvalidInput(format!(
-                    "the fused CPU engine does not support layer {i}: {why}"
-                )));
-            }
-            layers.push(convert_layer(layer));
-        }
-        Ok(CpuModel {
-            config: streaming.config.clone(),
-            embed,
-            layers,
-            norm: Norm::from(norm),
-            lm_head: Dense::from_linear(lm_head),
-            device,
-        })
+        let streaming = StreamingModel::open(dir, &device)?;
+        let config = streaming.config().clone();
+        let head = streaming.head_weights()?;
+        let layers = (0..config.num_layers)
+            .map(|i| convert_layer(streaming.layer_weights(i)?, &config.attention, i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CpuModel::assemble(config, head, layers, device))
     }
 
-    /// Converts a loaded model (consuming it, so that its weights are moved rather than
-    /// copied where possible). Fails with the reason when [`Self::unsupported`] says so.
+    /// Converts a loaded model (consuming it, so that each layer's weights are released as it
+    /// is converted). Fails with the reason when [`Self::unsupported`] says so.
     pub fn from_model(model: MoeModel) -> Result<Self> {
-        if let Some(why) = Self::unsupported(&model) {
-            return Err(ModelError::InvalidInput(format!("the fused CPU engine does not support {why}")));
-        }
         let device = model.device().clone();
-        let MoeModel { config, embed_tokens, layers, norm, lm_head, .. } = model;
-        let layers = layers.into_iter().map(convert_layer).collect();
-        Ok(CpuModel {
+        let weights = model.into_weights();
+        let config = weights.config;
+        let layers = weights
+            .layers
+            .enumerate()
+            .map(|(i, l)| convert_layer(l, &config.attention, i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CpuModel::assemble(config, weights.head, layers, device))
+    }
+
+    fn assemble(config: ModelConfig, head: HeadWeights, layers: Vec<Layer>, device: Device) -> Self {
+        CpuModel {
             config,
-            embed: Weights::compact(host(embed_tokens)),
+            embed: Weights::compact(head.embed_tokens),
             layers,
-            norm: Norm::from(norm),
-            lm_head: Dense::from_linear(lm_head),
+            norm: Norm::from(head.norm),
+            lm_head: Dense::from(head.lm_head),
             device,
-        })
+        }
     }
 
     /// Bytes of weight matrices held in memory, and their storage types (e.g. `["bf16"]`).
@@ -580,7 +563,8 @@ impl CpuModel {
                 Weights::F16(e) => row.iter_mut().zip(&e[r]).for_each(|(o, v)| *o = v.to_f32()),
             }
         });
-        let rope = rope_tables(&self.config, t, &self.device);
+        let a = &self.config.attention;
+        let rope = rope_tables(a.rope_theta, a.head_dim, &a.rope_scaling, t);
         let mut x = vec![0f32; n * hidden];
         // Attention buffers, reused by every layer.
         let mut scratch = AttentionScratch::default();
@@ -598,102 +582,56 @@ impl CpuModel {
     }
 }
 
-/// What in a decoder layer this engine does not compute, if anything.
-fn layer_unsupported(layer: &DecoderLayer) -> Option<&'static str> {
-    match &layer.ffn {
-        FeedForward::Moe(m) if m.dynamic_skip().is_some() => Some("dynamic expert skipping"),
-        _ => None,
-    }
-}
+/// What [`CpuModel::unsupported`] and conversion say about dynamic skipping.
+const DYNAMIC_SKIP: &str = "dynamic expert skipping";
 
-/// Converts a supported layer (see [`layer_unsupported`]).
-fn convert_layer(l: DecoderLayer) -> Layer {
-    Layer {
-        input_norm: Norm::from(l.input_norm),
-        attention: match l.attention {
-            SelfAttention::Standard(a) => AttnKind::Standard(convert_attention(a)),
-            SelfAttention::Latent(a) => AttnKind::Latent(MlaLayer::from(a)),
-        },
-        post_norm: Norm::from(l.post_attention_norm),
-        ffn: match l.ffn {
-            FeedForward::Dense(m) => Ffn::Dense(Mlp::from_swiglu(m, Act::Silu)),
-            FeedForward::Moe(m) => Ffn::Moe(convert_moe(m)),
-        },
-    }
-}
-
-fn check_batch(ids: &[Vec<u32>], vocab: usize) -> Result<(usize, usize)> {
-    let b = ids.len();
-    let t = ids.first().map(Vec::len).unwrap_or(0);
-    if b == 0 || t == 0 {
-        return Err(ModelError::InvalidInput("empty batch".into()));
-    }
-    for (s, seq) in ids.iter().enumerate() {
-        if seq.len() != t {
-            return Err(ModelError::InvalidInput(format!(
-                "sequence {s} has {} tokens but sequence 0 has {t}; a batch needs equal lengths",
-                seq.len()
-            )));
-        }
-        if let Some((p, id)) = seq.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
-            return Err(ModelError::InvalidInput(format!(
-                "token id {id} (sequence {s}, position {p}) is outside the vocabulary of {vocab}"
-            )));
-        }
-    }
-    Ok((b, t))
-}
-
-/// `(cos, sin)` as `[t, head_dim]` row-major tables, exactly as the burn model builds them.
-fn rope_tables(config: &ModelConfig, t: usize, device: &Device) -> (Vec<f32>, Vec<f32>) {
-    let a = &config.attention;
-    let tables = RopeTables::with_scaling(a.rope_theta, a.head_dim, &a.rope_scaling, t, device);
-    (host(tables.cos), host(tables.sin))
-}
-
-fn convert_attention(a: Attention) -> AttentionLayer {
-    let c = a.cfg;
-    // A model windows every layer (`sliding_window`) or those `layer_types` marks (gpt-oss).
-    let window = match &c.sliding_layers {
-        None => c.sliding_window,
-        Some(_) if a.sliding => c.sliding_window,
-        Some(_) => None,
+/// Converts decoder layer `i`; fails for what this engine does not compute.
+fn convert_layer(l: LayerWeights, cfg: &AttentionConfig, i: usize) -> Result<Layer> {
+    let attention = match l.attention {
+        AttentionWeights::Standard(a) => AttnKind::Standard(convert_attention(a, cfg)),
+        AttentionWeights::Latent(a) => AttnKind::Latent(MlaLayer::from(a, cfg)),
     };
-    let qkv =
-        Dense::concat(vec![Dense::from_linear(a.q_proj), Dense::from_linear(a.k_proj), Dense::from_linear(a.v_proj)]);
+    let ffn = match l.ffn {
+        FeedForwardWeights::Dense(m) => Ffn::Dense(Mlp::from(m, Act::Silu)),
+        FeedForwardWeights::Moe(m) if m.dynamic_skip => {
+            return Err(ModelError::Unsupported {
+                operation: "the fused CPU engine".into(),
+                feature: format!("layer {i}: {DYNAMIC_SKIP}"),
+            });
+        }
+        FeedForwardWeights::Moe(m) => Ffn::Moe(convert_moe(m)),
+    };
+    Ok(Layer { input_norm: Norm::from(l.input_norm), attention, post_norm: Norm::from(l.post_attention_norm), ffn })
+}
+
+fn convert_attention(a: StandardAttentionWeights, c: &AttentionConfig) -> AttentionLayer {
+    let qkv = Dense::concat(vec![Dense::from(a.q_proj), Dense::from(a.k_proj), Dense::from(a.v_proj)]);
     AttentionLayer {
         qkv,
-        o: Dense::from_linear(a.o_proj),
+        o: Dense::from(a.o_proj),
         q_norm: a.q_norm.map(Norm::from),
         k_norm: a.k_norm.map(Norm::from),
-        qk_norm: c.qk_norm,
+        steps: qkv_steps(c.qk_norm),
         clip: c.clip_qkv.map(|v| v as f32),
         heads: c.num_heads,
         kv_heads: c.num_kv_heads,
         head_dim: c.head_dim,
-        scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
-        window,
-        sinks: a.sinks.map(host),
+        scale: c.softmax_scale() as f32,
+        window: a.window,
+        sinks: a.sinks,
     }
 }
 
-fn convert_moe(m: MoeBlock) -> MoeLayer {
-    let allowed = m.mask().map(<[bool]>::to_vec).unwrap_or_else(|| vec![true; m.num_experts()]);
-    let rule = m.rule();
+fn convert_moe(m: MoeWeights) -> MoeLayer {
     let act = Act::of(m.activation);
-    let MoeBlock { router, experts, shared, correction_bias, .. } = m;
-    let (shared, shared_gate) = match shared {
-        Some(SharedExpert { mlp, gate }) => (Some(Mlp::from_swiglu(mlp, Act::Silu)), gate.map(Dense::from_linear)),
-        None => (None, None),
-    };
     MoeLayer {
-        router: Dense::from_linear(router),
-        rule,
-        allowed,
-        correction: correction_bias.map(host),
-        experts: experts.into_iter().map(|e| Mlp::from_swiglu(e, act)).collect(),
-        shared,
-        shared_gate,
+        router: Dense::from(m.router),
+        rule: m.rule,
+        allowed: m.allowed,
+        correction: m.correction_bias,
+        experts: m.experts.into_iter().map(|e| Mlp::from(e, act)).collect(),
+        shared: m.shared.map(|s| Mlp::from(s, Act::Silu)),
+        shared_gate: m.shared_gate.map(Dense::from),
     }
 }
 
@@ -732,25 +670,24 @@ impl AttentionLayer {
         let width = (nh + 2 * nkv) * d;
         let qkv = prefix(&mut sc.qkv, n * width);
         self.qkv.apply(x, n, qkv, false, true);
-        // As transformers: OLMoE's full q/k norms come before `clip_qkv`, Qwen3's per-head
-        // norms after it. Full norms have weights over all heads, per-head norms over one head's
-        // `d`: `rms_norm_rows` normalises chunks of the weight's length either way.
-        let qk_norm = |qkv: &mut [f32]| {
-            let (qn, kn) = (self.q_norm.as_ref().expect("q_norm"), self.k_norm.as_ref().expect("k_norm"));
-            qkv.par_chunks_mut(width).for_each(|row| {
-                let (q, rest) = row.split_at_mut(nh * d);
-                rms_norm_rows(q, &qn.w, qn.eps);
-                rms_norm_rows(&mut rest[..nkv * d], &kn.w, kn.eps);
-            });
-        };
-        if self.qk_norm == QkNorm::Full {
-            qk_norm(qkv);
-        }
-        if let Some(c) = self.clip {
-            qkv.par_chunks_mut(16_384).for_each(|c2| c2.iter_mut().for_each(|v| *v = v.clamp(-c, c)));
-        }
-        if self.qk_norm == QkNorm::PerHead {
-            qk_norm(qkv);
+        // Full norms have weights over all heads, per-head norms over one head's `d`:
+        // `rms_norm_rows` normalises chunks of the weight's length either way.
+        for step in self.steps {
+            match step {
+                QkvStep::Norm => {
+                    let (qn, kn) = (self.q_norm.as_ref().expect("q_norm"), self.k_norm.as_ref().expect("k_norm"));
+                    qkv.par_chunks_mut(width).for_each(|row| {
+                        let (q, rest) = row.split_at_mut(nh * d);
+                        rms_norm_rows(q, &qn.w, qn.eps);
+                        rms_norm_rows(&mut rest[..nkv * d], &kn.w, kn.eps);
+                    });
+                }
+                QkvStep::Clip => {
+                    if let Some(c) = self.clip {
+                        qkv.par_chunks_mut(16_384).for_each(|x| clip_rows(x, c));
+                    }
+                }
+            }
         }
         let qkv: &[f32] = qkv;
         // Heads laid out [b, heads, t, d]; RoPE applied to q and k on the way.
@@ -760,7 +697,8 @@ impl AttentionLayer {
                 for (pos, o) in block.chunks_exact_mut(d).enumerate() {
                     let src = &qkv[(bi * t + pos) * width + col0 + hd * d..][..d];
                     if rotate {
-                        rope_row(src, &rope.0[pos * d..(pos + 1) * d], &rope.1[pos * d..(pos + 1) * d], o);
+                        let (c, s) = (&rope.0[pos * d..(pos + 1) * d], &rope.1[pos * d..(pos + 1) * d]);
+                        head_row(&[], src, c, s, RopeStyle::RotateHalf, o);
                     } else {
                         o.copy_from_slice(src);
                     }
@@ -831,12 +769,8 @@ fn attend<'a>(
                     false,
                     false,
                 );
-                for (j, row) in s.chunks_exact_mut(r1).enumerate() {
-                    match sink {
-                        None => causal_row(row, r0 + j, scale, window),
-                        Some(sink) => causal_row_with_sink(row, r0 + j, scale, window, sink),
-                    }
-                }
+                // Rows r0..r1 of the score matrix, cut to keys 0..r1 (r1 > every row's query).
+                causal_softmax_rows(s, r1, r0, scale, window, sink);
                 matmul(
                     &mut out[r0 * dv..r1 * dv],
                     dv,
@@ -859,54 +793,6 @@ fn attend<'a>(
         }
     });
     attn
-}
-
-/// DeepSeek's interleaved RoPE of one head's rotary part, as transformers'
-/// `apply_rotary_pos_emb_interleave`: pairs `(x[2i], x[2i+1])` rotated by frequency `i`, the
-/// rotated even elements first, then the odd ones.
-#[inline]
-fn rope_interleaved_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
-    let half = x.len() / 2;
-    for i in 0..half {
-        let (e, o) = (x[2 * i], x[2 * i + 1]);
-        out[i] = e * cos[i] - o * sin[i];
-        out[half + i] = o * cos[i] + e * sin[i];
-    }
-}
-
-/// Rotate-half RoPE of one head row: `x·cos + rotate_half(x)·sin`.
-#[inline]
-fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
-    let half = x.len() / 2;
-    for j in 0..half {
-        out[j] = x[j] * cos[j] - x[j + half] * sin[j];
-        out[j + half] = x[j + half] * cos[j + half] + x[j] * sin[j + half];
-    }
-}
-
-/// Softmax of one score row for query `q`: keys `lo..=q` live (scaled), the rest zero.
-#[inline]
-fn causal_row(row: &mut [f32], q: usize, scale: f32, window: usize) {
-    // `causal_softmax_rows` treats the row as row `q` of a matrix `row.len()` wide; the row
-    // here is the prefix `0..r1` (r1 > q) of the full row, which is all it reads or writes.
-    debug_assert!(q < row.len());
-    causal_softmax_rows(row, row.len(), q, scale, window);
-}
-
-/// [`causal_row`] with a sink logit (not scaled) joining the softmax and dropped after it, as
-/// gpt-oss computes `softmax(cat[scores, sink])[..t]`.
-fn causal_row_with_sink(row: &mut [f32], q: usize, scale: f32, window: usize, sink: f32) {
-    let lo = (q + 1).saturating_sub(window);
-    let max = row[lo..=q].iter().fold(sink, |m, &x| m.max(x * scale));
-    let mut sum = (sink - max).exp();
-    for x in &mut row[lo..=q] {
-        *x = (*x * scale - max).exp();
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    row[lo..=q].iter_mut().for_each(|x| *x *= inv);
-    row[..lo].fill(0.0);
-    row[q + 1..].fill(0.0);
 }
 
 impl MoeLayer {
@@ -974,10 +860,7 @@ impl MoeLayer {
             if let Some(g) = &self.shared_gate {
                 let mut gate = vec![0f32; n];
                 g.apply(x, n, &mut gate, false, false);
-                for (row, g) in y.chunks_exact_mut(hidden).zip(&gate) {
-                    let s = 1.0 / (1.0 + (-g).exp());
-                    row.iter_mut().for_each(|v| *v *= s);
-                }
+                sigmoid_gate_rows(&mut y, &gate, hidden);
             }
             h.par_chunks_mut(hidden).zip(y.par_chunks(hidden)).for_each(|(o, y)| {
                 o.iter_mut().zip(y).for_each(|(o, v)| *o += v);

@@ -6,33 +6,38 @@
 //! `olmoe`, `deepseek_v3`, `deepseek_v2`, `deepseek` (DeepSeek-MoE, whose reference is its remote
 //! code) and `gpt_oss`, and computes what transformers computes, in f32.
 //!
-//! The [`moe::MoeBlock`] is the shared building block every other crate uses to look inside a
+//! The [`MoeBlock`] is the shared building block every other crate uses to look inside a
 //! layer: router logits and probabilities, the selected experts, per-expert outputs, and an
 //! expert mask that behaves exactly as if the masked experts had been removed.
+//!
+//! Per-row arithmetic lives in [`kernels`], shared with `diep-infer`'s fused CPU engine, which
+//! builds from the plain weight buffers of [`export`]. Training code gets named parameters
+//! ([`MoeModel::parameters_mut`]), builds models from HF-named tensors ([`MoeModel::from_fn`])
+//! and saves them in the HF layout ([`MoeModel::to_hf_tensors`]).
 //!
 //! The backend is chosen at runtime with [`DeviceSpec`] (`cpu`, `wgpu`, `cuda[:N]`); the
 //! `cpu` backend is the default cargo feature, `wgpu` and `cuda` are opt-in.
 #![warn(missing_docs)]
 
-pub mod attention;
+mod attention;
 pub mod device;
 mod error;
+pub mod export;
 pub mod kernels;
-pub mod lm;
-pub mod loader;
-pub mod model;
+mod lm;
+mod loader;
+mod model;
 pub mod moe;
 pub mod nn;
-pub mod rope;
+mod params;
 pub mod tokenizer;
-pub mod train;
 
-pub use attention::SelfAttention;
+pub use attention::AttentionContext;
 pub use burn;
 pub use device::DeviceSpec;
 pub use diep_checkpoint as checkpoint;
-pub use diep_checkpoint::architectures;
 pub use error::{ModelError, Result};
-pub use lm::CausalLm;
-pub use model::{DecoderLayer, FeedForward, LayerOutput, LayerSource, MoeModel, StreamingModel};
+pub use lm::{CausalLm, check_batch};
+pub use model::{DecoderLayer, LayerOutput, LayerSource, MoeModel, StreamingModel};
 pub use moe::{DynamicSkip, MoeBlock, MoeForwardOptions, MoeOutput, Routing, RoutingRule};
+pub use params::{HfTensor, Param, ParamMut};

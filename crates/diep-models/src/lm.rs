@@ -2,9 +2,9 @@
 
 use burn::tensor::{Device, Tensor};
 
-use crate::Result;
 use crate::kernels;
 use crate::model::MoeModel;
+use crate::{ModelError, Result};
 
 /// A causal language model: next-token logits for batches of equal-length sequences.
 ///
@@ -34,4 +34,23 @@ impl CausalLm for MoeModel {
     fn device(&self) -> &Device {
         MoeModel::device(self)
     }
+}
+
+/// Checks a batch of token ids: at least one sequence, all non-empty and of equal length, every
+/// id below `vocab`. Returns `(batch, len)`.
+pub fn check_batch(ids: &[Vec<u32>], vocab: usize) -> Result<(usize, usize)> {
+    let batch = ids.len();
+    let len = ids.first().map(Vec::len).unwrap_or(0);
+    if batch == 0 || len == 0 {
+        return Err(ModelError::EmptyBatch);
+    }
+    for (sequence, seq) in ids.iter().enumerate() {
+        if seq.len() != len {
+            return Err(ModelError::RaggedBatch { sequence, len: seq.len(), expected: len });
+        }
+        if let Some((position, &id)) = seq.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
+            return Err(ModelError::TokenOutOfVocabulary { id, sequence, position, vocab });
+        }
+    }
+    Ok((batch, len))
 }

@@ -7,6 +7,8 @@ use diep_checkpoint::{Checkpoint, LayerKind, ModelConfig, QkNorm};
 
 use crate::attention::{Attention, AttentionContext, MlaAttention, MlaQuery, SelfAttention};
 use crate::error::{ModelError, Result};
+use crate::kernels;
+use crate::lm::check_batch;
 use crate::loader::{Loader, transpose};
 use crate::moe::{MoeBlock, MoeForwardOptions, MoeOutput, SharedExpert};
 use crate::nn::{Linear, RmsNorm, SwiGlu};
@@ -16,7 +18,7 @@ use diep_checkpoint::architectures::{DENSE_MLP, MoeKeys};
 // A model has one per layer, so the size difference between the variants does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
-pub enum FeedForward {
+pub(crate) enum FeedForward {
     /// A mixture-of-experts block.
     Moe(MoeBlock),
     /// A dense SwiGLU MLP.
@@ -27,13 +29,13 @@ pub enum FeedForward {
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     /// `input_layernorm`.
-    pub input_norm: RmsNorm,
+    pub(crate) input_norm: RmsNorm,
     /// `self_attn`.
-    pub attention: SelfAttention,
+    pub(crate) attention: SelfAttention,
     /// `post_attention_layernorm`.
-    pub post_attention_norm: RmsNorm,
+    pub(crate) post_attention_norm: RmsNorm,
     /// `mlp` / `block_sparse_moe`.
-    pub ffn: FeedForward,
+    pub(crate) ffn: FeedForward,
 }
 
 /// What one decoder layer computed.
@@ -74,16 +76,16 @@ impl DecoderLayer {
 #[derive(Debug, Clone)]
 pub struct MoeModel {
     /// The normalised configuration.
-    pub config: ModelConfig,
+    pub(crate) config: ModelConfig,
     /// `model.embed_tokens.weight [vocab, hidden]`.
-    pub embed_tokens: Tensor<2>,
+    pub(crate) embed_tokens: Tensor<2>,
     /// Decoder layers.
-    pub layers: Vec<DecoderLayer>,
+    pub(crate) layers: Vec<DecoderLayer>,
     /// `model.norm`.
-    pub norm: RmsNorm,
+    pub(crate) norm: RmsNorm,
     /// `lm_head` (the transposed embeddings when tied).
-    pub lm_head: Linear,
-    device: Device,
+    pub(crate) lm_head: Linear,
+    pub(crate) device: Device,
 }
 
 impl MoeModel {
@@ -97,8 +99,24 @@ impl MoeModel {
 
     /// Builds the model from an already-opened checkpoint. Every tensor the config implies
     /// must be present with the implied shape, and no other tensor may be.
-    pub fn from_checkpoint(config: ModelConfig, ckpt: &Checkpoint, device: &Device) -> Result<Self> {
-        let mut ld = Loader::new(ckpt, device);
+    fn from_checkpoint(config: ModelConfig, ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+        Self::build(config, Loader::new(ckpt, device), device)
+    }
+
+    /// Builds a model whose every tensor comes from `tensor(name, shape)`, called once for each
+    /// tensor a checkpoint of `config` holds, with its on-disk name and HF shape (`[out, in]`
+    /// projections, separate gate/up expert projections), and returning its row-major values.
+    /// The model is exactly what [`MoeModel::load`] would build from a checkpoint of those
+    /// tensors (e.g. freshly initialised weights for training).
+    pub fn from_fn(
+        config: ModelConfig,
+        device: &Device,
+        mut tensor: impl FnMut(&str, &[usize]) -> Vec<f32>,
+    ) -> Result<Self> {
+        Self::build(config, Loader::from_fn(&mut tensor, device), device)
+    }
+
+    fn build(config: ModelConfig, mut ld: Loader<'_>, device: &Device) -> Result<Self> {
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
 
@@ -108,28 +126,25 @@ impl MoeModel {
                 // transformers ignores a saved head when the embeddings are tied.
                 ld.skip("lm_head.weight");
             }
-            Linear { weight: ld.from_host(transpose(&embed_host, v, h), [h, v]), bias: None }
+            Linear::new(ld.upload(transpose(&embed_host, v, h), [h, v]), None)
         } else {
             ld.linear("lm_head", h, v, false)?
         };
-        let embed_tokens = ld.from_host(embed_host, [v, h]);
+        let embed_tokens = ld.upload(embed_host, [v, h]);
         let norm = ld.rms_norm("model.norm.weight", h, c.rms_norm_eps)?;
         let layers = (0..c.num_layers).map(|i| load_layer(&mut ld, c, i)).collect::<Result<Vec<_>>>()?;
         ld.finish()?;
         Ok(MoeModel { config, embed_tokens, layers, norm, lm_head, device: device.clone() })
     }
 
-    /// Assembles a model from its parts (e.g. freshly initialised weights, see
-    /// [`MoeModel::random`]). The parts must match `config`; nothing is checked.
-    pub fn from_parts(
-        config: ModelConfig,
-        embed_tokens: Tensor<2>,
-        layers: Vec<DecoderLayer>,
-        norm: RmsNorm,
-        lm_head: Linear,
-        device: Device,
-    ) -> Self {
-        MoeModel { config, embed_tokens, layers, norm, lm_head, device }
+    /// The normalised configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The LM head `[hidden, vocab]` (the transposed embeddings when they are tied).
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
     }
 
     /// The device the weights live on.
@@ -151,7 +166,7 @@ impl MoeModel {
     pub fn set_expert_mask(&mut self, layer: usize, keep: Option<&[bool]>) -> Result<()> {
         match self.layers.get_mut(layer).map(|l| &mut l.ffn) {
             Some(FeedForward::Moe(m)) => m.set_mask(keep),
-            _ => Err(ModelError::InvalidInput(format!("layer {layer} is not an MoE layer"))),
+            _ => Err(ModelError::NotMoeLayer { layer }),
         }
     }
 
@@ -159,7 +174,7 @@ impl MoeModel {
     pub fn set_dynamic_skip(&mut self, layer: usize, skip: Option<crate::DynamicSkip>) -> Result<()> {
         match self.layers.get_mut(layer).map(|l| &mut l.ffn) {
             Some(FeedForward::Moe(m)) => m.set_dynamic_skip(skip),
-            _ => Err(ModelError::InvalidInput(format!("layer {layer} is not an MoE layer"))),
+            _ => Err(ModelError::NotMoeLayer { layer }),
         }
     }
 
@@ -174,12 +189,12 @@ impl MoeModel {
 
     /// Embeds a batch of equal-length token sequences: `[batch·len, hidden]` rows, and the
     /// attention context for that shape.
-    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
+    pub(crate) fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
         embed_ids(&self.embed_tokens, &self.config, &self.device, ids)
     }
 
     /// Final norm and LM head: `[rows, hidden]` to `[rows, vocab]`.
-    pub fn head(&self, h: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn head(&self, h: Tensor<2>) -> Tensor<2> {
         self.lm_head.forward(self.norm.forward(h))
     }
 
@@ -255,7 +270,7 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
             q_norm,
             k_norm,
             sinks: if a.sinks { Some(ld.tensor(&format!("{p}.self_attn.sinks"), [a.num_heads])?) } else { None },
-            sliding: a.sliding_layers.as_ref().is_some_and(|s| s[i]),
+            window: kernels::layer_window(a, i),
             cfg: a.clone(),
         }),
         Some(m) => {
@@ -281,6 +296,7 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
                     false,
                 )?,
                 o_proj: ld.linear(&n(k.o_proj), a.num_heads * m.v_head_dim, h, m.bias)?,
+                window: kernels::layer_window(a, i),
                 mla: m.clone(),
                 cfg: a.clone(),
             })
@@ -296,7 +312,7 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
                 (true, Some(name)) => Some(ld.tensor(&name, [num_experts])?),
                 _ => None,
             };
-            let router = Linear { weight: ld.from_host(router_w, [h, num_experts]), bias: router_bias };
+            let router = Linear::new(ld.upload(router_w, [h, num_experts]), router_bias);
             let experts = match keys.fused_expert_tensors(i) {
                 Some(names) => load_fused_experts(ld, &names, num_experts, h, c.moe.expert_intermediate_size)?,
                 None => (0..num_experts)
@@ -344,29 +360,8 @@ fn embed_ids(
     device: &Device,
     ids: &[Vec<u32>],
 ) -> Result<(Tensor<2>, AttentionContext)> {
-    let batch = ids.len();
-    let len = ids.first().map(Vec::len).unwrap_or(0);
-    if batch == 0 || len == 0 {
-        return Err(ModelError::InvalidInput("empty batch".into()));
-    }
-    if let Some(bad) = ids.iter().position(|s| s.len() != len) {
-        return Err(ModelError::InvalidInput(format!(
-            "sequence {bad} has {} tokens but sequence 0 has {len}; a batch needs equal lengths",
-            ids[bad].len()
-        )));
-    }
-    let vocab = config.vocab_size;
-    let mut flat = Vec::with_capacity(batch * len);
-    for (s, seq) in ids.iter().enumerate() {
-        for (t, &id) in seq.iter().enumerate() {
-            if id as usize >= vocab {
-                return Err(ModelError::InvalidInput(format!(
-                    "token id {id} (sequence {s}, position {t}) is outside the vocabulary of {vocab}"
-                )));
-            }
-            flat.push(id as i64);
-        }
-    }
+    let (batch, len) = check_batch(ids, config.vocab_size)?;
+    let flat: Vec<i64> = ids.iter().flatten().map(|&id| id as i64).collect();
     let idx = Tensor::<1, Int>::from_data(TensorData::new(flat, [batch * len]), device);
     let h = embed_tokens.clone().select(0, idx);
     let ctx = AttentionContext::new(&config.attention, batch, len, device);
@@ -378,7 +373,7 @@ fn embed_ids(
 /// is one layer's weights plus the activations, not the whole model.
 pub struct StreamingModel {
     /// The normalised configuration.
-    pub config: ModelConfig,
+    config: ModelConfig,
     ckpt: Checkpoint,
     embed_tokens: Tensor<2>,
     device: Device,
@@ -401,35 +396,35 @@ impl StreamingModel {
         &self.device
     }
 
+    /// The normalised configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
     /// How layers were loaded so far (for tests and diagnostics).
     pub fn residency(&self) -> &Residency {
         &self.residency
     }
 
-    /// The checkpoint the layers are read from.
-    pub fn checkpoint(&self) -> &Checkpoint {
-        &self.ckpt
-    }
-
-    /// Embeds a batch of equal-length sequences (see [`MoeModel::embed`]).
-    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
+    /// Embeds a batch of equal-length sequences.
+    pub(crate) fn embed(&self, ids: &[Vec<u32>]) -> Result<(Tensor<2>, AttentionContext)> {
         embed_ids(&self.embed_tokens, &self.config, &self.device, ids)
     }
 
     /// The token embeddings `[vocab, hidden]`.
-    pub fn embed_tokens(&self) -> &Tensor<2> {
+    pub(crate) fn embed_tokens(&self) -> &Tensor<2> {
         &self.embed_tokens
     }
 
     /// Loads the final norm and the LM head (`[hidden, vocab]`; the transposed embeddings when
     /// they are tied), as [`MoeModel::load`] does.
-    pub fn load_head(&self) -> Result<(RmsNorm, Linear)> {
+    pub(crate) fn load_head(&self) -> Result<(RmsNorm, Linear)> {
         let c = &self.config;
         let (h, v) = (c.hidden_size, c.vocab_size);
         let mut ld = Loader::new(&self.ckpt, &self.device);
         let lm_head = if c.tie_word_embeddings {
             let embed: Vec<f32> = self.embed_tokens.to_data().iter::<f32>().collect();
-            Linear { weight: ld.from_host(transpose(&embed, v, h), [h, v]), bias: None }
+            Linear::new(ld.upload(transpose(&embed, v, h), [h, v]), None)
         } else {
             ld.linear("lm_head", h, v, false)?
         };
@@ -437,12 +432,9 @@ impl StreamingModel {
     }
 
     /// Loads decoder layer `i` from disk.
-    pub fn load_layer(&self, i: usize) -> Result<DecoderLayer> {
+    pub(crate) fn load_layer(&self, i: usize) -> Result<DecoderLayer> {
         if i >= self.config.num_layers {
-            return Err(ModelError::InvalidInput(format!(
-                "layer {i} does not exist ({} layers)",
-                self.config.num_layers
-            )));
+            return Err(ModelError::NoSuchLayer { layer: i, layers: self.config.num_layers });
         }
         load_layer(&mut Loader::new(&self.ckpt, &self.device), &self.config, i)
     }
@@ -469,7 +461,8 @@ impl LayerSource for MoeModel {
         MoeModel::embed(self, ids)
     }
     fn with_layer<R>(&self, i: usize, f: impl FnOnce(&DecoderLayer) -> R) -> Result<R> {
-        let layer = self.layers.get(i).ok_or_else(|| ModelError::InvalidInput(format!("layer {i} does not exist")))?;
+        let layers = self.layers.len();
+        let layer = self.layers.get(i).ok_or(ModelError::NoSuchLayer { layer: i, layers })?;
         Ok(f(layer))
     }
     fn with_head<R>(&self, f: impl FnOnce(&RmsNorm, &Linear) -> R) -> Result<R> {
@@ -571,11 +564,8 @@ fn load_fused_experts(
             let dw = down[e * inter * hidden..(e + 1) * inter * hidden].to_vec();
             let dbias = down_bias[e * hidden..(e + 1) * hidden].to_vec();
             SwiGlu {
-                gate_up: Linear {
-                    weight: ld.from_host(w, [hidden, 2 * inter]),
-                    bias: Some(ld.from_host(b, [2 * inter])),
-                },
-                down: Linear { weight: ld.from_host(dw, [inter, hidden]), bias: Some(ld.from_host(dbias, [hidden])) },
+                gate_up: Linear { weight: ld.upload(w, [hidden, 2 * inter]), bias: Some(ld.upload(b, [2 * inter])) },
+                down: Linear { weight: ld.upload(dw, [inter, hidden]), bias: Some(ld.upload(dbias, [hidden])) },
             }
         })
         .collect())
@@ -589,5 +579,5 @@ fn load_swiglu(ld: &mut Loader<'_>, prefix: &str, names: [&str; 3], hidden: usiz
 fn load_swiglu_named(ld: &mut Loader<'_>, [g, u, d]: [&str; 3], hidden: usize, inter: usize) -> Result<SwiGlu> {
     let gate_up = ld.fused_linear(&[g, u], hidden, inter)?;
     let down_t = ld.weight_t(d, hidden, inter)?;
-    Ok(SwiGlu { gate_up, down: Linear { weight: ld.from_host(down_t, [inter, hidden]), bias: None } })
+    Ok(SwiGlu { gate_up, down: Linear { weight: ld.upload(down_t, [inter, hidden]), bias: None } })
 }

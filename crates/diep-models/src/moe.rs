@@ -30,10 +30,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::tensor::activation::{sigmoid, softmax};
+
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use diep_checkpoint::{ExpertActivation, GroupLimit, GroupScore, RoutingConfig, Scoring};
 
 use crate::error::{ModelError, Result};
+use crate::kernels;
 use crate::nn::{Linear, SwiGlu};
 
 /// The result of routing a batch of tokens.
@@ -114,7 +116,7 @@ impl RoutingRule {
 /// `topk_group` groups (contiguous blocks of `n / n_group` experts, scored by their maximum
 /// or by the sum of their two largest scores). Descending score, ties to the lower id. `−∞`
 /// marks an expert that must not be chosen.
-pub fn select_experts(choice: &[f32], top_k: usize, groups: Option<GroupLimit>) -> Vec<usize> {
+fn select_experts(choice: &[f32], top_k: usize, groups: Option<GroupLimit>) -> Vec<usize> {
     let n = choice.len();
     let mut allowed = vec![true; n];
     if let Some(g) = groups {
@@ -284,7 +286,7 @@ pub struct MoeOutput {
 #[derive(Debug, Clone)]
 pub struct DynamicSkip {
     /// `γ` row-major `[experts, experts]`: row = first expert, column = the other.
-    pub gamma: Vec<f32>,
+    gamma: Vec<f32>,
     counts: Arc<[AtomicU64; 2]>,
 }
 
@@ -292,11 +294,7 @@ impl DynamicSkip {
     /// A rule from the `γ` matrix of a layer with `experts` experts.
     pub fn new(gamma: Vec<f32>, experts: usize) -> Result<Self> {
         if gamma.len() != experts * experts {
-            return Err(ModelError::InvalidInput(format!(
-                "dynamic skip: γ has {} entries, a layer of {experts} experts needs {}",
-                gamma.len(),
-                experts * experts
-            )));
+            return Err(ModelError::GammaLength { found: gamma.len(), experts });
         }
         Ok(DynamicSkip { gamma, counts: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]) })
     }
@@ -312,32 +310,39 @@ impl DynamicSkip {
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
     /// The expert.
-    pub mlp: SwiGlu,
+    pub(crate) mlp: SwiGlu,
     /// `[hidden, 1]` gate; `None`: the output is added as is.
-    pub gate: Option<Linear>,
+    pub(crate) gate: Option<Linear>,
+}
+
+impl SharedExpert {
+    /// A shared expert, gated by `sigmoid(x·gate)` (`gate` `[hidden, 1]`) or ungated.
+    pub fn new(mlp: SwiGlu, gate: Option<Linear>) -> Self {
+        SharedExpert { mlp, gate }
+    }
 }
 
 /// A mixture-of-experts feed-forward block.
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
     /// Router `[hidden, experts]`.
-    pub router: Linear,
+    pub(crate) router: Linear,
     /// Routed experts, in on-disk order.
-    pub experts: Vec<SwiGlu>,
+    pub(crate) experts: Vec<SwiGlu>,
     /// The shared expert, if the architecture has one.
-    pub shared: Option<SharedExpert>,
+    pub(crate) shared: Option<SharedExpert>,
     /// Experts per token.
-    pub top_k: usize,
+    pub(crate) top_k: usize,
     /// Renormalise the top-k weights.
-    pub norm_topk_prob: bool,
+    pub(crate) norm_topk_prob: bool,
     /// Scoring, group limit and scaling ([`RoutingConfig::softmax`] unless set with
     /// [`MoeBlock::with_routing`]).
-    pub routing: RoutingConfig,
+    pub(crate) routing: RoutingConfig,
     /// DeepSeek-V3's `e_score_correction_bias` `[experts]`, added to the scores for selection.
-    pub correction_bias: Option<Tensor<1>>,
+    pub(crate) correction_bias: Option<Tensor<1>>,
     /// The experts' activation ([`ExpertActivation::Silu`] unless set with
     /// [`MoeBlock::with_activation`]).
-    pub activation: ExpertActivation,
+    pub(crate) activation: ExpertActivation,
     mask: Option<Vec<bool>>,
     mask_bias: Option<Tensor<1>>,
     skip: Option<DynamicSkip>,
@@ -380,6 +385,36 @@ impl MoeBlock {
         self
     }
 
+    /// Experts per token.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Whether the top-k weights are renormalised.
+    pub fn norm_topk_prob(&self) -> bool {
+        self.norm_topk_prob
+    }
+
+    /// DeepSeek-V3's `e_score_correction_bias` `[experts]`, if the block has one.
+    pub fn correction_bias(&self) -> Option<&Tensor<1>> {
+        self.correction_bias.as_ref()
+    }
+
+    /// The router `[hidden, experts]`.
+    pub fn router(&self) -> &Linear {
+        &self.router
+    }
+
+    /// The routed experts, in on-disk order.
+    pub fn experts(&self) -> &[SwiGlu] {
+        &self.experts
+    }
+
+    /// The shared expert, if the architecture has one.
+    pub fn shared(&self) -> Option<&SharedExpert> {
+        self.shared.as_ref()
+    }
+
     /// The block's full routing rule.
     pub fn rule(&self) -> RoutingRule {
         RoutingRule { top_k: self.top_k, norm_topk_prob: self.norm_topk_prob, config: self.routing.clone() }
@@ -405,14 +440,11 @@ impl MoeBlock {
         };
         let n = self.num_experts();
         if keep.len() != n {
-            return Err(ModelError::InvalidInput(format!("expert mask has {} entries for {n} experts", keep.len())));
+            return Err(ModelError::ExpertMaskLength { found: keep.len(), experts: n });
         }
         let kept = keep.iter().filter(|k| **k).count();
         if kept < self.top_k {
-            return Err(ModelError::InvalidInput(format!(
-                "expert mask keeps {kept} experts, fewer than the {} each token is routed to",
-                self.top_k
-            )));
+            return Err(ModelError::TooFewExperts { kept, top_k: self.top_k });
         }
         let bias: Vec<f32> = keep.iter().map(|k| if *k { 0.0 } else { f32::NEG_INFINITY }).collect();
         self.mask_bias = Some(Tensor::from_data(TensorData::new(bias, [n]), &self.device()));
@@ -425,10 +457,7 @@ impl MoeBlock {
         if let Some(s) = &skip {
             let n = self.num_experts();
             if s.gamma.len() != n * n {
-                return Err(ModelError::InvalidInput(format!(
-                    "dynamic skip: γ has {} entries, the layer has {n} experts",
-                    s.gamma.len()
-                )));
+                return Err(ModelError::GammaLength { found: s.gamma.len(), experts: n });
             }
         }
         self.skip = skip;
@@ -473,12 +502,8 @@ impl MoeBlock {
             ExpertActivation::ClampedSwiglu { alpha, limit } => {
                 // `gate_up` holds the gate columns first, then the up columns (de-interleaved
                 // at load).
-                let i = mlp.intermediate();
                 let gu = mlp.gate_up.forward(x);
-                let gate = gu.clone().narrow(1, 0, i).clamp_max(limit);
-                let up = gu.narrow(1, i, i).clamp(-limit, limit);
-                let glu = gate.clone() * sigmoid(gate * alpha);
-                mlp.down.forward((up + 1.0) * glu)
+                mlp.down.forward(kernels::clamped_swiglu(gu, mlp.intermediate(), alpha, limit))
             }
         }
     }
@@ -497,7 +522,9 @@ impl MoeBlock {
             self.dispatch_grouped(x.clone(), &routing, opts)
         };
         let output = match &self.shared {
-            Some(SharedExpert { mlp, gate: Some(gate) }) => routed + sigmoid(gate.forward(x.clone())) * mlp.forward(x),
+            Some(SharedExpert { mlp, gate: Some(gate) }) => {
+                routed + kernels::sigmoid_gate(mlp.forward(x.clone()), gate.forward(x))
+            }
             Some(SharedExpert { mlp, gate: None }) => routed + mlp.forward(x),
             None => routed,
         };

@@ -8,12 +8,22 @@ use crate::kernels;
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[in, out]`.
-    pub weight: Tensor<2>,
+    pub(crate) weight: Tensor<2>,
     /// `[out]`.
-    pub bias: Option<Tensor<1>>,
+    pub(crate) bias: Option<Tensor<1>>,
 }
 
 impl Linear {
+    /// A layer from its weight `[in, out]` and optional bias `[out]`.
+    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Linear { weight, bias }
+    }
+
+    /// The weight `[in, out]`.
+    pub fn weight(&self) -> &Tensor<2> {
+        &self.weight
+    }
+
     /// Applies the layer to `[n, in]` rows.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let y = x.matmul(self.weight.clone());
@@ -24,7 +34,7 @@ impl Linear {
     }
 
     /// Output width.
-    pub fn out_features(&self) -> usize {
+    pub(crate) fn out_features(&self) -> usize {
         self.weight.dims()[1]
     }
 }
@@ -33,12 +43,17 @@ impl Linear {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     /// `[dim]`.
-    pub weight: Tensor<1>,
+    pub(crate) weight: Tensor<1>,
     /// Epsilon inside the square root.
-    pub eps: f64,
+    pub(crate) eps: f64,
 }
 
 impl RmsNorm {
+    /// A norm from its weight `[dim]` and epsilon.
+    pub(crate) fn new(weight: Tensor<1>, eps: f64) -> Self {
+        RmsNorm { weight, eps }
+    }
+
     /// Normalises over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         kernels::rms_norm(x, &self.weight, self.eps)
@@ -49,14 +64,20 @@ impl RmsNorm {
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
     /// `[hidden, 2·intermediate]`: gate columns first, then up.
-    pub gate_up: Linear,
+    pub(crate) gate_up: Linear,
     /// `[intermediate, hidden]`.
-    pub down: Linear,
+    pub(crate) down: Linear,
 }
 
 impl SwiGlu {
+    /// A block from its fused gate/up projection (`[hidden, 2·intermediate]`, gate columns
+    /// first) and its down projection (`[intermediate, hidden]`).
+    pub fn new(gate_up: Linear, down: Linear) -> Self {
+        SwiGlu { gate_up, down }
+    }
+
     /// Intermediate width.
-    pub fn intermediate(&self) -> usize {
+    pub(crate) fn intermediate(&self) -> usize {
         self.gate_up.out_features() / 2
     }
 

@@ -21,5 +21,5 @@ pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     tokenizer
         .encode(text, false)
         .map(|e| e.get_ids().to_vec())
-        .map_err(|e| ModelError::InvalidInput(format!("tokenization failed: {e}")))
+        .map_err(|e| ModelError::Tokenization { reason: e.to_string() })
 }

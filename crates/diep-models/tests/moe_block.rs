@@ -34,19 +34,19 @@ impl Rng {
 }
 
 fn linear(rng: &mut Rng, inp: usize, out: usize, device: &Device) -> Linear {
-    Linear { weight: rng.tensor([inp, out], 0.5, device), bias: None }
+    Linear::new(rng.tensor([inp, out], 0.5, device), None)
 }
 
 fn swiglu(rng: &mut Rng, h: usize, i: usize, device: &Device) -> SwiGlu {
-    SwiGlu { gate_up: linear(rng, h, 2 * i, device), down: linear(rng, i, h, device) }
+    SwiGlu::new(linear(rng, h, 2 * i, device), linear(rng, i, h, device))
 }
 
 fn block(seed: u64, h: usize, e: usize, k: usize, norm: bool, shared: bool, device: &Device) -> MoeBlock {
     let mut rng = Rng(seed);
-    let router = Linear { weight: rng.tensor([h, e], 2.0, device), bias: None };
+    let router = Linear::new(rng.tensor([h, e], 2.0, device), None);
     let experts = (0..e).map(|_| swiglu(&mut rng, h, 6, device)).collect();
-    let shared = shared
-        .then(|| SharedExpert { mlp: swiglu(&mut rng, h, 5, device), gate: Some(linear(&mut rng, h, 1, device)) });
+    let shared =
+        shared.then(|| SharedExpert::new(swiglu(&mut rng, h, 5, device), Some(linear(&mut rng, h, 1, device))));
     MoeBlock::new(router, experts, shared, k, norm)
 }
 
@@ -93,9 +93,9 @@ proptest! {
         let idx = Tensor::<1, diep_models::burn::tensor::Int>::from_data(
             TensorData::new(kept.iter().map(|i| *i as i64).collect::<Vec<_>>(), [kept.len()]), &device);
         let removed = MoeBlock::new(
-            Linear { weight: full.router.weight.clone().select(1, idx), bias: None },
-            kept.iter().map(|i| full.experts[*i].clone()).collect(),
-            full.shared.clone(), k, norm);
+            Linear::new(full.router().weight().clone().select(1, idx), None),
+            kept.iter().map(|i| full.experts()[*i].clone()).collect(),
+            full.shared().cloned(), k, norm);
 
         let x = Rng(seed ^ 7).tensor([n, 8], 1.0, &device);
         let a = masked.forward_detailed(x.clone(), &Default::default());

@@ -193,7 +193,7 @@ fn bf16_checkpoint_is_close_to_transformers_bf16_compute() {
     let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
     let ids = reference.ids();
     let got = to_vec(model.forward(&ids).unwrap());
-    let loss = mean_nll(&got, &ids, model.config.vocab_size);
+    let loss = mean_nll(&got, &ids, model.config().vocab_size);
     let expected = reference.json["loss_bf16"].as_f64().unwrap();
     let rel = (loss - expected).abs() / expected;
     assert!(rel < 1e-2, "{name}: loss {loss} vs transformers bf16 {expected} ({rel:.2e})");
@@ -269,7 +269,7 @@ fn deepseek_moe_logits_and_loss_parity() {
         let got = to_vec(model.forward(&ids).unwrap());
         let (expected, _) = reference.tensor("logits");
         let max_abs = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        let loss = mean_nll(&got, &ids, model.config.vocab_size);
+        let loss = mean_nll(&got, &ids, model.config().vocab_size);
         let want = reference.json["loss"].as_f64().unwrap();
         let rel = (loss - want).abs() / want;
         eprintln!("{name}: max |dlogit| {max_abs:.3e}, loss {loss:.7} vs {want:.7} (rel {rel:.2e})");
@@ -284,7 +284,7 @@ fn deepseek_and_gpt_oss_loss_matches_transformers() {
         let reference = Reference::load(name);
         let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
         let ids = reference.ids();
-        let loss = mean_nll(&to_vec(model.forward(&ids).unwrap()), &ids, model.config.vocab_size);
+        let loss = mean_nll(&to_vec(model.forward(&ids).unwrap()), &ids, model.config().vocab_size);
         let expected = reference.json["loss"].as_f64().unwrap();
         let rel = (loss - expected).abs() / expected;
         assert!(rel < 1e-5, "{name}: loss {loss} vs transformers {expected} ({rel:.2e})");

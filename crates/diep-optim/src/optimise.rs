@@ -236,7 +236,7 @@ pub fn optimise_layer_wise<S: LayerSource>(
     for chunk in ids.chunks(settings.batch_size) {
         let (mut h, ctx) = source.embed(chunk)?;
         device.get_or_insert_with(|| h.device());
-        let t = ctx.seq_len;
+        let t = ctx.seq_len();
         for i in 0..config.num_layers {
             let out = source.with_layer(i, |layer| layer.forward(h.clone(), &ctx, &MoeForwardOptions::default()))?;
             if let Some(moe) = &out.moe {
@@ -578,7 +578,7 @@ pub fn reference_step_grads(
 ) -> Result<StepGrads> {
     let settings = &state.settings;
     let device = model.device().clone();
-    let budget = budget(&model.config, settings);
+    let budget = budget(model.config(), settings);
     let loss_fn = |batch: &[usize], opts: &BTreeMap<usize, MoeForwardOptions>| -> Result<Loss> {
         let seqs: Vec<Vec<u32>> = batch.iter().map(|i| ids[*i].clone()).collect();
         let logits = model.forward_per_layer(&seqs, opts)?;

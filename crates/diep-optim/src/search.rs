@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use burn::tensor::{Tensor, TensorData};
-use diep_models::attention::AttentionContext;
+use diep_models::AttentionContext;
 use diep_models::{LayerSource, MoeForwardOptions};
 use diep_plan::{Allocation, Constraints, Kept};
 use serde::Serialize;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use diep_models::burn::tensor::{Device, Tensor};
+use diep_models::burn::tensor::Device;
 use diep_models::{DeviceSpec, MoeModel, StreamingModel};
 use diep_optim::{
     DiepSettings, DiepState, Event, Moments, Objective, OptimizerKind, RelaxationKind, ThresholdMode, optimise,
@@ -45,26 +45,9 @@ fn run(model: &MoeModel, s: &DiepSettings) -> DiepState {
     optimise(model, &calibration(), s, None, |_| Ok(())).unwrap()
 }
 
-fn host<const D: usize>(t: &Tensor<D>) -> Vec<u32> {
-    t.to_data().iter::<f32>().map(f32::to_bits).collect()
-}
-
-/// Every weight of the model, as bits.
-fn weights(m: &MoeModel) -> Vec<Vec<u32>> {
-    let mut all = vec![host(&m.embed_tokens), host(&m.norm.weight), host(&m.lm_head.weight)];
-    for l in &m.layers {
-        all.push(host(&l.input_norm.weight));
-        all.push(host(&l.attention.standard().expect("standard attention").q_proj.weight));
-        all.push(host(&l.attention.o_proj().weight));
-        if let Some(moe) = l.moe() {
-            all.push(host(&moe.router.weight));
-            for e in &moe.experts {
-                all.push(host(&e.gate_up.weight));
-                all.push(host(&e.down.weight));
-            }
-        }
-    }
-    all
+/// Every weight of the model, as bits, by HF name.
+fn weights(m: &MoeModel) -> Vec<(String, Vec<u32>)> {
+    m.to_hf_tensors().into_iter().map(|t| (t.name, t.data.into_iter().map(f32::to_bits).collect())).collect()
 }
 
 #[test]
@@ -95,7 +78,7 @@ fn same_seed_same_state_and_plan() {
     let (a, b) = (run(&model, &s), run(&model, &s));
     assert_eq!(a.layers, b.layers);
     let plan = |st: &DiepState| {
-        pruning_plan(&model.config, st, &Constraints::ungrouped(2, 2), 0, Allocation::Global, &device()).unwrap()
+        pruning_plan(model.config(), st, &Constraints::ungrouped(2, 2), 0, Allocation::Global, &device()).unwrap()
     };
     assert_eq!(plan(&a).kept_experts, plan(&b).kept_experts);
     // Another seed shuffles the calibration order differently.
@@ -199,8 +182,8 @@ fn plan_meets_the_budget_and_records_alpha_beta_and_curve() {
     let model = load();
     let st = run(&model, &settings(RelaxationKind::Routed, Objective::CeNorm));
     for (allocation, name) in [(Allocation::Global, "global"), (Allocation::Uniform, "uniform")] {
-        let plan = pruning_plan(&model.config, &st, &Constraints::ungrouped(2, 2), 0, allocation, &device()).unwrap();
-        plan.validate(&model.config).unwrap();
+        let plan = pruning_plan(model.config(), &st, &Constraints::ungrouped(2, 2), 0, allocation, &device()).unwrap();
+        plan.validate(model.config()).unwrap();
         assert_eq!(plan.method, "diep");
         assert_eq!(plan.allocation.as_deref(), Some(name));
         assert_eq!(plan.removed(), 8, "K = round(0.5 · 16)");

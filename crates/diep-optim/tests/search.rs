@@ -50,7 +50,7 @@ fn greedy_first_step_is_the_best_single_removal() {
     let name = "tiny-mixtral";
     let mut model = MoeModel::load(root().join("models").join(name), &device()).unwrap();
     let ids = calibration(name);
-    let counts = diep_plan::expert_counts(&model.config);
+    let counts = diep_plan::expert_counts(model.config());
     let total: usize = counts.values().sum();
     // Exhaustive scan: every single expert removed alone.
     let mut scan = Vec::new();
@@ -63,7 +63,7 @@ fn greedy_first_step_is_the_best_single_removal() {
     }
     scan.sort_by(|a, b| a.0.total_cmp(&b.0));
     let opts = SearchOptions { reference_top_k: 0, ..Default::default() };
-    let c = Constraints::for_model(&model.config, 0);
+    let c = Constraints::for_model(model.config(), 0);
     let out =
         greedy_search(&model, &ids, 1.0 / total as f64, Allocation::Global, &c, &opts, 1e9, |_, _, _| Ok(())).unwrap();
     assert_eq!(out.moves.len(), 1);
@@ -85,10 +85,10 @@ fn refinement_never_raises_the_objective() {
         let mut model = MoeModel::load(root().join("models").join(name), &device()).unwrap();
         let streaming = StreamingModel::open(root().join("models").join(name), &device()).unwrap();
         let ids = calibration(name);
-        let counts = diep_plan::expert_counts(&model.config);
+        let counts = diep_plan::expert_counts(model.config());
         // A poor start: the first half of every layer.
         let kept: Kept = counts.iter().map(|(l, n)| (*l, (0..n / 2).collect())).collect();
-        let c = Constraints::for_model(&model.config, 0);
+        let c = Constraints::for_model(model.config(), 0);
         let opts = SearchOptions { reference_top_k: 0, ..Default::default() };
         let out = refine(&streaming, &ids, &kept, None, 3, allocation, &c, &opts, |_, _, _| Ok(())).unwrap();
         assert!(out.loss_after <= out.loss_before, "{name}: {} > {}", out.loss_after, out.loss_before);

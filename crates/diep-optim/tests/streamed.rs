@@ -35,7 +35,7 @@ fn calibration(name: &str) -> Vec<Vec<u32>> {
 
 /// A state away from the initial point: distinct α per expert and β per layer.
 fn state(model: &MoeModel, ids: &[Vec<u32>], settings: DiepSettings) -> DiepState {
-    let experts = diep_plan::expert_counts(&model.config);
+    let experts = diep_plan::expert_counts(model.config());
     let mut st = DiepState::new(settings, fingerprint(ids), &experts);
     for (j, (_, layer)) in st.layers.iter_mut().enumerate() {
         let n = layer.alpha.len();
@@ -124,11 +124,11 @@ fn one_layer_is_resident_at_a_time() {
     let ids = calibration(name);
     let model = MoeModel::load(root().join("models").join(name), &device()).unwrap();
     let st = state(&model, &ids, DiepSettings { reference_top_k: 8, ..Default::default() });
-    let layers = streaming.config.num_layers;
+    let layers = streaming.config().num_layers;
     streamed_step_grads(&streaming, &ids, &[0, 1, 2], &st, true, 0.05, &StreamOptions::default()).unwrap();
     // The reference pass and the step's forward load every layer once, the backward every layer
     // from the first MoE layer up.
-    let first_moe = streaming.config.moe_layers()[0];
+    let first_moe = streaming.config().moe_layers()[0];
     let expect: Vec<usize> = (0..layers).map(|l| 2 + usize::from(l >= first_moe)).collect();
     assert_eq!(streaming.residency().loads(), expect);
     assert_eq!(streaming.residency().max_resident(), 1);

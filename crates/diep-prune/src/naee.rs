@@ -108,7 +108,7 @@ fn precompute(block: &MoeBlock, cache: &BlockCache) -> Precomputed {
     let outputs = (0..block.num_experts())
         .map(|e| block.expert_forward(e, x.clone()).into_data().iter::<f32>().collect())
         .collect();
-    let correction = block.correction_bias.clone().map(|b| b.into_data().iter::<f32>().collect());
+    let correction = block.correction_bias().map(|b| b.to_data().iter::<f32>().collect());
     Precomputed { tokens: cache.tokens, hidden: cache.hidden, logits, outputs, rule: block.rule(), correction }
 }
 
@@ -174,13 +174,13 @@ pub fn search_layer(
     let p = precompute(block, cache);
     let all: Vec<usize> = (0..n).collect();
     let mut full = vec![0f32; p.tokens * p.hidden];
-    routed_output(&p, &all, block.top_k, block.norm_topk_prob, &mut full);
+    routed_output(&p, &all, block.top_k(), block.norm_topk_prob(), &mut full);
     let full_norm = full.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
     let mut buf = vec![0f32; full.len()];
     let mut best: Option<(f64, Vec<usize>)> = None;
     let mut subset: Vec<usize> = (0..keep).collect();
     loop {
-        routed_output(&p, &subset, block.top_k, block.norm_topk_prob, &mut buf);
+        routed_output(&p, &subset, block.top_k(), block.norm_topk_prob(), &mut buf);
         let err = full.iter().zip(&buf).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
         if best.as_ref().is_none_or(|(e, _)| err < *e) {
             best = Some((err, subset.clone()));

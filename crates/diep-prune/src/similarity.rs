@@ -82,10 +82,10 @@ pub fn expert_similarity<S: LayerSource>(
                     let cka: Vec<f32> = stacked.clone().matmul(stacked.transpose()).into_data().iter::<f32>().collect();
                     let cka: Vec<Vec<f64>> =
                         (0..n).map(|a| (0..n).map(|b| cka[a * n + b].clamp(-1.0, 1.0) as f64).collect()).collect();
-                    let ratio = (block.top_k >= 2).then(|| {
+                    let ratio = (block.top_k() >= 2).then(|| {
                         let w: Vec<f32> =
                             moe.routing.weights.clone().narrow(0, 0, rows).into_data().iter::<f32>().collect();
-                        let k = block.top_k;
+                        let k = block.top_k();
                         let mut r: Vec<f64> =
                             (0..rows).map(|t| w[t * k + 1] as f64 / (w[t * k] as f64).max(1e-30)).collect();
                         r.sort_by(f64::total_cmp);

@@ -65,7 +65,7 @@ fn statistics_are_consistent() {
     for s in stats.layers.values() {
         assert_eq!(s.tokens, 6 * 32);
         // Every token picks top_k experts; probabilities sum to one per token.
-        assert_eq!(s.frequency.iter().sum::<u64>(), (6 * 32 * m.config.moe.top_k) as u64);
+        assert_eq!(s.frequency.iter().sum::<u64>(), (6 * 32 * m.config().moe.top_k) as u64);
         assert!((s.soft_activation.iter().sum::<f64>() - (6 * 32) as f64).abs() < 1e-3);
         for (e, f) in s.frequency.iter().enumerate() {
             assert_eq!(*f == 0, s.norm_sum[e] == 0.0);
@@ -74,7 +74,7 @@ fn statistics_are_consistent() {
         }
         let cache = s.cache.as_ref().unwrap();
         assert_eq!(cache.tokens, 50);
-        assert_eq!(cache.inputs.len(), 50 * m.config.hidden_size);
+        assert_eq!(cache.inputs.len(), 50 * m.config().hidden_size);
     }
 }
 
@@ -148,14 +148,14 @@ fn every_baseline_meets_its_budget_and_floors() {
                 let plan = if method == Method::Naee {
                     run_baseline(&m, &samples, &spec, &stats_options(&spec, 4, 64), |_, _| {}).map(|(_, p)| p)
                 } else {
-                    plan_baseline(&m.config, &stats, &spec, None)
+                    plan_baseline(m.config(), &stats, &spec, None)
                 };
                 if method == Method::Naee && allocation == Allocation::Global {
                     assert!(plan.unwrap_err().to_string().contains("uniform"));
                     continue;
                 }
                 let plan = plan.unwrap();
-                plan.validate(&m.config).unwrap();
+                plan.validate(m.config()).unwrap();
                 let kept: usize = plan.kept_experts.values().map(Vec::len).sum();
                 assert_eq!(total - kept, (ratio * total as f64).round() as usize, "{method} {allocation} {ratio}");
                 assert!(plan.kept_experts.values().all(|k| k.len() >= 2));
@@ -165,9 +165,9 @@ fn every_baseline_meets_its_budget_and_floors() {
             }
         }
     }
-    let err = plan_baseline(&m.config, &stats, &spec(Method::Frequency, Allocation::Global, 1.0), None).unwrap_err();
+    let err = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Global, 1.0), None).unwrap_err();
     assert!(err.to_string().contains("between 0 and 1"));
-    let err = plan_baseline(&m.config, &stats, &spec(Method::Frequency, Allocation::Uniform, 0.9), None).unwrap_err();
+    let err = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Uniform, 0.9), None).unwrap_err();
     assert!(err.to_string().contains("floor"));
 }
 
@@ -176,7 +176,7 @@ fn frequency_keeps_the_most_selected_experts() {
     let m = model("tiny-mixtral");
     let samples = calib("tiny-mixtral", 4, 32, 4);
     let stats = collect_statistics(&m, &samples, &StatsOptions::default(), |_, _| {}).unwrap();
-    let plan = plan_baseline(&m.config, &stats, &spec(Method::Frequency, Allocation::Uniform, 0.5), None).unwrap();
+    let plan = plan_baseline(m.config(), &stats, &spec(Method::Frequency, Allocation::Uniform, 0.5), None).unwrap();
     for (l, kept) in &plan.kept_experts {
         let f = &stats.layers[l].frequency;
         let min_kept = kept.iter().map(|e| f[*e]).min().unwrap();
@@ -225,7 +225,7 @@ proptest! {
             kept.insert(l, k);
             original.insert(l, 8);
         }
-        let plan = PruningPlan::new(m.config.architecture.model_type(), original, kept, "test");
+        let plan = PruningPlan::new(m.config().architecture.model_type(), original, kept, "test");
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("pruned");
         diep_surgery::apply_plan(&root().join("fixtures/models").join(name), &plan, &out, &Default::default()).unwrap();
@@ -307,14 +307,14 @@ fn non_uniform_deepseek_and_gpt_oss_checkpoints_equal_masked_model() {
 fn baselines_respect_routing_groups() {
     for name in ["tiny-deepseek-v3", "tiny-deepseek-v2"] {
         let m = model(name);
-        let g = m.config.moe.routing.group_limit.unwrap();
+        let g = m.config().moe.routing.group_limit.unwrap();
         let samples = calib(name, 4, 32, 3);
         let stats = collect_statistics(&m, &samples, &StatsOptions::default(), |_, _| {}).unwrap();
         for method in [Method::Frequency, Method::Reap, Method::Random] {
             for allocation in [Allocation::Uniform, Allocation::Global] {
-                let plan = plan_baseline(&m.config, &stats, &spec(method, allocation, 0.5), None)
+                let plan = plan_baseline(m.config(), &stats, &spec(method, allocation, 0.5), None)
                     .unwrap_or_else(|e| panic!("{name} {method} {allocation}: {e}"));
-                plan.validate(&m.config).unwrap_or_else(|e| panic!("{name} {method} {allocation}: {e}"));
+                plan.validate(m.config()).unwrap_or_else(|e| panic!("{name} {method} {allocation}: {e}"));
                 for (l, kept) in &plan.kept_experts {
                     assert_eq!(kept.len() % g.n_group, 0, "{name} {method} {allocation} layer {l}");
                     // Within each group the kept experts outscore the removed ones.
