@@ -130,7 +130,8 @@ struct McItem {
     /// Context ids followed by each choice's ids (tokenised separately, as lm-eval does).
     sequences: Vec<Vec<u32>>,
     context_len: usize,
-    choice_bytes: Vec<usize>,
+    /// Each choice's length in characters (Unicode code points), as lm-eval normalises.
+    choice_chars: Vec<usize>,
     label: usize,
 }
 
@@ -181,24 +182,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.ratios.iter().flat_map(|r| methods.iter().flat_map(move |m| expand(m, *r))).collect();
 
     // Everything is built in a temporary directory beside --out and renamed at the end.
-    let out_name = args.out.file_name().with_context(|| format!("{} is not a directory path", args.out.display()))?;
-    let parent = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(".{}.tmp-{}", out_name.to_string_lossy(), std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
-    }
+    diep_common::remove_stale_staging(&args.out)?;
+    let staging = diep_common::Staging::create(&args.out)?;
+    let tmp = staging.path().to_path_buf();
     std::fs::create_dir_all(tmp.join("runs")).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = bench_into(&args, &model_dir, &data, &specs, &tmp, started);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if args.out.exists() {
-        std::fs::remove_dir_all(&args.out).with_context(|| format!("removing {}", args.out.display()))?;
-    }
-    std::fs::rename(&tmp, &args.out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), args.out.display()))?;
+    // On error the staging directory removes itself.
+    bench_into(&args, &model_dir, &data, &specs, &tmp, started)?;
+    staging.commit(&args.out, true)?;
     eprintln!("wrote {} in {:.1}s", args.out.display(), started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -349,7 +339,7 @@ fn load_eval_data(model_dir: &Path, args: &BenchArgs) -> Result<EvalData> {
         mc.push(McItem {
             sequences,
             context_len: ctx.len(),
-            choice_bytes: choices.iter().map(|c| c.len()).collect(),
+            choice_chars: choices.iter().map(|c| c.chars().count()).collect(),
             label,
         });
     }
@@ -372,7 +362,8 @@ fn evaluate(dir: &Path, data: &EvalData, device: &diep_models::burn::tensor::Dev
 }
 
 /// Scores every choice by the summed log-probability of its tokens given the context; `acc`
-/// takes the argmax, `acc_norm` the argmax of the sum divided by the choice's length in bytes.
+/// takes the argmax, `acc_norm` the argmax of the sum divided by the choice's length in
+/// characters, with ties resolved as lm-eval does (`diep_eval::np_argmax`: the first maximum).
 ///
 /// Sequences are sorted by length and batched with right padding (token 0): the model is
 /// causal, so padding after a sequence does not change its own positions' logits, and only
@@ -412,12 +403,12 @@ fn multiple_choice(model: &MoeModel, items: &[McItem]) -> Result<McScores> {
         }
         start = end;
     }
-    let argmax = |v: &[f64]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+    let argmax = diep_eval::np_argmax;
     let mut correct = 0usize;
     let mut correct_norm = 0usize;
     for (item, ll) in items.iter().zip(&loglik) {
         correct += usize::from(argmax(ll) == item.label);
-        let norm: Vec<f64> = ll.iter().zip(&item.choice_bytes).map(|(l, b)| l / (*b).max(1) as f64).collect();
+        let norm: Vec<f64> = ll.iter().zip(&item.choice_chars).map(|(l, c)| l / (*c).max(1) as f64).collect();
         correct_norm += usize::from(argmax(&norm) == item.label);
     }
     let n = items.len() as f64;
@@ -564,7 +555,8 @@ fn results_markdown(base: &Scores, results: &[RunResult], args: &BenchArgs, comm
          retention = mean over the two domains of base perplexity / pruned perplexity (1 = unchanged). \
          MC: `mc.jsonl` ({} items, 4 choices), each choice scored by the summed log-probability of its tokens \
          given the context (context and choice tokenised separately and concatenated, as lm-evaluation-harness \
-         does); `acc_norm` divides by the choice's length in bytes. Seconds and peak RSS are those of the prune \
+         does); `acc_norm` divides by the choice's length in characters, ties go to the first maximum \
+         (lm-eval's rules, `diep_eval::np_argmax`). Seconds and peak RSS are those of the prune \
          subprocess. Random is the mean ± sample standard deviation over seeds 0, 1, 2.\n",
         seconds,
         cpu_model(),
@@ -612,12 +604,17 @@ fn results_markdown(base: &Scores, results: &[RunResult], args: &BenchArgs, comm
         let _ = writeln!(md);
     }
     let _ = writeln!(md, "## Retention chart\n\n![retention per method and ratio](retention.svg)\n");
-    let _ = writeln!(md, "## Analysis\n\n{}", analysis(results, ratios));
+    // The prose about the shipped fixture's redundancy only describes the shipped fixture.
+    let is_fixture = args.model.as_ref().is_none_or(|m| {
+        let shipped = workspace_root().join("fixtures/trained-moe");
+        matches!((m.canonicalize(), shipped.canonicalize()), (Ok(a), Ok(b)) if a == b)
+    });
+    let _ = writeln!(md, "## Analysis\n\n{}", analysis(results, ratios, is_fixture));
     md
 }
 
 /// A short, number-driven reading of the results.
-fn analysis(results: &[RunResult], ratios: &[f64]) -> String {
+fn analysis(results: &[RunResult], ratios: &[f64], is_fixture: bool) -> String {
     let mut text = String::new();
     let mut diep_always_best = true;
     let mut diep_present = false;
@@ -681,7 +678,7 @@ fn analysis(results: &[RunResult], ratios: &[f64]) -> String {
             d.retention.0,
             if d.retention.0 >= 0.92 { "reached" } else { "NOT reached" }
         );
-        if d.retention.0 < 0.92 {
+        if d.retention.0 < 0.92 && is_fixture {
             let _ = write!(
                 text,
                 "This fixture has much less redundancy than Mixtral-8x7B: it is a 4-layer model with 8 experts of width \
@@ -726,10 +723,6 @@ fn cpu_model() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// A grouped bar chart: one group per configuration (method, variant, allocation), one bar per
@@ -795,7 +788,7 @@ fn retention_svg(results: &[RunResult], ratios: &[f64]) -> String {
                 bar_w - 1.0,
                 (top + plot_h - y(m)).max(0.0),
                 colors[ri % colors.len()],
-                xml_escape(label)
+                diep_common::xml::escape(label)
             );
             if sd > 0.0 {
                 let cx = x + (bar_w - 1.0) / 2.0;
@@ -812,7 +805,7 @@ fn retention_svg(results: &[RunResult], ratios: &[f64]) -> String {
         let _ = writeln!(
             s,
             r#"<text x="{lx:.1}" y="{ly:.1}" text-anchor="end" transform="rotate(-50 {lx:.1} {ly:.1})">{}</text>"#,
-            xml_escape(label)
+            diep_common::xml::escape(label)
         );
     }
     // Legend.

@@ -613,28 +613,11 @@ fn train(a: TrainArgs) -> Result<()> {
     ensure!(a.vocab >= 300, "--vocab must be at least 300 (256 bytes, the end-of-text token and merges)");
     let started = Instant::now();
     let out = a.out.clone().unwrap_or_else(|| workspace_root().join("fixtures/trained-moe"));
-    let name = out.file_name().with_context(|| format!("{} is not a directory path", out.display()))?;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let stage = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    if stage.exists() {
-        std::fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
-    }
-    std::fs::create_dir_all(&stage).with_context(|| format!("creating {}", stage.display()))?;
-    let result = build(&a, &stage, started);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&stage);
-        return Err(e);
-    }
-    // Swap the finished directory into place.
-    let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
-    if out.exists() {
-        std::fs::rename(&out, &old).with_context(|| format!("moving the previous {} aside", out.display()))?;
-    }
-    std::fs::rename(&stage, &out).with_context(|| format!("renaming {} to {}", stage.display(), out.display()))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    }
+    diep_common::remove_stale_staging(&out)?;
+    let staging = diep_common::Staging::create(&out)?;
+    // On error the staging directory removes itself.
+    build(&a, staging.path(), started)?;
+    staging.commit(&out, true)?;
     eprintln!("wrote {} in {:.0}s", out.display(), started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -15,6 +15,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::util::{progress_bar, workspace_root};
+use diep_common::SplitMix64;
 
 /// Arguments of `cargo xtask fixture generate`.
 #[derive(Args, Clone, Debug)]
@@ -68,22 +69,15 @@ struct TensorSpec {
     norm: bool,
 }
 
-/// SplitMix64: a fast seeded generator; values are uniform with the requested std.
-struct Rng(u64);
+/// Weight values from the toolkit's seeded generator: uniform with the requested std.
+struct Rng(SplitMix64);
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
     /// Uniform on [−√3·std, √3·std] (variance std²).
     fn fill(&mut self, out: &mut [f32], std: f32) {
         let scale = std * 3f32.sqrt() * 2.0 / (1u64 << 24) as f32;
         let shift = std * 3f32.sqrt();
         for pair in out.chunks_mut(2) {
-            let r = self.next_u64();
+            let r = self.0.next_u64();
             for (i, x) in pair.iter_mut().enumerate() {
                 *x = ((r >> (32 * i + 8)) & 0xFF_FFFF) as f32 * scale - shift;
             }
@@ -205,12 +199,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         shards.last_mut().expect("one").push(s);
         size += b;
     }
-    let parent = a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let name = a.out.file_name().context("--out needs a directory name")?.to_string_lossy().into_owned();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    diep_common::remove_stale_staging(&a.out)?;
+    let staging = diep_common::Staging::create(&a.out)?;
+    let tmp = staging.path().to_path_buf();
     eprintln!(
         "generating {} ({} layers, hidden {}, {} experts × {}, vocab {}, {}): {:.2} GB in {} shard(s)",
         a.out.display(),
@@ -225,7 +216,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     );
     let start = Instant::now();
     let pb = progress_bar(total as u64, "bytes");
-    let mut rng = Rng(a.seed ^ 0xD1E9_5EED);
+    let mut rng = Rng(SplitMix64::new(a.seed ^ 0xD1E9_5EED));
     let mut weight_map = BTreeMap::new();
     let n = shards.len();
     for (k, shard) in shards.iter().enumerate() {
@@ -262,10 +253,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         std::fs::copy(tok_dir.join(f), tmp.join(f))
             .with_context(|| format!("copying {f} from {}", tok_dir.display()))?;
     }
-    if a.out.exists() {
-        std::fs::remove_dir_all(&a.out).with_context(|| format!("removing {}", a.out.display()))?;
-    }
-    std::fs::rename(&tmp, &a.out)?;
+    staging.commit(&a.out, true)?;
     let secs = start.elapsed().as_secs_f64();
     println!(
         "wrote {}: {:.2} GB ({} tensors, {n} shard(s)) in {secs:.1}s ({:.0} MB/s)",

@@ -1,19 +1,19 @@
 //! `cargo xtask`: the toolkit's command line.
 //!
-//! Run `cargo xtask` alone for the list of commands.
+//! Run `cargo xtask` alone for the list of commands. `prune`, `eval` and `compare` are the
+//! installable `diep` command's (crate `diep-cli`); `bench-methods`, `fixture` and `ci` are the
+//! project's own.
 
 mod bench;
-mod compare;
-mod eval;
 mod fixture;
 mod generate;
-mod prune;
 mod train;
 mod util;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use diep_cli::{compare, eval, prune};
 
 /// Expert pruning for HuggingFace Mixture-of-Experts checkpoints.
 #[derive(Parser)]
@@ -62,8 +62,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // The whole cause chain on one line: what failed, then why.
-            eprintln!("error: {e:#}");
+            diep_cli::report_error(&e);
             ExitCode::FAILURE
         }
     }

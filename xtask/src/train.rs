@@ -25,70 +25,7 @@ use diep_models::burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
 use diep_models::checkpoint::{Architecture, ModelConfig};
 use diep_models::{HfTensor, MoeForwardOptions, MoeModel, Param, ParamMut};
 
-/// A small, fast, deterministic random generator (SplitMix64), identical on every platform.
-#[derive(Debug, Clone)]
-pub struct SplitMix64 {
-    state: u64,
-    spare_normal: Option<f64>,
-}
-
-impl SplitMix64 {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Self {
-        SplitMix64 { state: seed, spare_normal: None }
-    }
-
-    /// A generator for one named stream of a seed (e.g. one tensor), independent of the order
-    /// in which streams are created.
-    pub fn for_stream(seed: u64, name: &str) -> Self {
-        let mut g = SplitMix64::new(seed ^ fnv1a64(name.as_bytes()));
-        g.next_u64();
-        g
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        assert!(n > 0, "SplitMix64::below(0)");
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        if let Some(z) = self.spare_normal.take() {
-            return z;
-        }
-        let u1 = 1.0 - self.next_f64(); // (0, 1]
-        let u2 = self.next_f64();
-        let r = (-2.0 * u1.ln()).sqrt();
-        let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
-        self.spare_normal = Some(r * s);
-        r * c
-    }
-}
-
-/// 64-bit FNV-1a: a stable hash for seeding streams and splitting data deterministically.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+pub use diep_common::{SplitMix64, fnv1a64};
 
 /// How [`random_model`] initialises weights.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -536,19 +473,5 @@ mod tests {
         // The updated parameters are leaves that take part in the next backward pass.
         let grads = loss.total.backward();
         assert!(model.lm_head().weight().grad(&grads).is_some());
-    }
-
-    #[test]
-    fn splitmix_is_stable_and_normal_has_unit_variance() {
-        let mut g = SplitMix64::new(0);
-        // Reference values of SplitMix64 seeded with 0.
-        assert_eq!(g.next_u64(), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(g.next_u64(), 0x6E78_9E6A_A1B9_65F4);
-        let mut g = SplitMix64::new(7);
-        let xs: Vec<f64> = (0..20000).map(|_| g.normal()).collect();
-        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
-        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.03, "{mean} {var}");
-        assert!((0..1000).all(|_| g.below(3) < 3));
     }
 }

@@ -84,6 +84,7 @@ pub struct Staging {
 
 /// Why [`Staging::commit`] failed.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum CommitError {
     /// The destination exists and `force` was not given.
     Exists(PathBuf),

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 /// Errors of evaluation.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EvalError {
     /// The model failed.
     #[error(transparent)]

@@ -357,20 +357,7 @@ pub fn next_token_ce(logits: Tensor<3>, ids: &[Vec<u32>], device: &Device) -> Te
 /// The order of calibration sequences in an epoch: a seeded shuffle, so a resumed run sees the
 /// same batches.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut s = seed ^ (epoch as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15);
-    let mut next = move || {
-        s = s.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    };
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    order
+    diep_common::SplitMix64::for_stream(seed, &format!("epoch-{epoch}")).permutation(n)
 }
 
 /// The relaxation of one step: the state's α/β, the phase, the temperature and, for the routed

@@ -9,6 +9,7 @@ use diep_plan::PlanError;
 /// Everything that can go wrong applying a pruning plan. Each variant names the file and, where
 /// there is one, the tensor or JSON field concerned.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SurgeryError {
     /// A file or directory could not be read, written, copied or renamed.
     #[error("{}: {source}", path.display())]

@@ -242,6 +242,7 @@ pub fn apply_plan(
     staging.commit(out_dir, opts.force).map_err(|e| match e {
         diep_common::fs::CommitError::Exists(path) => SurgeryError::OutputExists { path },
         diep_common::fs::CommitError::Io(source) => SurgeryError::Io { path: out_dir.to_path_buf(), source },
+        other => SurgeryError::Io { path: out_dir.to_path_buf(), source: std::io::Error::other(other.to_string()) },
     })?;
     Ok(SurgeryReport {
         out_dir: out_dir.to_path_buf(),

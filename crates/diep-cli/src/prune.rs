@@ -1,4 +1,5 @@
-//! `cargo xtask prune`.
+//! `diep prune` (also `cargo xtask prune`): computes a pruning plan with a criterion on
+//! calibration text, or reads one, and writes the smaller checkpoint.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -16,7 +17,7 @@ use diep_surgery::{SurgeryOptions, SurgeryReport, apply_plan};
 
 use crate::util::progress_bar;
 
-/// Arguments of `cargo xtask prune`.
+/// Arguments of `diep prune`.
 #[derive(Args)]
 pub struct PruneArgs {
     /// HuggingFace model directory to prune.
@@ -29,7 +30,8 @@ pub struct PruneArgs {
     /// Apply an existing pruning.json instead of computing a plan.
     #[arg(long, conflicts_with_all = ["method", "ratio", "calib"])]
     plan: Option<PathBuf>,
-    /// Pruning method: diep (learned α/β, non-uniform), or a baseline criterion: random,
+    /// Pruning method: diep (learned α/β, non-uniform), greedy-search (remove one expert at a
+    /// time by the calibration objective; slow, a reference), or a baseline criterion: random,
     /// frequency, soft-activation, reap or naee.
     #[arg(long)]
     method: Option<PruneMethod>,
@@ -208,6 +210,7 @@ impl FromStr for PruneMethod {
     }
 }
 
+/// Runs `diep prune`: computes (or reads) the plan, applies it and prints the summary.
 pub fn run(args: PruneArgs) -> Result<()> {
     let start = Instant::now();
     // Cheap checks first, before any heavy work.

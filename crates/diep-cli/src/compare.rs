@@ -1,5 +1,5 @@
-//! `cargo xtask compare`: evaluates a base and a pruned model on the same inputs and writes the
-//! retention table (Markdown and JSON) and figures (kept experts per layer, retention bars).
+//! `diep compare` (also `cargo xtask compare`): evaluates a base and a pruned model on the same
+//! inputs and writes the retention table (Markdown and JSON) and figures (kept experts per layer, retention bars).
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::eval::{EvalInputs, evaluate};
 use crate::util::write_atomic;
 
-/// Arguments of `cargo xtask compare`.
+/// Arguments of `diep compare`.
 #[derive(Args)]
 pub struct CompareArgs {
     /// The original model directory.
@@ -53,6 +53,7 @@ fn kept_layers(pruned: &Path) -> Result<Option<(KeptLayers, String)>> {
     Ok(Some((layers, what)))
 }
 
+/// Runs `diep compare`: evaluates both models, writes the report and prints the table.
 pub fn run(args: CompareArgs) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| args.pruned.join("compare"));
     // Read the plan first: a broken pruning.json fails before any evaluation.

@@ -1,5 +1,5 @@
-//! `cargo xtask eval`: perplexity over token ids and text files, and multiple-choice tasks
-//! scored as lm-evaluation-harness scores them.
+//! `diep eval` (also `cargo xtask eval`): perplexity over token ids and text files, and
+//! multiple-choice tasks scored as lm-evaluation-harness scores them.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -140,7 +140,7 @@ fn fused(_: &Path) -> Result<Loaded> {
     unreachable!("load_model picks the burn model in builds without the cpu feature")
 }
 
-/// Arguments of `cargo xtask eval`.
+/// Arguments of `diep eval`.
 #[derive(Args)]
 pub struct EvalArgs {
     /// HuggingFace model directory (config.json + safetensors, tokenizer.json for --text/--task).
@@ -404,6 +404,8 @@ pub fn write_samples(path: &Path, samples: &[Value]) -> Result<()> {
     write_atomic(path, &buf)
 }
 
+/// Runs `diep eval`: evaluates the model on every input, prints the results and writes them
+/// with `--json`.
 pub fn run(args: EvalArgs) -> Result<()> {
     let eval = evaluate(&args.model, &args.inputs, args.dynamic_skip)?;
     let text = serde_json::to_string_pretty(&eval.json)?;
