@@ -4,80 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::architectures::{ArchSpec, Architecture, RopeAllowed, SUPPORTED_MODEL_TYPES};
 use crate::error::{CheckpointError, Result};
-
-/// The `model_type` values this toolkit implements.
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "deepseek", "gpt_oss"];
-
-/// A supported decoder architecture, named as in `config.json`'s `model_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Architecture {
-    /// `mixtral`: Mixtral / Mistral-MoE.
-    Mixtral,
-    /// `qwen2_moe`: Qwen1.5-MoE and Qwen2-MoE (shared expert with a sigmoid gate).
-    Qwen2Moe,
-    /// `qwen3_moe`: Qwen3-MoE (per-head qk-norm).
-    Qwen3Moe,
-    /// `olmoe`: OLMoE (qk-norm over the whole projection, `clip_qkv`).
-    Olmoe,
-    /// `deepseek_v3`: DeepSeek-V3 / R1 (MLA, sigmoid routing with a correction bias and
-    /// group-limited selection, shared experts, leading dense layers).
-    DeepseekV3,
-    /// `deepseek_v2`: DeepSeek-V2 / V2-Lite (MLA, softmax routing, greedy or group-limited,
-    /// shared experts, leading dense layers).
-    DeepseekV2,
-    /// `deepseek`: DeepSeek-MoE 16B (remote code `modeling_deepseek.py`: standard multi-head
-    /// attention with rotate-half RoPE, softmax greedy routing, shared experts, dense layers
-    /// from `first_k_dense_replace` and `moe_layer_freq`).
-    Deepseek,
-    /// `gpt_oss`: gpt-oss (router bias, fused experts with biases and a clamped SwiGLU,
-    /// attention sinks, alternating sliding/full attention, yarn RoPE).
-    GptOss,
-}
-
-impl Architecture {
-    /// The `model_type` string of this architecture.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Architecture::Mixtral => "mixtral",
-            Architecture::Qwen2Moe => "qwen2_moe",
-            Architecture::Qwen3Moe => "qwen3_moe",
-            Architecture::Olmoe => "olmoe",
-            Architecture::DeepseekV3 => "deepseek_v3",
-            Architecture::DeepseekV2 => "deepseek_v2",
-            Architecture::Deepseek => "deepseek",
-            Architecture::GptOss => "gpt_oss",
-        }
-    }
-
-    /// The DeepSeek family (DeepSeek-MoE, V2, V3): ungated shared experts, `n_routed_experts`,
-    /// dense layers before `first_k_dense_replace`, and no stock loader for per-layer expert
-    /// counts. Only V2/V3 use multi-head latent attention ([`Architecture::has_mla`]).
-    pub fn is_deepseek(self) -> bool {
-        matches!(self, Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek)
-    }
-
-    /// DeepSeek-V2/V3: multi-head latent attention (DeepSeek-MoE has standard attention).
-    pub fn has_mla(self) -> bool {
-        matches!(self, Architecture::DeepseekV3 | Architecture::DeepseekV2)
-    }
-
-    /// Parses a `model_type` string.
-    pub fn from_model_type(model_type: &str) -> Option<Self> {
-        match model_type {
-            "mixtral" => Some(Architecture::Mixtral),
-            "qwen2_moe" => Some(Architecture::Qwen2Moe),
-            "qwen3_moe" => Some(Architecture::Qwen3Moe),
-            "olmoe" => Some(Architecture::Olmoe),
-            "deepseek_v3" => Some(Architecture::DeepseekV3),
-            "deepseek_v2" => Some(Architecture::DeepseekV2),
-            "deepseek" => Some(Architecture::Deepseek),
-            "gpt_oss" => Some(Architecture::GptOss),
-            _ => None,
-        }
-    }
-}
+use crate::fields::Fields;
 
 /// How queries and keys are normalised before RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,6 +314,10 @@ impl ModelConfig {
     }
 
     /// Parses a config from an already-decoded JSON object.
+    ///
+    /// Reads the fields every architecture shares and asks the architecture's file in
+    /// `architectures/` for the rest (defaults, attention options, expert keys, routing,
+    /// which layers are MoE).
     pub fn from_map(raw: Map<String, Value>, path: PathBuf) -> Result<Self> {
         let f = Fields { map: &raw, path: &path };
         let model_type = f.req_str("model_type")?;
@@ -394,6 +327,7 @@ impl ModelConfig {
                 model_type: model_type.clone(),
                 supported: SUPPORTED_MODEL_TYPES.to_vec(),
             })?;
+        let spec = architecture.spec();
 
         let hidden_act = f.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into());
         if hidden_act != "silu" {
@@ -403,287 +337,35 @@ impl ModelConfig {
         let vocab_size = f.req_usize("vocab_size")?;
         let hidden_size = f.req_usize("hidden_size")?;
         let num_layers = f.req_usize("num_hidden_layers")?;
-        let num_heads = f.req_usize("num_attention_heads")?;
-        let deepseek = architecture.is_deepseek();
-        let mla_arch = architecture.has_mla();
-        let gpt_oss = architecture == Architecture::GptOss;
-        let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-        if mla_arch && num_kv_heads != num_heads {
-            // MLA expands one latent into every head; transformers' `repeat_kv` would then
-            // fail, so such a config has no meaning.
-            return Err(f.invalid(
-                "num_key_value_heads",
-                format!("{num_kv_heads} differs from num_attention_heads = {num_heads}, which MLA does not support"),
-            ));
-        }
-        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            return Err(f.invalid(
-                "num_key_value_heads",
-                format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
-            ));
-        }
-        let mla = if mla_arch { Some(mla_config(&f, architecture)?) } else { None };
-        let head_dim = match (&mla, f.opt_usize("head_dim")?) {
-            // transformers sets `head_dim = qk_rope_head_dim` for these models: the RoPE width.
-            (Some(m), _) => m.qk_rope_head_dim,
-            (None, Some(d)) => d,
-            (None, None) => {
-                if hidden_size % num_heads != 0 {
-                    return Err(f.invalid(
-                        "num_attention_heads",
-                        format!("{num_heads} does not divide hidden_size = {hidden_size} and no head_dim is given"),
-                    ));
-                }
-                hidden_size / num_heads
-            }
-        };
-        if head_dim % 2 != 0 {
-            return Err(f.invalid(
-                if mla_arch { "qk_rope_head_dim" } else { "head_dim" },
-                format!("{head_dim} must be even for RoPE"),
-            ));
-        }
+        let (num_heads, num_kv_heads, head_dim, mla) = attention_shape(&f, spec, hidden_size)?;
 
-        // transformers' per-architecture defaults, used only when a key is absent.
-        let (default_eps, default_theta) = match architecture {
-            Architecture::Mixtral => (1e-5, 1e6),
-            Architecture::Qwen2Moe | Architecture::Qwen3Moe => (1e-6, 10_000.0),
-            Architecture::Olmoe => (1e-5, 10_000.0),
-            Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek => (1e-6, 10_000.0),
-            Architecture::GptOss => (1e-5, 150_000.0),
-        };
-        let rms_norm_eps = f.opt_f64("rms_norm_eps")?.unwrap_or(default_eps);
+        let defaults = spec.defaults();
+        let rms_norm_eps = f.opt_f64("rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps);
         let tie_word_embeddings = f.opt_bool("tie_word_embeddings")?.unwrap_or(false);
-        let max_position_embeddings = f.opt_usize("max_position_embeddings")?.unwrap_or(match architecture {
-            Architecture::DeepseekV2 | Architecture::Deepseek => 2048,
-            Architecture::GptOss => 131_072,
-            _ => 4096,
-        });
-        let (rope_theta, rope_scaling) = if gpt_oss && !f.has("rope_parameters") && !f.has("rope_scaling") {
-            // transformers' GptOssConfig default: yarn, factor 32 over 4096 positions.
-            let theta = f.opt_f64("rope_theta")?.unwrap_or(default_theta);
-            let yarn = YarnConfig {
-                factor: 32.0,
-                original_max_position_embeddings: 4096,
-                beta_fast: 32.0,
-                beta_slow: 1.0,
-                mscale: None,
-                mscale_all_dim: None,
-                attention_factor: None,
-                truncate: false,
-            };
-            (theta, RopeScaling::Yarn(yarn))
-        } else {
-            let allowed = match architecture {
-                Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::GptOss => RopeAllowed::Yarn,
-                // DeepSeek-MoE's remote code knows `linear` and `dynamic` (NTK); only `linear` is
-                // implemented here.
-                Architecture::Deepseek => RopeAllowed::Linear,
-                _ => RopeAllowed::Default,
-            };
-            rope_settings(&f, default_theta, allowed, max_position_embeddings)?
-        };
+        let max_position_embeddings =
+            f.opt_usize("max_position_embeddings")?.unwrap_or(defaults.max_position_embeddings);
+        let (rope_theta, rope_scaling) = rope_settings(&f, defaults.rope_theta, spec, max_position_embeddings)?;
 
-        let (qkv_bias, o_bias) = match architecture {
-            Architecture::Mixtral => (false, false),
-            // 4.x hard-codes q/k/v biases; 5.x exposes them as `qkv_bias` (default true).
-            Architecture::Qwen2Moe => (f.opt_bool("qkv_bias")?.unwrap_or(true), false),
-            Architecture::Qwen3Moe | Architecture::Olmoe | Architecture::Deepseek => {
-                let b = f.opt_bool("attention_bias")?.unwrap_or(false);
-                (b, b)
-            }
-            Architecture::GptOss => {
-                let b = f.opt_bool("attention_bias")?.unwrap_or(true);
-                (b, b)
-            }
-            // MLA's biases (`attention_bias`) are recorded in `MlaConfig::bias`.
-            Architecture::DeepseekV3 | Architecture::DeepseekV2 => (false, false),
-        };
-        let qk_norm = match architecture {
-            Architecture::Qwen3Moe => QkNorm::PerHead,
-            Architecture::Olmoe => QkNorm::Full,
-            _ => QkNorm::None,
-        };
-        let clip_qkv = match architecture {
-            Architecture::Olmoe => f.opt_f64("clip_qkv")?,
-            _ => None,
-        };
-        let sliding_window = match architecture {
-            Architecture::Mixtral => f.opt_usize("sliding_window")?,
-            Architecture::GptOss => f.opt_usize("sliding_window")?,
-            Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
-                if f.opt_bool("use_sliding_window")?.unwrap_or(false) {
-                    return Err(f.invalid(
-                        "use_sliding_window",
-                        "sliding-window attention is not supported for Qwen MoE models".into(),
-                    ));
-                }
-                None
-            }
-            Architecture::Olmoe | Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek => None,
-        };
-        if sliding_window == Some(0) {
+        let attention = spec.attention(&f)?;
+        if attention.sliding_window == Some(0) {
             return Err(f.invalid("sliding_window", "must be positive".into()));
         }
-        let sliding_layers = if gpt_oss { Some(gpt_oss_layer_types(&f, num_layers, sliding_window)?) } else { None };
+        let sliding_layers = spec.sliding_layers(&f, num_layers, attention.sliding_window)?;
 
-        let num_experts = match architecture {
-            Architecture::Mixtral | Architecture::GptOss => f.req_usize("num_local_experts")?,
-            Architecture::Qwen2Moe | Architecture::Olmoe => f.req_usize("num_experts")?,
-            // 4.x writes `num_experts`, 5.x `num_local_experts`.
-            Architecture::Qwen3Moe => match f.opt_usize("num_experts")? {
-                Some(n) => n,
-                None => f.opt_usize("num_local_experts")?.ok_or_else(|| f.missing("num_experts"))?,
-            },
-            // DeepSeek-MoE's remote code builds no MoE layer at all when `n_routed_experts` is
-            // null (a dense model, nothing to prune): required here.
-            Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek => {
-                f.req_usize("n_routed_experts")?
-            }
-        };
+        let num_experts = spec.num_experts(&f)?;
         let top_k = f.req_usize("num_experts_per_tok")?;
         let intermediate_size = f.req_usize("intermediate_size")?;
-        let expert_intermediate_size = match architecture {
-            Architecture::Qwen2Moe
-            | Architecture::Qwen3Moe
-            | Architecture::DeepseekV3
-            | Architecture::DeepseekV2
-            | Architecture::Deepseek => f.req_usize("moe_intermediate_size")?,
-            _ => intermediate_size,
+        let expert_intermediate_size = match spec.expert_intermediate_size_key() {
+            Some(key) => f.req_usize(key)?,
+            None => intermediate_size,
         };
-        let norm_topk_prob = match architecture {
-            // Mixtral always renormalises the top-k weights; gpt-oss's softmax over the k
-            // selected logits is the same thing.
-            Architecture::Mixtral | Architecture::GptOss => true,
-            Architecture::DeepseekV3 => f.opt_bool("norm_topk_prob")?.unwrap_or(true),
-            // transformers 5.x's DeepSeek-V2 router never renormalises, whatever the config says
-            // (vLLM honours the flag; the released models have it false).
-            Architecture::DeepseekV2 => false,
-            // DeepSeek-MoE's `MoEGate` renormalises only `if top_k > 1 and norm_topk_prob`
-            // (dividing by the sum + 1e-20, which is the sum itself in f32).
-            Architecture::Deepseek => f.opt_bool("norm_topk_prob")?.unwrap_or(false) && top_k > 1,
-            _ => f.opt_bool("norm_topk_prob")?.unwrap_or(false),
-        };
-        let shared_expert_intermediate_size = match architecture {
-            Architecture::Qwen2Moe => match f.opt_usize("shared_expert_intermediate_size")? {
-                Some(0) | None => None,
-                Some(n) => Some(n),
-            },
-            Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek => {
-                // transformers' defaults (V3: 1, V2: 2); DeepSeek-MoE's `DeepseekConfig`: null.
-                let default = match architecture {
-                    Architecture::DeepseekV3 => 1,
-                    Architecture::DeepseekV2 => 2,
-                    _ => 0,
-                };
-                match f.opt_usize("n_shared_experts")?.unwrap_or(default) {
-                    0 => None,
-                    n => Some(n * expert_intermediate_size),
-                }
-            }
-            _ => None,
-        };
-        let routing = routing_config(&f, architecture, num_experts, top_k)?;
-        if architecture == Architecture::DeepseekV2 && f.opt_bool("mlp_bias")?.unwrap_or(false) {
-            return Err(f.invalid("mlp_bias", "MLP biases are not supported".into()));
-        }
-        let first_k_dense = if deepseek { f.opt_usize("first_k_dense_replace")?.unwrap_or(0) } else { 0 };
-        // DeepSeek-MoE's remote code: layer `i` is MoE iff `i >= first_k_dense_replace and
-        // i % moe_layer_freq == 0`.
-        let moe_layer_freq = if architecture == Architecture::Deepseek {
-            match f.opt_usize("moe_layer_freq")?.unwrap_or(1) {
-                0 => return Err(f.invalid("moe_layer_freq", "must be positive".into())),
-                n => n,
-            }
-        } else {
-            1
-        };
-        if mla_arch
-            && let Some(freq) = f.opt_usize("moe_layer_freq")?
-            && freq != 1
-        {
-            // transformers 5.x ignores `moe_layer_freq` (every layer from `first_k_dense_replace`
-            // on is MoE) while DeepSeek's remote code honours it: refuse rather than guess.
-            return Err(f.invalid(
-                "moe_layer_freq",
-                format!("{freq} is not supported (transformers ignores it; only 1 is unambiguous)"),
-            ));
-        }
+        let norm_topk_prob = spec.norm_topk_prob(&f, top_k)?;
+        let shared_expert_intermediate_size = spec.shared_expert_intermediate_size(&f, expert_intermediate_size)?;
+        let routing = spec.routing(&f, num_experts, top_k)?;
+        let moe_layers = spec.moe_layers(&f, num_layers, num_experts)?;
+        let experts = spec.experts(&f)?;
 
-        let activation = if gpt_oss {
-            let alpha = f.opt_f64("swiglu_alpha")?.unwrap_or(1.702);
-            let limit = f.opt_f64("swiglu_limit")?.unwrap_or(7.0);
-            if !alpha.is_finite() {
-                return Err(f.invalid("swiglu_alpha", format!("{alpha} is not finite")));
-            }
-            if !(limit.is_finite() && limit > 0.0) {
-                return Err(f.invalid("swiglu_limit", format!("{limit} must be positive")));
-            }
-            ExpertActivation::ClampedSwiglu { alpha, limit }
-        } else {
-            ExpertActivation::Silu
-        };
-
-        let mut layers = Vec::with_capacity(num_layers);
-        for i in 0..num_layers {
-            let is_moe = match architecture {
-                Architecture::Mixtral | Architecture::Olmoe | Architecture::GptOss => true,
-                Architecture::DeepseekV3 | Architecture::DeepseekV2 => i >= first_k_dense,
-                Architecture::Deepseek => i >= first_k_dense && i % moe_layer_freq == 0,
-                Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
-                    let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1);
-                    if step == 0 {
-                        return Err(f.invalid("decoder_sparse_step", "must be positive".into()));
-                    }
-                    let mlp_only = f.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
-                    !mlp_only.contains(&i) && num_experts > 0 && (i + 1) % step == 0
-                }
-            };
-            layers.push(if is_moe { LayerKind::Moe { num_experts } } else { LayerKind::Dense });
-        }
-
-        // Non-uniformly pruned checkpoints carry a per-layer count list.
-        if let Some(per_layer) = f.opt_usize_list(PER_LAYER_EXPERTS_KEY)? {
-            if per_layer.len() != num_layers {
-                return Err(f.invalid(
-                    PER_LAYER_EXPERTS_KEY,
-                    format!("has {} entries for {num_layers} layers", per_layer.len()),
-                ));
-            }
-            for (i, (kind, &n)) in layers.iter_mut().zip(&per_layer).enumerate() {
-                match kind {
-                    LayerKind::Moe { num_experts } => {
-                        if n < top_k {
-                            return Err(f.invalid(
-                                PER_LAYER_EXPERTS_KEY,
-                                format!("layer {i} keeps {n} experts, fewer than num_experts_per_tok = {top_k}"),
-                            ));
-                        }
-                        *num_experts = n;
-                    }
-                    LayerKind::Dense if n != 0 => {
-                        return Err(f.invalid(
-                            PER_LAYER_EXPERTS_KEY,
-                            format!("layer {i} is a dense layer but lists {n} experts"),
-                        ));
-                    }
-                    LayerKind::Dense => {}
-                }
-            }
-        }
-        for (i, kind) in layers.iter().enumerate() {
-            if let LayerKind::Moe { num_experts } = kind
-                && (top_k == 0 || top_k > *num_experts)
-            {
-                return Err(f.invalid(
-                    "num_experts_per_tok",
-                    format!("{top_k} is not in 1..={num_experts} (experts of layer {i})"),
-                ));
-            }
-            if let (LayerKind::Moe { num_experts }, Some(g)) = (kind, routing.group_limit) {
-                check_groups(&f, g, *num_experts, top_k, i)?;
-            }
-        }
+        let layers = layer_kinds(&f, moe_layers, num_experts, top_k, &routing)?;
 
         Ok(ModelConfig {
             architecture,
@@ -698,14 +380,14 @@ impl ModelConfig {
                 num_heads,
                 num_kv_heads,
                 head_dim,
-                qkv_bias,
-                o_bias,
-                qk_norm,
-                clip_qkv,
+                qkv_bias: attention.qkv_bias,
+                o_bias: attention.o_bias,
+                qk_norm: attention.qk_norm,
+                clip_qkv: attention.clip_qkv,
                 rope_theta,
-                sliding_window,
+                sliding_window: attention.sliding_window,
                 sliding_layers,
-                sinks: gpt_oss,
+                sinks: attention.sinks,
                 rope_scaling,
                 mla,
             },
@@ -716,9 +398,9 @@ impl ModelConfig {
                 norm_topk_prob,
                 shared_expert_intermediate_size,
                 routing,
-                router_bias: gpt_oss,
-                expert_bias: gpt_oss,
-                activation,
+                router_bias: experts.router_bias,
+                expert_bias: experts.expert_bias,
+                activation: experts.activation,
             },
             layers,
             path,
@@ -744,26 +426,119 @@ impl ModelConfig {
 /// checkpoint (0 for dense layers).
 pub const PER_LAYER_EXPERTS_KEY: &str = "num_experts_per_layer";
 
-/// Which RoPE scalings an architecture implements besides plain RoPE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RopeAllowed {
-    /// Plain RoPE only.
-    Default,
-    /// Plain or yarn (DeepSeek-V2/V3, gpt-oss).
-    Yarn,
-    /// Plain or linear (DeepSeek-MoE).
-    Linear,
+/// Head counts, head width and MLA dimensions: `num_attention_heads`, `num_key_value_heads`
+/// (dividing it; equal to it under MLA), `head_dim` (MLA: `qk_rope_head_dim`; absent:
+/// `hidden_size / num_attention_heads`), even for RoPE.
+fn attention_shape(
+    f: &Fields<'_>,
+    spec: &dyn ArchSpec,
+    hidden_size: usize,
+) -> Result<(usize, usize, usize, Option<MlaConfig>)> {
+    let num_heads = f.req_usize("num_attention_heads")?;
+    let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+    if spec.has_mla() && num_kv_heads != num_heads {
+        // MLA expands one latent into every head; transformers' `repeat_kv` would then
+        // fail, so such a config has no meaning.
+        return Err(f.invalid(
+            "num_key_value_heads",
+            format!("{num_kv_heads} differs from num_attention_heads = {num_heads}, which MLA does not support"),
+        ));
+    }
+    if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(f.invalid(
+            "num_key_value_heads",
+            format!("{num_kv_heads} does not divide num_attention_heads = {num_heads}"),
+        ));
+    }
+    let mla = spec.mla(f)?;
+    let head_dim = match (&mla, f.opt_usize("head_dim")?) {
+        // transformers sets `head_dim = qk_rope_head_dim` for these models: the RoPE width.
+        (Some(m), _) => m.qk_rope_head_dim,
+        (None, Some(d)) => d,
+        (None, None) => {
+            if !hidden_size.is_multiple_of(num_heads) {
+                return Err(f.invalid(
+                    "num_attention_heads",
+                    format!("{num_heads} does not divide hidden_size = {hidden_size} and no head_dim is given"),
+                ));
+            }
+            hidden_size / num_heads
+        }
+    };
+    if head_dim % 2 != 0 {
+        return Err(f.invalid(
+            if mla.is_some() { "qk_rope_head_dim" } else { "head_dim" },
+            format!("{head_dim} must be even for RoPE"),
+        ));
+    }
+    Ok((num_heads, num_kv_heads, head_dim, mla))
+}
+
+/// The kind of each layer: MoE layers get `num_experts`, or their entry of the per-layer count
+/// list ([`PER_LAYER_EXPERTS_KEY`]) that non-uniformly pruned checkpoints carry (0 for dense
+/// layers); then every MoE layer must hold `top_k` experts and fit the routing groups.
+fn layer_kinds(
+    f: &Fields<'_>,
+    moe_layers: Vec<bool>,
+    num_experts: usize,
+    top_k: usize,
+    routing: &RoutingConfig,
+) -> Result<Vec<LayerKind>> {
+    let mut layers: Vec<LayerKind> =
+        moe_layers.into_iter().map(|moe| if moe { LayerKind::Moe { num_experts } } else { LayerKind::Dense }).collect();
+    if let Some(per_layer) = f.opt_usize_list(PER_LAYER_EXPERTS_KEY)? {
+        if per_layer.len() != layers.len() {
+            return Err(f.invalid(
+                PER_LAYER_EXPERTS_KEY,
+                format!("has {} entries for {} layers", per_layer.len(), layers.len()),
+            ));
+        }
+        for (i, (kind, &n)) in layers.iter_mut().zip(&per_layer).enumerate() {
+            match kind {
+                LayerKind::Moe { num_experts } => {
+                    if n < top_k {
+                        return Err(f.invalid(
+                            PER_LAYER_EXPERTS_KEY,
+                            format!("layer {i} keeps {n} experts, fewer than num_experts_per_tok = {top_k}"),
+                        ));
+                    }
+                    *num_experts = n;
+                }
+                LayerKind::Dense if n != 0 => {
+                    return Err(
+                        f.invalid(PER_LAYER_EXPERTS_KEY, format!("layer {i} is a dense layer but lists {n} experts"))
+                    );
+                }
+                LayerKind::Dense => {}
+            }
+        }
+    }
+    for (i, kind) in layers.iter().enumerate() {
+        if let LayerKind::Moe { num_experts } = kind
+            && (top_k == 0 || top_k > *num_experts)
+        {
+            return Err(f.invalid(
+                "num_experts_per_tok",
+                format!("{top_k} is not in 1..={num_experts} (experts of layer {i})"),
+            ));
+        }
+        if let (LayerKind::Moe { num_experts }, Some(g)) = (kind, routing.group_limit) {
+            check_groups(f, g, *num_experts, top_k, i)?;
+        }
+    }
+    Ok(layers)
 }
 
 /// RoPE θ and scaling from `rope_parameters` (5.x) or `rope_theta` + `rope_scaling` (4.x).
-/// DeepSeek-V2/V3 and gpt-oss accept yarn, DeepSeek-MoE linear; everything else must be
-/// plain RoPE.
+/// The architecture decides which scalings are accepted ([`ArchSpec::rope_allowed`]) and the
+/// scaling when neither key is present ([`ArchSpec::default_rope_scaling`]).
 fn rope_settings(
     f: &Fields<'_>,
     default_theta: f64,
-    allowed: RopeAllowed,
+    spec: &dyn ArchSpec,
     max_position_embeddings: usize,
 ) -> Result<(f64, RopeScaling)> {
+    let allowed = spec.rope_allowed();
     let top_theta = f.opt_f64("rope_theta")?;
     // transformers 5.x: `rope_parameters: {"rope_type": ..., "rope_theta": θ, ...}`.
     let (field, params) = match f.map.get("rope_parameters").filter(|v| !v.is_null()) {
@@ -777,7 +552,7 @@ fn rope_settings(
         },
     };
     let Some(params) = params else {
-        return Ok((top_theta.unwrap_or(default_theta), RopeScaling::None));
+        return Ok((top_theta.unwrap_or(default_theta), spec.default_rope_scaling()));
     };
     let theta = match params.get("rope_theta").filter(|v| !v.is_null()) {
         Some(t) => t.as_f64().ok_or_else(|| f.invalid(&format!("{field}.rope_theta"), "must be a number".into()))?,
@@ -857,116 +632,16 @@ fn rope_settings(
     }
 }
 
-/// DeepSeek's MLA dimensions.
-fn mla_config(f: &Fields<'_>, arch: Architecture) -> Result<MlaConfig> {
-    let q_lora_rank = f.opt_usize("q_lora_rank")?;
-    if q_lora_rank == Some(0) {
-        return Err(f.invalid("q_lora_rank", "must be positive or null".into()));
-    }
-    let positive = |field: &str| -> Result<usize> {
-        let v = f.req_usize(field)?;
-        if v == 0 {
-            return Err(f.invalid(field, "must be positive".into()));
-        }
-        Ok(v)
-    };
-    Ok(MlaConfig {
-        q_lora_rank,
-        kv_lora_rank: positive("kv_lora_rank")?,
-        qk_nope_head_dim: f.req_usize("qk_nope_head_dim")?,
-        qk_rope_head_dim: positive("qk_rope_head_dim")?,
-        v_head_dim: positive("v_head_dim")?,
-        bias: f.opt_bool("attention_bias")?.unwrap_or(false),
-        // DeepSeek-V3 lays rotary dims out in interleaved pairs unless `rope_interleave` is
-        // false; V2's complex-number RoPE is always interleaved.
-        rope_interleave: arch == Architecture::DeepseekV2 || f.opt_bool("rope_interleave")?.unwrap_or(true),
-    })
-}
-
-/// The routing rule of an architecture.
-fn routing_config(f: &Fields<'_>, arch: Architecture, num_experts: usize, top_k: usize) -> Result<RoutingConfig> {
-    let scaling = |default: f64| -> Result<f64> {
-        let s = f.opt_f64("routed_scaling_factor")?.unwrap_or(default);
-        if !s.is_finite() {
-            return Err(f.invalid("routed_scaling_factor", format!("{s} is not finite")));
-        }
-        Ok(s)
-    };
-    let groups = |score: GroupScore| -> Result<GroupLimit> {
-        let n_group = f.opt_usize("n_group")?.ok_or_else(|| f.missing("n_group"))?;
-        let topk_group = f.opt_usize("topk_group")?.ok_or_else(|| f.missing("topk_group"))?;
-        if n_group == 0 {
-            return Err(f.invalid("n_group", "must be positive".into()));
-        }
-        if topk_group == 0 || topk_group > n_group {
-            return Err(f.invalid("topk_group", format!("{topk_group} is not in 1..={n_group} (n_group)")));
-        }
-        let g = GroupLimit { n_group, topk_group, score };
-        check_groups(f, g, num_experts, top_k, usize::MAX)?;
-        Ok(g)
-    };
-    match arch {
-        Architecture::DeepseekV3 => {
-            // transformers' V3 router is always sigmoid + correction bias + group-limited
-            // (`topk_method: noaux_tc`, `scoring_func: sigmoid` are kept for vLLM only).
-            if let Some(s) = f.opt_str("scoring_func")?
-                && s != "sigmoid"
-            {
-                return Err(
-                    f.invalid("scoring_func", format!("`{s}` is not supported for deepseek_v3 (only `sigmoid`)"))
-                );
-            }
-            Ok(RoutingConfig {
-                scoring: Scoring::Sigmoid,
-                group_limit: Some(groups(GroupScore::Top2Sum)?),
-                routed_scaling_factor: scaling(2.5)?,
-                correction_bias: true,
-            })
-        }
-        Architecture::DeepseekV2 => {
-            let method = f.opt_str("topk_method")?.unwrap_or_else(|| "greedy".into());
-            let group_limit = match method.as_str() {
-                "greedy" => None,
-                "group_limited_greedy" => Some(groups(GroupScore::Max)?),
-                other => {
-                    return Err(f.invalid(
-                        "topk_method",
-                        format!("`{other}` is not supported for deepseek_v2 (`greedy` or `group_limited_greedy`)"),
-                    ));
-                }
-            };
-            if let Some(s) = f.opt_str("scoring_func")?
-                && s != "softmax"
-            {
-                return Err(
-                    f.invalid("scoring_func", format!("`{s}` is not supported for deepseek_v2 (only `softmax`)"))
-                );
-            }
-            Ok(RoutingConfig {
-                scoring: Scoring::Softmax,
-                group_limit,
-                routed_scaling_factor: scaling(1.0)?,
-                correction_bias: false,
-            })
-        }
-        Architecture::Deepseek => {
-            // DeepSeek-MoE's `MoEGate` implements only softmax scoring and plain (greedy) top-k;
-            // it has no `routed_scaling_factor`.
-            if let Some(s) = f.opt_str("scoring_func")?
-                && s != "softmax"
-            {
-                return Err(f.invalid("scoring_func", format!("`{s}` is not supported for deepseek (only `softmax`)")));
-            }
-            Ok(RoutingConfig::softmax())
-        }
-        _ => Ok(RoutingConfig::softmax()),
-    }
-}
-
 /// Group-limited routing needs `n_group` equal contiguous groups of at least two experts (V3
 /// scores a group by its top two) and enough experts in the `topk_group` best groups.
 /// `layer == usize::MAX` means the architecture's unpruned count.
-fn check_groups(f: &Fields<'_>, g: GroupLimit, num_experts: usize, top_k: usize, layer: usize) -> Result<()> {
+pub(crate) fn check_groups(
+    f: &Fields<'_>,
+    g: GroupLimit,
+    num_experts: usize,
+    top_k: usize,
+    layer: usize,
+) -> Result<()> {
     let at = if layer == usize::MAX { String::new() } else { format!(" (layer {layer})") };
     if !num_experts.is_multiple_of(g.n_group) {
         return Err(
@@ -990,474 +665,4 @@ fn check_groups(f: &Fields<'_>, g: GroupLimit, num_experts: usize, top_k: usize,
         ));
     }
     Ok(())
-}
-
-/// gpt-oss's `layer_types`: per layer, whether it uses the sliding window. transformers'
-/// default alternates, starting with a sliding layer; without a `sliding_window` every layer
-/// attends fully.
-fn gpt_oss_layer_types(f: &Fields<'_>, num_layers: usize, window: Option<usize>) -> Result<Vec<bool>> {
-    let sliding = match f.get("layer_types") {
-        None => (0..num_layers).map(|i| i % 2 == 0).collect::<Vec<_>>(),
-        Some(Value::Array(items)) => {
-            if items.len() != num_layers {
-                return Err(f.invalid("layer_types", format!("has {} entries for {num_layers} layers", items.len())));
-            }
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match v.as_str() {
-                    Some("sliding_attention") => Ok(true),
-                    Some("full_attention") => Ok(false),
-                    _ => Err(f.invalid(
-                        "layer_types",
-                        format!("entry {i} is {v}; expected \"sliding_attention\" or \"full_attention\""),
-                    )),
-                })
-                .collect::<Result<Vec<_>>>()?
-        }
-        Some(v) => return Err(f.invalid("layer_types", format!("expected a list, found {v}"))),
-    };
-    Ok(if window.is_some() { sliding } else { vec![false; num_layers] })
-}
-
-/// Typed access to config fields with errors that name the file and the field.
-struct Fields<'a> {
-    map: &'a Map<String, Value>,
-    path: &'a Path,
-}
-
-impl Fields<'_> {
-    fn missing(&self, field: &str) -> CheckpointError {
-        CheckpointError::MissingField { path: self.path.to_path_buf(), field: field.into() }
-    }
-
-    fn invalid(&self, field: &str, reason: String) -> CheckpointError {
-        CheckpointError::InvalidField { path: self.path.to_path_buf(), field: field.into(), reason }
-    }
-
-    fn get(&self, field: &str) -> Option<&Value> {
-        self.map.get(field).filter(|v| !v.is_null())
-    }
-
-    fn has(&self, field: &str) -> bool {
-        self.get(field).is_some()
-    }
-
-    fn req_str(&self, field: &str) -> Result<String> {
-        self.opt_str(field)?.ok_or_else(|| self.missing(field))
-    }
-
-    fn opt_str(&self, field: &str) -> Result<Option<String>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(self.invalid(field, format!("expected a string, found {v}"))),
-        }
-    }
-
-    fn req_usize(&self, field: &str) -> Result<usize> {
-        self.opt_usize(field)?.ok_or_else(|| self.missing(field))
-    }
-
-    fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => as_usize(v)
-                .map(Some)
-                .ok_or_else(|| self.invalid(field, format!("expected a non-negative integer, found {v}"))),
-        }
-    }
-
-    fn opt_usize_list(&self, field: &str) -> Result<Option<Vec<usize>>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(as_usize)
-                .collect::<Option<Vec<_>>>()
-                .map(Some)
-                .ok_or_else(|| self.invalid(field, "expected a list of non-negative integers".into())),
-            Some(v) => Err(self.invalid(field, format!("expected a list, found {v}"))),
-        }
-    }
-
-    fn opt_f64(&self, field: &str) -> Result<Option<f64>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.invalid(field, format!("expected a number, found {v}"))),
-        }
-    }
-
-    fn opt_bool(&self, field: &str) -> Result<Option<bool>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(self.invalid(field, format!("expected true or false, found {v}"))),
-        }
-    }
-}
-
-fn as_usize(v: &Value) -> Option<usize> {
-    if let Some(u) = v.as_u64() {
-        return usize::try_from(u).ok();
-    }
-    // Some writers store integers as floats (e.g. 8.0).
-    v.as_f64().filter(|x| *x >= 0.0 && x.fract() == 0.0 && *x < 2f64.powi(53)).map(|x| x as usize)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(json: &str) -> Result<ModelConfig> {
-        ModelConfig::from_json_str(json, "test/config.json")
-    }
-
-    const MIXTRAL_4X: &str = r#"{"model_type":"mixtral","vocab_size":32000,"hidden_size":4096,
-        "num_hidden_layers":2,"num_attention_heads":32,"num_key_value_heads":8,"intermediate_size":14336,
-        "num_local_experts":8,"num_experts_per_tok":2,"rope_theta":1000000.0,"rms_norm_eps":1e-5,
-        "sliding_window":null,"tie_word_embeddings":false,"hidden_act":"silu"}"#;
-
-    #[test]
-    fn mixtral_4x() {
-        let c = parse(MIXTRAL_4X).unwrap();
-        assert_eq!(c.architecture, Architecture::Mixtral);
-        assert_eq!(c.attention.head_dim, 128);
-        assert_eq!(c.attention.rope_theta, 1e6);
-        assert_eq!(c.moe.num_experts, 8);
-        assert!(c.moe.norm_topk_prob);
-        assert_eq!(c.layers, vec![LayerKind::Moe { num_experts: 8 }; 2]);
-    }
-
-    #[test]
-    fn rope_parameters_5x() {
-        let json = MIXTRAL_4X
-            .replace(r#""rope_theta":1000000.0"#, r#""rope_parameters":{"rope_type":"default","rope_theta":12345.0}"#);
-        assert_eq!(parse(&json).unwrap().attention.rope_theta, 12345.0);
-    }
-
-    #[test]
-    fn unsupported_rope_type_names_field() {
-        let json = MIXTRAL_4X.replace(
-            r#""rope_theta":1000000.0"#,
-            r#""rope_parameters":{"rope_type":"yarn","rope_theta":1.0,"factor":4.0}"#,
-        );
-        let err = parse(&json).unwrap_err().to_string();
-        assert!(err.contains("rope_parameters.rope_type") && err.contains("yarn"), "{err}");
-    }
-
-    const QWEN3: &str = r#"{"model_type":"qwen3_moe","vocab_size":100,"hidden_size":64,
-        "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":24,
-        "intermediate_size":96,"moe_intermediate_size":32,"NUM_KEY":8,"num_experts_per_tok":2,
-        "decoder_sparse_step":2,"mlp_only_layers":[],"norm_topk_prob":true,"rope_theta":10000}"#;
-
-    #[test]
-    fn qwen3_expert_count_key_from_4x_and_5x() {
-        for key in ["num_experts", "num_local_experts"] {
-            let c = parse(&QWEN3.replace("NUM_KEY", key)).unwrap();
-            assert_eq!(c.moe.num_experts, 8, "{key}");
-            assert_eq!(c.attention.head_dim, 24);
-            assert_eq!(c.attention.qk_norm, QkNorm::PerHead);
-            // decoder_sparse_step = 2: layers 1 and 3 are MoE.
-            assert_eq!(c.moe_layers(), vec![1, 3]);
-            assert_eq!(c.layers[0], LayerKind::Dense);
-        }
-    }
-
-    #[test]
-    fn qwen2_layer_placement_follows_mlp_only_layers() {
-        let json = r#"{"model_type":"qwen2_moe","vocab_size":100,"hidden_size":64,
-        "num_hidden_layers":4,"num_attention_heads":4,"intermediate_size":96,
-        "moe_intermediate_size":32,"shared_expert_intermediate_size":48,"num_experts":8,
-        "num_experts_per_tok":2,"decoder_sparse_step":1,"mlp_only_layers":[2]}"#;
-        let c = parse(json).unwrap();
-        assert_eq!(c.moe_layers(), vec![0, 1, 3]);
-        assert_eq!(c.moe.shared_expert_intermediate_size, Some(48));
-        assert!(c.attention.qkv_bias && !c.attention.o_bias);
-        assert!(!c.moe.norm_topk_prob);
-    }
-
-    #[test]
-    fn unknown_model_type_lists_supported() {
-        let err = parse(r#"{"model_type":"llama"}"#).unwrap_err().to_string();
-        assert!(err.contains("test/config.json") && err.contains("`llama`"), "{err}");
-        for t in SUPPORTED_MODEL_TYPES {
-            assert!(err.contains(t), "{err}");
-        }
-    }
-
-    #[test]
-    fn missing_and_invalid_fields_are_named() {
-        let err = parse(&MIXTRAL_4X.replace(r#""num_local_experts":8,"#, "")).unwrap_err().to_string();
-        assert!(err.contains("missing field `num_local_experts`"), "{err}");
-        let err = parse(&MIXTRAL_4X.replace(r#""num_local_experts":8"#, r#""num_local_experts":"x""#))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`num_local_experts`"), "{err}");
-        let err = parse(&MIXTRAL_4X.replace(r#""num_experts_per_tok":2"#, r#""num_experts_per_tok":9"#))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("num_experts_per_tok"), "{err}");
-    }
-
-    #[test]
-    fn per_layer_counts() {
-        let json =
-            MIXTRAL_4X.replace("\"num_local_experts\":8", "\"num_local_experts\":8,\"num_experts_per_layer\":[6,3]");
-        let c = parse(&json).unwrap();
-        assert_eq!(c.layers, vec![LayerKind::Moe { num_experts: 6 }, LayerKind::Moe { num_experts: 3 }]);
-        let bad =
-            MIXTRAL_4X.replace("\"num_local_experts\":8", "\"num_local_experts\":8,\"num_experts_per_layer\":[6,1]");
-        assert!(parse(&bad).unwrap_err().to_string().contains("num_experts_per_layer"));
-    }
-
-    const DEEPSEEK_V3_4X: &str = r#"{"model_type":"deepseek_v3","vocab_size":320,"hidden_size":64,
-        "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":4,"intermediate_size":96,
-        "moe_intermediate_size":32,"n_routed_experts":8,"n_shared_experts":1,"num_experts_per_tok":2,
-        "n_group":2,"topk_group":1,"norm_topk_prob":true,"routed_scaling_factor":2.5,"first_k_dense_replace":1,
-        "q_lora_rank":24,"kv_lora_rank":16,"qk_nope_head_dim":16,"qk_rope_head_dim":8,"v_head_dim":12,
-        "topk_method":"noaux_tc","scoring_func":"sigmoid","max_position_embeddings":512,"rope_theta":5000.0,
-        "rope_scaling":{"type":"yarn","factor":4.0,"original_max_position_embeddings":128,"beta_fast":32,
-        "beta_slow":1,"mscale":1.0,"mscale_all_dim":0.7}}"#;
-
-    #[test]
-    fn deepseek_v3_4x_rope_scaling() {
-        let c = parse(DEEPSEEK_V3_4X).unwrap();
-        assert_eq!(c.architecture, Architecture::DeepseekV3);
-        assert_eq!(
-            c.layers,
-            vec![LayerKind::Dense, LayerKind::Moe { num_experts: 8 }, LayerKind::Moe { num_experts: 8 }]
-        );
-        assert_eq!(c.attention.head_dim, 8);
-        assert_eq!(c.attention.rope_theta, 5000.0);
-        let RopeScaling::Yarn(y) = &c.attention.rope_scaling else { panic!("not yarn") };
-        assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 128));
-        let m = c.attention.mla.as_ref().unwrap();
-        assert_eq!((m.q_lora_rank, m.kv_lora_rank, m.v_head_dim), (Some(24), 16, 12));
-        assert!(m.rope_interleave);
-        assert_eq!(c.moe.shared_expert_intermediate_size, Some(32));
-        assert_eq!(c.moe.routing.scoring, Scoring::Sigmoid);
-        assert_eq!(
-            c.moe.routing.group_limit,
-            Some(GroupLimit { n_group: 2, topk_group: 1, score: GroupScore::Top2Sum })
-        );
-        // softmax scale: 1/sqrt(24) · mscale(4, 0.7)²; cos/sin factor mscale(4, 1)/mscale(4, 0.7).
-        let ms = 0.1 * 0.7 * 4f64.ln() + 1.0;
-        assert!((c.attention.softmax_scale() - ms * ms / 24f64.sqrt()).abs() < 1e-12);
-        assert!((y.attention_factor() - (0.1 * 4f64.ln() + 1.0) / ms).abs() < 1e-12);
-    }
-
-    #[test]
-    fn deepseek_rope_parameters_5x_and_q_lora_null() {
-        let json = DEEPSEEK_V3_4X.replace(r#""q_lora_rank":24"#, r#""q_lora_rank":null"#).replace(
-            r#""rope_theta":5000.0,"#,
-            r#""rope_parameters":{"rope_type":"yarn","rope_theta":777.0,"factor":2.0,"original_max_position_embeddings":64},"#,
-        );
-        let c = parse(&json).unwrap();
-        assert_eq!(c.attention.mla.as_ref().unwrap().q_lora_rank, None);
-        assert_eq!(c.attention.rope_theta, 777.0);
-        assert!(matches!(&c.attention.rope_scaling, RopeScaling::Yarn(y) if y.factor == 2.0));
-    }
-
-    #[test]
-    fn deepseek_v2_routing_and_errors() {
-        let v2 = DEEPSEEK_V3_4X
-            .replace("deepseek_v3", "deepseek_v2")
-            .replace(r#""topk_method":"noaux_tc","scoring_func":"sigmoid""#, r#""topk_method":"group_limited_greedy""#)
-            .replace(r#""n_group":2"#, r#""n_group":4"#)
-            .replace(r#""topk_group":1"#, r#""topk_group":2"#);
-        let c = parse(&v2).unwrap();
-        assert_eq!(c.moe.routing.scoring, Scoring::Softmax);
-        assert_eq!(c.moe.routing.group_limit.unwrap().score, GroupScore::Max);
-        assert!(!c.moe.norm_topk_prob, "transformers' V2 router never renormalises");
-        assert_eq!(c.moe.shared_expert_intermediate_size, Some(32));
-        let greedy = v2.replace("group_limited_greedy", "greedy");
-        assert_eq!(parse(&greedy).unwrap().moe.routing.group_limit, None);
-        let err = parse(&v2.replace("group_limited_greedy", "noaux_tc")).unwrap_err().to_string();
-        assert!(err.contains("topk_method") && err.contains("config.json"), "{err}");
-        let err = parse(&v2.replace(r#""first_k_dense_replace":1"#, r#""first_k_dense_replace":1,"moe_layer_freq":2"#))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("moe_layer_freq"), "{err}");
-        // V3: groups must split the experts and hold top_k experts.
-        let err = parse(&DEEPSEEK_V3_4X.replace(r#""n_group":2"#, r#""n_group":3"#)).unwrap_err().to_string();
-        assert!(err.contains("n_group"), "{err}");
-        let err = parse(
-            &DEEPSEEK_V3_4X
-                .replace(r#""n_group":2"#, r#""n_group":8"#)
-                .replace(r#""topk_group":1"#, r#""topk_group":4"#),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("at least 2"), "{err}");
-        let err = parse(&DEEPSEEK_V3_4X.replace(r#""num_key_value_heads":4"#, r#""num_key_value_heads":2"#))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("num_key_value_heads") && err.contains("MLA"), "{err}");
-        // Yarn stays refused for architectures that do not implement it.
-        let err = parse(&MIXTRAL_4X.replace(
-            r#""rope_theta":1000000.0"#,
-            r#""rope_theta":1000000.0,"rope_scaling":{"type":"yarn","factor":4.0}"#,
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("yarn") && err.contains("rope_scaling"), "{err}");
-    }
-
-    /// `deepseek-ai/deepseek-moe-16b-base`'s config.json (transformers 4.x style, remote code).
-    const DEEPSEEK_MOE_16B: &str = r#"{"architectures":["DeepseekForCausalLM"],"attention_bias":false,
-        "attention_dropout":0.0,"auto_map":{"AutoConfig":"configuration_deepseek.DeepseekConfig",
-        "AutoModel":"modeling_deepseek.DeepseekModel","AutoModelForCausalLM":"modeling_deepseek.DeepseekForCausalLM"},
-        "aux_loss_alpha":0.001,"bos_token_id":100000,"eos_token_id":100001,"first_k_dense_replace":1,
-        "hidden_act":"silu","hidden_size":2048,"initializer_range":0.02,"intermediate_size":10944,
-        "max_position_embeddings":4096,"model_type":"deepseek","moe_intermediate_size":1408,"moe_layer_freq":1,
-        "n_routed_experts":64,"n_shared_experts":2,"norm_topk_prob":false,"num_attention_heads":16,
-        "num_experts_per_tok":6,"num_hidden_layers":28,"num_key_value_heads":16,"pretraining_tp":1,
-        "rms_norm_eps":1e-06,"rope_scaling":null,"rope_theta":10000,"scoring_func":"softmax","seq_aux":true,
-        "tie_word_embeddings":false,"torch_dtype":"bfloat16","transformers_version":"4.36.0","use_cache":true,
-        "vocab_size":102400}"#;
-
-    #[test]
-    fn deepseek_moe_16b() {
-        let c = parse(DEEPSEEK_MOE_16B).unwrap();
-        assert_eq!(c.architecture, Architecture::Deepseek);
-        assert!(c.architecture.is_deepseek() && !c.architecture.has_mla());
-        assert_eq!((c.vocab_size, c.hidden_size, c.num_layers), (102_400, 2048, 28));
-        assert_eq!(c.dense_intermediate_size, 10944);
-        assert_eq!(c.layers.len(), 28);
-        assert_eq!(c.layers[0], LayerKind::Dense);
-        assert_eq!(c.moe_layers(), (1..28).collect::<Vec<_>>());
-        assert_eq!(c.experts_in_layer(5), 64);
-        let a = &c.attention;
-        assert!(a.mla.is_none(), "DeepSeek-MoE has standard attention");
-        assert_eq!((a.num_heads, a.num_kv_heads, a.head_dim), (16, 16, 128));
-        assert!(!a.qkv_bias && !a.o_bias && a.qk_norm == QkNorm::None && a.sliding_window.is_none());
-        assert_eq!((a.rope_theta, &a.rope_scaling), (10_000.0, &RopeScaling::None));
-        assert_eq!(a.softmax_scale(), 1.0 / 128f64.sqrt());
-        assert_eq!((c.rms_norm_eps, c.max_position_embeddings, c.tie_word_embeddings), (1e-6, 4096, false));
-        let m = &c.moe;
-        assert_eq!((m.num_experts, m.top_k, m.expert_intermediate_size), (64, 6, 1408));
-        assert_eq!(m.shared_expert_intermediate_size, Some(2 * 1408));
-        assert!(!m.norm_topk_prob && !m.router_bias && !m.expert_bias);
-        assert_eq!(m.routing, RoutingConfig::softmax());
-        assert_eq!(m.activation, ExpertActivation::Silu);
-        // Absent keys take DeepSeek-MoE's `DeepseekConfig` defaults.
-        let bare = DEEPSEEK_MOE_16B
-            .replace(r#""rms_norm_eps":1e-06,"#, "")
-            .replace(r#""rope_theta":10000,"#, "")
-            .replace(r#""max_position_embeddings":4096,"#, "")
-            .replace(r#""n_shared_experts":2,"#, "");
-        let c = parse(&bare).unwrap();
-        assert_eq!((c.rms_norm_eps, c.attention.rope_theta, c.max_position_embeddings), (1e-6, 10_000.0, 2048));
-        assert_eq!(c.moe.shared_expert_intermediate_size, None);
-    }
-
-    #[test]
-    fn deepseek_moe_layer_freq_gqa_and_renormalisation() {
-        let tiny = DEEPSEEK_MOE_16B
-            .replace(r#""num_hidden_layers":28"#, r#""num_hidden_layers":4"#)
-            .replace(r#""moe_layer_freq":1"#, r#""moe_layer_freq":2"#);
-        // Layer 0 dense (first_k_dense_replace), 1 and 3 dense (odd), 2 MoE.
-        let c = parse(&tiny).unwrap();
-        assert_eq!(
-            c.layers,
-            vec![LayerKind::Dense, LayerKind::Dense, LayerKind::Moe { num_experts: 64 }, LayerKind::Dense]
-        );
-        let c = parse(&tiny.replace(r#""first_k_dense_replace":1"#, r#""first_k_dense_replace":0"#)).unwrap();
-        assert_eq!(c.moe_layers(), vec![0, 2]);
-        let err = parse(&tiny.replace(r#""moe_layer_freq":2"#, r#""moe_layer_freq":0"#)).unwrap_err().to_string();
-        assert!(err.contains("moe_layer_freq") && err.contains("positive"), "{err}");
-        // GQA is honoured (Llama attention with `repeat_kv`), unlike MLA.
-        let c = parse(&DEEPSEEK_MOE_16B.replace(r#""num_key_value_heads":16"#, r#""num_key_value_heads":4"#)).unwrap();
-        assert_eq!((c.attention.num_heads, c.attention.num_kv_heads), (16, 4));
-        // norm_topk_prob renormalises only when top_k > 1.
-        let norm = DEEPSEEK_MOE_16B.replace(r#""norm_topk_prob":false"#, r#""norm_topk_prob":true"#);
-        assert!(parse(&norm).unwrap().moe.norm_topk_prob);
-        let top1 = norm.replace(r#""num_experts_per_tok":6"#, r#""num_experts_per_tok":1"#);
-        assert!(!parse(&top1).unwrap().moe.norm_topk_prob);
-        let c = parse(&DEEPSEEK_MOE_16B.replace(r#""attention_bias":false"#, r#""attention_bias":true"#)).unwrap();
-        assert!(c.attention.qkv_bias && c.attention.o_bias);
-    }
-
-    #[test]
-    fn deepseek_moe_errors_and_rope_scaling() {
-        let err = parse(&DEEPSEEK_MOE_16B.replace(r#""scoring_func":"softmax""#, r#""scoring_func":"sigmoid""#))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("scoring_func") && err.contains("sigmoid") && err.contains("softmax"), "{err}");
-        assert!(err.contains("config.json"), "{err}");
-        let err = parse(&DEEPSEEK_MOE_16B.replace(r#""n_routed_experts":64,"#, "")).unwrap_err().to_string();
-        assert!(err.contains("missing field `n_routed_experts`"), "{err}");
-        let linear =
-            DEEPSEEK_MOE_16B.replace(r#""rope_scaling":null"#, r#""rope_scaling":{"type":"linear","factor":4.0}"#);
-        assert_eq!(parse(&linear).unwrap().attention.rope_scaling, RopeScaling::Linear { factor: 4.0 });
-        let err = parse(&linear.replace("linear", "dynamic")).unwrap_err().to_string();
-        assert!(err.contains("rope_scaling") && err.contains("dynamic") && err.contains("linear"), "{err}");
-        let err = parse(&linear.replace("linear", "yarn")).unwrap_err().to_string();
-        assert!(err.contains("rope_scaling") && err.contains("yarn"), "{err}");
-        // Linear scaling stays refused where it is not implemented.
-        let err = parse(&MIXTRAL_4X.replace(
-            r#""rope_theta":1000000.0"#,
-            r#""rope_theta":1000000.0,"rope_scaling":{"type":"linear","factor":4.0}"#,
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("linear") && err.contains("rope_scaling"), "{err}");
-        // `moe_layer_freq` stays refused for DeepSeek-V2 (transformers ignores it).
-        let v2 = DEEPSEEK_V3_4X.replace("deepseek_v3", "deepseek_v2").replace(
-            r#""topk_method":"noaux_tc","scoring_func":"sigmoid""#,
-            r#""topk_method":"greedy","moe_layer_freq":2"#,
-        );
-        assert!(parse(&v2).unwrap_err().to_string().contains("moe_layer_freq"));
-    }
-
-    const GPT_OSS: &str = r#"{"model_type":"gpt_oss","vocab_size":320,"hidden_size":64,"num_hidden_layers":3,
-        "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"intermediate_size":16,
-        "num_local_experts":8,"num_experts_per_tok":2,"sliding_window":6,"swiglu_limit":2.0,
-        "layer_types":["sliding_attention","full_attention","sliding_attention"],
-        "rope_parameters":{"rope_type":"yarn","rope_theta":5000.0,"factor":4.0,
-        "original_max_position_embeddings":128,"beta_fast":32.0,"beta_slow":1.0,"truncate":false}}"#;
-
-    #[test]
-    fn gpt_oss_config() {
-        let c = parse(GPT_OSS).unwrap();
-        assert_eq!(c.architecture, Architecture::GptOss);
-        assert_eq!(c.layers, vec![LayerKind::Moe { num_experts: 8 }; 3]);
-        assert!(c.attention.qkv_bias && c.attention.o_bias && c.attention.sinks);
-        assert_eq!(c.attention.sliding_window, Some(6));
-        assert_eq!(c.attention.sliding_layers, Some(vec![true, false, true]));
-        assert_eq!(c.moe.activation, ExpertActivation::ClampedSwiglu { alpha: 1.702, limit: 2.0 });
-        assert!(c.moe.router_bias && c.moe.expert_bias && c.moe.norm_topk_prob);
-        assert_eq!(c.moe.expert_intermediate_size, 16);
-        assert_eq!(c.rms_norm_eps, 1e-5);
-        let RopeScaling::Yarn(y) = &c.attention.rope_scaling else { panic!("not yarn") };
-        assert!(!y.truncate && y.factor == 4.0);
-        assert_eq!(c.attention.softmax_scale(), 0.25);
-        // transformers' defaults: alternating layer types, yarn factor 32 over 4096, θ 150000.
-        let d = GPT_OSS
-            .replace(r#""layer_types":["sliding_attention","full_attention","sliding_attention"],"#, "")
-            .replace(r#""swiglu_limit":2.0,"#, "");
-        let d = &d[..d.find(r#""rope_parameters""#).unwrap()];
-        let c = parse(&format!("{}\"rms_norm_eps\":1e-5}}", d)).unwrap();
-        assert_eq!(c.attention.sliding_layers, Some(vec![true, false, true]));
-        assert_eq!(c.moe.activation, ExpertActivation::ClampedSwiglu { alpha: 1.702, limit: 7.0 });
-        assert_eq!(c.attention.rope_theta, 150_000.0);
-        let RopeScaling::Yarn(y) = &c.attention.rope_scaling else { panic!("not yarn") };
-        assert_eq!((y.factor, y.original_max_position_embeddings, y.truncate), (32.0, 4096, false));
-        // Without a window every layer attends fully.
-        let c = parse(&GPT_OSS.replace(r#""sliding_window":6"#, r#""sliding_window":null"#)).unwrap();
-        assert_eq!(c.attention.sliding_layers, Some(vec![false; 3]));
-    }
-
-    #[test]
-    fn gpt_oss_bad_fields_are_named() {
-        let err = parse(&GPT_OSS.replace("full_attention", "chunked_attention")).unwrap_err().to_string();
-        assert!(err.contains("layer_types") && err.contains("entry 1") && err.contains("config.json"), "{err}");
-        let err = parse(&GPT_OSS.replace(r#","sliding_attention"]"#, "]")).unwrap_err().to_string();
-        assert!(err.contains("layer_types") && err.contains("2 entries for 3 layers"), "{err}");
-        let err = parse(&GPT_OSS.replace(r#""swiglu_limit":2.0"#, r#""swiglu_limit":-1"#)).unwrap_err().to_string();
-        assert!(err.contains("swiglu_limit"), "{err}");
-        let err = parse(&GPT_OSS.replace(r#""num_local_experts":8,"#, "")).unwrap_err().to_string();
-        assert!(err.contains("missing field `num_local_experts`"), "{err}");
-    }
 }

@@ -18,13 +18,14 @@
 pub mod architectures;
 mod config;
 mod error;
+mod fields;
 pub mod mxfp4;
 mod weights;
 
+pub use architectures::{Architecture, SUPPORTED_MODEL_TYPES};
 pub use config::{
-    Architecture, AttentionConfig, ExpertActivation, GroupLimit, GroupScore, LayerKind, MlaConfig, ModelConfig,
-    MoeConfig, PER_LAYER_EXPERTS_KEY, QkNorm, RopeScaling, RoutingConfig, SUPPORTED_MODEL_TYPES, Scoring, YarnConfig,
-    yarn_get_mscale,
+    AttentionConfig, ExpertActivation, GroupLimit, GroupScore, LayerKind, MlaConfig, ModelConfig, MoeConfig,
+    PER_LAYER_EXPERTS_KEY, QkNorm, RopeScaling, RoutingConfig, Scoring, YarnConfig, yarn_get_mscale,
 };
 pub use error::{CheckpointError, Result};
 pub use safetensors::Dtype;

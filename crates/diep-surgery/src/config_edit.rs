@@ -21,17 +21,12 @@ pub const AUTO_MAP_JSON: &str = include_str!("../remote_code/auto_map.json");
 /// The `config.json` key that `auto_map` is stored under.
 pub const AUTO_MAP_KEY: &str = "auto_map";
 
-/// The `config.json` key(s) holding the routed-expert count of an architecture. Qwen3-MoE has
-/// two: transformers 4.x reads `num_experts`, 5.x writes `num_local_experts`; surgery writes
-/// both.
+/// The `config.json` key(s) holding the routed-expert count of an architecture, as declared
+/// by its file in `diep_checkpoint::architectures` ([`Architecture::expert_count_keys`]).
+/// Qwen3-MoE has two: transformers 4.x reads `num_experts`, 5.x writes `num_local_experts`;
+/// surgery writes both.
 pub fn expert_count_keys(architecture: Architecture) -> &'static [&'static str] {
-    match architecture {
-        Architecture::Mixtral | Architecture::GptOss => &["num_local_experts"],
-        Architecture::Qwen2Moe | Architecture::Olmoe => &["num_experts"],
-        Architecture::Qwen3Moe => &["num_experts", "num_local_experts"],
-        // `topk_method`, `scoring_func`, `n_group`, `topk_group` stay as they are.
-        Architecture::DeepseekV3 | Architecture::DeepseekV2 | Architecture::Deepseek => &["n_routed_experts"],
-    }
+    architecture.expert_count_keys()
 }
 
 /// The parsed `auto_map` asset.

@@ -11,7 +11,18 @@
 //! - Attention: multi-head latent attention ([`MLA`]); RoPE as complex multiplication on
 //!   interleaved pairs, optionally yarn-scaled.
 
+use super::deepseek_family as family;
+use super::spec::{ArchSpec, AttentionParts, Defaults, RopeAllowed};
 use super::{MlaKeys, MoeKeys};
+use crate::config::{GroupScore, MlaConfig, RoutingConfig, Scoring};
+use crate::error::Result;
+use crate::fields::Fields;
+
+/// The `model_type`.
+pub const MODEL_TYPE: &str = "deepseek_v2";
+
+/// The routed-expert count key.
+pub const EXPERT_COUNT_KEYS: &[&str] = family::EXPERT_COUNT_KEYS;
 
 /// DeepSeek-V2's MoE tensor names.
 pub const MOE_KEYS: MoeKeys = MoeKeys {
@@ -38,3 +49,93 @@ pub const MLA: MlaKeys = MlaKeys {
     kv_b_proj: "kv_b_proj",
     o_proj: "o_proj",
 };
+
+/// DeepSeek-V2's config rules.
+pub(crate) struct Spec;
+
+impl ArchSpec for Spec {
+    fn model_type(&self) -> &'static str {
+        MODEL_TYPE
+    }
+
+    fn moe_keys(&self) -> MoeKeys {
+        MOE_KEYS
+    }
+
+    fn expert_count_keys(&self) -> &'static [&'static str] {
+        EXPERT_COUNT_KEYS
+    }
+
+    fn is_deepseek(&self) -> bool {
+        true
+    }
+
+    fn has_mla(&self) -> bool {
+        true
+    }
+
+    /// V2's complex-number RoPE is always interleaved.
+    fn mla(&self, f: &Fields<'_>) -> Result<Option<MlaConfig>> {
+        family::mla_config(f, true).map(Some)
+    }
+
+    fn defaults(&self) -> Defaults {
+        Defaults { rms_norm_eps: 1e-6, rope_theta: 10_000.0, max_position_embeddings: 2048 }
+    }
+
+    fn rope_allowed(&self) -> RopeAllowed {
+        RopeAllowed::Yarn
+    }
+
+    /// MLA's biases (`attention_bias`) are recorded in `MlaConfig::bias`.
+    fn attention(&self, _f: &Fields<'_>) -> Result<AttentionParts> {
+        Ok(AttentionParts::PLAIN)
+    }
+
+    fn expert_intermediate_size_key(&self) -> Option<&'static str> {
+        Some(family::EXPERT_INTERMEDIATE_SIZE_KEY)
+    }
+
+    /// transformers 5.x's DeepSeek-V2 router never renormalises, whatever the config says
+    /// (vLLM honours the flag; the released models have it false).
+    fn norm_topk_prob(&self, _f: &Fields<'_>, _top_k: usize) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// transformers' default `n_shared_experts`: 2.
+    fn shared_expert_intermediate_size(
+        &self,
+        f: &Fields<'_>,
+        expert_intermediate_size: usize,
+    ) -> Result<Option<usize>> {
+        family::shared_experts(f, 2, expert_intermediate_size)
+    }
+
+    fn routing(&self, f: &Fields<'_>, num_experts: usize, top_k: usize) -> Result<RoutingConfig> {
+        let method = f.opt_str("topk_method")?.unwrap_or_else(|| "greedy".into());
+        let group_limit = match method.as_str() {
+            "greedy" => None,
+            "group_limited_greedy" => Some(family::group_limit(f, GroupScore::Max, num_experts, top_k)?),
+            other => {
+                return Err(f.invalid(
+                    "topk_method",
+                    format!("`{other}` is not supported for deepseek_v2 (`greedy` or `group_limited_greedy`)"),
+                ));
+            }
+        };
+        family::check_scoring_func(f, MODEL_TYPE, "softmax")?;
+        Ok(RoutingConfig {
+            scoring: Scoring::Softmax,
+            group_limit,
+            routed_scaling_factor: family::routed_scaling_factor(f, 1.0)?,
+            correction_bias: false,
+        })
+    }
+
+    fn moe_layers(&self, f: &Fields<'_>, num_layers: usize, _num_experts: usize) -> Result<Vec<bool>> {
+        if f.opt_bool("mlp_bias")?.unwrap_or(false) {
+            return Err(f.invalid("mlp_bias", "MLP biases are not supported".into()));
+        }
+        family::mla_moe_layers(f, num_layers)
+    }
+}

@@ -14,7 +14,18 @@
 //!   (`rope_interleave`, default true) with the softmax scale multiplied by
 //!   `mscale(factor, mscale_all_dim)²`.
 
+use super::deepseek_family as family;
+use super::spec::{ArchSpec, AttentionParts, Defaults, RopeAllowed};
 use super::{MlaKeys, MoeKeys};
+use crate::config::{GroupScore, MlaConfig, RoutingConfig, Scoring};
+use crate::error::Result;
+use crate::fields::Fields;
+
+/// The `model_type`.
+pub const MODEL_TYPE: &str = "deepseek_v3";
+
+/// The routed-expert count key.
+pub const EXPERT_COUNT_KEYS: &[&str] = family::EXPERT_COUNT_KEYS;
 
 /// DeepSeek-V3's MoE tensor names.
 pub const MOE_KEYS: MoeKeys = MoeKeys {
@@ -32,3 +43,79 @@ pub const MOE_KEYS: MoeKeys = MoeKeys {
 
 /// DeepSeek-V3's attention tensor names (shared with V2).
 pub const MLA: MlaKeys = super::deepseek_v2::MLA;
+
+/// DeepSeek-V3's config rules.
+pub(crate) struct Spec;
+
+impl ArchSpec for Spec {
+    fn model_type(&self) -> &'static str {
+        MODEL_TYPE
+    }
+
+    fn moe_keys(&self) -> MoeKeys {
+        MOE_KEYS
+    }
+
+    fn expert_count_keys(&self) -> &'static [&'static str] {
+        EXPERT_COUNT_KEYS
+    }
+
+    fn is_deepseek(&self) -> bool {
+        true
+    }
+
+    fn has_mla(&self) -> bool {
+        true
+    }
+
+    /// Rotary dims in interleaved pairs unless `rope_interleave` is false.
+    fn mla(&self, f: &Fields<'_>) -> Result<Option<MlaConfig>> {
+        family::mla_config(f, false).map(Some)
+    }
+
+    fn defaults(&self) -> Defaults {
+        Defaults { rms_norm_eps: 1e-6, rope_theta: 10_000.0, max_position_embeddings: 4096 }
+    }
+
+    fn rope_allowed(&self) -> RopeAllowed {
+        RopeAllowed::Yarn
+    }
+
+    /// MLA's biases (`attention_bias`) are recorded in `MlaConfig::bias`.
+    fn attention(&self, _f: &Fields<'_>) -> Result<AttentionParts> {
+        Ok(AttentionParts::PLAIN)
+    }
+
+    fn expert_intermediate_size_key(&self) -> Option<&'static str> {
+        Some(family::EXPERT_INTERMEDIATE_SIZE_KEY)
+    }
+
+    fn norm_topk_prob(&self, f: &Fields<'_>, _top_k: usize) -> Result<bool> {
+        Ok(f.opt_bool("norm_topk_prob")?.unwrap_or(true))
+    }
+
+    /// transformers' default `n_shared_experts`: 1.
+    fn shared_expert_intermediate_size(
+        &self,
+        f: &Fields<'_>,
+        expert_intermediate_size: usize,
+    ) -> Result<Option<usize>> {
+        family::shared_experts(f, 1, expert_intermediate_size)
+    }
+
+    /// transformers' V3 router is always sigmoid + correction bias + group-limited
+    /// (`topk_method: noaux_tc`, `scoring_func: sigmoid` are kept for vLLM only).
+    fn routing(&self, f: &Fields<'_>, num_experts: usize, top_k: usize) -> Result<RoutingConfig> {
+        family::check_scoring_func(f, MODEL_TYPE, "sigmoid")?;
+        Ok(RoutingConfig {
+            scoring: Scoring::Sigmoid,
+            group_limit: Some(family::group_limit(f, GroupScore::Top2Sum, num_experts, top_k)?),
+            routed_scaling_factor: family::routed_scaling_factor(f, 2.5)?,
+            correction_bias: true,
+        })
+    }
+
+    fn moe_layers(&self, f: &Fields<'_>, num_layers: usize, _num_experts: usize) -> Result<Vec<bool>> {
+        family::mla_moe_layers(f, num_layers)
+    }
+}

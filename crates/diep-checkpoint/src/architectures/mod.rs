@@ -1,7 +1,9 @@
-//! Per-architecture facts: tensor names exactly as on disk. One file per `model_type`.
+//! Per-architecture facts, one file per `model_type`: config keys and their defaults, which
+//! layers are MoE, attention options, routing, the expert-count keys that checkpoint surgery
+//! rewrites, and tensor names exactly as on disk.
 //!
-//! They live in this framework-free crate so that the model crate and checkpoint surgery
-//! read the same names.
+//! They live in this framework-free crate so that the config parser, the model crate and
+//! checkpoint surgery read the same facts.
 //!
 //! All architectures share the decoder skeleton (`model.embed_tokens`, `model.layers.{i}` with
 //! `input_layernorm`, `post_attention_layernorm`, `model.norm`, `lm_head`); Mixtral, Qwen and
@@ -9,8 +11,14 @@
 //! ([`MlaKeys`]). They differ in where the MoE block lives, what its expert projections are
 //! called, and what sits beside the experts (shared experts, a router correction bias), which
 //! is what [`MoeKeys`] records.
+//!
+//! Each file exports `MODEL_TYPE`, `EXPERT_COUNT_KEYS` and `MOE_KEYS`, and implements the
+//! crate-internal `ArchSpec` trait (the config hooks) on a unit `Spec`. The `registry!` list
+//! below is the only place that names every architecture: it defines [`Architecture`],
+//! [`SUPPORTED_MODEL_TYPES`] and the dispatch to each `Spec`.
 
 pub mod deepseek;
+mod deepseek_family;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
 pub mod gpt_oss;
@@ -18,8 +26,92 @@ pub mod mixtral;
 pub mod olmoe;
 pub mod qwen2_moe;
 pub mod qwen3_moe;
+mod spec;
 
-use crate::config::Architecture;
+pub(crate) use spec::{ArchSpec, RopeAllowed};
+
+/// Defines [`Architecture`] (one variant per entry, in this order), `SUPPORTED_MODEL_TYPES`
+/// and the variant → `Spec` dispatch from one list of `Variant => module` entries.
+macro_rules! registry {
+    ($($(#[$doc:meta])* $variant:ident => $module:ident,)+) => {
+        /// A supported decoder architecture, named as in `config.json`'s `model_type`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum Architecture {
+            $($(#[$doc])* $variant,)+
+        }
+
+        /// The `model_type` values this toolkit implements.
+        pub const SUPPORTED_MODEL_TYPES: &[&str] = &[$($module::MODEL_TYPE,)+];
+
+        /// Every architecture, in the order of [`SUPPORTED_MODEL_TYPES`].
+        const ALL: &[Architecture] = &[$(Architecture::$variant,)+];
+
+        impl Architecture {
+            /// The architecture's config rules and tensor names.
+            pub(crate) fn spec(self) -> &'static dyn ArchSpec {
+                match self {
+                    $(Architecture::$variant => &$module::Spec,)+
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    /// `mixtral`: Mixtral / Mistral-MoE.
+    Mixtral => mixtral,
+    /// `qwen2_moe`: Qwen1.5-MoE and Qwen2-MoE (shared expert with a sigmoid gate).
+    Qwen2Moe => qwen2_moe,
+    /// `qwen3_moe`: Qwen3-MoE (per-head qk-norm).
+    Qwen3Moe => qwen3_moe,
+    /// `olmoe`: OLMoE (qk-norm over the whole projection, `clip_qkv`).
+    Olmoe => olmoe,
+    /// `deepseek_v3`: DeepSeek-V3 / R1 (MLA, sigmoid routing with a correction bias and
+    /// group-limited selection, shared experts, leading dense layers).
+    DeepseekV3 => deepseek_v3,
+    /// `deepseek_v2`: DeepSeek-V2 / V2-Lite (MLA, softmax routing, greedy or group-limited,
+    /// shared experts, leading dense layers).
+    DeepseekV2 => deepseek_v2,
+    /// `deepseek`: DeepSeek-MoE 16B (remote code `modeling_deepseek.py`: standard multi-head
+    /// attention with rotate-half RoPE, softmax greedy routing, shared experts, dense layers
+    /// from `first_k_dense_replace` and `moe_layer_freq`).
+    Deepseek => deepseek,
+    /// `gpt_oss`: gpt-oss (router bias, fused experts with biases and a clamped SwiGLU,
+    /// attention sinks, alternating sliding/full attention, yarn RoPE).
+    GptOss => gpt_oss,
+}
+
+impl Architecture {
+    /// The `model_type` string of this architecture.
+    pub fn model_type(self) -> &'static str {
+        self.spec().model_type()
+    }
+
+    /// Parses a `model_type` string.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        ALL.iter().copied().find(|a| a.model_type() == model_type)
+    }
+
+    /// The DeepSeek family (DeepSeek-MoE, V2, V3): ungated shared experts, `n_routed_experts`,
+    /// dense layers before `first_k_dense_replace`, and no stock loader for per-layer expert
+    /// counts. Only V2/V3 use multi-head latent attention ([`Architecture::has_mla`]).
+    pub fn is_deepseek(self) -> bool {
+        self.spec().is_deepseek()
+    }
+
+    /// DeepSeek-V2/V3: multi-head latent attention (DeepSeek-MoE has standard attention).
+    pub fn has_mla(self) -> bool {
+        self.spec().has_mla()
+    }
+
+    /// The `config.json` key(s) holding the routed-expert count, canonical first. Qwen3-MoE
+    /// has two: transformers 4.x reads `num_experts`, 5.x writes `num_local_experts`;
+    /// checkpoint surgery writes all of them.
+    pub fn expert_count_keys(self) -> &'static [&'static str] {
+        self.spec().expert_count_keys()
+    }
+}
 
 /// On-disk names of an architecture's MoE block, relative to `model.layers.{i}.`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,16 +157,7 @@ pub struct FusedExpertKeys {
 impl MoeKeys {
     /// The keys of an architecture.
     pub fn of(arch: Architecture) -> MoeKeys {
-        match arch {
-            Architecture::Mixtral => mixtral::MOE_KEYS,
-            Architecture::Qwen2Moe => qwen2_moe::MOE_KEYS,
-            Architecture::Qwen3Moe => qwen3_moe::MOE_KEYS,
-            Architecture::Olmoe => olmoe::MOE_KEYS,
-            Architecture::DeepseekV3 => deepseek_v3::MOE_KEYS,
-            Architecture::DeepseekV2 => deepseek_v2::MOE_KEYS,
-            Architecture::Deepseek => deepseek::MOE_KEYS,
-            Architecture::GptOss => gpt_oss::MOE_KEYS,
-        }
+        arch.spec().moe_keys()
     }
 
     /// `model.layers.{layer}.{block}`.
@@ -200,6 +283,17 @@ impl MoeKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registry_is_consistent() {
+        assert_eq!(ALL.len(), SUPPORTED_MODEL_TYPES.len());
+        for (&a, &t) in ALL.iter().zip(SUPPORTED_MODEL_TYPES) {
+            assert_eq!(a.model_type(), t);
+            assert_eq!(Architecture::from_model_type(t), Some(a));
+            assert!(!a.expert_count_keys().is_empty(), "{t}");
+        }
+        assert_eq!(Architecture::from_model_type("llama"), None);
+    }
 
     #[test]
     fn parses_expert_and_router_names() {
