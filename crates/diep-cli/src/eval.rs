@@ -28,7 +28,7 @@ pub struct EvalInputs {
     /// Multiple-choice task `NAME=FILE.jsonl` or `NAME:FORMAT=FILE.jsonl` (repeatable). The
     /// format is lm-eval's zero-shot template of that task, reading the HF dataset's own fields:
     /// boolq, rte, openbookqa, arc_easy, arc_challenge, hellaswag, winogrande, piqa, mmlu,
-    /// mmlu_<subject>; or `generic` ({"context", "choices", "gold"}). Without `:FORMAT` the
+    /// `mmlu_<subject>`; or `generic` ({"context", "choices", "gold"}). Without `:FORMAT` the
     /// name is the format.
     #[arg(long, value_name = "NAME=FILE")]
     task: Vec<String>,

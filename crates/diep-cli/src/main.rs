@@ -17,6 +17,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 enum Command {
     /// Prune experts: compute a plan with a criterion on calibration text (or apply an
     /// existing pruning.json) and write the smaller checkpoint.

@@ -1,6 +1,6 @@
 //! DiEP's α/β joint optimiser.
 //!
-//! Given a model loaded on an autodiff device and calibration token ids, [`optimise`] learns
+//! Given a model loaded on an autodiff device and calibration token ids, [`optimise()`] learns
 //! the intra-layer expert scores α and the inter-layer importances β of a
 //! [`diep_relax`] relaxation by alternating gradient descent (α steps with β frozen, then β
 //! steps with α frozen, 3:1 by default), with a cosine learning-rate schedule and, for the

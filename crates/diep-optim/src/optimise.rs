@@ -504,6 +504,9 @@ fn host_f64(t: Tensor<1>) -> Vec<f64> {
     t.into_data().iter::<f32>().map(f64::from).collect()
 }
 
+/// The loss of a batch (sequence indices) under per-layer forward options.
+pub(crate) type LossFn<'a> = dyn Fn(&[usize], &BTreeMap<usize, MoeForwardOptions>) -> Result<Loss> + 'a;
+
 /// One step through a whole-graph autodiff pass: the phase's parameters tracked, the
 /// relaxation's options for every layer at once ([`diep_relax::routed_options_budget`]), one
 /// backward. Used by the `layer-wise` objective, and as the reference the streamed gradients
@@ -513,7 +516,7 @@ pub(crate) fn autodiff_step(
     settings: &DiepSettings,
     budget: &Budget,
     device: &Device,
-    loss_fn: &dyn Fn(&[usize], &BTreeMap<usize, MoeForwardOptions>) -> Result<Loss>,
+    loss_fn: &LossFn<'_>,
 ) -> Result<StepGrads> {
     let alpha_phase = input.alpha_phase;
     let params: BTreeMap<usize, LayerParams> =

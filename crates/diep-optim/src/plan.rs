@@ -19,7 +19,7 @@ pub fn expert_scores(state: &DiepState, device: &Device) -> BTreeMap<usize, Vec<
     scores(relaxation(state.settings.relaxation, tau), &state.params(device))
 }
 
-/// A complete `pruning.json` for the optimised state: the experts [`diep_plan::select`] keeps
+/// A complete `pruning.json` for the optimised state: the experts [`diep_plan::select()`] keeps
 /// for the learned scores under `allocation` and the model's constraints (floor, routing
 /// groups), the scores, the settings, and under `diep` the learned α and β, the kept count per
 /// layer and the loss curve.

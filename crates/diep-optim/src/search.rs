@@ -237,7 +237,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
             self.layer_forwards += self.chunks.len() as u64;
             self.bounds.push(out);
         }
-        self.loss = self.head_losses(&self.bounds[layers..=layers].to_vec())?[0];
+        self.loss = self.head_losses(&self.bounds[layers..=layers])?[0];
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! method — the baselines of `diep-prune`, DiEP's optimiser — and checkpoint surgery agree on
 //! which experts go:
 //!
-//! - [`select`]: the one selection from per-expert scores to kept experts, for both
+//! - [`select()`]: the one selection from per-expert scores to kept experts, for both
 //!   [`Allocation`]s, with the budget, the per-layer floor and the router's group constraints
 //!   ([`Constraints`]); [`check_feasible`] checks a ratio before any computation;
 //! - [`PruningPlan`]: what every method produces and surgery consumes (`pruning.json`), and its

@@ -1,5 +1,5 @@
 //! Baseline criteria: per-expert importance scores from routing statistics. Which experts go is
-//! decided from the scores by [`diep_plan::select`], shared with DiEP.
+//! decided from the scores by [`diep_plan::select()`], shared with DiEP.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -5,7 +5,7 @@
 //!    block inputs/outputs), with [`LayerHook`]s for work that needs a layer's weights;
 //! 3. [`criteria`] and [`naee`]: the baseline criteria — random, frequency, soft activation,
 //!    REAP (scores), NAEE (a per-layer subset search);
-//! 4. the scores become kept experts through [`diep_plan::select`] (the selection DiEP uses
+//! 4. the scores become kept experts through [`diep_plan::select()`] (the selection DiEP uses
 //!    too), and the result is a [`PruningPlan`] (`pruning.json`) that `diep-surgery` applies.
 //!
 //! [`run_baseline`] does all of it on a model (streamed from disk or in memory).

@@ -14,7 +14,7 @@
 //!   `p ∈ {0, 1}` this is exactly the pruned model.
 //!
 //! [`scores`] gives the per-expert scores the discrete choice ranks by; the choice itself is
-//! [`diep_plan::select`], the one shared by every method.
+//! `diep_plan::select`, the one shared by every method.
 #![warn(missing_docs)]
 
 use std::collections::BTreeMap;
