@@ -171,8 +171,10 @@ pub struct DiepArgs {
     select_samples: usize,
     /// Tokens per position kept of the original model's next-token distribution for the `kl`
     /// objective (the rest is one "other" outcome); 0 keeps the whole vocabulary (exact).
-    #[arg(long, default_value_t = 64)]
-    reference_top_k: usize,
+    /// Default: exact while the whole reference fits in 1 GiB (samples × seq-len × vocabulary
+    /// × 4 bytes), else 64.
+    #[arg(long)]
+    reference_top_k: Option<usize>,
     /// Calibration sequences per micro-batch within a step (0: the whole batch): bounds the
     /// autodiff memory of one layer's recomputation; the gradient is the same.
     #[arg(long, default_value_t = 0)]
@@ -211,13 +213,15 @@ impl FromStr for PruneMethod {
 }
 
 /// Runs `diep prune`: computes (or reads) the plan, applies it and prints the summary.
-pub fn run(args: PruneArgs) -> Result<()> {
+pub fn run(mut args: PruneArgs) -> Result<()> {
     let start = Instant::now();
     // Cheap checks first, before any heavy work.
     if args.out.exists() && !args.force {
         bail!("output directory {} already exists (use --force to replace it)", args.out.display());
     }
     let config = ModelConfig::from_dir(&args.model)?;
+    let positions = args.samples * args.seq_len;
+    args.diep.reference_top_k.get_or_insert(default_reference_top_k(positions, config.vocab_size));
     let plan = match &args.plan {
         Some(path) => {
             let plan = PruningPlan::read(path)?;
@@ -268,6 +272,20 @@ pub fn peak_rss_mb() -> Option<f64> {
     let kb: f64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb / 1024.0)
 }
+
+/// The reference form `--reference-top-k` defaults to: the whole vocabulary (exact) while the
+/// reference of `positions` calibration positions fits in [`EXACT_REFERENCE_BYTES`], else the top
+/// [`REFERENCE_TOP_K`] tokens per position. Measured: top-64 changes a few kept experts on the
+/// 2048-token fixture and top-1024 none (`docs/PERFORMANCE.md`), and exact is what fits there.
+pub fn default_reference_top_k(positions: usize, vocab: usize) -> usize {
+    if (positions as u128) * (vocab as u128) * 4 <= u128::from(EXACT_REFERENCE_BYTES) { 0 } else { REFERENCE_TOP_K }
+}
+
+/// The largest whole-vocabulary reference `--reference-top-k` keeps by default: 1 GiB.
+pub const EXACT_REFERENCE_BYTES: u64 = 1 << 30;
+
+/// Tokens per position of the compact reference beyond [`EXACT_REFERENCE_BYTES`].
+pub const REFERENCE_TOP_K: usize = 64;
 
 fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
     let method = args.method.context("--method is required unless --plan is given")?;
@@ -378,7 +396,7 @@ impl<S: diep_models::LayerSource> SearchRunner for S {
 fn search_options(args: &PruneArgs) -> diep_optim::SearchOptions {
     diep_optim::SearchOptions {
         samples: args.search_samples,
-        reference_top_k: args.diep.reference_top_k,
+        reference_top_k: args.diep.reference_top_k.unwrap_or(REFERENCE_TOP_K),
         width: args.refine_width,
         ..Default::default()
     }
@@ -575,7 +593,7 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         tau_start: d.tau_start,
         tau_end: d.tau_end,
         seed: args.seed,
-        reference_top_k: d.reference_top_k,
+        reference_top_k: d.reference_top_k.unwrap_or(REFERENCE_TOP_K),
         alpha_init: d.alpha_init,
         alpha_init_scale: d.alpha_init_scale,
         min_experts: args.min_experts,

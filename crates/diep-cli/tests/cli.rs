@@ -73,3 +73,16 @@ fn docs_cli_names_every_option() {
         assert!(missing.is_empty(), "docs/CLI.md lacks these options of `diep {cmd}`: {missing:?}");
     }
 }
+
+/// The `kl` reference is exact while it fits in 1 GiB, else the top 64 tokens per position.
+#[test]
+fn reference_form_follows_its_size() {
+    use diep_cli::prune::default_reference_top_k;
+    // The fixture's calibration: 32 × 256 positions × 2048 tokens × 4 B = 64 MiB.
+    assert_eq!(default_reference_top_k(32 * 256, 2048), 0);
+    // Exactly 1 GiB still fits; one position more does not.
+    assert_eq!(default_reference_top_k(1 << 16, 1 << 12), 0);
+    assert_eq!(default_reference_top_k((1 << 16) + 1, 1 << 12), 64);
+    // Mixtral's default calibration: 128 × 2048 positions × 32000 tokens × 4 B = 33.6 GB.
+    assert_eq!(default_reference_top_k(128 * 2048, 32000), 64);
+}
