@@ -6,7 +6,16 @@ pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 /// Everything that can go wrong reading a model directory. Each variant names the file and,
 /// where there is one, the JSON field or tensor concerned.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CheckpointError {
+    /// `--model` names neither a directory nor a model in the hub cache.
+    #[error("model `{model}`: {reason}")]
+    ModelNotFound {
+        /// The model as given.
+        model: String,
+        /// What was searched.
+        reason: String,
+    },
     /// A file could not be read or mapped.
     #[error("cannot read {path}")]
     Io {

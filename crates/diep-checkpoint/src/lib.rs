@@ -11,6 +11,7 @@
 //! - [`Checkpoint`]: memory-mapped safetensors weights, single-file or sharded through
 //!   `model.safetensors.index.json`, with tensors addressed by their exact on-disk names and
 //!   decoded from f32, f16 or bf16;
+//! - [`hub`]: models named `org/name[@revision]`, found in the HuggingFace hub cache;
 //! - [`mxfp4`]: gpt-oss's MXFP4 expert weights (`*_blocks` + `*_scales`) decoded to f32;
 //! - [`CheckpointError`]: every error names the file and the field or tensor at fault.
 #![warn(missing_docs)]
@@ -19,6 +20,7 @@ pub mod architectures;
 mod config;
 mod error;
 mod fields;
+pub mod hub;
 pub mod mxfp4;
 mod weights;
 
@@ -28,5 +30,6 @@ pub use config::{
     PER_LAYER_EXPERTS_KEY, QkNorm, RopeScaling, RoutingConfig, Scoring, YarnConfig, yarn_get_mscale,
 };
 pub use error::{CheckpointError, Result};
+pub use hub::resolve_model;
 pub use safetensors::Dtype;
 pub use weights::{Checkpoint, SHARD_INDEX, SINGLE_FILE, TensorRef, decode_to_f32};

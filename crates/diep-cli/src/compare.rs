@@ -14,7 +14,7 @@ use crate::util::write_atomic;
 /// Arguments of `diep compare`.
 #[derive(Args)]
 pub struct CompareArgs {
-    /// The original model directory.
+    /// The original model directory, or a hub id `org/name[@revision]` in the local hub cache.
     #[arg(long)]
     base: PathBuf,
     /// The pruned model directory (with the pruning.json that `prune` wrote, for the figure of
@@ -54,7 +54,8 @@ fn kept_layers(pruned: &Path) -> Result<Option<(KeptLayers, String)>> {
 }
 
 /// Runs `diep compare`: evaluates both models, writes the report and prints the table.
-pub fn run(args: CompareArgs) -> Result<()> {
+pub fn run(mut args: CompareArgs) -> Result<()> {
+    args.base = crate::util::model_dir(&args.base)?;
     let out = args.out.clone().unwrap_or_else(|| args.pruned.join("compare"));
     // Read the plan first: a broken pruning.json fails before any evaluation.
     let kept = kept_layers(&args.pruned)?;

@@ -143,7 +143,8 @@ fn fused(_: &Path) -> Result<Loaded> {
 /// Arguments of `diep eval`.
 #[derive(Args)]
 pub struct EvalArgs {
-    /// HuggingFace model directory (config.json + safetensors, tokenizer.json for --text/--task).
+    /// HuggingFace model directory (config.json + safetensors, tokenizer.json for --text/--task),
+    /// or a hub id `org/name[@revision]` found in the local HuggingFace hub cache.
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
@@ -407,7 +408,8 @@ pub fn write_samples(path: &Path, samples: &[Value]) -> Result<()> {
 /// Runs `diep eval`: evaluates the model on every input, prints the results and writes them
 /// with `--json`.
 pub fn run(args: EvalArgs) -> Result<()> {
-    let eval = evaluate(&args.model, &args.inputs, args.dynamic_skip)?;
+    let model = crate::util::model_dir(&args.model)?;
+    let eval = evaluate(&model, &args.inputs, args.dynamic_skip)?;
     let text = serde_json::to_string_pretty(&eval.json)?;
     println!("{text}");
     if let Some(path) = &args.json {

@@ -20,7 +20,8 @@ use crate::util::progress_bar;
 /// Arguments of `diep prune`.
 #[derive(Args)]
 pub struct PruneArgs {
-    /// HuggingFace model directory to prune.
+    /// HuggingFace model directory to prune, or a hub id `org/name[@revision]` found in the
+    /// local HuggingFace hub cache (`HF_HUB_CACHE`, else `$HF_HOME/hub`).
     #[arg(long)]
     model: PathBuf,
     /// Output directory for the pruned checkpoint (written atomically; must not exist
@@ -215,6 +216,7 @@ impl FromStr for PruneMethod {
 /// Runs `diep prune`: computes (or reads) the plan, applies it and prints the summary.
 pub fn run(mut args: PruneArgs) -> Result<()> {
     let start = Instant::now();
+    args.model = crate::util::model_dir(&args.model)?;
     // Cheap checks first, before any heavy work.
     if args.out.exists() && !args.force {
         bail!("output directory {} already exists (use --force to replace it)", args.out.display());

@@ -1,6 +1,6 @@
 //! Helpers shared by the subcommands.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,4 +20,14 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     );
     pb.set_message(what.to_string());
     pb
+}
+
+/// The model directory a `--model` argument names: a directory, or a hub id
+/// `org/name[@revision]` found in the HuggingFace hub cache (`HF_HUB_CACHE`, else
+/// `$HF_HOME/hub`, else `~/.cache/huggingface/hub`).
+pub fn model_dir(arg: &Path) -> Result<PathBuf> {
+    if arg.is_dir() {
+        return Ok(arg.to_path_buf());
+    }
+    Ok(diep_checkpoint::resolve_model(&arg.to_string_lossy())?)
 }

@@ -86,3 +86,52 @@ fn reference_form_follows_its_size() {
     // Mixtral's default calibration: 128 × 2048 positions × 32000 tokens × 4 B = 33.6 GB.
     assert_eq!(default_reference_top_k(128 * 2048, 32000), 64);
 }
+
+/// A hub id resolves through a HuggingFace hub-layout cache (snapshots of symlinks into
+/// blobs), offline; an id that is not cached names the cache path searched.
+#[test]
+fn hub_ids_resolve_in_the_hub_cache() {
+    let fixture = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/models/tiny-mixtral"));
+    let ids = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/tiny-mixtral/ids.json");
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--acme--tiny-mixtral");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for entry in std::fs::read_dir(fixture).unwrap() {
+        let entry = entry.unwrap();
+        let blob = repo.join("blobs").join(format!("blob-{}", entry.file_name().to_string_lossy()));
+        std::fs::copy(entry.path(), &blob).unwrap();
+        std::os::unix::fs::symlink(&blob, snapshot.join(entry.file_name())).unwrap();
+    }
+    let eval = |model: &str| {
+        diep()
+            .args(["eval", "--model", model, "--ids", ids])
+            .env("HF_HOME", home.path())
+            .env_remove("HF_HUB_CACHE")
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let direct = diep().args(["eval", "--model", fixture.to_str().unwrap(), "--ids", ids]).output().unwrap();
+    assert!(direct.status.success());
+    let ppl = |out: &std::process::Output| -> f64 {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["perplexity"]["ids.json"].as_f64().unwrap()
+    };
+    for model in ["acme/tiny-mixtral", &format!("acme/tiny-mixtral@{commit}")] {
+        let out = eval(model);
+        assert!(out.status.success(), "{model}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(ppl(&out), ppl(&direct), "{model}");
+    }
+    let out = eval("acme/not-cached");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("models--acme--not-cached") && err.contains("hub cache"), "{err}");
+    let out = eval("acme/tiny-mixtral@v9");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("revision `v9`"));
+}

@@ -11,8 +11,8 @@ use diep_common::SplitMix64;
 /// How to draw calibration samples.
 #[derive(Debug, Clone)]
 pub struct CalibrationSpec {
-    /// Text files: `.jsonl` files hold one JSON object per line with a `text` field; any
-    /// other file is one plain-text document.
+    /// Text files: `.jsonl` / `.json` files hold one JSON object per line with a `text` field;
+    /// any other file is one plain-text document; `.gz` files are decompressed first.
     pub files: Vec<PathBuf>,
     /// Number of sequences.
     pub samples: usize,
@@ -29,10 +29,27 @@ impl Default for CalibrationSpec {
     }
 }
 
-/// Reads the documents of one calibration file.
+/// Reads the documents of one calibration file. `.jsonl` and `.json` files (C4's shards are
+/// JSON lines named `.json`) hold one JSON object per line with a `text` field; any other file
+/// is one plain-text document. A `.gz` suffix on any of them is decompressed first
+/// (`c4-train.00000-of-01024.json.gz`).
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|source| PruneError::Io { path: path.into(), source })?;
-    let is_jsonl = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
+    let io = |source| PruneError::Io { path: path.into(), source };
+    let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let (name, gzip) = match name.strip_suffix(".gz") {
+        Some(inner) => (inner.to_string(), true),
+        None => (name, false),
+    };
+    let text = if gzip {
+        use std::io::Read as _;
+        let file = std::fs::File::open(path).map_err(io)?;
+        let mut text = String::new();
+        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file)).read_to_string(&mut text).map_err(io)?;
+        text
+    } else {
+        std::fs::read_to_string(path).map_err(io)?
+    };
+    let is_jsonl = name.ends_with(".jsonl") || name.ends_with(".json");
     if !is_jsonl {
         return Ok(vec![text]);
     }

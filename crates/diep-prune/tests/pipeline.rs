@@ -332,3 +332,30 @@ fn baselines_respect_routing_groups() {
         }
     }
 }
+
+/// Gzipped JSON lines (C4's `c4-train.*.json.gz`) read as the same documents as the plain file.
+#[test]
+fn gzipped_json_lines_read_like_the_plain_file() {
+    use std::io::Write as _;
+    let plain = root().join("fixtures/calib/licenses.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let gz = dir.path().join("c4-train.00000-of-01024.json.gz");
+    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::fast());
+    enc.write_all(&std::fs::read(&plain).unwrap()).unwrap();
+    enc.finish().unwrap();
+    let expected = diep_prune::calib::read_documents(&plain).unwrap();
+    assert!(expected.len() > 1);
+    assert_eq!(diep_prune::calib::read_documents(&gz).unwrap(), expected);
+    // A gzipped plain-text file is one document.
+    let txt = dir.path().join("notes.txt.gz");
+    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&txt).unwrap(), flate2::Compression::fast());
+    enc.write_all(b"one document\nover two lines").unwrap();
+    enc.finish().unwrap();
+    assert_eq!(diep_prune::calib::read_documents(&txt).unwrap(), vec!["one document\nover two lines".to_string()]);
+    // A truncated archive is an error naming the file.
+    let bytes = std::fs::read(&gz).unwrap();
+    let cut = dir.path().join("cut.jsonl.gz");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = diep_prune::calib::read_documents(&cut).unwrap_err().to_string();
+    assert!(err.contains("cut.jsonl.gz"), "{err}");
+}

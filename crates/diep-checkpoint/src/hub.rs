@@ -1,0 +1,103 @@
+//! Models named by their HuggingFace hub id, found in the local hub cache.
+//!
+//! `huggingface_hub` (and transformers) keep downloaded models in a cache directory:
+//!
+//! ```text
+//! $HF_HUB_CACHE (else $HF_HOME/hub, else ~/.cache/huggingface/hub)
+//! └── models--{org}--{name}/
+//!     ├── refs/main                 # the commit hash a branch or tag points to
+//!     ├── snapshots/{commit}/       # the model directory: symlinks into blobs/
+//!     └── blobs/
+//! ```
+//!
+//! [`resolve_model`] turns `org/name`, `org/name@revision` (a branch, a tag or a commit hash)
+//! or a plain directory into the model directory the rest of the toolkit reads. It only reads
+//! the cache (as `HF_HUB_OFFLINE=1` does); fetching missing files is left to the hub's own
+//! tools (`hf download org/name`).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{CheckpointError, Result};
+
+/// The hub cache directory: `HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub` (`$XDG_CACHE_HOME/huggingface/hub` where that is set).
+pub fn hub_cache_dir() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = var("HF_HUB_CACHE") {
+        return dir;
+    }
+    if let Some(home) = var("HF_HOME") {
+        return home.join("hub");
+    }
+    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache"))).unwrap_or_default();
+    cache.join("huggingface").join("hub")
+}
+
+/// A hub id `org/name` with an optional `@revision`, if `arg` looks like one.
+fn parse_hub_id(arg: &str) -> Option<(&str, &str, &str)> {
+    let (id, revision) = arg.split_once('@').unwrap_or((arg, "main"));
+    let (org, name) = id.split_once('/')?;
+    let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    (ok(org) && ok(name) && !org.starts_with('.') && !revision.is_empty() && !revision.contains(['/', '\\']))
+        .then_some((org, name, revision))
+}
+
+/// The model directory `arg` names: `arg` itself if it is a directory, else the snapshot of a
+/// hub id `org/name[@revision]` in the hub cache of [`hub_cache_dir`].
+///
+/// A hub id that is not in the cache is an error naming the cache path searched.
+pub fn resolve_model(arg: &str) -> Result<PathBuf> {
+    resolve_model_in(arg, &hub_cache_dir())
+}
+
+/// [`resolve_model`] with an explicit cache directory.
+pub fn resolve_model_in(arg: &str, cache: &Path) -> Result<PathBuf> {
+    let path = Path::new(arg);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let Some((org, name, revision)) = parse_hub_id(arg) else {
+        return Err(CheckpointError::ModelNotFound {
+            model: arg.into(),
+            reason: "no such directory, and not a hub id of the form org/name[@revision]".into(),
+        });
+    };
+    let repo = cache.join(format!("models--{org}--{name}"));
+    let not_found = |reason: String| CheckpointError::ModelNotFound { model: arg.into(), reason };
+    if !repo.is_dir() {
+        return Err(not_found(format!(
+            "not a directory, and not in the hub cache: {} does not exist (set HF_HUB_CACHE or HF_HOME, or \
+             download it with `hf download {org}/{name}`)",
+            repo.display()
+        )));
+    }
+    // A branch or tag resolves through refs/; anything else is taken as a commit hash.
+    let ref_file = repo.join("refs").join(revision);
+    let commit = match std::fs::read_to_string(&ref_file) {
+        Ok(s) => s.trim().to_string(),
+        Err(_) => revision.to_string(),
+    };
+    let snapshot = repo.join("snapshots").join(&commit);
+    if !snapshot.is_dir() {
+        return Err(not_found(format!(
+            "revision `{revision}` is not in the hub cache: {} does not exist",
+            snapshot.display()
+        )));
+    }
+    Ok(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_hub_id;
+
+    #[test]
+    fn hub_ids() {
+        assert_eq!(parse_hub_id("mistralai/Mixtral-8x7B-v0.1"), Some(("mistralai", "Mixtral-8x7B-v0.1", "main")));
+        assert_eq!(parse_hub_id("Qwen/Qwen3-30B-A3B@v1.0"), Some(("Qwen", "Qwen3-30B-A3B", "v1.0")));
+        assert_eq!(parse_hub_id("no-slash"), None);
+        assert_eq!(parse_hub_id("a/b/c"), None);
+        assert_eq!(parse_hub_id("../x"), None);
+        assert_eq!(parse_hub_id("org/name@"), None);
+    }
+}
