@@ -4,6 +4,7 @@
 
 mod bench;
 mod compare;
+mod device;
 mod eval;
 mod fixture;
 mod generate;
@@ -39,6 +40,8 @@ enum Command {
     BenchMethods(bench::BenchArgs),
     /// Build test fixtures: `fixture train` trains the `fixtures/trained-moe` model from scratch.
     Fixture(fixture::FixtureArgs),
+    /// Check a compute device: bring it up and print its name as JSON, or fail with the reason.
+    Device(device::DeviceArgs),
     /// Run the CI script (`.ci/run`): tests on CPU, on wgpu where Vulkan is available, and a
     /// compile check of the CUDA backend.
     Ci,
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare::run(args),
         Command::BenchMethods(args) => bench::run(args),
         Command::Fixture(args) => fixture::run(args),
+        Command::Device(args) => device::run(args),
         Command::Ci => util::run_ci(),
     };
     match result {
