@@ -122,7 +122,7 @@ for ids in fixtures/parity/*/ids.json; do
   model="fixtures/models/$name"
   [ -d "$model" ] || continue
   step="eval-parity/$name"
-  if [ "$cuda_ok" != 1 ]; then record "$step" "not run" "no CUDA device: $cuda_why"; continue; fi
+  if [ "$cuda_ok" != 1 ]; then record "$step" "not run" "no CUDA device (detect/cuda)"; continue; fi
   ok=1
   for dev in cpu cuda; do
     if ! run_to "$work/eval-$name-$dev.log" "$T_EVAL" "$XTASK" eval --device "$dev" --model "$model" --ids "$ids" --json "$work/eval-$name-$dev.json"; then
@@ -141,7 +141,7 @@ done
 # --- prune --method diep: cuda vs cpu -------------------------------------------------------
 step="prune-diep/trained-moe"
 if [ "$cuda_ok" != 1 ]; then
-  record "$step" "not run" "no CUDA device: $cuda_why"
+  record "$step" "not run" "no CUDA device (detect/cuda)"
 else
   ok=1
   for dev in cpu cuda; do
@@ -175,7 +175,7 @@ if [ "$cuda_ok$wgpu_ok" != "00" ]; then
   fi
 fi
 for dev in cuda wgpu; do
-  if [ "$dev" = cuda ]; then dok=$cuda_ok why="no CUDA device: $cuda_why"; else dok=$wgpu_ok why="no wgpu GPU: $wgpu_why"; fi
+  if [ "$dev" = cuda ]; then dok=$cuda_ok why="no CUDA device (detect/cuda)"; else dok=$wgpu_ok why="no wgpu GPU (detect/wgpu)"; fi
   if [ "$dok" != 1 ]; then
     record "perf-$dev/forward" "not run" "$why"; record "perf-$dev/diep-step" "not run" "$why"; continue
   fi

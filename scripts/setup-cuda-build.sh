@@ -96,9 +96,13 @@ if [ -e "$dir" ]; then
 fi
 
 # 4. Links, sentinel.
+# Nothing is rewritten when already in place: the bundler's build script reruns when the
+# sentinel's mtime changes, and with it everything that depends on cubecl-llvm.
 mkdir -p "$dir"
-for x in bin include lib; do ln -sfn "$LLVM_PREFIX/$x" "$dir/$x"; done
-touch "$sentinel"
+for x in bin include lib; do
+  [ "$(readlink "$dir/$x" 2>/dev/null || true)" = "$LLVM_PREFIX/$x" ] || ln -sfn "$LLVM_PREFIX/$x" "$dir/$x"
+done
+[ -e "$sentinel" ] || touch "$sentinel"
 
 # llvm-config --system-libs names libz3 by full path; the bundler turns that into
 # `-llibz3`, so the linker looks for liblibz3.so.
