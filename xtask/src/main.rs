@@ -1,10 +1,11 @@
 //! `cargo xtask`: the toolkit's command line.
 //!
 //! Run `cargo xtask` alone for the list of commands. `prune`, `eval` and `compare` are the
-//! installable `diep` command's (crate `diep-cli`); `bench-methods`, `fixture` and `ci` are the
-//! project's own.
+//! installable `diep` command's (crate `diep-cli`); `bench-methods`, `fixture`, `device` and `ci`
+//! are the project's own.
 
 mod bench;
+mod device;
 mod fixture;
 mod generate;
 mod train;
@@ -39,8 +40,10 @@ enum Command {
     BenchMethods(bench::BenchArgs),
     /// Build test fixtures: `fixture train` trains the `fixtures/trained-moe` model from scratch.
     Fixture(fixture::FixtureArgs),
-    /// Run the CI script (`.ci/run`): tests on CPU, on wgpu where Vulkan is available, and a
-    /// compile check of the CUDA backend.
+    /// Check a compute device: bring it up and print its name as JSON, or fail with the reason.
+    Device(device::DeviceArgs),
+    /// Run the CI script (`.ci/run`): format, lint and doc gates, tests on CPU and on wgpu, and
+    /// a build and link of the CUDA backend.
     Ci,
 }
 
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare::run(args),
         Command::BenchMethods(args) => bench::run(args),
         Command::Fixture(args) => fixture::run(args),
+        Command::Device(args) => device::run(args),
         Command::Ci => util::run_ci(),
     };
     match result {

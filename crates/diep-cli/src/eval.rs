@@ -115,10 +115,11 @@ fn load_model(dir: &Path, inputs: &EvalInputs, dynamic_skip: bool) -> Result<(Lo
         (None, _) => Ok((fused(dir)?, Vec::new())),
         (Some(why), Engine::Fused) => bail!("--engine fused: the fused CPU engine cannot run this model: {why}"),
         (Some(why), engine) => {
+            // The device first: a missing GPU is the one line printed.
+            let device = inputs.device.device()?;
             if engine == Engine::Auto {
                 eprintln!("engine: burn (the fused CPU engine does not apply: {why})");
             }
-            let device = inputs.device.device()?;
             let mut model =
                 MoeModel::load(dir, &device).with_context(|| format!("loading model from {}", dir.display()))?;
             let rules = if dynamic_skip { install_dynamic_skip(&mut model, dir)? } else { Vec::new() };
