@@ -646,11 +646,11 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
         state_file.display()
     );
     if settings.objective == Objective::Kl {
-        eprintln!(
-            "diep: reference distributions of the original model: top {} tokens per position{}",
-            settings.reference_top_k,
-            if settings.reference_top_k == 0 { " (all, exact)" } else { "" }
-        );
+        let form = match settings.reference_top_k {
+            0 => "the whole vocabulary per position (exact)".to_string(),
+            k => format!("top {k} tokens per position, the rest as one outcome"),
+        };
+        eprintln!("diep: reference distributions of the original model: {form}");
     }
     let pb = progress_bar(0, "epoch");
     pb.set_style(
