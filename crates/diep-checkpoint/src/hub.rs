@@ -46,16 +46,17 @@ fn parse_hub_id(arg: &str) -> Option<(&str, &str, &str)> {
 /// hub id `org/name[@revision]` in the hub cache of [`hub_cache_dir`].
 ///
 /// A hub id that is not in the cache is an error naming the cache path searched.
-pub fn resolve_model(arg: &str) -> Result<PathBuf> {
+pub fn resolve_model(arg: &Path) -> Result<PathBuf> {
     resolve_model_in(arg, &hub_cache_dir())
 }
 
 /// [`resolve_model`] with an explicit cache directory.
-pub fn resolve_model_in(arg: &str, cache: &Path) -> Result<PathBuf> {
-    let path = Path::new(arg);
+pub fn resolve_model_in(path: &Path, cache: &Path) -> Result<PathBuf> {
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
+    let arg = path.to_string_lossy();
+    let arg = arg.as_ref();
     let Some((org, name, revision)) = parse_hub_id(arg) else {
         return Err(CheckpointError::ModelNotFound {
             model: arg.into(),

@@ -26,8 +26,5 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
 /// `org/name[@revision]` found in the HuggingFace hub cache (`HF_HUB_CACHE`, else
 /// `$HF_HOME/hub`, else `~/.cache/huggingface/hub`).
 pub fn model_dir(arg: &Path) -> Result<PathBuf> {
-    if arg.is_dir() {
-        return Ok(arg.to_path_buf());
-    }
-    Ok(diep_checkpoint::resolve_model(&arg.to_string_lossy())?)
+    Ok(diep_checkpoint::resolve_model(arg)?)
 }
