@@ -43,6 +43,12 @@ What it generates (all random init, fixed seeds, deterministic):
 * ``tiny-deepseek-freq2`` deepseek, 4 layers, first_k_dense_replace=1 and moe_layer_freq=2 (only layer 2 is
                           MoE), norm_topk_prob=true, no shared experts, linear rope_scaling (factor 2), tied
                           embeddings.
+* ``tiny-deepseek-v3-fp8`` deepseek_v3 as tiny-deepseek-v3 (other weights, moe_intermediate_size=24) in the
+                          DeepSeek-V3 release format: decoder-layer linears F8_E4M3 with 16x16-block f32
+                          ``weight_scale_inv`` (partial edge blocks), everything else bf16 (correction bias f32),
+                          plus one MTP layer (``model.layers.3.*``: embed_tokens, enorm, hnorm, eh_proj,
+                          shared_head, a full MoE decoder layer). References from transformers on the
+                          dequantised weights; ``dequantized.safetensors``; MTP router logits.
 
 transformers has no ``deepseek`` model (DeepSeek-MoE ships remote code, ``configuration_deepseek.py`` /
 ``modeling_deepseek.py``, referenced from its config.json's ``auto_map``). Its references are built HERE,
@@ -252,6 +258,9 @@ def make_config(kind: str):
             rms_norm_eps=1e-6,  # default 1e-5
             tie_word_embeddings=False,
         )
+    if kind == "tiny-deepseek-v3-fp8":
+        # 24 is not a multiple of the 16x16 FP8 block: partial edge blocks in every expert tensor
+        return deepseek_config("v3", moe_intermediate_size=24)
     if kind.startswith("tiny-deepseek-v3"):
         return deepseek_config("v3")
     if kind.startswith("tiny-deepseek-v2"):
@@ -333,6 +342,7 @@ SEEDS = {
     "tiny-gpt-oss-mxfp4": 1009,
     "tiny-deepseek": 1010,
     "tiny-deepseek-freq2": 1011,
+    "tiny-deepseek-v3-fp8": 1012,
 }
 IDS_SEEDS = {
     "tiny-mixtral": 2001,
@@ -348,6 +358,7 @@ IDS_SEEDS = {
     "tiny-gpt-oss-mxfp4": 2009,
     "tiny-deepseek": 2010,
     "tiny-deepseek-freq2": 2011,
+    "tiny-deepseek-v3-fp8": 2012,
 }
 
 
@@ -1040,6 +1051,385 @@ def gen_deepseek(out: Path, name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# DeepSeek-V3 in the FP8 block-quantised release format, with one MTP layer
+# --------------------------------------------------------------------------------------------
+
+FP8_BLOCK = 16
+FP8_E4M3_MAX = 448.0
+# the nn.Linear weights the DeepSeek-V3 release stores as F8_E4M3 + `<name>_scale_inv` (MTP eh_proj included)
+FP8_QUANTIZED_RE = re.compile(
+    r"^model\.layers\.\d+\.(?:self_attn\.(?:q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(?:gate|up|down)_proj|mlp\.experts\.\d+\.(?:gate|up|down)_proj"
+    r"|mlp\.shared_experts\.(?:gate|up|down)_proj|eh_proj)\.weight$"
+)
+# MTP-only tensors (besides the decoder layer) under model.layers.{num_hidden_layers}.
+MTP_EXTRA_KEYS = ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                  "shared_head.head.weight")
+
+
+def fp8_scale_grid(scale: torch.Tensor, shape, block: int = FP8_BLOCK) -> torch.Tensor:
+    """[ceil(out/b), ceil(in/b)] block scales -> [out, in]; a partial edge block uses its block's scale."""
+    rows, cols = shape
+    return scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
+
+
+def fp8_block_quantize(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's blockwise weight quantisation: per block x block tile s = amax(|w|) / 448,
+    q = (w / s).to(float8_e4m3fn). Returns (q, s) with s float32 [ceil(out/b), ceil(in/b)] (= weight_scale_inv)."""
+    rows, cols = w.shape
+    nr, nc = -(-rows // block), -(-cols // block)
+    padded = F.pad(w.abs(), (0, nc * block - cols, 0, nr * block - rows))  # zero padding: amax unchanged
+    amax = padded.reshape(nr, block, nc, block).amax(dim=(1, 3))
+    assert (amax > 0).all()
+    s = (amax / FP8_E4M3_MAX).float().contiguous()
+    q = (w.float() / fp8_scale_grid(s, w.shape, block)).to(torch.float8_e4m3fn).contiguous()
+    assert not torch.isnan(q.float()).any()
+    return q, s
+
+
+def fp8_block_dequantize(q: torch.Tensor, s: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """q.float() * s, blockwise, in float32 (one f32 multiply per element)."""
+    return (q.float() * fp8_scale_grid(s, q.shape, block)).contiguous()
+
+
+def safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def fp8_table(dtype) -> list:
+    """The 256 values of an 8-bit float format as torch decodes them (NaN / +-inf as strings)."""
+    out = []
+    for v in torch.arange(256, dtype=torch.uint8).view(dtype).float().tolist():
+        out.append("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else v)
+    return out
+
+
+def loading_info_of(mdir: Path, **config_overrides):
+    from transformers import AutoModelForCausalLM
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the load report lists the (expected) unused MTP keys
+    try:
+        m, info = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32, output_loading_info=True,
+                                                       **impl_kwargs(), **config_overrides)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return m.eval(), info
+
+
+@torch.no_grad()
+def run_mtp(trunk, mtp_layer, w: dict, ids: torch.Tensor, last_hidden: torch.Tensor, zero_pos0: bool = False):
+    """The MTP module on the trunk's final (post-norm) hidden states, vLLM DeepSeekMTP-style, on positions
+    i = 0..T-2: x = eh_proj([enorm(embed(ids[:, i+1])), hnorm(last_hidden[:, i])]), then the MTP decoder layer
+    (transformers' DeepseekV3DecoderLayer, causal mask over the T-1 positions, position ids 0..T-2, the trunk's
+    rotary embedding), then shared_head (norm, head). zero_pos0: vLLM also zeroes the embedding at position 0."""
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    cfg = trunk.config
+    p = f"model.layers.{cfg.num_hidden_layers}."
+
+    def norm(key):
+        n = DeepseekV3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        n.weight.copy_(w[p + key])
+        return n
+
+    e = F.embedding(ids[:, 1:], w[p + "embed_tokens.weight"])
+    if zero_pos0:
+        e[:, 0] = 0.0
+    x = F.linear(torch.cat([norm("enorm.weight")(e), norm("hnorm.weight")(last_hidden[:, :-1])], dim=-1),
+                 w[p + "eh_proj.weight"])
+    pos = torch.arange(x.shape[1])[None]
+    mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos)
+    cap = {}
+    h = mtp_layer.mlp.gate.register_forward_hook(lambda _m, _i, o: cap.update(logits=o[0].clone(), idx=o[2].clone()))
+    try:
+        y = mtp_layer(x, attention_mask=mask, position_ids=pos, position_embeddings=trunk.model.rotary_emb(x, pos))
+    finally:
+        h.remove()
+    logits = F.linear(norm("shared_head.norm.weight")(y), w[p + "shared_head.head.weight"])
+    return x, cap["logits"], cap["idx"].sort(dim=-1).values, logits
+
+
+@torch.no_grad()
+def check_trunk_layers_standalone(model, ids, final_prenorm) -> None:
+    """The decoder layers called one by one the way run_mtp calls the MTP layer reproduce the trunk."""
+    from transformers.masking_utils import create_causal_mask
+
+    x = model.model.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos)
+    pe = model.model.rotary_emb(x, pos)
+    for layer in model.model.layers:
+        x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+    assert torch.equal(x, final_prenorm), "standalone decoder-layer calls differ from the model forward"
+
+
+@torch.no_grad()
+def gen_deepseek_v3_fp8(out: Path, name: str = "tiny-deepseek-v3-fp8") -> None:
+    """DeepSeek-V3 as released (FP8 e4m3 weights with 16x16-block f32 weight_scale_inv, bf16 elsewhere, one MTP
+    layer at index num_hidden_layers), written here (transformers' FP8 quantiser needs a GPU). References come
+    from transformers' DeepseekV3ForCausalLM loading the dequantised weights in f32."""
+    import tempfile
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_layers import MtpModel
+
+    log(name)
+    seed = SEEDS[name]
+    cfg3 = make_config(name)
+    L = cfg3.num_hidden_layers
+    p_mtp = f"model.layers.{L}."
+    # one (L+1)-layer model, usual seed scheme: layers 0..L-1 are the trunk, layer L the MTP decoder layer
+    torch.manual_seed(seed)
+    m4 = AutoModelForCausalLM.from_config(deepseek_config("v3", moe_intermediate_size=24, num_hidden_layers=L + 1),
+                                          **impl_kwargs()).float().eval()
+    perturb(m4, seed)
+    check_params_nontrivial(m4)
+    src = AutoModelForCausalLM.from_config(cfg3, **impl_kwargs()).float().eval()  # un-quantised f32 trunk
+    src.load_state_dict({k: v for k, v in m4.state_dict().items() if not k.startswith(p_mtp)}, strict=True)
+    assert src.model.layers[1].mlp.experts.down_proj.shape[-1] == 24
+
+    mdir = fresh_dir(out / "models" / name)
+    ids = make_ids(name)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        src.save_pretrained(tmp / "f32")
+        m4.save_pretrained(tmp / "f32-mtp")
+        orig = load_file(str(tmp / "f32" / "model.safetensors"))  # on-disk (per-expert) key names
+        orig_mtp = load_file(str(tmp / "f32-mtp" / "model.safetensors"))
+        for k, v in orig_mtp.items():
+            if k.startswith(p_mtp):
+                orig[k] = v
+            else:
+                assert torch.equal(orig[k], v), k
+        g = torch.Generator().manual_seed(seed + 13)
+        H = cfg3.hidden_size
+        orig[p_mtp + "embed_tokens.weight"] = orig["model.embed_tokens.weight"].clone()  # a copy, as in DeepSeek-V3
+        orig[p_mtp + "enorm.weight"] = 1.0 + NORM_STD * torch.randn(H, generator=g)
+        orig[p_mtp + "hnorm.weight"] = 1.0 + NORM_STD * torch.randn(H, generator=g)
+        orig[p_mtp + "eh_proj.weight"] = cfg3.initializer_range * torch.randn(H, 2 * H, generator=g)
+        orig[p_mtp + "shared_head.norm.weight"] = 1.0 + NORM_STD * torch.randn(H, generator=g)
+        orig[p_mtp + "shared_head.head.weight"] = orig["lm_head.weight"].clone()  # a copy, as in DeepSeek-V3
+
+        # ---- model.safetensors in the release layout
+        disk, deq_mem = {}, {}
+        for k in sorted(orig):
+            v = orig[k]
+            assert v.dtype == torch.float32, k
+            if FP8_QUANTIZED_RE.match(k):
+                q, s = fp8_block_quantize(v)
+                disk[k], disk[k + "_scale_inv"] = q, s
+                deq_mem[k] = fp8_block_dequantize(q, s)
+            elif k.endswith(".e_score_correction_bias"):
+                disk[k] = deq_mem[k] = v.contiguous()
+            else:
+                assert v.dim() == 1 or k.endswith(("embed_tokens.weight", "mlp.gate.weight", "lm_head.weight",
+                                                   "shared_head.head.weight")), f"unclassified matrix {k}"
+                disk[k] = v.to(torch.bfloat16).contiguous()
+                deq_mem[k] = disk[k].float()
+        save_file(disk, str(mdir / "model.safetensors"), metadata={"format": "pt"})
+        cfg_json = json.loads((tmp / "f32" / "config.json").read_text())
+        assert cfg_json.get("num_nextn_predict_layers") == 1, cfg_json.get("num_nextn_predict_layers")
+        cfg_json.update({
+            "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                    "weight_block_size": [FP8_BLOCK, FP8_BLOCK]},
+            "num_nextn_predict_layers": 1,
+            "dtype": "bfloat16",
+            "torch_dtype": "bfloat16",
+        })
+        (mdir / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+        shutil.copy(tmp / "f32" / "generation_config.json", mdir / "generation_config.json")
+
+        # ---- on-disk dtypes and shapes, from the raw header
+        hdr = safetensors_header(mdir / "model.safetensors")
+        assert hdr.pop("__metadata__") == {"format": "pt"}
+        n_by_dtype: dict[str, int] = {}
+        for k, ent in hdr.items():
+            n_by_dtype[ent["dtype"]] = n_by_dtype.get(ent["dtype"], 0) + 1
+            if k.endswith("_scale_inv"):
+                o, i = hdr[k[: -len("_scale_inv")]]["shape"]
+                assert ent["dtype"] == "F32" and ent["shape"] == [-(-o // FP8_BLOCK), -(-i // FP8_BLOCK)], (k, ent)
+            elif FP8_QUANTIZED_RE.match(k):
+                assert ent["dtype"] == "F8_E4M3" and k + "_scale_inv" in hdr, (k, ent)
+            elif k.endswith(".e_score_correction_bias"):
+                assert ent["dtype"] == "F32", (k, ent)
+            else:
+                assert ent["dtype"] == "BF16", (k, ent)
+        for k in MTP_EXTRA_KEYS:
+            assert p_mtp + k in hdr, k
+        partial = sorted({k for k in hdr if FP8_QUANTIZED_RE.match(k)
+                          and any(d % FP8_BLOCK for d in hdr[k]["shape"])})
+        assert any(".experts." in k for k in partial) and any("kv_a_proj_with_mqa" in k for k in partial)
+        log(f"    on disk: {dict(sorted(n_by_dtype.items()))}; {len(partial)} FP8 tensors with partial blocks")
+
+        # ---- dequantised copy, from the file
+        deq = {}
+        with safe_open(str(mdir / "model.safetensors"), "pt") as f:
+            for k in f.keys():
+                if k.endswith("_scale_inv"):
+                    continue
+                t = f.get_tensor(k)
+                if t.dtype == torch.float8_e4m3fn:
+                    t = fp8_block_dequantize(t, f.get_tensor(k + "_scale_inv"))
+                deq[k] = t.float().contiguous()
+        assert deq.keys() == deq_mem.keys() == orig.keys()
+        assert all(torch.equal(deq[k], deq_mem[k]) for k in deq)
+        err: dict[str, float] = {}
+        err_dtype: dict[str, float] = {}
+        for k in sorted(deq):
+            pat = re.sub(r"\.experts\.\d+\.", ".experts.{e}.", re.sub(r"\.layers\.\d+\.", ".layers.{i}.", k))
+            d = float((deq[k] - orig[k]).abs().max())
+            err[pat] = max(err.get(pat, 0.0), d)
+            err_dtype[hdr[k]["dtype"]] = max(err_dtype.get(hdr[k]["dtype"], 0.0), d)
+        log(f"    max |dequantized - original f32| by dtype: {err_dtype}")
+        assert 0 < err_dtype["F8_E4M3"] < 0.1 and 0 < err_dtype["BF16"] < err_dtype["F8_E4M3"]
+        assert err_dtype["F32"] == 0.0
+
+        # ---- references: transformers on the dequantised weights (config without quantization_config)
+        ddir = tmp / "dequantized"
+        ddir.mkdir()
+        shutil.copy(tmp / "f32" / "config.json", ddir / "config.json")
+        save_file(deq, str(ddir / "model.safetensors"), metadata={"format": "pt"})
+        model, info = loading_info_of(ddir)
+        assert not info["missing_keys"] and not info["mismatched_keys"], info
+        unexpected = set(info["unexpected_keys"])
+        assert unexpected and all(k.startswith(p_mtp) for k in unexpected), unexpected  # only the MTP layer
+        model.save_pretrained(tmp / "resaved")  # the loaded trunk is exactly the dequantised trunk
+        resaved = load_file(str(tmp / "resaved" / "model.safetensors"))
+        assert resaved.keys() == {k for k in deq if not k.startswith(p_mtp)}
+        assert all(torch.equal(v, deq[k]) for k, v in resaved.items())
+        tensors, fields = run_reference(model, ids)
+        # quantisation matters, but the dequantised model stays close to the f32 one it was made from (this
+        # random model amplifies the ~2% weight error: ~10% after layer 0, and routing flips after that)
+        o_unq = src(ids, output_hidden_states=True)
+        lq, lu = tensors["logits"], o_unq.logits
+        d_unq = float((lq - lu).abs().max())
+        rel_unq = float((lq - lu).norm() / lu.norm())
+        rel_hidden = [float((tensors[f"hidden_states.{k}"] - h).norm() / h.norm())
+                      for k, h in enumerate(o_unq.hidden_states)]
+        argmax_agree = float((lq.argmax(-1) == lu.argmax(-1)).float().mean())
+        loss_unq = float(src(ids, labels=ids).loss)
+        log(f"    dequantised vs un-quantised f32 model: max |dlogit| = {d_unq:.4g}, mean "
+            f"{float((lq - lu).abs().mean()):.3g}, relative L2 {rel_unq:.3g} (hidden states: "
+            f"{', '.join(f'{r:.3g}' for r in rel_hidden)}), argmax agreement {argmax_agree:.3f}; "
+            f"loss {fields['loss']:.5f} vs {loss_unq:.5f}")
+        assert d_unq > 1e-3 and 0 < rel_hidden[1] < 0.15 and rel_unq < 0.5 and argmax_agree > 0.5, d_unq
+        check_trunk_layers_standalone(model, ids, tensors["final_prenorm"])
+
+        # ---- MTP: its decoder layer from a (L+1)-layer load of the same dequantised weights
+        model_mtp, info = loading_info_of(ddir, num_hidden_layers=L + 1)
+        assert not info["missing_keys"] and not info["mismatched_keys"], info
+        assert set(info["unexpected_keys"]) == {p_mtp + k for k in MTP_EXTRA_KEYS}, info["unexpected_keys"]
+        mtp_layer = model_mtp.model.layers[L]
+        assert type(mtp_layer.mlp).__name__ == "DeepseekV3MoE"
+        H_final = tensors[f"hidden_states.{L}"]
+        mtp_in, mtp_rl, mtp_idx, mtp_logits = run_mtp(model, mtp_layer, deq, ids, H_final)
+        _, mtp_rl0, _, _ = run_mtp(model, mtp_layer, deq, ids, H_final, zero_pos0=True)
+        T1 = SEQ_LEN - 1
+        assert mtp_in.shape == (BATCH, T1, H) and mtp_rl.shape == (BATCH * T1, N_EXPERTS)
+        assert mtp_idx.shape == (BATCH * T1, TOP_K) and mtp_idx.dtype == torch.int64
+        assert len(mtp_idx.unique()) >= 4 and (mtp_rl < 0).any()
+        rows0 = torch.arange(BATCH) * T1
+        assert not torch.equal(mtp_rl0[rows0], mtp_rl[rows0])
+
+        # cross-check: transformers' own MtpModel (shares embed / head with the trunk; reads layer L's keys)
+        model._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{L}\..*"]  # class default: layer 61
+        model.config.dtype = torch.float32  # (the config keeps the string "float32", which MtpModel cannot use)
+        tf_mtp = MtpModel.from_pretrained(model).eval()
+        cap = {}
+        hooks = [tf_mtp.layers[0].mtp_block.mlp.gate.register_forward_hook(lambda _m, _i, o: cap.update(rl=o[0])),
+                 tf_mtp.layers[0].eh_proj.register_forward_hook(lambda _m, _i, o: cap.update(x=o))]
+        try:
+            y = tf_mtp.forward_layer(0, H_final[:, :-1], torch.arange(T1)[None], None, input_ids=ids[:, 1:])
+        finally:
+            for hk in hooks:
+                hk.remove()
+        tf_logits = tf_mtp._project_to_logits(y)
+        d_mtp = max(float((cap["x"] - mtp_in).abs().max()), float((cap["rl"] - mtp_rl).abs().max()),
+                    float((tf_logits - mtp_logits).abs().max()))
+        log(f"    MTP vs transformers MtpModel (position ids 0..T-2): max |d| = {d_mtp:.3g}; "
+            f"selected experts {sorted(mtp_idx.unique().tolist())}")
+        assert d_mtp < 1e-5, d_mtp
+
+    tensors["mtp_hidden_in"] = mtp_in.contiguous()
+    tensors["mtp_router_logits"] = mtp_rl.contiguous()
+    tensors["mtp_topk_idx"] = mtp_idx.contiguous()
+    tensors["mtp_logits"] = mtp_logits.contiguous()
+    tensors["mtp_router_logits_pos0_zeroed"] = mtp_rl0.contiguous()
+
+    keys = check_disk_layout(name, mdir, model.config, fields["moe_layers"])
+    ref = base_reference_json(name, model, ids, keys, "float8_e4m3fn (16x16 blocks) + float32 weight_scale_inv; "
+                              "bfloat16 embeddings / norms / router / lm_head; float32 e_score_correction_bias")
+    ref.update(fields)
+    ref["reference_semantics"] = (
+        "logits / loss / hidden_states / router_logits: transformers DeepseekV3ForCausalLM (config.json without "
+        "quantization_config, float32, eager) on the dequantised trunk weights (FP8: q.float() * scale_inv "
+        "blockwise; bf16 upcast; f32 as is), loaded strictly (nothing missing; only model.layers.3.* unused). "
+        "dequantized.safetensors: every tensor of model.safetensors except *_scale_inv, dequantised that way "
+        "(f32), MTP layer included")
+    ref["quantization"] = {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+        "quantized_keys_regex": FP8_QUANTIZED_RE.pattern,
+        "scale_semantics": (
+            "<name>_scale_inv f32 [ceil(out/16), ceil(in/16)]; per 16x16 block s = amax(|w|) / 448, "
+            "q = (w / s).to(float8_e4m3fn); dequantised w[r, c] = float(q[r, c]) * s[r // 16, c // 16] (one f32 "
+            "multiply; partial edge blocks use their block's s)"),
+        "tensors_by_dtype": dict(sorted(n_by_dtype.items())),
+        "fp8_tensors_with_partial_blocks": len(partial),
+    }
+    ref["dequantized_vs_original_max_abs_diff"] = dict(sorted(err.items()))
+    ref["dequantized_vs_original_max_abs_diff_by_dtype"] = dict(sorted(err_dtype.items()))
+    ref["logits_vs_unquantized_f32_max_abs_diff"] = d_unq
+    ref["logits_vs_unquantized_f32_relative_l2"] = rel_unq
+    ref["hidden_states_vs_unquantized_f32_relative_l2"] = rel_hidden
+    ref["logits_vs_unquantized_f32_argmax_agreement"] = argmax_agree
+    ref["loss_unquantized_f32"] = loss_unq
+    ref["mtp"] = {
+        "layer": L,
+        "hidden_state": "after model.norm",
+        "concat_order": "[enorm(embed(next token)), hnorm(hidden)]",
+        "semantics": (
+            f"positions i = 0..{SEQ_LEN - 2}: e = enorm(model.layers.{L}.embed_tokens(ids[:, i+1])), "
+            f"h = hnorm(hidden_states.{L}[:, i]), mtp_hidden_in = eh_proj(cat([e, h], -1)) [B, T-1, H]; then "
+            f"transformers' DeepseekV3DecoderLayer with the model.layers.{L}.* weights (causal mask over the T-1 "
+            "positions, position ids 0..T-2, the trunk's yarn rotary embedding); mtp_router_logits [B*(T-1), E] "
+            "(row = b*(T-1) + t) = raw gate logits of its MoE block (before sigmoid); mtp_topk_idx [B*(T-1), 2] "
+            "int64 = the selected experts (group-limited, with e_score_correction_bias), sorted ascending per row; "
+            "mtp_logits [B, T-1, V] = shared_head.head(shared_head.norm(layer output))"),
+        "embed_and_head": "model.layers.3.embed_tokens / shared_head.head are copies of the trunk's (as in DeepSeek-V3)",
+        "pos0_zeroed": (
+            "mtp_router_logits_pos0_zeroed: the same with e = 0 at position 0 (vLLM's DeepSeekMTP zeroes the "
+            "embedding where positions == 0); rows b*(T-1) differ, later rows also through attention"),
+        "cross_check": (
+            "transformers.modeling_layers.MtpModel.forward_layer (loaded from the dequantised weights, position ids "
+            "0..T-2 passed explicitly; transformers' drafting loop itself passes the next token's positions 1..T-1) "
+            f"gives the same mtp_hidden_in / router logits / logits within {d_mtp:.3g}"),
+    }
+    ref["fp8_e4m3_table"] = fp8_table(torch.float8_e4m3fn)
+    ref["fp8_e5m2_table"] = fp8_table(torch.float8_e5m2)
+    emit(name, out, ref, tensors, ids, {"dequantized.safetensors": deq})
+
+    # the transformers model loaded from dequantized.safetensors' trunk keys reproduces the reference logits
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tdir = Path(tmp_s)
+        cfg_json = json.loads((mdir / "config.json").read_text())
+        del cfg_json["quantization_config"]
+        (tdir / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+        trunk = {k: v for k, v in load_file(str(out / "parity" / name / "dequantized.safetensors")).items()
+                 if not k.startswith(p_mtp)}
+        save_file(trunk, str(tdir / "model.safetensors"), metadata={"format": "pt"})
+        again, info = loading_info_of(tdir)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        with safe_open(str(out / "parity" / name / "reference.safetensors"), "pt") as f:
+            assert torch.equal(again(ids).logits, f.get_tensor("logits")), "dequantized.safetensors reload differs"
+
+
+# --------------------------------------------------------------------------------------------
 # DeepSeek-MoE (`deepseek`): no transformers class; reference built from the remote code's semantics
 # --------------------------------------------------------------------------------------------
 
@@ -1515,6 +1905,7 @@ All models: hidden 64, 4 heads / 2 kv heads, 8 experts, top-2, 3 x 16 token ids,
 | `tiny-gpt-oss` | gpt_oss | f32, 1 file | 3 layers (`layer_types` sliding, full, sliding; `sliding_window: 6`), fused `mlp.experts.gate_up_proj` (interleaved) / `down_proj` with biases, router bias, clamped SwiGLU with `swiglu_limit: 2` (clamps), per-head attention `sinks` (1.0 randn), q/k/v/o biases, yarn RoPE (factor 4, truncate false), intermediate 16, head_dim 16; `masked.safetensors` |
 | `tiny-gpt-oss-mxfp4` | gpt_oss | f32 + uint8 MXFP4 experts, 1 file | 2 layers, intermediate 32, experts as `gate_up_proj_blocks/_scales`, `down_proj_blocks/_scales` (written in transformers' layout; transformers on CPU dequantises them, and its loaded weights equal `convert_moe_packed_tensors`); references from that load in f32 |
 | `tiny-deepseek` | deepseek | f32, 1 file | DeepSeek-MoE (remote code; reference built by the script, see below): 3 layers, layer 0 dense (`first_k_dense_replace: 1`, `moe_layer_freq: 1`), Llama attention with GQA (4 heads, 2 kv heads), rotate-half RoPE, softmax greedy top-2 without renormalisation, 2 shared experts (`mlp.shared_experts`, width 64); `masked.safetensors` |
+| `tiny-deepseek-v3-fp8` | deepseek_v3 | F8_E4M3 + f32 `_scale_inv` + bf16, 1 file | tiny-deepseek-v3's architecture (other weights) with `moe_intermediate_size: 24`, in the DeepSeek-V3 release format: `quantization_config` fp8 e4m3, dynamic activations, `weight_block_size: [16, 16]`; every decoder-layer linear (attention, dense MLP, experts, shared experts, MTP `eh_proj`) `F8_E4M3` + `<name>_scale_inv` f32 `[ceil(out/16), ceil(in/16)]` (s = block amax / 448; partial 16x8 / 8x16 edge blocks wherever a dim is 24: experts, shared experts, q_a_proj, kv_a_proj_with_mqa, q_b_proj), embeddings / norms / router / lm_head bf16, `e_score_correction_bias` f32; MTP layer `model.layers.3.*` (`embed_tokens`, `enorm`, `hnorm`, `eh_proj`, `shared_head.{{norm,head}}`, full MoE decoder layer; `num_nextn_predict_layers: 1`). References: transformers on the dequantised weights (f32, MTP ignored); `dequantized.safetensors` (every non-scale tensor in f32, FP8 as `q.float() * s`); `mtp_hidden_in`, `mtp_router_logits`, `mtp_topk_idx`, `mtp_logits`; `fp8_e4m3_table` / `fp8_e5m2_table` in reference.json |
 | `tiny-deepseek-freq2` | deepseek | f32, 1 file | DeepSeek-MoE, 4 layers, `first_k_dense_replace: 1`, `moe_layer_freq: 2` (layer 2 MoE; 0, 1, 3 dense), `norm_topk_prob: true`, no shared experts, `rope_scaling: {{type: linear, factor: 2}}`, tied embeddings; `masked.safetensors` |
 
 Per fixture, in `fixtures/parity/<name>/`:
@@ -1546,7 +1937,7 @@ upstream checkpoint keys; config.json is written in the upstream key style (`rop
 saved file. Their `reference.json` says so in `reference_implementation`.
 
 The DeepSeek and gpt-oss fixtures can be regenerated alone (the others stay untouched):
-`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2 tiny-gpt-oss tiny-gpt-oss-mxfp4 tiny-deepseek tiny-deepseek-freq2`.
+`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2 tiny-gpt-oss tiny-gpt-oss-mxfp4 tiny-deepseek tiny-deepseek-freq2 tiny-deepseek-v3-fp8`.
 
 Regenerate (needs `/opt/tf4`, see `scripts/requirements-fixtures.txt`):
 
@@ -1580,7 +1971,7 @@ def main() -> None:
     ap.add_argument("--skip-tf4", action="store_true")
     ap.add_argument("--only", nargs="+", choices=["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss",
                                                         "tiny-gpt-oss-mxfp4", "tiny-deepseek",
-                                                        "tiny-deepseek-freq2"],
+                                                        "tiny-deepseek-freq2", "tiny-deepseek-v3-fp8"],
                     help="(re)generate only these fixtures (the others are left as they are)")
     ap.add_argument("--tf4-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -1603,6 +1994,8 @@ def main() -> None:
                 gen_gpt_oss_mxfp4(out, name)
             elif name in ("tiny-deepseek", "tiny-deepseek-freq2"):
                 gen_deepseek_moe(out, name)
+            elif name == "tiny-deepseek-v3-fp8":
+                gen_deepseek_v3_fp8(out, name)
             else:
                 gen_deepseek(out, name)
         finish_tokenizer(out, args.only)
@@ -1612,7 +2005,7 @@ def main() -> None:
 
     names = ["tiny-mixtral", "tiny-mixtral-swa", "tiny-mixtral-bf16", "tiny-qwen2-moe", "tiny-qwen3-moe",
              "tiny-olmoe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss", "tiny-gpt-oss-mxfp4",
-             "tiny-deepseek", "tiny-deepseek-freq2"]
+             "tiny-deepseek", "tiny-deepseek-freq2", "tiny-deepseek-v3-fp8"]
     gen_mixtral_family(out)
     gen_qwen2(out)
     gen_qwen3(out)
@@ -1623,6 +2016,7 @@ def main() -> None:
     gen_gpt_oss_mxfp4(out)
     gen_deepseek_moe(out, "tiny-deepseek")
     gen_deepseek_moe(out, "tiny-deepseek-freq2")
+    gen_deepseek_v3_fp8(out, "tiny-deepseek-v3-fp8")
     if not args.skip_tf4:
         gen_tf4(out, args.tf4_path)
         names.append("tiny-qwen3-moe-tf4")

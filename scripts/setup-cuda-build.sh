@@ -65,11 +65,16 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     fi
   fi
   export DEBIAN_FRONTEND=noninteractive
-  if ! apt-cache policy "llvm-$LLVM_MAJOR-dev" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-    $sudo apt-get update -qq || true
-  fi
-  apt-cache policy "llvm-$LLVM_MAJOR-dev" 2>/dev/null | grep -q 'Candidate: [0-9]' \
-    || die "no llvm-$LLVM_MAJOR-dev package in the configured apt sources (on Debian 12 it comes from bookworm-security); installed LLVMs: $(ls -d /usr/lib/llvm-* 2>/dev/null | xargs -n1 basename 2>/dev/null | paste -sd' ' || true) — only LLVM $LLVM_MAJOR was checked against this bundler"
+  # `grep -q` would exit at the first match and make apt-cache die of SIGPIPE, which
+  # `pipefail` turns into a failed test: read the whole output instead.
+  has_candidate() { apt-cache policy "llvm-$LLVM_MAJOR-dev" 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; }
+  # A fresh machine's package lists may be empty or stale: update them (retried on failure).
+  for try in 1 2 3; do
+    has_candidate && break
+    $sudo apt-get update -qq || echo "setup-cuda-build: apt-get update failed (try $try of 3)" >&2
+    sleep $((try * 2))
+  done
+  has_candidate || die "no llvm-$LLVM_MAJOR-dev package in the configured apt sources (on Debian 12 it comes from bookworm-security); installed LLVMs: $(ls -d /usr/lib/llvm-* 2>/dev/null | xargs -n1 basename 2>/dev/null | paste -sd' ' || true) — only LLVM $LLVM_MAJOR was checked against this bundler"
   echo "setup-cuda-build: installing ${need_pkgs[*]}"
   $sudo apt-get install -y -qq "${need_pkgs[@]}" >/dev/null || die "apt-get install ${need_pkgs[*]} failed"
 fi

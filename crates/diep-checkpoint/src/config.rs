@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 use crate::architectures::{ArchSpec, Architecture, RopeAllowed, SUPPORTED_MODEL_TYPES};
 use crate::error::{CheckpointError, Result};
 use crate::fields::Fields;
+use crate::quant::{Fp8Scheme, Quantization};
 
 /// How queries and keys are normalised before RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,6 +283,13 @@ pub struct ModelConfig {
     pub moe: MoeConfig,
     /// The kind of each layer, in order.
     pub layers: Vec<LayerKind>,
+    /// Multi-token-prediction layers (`num_nextn_predict_layers`; DeepSeek-V3): MoE decoder
+    /// layers stored at indices `num_layers..num_layers + mtp_layers` after the trunk, each with
+    /// the config's routed-expert count ([`MoeConfig::num_experts`]). The forward pass ignores
+    /// them, as transformers does; surgery prunes them with the trunk.
+    pub mtp_layers: usize,
+    /// How the weights are quantised (`quantization_config`), if they are.
+    pub quantization: Option<Quantization>,
     /// The file this was read from (for error messages).
     pub path: PathBuf,
     /// The config JSON as on disk, unknown keys included.
@@ -366,6 +374,8 @@ impl ModelConfig {
         let experts = spec.experts(&f)?;
 
         let layers = layer_kinds(&f, moe_layers, num_experts, top_k, &routing)?;
+        let mtp_layers = spec.mtp_layers(&f)?;
+        let quantization = crate::quant::parse(&f)?;
 
         Ok(ModelConfig {
             architecture,
@@ -403,6 +413,8 @@ impl ModelConfig {
                 activation: experts.activation,
             },
             layers,
+            mtp_layers,
+            quantization,
             path,
             raw,
         })
@@ -413,11 +425,38 @@ impl ModelConfig {
         self.layers.iter().enumerate().filter_map(|(i, k)| matches!(k, LayerKind::Moe { .. }).then_some(i)).collect()
     }
 
-    /// Routed experts in layer `layer` (0 for a dense layer).
-    pub fn experts_in_layer(&self, layer: usize) -> usize {
+    /// Indices of the multi-token-prediction layers ([`ModelConfig::mtp_layers`]), after the
+    /// trunk's.
+    pub fn mtp_layer_indices(&self) -> std::ops::Range<usize> {
+        self.num_layers..self.num_layers + self.mtp_layers
+    }
+
+    /// The kind of layer `layer`: a trunk layer, or an MTP layer (MoE with the config's
+    /// routed-expert count); `None` beyond them.
+    pub fn layer_kind(&self, layer: usize) -> Option<LayerKind> {
         match self.layers.get(layer) {
-            Some(LayerKind::Moe { num_experts }) => *num_experts,
+            Some(kind) => Some(*kind),
+            None if self.mtp_layer_indices().contains(&layer) => {
+                Some(LayerKind::Moe { num_experts: self.moe.num_experts })
+            }
+            None => None,
+        }
+    }
+
+    /// Routed experts in layer `layer` (0 for a dense layer). MTP layers count
+    /// ([`ModelConfig::mtp_layers`]).
+    pub fn experts_in_layer(&self, layer: usize) -> usize {
+        match self.layer_kind(layer) {
+            Some(LayerKind::Moe { num_experts }) => num_experts,
             _ => 0,
+        }
+    }
+
+    /// The FP8 scheme, when the weights are FP8-quantised.
+    pub fn fp8(&self) -> Option<&Fp8Scheme> {
+        match &self.quantization {
+            Some(Quantization::Fp8(s)) => Some(s),
+            _ => None,
         }
     }
 }

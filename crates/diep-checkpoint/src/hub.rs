@@ -12,8 +12,9 @@
 //!
 //! [`resolve_model`] turns `org/name`, `org/name@revision` (a branch, a tag or a commit hash)
 //! or a plain directory into the model directory the rest of the toolkit reads. It only reads
-//! the cache (as `HF_HUB_OFFLINE=1` does); fetching missing files is left to the hub's own
-//! tools (`hf download org/name`).
+//! the cache (as `HF_HUB_OFFLINE=1` does), and this crate never touches the network: the
+//! `diep` command fetches missing files into the same cache first ([`parse_hub_id`],
+//! [`snapshot_is_complete`]).
 
 use std::path::{Path, PathBuf};
 
@@ -33,8 +34,9 @@ pub fn hub_cache_dir() -> PathBuf {
     cache.join("huggingface").join("hub")
 }
 
-/// A hub id `org/name` with an optional `@revision`, if `arg` looks like one.
-fn parse_hub_id(arg: &str) -> Option<(&str, &str, &str)> {
+/// A hub id `org/name` with an optional `@revision` (default `main`), if `arg` looks like one:
+/// `(org, name, revision)`.
+pub fn parse_hub_id(arg: &str) -> Option<(&str, &str, &str)> {
     let (id, revision) = arg.split_once('@').unwrap_or((arg, "main"));
     let (org, name) = id.split_once('/')?;
     let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
@@ -68,7 +70,7 @@ pub fn resolve_model_in(path: &Path, cache: &Path) -> Result<PathBuf> {
     if !repo.is_dir() {
         return Err(not_found(format!(
             "not a directory, and not in the hub cache: {} does not exist (set HF_HUB_CACHE or HF_HOME, or \
-             download it with `hf download {org}/{name}`)",
+             fetch it with `hf download {org}/{name}`, or run without HF_HUB_OFFLINE=1)",
             repo.display()
         )));
     }
@@ -86,6 +88,22 @@ pub fn resolve_model_in(path: &Path, cache: &Path) -> Result<PathBuf> {
         )));
     }
     Ok(snapshot)
+}
+
+/// Whether a model directory holds what loading needs: `config.json` and its weights (every
+/// shard the index lists, or `model.safetensors`). A hub snapshot can be partial when a download
+/// was interrupted or only some files were fetched.
+pub fn snapshot_is_complete(dir: &Path) -> bool {
+    if !dir.join("config.json").is_file() {
+        return false;
+    }
+    let index = dir.join(crate::SHARD_INDEX);
+    let Ok(text) = std::fs::read_to_string(&index) else {
+        return dir.join(crate::SINGLE_FILE).is_file();
+    };
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+    let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else { return false };
+    map.values().filter_map(|f| f.as_str()).all(|f| dir.join(f).is_file())
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@
 //!   decoded from f32, f16 or bf16;
 //! - [`hub`]: models named `org/name[@revision]`, found in the HuggingFace hub cache;
 //! - [`mxfp4`]: gpt-oss's MXFP4 expert weights (`*_blocks` + `*_scales`) decoded to f32;
+//! - [`quant`]: `quantization_config`, and FP8 weights (DeepSeek's `weight_scale_inv` blocks,
+//!   compressed-tensors' `weight_scale`) dequantised to f32;
 //! - [`CheckpointError`]: every error names the file and the field or tensor at fault.
 #![warn(missing_docs)]
 
@@ -22,6 +24,7 @@ mod error;
 mod fields;
 pub mod hub;
 pub mod mxfp4;
+pub mod quant;
 mod weights;
 
 pub use architectures::{Architecture, SUPPORTED_MODEL_TYPES};
@@ -31,5 +34,6 @@ pub use config::{
 };
 pub use error::{CheckpointError, Result};
 pub use hub::resolve_model;
+pub use quant::{Fp8Format, Fp8Scheme, Quantization};
 pub use safetensors::Dtype;
 pub use weights::{Checkpoint, SHARD_INDEX, SINGLE_FILE, TensorRef, decode_to_f32};

@@ -222,6 +222,17 @@ pub fn run(mut args: PruneArgs) -> Result<()> {
         bail!("output directory {} already exists (use --force to replace it)", args.out.display());
     }
     let config = ModelConfig::from_dir(&args.model)?;
+    if args.merge
+        && let Some(scheme) = config.fp8()
+    {
+        bail!(
+            "--merge folds experts into a weighted sum, but {} holds FP8 experts ({}): the merged weights would \
+             have to be re-quantised with the same scheme and new scales, which this toolkit does not do; prune \
+             without --merge (kept FP8 experts are copied byte for byte), or dequantise the checkpoint first",
+            args.model.display(),
+            scheme.describe()
+        );
+    }
     let positions = args.samples * args.seq_len;
     args.diep.reference_top_k.get_or_insert(default_reference_top_k(positions, config.vocab_size));
     let plan = match &args.plan {
@@ -245,6 +256,9 @@ pub fn run(mut args: PruneArgs) -> Result<()> {
             bail!("--merge and --dynamic-skip are computed with a plan; they cannot be added to an existing --plan");
         }
         similarity_steps(&args, &config, &mut plan)?;
+    }
+    if args.plan.is_none() {
+        mtp_layers(&args, &config, &mut plan)?;
     }
 
     let total = Checkpoint::open(&args.model)?.data_bytes() as u64;
@@ -543,6 +557,28 @@ fn similarity_steps(args: &PruneArgs, config: &ModelConfig, plan: &mut PruningPl
 }
 
 /// The one-line description of the model and calibration a computed plan starts with.
+/// Adds the MTP layers ([`ModelConfig::mtp_layers`]) to a computed plan that lacks them (the
+/// baselines add them from their own statistics pass; DiEP and the searches score the trunk
+/// only): one more streamed statistics pass gives the MTP layers' routing.
+fn mtp_layers(args: &PruneArgs, config: &ModelConfig, plan: &mut PruningPlan) -> Result<()> {
+    let missing = config.mtp_layer_indices().any(|l| !plan.kept_experts.contains_key(&l));
+    if !missing {
+        return Ok(());
+    }
+    let device = args.device.device()?;
+    let samples = calibration(args)?;
+    let model = StreamingModel::open(&args.model, &device)?;
+    eprintln!("MTP layers {:?}: ranking their experts by routing frequency", config.mtp_layer_indices());
+    let pb = progress_bar(config.num_layers as u64, "MTP stats");
+    let opts = diep_prune::StatsOptions { batch_size: args.batch_size.unwrap_or(8), naee_tokens: 0 };
+    let stats = diep_prune::collect_statistics(&model, &samples, &opts, |done, _| pb.set_position(done as u64))?;
+    pb.finish_and_clear();
+    let constraints = Constraints::for_model(config, args.min_experts);
+    diep_prune::add_mtp_layers(plan, config, &stats, &constraints)?;
+    plan.timings.insert("mtp_statistics_s".into(), stats.seconds);
+    Ok(())
+}
+
 fn print_model_line(args: &PruneArgs, config: &ModelConfig, samples: usize) {
     eprintln!(
         "model: {} ({}), {} MoE layers × {} experts, top-{}; calibration {samples} × {} tokens on {}",
@@ -738,10 +774,16 @@ fn print_summary(args: &PruneArgs, plan: &PruningPlan, report: &SurgeryReport, s
         plan.ratio.map(|r| format!(", ratio {r}")).unwrap_or_default()
     );
     println!("{:>7}  {:>5}  kept experts", "layer", "kept");
+    let mtp: Vec<usize> = plan
+        .extra
+        .get(diep_plan::MTP_RULE_KEY)
+        .and_then(|m| serde_json::from_value(m["layers"].clone()).ok())
+        .unwrap_or_default();
     for (layer, ids) in &plan.kept_experts {
         let ids: Vec<String> = ids.iter().map(|e| e.to_string()).collect();
+        let name = if mtp.contains(layer) { format!("MTP {layer}") } else { layer.to_string() };
         println!(
-            "{layer:>7}  {:>2}/{:<2}  {}",
+            "{name:>7}  {:>2}/{:<2}  {}",
             ids.len(),
             plan.original_experts.get(layer).copied().unwrap_or(0),
             ids.join(" ")

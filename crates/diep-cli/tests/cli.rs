@@ -135,3 +135,24 @@ fn hub_ids_resolve_in_the_hub_cache() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("revision `v9`"));
 }
+
+/// Online (no `HF_HUB_OFFLINE`), a hub id missing from the cache is fetched with `hf-hub`; when
+/// the hub cannot be reached the error names the cache path searched and the failed fetch.
+#[test]
+fn a_hub_id_not_cached_is_fetched_and_a_failed_fetch_is_named() {
+    let home = tempfile::tempdir().unwrap();
+    let ids = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/parity/tiny-mixtral/ids.json");
+    let out = diep()
+        .args(["eval", "--model", "acme/not-cached", "--ids", ids])
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        // Nothing listens on port 9 (discard) here: the fetch fails at once.
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("models--acme--not-cached") && err.contains("fetching `acme/not-cached`"), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE=1"), "{err}");
+}

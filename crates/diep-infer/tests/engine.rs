@@ -116,6 +116,12 @@ fn deepseek_v3_latent_attention_sigmoid_group_routing() {
     check("tiny-deepseek-v3");
 }
 
+/// FP8 block-quantised weights (dequantised at load) and an MTP layer (skipped).
+#[test]
+fn deepseek_v3_fp8_with_mtp_layer() {
+    check("tiny-deepseek-v3-fp8");
+}
+
 #[test]
 fn deepseek_v2_latent_attention_group_limited_greedy() {
     check("tiny-deepseek-v2");

@@ -15,6 +15,10 @@
 //! ([`MoeModel::parameters_mut`]), builds models from HF-named tensors ([`MoeModel::from_fn`])
 //! and saves them in the HF layout ([`MoeModel::to_hf_tensors`]).
 //!
+//! FP8 checkpoints (DeepSeek's block scales, compressed-tensors) are dequantised layer by layer
+//! as they load; multi-token-prediction layers are skipped by the forward pass and loaded on
+//! their own ([`mtp`]) for their routing statistics.
+//!
 //! The backend is chosen at runtime with [`DeviceSpec`] (`cpu`, `wgpu`, `cuda[:N]`); the
 //! `cpu` backend is the default cargo feature, `wgpu` and `cuda` are opt-in.
 #![warn(missing_docs)]
@@ -28,6 +32,7 @@ mod lm;
 mod loader;
 mod model;
 pub mod moe;
+pub mod mtp;
 pub mod nn;
 mod params;
 pub mod tokenizer;
@@ -40,4 +45,5 @@ pub use error::{ModelError, Result};
 pub use lm::{CausalLm, check_batch};
 pub use model::{DecoderLayer, LayerOutput, LayerSource, MoeModel, StreamingModel};
 pub use moe::{DynamicSkip, MoeBlock, MoeForwardOptions, MoeOutput, Routing, RoutingRule};
+pub use mtp::MtpLayer;
 pub use params::{HfTensor, Param, ParamMut};

@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use diep_checkpoint::mxfp4::{decode_mxfp4_pair, mxfp4_names};
-use diep_checkpoint::{Checkpoint, CheckpointError};
+use diep_checkpoint::quant::{Fp8Format, Fp8Scheme, SCALE_SUFFIX, dequantize_fp8};
+use diep_checkpoint::{Checkpoint, CheckpointError, ModelConfig};
 
 use crate::error::{ModelError, Result};
 use crate::nn::{Linear, RmsNorm};
@@ -33,17 +34,42 @@ pub(crate) struct Loader<'a> {
     src: Source<'a>,
     device: Device,
     used: BTreeSet<String>,
+    /// The config's FP8 scheme: FP8 tensors are dequantised with their scale tensor.
+    fp8: Option<Fp8Scheme>,
+    /// Layers whose tensors are never read and need not be (MTP layers).
+    ignored_layers: std::ops::Range<usize>,
 }
 
 impl<'a> Loader<'a> {
     /// A loader reading `ckpt`, placing tensors on `device`.
     pub(crate) fn new(ckpt: &'a Checkpoint, device: &Device) -> Self {
-        Loader { src: Source::Checkpoint(ckpt), device: device.clone(), used: BTreeSet::new() }
+        Loader {
+            src: Source::Checkpoint(ckpt),
+            device: device.clone(),
+            used: BTreeSet::new(),
+            fp8: None,
+            ignored_layers: 0..0,
+        }
+    }
+
+    /// A loader reading `ckpt` as `config` describes it: FP8 weights dequantised by the
+    /// config's scheme, MTP layers ([`ModelConfig::mtp_layers`]) left unread without complaint.
+    pub(crate) fn for_model(ckpt: &'a Checkpoint, config: &ModelConfig, device: &Device) -> Self {
+        let mut ld = Self::new(ckpt, device);
+        ld.fp8 = config.fp8().cloned();
+        ld.ignored_layers = config.mtp_layer_indices();
+        ld
     }
 
     /// A loader asking `tensor(name, shape)` for every tensor, placing them on `device`.
     pub(crate) fn from_fn(tensor: TensorFn<'a>, device: &Device) -> Self {
-        Loader { src: Source::Fn(tensor), device: device.clone(), used: BTreeSet::new() }
+        Loader {
+            src: Source::Fn(tensor),
+            device: device.clone(),
+            used: BTreeSet::new(),
+            fp8: None,
+            ignored_layers: 0..0,
+        }
     }
 
     /// Whether the checkpoint has a tensor of this name (a function source has none beyond
@@ -60,13 +86,41 @@ impl<'a> Loader<'a> {
         self.used.insert(name.to_string());
     }
 
-    /// Reads a tensor as f32 on the host, checking its shape.
+    /// Reads a tensor as f32 on the host, checking its shape. An FP8 tensor is dequantised
+    /// with its scale tensor (which counts as used), by the config's scheme.
     pub(crate) fn host(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let data = match &mut self.src {
             Source::Checkpoint(ckpt) => {
                 let t = ckpt.get(name)?;
                 t.expect_shape(shape)?;
-                t.to_f32()?
+                match Fp8Format::of(t.dtype) {
+                    None => t.to_f32()?,
+                    Some(_) => {
+                        let Some(scheme) = &self.fp8 else {
+                            return Err(CheckpointError::Safetensors {
+                                path: t.path.to_path_buf(),
+                                reason: format!(
+                                    "`{name}` is stored as {:?}, but config.json has no FP8 `quantization_config` \
+                                     (quant_method `fp8` with `weight_block_size`, or `compressed-tensors`) to say \
+                                     how it is scaled",
+                                    t.dtype
+                                ),
+                            }
+                            .into());
+                        };
+                        let scale_name = scheme.scale_name(name);
+                        if !ckpt.contains(&scale_name) {
+                            return Err(CheckpointError::MissingTensor {
+                                name: scale_name,
+                                location: t.path.to_path_buf(),
+                            }
+                            .into());
+                        }
+                        let data = dequantize_fp8(&t, &ckpt.get(&scale_name)?, scheme)?;
+                        self.used.insert(scale_name);
+                        data
+                    }
+                }
             }
             Source::Fn(f) => {
                 let data = f(name, shape);
@@ -166,6 +220,12 @@ impl<'a> Loader<'a> {
         let unexpected: Vec<_> = ckpt
             .names()
             .filter(|n| !self.used.contains(*n) && !is_ignorable(n))
+            .filter(|n| !layer_index(n).is_some_and(|l| self.ignored_layers.contains(&l)))
+            // compressed-tensors' static activation scales: evaluation runs full-precision
+            // activations on the dequantised weights.
+            .filter(|n| {
+                !(self.fp8.as_ref().is_some_and(|s| s.scale_suffix == SCALE_SUFFIX) && n.ends_with(".input_scale"))
+            })
             .map(|n| {
                 let path = ckpt.get(n).map(|t| t.path.to_path_buf()).unwrap_or_default();
                 (n.to_string(), path)
@@ -177,6 +237,11 @@ impl<'a> Loader<'a> {
             Err(CheckpointError::UnexpectedTensors { names: unexpected }.into())
         }
     }
+}
+
+/// The decoder layer a tensor belongs to (`model.layers.{i}.…`).
+fn layer_index(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split_once('.')?.0.parse().ok()
 }
 
 /// Row-major `[rows, cols]` to `[cols, rows]`.

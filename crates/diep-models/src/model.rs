@@ -11,6 +11,7 @@ use crate::kernels;
 use crate::lm::check_batch;
 use crate::loader::{Loader, transpose};
 use crate::moe::{MoeBlock, MoeForwardOptions, MoeOutput, SharedExpert};
+use crate::mtp::MtpLayer;
 use crate::nn::{Linear, RmsNorm, SwiGlu};
 use diep_checkpoint::architectures::{DENSE_MLP, MoeKeys};
 
@@ -100,7 +101,8 @@ impl MoeModel {
     /// Builds the model from an already-opened checkpoint. Every tensor the config implies
     /// must be present with the implied shape, and no other tensor may be.
     fn from_checkpoint(config: ModelConfig, ckpt: &Checkpoint, device: &Device) -> Result<Self> {
-        Self::build(config, Loader::new(ckpt, device), device)
+        let ld = Loader::for_model(ckpt, &config, device);
+        Self::build(config, ld, device)
     }
 
     /// Builds a model whose every tensor comes from `tensor(name, shape)`, called once for each
@@ -247,7 +249,7 @@ const MLA_NORM_EPS: f64 = 1e-6;
 fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderLayer> {
     let (h, a) = (c.hidden_size, &c.attention);
     let keys = MoeKeys::of(c.architecture);
-    let kind = c.layers[i];
+    let kind = c.layer_kind(i).expect("a trunk or MTP layer");
     let p = format!("model.layers.{i}");
     let (q_out, kv_out) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
     let (q_norm, k_norm) = match a.qk_norm {
@@ -386,7 +388,7 @@ impl StreamingModel {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        let mut ld = Loader::new(&ckpt, device);
+        let mut ld = Loader::for_model(&ckpt, &config, device);
         let embed_tokens = ld.tensor("model.embed_tokens.weight", [config.vocab_size, config.hidden_size])?;
         Ok(StreamingModel { config, ckpt, embed_tokens, device: device.clone(), residency: Residency::default() })
     }
@@ -421,7 +423,7 @@ impl StreamingModel {
     pub(crate) fn load_head(&self) -> Result<(RmsNorm, Linear)> {
         let c = &self.config;
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let mut ld = Loader::new(&self.ckpt, &self.device);
+        let mut ld = Loader::for_model(&self.ckpt, c, &self.device);
         let lm_head = if c.tie_word_embeddings {
             let embed: Vec<f32> = self.embed_tokens.to_data().iter::<f32>().collect();
             Linear::new(ld.upload(transpose(&embed, v, h), [h, v]), None)
@@ -431,12 +433,32 @@ impl StreamingModel {
         Ok((ld.rms_norm("model.norm.weight", h, c.rms_norm_eps)?, lm_head))
     }
 
+    /// Loads MTP module `j` (stored as decoder layer `num_hidden_layers + j`) from disk.
+    pub fn load_mtp(&self, j: usize) -> Result<MtpLayer> {
+        let c = &self.config;
+        if j >= c.mtp_layers {
+            return Err(ModelError::NoSuchLayer { layer: c.num_layers + j, layers: c.num_layers + c.mtp_layers });
+        }
+        let index = c.num_layers + j;
+        let mut ld = Loader::for_model(&self.ckpt, c, &self.device);
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let [embed, enorm, hnorm, eh_proj] = crate::mtp::mtp_input_names(index);
+        Ok(MtpLayer {
+            index,
+            embed_tokens: ld.tensor(&embed, [v, h])?,
+            enorm: ld.rms_norm(&enorm, h, c.rms_norm_eps)?,
+            hnorm: ld.rms_norm(&hnorm, h, c.rms_norm_eps)?,
+            eh_proj: ld.linear(eh_proj.trim_end_matches(".weight"), 2 * h, h, false)?,
+            layer: load_layer(&mut ld, c, index)?,
+        })
+    }
+
     /// Loads decoder layer `i` from disk.
     pub(crate) fn load_layer(&self, i: usize) -> Result<DecoderLayer> {
         if i >= self.config.num_layers {
             return Err(ModelError::NoSuchLayer { layer: i, layers: self.config.num_layers });
         }
-        load_layer(&mut Loader::new(&self.ckpt, &self.device), &self.config, i)
+        load_layer(&mut Loader::for_model(&self.ckpt, &self.config, &self.device), &self.config, i)
     }
 }
 
@@ -451,6 +473,11 @@ pub trait LayerSource {
     fn with_layer<R>(&self, i: usize, f: impl FnOnce(&DecoderLayer) -> R) -> Result<R>;
     /// Calls `f` with the final norm and the LM head (borrowed, or loaded for the call).
     fn with_head<R>(&self, f: impl FnOnce(&RmsNorm, &Linear) -> R) -> Result<R>;
+    /// Calls `f` with MTP module `j` ([`ModelConfig::mtp_layers`]), loaded for the call;
+    /// `None` where the source cannot load MTP layers (a [`MoeModel`] holds the trunk only).
+    fn with_mtp<R>(&self, _j: usize, _f: impl FnOnce(&MtpLayer) -> R) -> Result<Option<R>> {
+        Ok(None)
+    }
 }
 
 impl LayerSource for MoeModel {
@@ -485,6 +512,11 @@ impl LayerSource for StreamingModel {
     fn with_head<R>(&self, f: impl FnOnce(&RmsNorm, &Linear) -> R) -> Result<R> {
         let (norm, head) = self.load_head()?;
         Ok(f(&norm, &head))
+    }
+    fn with_mtp<R>(&self, j: usize, f: impl FnOnce(&MtpLayer) -> R) -> Result<Option<R>> {
+        let mtp = self.load_mtp(j)?;
+        let _resident = self.residency.enter(mtp.index);
+        Ok(Some(f(&mtp)))
     }
 }
 

@@ -126,6 +126,41 @@ fn deepseek_v3_matches_transformers() {
     check_model("tiny-deepseek-v3", "logits", 1e-4);
 }
 
+/// DeepSeek-V3 in DeepSeek's FP8 block format (16×16 blocks, partial edge blocks) with an MTP
+/// layer: transformers ran on the dequantised weights, the MTP layer ignored.
+#[test]
+fn deepseek_v3_fp8_with_mtp_matches_transformers_on_dequantized_weights() {
+    check_model("tiny-deepseek-v3-fp8", "logits", 1e-4);
+}
+
+/// The MTP module (`diep_models::mtp`) on the trunk's final hidden states: its projected input
+/// and its router logits equal transformers' decoder layer run on the same inputs.
+#[test]
+fn deepseek_v3_mtp_layer_routing_matches_transformers() {
+    let name = "tiny-deepseek-v3-fp8";
+    let reference = Reference::load(name);
+    let dir = fixtures().join("models").join(name);
+    let model = diep_models::StreamingModel::open(&dir, &device()).unwrap();
+    let config = model.config().clone();
+    assert_eq!((config.num_layers, config.mtp_layers), (3, 1));
+    let ids = reference.ids();
+    let (final_hidden, shape) = reference.tensor("hidden_states.3");
+    let rows = shape[0] * shape[1];
+    let h =
+        Tensor::<2>::from_data(diep_models::burn::tensor::TensorData::new(final_hidden, [rows, shape[2]]), &device());
+    let mtp = model.load_mtp(0).unwrap();
+    assert_eq!(mtp.index, 3);
+    let (x, out) = mtp.forward(&ids, h, &config.attention, &MoeForwardOptions::default()).unwrap();
+    let (want_x, _) = reference.tensor("mtp_hidden_in");
+    let err = max_rel_err(&to_vec(x), &want_x);
+    assert!(err <= 1e-5, "MTP input differs by {err:.3e}");
+    let (want, _) = reference.tensor("mtp_router_logits");
+    let got = to_vec(out.moe.expect("the MTP layer is an MoE layer").routing.logits);
+    let err = max_rel_err(&got, &want);
+    eprintln!("{name}: MTP router logits max rel err {err:.3e}");
+    assert!(err <= 1e-4, "MTP router logits differ from transformers by {err:.3e}");
+}
+
 #[test]
 fn deepseek_v2_matches_transformers() {
     // MLA without q_lora_rank, yarn RoPE, softmax group_limited_greedy routing, scaling factor.

@@ -6,7 +6,10 @@
 //!   [`Allocation`]s, with the budget, the per-layer floor and the router's group constraints
 //!   ([`Constraints`]); [`check_feasible`] checks a ratio before any computation;
 //! - [`PruningPlan`]: what every method produces and surgery consumes (`pruning.json`), and its
-//!   validation against a model's config.
+//!   validation against a model's config;
+//! - [`PruningPlan::add_mtp_layers`]: the rule for multi-token-prediction layers (DeepSeek-V3's
+//!   `num_nextn_predict_layers`), which no method scores: each keeps the count the pruned
+//!   config states (`n_routed_experts`, the largest trunk count), ranked by its own routing.
 //!
 //! ```
 //! use std::collections::BTreeMap;
@@ -25,8 +28,8 @@ mod plan;
 pub mod select;
 
 pub use error::PlanError;
-pub use plan::{PLAN_FILE, PLAN_FORMAT, PruningPlan};
+pub use plan::{MTP_RULE_KEY, PLAN_FILE, PLAN_FORMAT, PruningPlan};
 pub use select::{
-    Allocation, Constraints, Kept, budget, check_feasible, check_groups, check_ratio, expert_counts, select,
+    Allocation, Constraints, Kept, budget, check_feasible, check_groups, check_ratio, expert_counts, keep_best, select,
     uniform_removals,
 };

@@ -14,6 +14,12 @@ use crate::select::check_groups;
 /// The `format` tag of plans this version writes and reads.
 pub const PLAN_FORMAT: &str = "diep-pruning-plan/1";
 
+/// The `pruning.json` key recording how MTP layers were pruned.
+pub const MTP_RULE_KEY: &str = "mtp";
+
+/// The config key of DeepSeek-V3's MTP layer count.
+const MTP_KEY: &str = "num_nextn_predict_layers";
+
 /// The plan's file name beside the pruned weights.
 pub const PLAN_FILE: &str = "pruning.json";
 
@@ -113,13 +119,34 @@ impl PruningPlan {
             return err(format!("made for model_type `{}`, but the model is `{model_type}`", self.model_type));
         }
         let moe_layers = config.moe_layers();
+        let mtp_layers: Vec<usize> = config.mtp_layer_indices().collect();
         for layer in self.kept_experts.keys() {
-            if !moe_layers.contains(layer) {
+            if !moe_layers.contains(layer) && !mtp_layers.contains(layer) {
                 return err(format!("`kept_experts` lists layer {layer}, which is not an MoE layer of the model"));
             }
         }
+        let trunk_max = moe_layers.iter().filter_map(|l| self.kept_experts.get(l).map(Vec::len)).max();
+        for &layer in &mtp_layers {
+            let Some(kept) = self.kept_experts.get(&layer) else {
+                return err(format!(
+                    "`kept_experts` has no entry for MTP layer {layer} (`{MTP_KEY}` in {}): every MoE layer, MTP \
+                     included, is pruned so that routers, experts and config agree; plans for such models record \
+                     it (see `{MTP_RULE_KEY}`)",
+                    config.path.display()
+                ));
+            };
+            if let Some(max) = trunk_max
+                && kept.len() != max
+            {
+                return err(format!(
+                    "MTP layer {layer} keeps {} experts, but the pruned config states {max} (the largest kept count \
+                     of the trunk, which an MTP layer keeps)",
+                    kept.len()
+                ));
+            }
+        }
         let top_k = config.moe.top_k;
-        for layer in moe_layers {
+        for layer in moe_layers.into_iter().chain(mtp_layers) {
             let n = config.experts_in_layer(layer);
             let Some(kept) = self.kept_experts.get(&layer) else {
                 return err(format!("`kept_experts` has no entry for MoE layer {layer}"));
@@ -196,6 +223,55 @@ impl PruningPlan {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Adds the multi-token-prediction layers of `config` ([`ModelConfig::mtp_layers`]) to a
+    /// plan of its trunk: each keeps the largest trunk count (the routed-expert count the pruned
+    /// `config.json` states, which runtimes that speculate with the MTP layer read), chosen by
+    /// `scores[layer]` (its own routing statistics, higher = keep) evenly over its routing
+    /// groups. Records the rule under `mtp` in the plan. A no-op for models without MTP layers.
+    pub fn add_mtp_layers(
+        &mut self,
+        config: &ModelConfig,
+        scores: &BTreeMap<usize, Vec<f64>>,
+        c: &crate::Constraints,
+        ranked_by: &str,
+    ) -> Result<(), PlanError> {
+        let layers: Vec<usize> = config.mtp_layer_indices().collect();
+        if layers.is_empty() {
+            return Ok(());
+        }
+        let keep = config.moe_layers().iter().filter_map(|l| self.kept_experts.get(l).map(Vec::len)).max();
+        let Some(keep) = keep else {
+            return Err(PlanError::Invalid("the plan lists no trunk MoE layer".into()));
+        };
+        for &layer in &layers {
+            let n = config.experts_in_layer(layer);
+            let s = scores.get(&layer).ok_or_else(|| {
+                PlanError::Invalid(format!("no routing statistics for MTP layer {layer} to rank its experts by"))
+            })?;
+            if s.len() != n {
+                return Err(PlanError::Invalid(format!("MTP layer {layer}: {} scores for {n} experts", s.len())));
+            }
+            let kept = crate::select::keep_best(layer, s, keep, c)?;
+            self.original_experts.insert(layer, n);
+            self.kept_experts.insert(layer, kept);
+            if !self.scores.is_empty() {
+                self.scores.insert(layer, s.clone());
+            }
+        }
+        self.extra.insert(
+            MTP_RULE_KEY.into(),
+            serde_json::json!({
+                "layers": layers,
+                "kept": keep,
+                "rule": "each MTP layer keeps the largest kept count of the trunk (the n_routed_experts of the \
+                         pruned config.json), its experts ranked by its own routing on the calibration data \
+                         (the MTP module run on the trunk's final hidden states and the next tokens' embeddings)",
+                "ranked_by": ranked_by,
+            }),
+        );
         Ok(())
     }
 

@@ -264,6 +264,19 @@ pub fn select(
     }
 }
 
+/// The `keep` best-scoring experts of one layer (`scores` per expert, higher = keep), taken
+/// evenly from its routing groups: each group keeps its `keep / n_group` best. Fails where `keep`
+/// does not split evenly over the groups.
+pub fn keep_best(layer: usize, scores: &[f64], keep: usize, c: &Constraints) -> Result<Vec<usize>, PlanError> {
+    let n = scores.len();
+    let n_group = c.n_group();
+    if keep > n || !keep.is_multiple_of(n_group) {
+        return Err(PlanError::UnevenGroups { layer, remove: n.saturating_sub(keep), experts: n, n_group });
+    }
+    let gs = groups_ascending(layer, scores, n_group)?;
+    Ok(keep_top(&gs, (n - keep) / n_group))
+}
+
 /// Checks, before any computation, that `ratio` can be met under `allocation` for layers of
 /// `counts` experts: the same checks as [`select`], which cannot fail for other reasons.
 pub fn check_feasible(

@@ -160,5 +160,23 @@ pub fn plan_baseline(
     plan.scores = scores;
     plan.settings = settings;
     plan.timings.insert("statistics_s".into(), stats.seconds);
+    add_mtp_layers(&mut plan, config, stats, &c)?;
     Ok(plan)
+}
+
+/// Adds the model's multi-token-prediction layers to a plan of its trunk by the one MTP rule
+/// ([`PruningPlan::add_mtp_layers`]), ranking each by its routing frequency in `stats.mtp`
+/// (ties: summed router probability). A no-op where `stats` has no MTP layers.
+pub fn add_mtp_layers(
+    plan: &mut PruningPlan,
+    config: &ModelConfig,
+    stats: &CalibrationStats,
+    c: &Constraints,
+) -> Result<()> {
+    if stats.mtp.is_empty() {
+        return Ok(());
+    }
+    let scores: BTreeMap<usize, Vec<f64>> = stats.mtp.iter().map(|(l, s)| (*l, s.frequency_score())).collect();
+    plan.add_mtp_layers(config, &scores, c, "routing frequency (ties: summed router probability)")?;
+    Ok(())
 }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use burn::tensor::Tensor;
-use diep_models::{LayerSource, MoeBlock, MoeForwardOptions};
+use diep_models::{LayerOutput, LayerSource, MoeBlock, MoeForwardOptions};
 
 use crate::error::Result;
 
@@ -84,6 +84,44 @@ impl LayerStats {
         }
     }
 
+    /// Adds one batch's routing (and, up to `naee_tokens`, its block inputs and outputs) from a
+    /// layer's output run with expert outputs captured.
+    fn add(&mut self, out: &LayerOutput, naee_tokens: usize) {
+        let Some(moe) = &out.moe else { return };
+        let [rows, hidden] = out.ffn_input.dims();
+        self.tokens += rows;
+        let probs = host(moe.routing.probs.clone().sum_dim(0));
+        for (s, p) in self.soft_activation.iter_mut().zip(probs) {
+            *s += p as f64;
+        }
+        for (e, cap) in moe.expert_outputs.iter().flatten().enumerate() {
+            let Some(cap) = cap else { continue };
+            let norms: Vec<f32> = cap.output.clone().square().sum_dim(1).sqrt().into_data().iter::<f32>().collect();
+            let weights: Vec<f32> = cap.weights.clone().into_data().iter::<f32>().collect();
+            self.frequency[e] += cap.tokens.len() as u64;
+            for (n, w) in norms.iter().zip(&weights) {
+                self.norm_sum[e] += *n as f64;
+                self.reap_sum[e] += (*n as f64) * (*w as f64);
+            }
+        }
+        if naee_tokens > 0 {
+            let cache = self.cache.get_or_insert_with(|| BlockCache { hidden, ..Default::default() });
+            let take = (naee_tokens - cache.tokens).min(rows);
+            if take > 0 {
+                cache.inputs.extend(host(out.ffn_input.clone().narrow(0, 0, take)));
+                cache.outputs.extend(host(moe.output.clone().narrow(0, 0, take)));
+                cache.tokens += take;
+            }
+        }
+    }
+
+    /// The MTP ranking score: routing frequency, ties broken by summed router probability (the
+    /// tie-break is below one count).
+    pub fn frequency_score(&self) -> Vec<f64> {
+        let t = self.tokens as f64 + 1.0;
+        self.frequency.iter().zip(&self.soft_activation).map(|(f, s)| *f as f64 + s / t).collect()
+    }
+
     /// Experts in the layer.
     pub fn num_experts(&self) -> usize {
         self.frequency.len()
@@ -105,6 +143,10 @@ impl LayerStats {
 pub struct CalibrationStats {
     /// Per MoE layer, by decoder-layer index.
     pub layers: BTreeMap<usize, LayerStats>,
+    /// Per multi-token-prediction layer (`num_hidden_layers + j`), when the model has them and
+    /// the source can load them ([`LayerSource::with_mtp`]): the routing of the MTP decoder
+    /// layer run as [`diep_models::mtp`] describes, on `T − 1` positions per sequence.
+    pub mtp: BTreeMap<usize, LayerStats>,
     /// Calibration tokens.
     pub tokens: usize,
     /// Seconds the pass took.
@@ -148,32 +190,8 @@ pub fn collect_statistics_with<S: LayerSource>(
             let mut stats = layer.moe().map(|m| LayerStats::new(i, m.num_experts()));
             for (h, ctx) in states.iter_mut() {
                 let out = layer.forward(h.clone(), ctx, &capture);
-                if let (Some(stats), Some(moe)) = (stats.as_mut(), out.moe) {
-                    let [rows, hidden] = out.ffn_input.dims();
-                    stats.tokens += rows;
-                    let probs = host(moe.routing.probs.clone().sum_dim(0));
-                    for (s, p) in stats.soft_activation.iter_mut().zip(probs) {
-                        *s += p as f64;
-                    }
-                    for (e, cap) in moe.expert_outputs.into_iter().flatten().enumerate() {
-                        let Some(cap) = cap else { continue };
-                        let norms: Vec<f32> = cap.output.square().sum_dim(1).sqrt().into_data().iter::<f32>().collect();
-                        let weights: Vec<f32> = cap.weights.into_data().iter::<f32>().collect();
-                        stats.frequency[e] += cap.tokens.len() as u64;
-                        for (n, w) in norms.iter().zip(&weights) {
-                            stats.norm_sum[e] += *n as f64;
-                            stats.reap_sum[e] += (*n as f64) * (*w as f64);
-                        }
-                    }
-                    if opts.naee_tokens > 0 {
-                        let cache = stats.cache.get_or_insert_with(|| BlockCache { hidden, ..Default::default() });
-                        let take = (opts.naee_tokens - cache.tokens).min(rows);
-                        if take > 0 {
-                            cache.inputs.extend(host(out.ffn_input.narrow(0, 0, take)));
-                            cache.outputs.extend(host(moe.output.narrow(0, 0, take)));
-                            cache.tokens += take;
-                        }
-                    }
+                if let Some(stats) = stats.as_mut() {
+                    stats.add(&out, opts.naee_tokens);
                 }
                 *h = out.hidden;
             }
@@ -189,5 +207,43 @@ pub fn collect_statistics_with<S: LayerSource>(
         }
         progress(i + 1, total_layers);
     }
-    Ok(CalibrationStats { layers, tokens, seconds: start.elapsed().as_secs_f64() })
+    let mtp = mtp_statistics(model, samples, opts, states)?;
+    Ok(CalibrationStats { layers, mtp, tokens, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Routing statistics of the MTP layers from the trunk's final residual states of every batch
+/// (empty without MTP layers, or where the source cannot load them).
+fn mtp_statistics<S: LayerSource>(
+    model: &S,
+    samples: &[Vec<u32>],
+    opts: &StatsOptions,
+    states: Vec<(Tensor<2>, diep_models::AttentionContext)>,
+) -> Result<BTreeMap<usize, LayerStats>> {
+    let config = model.config();
+    let mut out = BTreeMap::new();
+    if config.mtp_layers == 0 || samples.first().is_none_or(|s| s.len() < 2) {
+        return Ok(out);
+    }
+    let normed: Vec<Tensor<2>> =
+        model.with_head(|norm, _| states.into_iter().map(|(h, _)| norm.forward(h)).collect())?;
+    let capture = MoeForwardOptions { capture_expert_outputs: true, ..Default::default() };
+    for j in 0..config.mtp_layers {
+        let index = config.num_layers + j;
+        let stats = model.with_mtp(j, |mtp| -> Result<LayerStats> {
+            let n = mtp.layer().moe().map_or(0, MoeBlock::num_experts);
+            let mut stats = LayerStats::new(index, n);
+            for (ids, h) in samples.chunks(opts.batch_size.max(1)).zip(&normed) {
+                let (_, layer_out) = mtp.forward(ids, h.clone(), &config.attention, &capture)?;
+                stats.add(&layer_out, 0);
+            }
+            Ok(stats)
+        })?;
+        match stats {
+            Some(stats) => {
+                out.insert(index, stats?);
+            }
+            None => break,
+        }
+    }
+    Ok(out)
 }

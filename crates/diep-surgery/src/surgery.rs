@@ -163,6 +163,22 @@ pub fn apply_plan(
         ))
         .into());
     }
+    if plan.merge.values().any(|g| !g.is_empty())
+        && let Some((t, _)) = inventory
+            .iter()
+            .find(|(t, r)| matches!(r, Role::Expert { .. }) && diep_checkpoint::Fp8Format::of(t.dtype).is_some())
+    {
+        let scheme = config.fp8().map_or_else(|| "its FP8 scheme".to_string(), |s| s.describe());
+        return Err(PlanError::Invalid(format!(
+            "`merge` folds experts into a weighted sum, but `{}` holds FP8 experts (`{}` is {:?}): the merged \
+             weights would have to be re-quantised to {scheme} with new scales, which this toolkit does not do; \
+             prune without --merge (kept FP8 experts are copied byte for byte), or dequantise the checkpoint first",
+            model_dir.display(),
+            t.name,
+            t.dtype
+        ))
+        .into());
+    }
     let tensors = output_tensors(plan, &inventory);
     let shards = assign_shards(&tensors, opts.max_shard_bytes);
     let new_config = pruned_config(&config, plan);
@@ -246,7 +262,7 @@ pub fn apply_plan(
     })?;
     Ok(SurgeryReport {
         out_dir: out_dir.to_path_buf(),
-        experts_before: config.moe_layers().into_iter().map(|l| (l, config.experts_in_layer(l))).collect(),
+        experts_before: routed_layers(&config).map(|l| (l, config.experts_in_layer(l))).collect(),
         kept_experts: plan.kept_experts.clone(),
         uniform,
         params_before,
@@ -338,6 +354,11 @@ pub(crate) fn classify<'a>(keys: &MoeKeys, name: &'a str) -> Role<'a> {
         rest.starts_with('.').then_some(layer)
     };
     attached().map_or(Role::Plain, |layer| Role::Router { layer })
+}
+
+/// The MoE layers of the trunk, then the MTP layers ([`ModelConfig::mtp_layers`]).
+fn routed_layers(config: &ModelConfig) -> impl Iterator<Item = usize> {
+    config.moe_layers().into_iter().chain(config.mtp_layer_indices())
 }
 
 fn layer_of(name: &str) -> Option<usize> {
@@ -470,7 +491,7 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
 
     let dir = ckpt.dir().to_path_buf();
     let (h, i) = (config.hidden_size, config.moe.expert_intermediate_size);
-    for layer in config.moe_layers() {
+    for layer in routed_layers(config) {
         let n = config.experts_in_layer(layer);
         let router_name = keys.router_weight(layer);
         let Some((router, _)) = out.iter().find(|(t, _)| t.name == router_name) else {
@@ -489,7 +510,7 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
     }
     if let Some(fused) = keys.fused_experts {
         // Each fused weight is there in full precision or as an MXFP4 blocks/scales pair.
-        for layer in config.moe_layers() {
+        for layer in routed_layers(config) {
             let [gu, gub, d, db] = keys.fused_expert_tensors(layer).expect("fused architecture");
             for (name, weight) in [(gu, true), (gub, false), (d, true), (db, false)] {
                 let has = |n: &str| out.iter().any(|(t, _)| t.name == n);
@@ -511,7 +532,7 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
         }
         return Ok(out);
     }
-    for layer in config.moe_layers() {
+    for layer in routed_layers(config) {
         let n = config.experts_in_layer(layer);
         let empty = BTreeMap::new();
         let layer_experts = experts.get(&layer).unwrap_or(&empty);

@@ -10,6 +10,8 @@
 //!   groups (contiguous blocks of `E / n_group`) with the largest sum of their two best scores;
 //!   weights `s[idx]`, divided by their sum (+1e-20) if `norm_topk_prob`, times
 //!   `routed_scaling_factor`.
+//! - MTP: `num_nextn_predict_layers` extra MoE decoder layers after the trunk, each with its
+//!   own embedding, `enorm`/`hnorm`, `eh_proj` and `shared_head`; transformers ignores them.
 //! - Attention: multi-head latent attention, see [`MLA`]; yarn RoPE on interleaved pairs
 //!   (`rope_interleave`, default true) with the softmax scale multiplied by
 //!   `mscale(factor, mscale_all_dim)²`.
@@ -26,6 +28,22 @@ pub const MODEL_TYPE: &str = "deepseek_v3";
 
 /// The routed-expert count key.
 pub const EXPERT_COUNT_KEYS: &[&str] = family::EXPERT_COUNT_KEYS;
+
+/// The config key of the MTP layer count.
+pub const MTP_LAYERS_KEY: &str = "num_nextn_predict_layers";
+
+/// The tensors of an MTP layer beyond its decoder layer, under `model.layers.{i}.`:
+/// `embed_tokens.weight [V, H]`, `enorm.weight [H]`, `hnorm.weight [H]`, `eh_proj.weight
+/// [H, 2H]`, `shared_head.norm.weight [H]`, `shared_head.head.weight [V, H]`.
+pub const MTP_EMBED: &str = "embed_tokens";
+/// See [`MTP_EMBED`].
+pub const MTP_ENORM: &str = "enorm";
+/// See [`MTP_EMBED`].
+pub const MTP_HNORM: &str = "hnorm";
+/// See [`MTP_EMBED`].
+pub const MTP_EH_PROJ: &str = "eh_proj";
+/// See [`MTP_EMBED`].
+pub const MTP_SHARED_HEAD: &str = "shared_head";
 
 /// DeepSeek-V3's MoE tensor names.
 pub const MOE_KEYS: MoeKeys = MoeKeys {
@@ -117,5 +135,11 @@ impl ArchSpec for Spec {
 
     fn moe_layers(&self, f: &Fields<'_>, num_layers: usize, _num_experts: usize) -> Result<Vec<bool>> {
         family::mla_moe_layers(f, num_layers)
+    }
+
+    /// `num_nextn_predict_layers` (1 in the DeepSeek-V3/R1 releases): MTP layers at
+    /// `model.layers.{num_hidden_layers + j}`.
+    fn mtp_layers(&self, f: &Fields<'_>) -> Result<usize> {
+        Ok(f.opt_usize(MTP_LAYERS_KEY)?.unwrap_or(0))
     }
 }

@@ -85,7 +85,8 @@ pub(crate) struct ExpertParts {
 /// [`expert_intermediate_size_key`](Self::expert_intermediate_size_key),
 /// [`norm_topk_prob`](Self::norm_topk_prob),
 /// [`shared_expert_intermediate_size`](Self::shared_expert_intermediate_size),
-/// [`routing`](Self::routing), [`moe_layers`](Self::moe_layers), [`experts`](Self::experts).
+/// [`routing`](Self::routing), [`moe_layers`](Self::moe_layers), [`experts`](Self::experts),
+/// [`mtp_layers`](Self::mtp_layers).
 pub(crate) trait ArchSpec: Sync {
     /// The `model_type` string (the module's `MODEL_TYPE`).
     fn model_type(&self) -> &'static str;
@@ -174,6 +175,11 @@ pub(crate) trait ArchSpec: Sync {
     /// Per layer, whether it is an MoE layer (default: all of them).
     fn moe_layers(&self, _f: &Fields<'_>, num_layers: usize, _num_experts: usize) -> Result<Vec<bool>> {
         Ok(vec![true; num_layers])
+    }
+
+    /// Multi-token-prediction layers stored after the trunk (default: none).
+    fn mtp_layers(&self, _f: &Fields<'_>) -> Result<usize> {
+        Ok(0)
     }
 
     /// The expert activation and router/expert biases (default: SiLU, no biases).
