@@ -364,6 +364,43 @@ mod tests {
         assert_eq!(v(0xb8), -1.0);
     }
 
+    /// compressed-tensors' per-channel and per-tensor scales, and a block scale with partial
+    /// edge blocks, on hand-computed values.
+    #[test]
+    fn dequantizes_channel_tensor_and_block_scales() {
+        use safetensors::tensor::TensorView;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        // q = [[1, 1.5, -1], [2, 0.5, 448]] in e4m3.
+        let q: Vec<u8> = vec![0x38, 0x3c, 0xb8, 0x40, 0x30, 0x7e];
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (ch, t, blk) = (f32s(&[2.0, 0.5]), f32s(&[0.25]), f32s(&[1.0, 10.0]));
+        let tensors = vec![
+            ("w".to_string(), TensorView::new(Dtype::F8_E4M3, vec![2, 3], &q).unwrap()),
+            ("w_scale".to_string(), TensorView::new(Dtype::F32, vec![2, 1], &ch).unwrap()),
+            ("t_scale".to_string(), TensorView::new(Dtype::F32, vec![1], &t).unwrap()),
+            ("b_scale_inv".to_string(), TensorView::new(Dtype::F32, vec![1, 2], &blk).unwrap()),
+        ];
+        safetensors::serialize_to_file(tensors, None, &path).unwrap();
+        let c = crate::Checkpoint::open_file(&path).unwrap();
+        let w = c.get("w").unwrap();
+        let scheme =
+            |scale| Fp8Scheme { quant_method: "test".into(), format: Fp8Format::E4M3, scale, scale_suffix: "" };
+        let got = dequantize_fp8(&w, &c.get("w_scale").unwrap(), &scheme(ScaleLayout::Channel)).unwrap();
+        assert_eq!(got, vec![2.0, 3.0, -2.0, 1.0, 0.25, 224.0]);
+        let got = dequantize_fp8(&w, &c.get("t_scale").unwrap(), &scheme(ScaleLayout::Tensor)).unwrap();
+        assert_eq!(got, vec![0.25, 0.375, -0.25, 0.5, 0.125, 112.0]);
+        // 2 × 2 blocks over [2, 3]: columns 0-1 scale 1, column 2 (a partial block) scale 10.
+        let got = dequantize_fp8(&w, &c.get("b_scale_inv").unwrap(), &scheme(ScaleLayout::Block { rows: 2, cols: 2 }))
+            .unwrap();
+        assert_eq!(got, vec![1.0, 1.5, -10.0, 2.0, 0.5, 4480.0]);
+        // A per-channel scale given to a block scheme is a shape error naming the scale.
+        let err = dequantize_fp8(&w, &c.get("w_scale").unwrap(), &scheme(ScaleLayout::Block { rows: 2, cols: 2 }))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`w_scale`"), "{err}");
+    }
+
     #[test]
     fn e5m2_values_by_hand() {
         let v = |b| fp8_to_f32(b, Fp8Format::E5M2);

@@ -221,7 +221,8 @@ pub fn run(mut args: PruneArgs) -> Result<()> {
     if args.out.exists() && !args.force {
         bail!("output directory {} already exists (use --force to replace it)", args.out.display());
     }
-    let config = ModelConfig::from_dir(&args.model)?;
+    let mut config = ModelConfig::from_dir(&args.model)?;
+    config.drop_absent_mtp_layers(&args.model);
     if args.merge
         && let Some(scheme) = config.fp8()
     {

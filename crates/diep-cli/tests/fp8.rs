@@ -172,3 +172,45 @@ fn merging_fp8_experts_is_refused() {
     assert!(err.contains("--merge") && err.contains("fp8 e4m3, 16×16 blocks") && err.contains("re-quantised"), "{err}");
     assert!(!out.exists());
 }
+
+/// Conversions often strip the MTP weights but keep `num_nextn_predict_layers`: such a
+/// checkpoint is pruned as one without MTP layers.
+#[test]
+fn a_config_with_mtp_but_no_mtp_weights_is_pruned_without_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join("models/tiny-deepseek-v3-fp8");
+    let model = tmp.path().join("stripped");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().filter(|(n, _)| !n.starts_with("model.layers.3.")).collect();
+    safetensors::serialize_to_file(kept, None, &model.join("model.safetensors")).unwrap();
+
+    let out = tmp.path().join("pruned");
+    let o = diep(&[
+        "prune",
+        "--model",
+        model.to_str().unwrap(),
+        "--method",
+        "frequency",
+        "--ratio",
+        "0.5",
+        "--calib",
+        fixtures().join("calib/gpl-3.txt").to_str().unwrap(),
+        "--samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    ok(&o, "prune a checkpoint without its MTP weights");
+    let plan: Value = serde_json::from_str(&std::fs::read_to_string(out.join("pruning.json")).unwrap()).unwrap();
+    assert!(plan.get("mtp").is_none() && plan["kept_experts"].get("3").is_none(), "{plan}");
+    let ids = fixtures().join("parity/tiny-deepseek-v3-fp8/ids.json");
+    ok(&diep(&["eval", "--model", out.to_str().unwrap(), "--ids", ids.to_str().unwrap()]), "eval it");
+}

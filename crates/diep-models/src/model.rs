@@ -93,7 +93,8 @@ impl MoeModel {
     /// Loads `config.json` and the safetensors weights of a HuggingFace model directory.
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
-        let config = ModelConfig::from_dir(dir)?;
+        let mut config = ModelConfig::from_dir(dir)?;
+        config.drop_absent_mtp_layers(dir);
         let ckpt = Checkpoint::open(dir)?;
         Self::from_checkpoint(config, &ckpt, device)
     }
@@ -386,7 +387,8 @@ impl StreamingModel {
     /// Opens a model directory; only the embeddings are loaded now.
     pub fn open(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
-        let config = ModelConfig::from_dir(dir)?;
+        let mut config = ModelConfig::from_dir(dir)?;
+        config.drop_absent_mtp_layers(dir);
         let ckpt = Checkpoint::open(dir)?;
         let mut ld = Loader::for_model(&ckpt, &config, device);
         let embed_tokens = ld.tensor("model.embed_tokens.weight", [config.vocab_size, config.hidden_size])?;
@@ -443,6 +445,9 @@ impl StreamingModel {
         let mut ld = Loader::for_model(&self.ckpt, c, &self.device);
         let (h, v) = (c.hidden_size, c.vocab_size);
         let [embed, enorm, hnorm, eh_proj] = crate::mtp::mtp_input_names(index);
+        // Some conversions drop the MTP layer's copy of the embeddings; DeepSeek-V3's is the
+        // trunk's (and transformers' MTP module uses the trunk's).
+        let embed = if ld.contains(&embed) { embed } else { "model.embed_tokens.weight".to_string() };
         Ok(MtpLayer {
             index,
             embed_tokens: ld.tensor(&embed, [v, h])?,

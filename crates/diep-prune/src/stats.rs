@@ -115,11 +115,12 @@ impl LayerStats {
         }
     }
 
-    /// The MTP ranking score: routing frequency, ties broken by summed router probability (the
-    /// tie-break is below one count).
+    /// The MTP ranking score: routing frequency as a fraction of the tokens (the unit of the
+    /// `frequency` criterion's scores), ties broken by summed router probability (the
+    /// tie-break stays below one count).
     pub fn frequency_score(&self) -> Vec<f64> {
-        let t = self.tokens as f64 + 1.0;
-        self.frequency.iter().zip(&self.soft_activation).map(|(f, s)| *f as f64 + s / t).collect()
+        let t = self.tokens.max(1) as f64;
+        self.frequency.iter().zip(&self.soft_activation).map(|(f, s)| (*f as f64 + s / (t + 1.0)) / t).collect()
     }
 
     /// Experts in the layer.

@@ -132,7 +132,8 @@ pub fn apply_plan(
     opts: &SurgeryOptions<'_>,
 ) -> Result<SurgeryReport, SurgeryError> {
     let started = Instant::now();
-    let config = ModelConfig::from_dir(model_dir)?;
+    let mut config = ModelConfig::from_dir(model_dir)?;
+    config.drop_absent_mtp_layers(model_dir);
     plan.validate(&config).map_err(|e| match e {
         PlanError::Invalid(m) => PlanError::Invalid(format!("{m} (model config: {})", config.path.display())),
         other => other,
