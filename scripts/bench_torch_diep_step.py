@@ -14,9 +14,9 @@ model at once (the toolkit streams layer by layer and recomputes each layer in t
 Usage:
   python scripts/bench_torch_diep_step.py --model fixtures/trained-moe \
       --ids fixtures/trained-moe/heldout/english.ids.json \
-      --example target/release/examples/diep_step [--batch 16] [--threads 2] [--out FILE.json]
+      --xtask target/release/xtask [--batch 16] [--threads 2] [--out FILE.json]
 
-Build the example first: `cargo build --release -p diep-benches --example diep_step`.
+Build xtask first: `cargo build --release -p xtask` (its `bench-step` command times our step).
 Mixtral-architecture models only (the fixture and `scripts/train_heldout_moe.py`'s default).
 """
 import argparse
@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
 ap.add_argument("--ids", required=True)
-ap.add_argument("--example", required=True, help="target/release/examples/diep_step")
+ap.add_argument("--xtask", required=True, help="target/release/xtask")
 ap.add_argument("--batch", type=int, default=16)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--repeats", type=int, default=5)
@@ -116,7 +116,8 @@ for _ in range(args.repeats):
     step()
     times.append(time.perf_counter() - t)
 torch_s = min(times)
-res = subprocess.run([args.example, args.model, args.ids, str(args.batch), str(args.repeats)],
+res = subprocess.run([args.xtask, "bench-step", "--model", args.model, "--ids", args.ids, "--batch", str(args.batch),
+                      "--reps", str(args.repeats)],
                      check=True, capture_output=True, text=True, env={"RAYON_NUM_THREADS": str(args.threads),
                                                                        "PATH": "/usr/bin:/bin"})
 ours = json.loads(res.stdout.strip().splitlines()[-1])

@@ -6,7 +6,6 @@
 #
 # Contents (top directory diep-gpu/):
 #   bin/xtask       release xtask with the cuda and wgpu backends (and cpu), stripped
-#   bin/diep_step   the diep-benches example timing one DiEP step, same features, stripped
 #   lib/            shared libraries the binaries need beyond glibc, libgcc_s and libstdc++,
 #                   found with ldd, plus the Vulkan loader wgpu opens at run time; never the
 #                   NVIDIA driver (libcuda), which must come from the host
@@ -27,20 +26,18 @@ target=${CARGO_TARGET_DIR:-target}
 
 scripts/setup-cuda-build.sh
 cargo build --profile "$profile" -p xtask --features "$features"
-cargo build --profile "$profile" -p diep-benches --example diep_step --features "$features"
 
 stage_root=$(mktemp -d)
 trap 'rm -rf "$stage_root"' EXIT
 stage="$stage_root/diep-gpu"
 mkdir -p "$stage/bin" "$stage/lib"
 cp "$target/$pdir/xtask" "$stage/bin/xtask"
-cp "$target/$pdir/examples/diep_step" "$stage/bin/diep_step"
-strip "$stage/bin/xtask" "$stage/bin/diep_step"
+strip "$stage/bin/xtask"
 cp scripts/gpu-check.sh "$stage/gpu-check.sh"
 
 # Libraries every Linux host with a GPU driver has; everything else ldd reports is shipped.
 base='^(linux-vdso|ld-linux|libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.'
-for b in "$stage/bin/xtask" "$stage/bin/diep_step"; do
+for b in "$stage/bin/xtask"; do
   deps=$(ldd "$b")
   if echo "$deps" | grep -Eq 'libLLVM|libz3|not found'; then
     echo "gpu-bundle: $(basename "$b") needs a library it must not (or one that is missing):" >&2

@@ -14,7 +14,7 @@
 #                 `xtask eval --json` on cuda vs cpu, perplexities within 1e-4 relative
 #   prune-diep    `prune --method diep` on fixtures/trained-moe, cuda vs cpu: same kept experts
 #   perf-<dev>    on a generated 4-layer checkpoint: forward tok/s (eval) and seconds per DiEP
-#                 step (diep_step example), on cuda and on wgpu
+#                 step (xtask bench-step), on cuda and on wgpu
 #   memory        peak GPU memory over the run (nvidia-smi polled in the background)
 # A step whose device is missing is reported "not run: <reason>". Writes DIR/gpu-check.json and
 # DIR/gpu-check.md (DIR: --out, default gpu-check-out). Exit status: 1 if a step that ran
@@ -36,7 +36,6 @@ if [ -z "$bin" ]; then
   if [ -x "$here/bin/xtask" ]; then bin="$here/bin"; else bin="$here/../target/release"; fi
 fi
 XTASK="$bin/xtask"
-DIEP_STEP="$bin/diep_step"
 # Shared libraries shipped in the bundle (those a bare host may lack).
 if [ -d "$here/lib" ]; then export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
 [ -x "$XTASK" ] || { echo "gpu-check: no xtask binary at $XTASK (use --bin DIR)" >&2; exit 2; }
@@ -185,9 +184,8 @@ for dev in cuda wgpu; do
   else
     record "perf-$dev/forward" fail "$(last_line "$work/perf-$dev.log.err")"
   fi
-  if [ ! -x "$DIEP_STEP" ]; then
-    record "perf-$dev/diep-step" "not run" "no diep_step binary at $DIEP_STEP"
-  elif DIEP_TEST_DEVICE=$dev run_to "$work/step-$dev.log" "$T_PERF" "$DIEP_STEP" "$gen" "$work/perf-ids.json" 8 3 64; then
+  if run_to "$work/step-$dev.log" "$T_PERF" "$XTASK" bench-step --device "$dev" --model "$gen" \
+    --ids "$work/perf-ids.json" --batch 8 --reps 3 --reference-top-k 64; then
     record "perf-$dev/diep-step" ok "$(json_num "$work/step-$dev.log" seconds_per_step) s per step (batch 8 x 256)"
   else
     record "perf-$dev/diep-step" fail "$(last_line "$work/step-$dev.log.err")"

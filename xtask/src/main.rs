@@ -5,6 +5,7 @@
 //! are the project's own.
 
 mod bench;
+mod bench_step;
 mod device;
 mod fixture;
 mod generate;
@@ -38,6 +39,8 @@ enum Command {
     /// Compare pruning methods: prune a model with every method at every ratio, evaluate
     /// held-out perplexity and multiple choice, write results.json, RESULTS.md and a chart.
     BenchMethods(bench::BenchArgs),
+    /// Time one DiEP optimiser step (best of several) on a model and token ids; one JSON line.
+    BenchStep(bench_step::BenchStepArgs),
     /// Build test fixtures: `fixture train` trains the `fixtures/trained-moe` model from scratch.
     Fixture(fixture::FixtureArgs),
     /// Check a compute device: bring it up and print its name as JSON, or fail with the reason.
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Compare(args) => compare::run(args),
         Command::BenchMethods(args) => bench::run(args),
+        Command::BenchStep(args) => bench_step::run(args),
         Command::Fixture(args) => fixture::run(args),
         Command::Device(args) => device::run(args),
         Command::Ci => util::run_ci(),

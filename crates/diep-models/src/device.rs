@@ -47,6 +47,8 @@ impl DeviceSpec {
     /// probed first and the runtime brought up, so that a missing GPU is a [`ModelError::Device`]
     /// naming what is missing rather than a panic deep in the backend on the first tensor.
     pub fn device(&self) -> Result<Device, ModelError> {
+        // Unused when every backend is compiled in.
+        #[cfg_attr(all(feature = "cpu", feature = "wgpu", feature = "cuda"), allow(unused_variables))]
         let missing = |feature: &str| ModelError::Device {
             spec: self.to_string(),
             reason: format!(
