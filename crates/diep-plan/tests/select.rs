@@ -255,3 +255,29 @@ proptest! {
         }
     }
 }
+
+/// MTP layers (DeepSeek-V3's `num_nextn_predict_layers`): a non-uniform trunk plan gives the
+/// MTP layer the largest trunk count (the `n_routed_experts` the pruned config states), chosen
+/// by its own scores evenly over its routing groups; plans without it, or with another count,
+/// are refused.
+#[test]
+fn mtp_layers_keep_the_largest_trunk_count_by_their_own_scores() {
+    let c = config("tiny-deepseek-v3-fp8");
+    assert_eq!((c.num_layers, c.mtp_layers, c.experts_in_layer(3)), (3, 1, 8));
+    let cons = Constraints::for_model(&c, 0);
+    let counts = BTreeMap::from([(1, 8), (2, 8)]);
+    let kept = BTreeMap::from([(1, vec![0, 1, 2, 4, 5, 6]), (2, vec![0, 1, 4, 5])]);
+    let mut plan = diep_plan::PruningPlan::new("deepseek_v3", counts, kept, "test");
+    let err = plan.validate(&c).unwrap_err().to_string();
+    assert!(err.contains("MTP layer 3") && err.contains("num_nextn_predict_layers"), "{err}");
+    // Group 0 = experts 0-3, group 1 = 4-7: the best three of each.
+    let scores = BTreeMap::from([(3, vec![0.9, 0.1, 0.5, 0.7, 0.2, 0.8, 0.3, 0.6])]);
+    plan.add_mtp_layers(&c, &scores, &cons, "test scores").unwrap();
+    assert_eq!(plan.kept_experts[&3], vec![0, 2, 3, 5, 6, 7]);
+    assert_eq!(plan.original_experts[&3], 8);
+    assert_eq!(plan.extra["mtp"]["layers"], serde_json::json!([3]));
+    plan.validate(&c).unwrap();
+    plan.kept_experts.insert(3, vec![0, 3, 5, 7]);
+    let err = plan.validate(&c).unwrap_err().to_string();
+    assert!(err.contains("MTP layer 3 keeps 4 experts") && err.contains("states 6"), "{err}");
+}
