@@ -249,3 +249,45 @@ fn schedules_and_settings_validation() {
     assert!("nope".parse::<Objective>().unwrap_err().contains("ce-norm, kl, layer-wise"));
     let _ = BTreeMap::<usize, usize>::new();
 }
+
+/// `--allocation uniform` trains under the plan's per-layer counts: at the end of training each
+/// layer's expected kept count `Σ_i σ((s_i − θ_l)/τ_end)`, with the layer's own threshold solved
+/// on the final scores, equals the count the uniform plan keeps in that layer (tolerance 1e-6,
+/// the bisection's); the same run under `global` has one pool, whose expected count is the
+/// global budget. Nothing else differs between the modes: both go through `budget()`.
+#[test]
+fn uniform_training_expects_the_plans_count_in_every_layer() {
+    let model = load();
+    for allocation in [Allocation::Uniform, Allocation::Global] {
+        let mut s = settings(RelaxationKind::RoutedGated, Objective::Kl);
+        s.allocation = allocation;
+        let st = run(&model, &s);
+        let plan = pruning_plan(model.config(), &st, &Constraints::ungrouped(2, 2), 0, allocation, &device()).unwrap();
+        let scores = diep_optim::expert_scores(&st.for_plan(), &device());
+        let budget = diep_optim::budget(model.config(), &s);
+        let th = diep_relax::Thresholds::solve(&budget, &scores, s.tau_end);
+        let expected = |l: usize| -> f64 {
+            let theta = th.theta[th.pool[&l][0]];
+            scores[&l].iter().map(|x| 1.0 / (1.0 + (-(x - theta) / s.tau_end).exp())).sum()
+        };
+        match allocation {
+            Allocation::Uniform => {
+                assert_eq!(budget.pools(), plan.kept_experts.len(), "one pool per layer");
+                for (l, kept) in &plan.kept_experts {
+                    let e = expected(*l);
+                    assert!(
+                        (e - kept.len() as f64).abs() < 1e-6,
+                        "layer {l}: expects {e}, the plan keeps {}",
+                        kept.len()
+                    );
+                }
+            }
+            _ => {
+                assert_eq!(budget.pools(), 1);
+                let total: f64 = plan.kept_experts.keys().map(|l| expected(*l)).sum();
+                let kept: usize = plan.kept_experts.values().map(Vec::len).sum();
+                assert!((total - kept as f64).abs() < 1e-6, "expects {total}, the plan keeps {kept}");
+            }
+        }
+    }
+}
