@@ -82,30 +82,33 @@ else
   record "detect/nvidia-smi" "not run" "nvidia-smi not found"
 fi
 
-cuda_ok=0 cuda_why=""
+# Why `xtask device --device $1` failed: its last error line, or that it failed or timed out.
+device_failure() {
+  local why
+  why=$(last_line "$work/device-$1.err")
+  why=${why#error: }
+  echo "${why:-xtask device --device $1 failed or timed out}"
+}
+
+cuda_ok=0
 if run_to "$work/device-cuda" "$T_DETECT" "$XTASK" device --device cuda; then
   cuda_ok=1
   record "detect/cuda" ok "$(cat "$work/device-cuda")"
 else
-  cuda_why=$(last_line "$work/device-cuda.err"); cuda_why=${cuda_why#error: }
-  [ -n "$cuda_why" ] || cuda_why="xtask device --device cuda failed or timed out"
-  record "detect/cuda" "not run" "$cuda_why"
+  record "detect/cuda" "not run" "$(device_failure cuda)"
 fi
 
-wgpu_ok=0 wgpu_why=""
+wgpu_ok=0
 if run_to "$work/device-wgpu" "$T_DETECT" "$XTASK" device --device wgpu; then
   if grep -q '"physical": *false' "$work/device-wgpu" || grep -q '"physical":false' "$work/device-wgpu"; then
     adapter=$(tr -d '\n' <"$work/device-wgpu" | grep -o '"name": *"[^"]*"' | sed 's/.*: *//')
-    wgpu_why="the wgpu adapter ${adapter:-(unnamed)} is not a GPU (a software rasterizer or a CPU)"
-    record "detect/wgpu" "not run" "$wgpu_why"
+    record "detect/wgpu" "not run" "the wgpu adapter ${adapter:-(unnamed)} is not a GPU (a software rasterizer or a CPU)"
   else
     wgpu_ok=1
     record "detect/wgpu" ok "$(cat "$work/device-wgpu")"
   fi
 else
-  wgpu_why=$(last_line "$work/device-wgpu.err"); wgpu_why=${wgpu_why#error: }
-  [ -n "$wgpu_why" ] || wgpu_why="xtask device --device wgpu failed or timed out"
-  record "detect/wgpu" "not run" "$wgpu_why"
+  record "detect/wgpu" "not run" "$(device_failure wgpu)"
 fi
 
 # --- peak memory monitor ----------------------------------------------------------------

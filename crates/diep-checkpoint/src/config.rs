@@ -425,15 +425,10 @@ impl ModelConfig {
         self.layers.iter().enumerate().filter_map(|(i, k)| matches!(k, LayerKind::Moe { .. }).then_some(i)).collect()
     }
 
-    /// Keeps only the MTP layers the checkpoint in `dir` stores (any tensor under
+    /// Keeps only the MTP layers `ckpt` stores (any tensor under
     /// `model.layers.{num_hidden_layers + j}.`): conversions that strip the MTP weights often
-    /// keep `num_nextn_predict_layers` in the config. Opens the weights only when the config
-    /// declares MTP layers; a checkpoint that cannot be opened is left for the caller to report.
-    pub fn drop_absent_mtp_layers(&mut self, dir: &Path) {
-        if self.mtp_layers == 0 {
-            return;
-        }
-        let Ok(ckpt) = crate::Checkpoint::open(dir) else { return };
+    /// keep `num_nextn_predict_layers` in the config.
+    pub fn drop_absent_mtp_layers(&mut self, ckpt: &crate::Checkpoint) {
         self.mtp_layers = (0..self.mtp_layers)
             .take_while(|j| {
                 let prefix = format!("model.layers.{}.", self.num_layers + j);

@@ -222,7 +222,8 @@ pub fn run(mut args: PruneArgs) -> Result<()> {
         bail!("output directory {} already exists (use --force to replace it)", args.out.display());
     }
     let mut config = ModelConfig::from_dir(&args.model)?;
-    config.drop_absent_mtp_layers(&args.model);
+    let ckpt = Checkpoint::open(&args.model)?;
+    config.drop_absent_mtp_layers(&ckpt);
     if args.merge
         && let Some(scheme) = config.fp8()
     {
@@ -262,7 +263,7 @@ pub fn run(mut args: PruneArgs) -> Result<()> {
         mtp_layers(&args, &config, &mut plan)?;
     }
 
-    let total = Checkpoint::open(&args.model)?.data_bytes() as u64;
+    let total = ckpt.data_bytes() as u64;
     let pb = progress_bar(total, "writing");
     pb.set_style(
         indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")

@@ -21,6 +21,27 @@ fn ok(out: &std::process::Output, what: &str) {
     assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// `diep prune --method frequency --ratio 0.5` of `model` into `out`, on the shipped calibration
+/// text, with `extra` arguments.
+fn prune_frequency(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let calib = fixtures().join("calib/gpl-3.txt");
+    let mut args = vec![
+        "prune",
+        "--model",
+        model.to_str().unwrap(),
+        "--method",
+        "frequency",
+        "--ratio",
+        "0.5",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    diep(&args)
+}
+
 /// The dequantised copy: torch's f32 tensors, the config without `quantization_config`.
 fn dequantized_copy(dir: &Path) {
     let src = fixtures().join("models/tiny-deepseek-v3-fp8");
@@ -59,25 +80,8 @@ fn dequantized(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
 fn fp8_prune_keeps_fp8_and_equals_pruning_the_dequantized_copy() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixtures().join("models/tiny-deepseek-v3-fp8");
-    let calib = fixtures().join("calib/gpl-3.txt");
     let out = tmp.path().join("pruned");
-    let o = diep(&[
-        "prune",
-        "--model",
-        model.to_str().unwrap(),
-        "--method",
-        "frequency",
-        "--ratio",
-        "0.5",
-        "--calib",
-        calib.to_str().unwrap(),
-        "--samples",
-        "8",
-        "--seq-len",
-        "32",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = prune_frequency(&model, &out, &["--samples", "8", "--seq-len", "32"]);
     ok(&o, "prune the FP8 model");
 
     // Config: 4 routed experts everywhere, quantization and MTP settings kept.
@@ -153,20 +157,7 @@ fn merging_fp8_experts_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixtures().join("models/tiny-deepseek-v3-fp8");
     let out = tmp.path().join("merged");
-    let o = diep(&[
-        "prune",
-        "--model",
-        model.to_str().unwrap(),
-        "--method",
-        "frequency",
-        "--ratio",
-        "0.5",
-        "--calib",
-        fixtures().join("calib/gpl-3.txt").to_str().unwrap(),
-        "--merge",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = prune_frequency(&model, &out, &["--merge"]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--merge") && err.contains("fp8 e4m3, 16×16 blocks") && err.contains("re-quantised"), "{err}");
@@ -191,23 +182,7 @@ fn a_config_with_mtp_but_no_mtp_weights_is_pruned_without_them() {
     safetensors::serialize_to_file(kept, None, &model.join("model.safetensors")).unwrap();
 
     let out = tmp.path().join("pruned");
-    let o = diep(&[
-        "prune",
-        "--model",
-        model.to_str().unwrap(),
-        "--method",
-        "frequency",
-        "--ratio",
-        "0.5",
-        "--calib",
-        fixtures().join("calib/gpl-3.txt").to_str().unwrap(),
-        "--samples",
-        "4",
-        "--seq-len",
-        "16",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = prune_frequency(&model, &out, &["--samples", "4", "--seq-len", "16"]);
     ok(&o, "prune a checkpoint without its MTP weights");
     let plan: Value = serde_json::from_str(&std::fs::read_to_string(out.join("pruning.json")).unwrap()).unwrap();
     assert!(plan.get("mtp").is_none() && plan["kept_experts"].get("3").is_none(), "{plan}");

@@ -94,8 +94,8 @@ impl MoeModel {
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let mut config = ModelConfig::from_dir(dir)?;
-        config.drop_absent_mtp_layers(dir);
         let ckpt = Checkpoint::open(dir)?;
+        config.drop_absent_mtp_layers(&ckpt);
         Self::from_checkpoint(config, &ckpt, device)
     }
 
@@ -388,8 +388,8 @@ impl StreamingModel {
     pub fn open(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let mut config = ModelConfig::from_dir(dir)?;
-        config.drop_absent_mtp_layers(dir);
         let ckpt = Checkpoint::open(dir)?;
+        config.drop_absent_mtp_layers(&ckpt);
         let mut ld = Loader::for_model(&ckpt, &config, device);
         let embed_tokens = ld.tensor("model.embed_tokens.weight", [config.vocab_size, config.hidden_size])?;
         Ok(StreamingModel { config, ckpt, embed_tokens, device: device.clone(), residency: Residency::default() })
@@ -432,7 +432,13 @@ impl StreamingModel {
         } else {
             ld.linear("lm_head", h, v, false)?
         };
-        Ok((ld.rms_norm("model.norm.weight", h, c.rms_norm_eps)?, lm_head))
+        Ok((self.load_final_norm()?, lm_head))
+    }
+
+    /// Loads the final norm (`model.norm`) alone.
+    pub(crate) fn load_final_norm(&self) -> Result<RmsNorm> {
+        let c = &self.config;
+        Loader::for_model(&self.ckpt, c, &self.device).rms_norm("model.norm.weight", c.hidden_size, c.rms_norm_eps)
     }
 
     /// Loads MTP module `j` (stored as decoder layer `num_hidden_layers + j`) from disk.
@@ -478,6 +484,10 @@ pub trait LayerSource {
     fn with_layer<R>(&self, i: usize, f: impl FnOnce(&DecoderLayer) -> R) -> Result<R>;
     /// Calls `f` with the final norm and the LM head (borrowed, or loaded for the call).
     fn with_head<R>(&self, f: impl FnOnce(&RmsNorm, &Linear) -> R) -> Result<R>;
+    /// Calls `f` with the final norm alone (the LM head is not loaded where it need not be).
+    fn with_final_norm<R>(&self, f: impl FnOnce(&RmsNorm) -> R) -> Result<R> {
+        self.with_head(|norm, _| f(norm))
+    }
     /// Calls `f` with MTP module `j` ([`ModelConfig::mtp_layers`]), loaded for the call;
     /// `None` where the source cannot load MTP layers (a [`MoeModel`] holds the trunk only).
     fn with_mtp<R>(&self, _j: usize, _f: impl FnOnce(&MtpLayer) -> R) -> Result<Option<R>> {
@@ -517,6 +527,9 @@ impl LayerSource for StreamingModel {
     fn with_head<R>(&self, f: impl FnOnce(&RmsNorm, &Linear) -> R) -> Result<R> {
         let (norm, head) = self.load_head()?;
         Ok(f(&norm, &head))
+    }
+    fn with_final_norm<R>(&self, f: impl FnOnce(&RmsNorm) -> R) -> Result<R> {
+        Ok(f(&self.load_final_norm()?))
     }
     fn with_mtp<R>(&self, j: usize, f: impl FnOnce(&MtpLayer) -> R) -> Result<Option<R>> {
         let mtp = self.load_mtp(j)?;

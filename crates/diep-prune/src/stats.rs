@@ -226,7 +226,7 @@ fn mtp_statistics<S: LayerSource>(
         return Ok(out);
     }
     let normed: Vec<Tensor<2>> =
-        model.with_head(|norm, _| states.into_iter().map(|(h, _)| norm.forward(h)).collect())?;
+        model.with_final_norm(|norm| states.into_iter().map(|(h, _)| norm.forward(h)).collect())?;
     let capture = MoeForwardOptions { capture_expert_outputs: true, ..Default::default() };
     for j in 0..config.mtp_layers {
         let index = config.num_layers + j;

@@ -133,7 +133,8 @@ pub fn apply_plan(
 ) -> Result<SurgeryReport, SurgeryError> {
     let started = Instant::now();
     let mut config = ModelConfig::from_dir(model_dir)?;
-    config.drop_absent_mtp_layers(model_dir);
+    let ckpt = Checkpoint::open(model_dir)?;
+    config.drop_absent_mtp_layers(&ckpt);
     plan.validate(&config).map_err(|e| match e {
         PlanError::Invalid(m) => PlanError::Invalid(format!("{m} (model config: {})", config.path.display())),
         other => other,
@@ -147,7 +148,6 @@ pub fn apply_plan(
         remote_code_auto_map()?;
     }
 
-    let ckpt = Checkpoint::open(model_dir)?;
     let inventory = inspect(&config, &ckpt)?;
     check_routers_finite(&config, &inventory)?;
     if !uniform
