@@ -35,7 +35,18 @@ from ``crates/diep-surgery/remote_code/auto_map.json`` and every ``remote_code/*
     ... check_pruned_in_transformers.py --original ORIG_DIR --plan pruning.json --make-pruned OUT_DIR
 
 (add ``--ids`` to check OUT_DIR right away). ``--self-test`` builds and checks uniform and non-uniform
-plans for every fixture under ``fixtures/models`` in a temporary directory and prints a table.
+plans for every fixture under ``fixtures/models`` in a temporary directory and prints a table;
+``--self-test-synthetic`` does the same for tiny random ``glm4_moe``, ``minimax_m2`` and ``ernie4_5_moe``
+checkpoints built with transformers (no fixture needed).
+
+``glm4_moe``, ``minimax_m2`` and ``ernie4_5_moe`` (transformers 5.x) select experts on ``score + e_score_correction_bias``
+(GLM-4.5 / MiniMax-M2: sigmoid scores; ERNIE-4.5: softmax probabilities): for them the pruned directory also has
+that bias sliced (``mlp.gate.e_score_correction_bias`` [E], ``block_sparse_moe.e_score_correction_bias`` [E],
+``mlp.moe_statics.e_score_correction_bias`` [1, E]), and the masked original has it set to -inf for the pruned
+experts in addition to the -inf router logits (a -inf logit alone, score 0, can still be selected through the
+bias). GLM-4.5's group-limited routing needs every one of the ``n_group`` groups to keep equally many experts
+(at least 2); plans that do not are refused. Layers ``>= num_hidden_layers`` (multi-token-prediction layers) are
+copied unchanged.
 
 Plan format (``pruning.json``): ``{"format": "diep-pruning-plan/1", "model_type": ..., "original_experts":
 {"<layer>": N}, "kept_experts": {"<layer>": [original ids ascending]}, "method": ..., ...}``.
@@ -78,7 +89,25 @@ ARCHS = {
     "qwen2_moe": ("mlp", ("num_experts",)),
     "qwen3_moe": ("mlp", ("num_experts", "num_local_experts")),
     "olmoe": ("mlp", ("num_experts",)),
+    # transformers 5.x only (the remote code's classes for these subclass 5.x's blocks)
+    "glm4_moe": ("mlp", ("n_routed_experts",)),
+    "minimax_m2": ("block_sparse_moe", ("num_local_experts",)),
+    "ernie4_5_moe": ("mlp", ("moe_num_experts",)),
 }
+
+# model_type -> on-disk name (under the MoE block) of the per-expert selection bias, shape [E] or [1, E]. The surgery
+# slices it with the router rows; the masked reference sets it to -inf for the pruned experts, because these routers
+# select on `score + bias` and a -inf router logit alone (score 0) can still be selected through the bias.
+CORRECTION_BIAS = {
+    "glm4_moe": "gate.e_score_correction_bias",  # [E]; sigmoid scores
+    "minimax_m2": "e_score_correction_bias",  # [E], block level; sigmoid scores
+    "ernie4_5_moe": "moe_statics.e_score_correction_bias",  # [1, E], block level on disk; softmax probabilities
+}
+
+# model_types whose router picks `topk_group` of `n_group` contiguous expert groups first (scored by the sum of
+# their two best experts): each group must keep equally many experts, at least 2, so that the groups over the
+# E_i kept experts are the original groups restricted to them.
+GROUPED = ("glm4_moe",)
 
 
 def log(msg: str = "") -> None:
@@ -135,6 +164,22 @@ def checkpoint_files(model_dir: Path) -> tuple[list[str], dict | None]:
     return files, None
 
 
+def check_groups(cfg: dict, kept: dict[int, list[int]], original_experts: dict[int, int]) -> None:
+    """For group-limited routers (``GROUPED``, ``n_group > 1``): every group keeps equally many experts, >= 2."""
+    n_group = int(cfg.get("n_group") or 1)
+    if cfg.get("model_type") not in GROUPED or n_group <= 1:
+        return
+    for layer, ids in sorted(kept.items()):
+        n = original_experts[layer]
+        if n % n_group:
+            raise SystemExit(f"layer {layer}: {n} experts not divisible by n_group = {n_group}")
+        size = n // n_group
+        per_group = [sum(1 for e in ids if e // size == g) for g in range(n_group)]
+        if len(set(per_group)) != 1 or per_group[0] < 2:
+            raise SystemExit(f"layer {layer}: kept experts per routing group {per_group}; every group of the "
+                             f"{n_group} must keep equally many, at least 2")
+
+
 def make_pruned(original: Path, plan: dict, out: Path, force_remote_code: bool = False) -> dict:
     """Write the pruned checkpoint of `original` under `out` per the surgery contract. Returns a summary."""
     cfg = json.loads((original / "config.json").read_text())
@@ -144,18 +189,24 @@ def make_pruned(original: Path, plan: dict, out: Path, force_remote_code: bool =
     if plan["model_type"] != model_type:
         raise SystemExit(f"plan is for {plan['model_type']!r}, checkpoint is {model_type!r}")
     moe_attr, count_keys = ARCHS[model_type]
-    top_k = int(cfg["num_experts_per_tok"])
+    top_k = int(cfg["num_experts_per_tok"] if "num_experts_per_tok" in cfg else cfg["moe_k"])  # ernie4_5_moe: moe_k
     files, index = checkpoint_files(original)
 
     # MoE layers = layers with a router on disk.
     router_re = re.compile(rf"^model\.layers\.(\d+)\.{moe_attr}\.gate\.weight$")
     expert_re = re.compile(rf"^model\.layers\.(\d+)\.{moe_attr}\.experts\.(\d+)\.(.+)$")
+    bias_re = None
+    if model_type in CORRECTION_BIAS:
+        bias_re = re.compile(rf"^model\.layers\.(\d+)\.{moe_attr}\.{re.escape(CORRECTION_BIAS[model_type])}$")
+    n_layers = int(cfg["num_hidden_layers"])
     n_experts: dict[int, int] = {}
     for f in files:
         with safe_open(str(original / f), "pt") as h:
             for k in h.keys():
                 m = router_re.match(k)
-                if m:
+                # layers >= num_hidden_layers (multi-token-prediction layers of GLM-4.5 / DeepSeek-V3) are not
+                # decoder layers: transformers ignores them; they are copied unchanged
+                if m and int(m.group(1)) < n_layers:
                     n_experts[int(m.group(1))] = h.get_slice(k).get_shape()[0]
     if sorted(n_experts) != sorted(plan["original_experts"]):
         raise SystemExit(f"plan MoE layers {sorted(plan['original_experts'])} != checkpoint MoE layers {sorted(n_experts)}")
@@ -169,6 +220,7 @@ def make_pruned(original: Path, plan: dict, out: Path, force_remote_code: bool =
         if len(ids) < top_k:
             raise SystemExit(f"layer {layer}: keeps {len(ids)} < num_experts_per_tok = {top_k}")
         kept[layer] = ids
+    check_groups(cfg, kept, n_experts)
     counts = {layer: len(ids) for layer, ids in kept.items()}
     uniform = len(set(counts.values())) == 1
     remote = (not uniform) or force_remote_code
@@ -184,7 +236,7 @@ def make_pruned(original: Path, plan: dict, out: Path, force_remote_code: bool =
             metadata = h.metadata() or {}
             for k in h.keys():
                 m = expert_re.match(k)
-                if m:
+                if m and int(m.group(1)) in kept:
                     layer, e = int(m.group(1)), int(m.group(2))
                     if e not in kept[layer]:
                         continue
@@ -195,8 +247,11 @@ def make_pruned(original: Path, plan: dict, out: Path, force_remote_code: bool =
                     k_out = k
                     t = h.get_tensor(k)
                     m = router_re.match(k)
-                    if m:
+                    if m and int(m.group(1)) in kept:
                         t = t[kept[int(m.group(1))]].contiguous()
+                    m = bias_re.match(k) if bias_re is not None else None
+                    if m and int(m.group(1)) in kept:  # [E] or [1, E]: the expert axis is the last
+                        t = t[..., kept[int(m.group(1))]].contiguous()
                 tensors[k_out] = t
                 weight_map[k_out] = f
                 total_size += t.numel() * t.element_size()
@@ -286,14 +341,22 @@ def moe_block(layer):
 @contextlib.contextmanager
 def masked_router(model, masked: dict[int, list[int]]):
     """Router logits of `masked` experts (layer -> original ids) become -inf right after the gate projection,
-    before transformers' own softmax / top-k. Yields a dict layer -> number of masked gate calls."""
+    before transformers' own softmax / top-k. Where the router selects on `score + e_score_correction_bias`
+    (glm4_moe, minimax_m2, ernie4_5_moe) that bias is also -inf for them while the context is open. Yields a dict
+    layer -> number of masked gate calls."""
     hits: dict[int, int] = {}
     gates = {}
+    biases = []  # (tensor, saved copy)
     for i, cols in masked.items():
         blk = moe_block(model.model.layers[i])
         if blk is None:
             raise SystemExit(f"layer {i} has no MoE block to mask")
         gates[i] = (blk.gate, list(cols))
+        for name, t in list(blk.named_buffers()) + list(blk.named_parameters()):
+            if name.endswith("e_score_correction_bias"):
+                biases.append((t, t.detach().clone()))
+                with torch.no_grad():
+                    t[..., list(cols)] = float("-inf")
 
     def mask(out, i, cols):
         out = out.clone()
@@ -330,6 +393,9 @@ def masked_router(model, masked: dict[int, list[int]]):
             h.remove()
         for mod, real_F in shims:
             mod.F = real_F
+        with torch.no_grad():
+            for t, saved in biases:
+                t.copy_(saved)
 
 
 def forward(model, ids, masked=None):
@@ -377,6 +443,7 @@ def check(original: Path, pruned: Path, plan: dict, ids: torch.Tensor, tol: floa
     if not uniform and "auto_map" not in pcfg:
         raise SystemExit(f"{pruned}: non-uniform plan but config.json has no auto_map")
     masked = masked_experts(plan)
+    check_groups(json.loads((original / "config.json").read_text()), plan["kept_experts"], plan["original_experts"])
 
     orig = load_model(original, remote_code=False, dtype=dtype)
     model = load_model(pruned, remote_code=remote_code, dtype=dtype)
@@ -453,31 +520,89 @@ SELF_TEST = {
 }
 
 
-def self_test(fixtures: Path, tol: float) -> bool:
+# Synthetic checkpoints for model_types without a fixture (transformers 5.x): built with transformers' own classes
+# from a tiny random config (8 experts, top-2), router rows drawn with std 0.3 and non-zero random correction
+# biases, so that the bias changes which experts are selected. name: (config, non-uniform plan, uniform plan).
+SYNTHETIC_COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        max_position_embeddings=128, num_hidden_layers=4)
+SYNTHETIC = {
+    # n_group 2 (experts 0-3, 4-7), topk_group 1: each group loses equally many; layer 0 dense
+    "synthetic-glm4-moe": (
+        dict(model_type="glm4_moe", intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+             num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
+             norm_topk_prob=True, routed_scaling_factor=2.5, use_qk_norm=True),
+        {1: [0, 2, 3, 5, 6, 7], 2: [1, 3, 4, 6], 3: [0, 1, 2, 3, 4, 5, 6, 7]},
+        {1: [0, 1, 3, 4, 5, 7], 2: [0, 1, 3, 4, 5, 7], 3: [0, 1, 3, 4, 5, 7]},
+    ),
+    "synthetic-minimax-m2": (
+        dict(model_type="minimax_m2", intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rotary_dim=8,
+             bos_token_id=None, eos_token_id=None),
+        {0: [0, 1, 2, 4, 6, 7], 1: [2, 3, 5, 7], 2: [0, 1, 2, 3, 4, 5, 6, 7], 3: [0, 3, 4, 5, 6]},
+        {0: [1, 2, 3, 5, 6, 7], 1: [1, 2, 3, 5, 6, 7], 2: [1, 2, 3, 5, 6, 7], 3: [1, 2, 3, 5, 6, 7]},
+    ),
+    # layer 0 dense (moe_layer_start_index 1)
+    "synthetic-ernie4_5-moe": (
+        dict(model_type="ernie4_5_moe", intermediate_size=96, moe_intermediate_size=32, moe_num_experts=8, moe_k=2,
+             moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1),
+        {1: [0, 1, 2, 4, 6, 7], 2: [2, 3, 5, 7], 3: [0, 1, 3, 4, 5, 6, 7]},
+        {1: [0, 2, 3, 4, 6, 7], 2: [0, 2, 3, 4, 6, 7], 3: [0, 2, 3, 4, 6, 7]},
+    ),
+}
+
+
+def make_synthetic(config: dict, out: Path, seed: int = 0) -> torch.Tensor:
+    """Save a tiny random checkpoint of transformers' own class under `out`; returns seeded ids [2, 24]."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(**{**SYNTHETIC_COMMON, **config})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    softmax_router = config["model_type"] == "ernie4_5_moe"  # probabilities ~1/E: a smaller bias matters
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("gate.weight") and t.dim() == 2 and t.shape[1] == cfg.hidden_size:
+                t.normal_(0.0, 0.3)
+            elif name.endswith("e_score_correction_bias"):
+                t.copy_(torch.randn_like(t) * (0.02 if softmax_router else 0.1))
+    model.save_pretrained(out)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (2, 24), generator=g)
+
+
+def _check_plans(name: str, mdir: Path, ids: torch.Tensor, plans, work: Path, tol: float, rows: list) -> None:
+    cfg = json.loads((mdir / "config.json").read_text())
+    for label, kept, force_remote in (("non-uniform", plans[0], False), ("uniform", plans[1], False),
+                                      ("uniform-remote", plans[1], True)):
+        plan = {
+            "format": PLAN_FORMAT, "model_type": cfg["model_type"],
+            "original_experts": {i: 8 for i in kept}, "kept_experts": kept, "method": "self-test",
+        }
+        out = work / f"{name}-{label}"
+        log(f"== {name} {label}: keep {kept}")
+        summary = make_pruned(mdir, plan, out, force_remote_code=force_remote)
+        res = check(mdir, out, plan, ids, tol=tol, remote_code=summary["remote_code"])
+        if summary["remote_code"]:
+            res.update(extra_remote_checks(out, ids, res))
+        rows.append((name, label, res))
+
+
+def self_test(fixtures: Path, tol: float, synthetic: bool = False) -> bool:
+    """Fixtures under `fixtures/models` (``SELF_TEST``), or with `synthetic` the ``SYNTHETIC`` checkpoints."""
     rows = []
     work = Path(tempfile.mkdtemp(prefix="diep-pruned-check-"))
     try:
-        for name, plans in SELF_TEST.items():
+        if synthetic:
+            for name, (config, *plans) in SYNTHETIC.items():
+                mdir = work / name
+                ids = make_synthetic(config, mdir)
+                _check_plans(name, mdir, ids, plans, work, tol, rows)
+        for name, plans in ({} if synthetic else SELF_TEST).items():
             mdir = fixtures / "models" / name
             ids_path = fixtures / "parity" / name / "ids.json"
             if not mdir.exists():
                 log(f"skip {name}: {mdir} missing")
                 continue
-            cfg = json.loads((mdir / "config.json").read_text())
-            ids = load_ids(ids_path)
-            for label, kept, force_remote in (("non-uniform", plans[0], False), ("uniform", plans[1], False),
-                                              ("uniform-remote", plans[1], True)):
-                plan = {
-                    "format": PLAN_FORMAT, "model_type": cfg["model_type"],
-                    "original_experts": {i: 8 for i in kept}, "kept_experts": kept, "method": "self-test",
-                }
-                out = work / f"{name}-{label}"
-                log(f"== {name} {label}: keep {kept}")
-                summary = make_pruned(mdir, plan, out, force_remote_code=force_remote)
-                res = check(mdir, out, plan, ids, tol=tol, remote_code=summary["remote_code"])
-                if summary["remote_code"]:
-                    res.update(extra_remote_checks(out, ids, res))
-                rows.append((name, label, res))
+            _check_plans(name, mdir, load_ids(ids_path), plans, work, tol, rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log()
@@ -501,7 +626,7 @@ def extra_remote_checks(pruned: Path, ids: torch.Tensor, res: dict) -> dict:
         out = model(ids, labels=ids, output_router_logits=True)
     n_max = max(res["counts"].values())
     assert all(r.shape[-1] == n_max for r in out.router_logits), [r.shape for r in out.router_logits]
-    assert torch.isfinite(out.aux_loss), out.aux_loss
+    assert out.aux_loss is None or torch.isfinite(out.aux_loss), out.aux_loss  # glm4_moe computes none
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         cfg = json.loads((Path(d) / "config.json").read_text())
@@ -509,7 +634,8 @@ def extra_remote_checks(pruned: Path, ids: torch.Tensor, res: dict) -> dict:
         with torch.no_grad():
             same = torch.equal(reloaded(ids).logits, model(ids).logits)
         ok = same and cfg["model_type"] == json.loads((pruned / "config.json").read_text())["model_type"]
-    extra = f"router_logits width {n_max}, aux_loss ok; save+reload {'identical' if ok else 'DIFFERS'}"
+    aux = "aux_loss ok" if out.aux_loss is not None else "no aux_loss"
+    extra = f"router_logits width {n_max}, {aux}; save+reload {'identical' if ok else 'DIFFERS'}"
     log(f"  {extra}")
     return {"extra": extra, "ok": res["ok"] and ok}
 
@@ -534,11 +660,13 @@ def main() -> None:
     ap.add_argument("--force-remote-code", action="store_true",
                     help="with --make-pruned: write num_experts_per_layer/auto_map/remote code even for a uniform plan")
     ap.add_argument("--self-test", action="store_true", help="check uniform and non-uniform plans on the fixtures")
+    ap.add_argument("--self-test-synthetic", action="store_true",
+                    help="the same on tiny random glm4_moe / minimax_m2 / ernie4_5_moe checkpoints (transformers 5.x)")
     ap.add_argument("--fixtures", type=Path, default=REPO / "fixtures")
     args = ap.parse_args()
 
-    if args.self_test:
-        sys.exit(0 if self_test(args.fixtures, args.tol) else 1)
+    if args.self_test or args.self_test_synthetic:
+        sys.exit(0 if self_test(args.fixtures, args.tol, synthetic=args.self_test_synthetic) else 1)
     if args.original is None or args.plan is None:
         ap.error("--original and --plan are required")
     plan = load_plan(args.plan)

@@ -49,6 +49,18 @@ What it generates (all random init, fixed seeds, deterministic):
                           plus one MTP layer (``model.layers.3.*``: embed_tokens, enorm, hnorm, eh_proj,
                           shared_head, a full MoE decoder layer). References from transformers on the
                           dequantised weights; ``dequantized.safetensors``; MTP router logits.
+* ``tiny-glm4-moe``       glm4_moe, 3 layers (layer 0 dense via first_k_dense_replace=1), GQA with q/k/v biases,
+                          per-head q/k RMSNorm (use_qk_norm), partial rotate-half RoPE (partial_rotary_factor 0.5:
+                          first 8 of 16 dims), sigmoid routing + random e_score_correction_bias, n_group=2 /
+                          topk_group=1, norm_topk_prob, routed_scaling_factor 1.7, 1 shared expert; no MTP weights.
+* ``tiny-minimax-m2``     minimax_m2, 3 layers all MoE, on disk ``block_sparse_moe.experts.{e}.w1/w2/w3``, q/k
+                          RMSNorm over the whole projection, partial RoPE (rotary_dim 8 of head_dim 16), sigmoid
+                          routing + random ``block_sparse_moe.e_score_correction_bias``, top-k renormalised.
+* ``tiny-ernie4-5-moe``   ernie4_5_moe, 4 layers (layer 0 dense; MoE 1..3), softmax routing + random
+                          ``moe_statics.e_score_correction_bias`` [1, 8], 2 shared experts, use_bias (q/k/v/o, dense
+                          and shared MLPs, lm_head bias), interleaved (GLM-style) RoPE, tied embeddings.
+  These three also store ``topk_idx.{layer}`` / ``topk_weight.{layer}`` and a physically-removed
+  ``masked.safetensors``.
 
 transformers has no ``deepseek`` model (DeepSeek-MoE ships remote code, ``configuration_deepseek.py`` /
 ``modeling_deepseek.py``, referenced from its config.json's ``auto_map``). Its references are built HERE,
@@ -270,10 +282,89 @@ def make_config(kind: str):
     if kind == "tiny-gpt-oss-mxfp4":
         # MXFP4 packs 32 input values a block: intermediate_size (down_proj's input) must be a multiple
         return gpt_oss_config(num_hidden_layers=2, intermediate_size=32)
+    if kind == "tiny-glm4-moe":
+        return glm4_moe_config()
+    if kind == "tiny-minimax-m2":
+        return minimax_m2_config()
+    if kind == "tiny-ernie4-5-moe":
+        return ernie4_5_moe_config()
     raise ValueError(kind)
 
 
+def glm4_moe_config():
+    """Tiny GLM-4.5 (glm4_moe): layer 0 dense, sigmoid + correction-bias group-limited routing, partial RoPE."""
+    from transformers import Glm4MoeConfig
+
+    cfg = Glm4MoeConfig(
+        **common_kwargs(),
+        num_hidden_layers=3,
+        first_k_dense_replace=1,  # layer 0 dense
+        intermediate_size=96,  # dense layer width
+        moe_intermediate_size=32,
+        n_routed_experts=N_EXPERTS,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.7,
+        n_shared_experts=1,
+        attention_bias=True,  # q/k/v biases (o_proj never has one)
+        use_qk_norm=True,  # per-head RMSNorm over head_dim
+        rms_norm_eps=1e-6,  # default 1e-5
+        tie_word_embeddings=False,
+        # head_dim 16 -> 8 rotary dims; rope_theta default 1e4
+        rope_parameters=dict(rope_type="default", rope_theta=20000.0, partial_rotary_factor=0.5),
+    )
+    assert cfg.rope_parameters["partial_rotary_factor"] == 0.5, cfg.rope_parameters
+    return cfg
+
+
+def minimax_m2_config():
+    """Tiny MiniMax-M2: all layers MoE, q/k norm over the whole projection, partial RoPE via rotary_dim."""
+    from transformers import MiniMaxM2Config
+
+    cfg = MiniMaxM2Config(
+        **common_kwargs(),
+        num_hidden_layers=3,
+        head_dim=16,
+        intermediate_size=32,  # expert width (MiniMax-M2 has no moe_intermediate_size)
+        num_local_experts=N_EXPERTS,
+        rotary_dim=8,  # the released-checkpoint key (there: 64 of head_dim 128) -> partial_rotary_factor 0.5
+        rms_norm_eps=1e-5,  # default 1e-6
+        tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=30000.0),  # default 5e6
+    )
+    assert cfg.rope_parameters["partial_rotary_factor"] == 0.5, cfg.rope_parameters
+    return cfg
+
+
+def ernie4_5_moe_config():
+    """Tiny ERNIE-4.5 MoE: layer 0 dense, MoE 1..3, softmax + correction-bias routing, biases everywhere."""
+    from transformers import Ernie4_5_MoeConfig
+
+    return Ernie4_5_MoeConfig(
+        **common_kwargs(),
+        num_hidden_layers=4,
+        moe_layer_start_index=1,
+        moe_layer_end_index=3,
+        moe_layer_interval=1,
+        intermediate_size=96,  # dense layer width
+        moe_intermediate_size=32,
+        moe_num_experts=N_EXPERTS,
+        moe_k=TOP_K,
+        moe_num_shared_experts=2,
+        use_bias=True,
+        moe_norm_min=1e-12,
+        rms_norm_eps=1e-6,  # default 1e-5
+        tie_word_embeddings=True,  # ernie's default
+        rope_parameters=dict(rope_type="default", rope_theta=50000.0),  # default 5e5
+    )
+
+
 GPT_OSS_SWIGLU_LIMIT = 2.0  # default 7 never clamps at this scale
+
+# std of the random e_score_correction_bias per model_type (default 0.1: the DeepSeek-V3 fixtures). Sized so the
+# bias changes a sizeable share, but not all, of the top-2 selections (recorded as correction_bias_changed_selections).
+CORRECTION_BIAS_STD = {"glm4_moe": 0.25, "minimax_m2": 0.2, "ernie4_5_moe": 0.05}
 
 
 def gpt_oss_config(**overrides):
@@ -343,6 +434,9 @@ SEEDS = {
     "tiny-deepseek": 1010,
     "tiny-deepseek-freq2": 1011,
     "tiny-deepseek-v3-fp8": 1012,
+    "tiny-glm4-moe": 1013,
+    "tiny-minimax-m2": 1014,
+    "tiny-ernie4-5-moe": 1015,
 }
 IDS_SEEDS = {
     "tiny-mixtral": 2001,
@@ -359,6 +453,9 @@ IDS_SEEDS = {
     "tiny-deepseek": 2010,
     "tiny-deepseek-freq2": 2011,
     "tiny-deepseek-v3-fp8": 2012,
+    "tiny-glm4-moe": 2013,
+    "tiny-minimax-m2": 2014,
+    "tiny-ernie4-5-moe": 2015,
 }
 
 
@@ -382,13 +479,16 @@ def build_model(kind: str, seed: int):
 
 @torch.no_grad()
 def perturb(model, seed: int) -> None:
-    """RMSNorm weights -> 1 + 0.3 randn; q/k/v biases -> 0.5 randn (where present); DeepSeek-V3's
-    e_score_correction_bias (zeros at init) -> 0.1 randn."""
+    """RMSNorm weights -> 1 + 0.3 randn; q/k/v biases -> 0.5 randn (where present); e_score_correction_bias
+    (zeros at init) -> CORRECTION_BIAS_STD[model_type] (default 0.1: DeepSeek-V3) * randn; ernie4_5_moe (use_bias):
+    every other nn.Linear bias (o_proj, dense / shared-expert MLPs, lm_head) -> 0.5 randn too."""
     g = torch.Generator().manual_seed(seed + 7)
     n_norm = n_bias = 0
+    mt = model.config.model_type
+    corr_std = CORRECTION_BIAS_STD.get(mt, 0.1)
     for name, mod in model.named_modules():
         if getattr(mod, "e_score_correction_bias", None) is not None:
-            mod.e_score_correction_bias.copy_(0.1 * torch.randn(mod.e_score_correction_bias.shape, generator=g))
+            mod.e_score_correction_bias.copy_(corr_std * torch.randn(mod.e_score_correction_bias.shape, generator=g))
         if type(mod).__name__.endswith("RMSNorm"):
             mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
             n_norm += 1
@@ -405,6 +505,11 @@ def perturb(model, seed: int) -> None:
                 mod.down_proj_bias.copy_(BIAS_STD * torch.randn(mod.down_proj_bias.shape, generator=g))
             if hasattr(mod, "sinks"):
                 mod.sinks.copy_(torch.randn(mod.sinks.shape, generator=g))
+        if mt == "ernie4_5_moe" and leaf not in ("q_proj", "k_proj", "v_proj") \
+                and isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+            # use_bias: o_proj, dense / shared-expert MLP and lm_head biases (zero at init)
+            mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
+            n_bias += 1
     log(f"    perturbed {n_norm} RMSNorm weights, {n_bias} q/k/v biases")
 
 
@@ -432,10 +537,13 @@ def moe_layers_of(model) -> list[int]:
 
 def expected_moe_layers(cfg) -> list[int]:
     L = cfg.num_hidden_layers
-    if cfg.model_type in ("mixtral", "olmoe", "gpt_oss"):
+    if cfg.model_type in ("mixtral", "olmoe", "gpt_oss", "minimax_m2"):
         return list(range(L))
-    if cfg.model_type in ("deepseek_v3", "deepseek_v2"):
+    if cfg.model_type in ("deepseek_v3", "deepseek_v2", "glm4_moe"):
         return list(range(cfg.first_k_dense_replace, L))
+    if cfg.model_type == "ernie4_5_moe":
+        return [i for i in range(L) if (i + 1) % cfg.moe_layer_interval == 0
+                and cfg.moe_layer_start_index <= i <= cfg.moe_layer_end_index]
     if cfg.model_type == "deepseek":
         return [i for i in range(L) if i >= cfg.first_k_dense_replace and i % cfg.moe_layer_freq == 0]
     n_exp = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts")
@@ -511,15 +619,26 @@ def check_disk_layout(name: str, model_dir: Path, cfg, moe_layers: list[int]) ->
     assert not any("gate_up_proj" in k for k in keys), "fused expert tensors on disk"
     for i in moe_layers:
         for e in range(N_EXPERTS):
-            if mt == "mixtral":
+            if mt in ("mixtral", "minimax_m2"):
                 names = [f"model.layers.{i}.block_sparse_moe.experts.{e}.w{j}.weight" for j in (1, 2, 3)]
             else:
                 names = [f"model.layers.{i}.mlp.experts.{e}.{p}_proj.weight" for p in ("gate", "up", "down")]
             for n in names:
                 assert n in keys, f"{name}: missing per-expert key {n}"
-        if mt == "deepseek_v3":
+        if mt in ("deepseek_v3", "glm4_moe"):
             n = f"model.layers.{i}.mlp.gate.e_score_correction_bias"
             assert n in keys and keys[n][1] == "F32", f"{name}: {n} missing or not f32"
+        if mt == "minimax_m2":
+            p = f"model.layers.{i}.block_sparse_moe"
+            for n, shape in {f"{p}.gate.weight": [N_EXPERTS, cfg.hidden_size],
+                             f"{p}.e_score_correction_bias": [N_EXPERTS]}.items():
+                assert n in keys and keys[n][:2] == (shape, "F32"), f"{name}: {n} missing or not f32 {shape}"
+            assert not any(f"layers.{i}.mlp." in k for k in keys), f"{name}: mlp.* keys on disk"
+        if mt == "ernie4_5_moe":
+            n = f"model.layers.{i}.mlp.moe_statics.e_score_correction_bias"
+            assert n in keys and keys[n][:2] == ([1, N_EXPERTS], "F32"), f"{name}: {n} missing or not f32 [1, E]"
+            assert f"model.layers.{i}.mlp.gate.weight" in keys
+            assert not any(".gate.moe_statics." in k for k in keys), f"{name}: in-memory bias name on disk"
     tied = getattr(cfg, "tie_word_embeddings", False)
     assert ("lm_head.weight" in keys) == (not tied), f"{name}: lm_head presence vs tie_word_embeddings"
     return keys
@@ -715,6 +834,12 @@ def physically_remove_experts(model, masked: dict[int, list[int]]):
         gate.num_experts = len(keep)
         if getattr(gate, "e_score_correction_bias", None) is not None:
             gate.e_score_correction_bias = torch.nn.Buffer(gate.e_score_correction_bias[keep].clone())
+        if getattr(blk, "e_score_correction_bias", None) is not None:  # minimax_m2: on the MoE block
+            blk.e_score_correction_bias = torch.nn.Buffer(blk.e_score_correction_bias[keep].clone())
+        if getattr(gate, "moe_statics", None) is not None:  # ernie4_5_moe: [1, E] parameter
+            st = gate.moe_statics
+            st.e_score_correction_bias = torch.nn.Parameter(st.e_score_correction_bias[:, keep].clone(),
+                                                            requires_grad=False)
         if isinstance(getattr(gate, "bias", None), torch.nn.Parameter):
             gate.bias = torch.nn.Parameter(gate.bias[keep].clone())
         if isinstance(blk.experts, torch.nn.ModuleList):  # per-expert modules (tiny-deepseek)
@@ -729,11 +854,11 @@ def physically_remove_experts(model, masked: dict[int, list[int]]):
     return m
 
 
-def choose_masked(name: str, moe_layers: list[int]) -> dict[int, list[int]]:
+def choose_masked(name: str, moe_layers: list[int], n_fixed: int | None = None) -> dict[int, list[int]]:
     g = torch.Generator().manual_seed(IDS_SEEDS[name] + 99)
     out = {}
     for j, i in enumerate(moe_layers):
-        n = 2 + (j % 2)  # 2 or 3 experts
+        n = n_fixed or 2 + (j % 2)  # 2 or 3 experts (n_fixed: that many)
         while True:
             pick = sorted(torch.randperm(N_EXPERTS, generator=g)[:n].tolist())
             if pick not in out.values():
@@ -874,7 +999,7 @@ def emit(name: str, out: Path, ref_json: dict, tensors: dict, ids: torch.Tensor,
 
 
 def generate_f32(name: str, out: Path, model_src, save_kwargs: dict | None = None, masked: bool = False,
-                 extra_check=None) -> tuple[dict, dict]:
+                 extra_check=None, extra_tensors=None) -> tuple[dict, dict]:
     """Save model_src (an in-memory f32 model) and write its references from the reloaded model."""
     mdir = fresh_dir(out / "models" / name)
     model_src.save_pretrained(mdir, **(save_kwargs or {}))
@@ -894,6 +1019,11 @@ def generate_f32(name: str, out: Path, model_src, save_kwargs: dict | None = Non
         ref.update(mf)
     if extra_check is not None:
         ref.update(extra_check(model, ids))
+    if extra_tensors is not None:  # (model, ids, tensors) -> (more reference tensors, json fields)
+        more, more_fields = extra_tensors(model, ids, tensors)
+        assert not set(more) & set(tensors)
+        tensors.update(more)
+        ref.update(more_fields)
     emit(name, out, ref, tensors, ids, extra)
     return ref, tensors
 
@@ -1044,6 +1174,227 @@ def gen_deepseek(out: Path, name: str) -> None:
     model = load(out / "models" / name)
     ids = make_ids(name)
     mt, mf = deepseek_removed_reference(name, model, ids, tensors)
+    pdir = out / "parity" / name
+    save_file(mt, str(pdir / "masked.safetensors"), metadata={"format": "pt"})
+    ref.update(mf)
+    write_json(pdir / "reference.json", ref)
+
+
+# --------------------------------------------------------------------------------------------
+# GLM-4.5 (glm4_moe), MiniMax-M2 (minimax_m2), ERNIE-4.5 MoE (ernie4_5_moe): correction-bias routing
+# --------------------------------------------------------------------------------------------
+
+
+def correction_bias_of(block) -> torch.Tensor:
+    """The MoE layer's e_score_correction_bias as a flat [E] tensor, wherever the architecture keeps it
+    (glm4_moe: mlp.gate; minimax_m2: the MoE block; ernie4_5_moe: mlp.gate.moe_statics, shape [1, E])."""
+    gate = router_of(block)
+    if getattr(gate, "moe_statics", None) is not None:
+        return gate.moe_statics.e_score_correction_bias.reshape(-1)
+    if getattr(gate, "e_score_correction_bias", None) is not None:
+        return gate.e_score_correction_bias
+    return block.e_score_correction_bias
+
+
+def route_ref(cfg, logits: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent re-implementation of the three routers, from the raw router logits [N, E] (f32):
+    scores = sigmoid(logits) (glm4_moe, minimax_m2) or softmax(logits) (ernie4_5_moe); the choice uses
+    scores + bias (glm4_moe: only within the topk_group groups with the best sum of their top-2 biased scores);
+    the weights are the UNbiased scores of the chosen experts, renormalised: / (sum + 1e-20) * routed_scaling_factor
+    (glm4_moe), / sum (minimax_m2), / max(sum, moe_norm_min) (ernie4_5_moe). Returns (idx, weight), each row
+    sorted by expert id."""
+    mt = cfg.model_type
+    logits = logits.float()
+    scores = logits.softmax(-1) if mt == "ernie4_5_moe" else logits.sigmoid()
+    choice = scores + bias.float()
+    if mt == "glm4_moe":
+        E, G = scores.shape[-1], cfg.n_group
+        group_scores = choice.view(-1, G, E // G).topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, 1.0)
+        choice = choice.masked_fill(~keep.bool().repeat_interleave(E // G, dim=1), float("-inf"))
+    idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+    w = scores.gather(1, idx)
+    if mt == "glm4_moe":
+        assert cfg.norm_topk_prob
+        w = w / (w.sum(-1, keepdim=True) + 1e-20) * cfg.routed_scaling_factor
+    elif mt == "minimax_m2":
+        w = w / w.sum(-1, keepdim=True)
+    else:
+        w = w / w.sum(-1, keepdim=True).clamp(min=cfg.moe_norm_min)
+    idx, order = idx.sort(-1)
+    return idx, w.gather(1, order)
+
+
+ROUTING_SEMANTICS = {
+    "glm4_moe": "s = sigmoid(logits) (f32); choice = s + e_score_correction_bias; group score = sum of the top-2 "
+                "choice values in each of n_group contiguous groups; keep the topk_group best groups (others "
+                "-inf); top-k of choice; w = s[idx] / (sum(s[idx]) + 1e-20) (norm_topk_prob) * routed_scaling_factor",
+    "minimax_m2": "s = sigmoid(logits.float()); choice = s + e_score_correction_bias; top-k of choice; "
+                  "w = s[idx] / sum(s[idx]) (no epsilon, no scaling factor)",
+    "ernie4_5_moe": "p = softmax(logits) (f32, over all experts); choice = p + moe_statics.e_score_correction_bias; "
+                    "top-k of choice; w = p[idx] / max(sum(p[idx]), moe_norm_min) (no scaling factor)",
+}
+
+
+@torch.no_grad()
+def routing_tensors(model, ids, tensors) -> tuple[dict, dict]:
+    """topk_idx.{layer} / topk_weight.{layer} from a hook on transformers' router output, checked against
+    route_ref; how many of the 48 top-2 selections per layer the correction bias changes."""
+    cfg = model.config
+    moe_layers = moe_layers_of(model)
+    cap: dict = {}
+
+    def hook(i):
+        def h(_m, _inp, out):
+            cap[i] = tuple(o.clone() for o in out)  # (router_logits, top_k_weights, top_k_index)
+
+        return h
+
+    handles = [router_of(moe_block(model.model.layers[i])).register_forward_hook(hook(i)) for i in moe_layers]
+    try:
+        logits = model(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(logits.float(), tensors["logits"])
+    more, changed, wdiff = {}, {}, 0.0
+    for i in moe_layers:
+        r, w, idx = cap[i]
+        assert torch.equal(r.float(), tensors[f"router_logits.{i}"]), i
+        assert idx.shape == w.shape == (BATCH * SEQ_LEN, TOP_K), (idx.shape, w.shape)
+        idx_s, order = idx.sort(-1)
+        w_s = w.float().gather(1, order)
+        more[f"topk_idx.{i}"] = idx_s.to(torch.int64).contiguous()
+        more[f"topk_weight.{i}"] = w_s.contiguous()
+        bias = correction_bias_of(moe_block(model.model.layers[i])).float()
+        assert bias.shape == (N_EXPERTS,) and bool((bias != 0).all())
+        ref_idx, ref_w = route_ref(cfg, r, bias)
+        assert torch.equal(ref_idx, idx_s), f"layer {i}: route_ref disagrees with transformers' selection"
+        wdiff = max(wdiff, float((ref_w - w_s).abs().max()))
+        unbiased_idx, _ = route_ref(cfg, r, torch.zeros_like(bias))
+        changed[str(i)] = int((unbiased_idx != idx_s).any(-1).sum())
+    log(f"    route_ref vs transformers: same top-k, max |dweight| = {wdiff:.3g}; correction bias changes "
+        f"{changed} of {BATCH * SEQ_LEN} selections per layer")
+    assert wdiff < 1e-6, wdiff
+    assert all(0 < c < BATCH * SEQ_LEN for c in changed.values()), changed
+    return more, {
+        "routing_semantics": ROUTING_SEMANTICS[cfg.model_type],
+        "topk_semantics": (
+            "topk_idx.{layer}: int64 [batch*seq, 2], the expert ids transformers' router selected (row = b*seq + t), "
+            "each row sorted ascending; topk_weight.{layer}: f32 [batch*seq, 2], the weight each selected expert's "
+            "output is multiplied by, in the same order (hook on the router's output)"
+        ),
+        "route_ref_max_abs_weight_diff": wdiff,
+        "correction_bias_changed_selections": changed,
+        "correction_bias_changed_selections_semantics": (
+            "per MoE layer, how many of the batch*seq rows select a different expert set when the same router "
+            "logits are routed with e_score_correction_bias = 0"
+        ),
+    }
+
+
+@torch.no_grad()
+def check_rope(model, ids) -> dict:
+    """Effective rotary dim, and which dims rotate together: transformers' own apply_rotary_pos_emb is checked
+    against a rotate-half (pairs j, j + r/2 over the first r dims) or interleaved (pairs 2j, 2j+1) rotation."""
+    cfg = model.config
+    mod = sys.modules[type(model.model).__module__]
+    rot = model.model.rotary_emb
+    head_dim = model.model.layers[0].self_attn.head_dim
+    r = 2 * rot.inv_freq.numel()
+    style = "interleaved" if cfg.model_type == "ernie4_5_moe" else "rotate_half"
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, SEQ_LEN, head_dim, generator=g)
+    pos = torch.arange(SEQ_LEN)[None]
+    cos, sin = rot(q, pos)
+    q_emb, _ = mod.apply_rotary_pos_emb(q, q, cos, sin)
+    ang = pos[0, :, None].float() * rot.inv_freq[None].float()  # [T, r/2]
+    c, s = ang.cos(), ang.sin()
+    want = q.clone()
+    if style == "rotate_half":
+        x1, x2 = q[..., : r // 2], q[..., r // 2 : r]
+        want[..., : r // 2], want[..., r // 2 : r] = x1 * c - x2 * s, x2 * c + x1 * s
+    else:
+        x1, x2 = q[..., 0:r:2], q[..., 1:r:2]
+        want[..., 0:r:2], want[..., 1:r:2] = x1 * c - x2 * s, x2 * c + x1 * s
+    d = float((q_emb - want).abs().max())
+    log(f"    RoPE: {style} over {r} of {head_dim} head dims; vs hand rotation max |d| = {d:.3g}")
+    assert d < 1e-5, d
+    assert torch.equal(q_emb[..., r:], q[..., r:])
+    fields = {"head_dim": head_dim, "rotary_dim_effective": r, "rope_style": style,
+              "rope_semantics": (
+                  f"rotary on the first {r} of {head_dim} dims of each q/k head, the rest passed through; "
+                  + ("rotate-half pairs (j, j + r/2)" if style == "rotate_half" else
+                     "interleaved pairs (2j, 2j+1) (GLM style), computed in f32")
+                  + f"; inv_freq = theta^(-2j/{r})")}
+    if cfg.model_type == "ernie4_5_moe":
+        # tied embeddings with use_bias: lm_head.weight is the embedding, lm_head.bias a tensor of its own
+        out = model(ids, output_hidden_states=True)
+        want = F.linear(out.hidden_states[-1], model.model.embed_tokens.weight, model.lm_head.bias)
+        assert torch.equal(out.logits, want) and float(model.lm_head.bias.abs().max()) > 0
+        fields["lm_head_semantics"] = "logits = final_norm(h) @ embed_tokens.weight^T + lm_head.bias (tied weight, own bias)"
+    return fields
+
+
+@torch.no_grad()
+def removed_experts_reference(model, ids, ref_tensors, masked: dict[int, list[int]], how: str) -> tuple[dict, dict]:
+    """The logits of the model with the listed experts physically deleted (router rows, correction-bias entries,
+    expert weights), run by transformers."""
+    for i, drop in masked.items():
+        sel = ref_tensors[f"topk_idx.{i}"].unique().tolist()
+        assert set(drop) & set(sel), f"layer {i}: removed experts {drop} never selected"
+    pruned = physically_remove_experts(model, masked)
+    for i, drop in masked.items():
+        blk = moe_block(pruned.model.layers[i])
+        n = N_EXPERTS - len(drop)
+        assert router_of(blk).weight.shape[0] == blk.experts.gate_up_proj.shape[0] == n
+        assert correction_bias_of(blk).numel() == n
+    logits = pruned(ids).logits.float()
+    loss = float(pruned(ids, labels=ids).loss)
+    d = float((logits - ref_tensors["logits"]).abs().max())
+    log(f"    removed {masked}: max |dlogit| vs full = {d:.3g}")
+    assert d > 1e-2, "removal had no effect"
+    return {"logits": logits.contiguous()}, {
+        "masked_experts": {str(i): v for i, v in masked.items()},
+        "masked_loss": loss,
+        "masked_semantics": (
+            "masked.safetensors logits: the listed experts physically deleted (router rows, "
+            f"e_score_correction_bias entries, expert weights; {how}) and the model run by transformers"
+        ),
+        "masked_vs_unmasked_max_abs_diff": d,
+    }
+
+
+BIAS_ROUTED = ("tiny-glm4-moe", "tiny-minimax-m2", "tiny-ernie4-5-moe")
+
+
+def gen_bias_routed(out: Path, name: str) -> None:
+    """tiny-glm4-moe / tiny-minimax-m2 / tiny-ernie4-5-moe."""
+    log(name)
+    m = build_model(name, SEEDS[name])
+    ref, tensors = generate_f32(name, out, m, extra_check=check_rope, extra_tensors=routing_tensors)
+    mdir = out / "models" / name
+    cfg_json = json.loads((mdir / "config.json").read_text())
+    model = load(mdir)
+    cfg = model.config
+    ids = make_ids(name)
+    if cfg.model_type == "glm4_moe":
+        assert cfg_json["rope_parameters"]["partial_rotary_factor"] == 0.5, cfg_json["rope_parameters"]
+        assert not any(k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in disk_tensors(mdir))
+        ref["mtp_semantics"] = (
+            f"config.json says num_nextn_predict_layers: {cfg_json['num_nextn_predict_layers']} (transformers' "
+            "default) but the checkpoint holds no MTP weights (transformers builds no MTP layer)")
+        masked = choose_removed_per_group(name, ref["moe_layers"], cfg.n_group)
+        how = f"one expert per routing group (n_group {cfg.n_group}), so groups stay contiguous and equal"
+    else:
+        if cfg.model_type == "minimax_m2":
+            assert cfg_json["rotary_dim"] == 8 and cfg_json["rope_parameters"]["partial_rotary_factor"] == 0.5
+        masked = choose_masked(name, ref["moe_layers"], n_fixed=2)
+        how = "two experts per MoE layer"
+        if cfg.model_type == "ernie4_5_moe":
+            how += "; the softmax then runs over the 6 kept experts"
+    assert ref["rotary_dim_effective"] == (16 if cfg.model_type == "ernie4_5_moe" else 8)
+    mt, mf = removed_experts_reference(model, ids, tensors, masked, how)
     pdir = out / "parity" / name
     save_file(mt, str(pdir / "masked.safetensors"), metadata={"format": "pt"})
     ref.update(mf)
@@ -1907,6 +2258,9 @@ All models: hidden 64, 4 heads / 2 kv heads, 8 experts, top-2, 3 x 16 token ids,
 | `tiny-deepseek` | deepseek | f32, 1 file | DeepSeek-MoE (remote code; reference built by the script, see below): 3 layers, layer 0 dense (`first_k_dense_replace: 1`, `moe_layer_freq: 1`), Llama attention with GQA (4 heads, 2 kv heads), rotate-half RoPE, softmax greedy top-2 without renormalisation, 2 shared experts (`mlp.shared_experts`, width 64); `masked.safetensors` |
 | `tiny-deepseek-v3-fp8` | deepseek_v3 | F8_E4M3 + f32 `_scale_inv` + bf16, 1 file | tiny-deepseek-v3's architecture (other weights) with `moe_intermediate_size: 24`, in the DeepSeek-V3 release format: `quantization_config` fp8 e4m3, dynamic activations, `weight_block_size: [16, 16]`; every decoder-layer linear (attention, dense MLP, experts, shared experts, MTP `eh_proj`) `F8_E4M3` + `<name>_scale_inv` f32 `[ceil(out/16), ceil(in/16)]` (s = block amax / 448; partial 16x8 / 8x16 edge blocks wherever a dim is 24: experts, shared experts, q_a_proj, kv_a_proj_with_mqa, q_b_proj), embeddings / norms / router / lm_head bf16, `e_score_correction_bias` f32; MTP layer `model.layers.3.*` (`embed_tokens`, `enorm`, `hnorm`, `eh_proj`, `shared_head.{{norm,head}}`, full MoE decoder layer; `num_nextn_predict_layers: 1`). References: transformers on the dequantised weights (f32, MTP ignored); `dequantized.safetensors` (every non-scale tensor in f32, FP8 as `q.float() * s`); `mtp_hidden_in`, `mtp_router_logits`, `mtp_topk_idx`, `mtp_logits`; `fp8_e4m3_table` / `fp8_e5m2_table` in reference.json |
 | `tiny-deepseek-freq2` | deepseek | f32, 1 file | DeepSeek-MoE, 4 layers, `first_k_dense_replace: 1`, `moe_layer_freq: 2` (layer 2 MoE; 0, 1, 3 dense), `norm_topk_prob: true`, no shared experts, `rope_scaling: {{type: linear, factor: 2}}`, tied embeddings; `masked.safetensors` |
+| `tiny-glm4-moe` | glm4_moe | f32, 1 file | GLM-4.5: 3 layers, layer 0 dense (`first_k_dense_replace: 1`, width 96), GQA with q/k/v biases (`attention_bias`, no o_proj bias), per-head q/k RMSNorm (`use_qk_norm`), partial rotate-half RoPE (`rope_parameters.partial_rotary_factor: 0.5`: first 8 of 16 head dims), sigmoid routing + random `mlp.gate.e_score_correction_bias` (0.25 randn), `n_group: 2`, `topk_group: 1` (group score = sum of the top-2 biased scores), norm_topk_prob (`/ (sum + 1e-20)`), `routed_scaling_factor: 1.7`, 1 shared expert; `num_nextn_predict_layers: 1` in config.json but no MTP weights; `topk_idx`/`topk_weight`; `masked.safetensors` (one expert per group removed) |
+| `tiny-minimax-m2` | minimax_m2 | f32, 1 file | MiniMax-M2: 3 layers, all MoE, on disk `block_sparse_moe.experts.{{e}}.w1/w2/w3`, `block_sparse_moe.gate.weight`, `block_sparse_moe.e_score_correction_bias` (0.2 randn; in memory `mlp.*`), expert width `intermediate_size: 32`, q/k RMSNorm over the whole projection (`q_norm` [64], `k_norm` [32]) before the head split, `head_dim: 16`, `rotary_dim: 8` (-> `partial_rotary_factor: 0.5`, rotate-half on the first 8 dims), sigmoid routing, top-2 renormalised by the sum (no epsilon, no scaling); `topk_idx`/`topk_weight`; `masked.safetensors` (two experts per layer removed) |
+| `tiny-ernie4-5-moe` | ernie4_5_moe | f32, 1 file | ERNIE-4.5 MoE: 4 layers, layer 0 dense (width 96), MoE 1..3 (`moe_layer_start_index: 1`, `moe_layer_end_index: 3`, `moe_layer_interval: 1`), softmax routing, top-2 chosen on `softmax + moe_statics.e_score_correction_bias` (`mlp.moe_statics.e_score_correction_bias` [1, 8] on disk, 0.05 randn), weights = softmax probs renormalised `/ max(sum, moe_norm_min)`, 2 shared experts (width 64), `use_bias: true` (q/k/v/o, dense and shared-expert MLP biases, and an `lm_head.bias` although the weight is tied), interleaved (GLM-style) full-head RoPE in f32, tied embeddings; `topk_idx`/`topk_weight`; `masked.safetensors` (two experts per layer removed) |
 
 Per fixture, in `fixtures/parity/<name>/`:
 
@@ -1917,11 +2271,16 @@ Per fixture, in `fixtures/parity/<name>/`:
 - `reference.safetensors` (f32): `logits` [3, 16, 320]; `router_logits.{{layer}}` [48, 8] per MoE layer (raw gate
   logits before softmax, row = b*16 + t); `hidden_states.{{k}}` [3, 16, 64] for k = 0..L (0 = embeddings,
   k = output of layer k-1, **L = after the final norm**); `final_prenorm` (last layer output before the final norm);
-  bf16 fixture also `logits_bf16`, `router_logits_bf16.{{layer}}`.
+  bf16 fixture also `logits_bf16`, `router_logits_bf16.{{layer}}`; tiny-glm4-moe, tiny-minimax-m2, tiny-ernie4-5-moe also
+  `topk_idx.{{layer}}` (int64 [48, 2], the router's selected expert ids, each row sorted ascending) and
+  `topk_weight.{{layer}}` (f32 [48, 2], their final weights, same order), and in reference.json `routing_semantics`,
+  `correction_bias_changed_selections` (rows per layer whose top-2 differs with the correction bias zeroed),
+  `rotary_dim_effective`, `rope_style`.
 - `masked.safetensors` (tiny-mixtral, tiny-qwen2-moe, tiny-gpt-oss, tiny-deepseek, tiny-deepseek-freq2): `logits`
   with `masked_experts` (per layer) never selectable (router logits set to -inf before softmax/top-k; checked
-  equal to deleting those experts). For the DeepSeek-V2/V3 fixtures: the logits with `masked_experts` (one per
-  routing group) physically deleted.
+  equal to deleting those experts). For the DeepSeek-V2/V3 and tiny-glm4-moe fixtures: the logits with
+  `masked_experts` (one per routing group) physically deleted; for tiny-minimax-m2 and tiny-ernie4-5-moe: two
+  experts per MoE layer physically deleted (with a correction bias, -inf logits do not make an expert unselectable).
 
 `tiny-deepseek*` (`model_type: deepseek`, DeepSeek-MoE 16B) have no transformers class: the model ships remote
 code (`configuration_deepseek.py`, `modeling_deepseek.py` of `deepseek-ai/deepseek-moe-16b-base`, named by
@@ -1936,8 +2295,8 @@ upstream checkpoint keys; config.json is written in the upstream key style (`rop
 `auto_map`), and the references come from the model rebuilt from that config.json and loaded from the
 saved file. Their `reference.json` says so in `reference_implementation`.
 
-The DeepSeek and gpt-oss fixtures can be regenerated alone (the others stay untouched):
-`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2 tiny-gpt-oss tiny-gpt-oss-mxfp4 tiny-deepseek tiny-deepseek-freq2 tiny-deepseek-v3-fp8`.
+The DeepSeek, gpt-oss, GLM-4.5, MiniMax-M2 and ERNIE-4.5 fixtures can be regenerated alone (the others stay untouched):
+`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2 tiny-gpt-oss tiny-gpt-oss-mxfp4 tiny-deepseek tiny-deepseek-freq2 tiny-deepseek-v3-fp8 tiny-glm4-moe tiny-minimax-m2 tiny-ernie4-5-moe`.
 
 Regenerate (needs `/opt/tf4`, see `scripts/requirements-fixtures.txt`):
 
@@ -1971,7 +2330,8 @@ def main() -> None:
     ap.add_argument("--skip-tf4", action="store_true")
     ap.add_argument("--only", nargs="+", choices=["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss",
                                                         "tiny-gpt-oss-mxfp4", "tiny-deepseek",
-                                                        "tiny-deepseek-freq2", "tiny-deepseek-v3-fp8"],
+                                                        "tiny-deepseek-freq2", "tiny-deepseek-v3-fp8",
+                                                        "tiny-glm4-moe", "tiny-minimax-m2", "tiny-ernie4-5-moe"],
                     help="(re)generate only these fixtures (the others are left as they are)")
     ap.add_argument("--tf4-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -1996,6 +2356,8 @@ def main() -> None:
                 gen_deepseek_moe(out, name)
             elif name == "tiny-deepseek-v3-fp8":
                 gen_deepseek_v3_fp8(out, name)
+            elif name in BIAS_ROUTED:
+                gen_bias_routed(out, name)
             else:
                 gen_deepseek(out, name)
         finish_tokenizer(out, args.only)
@@ -2005,7 +2367,7 @@ def main() -> None:
 
     names = ["tiny-mixtral", "tiny-mixtral-swa", "tiny-mixtral-bf16", "tiny-qwen2-moe", "tiny-qwen3-moe",
              "tiny-olmoe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss", "tiny-gpt-oss-mxfp4",
-             "tiny-deepseek", "tiny-deepseek-freq2", "tiny-deepseek-v3-fp8"]
+             "tiny-deepseek", "tiny-deepseek-freq2", "tiny-deepseek-v3-fp8", *BIAS_ROUTED]
     gen_mixtral_family(out)
     gen_qwen2(out)
     gen_qwen3(out)
@@ -2017,6 +2379,8 @@ def main() -> None:
     gen_deepseek_moe(out, "tiny-deepseek")
     gen_deepseek_moe(out, "tiny-deepseek-freq2")
     gen_deepseek_v3_fp8(out, "tiny-deepseek-v3-fp8")
+    for name in BIAS_ROUTED:
+        gen_bias_routed(out, name)
     if not args.skip_tf4:
         gen_tf4(out, args.tf4_path)
         names.append("tiny-qwen3-moe-tf4")

@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
+    /// Comma-separated calibration seeds: every configuration is pruned once per seed, and the
+    /// tables give the mean ± sample standard deviation (rows ranked by the mean).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    seeds: Vec<u64>,
     /// Calibration sequences per prune.
     #[arg(long, default_value_t = 32, hide = true)]
     samples: usize,
@@ -93,19 +97,25 @@ impl RunSpec {
 }
 
 /// The runs of one method at one ratio.
-fn expand(method: &'static str, ratio: f64) -> Vec<RunSpec> {
-    let run = |variant, allocation, seed| RunSpec { method, variant, allocation, ratio, seed };
-    match method {
-        "random" => (0..3).map(|s| run(None, "uniform", s)).collect(),
-        "naee" => vec![run(None, "uniform", 0)],
+/// The runs of one method at one ratio, one per calibration seed (random's seed also draws its
+/// experts).
+fn expand(method: &'static str, ratio: f64, seeds: &[u64]) -> Vec<RunSpec> {
+    let configs: Vec<(Option<&'static str>, &'static str)> = match method {
+        "random" | "naee" => vec![(None, "uniform")],
         "diep" => vec![
-            run(Some("routed-gated"), "global", 0),
-            run(Some("routed-gated"), "uniform", 0),
-            run(Some("paper"), "global", 0),
-            run(Some("routed"), "global", 0),
+            (Some("routed-gated"), "global"),
+            (Some("routed-gated"), "uniform"),
+            (Some("paper"), "global"),
+            (Some("routed"), "global"),
         ],
-        _ => vec![run(None, "uniform", 0), run(None, "global", 0)],
-    }
+        _ => vec![(None, "uniform"), (None, "global")],
+    };
+    configs
+        .into_iter()
+        .flat_map(|(variant, allocation)| {
+            seeds.iter().map(move |&seed| RunSpec { method, variant, allocation, ratio, seed })
+        })
+        .collect()
 }
 
 /// Perplexity per domain and multiple-choice accuracy of one model.
@@ -163,8 +173,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             })
         })
         .collect::<Result<_>>()?;
-    if methods.is_empty() || args.ratios.is_empty() {
-        bail!("--methods and --ratios must each name at least one value");
+    if methods.is_empty() || args.ratios.is_empty() || args.seeds.is_empty() {
+        bail!("--methods, --ratios and --seeds must each name at least one value");
     }
     for r in &args.ratios {
         diep_plan::check_ratio(*r).with_context(|| format!("--ratios {r}"))?;
@@ -179,7 +189,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let data = load_eval_data(&model_dir, &args)?;
     let specs: Vec<RunSpec> =
-        args.ratios.iter().flat_map(|r| methods.iter().flat_map(move |m| expand(m, *r))).collect();
+        args.ratios.iter().flat_map(|r| methods.iter().flat_map(|m| expand(m, *r, &args.seeds))).collect();
 
     // Everything is built in a temporary directory beside --out and renamed at the end.
     diep_common::remove_stale_staging(&args.out)?;
@@ -544,6 +554,7 @@ fn unique_ratios(ratios: &[f64]) -> Vec<f64> {
 /// `RESULTS.md`: command, machine, base numbers, one table per ratio, the chart and an analysis.
 fn results_markdown(base: &Scores, results: &[RunResult], args: &BenchArgs, command: &str, seconds: f64) -> String {
     let ratios = &args.ratios;
+    let seeds = args.seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
     let mut md = String::new();
     let _ = writeln!(md, "# Expert-pruning methods compared\n");
     let _ = writeln!(md, "Produced by\n\n```sh\n{command}\n```\n");
@@ -551,13 +562,14 @@ fn results_markdown(base: &Scores, results: &[RunResult], args: &BenchArgs, comm
         md,
         "in {:.0} s (prunes as subprocesses, evaluation in-process) on {} ({} CPU cores as seen by the \
          process), burn's CPU backend. Every prune: `--calib <model>/calib.txt --samples {} --seq-len {} --seed S` \
-         (S = 0, random: 0, 1, 2), other settings default. Perplexity: held-out `heldout/{{english,code}}.ids.json`; \
+         (S = {seeds}), other settings default. Perplexity: held-out `heldout/{{english,code}}.ids.json`; \
          retention = mean over the two domains of base perplexity / pruned perplexity (1 = unchanged). \
          MC: `mc.jsonl` ({} items, 4 choices), each choice scored by the summed log-probability of its tokens \
          given the context (context and choice tokenised separately and concatenated, as lm-evaluation-harness \
          does); `acc_norm` divides by the choice's length in characters, ties go to the first maximum \
          (lm-eval's rules, `diep_eval::np_argmax`). Seconds and peak RSS are those of the prune \
-         subprocess. Random is the mean ± sample standard deviation over seeds 0, 1, 2.\n",
+         subprocess. Every row is the mean ± sample standard deviation over the seeds, ranked by mean \
+         retention.\n",
         seconds,
         cpu_model(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -706,8 +718,8 @@ fn analysis(results: &[RunResult], ratios: &[f64], is_fixture: bool) -> String {
         text.push_str("DiEP was not among the methods run.\n");
     }
     text.push_str(
-        "These are single runs (seed 0, except random) on one small model with 32 × 256 calibration tokens; \
-         differences of a few thousandths in retention are within what a different calibration seed can change.\n",
+        "Each row is a mean over the calibration seeds above, on one small model with 32 × 256 calibration \
+         tokens; a difference smaller than the rows' standard deviations is not a ranking.\n",
     );
     text
 }

@@ -38,7 +38,7 @@ fn bench_methods_writes_consistent_results() {
     let out = dir.path().join("bench");
     let mc_items = 3;
     let run = xtask()
-        .args(["bench-methods", "--methods", "frequency,reap", "--ratios", "0.5", "--out"])
+        .args(["bench-methods", "--methods", "frequency,reap", "--ratios", "0.5", "--seeds", "0,1", "--out"])
         .arg(&out)
         .args(["--samples", "8", "--heldout-limit", "4", "--mc-limit", &mc_items.to_string()])
         .output()
@@ -56,20 +56,27 @@ fn bench_methods_writes_consistent_results() {
     assert!(base_ppl("english") > 1.0 && base_ppl("code") > 1.0);
 
     let runs = results["runs"].as_array().unwrap();
-    // frequency and reap, each uniform and global.
-    assert_eq!(runs.len(), 4);
-    let mut configs: Vec<(String, String)> =
-        runs.iter().map(|r| (r["method"].as_str().unwrap().into(), r["allocation"].as_str().unwrap().into())).collect();
+    // frequency and reap, each uniform and global, each with calibration seeds 0 and 1.
+    assert_eq!(runs.len(), 8);
+    let mut configs: Vec<(String, String, u64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap().into(),
+                r["allocation"].as_str().unwrap().into(),
+                r["seed"].as_u64().unwrap(),
+            )
+        })
+        .collect();
     configs.sort();
-    let expected: Vec<(String, String)> =
+    let expected: Vec<(String, String, u64)> =
         [("frequency", "global"), ("frequency", "uniform"), ("reap", "global"), ("reap", "uniform")]
             .iter()
-            .map(|(m, a)| (m.to_string(), a.to_string()))
+            .flat_map(|(m, a)| [0, 1].map(|s| (m.to_string(), a.to_string(), s)))
             .collect();
     assert_eq!(configs, expected);
     for r in runs {
         assert_eq!(r["ratio"].as_f64(), Some(0.5));
-        assert_eq!(r["seed"].as_u64(), Some(0));
         assert!(r.get("variant").is_none(), "baselines have no variant: {r}");
         let ppl = |d: &str| r["perplexity"][d].as_f64().unwrap();
         let retention = (base_ppl("english") / ppl("english") + base_ppl("code") / ppl("code")) / 2.0;
@@ -122,6 +129,8 @@ fn bench_methods_writes_consistent_results() {
 
     let md = std::fs::read_to_string(out.join("RESULTS.md")).unwrap();
     assert!(md.contains("bench-methods") && md.contains("retention.svg") && md.contains("| reap |"), "{md}");
+    // Rows aggregate the two seeds: mean ± sd.
+    assert!(md.contains("(S = 0, 1)") && md.contains(" ± "), "{md}");
     let svg = std::fs::read_to_string(out.join("retention.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
 

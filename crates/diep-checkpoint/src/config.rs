@@ -30,6 +30,13 @@ pub struct AttentionConfig {
     pub num_kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+    /// Width of the rotated part of each query/key head: its first `rotary_dim` elements get
+    /// RoPE, the rest pass unchanged (`partial_rotary_factor`: GLM-4.5, MiniMax-M2's
+    /// `rotary_dim`); `head_dim` otherwise. MLA: `qk_rope_head_dim` (= `head_dim`).
+    pub rotary_dim: usize,
+    /// Standard attention rotates pairs `(x[2i], x[2i+1])` instead of `(x[j], x[j + d/2])`
+    /// (ERNIE-4.5). MLA records its own pairing in [`MlaConfig::rope_interleave`].
+    pub rope_interleave: bool,
     /// `q_proj`, `k_proj`, `v_proj` carry biases.
     pub qkv_bias: bool,
     /// `o_proj` carries a bias.
@@ -183,8 +190,13 @@ pub struct MoeConfig {
     pub routing: RoutingConfig,
     /// The router carries an additive bias `[experts]` that is part of the logits (gpt-oss).
     pub router_bias: bool,
-    /// Expert projections carry biases (gpt-oss).
+    /// Expert projections carry biases (gpt-oss; ERNIE-4.5 with `use_bias`).
     pub expert_bias: bool,
+    /// Dense MLPs and shared experts carry biases (ERNIE-4.5 with `use_bias`).
+    pub mlp_bias: bool,
+    /// `lm_head` carries a bias `[vocab]`, also when its weight is tied to the embeddings
+    /// (ERNIE-4.5 with `use_bias`).
+    pub lm_head_bias: bool,
     /// The expert activation.
     pub activation: ExpertActivation,
 }
@@ -229,8 +241,32 @@ pub struct RoutingConfig {
     /// The routing weights are multiplied by this (`routed_scaling_factor`, default 1).
     pub routed_scaling_factor: f64,
     /// A per-expert `e_score_correction_bias` is added to the scores for selection only
-    /// (DeepSeek-V3).
+    /// (DeepSeek-V3, GLM-4.5, MiniMax-M2, ERNIE-4.5's `moe_statics`).
     pub correction_bias: bool,
+    /// How the top-k weights are renormalised when `norm_topk_prob` holds.
+    pub renorm: Renorm,
+}
+
+/// The denominator of the top-k renormalisation `w_i / Σ w`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Renorm {
+    /// `Σ w` (Mixtral, Qwen, OLMoE, DeepSeek-V2, MiniMax-M2).
+    Sum,
+    /// `Σ w + 1e-20` (DeepSeek-V3, GLM-4.5).
+    SumPlusTiny,
+    /// `max(Σ w, floor)` (ERNIE-4.5's `moe_norm_min`).
+    AtLeast(f64),
+}
+
+impl Renorm {
+    /// The denominator for a sum of top-k weights.
+    pub fn denominator(self, sum: f32) -> f32 {
+        match self {
+            Renorm::Sum => sum,
+            Renorm::SumPlusTiny => sum + 1e-20,
+            Renorm::AtLeast(floor) => sum.max(floor as f32),
+        }
+    }
 }
 
 impl RoutingConfig {
@@ -241,6 +277,7 @@ impl RoutingConfig {
             group_limit: None,
             routed_scaling_factor: 1.0,
             correction_bias: false,
+            renorm: Renorm::Sum,
         }
     }
 }
@@ -349,10 +386,11 @@ impl ModelConfig {
 
         let defaults = spec.defaults();
         let rms_norm_eps = f.opt_f64("rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps);
-        let tie_word_embeddings = f.opt_bool("tie_word_embeddings")?.unwrap_or(false);
+        let tie_word_embeddings = f.opt_bool("tie_word_embeddings")?.unwrap_or(spec.tie_word_embeddings_default());
         let max_position_embeddings =
             f.opt_usize("max_position_embeddings")?.unwrap_or(defaults.max_position_embeddings);
         let (rope_theta, rope_scaling) = rope_settings(&f, defaults.rope_theta, spec, max_position_embeddings)?;
+        let rotary_dim = if mla.is_some() { head_dim } else { rotary_dim(&f, spec, head_dim)? };
 
         let attention = spec.attention(&f)?;
         if attention.sliding_window == Some(0) {
@@ -361,7 +399,7 @@ impl ModelConfig {
         let sliding_layers = spec.sliding_layers(&f, num_layers, attention.sliding_window)?;
 
         let num_experts = spec.num_experts(&f)?;
-        let top_k = f.req_usize("num_experts_per_tok")?;
+        let top_k = f.req_usize(spec.top_k_key())?;
         let intermediate_size = f.req_usize("intermediate_size")?;
         let expert_intermediate_size = match spec.expert_intermediate_size_key() {
             Some(key) => f.req_usize(key)?,
@@ -373,7 +411,7 @@ impl ModelConfig {
         let moe_layers = spec.moe_layers(&f, num_layers, num_experts)?;
         let experts = spec.experts(&f)?;
 
-        let layers = layer_kinds(&f, moe_layers, num_experts, top_k, &routing)?;
+        let layers = layer_kinds(&f, moe_layers, num_experts, (spec.top_k_key(), top_k), &routing)?;
         let mtp_layers = spec.mtp_layers(&f)?;
         let quantization = crate::quant::parse(&f)?;
 
@@ -390,6 +428,8 @@ impl ModelConfig {
                 num_heads,
                 num_kv_heads,
                 head_dim,
+                rotary_dim,
+                rope_interleave: attention.rope_interleave,
                 qkv_bias: attention.qkv_bias,
                 o_bias: attention.o_bias,
                 qk_norm: attention.qk_norm,
@@ -410,6 +450,8 @@ impl ModelConfig {
                 routing,
                 router_bias: experts.router_bias,
                 expert_bias: experts.expert_bias,
+                mlp_bias: experts.mlp_bias,
+                lm_head_bias: experts.mlp_bias,
                 activation: experts.activation,
             },
             layers,
@@ -532,7 +574,7 @@ fn layer_kinds(
     f: &Fields<'_>,
     moe_layers: Vec<bool>,
     num_experts: usize,
-    top_k: usize,
+    (top_k_key, top_k): (&str, usize),
     routing: &RoutingConfig,
 ) -> Result<Vec<LayerKind>> {
     let mut layers: Vec<LayerKind> =
@@ -550,7 +592,7 @@ fn layer_kinds(
                     if n < top_k {
                         return Err(f.invalid(
                             PER_LAYER_EXPERTS_KEY,
-                            format!("layer {i} keeps {n} experts, fewer than num_experts_per_tok = {top_k}"),
+                            format!("layer {i} keeps {n} experts, fewer than {top_k_key} = {top_k}"),
                         ));
                     }
                     *num_experts = n;
@@ -568,10 +610,7 @@ fn layer_kinds(
         if let LayerKind::Moe { num_experts } = kind
             && (top_k == 0 || top_k > *num_experts)
         {
-            return Err(f.invalid(
-                "num_experts_per_tok",
-                format!("{top_k} is not in 1..={num_experts} (experts of layer {i})"),
-            ));
+            return Err(f.invalid(top_k_key, format!("{top_k} is not in 1..={num_experts} (experts of layer {i})")));
         }
         if let (LayerKind::Moe { num_experts }, Some(g)) = (kind, routing.group_limit) {
             check_groups(f, g, *num_experts, top_k, i)?;
@@ -681,6 +720,51 @@ fn rope_settings(
             Err(f.invalid(&format!("{field}.rope_type"), format!("RoPE type `{ty}` is not supported ({supported})")))
         }
     }
+}
+
+/// The rotated width of a head: `head_dim · partial_rotary_factor` (truncated, as
+/// transformers' `int(head_dim * partial_rotary_factor)`), read from `rope_parameters` (5.x) or
+/// the top level (4.x), else from the architecture's own key ([`ArchSpec::rotary_dim`]: MiniMax's
+/// `rotary_dim`), else the architecture's default factor. Architectures without partial
+/// rotary accept only a factor of 1.
+fn rotary_dim(f: &Fields<'_>, spec: &dyn ArchSpec, head_dim: usize) -> Result<usize> {
+    let nested = match f.map.get("rope_parameters") {
+        Some(Value::Object(p)) => p.get("partial_rotary_factor").filter(|v| !v.is_null()).map(|v| {
+            v.as_f64().ok_or_else(|| {
+                f.invalid("rope_parameters.partial_rotary_factor", format!("expected a number, found {v}"))
+            })
+        }),
+        _ => None,
+    };
+    let (field, factor) = match nested {
+        Some(v) => ("rope_parameters.partial_rotary_factor", Some(v?)),
+        None => ("partial_rotary_factor", f.opt_f64("partial_rotary_factor")?),
+    };
+    let dim = match (factor, spec.rotary_dim(f)?) {
+        (Some(p), _) => {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(f.invalid(field, format!("{p} is not in (0, 1]")));
+            }
+            if p != 1.0 && spec.default_partial_rotary_factor().is_none() {
+                return Err(f.invalid(field, format!("{p}: partial RoPE is not part of `{}`", spec.model_type())));
+            }
+            ((head_dim as f64) * p) as usize
+        }
+        (None, Some(d)) => {
+            if d == 0 || d > head_dim {
+                return Err(f.invalid("rotary_dim", format!("{d} is not in 1..={head_dim} (head_dim)")));
+            }
+            d
+        }
+        (None, None) => ((head_dim as f64) * spec.default_partial_rotary_factor().unwrap_or(1.0)) as usize,
+    };
+    if dim == 0 || dim % 2 != 0 {
+        return Err(f.invalid(
+            field,
+            format!("gives a rotary width of {dim} for head_dim {head_dim}; it must be even and positive"),
+        ));
+    }
+    Ok(dim)
 }
 
 /// Group-limited routing needs `n_group` equal contiguous groups of at least two experts (V3

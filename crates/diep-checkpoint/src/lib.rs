@@ -30,7 +30,7 @@ mod weights;
 pub use architectures::{Architecture, SUPPORTED_MODEL_TYPES};
 pub use config::{
     AttentionConfig, ExpertActivation, GroupLimit, GroupScore, LayerKind, MlaConfig, ModelConfig, MoeConfig,
-    PER_LAYER_EXPERTS_KEY, QkNorm, RopeScaling, RoutingConfig, Scoring, YarnConfig, yarn_get_mscale,
+    PER_LAYER_EXPERTS_KEY, QkNorm, Renorm, RopeScaling, RoutingConfig, Scoring, YarnConfig, yarn_get_mscale,
 };
 pub use error::{CheckpointError, Result};
 pub use hub::resolve_model;

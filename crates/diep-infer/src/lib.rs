@@ -261,6 +261,10 @@ struct AttentionLayer {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// The rotated width of each q/k head (partial RoPE: less than `head_dim`).
+    rotary_dim: usize,
+    /// How RoPE pairs elements.
+    style: RopeStyle,
     scale: f32,
     window: Option<usize>,
     /// Per-head sink logits (gpt-oss): one more term in each softmax denominator.
@@ -564,7 +568,7 @@ impl CpuModel {
             }
         });
         let a = &self.config.attention;
-        let rope = rope_tables(a.rope_theta, a.head_dim, &a.rope_scaling, t);
+        let rope = rope_tables(a.rope_theta, a.rotary_dim, &a.rope_scaling, t);
         let mut x = vec![0f32; n * hidden];
         // Attention buffers, reused by every layer.
         let mut scratch = AttentionScratch::default();
@@ -616,6 +620,8 @@ fn convert_attention(a: StandardAttentionWeights, c: &AttentionConfig) -> Attent
         heads: c.num_heads,
         kv_heads: c.num_kv_heads,
         head_dim: c.head_dim,
+        rotary_dim: c.rotary_dim,
+        style: RopeStyle::interleaved_if(c.rope_interleave),
         scale: c.softmax_scale() as f32,
         window: a.window,
         sinks: a.sinks,
@@ -666,6 +672,7 @@ impl AttentionLayer {
         sc: &mut AttentionScratch,
     ) {
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let (r, style) = (self.rotary_dim, self.style);
         let n = b * t;
         let width = (nh + 2 * nkv) * d;
         let qkv = prefix(&mut sc.qkv, n * width);
@@ -697,8 +704,8 @@ impl AttentionLayer {
                 for (pos, o) in block.chunks_exact_mut(d).enumerate() {
                     let src = &qkv[(bi * t + pos) * width + col0 + hd * d..][..d];
                     if rotate {
-                        let (c, s) = (&rope.0[pos * d..(pos + 1) * d], &rope.1[pos * d..(pos + 1) * d]);
-                        head_row(&[], src, c, s, RopeStyle::RotateHalf, o);
+                        let (c, s) = (&rope.0[pos * r..(pos + 1) * r], &rope.1[pos * r..(pos + 1) * r]);
+                        head_row(&[], src, c, s, style, o);
                     } else {
                         o.copy_from_slice(src);
                     }

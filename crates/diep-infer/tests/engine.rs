@@ -127,6 +127,16 @@ fn deepseek_v2_latent_attention_group_limited_greedy() {
     check("tiny-deepseek-v2");
 }
 
+/// GLM-4.5 (partial RoPE, per-head qk-norm, q/k/v biases, grouped sigmoid routing), MiniMax-M2
+/// (full-projection qk-norm, partial RoPE, block-level selection bias), ERNIE-4.5 (interleaved
+/// RoPE, softmax routing with a `[1, E]` selection bias, biased MLPs and LM head).
+#[test]
+fn glm4_minimax_m2_and_ernie45() {
+    check("tiny-glm4-moe");
+    check("tiny-minimax-m2");
+    check("tiny-ernie4-5-moe");
+}
+
 #[test]
 fn dynamic_skipping_needs_the_burn_model() {
     let mut model = load("tiny-mixtral");

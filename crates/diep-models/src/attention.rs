@@ -94,8 +94,9 @@ impl Attention {
                 }
             }
         }
-        let q = kernels::rope_heads(q, b, c.num_heads, 0, &ctx.rope, RopeStyle::RotateHalf);
-        let k = kernels::rope_heads(k, b, c.num_kv_heads, 0, &ctx.rope, RopeStyle::RotateHalf);
+        let style = RopeStyle::interleaved_if(c.rope_interleave);
+        let q = kernels::rope_heads(q, b, c.num_heads, 0, &ctx.rope, style);
+        let k = kernels::rope_heads(k, b, c.num_kv_heads, 0, &ctx.rope, style);
         let v = v.reshape([b, t, c.num_kv_heads, hd]).swap_dims(1, 2);
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
 

@@ -167,6 +167,17 @@ impl<'a> Loader<'a> {
         Ok(data)
     }
 
+    /// Reads a per-expert vector `[n]` onto the device; a checkpoint may store it as `[1, n]`
+    /// (ERNIE-4.5's `moe_statics.e_score_correction_bias`).
+    pub(crate) fn expert_vector(&mut self, name: &str, n: usize) -> Result<Tensor<1>> {
+        let row = match &self.src {
+            Source::Checkpoint(ckpt) if ckpt.contains(name) => ckpt.get(name)?.shape == [1, n],
+            _ => false,
+        };
+        let data = if row { self.host(name, &[1, n])? } else { self.host(name, &[n])? };
+        Ok(Tensor::from_data(TensorData::new(data, [n]), &self.device))
+    }
+
     /// Reads a tensor onto the device, checking its shape.
     pub(crate) fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
         let data = self.host(name, &shape)?;
@@ -186,9 +197,10 @@ impl<'a> Loader<'a> {
         Ok(Linear::new(self.upload(w, [inp, out]), bias))
     }
 
-    /// Several `[out_i, in]` linear layers without bias fused column-wise into one `[in, Σ out_i]`
-    /// weight, so one matmul computes all of them (gate and up projections of a SwiGLU).
-    pub(crate) fn fused_linear(&mut self, names: &[&str], inp: usize, out: usize) -> Result<Linear> {
+    /// Several `[out_i, in]` linear layers fused column-wise into one `[in, Σ out_i]` weight, so
+    /// one matmul computes all of them (gate and up projections of a SwiGLU); when `bias`, their
+    /// biases (`<name minus .weight>.bias [out]`) concatenated in the same order.
+    pub(crate) fn fused_linear_biased(&mut self, names: &[&str], inp: usize, out: usize, bias: bool) -> Result<Linear> {
         let parts = names.iter().map(|n| self.host(n, &[out, inp])).collect::<Result<Vec<_>>>()?;
         let total = out * names.len();
         let mut fused = vec![0f32; inp * total];
@@ -199,7 +211,16 @@ impl<'a> Loader<'a> {
                 }
             }
         }
-        Ok(Linear::new(self.upload(fused, [inp, total]), None))
+        let bias = if bias {
+            let mut b = Vec::with_capacity(total);
+            for n in names {
+                b.extend(self.host(&bias_name(n), &[out])?);
+            }
+            Some(self.upload(b, [total]))
+        } else {
+            None
+        };
+        Ok(Linear::new(self.upload(fused, [inp, total]), bias))
     }
 
     /// An RMSNorm `name [dim]`.
@@ -253,4 +274,9 @@ pub(crate) fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     t
+}
+
+/// The bias beside a weight: `x.weight` → `x.bias`.
+pub(crate) fn bias_name(weight: &str) -> String {
+    format!("{}.bias", weight.strip_suffix(".weight").unwrap_or(weight))
 }

@@ -129,9 +129,10 @@ impl MoeModel {
                 // transformers ignores a saved head when the embeddings are tied.
                 ld.skip("lm_head.weight");
             }
-            Linear::new(ld.upload(transpose(&embed_host, v, h), [h, v]), None)
+            let bias = if c.moe.lm_head_bias { Some(ld.tensor("lm_head.bias", [v])?) } else { None };
+            Linear::new(ld.upload(transpose(&embed_host, v, h), [h, v]), bias)
         } else {
-            ld.linear("lm_head", h, v, false)?
+            ld.linear("lm_head", h, v, c.moe.lm_head_bias)?
         };
         let embed_tokens = ld.upload(embed_host, [v, h]);
         let norm = ld.rms_norm("model.norm.weight", h, c.rms_norm_eps)?;
@@ -306,9 +307,14 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
         }
     };
     let ffn = match kind {
-        LayerKind::Dense => {
-            FeedForward::Dense(load_swiglu(ld, &format!("{p}.mlp"), DENSE_MLP, h, c.dense_intermediate_size)?)
-        }
+        LayerKind::Dense => FeedForward::Dense(load_swiglu(
+            ld,
+            &format!("{p}.mlp"),
+            DENSE_MLP,
+            h,
+            c.dense_intermediate_size,
+            c.moe.mlp_bias,
+        )?),
         LayerKind::Moe { num_experts } => {
             let router_w = ld.weight_t(&keys.router_weight(i), num_experts, h)?;
             let router_bias = match (c.moe.router_bias, keys.router_bias(i)) {
@@ -321,24 +327,24 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
                 None => (0..num_experts)
                     .map(|e| {
                         let [g, u, d] = keys.expert_weights(i, e);
-                        load_swiglu_named(ld, [&g, &u, &d], h, c.moe.expert_intermediate_size)
+                        load_swiglu_named(ld, [&g, &u, &d], h, c.moe.expert_intermediate_size, c.moe.expert_bias)
                     })
                     .collect::<Result<Vec<_>>>()?,
             };
             let block = keys.block_prefix(i);
             let shared = match (keys.shared_expert, keys.shared_experts, c.moe.shared_expert_intermediate_size) {
                 (Some((mlp, gate)), _, Some(width)) => Some(SharedExpert {
-                    mlp: load_swiglu(ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width)?,
+                    mlp: load_swiglu(ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width, c.moe.mlp_bias)?,
                     gate: Some(ld.linear(&format!("{block}.{gate}"), h, 1, false)?),
                 }),
                 (None, Some(mlp), Some(width)) => Some(SharedExpert {
-                    mlp: load_swiglu(ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width)?,
+                    mlp: load_swiglu(ld, &format!("{block}.{mlp}"), DENSE_MLP, h, width, c.moe.mlp_bias)?,
                     gate: None,
                 }),
                 _ => None,
             };
             let correction = match (c.moe.routing.correction_bias, keys.router_correction_bias(i)) {
-                (true, Some(name)) => Some(ld.tensor(&name, [num_experts])?),
+                (true, Some(name)) => Some(ld.expert_vector(&name, num_experts)?),
                 _ => None,
             };
             FeedForward::Moe(
@@ -428,9 +434,10 @@ impl StreamingModel {
         let mut ld = Loader::for_model(&self.ckpt, c, &self.device);
         let lm_head = if c.tie_word_embeddings {
             let embed: Vec<f32> = self.embed_tokens.to_data().iter::<f32>().collect();
-            Linear::new(ld.upload(transpose(&embed, v, h), [h, v]), None)
+            let bias = if c.moe.lm_head_bias { Some(ld.tensor("lm_head.bias", [v])?) } else { None };
+            Linear::new(ld.upload(transpose(&embed, v, h), [h, v]), bias)
         } else {
-            ld.linear("lm_head", h, v, false)?
+            ld.linear("lm_head", h, v, c.moe.lm_head_bias)?
         };
         Ok((self.load_final_norm()?, lm_head))
     }
@@ -621,13 +628,29 @@ fn load_fused_experts(
         .collect())
 }
 
-fn load_swiglu(ld: &mut Loader<'_>, prefix: &str, names: [&str; 3], hidden: usize, inter: usize) -> Result<SwiGlu> {
+fn load_swiglu(
+    ld: &mut Loader<'_>,
+    prefix: &str,
+    names: [&str; 3],
+    hidden: usize,
+    inter: usize,
+    bias: bool,
+) -> Result<SwiGlu> {
     let [g, u, d] = names.map(|n| format!("{prefix}.{n}.weight"));
-    load_swiglu_named(ld, [&g, &u, &d], hidden, inter)
+    load_swiglu_named(ld, [&g, &u, &d], hidden, inter, bias)
 }
 
-fn load_swiglu_named(ld: &mut Loader<'_>, [g, u, d]: [&str; 3], hidden: usize, inter: usize) -> Result<SwiGlu> {
-    let gate_up = ld.fused_linear(&[g, u], hidden, inter)?;
+/// A SwiGLU MLP from its three weights, with their biases (`*.bias`) when `bias` (ERNIE-4.5's
+/// `use_bias`).
+fn load_swiglu_named(
+    ld: &mut Loader<'_>,
+    [g, u, d]: [&str; 3],
+    hidden: usize,
+    inter: usize,
+    bias: bool,
+) -> Result<SwiGlu> {
+    let gate_up = ld.fused_linear_biased(&[g, u], hidden, inter, bias)?;
     let down_t = ld.weight_t(d, hidden, inter)?;
-    Ok(SwiGlu { gate_up, down: Linear { weight: ld.upload(down_t, [inter, hidden]), bias: None } })
+    let down_bias = if bias { Some(ld.tensor(&crate::loader::bias_name(d), [hidden])?) } else { None };
+    Ok(SwiGlu { gate_up, down: Linear { weight: ld.upload(down_t, [inter, hidden]), bias: down_bias } })
 }

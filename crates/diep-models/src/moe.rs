@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use burn::tensor::activation::{sigmoid, softmax};
 
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
-use diep_checkpoint::{ExpertActivation, GroupLimit, GroupScore, RoutingConfig, Scoring};
+use diep_checkpoint::{ExpertActivation, GroupLimit, GroupScore, Renorm, RoutingConfig, Scoring};
 
 use crate::error::{ModelError, Result};
 use crate::kernels;
@@ -73,7 +73,11 @@ impl RoutingRule {
     /// Whether this is the plain softmax rule (no groups, no scaling).
     pub fn is_plain_softmax(&self) -> bool {
         let c = &self.config;
-        c.scoring == Scoring::Softmax && c.group_limit.is_none() && c.routed_scaling_factor == 1.0
+        c.scoring == Scoring::Softmax
+            && c.group_limit.is_none()
+            && c.routed_scaling_factor == 1.0
+            && !c.correction_bias
+            && c.renorm == Renorm::Sum
     }
 
     /// Routes one token on the host, restricted to the experts marked `allowed` (the others
@@ -103,7 +107,7 @@ impl RoutingRule {
         let chosen = select_experts(&choice, self.top_k, self.config.group_limit);
         let denom = if self.norm_topk_prob {
             let sum: f32 = chosen.iter().map(|e| scores[*e]).sum();
-            if self.config.scoring == Scoring::Sigmoid { sum + 1e-20 } else { sum }
+            self.config.renorm.denominator(sum)
         } else {
             1.0
         };
@@ -168,43 +172,46 @@ pub fn route_with(
 ) -> Routing {
     let (top_k, norm_topk_prob) = (rule.top_k, rule.norm_topk_prob);
     let scale = rule.config.routed_scaling_factor;
-    if rule.config.scoring == Scoring::Softmax && rule.config.group_limit.is_none() {
+    if rule.config.scoring == Scoring::Softmax
+        && rule.config.group_limit.is_none()
+        && correction.is_none()
+        && rule.config.renorm == Renorm::Sum
+    {
         let routing = route_softmax(logits, bias, top_k, norm_topk_prob);
         return if scale == 1.0 { routing } else { Routing { weights: routing.weights * scale, ..routing } };
     }
     let [n, e] = logits.dims();
     let device = logits.device();
-    let (probs, choice) = match rule.config.scoring {
+    let probs = match rule.config.scoring {
         Scoring::Softmax => {
             let biased = match bias {
                 Some(b) => logits.clone() + b.clone().unsqueeze::<2>(),
                 None => logits.clone(),
             };
-            let probs = softmax(biased, 1);
-            let choice: Vec<f32> = probs.clone().detach().into_data().iter::<f32>().collect();
-            (probs, choice)
+            softmax(biased, 1)
         }
         Scoring::Sigmoid => {
             let s = sigmoid(logits.clone());
-            let probs = match bias {
+            match bias {
                 Some(b) => s * b.clone().exp().unsqueeze::<2>(),
                 None => s,
-            };
-            let mut choice: Vec<f32> = probs.clone().detach().into_data().iter::<f32>().collect();
-            let corr: Option<Vec<f32>> = correction.map(|c| c.clone().detach().into_data().iter::<f32>().collect());
-            let removed: Option<Vec<bool>> =
-                bias.map(|b| b.clone().detach().into_data().iter::<f32>().map(|v| v == f32::NEG_INFINITY).collect());
-            for (i, c) in choice.iter_mut().enumerate() {
-                let j = i % e;
-                if removed.as_ref().is_some_and(|r| r[j]) {
-                    *c = f32::NEG_INFINITY;
-                } else if let Some(corr) = &corr {
-                    *c += corr[j];
-                }
             }
-            (probs, choice)
         }
     };
+    // Selection scores: the probabilities plus the correction bias; a removed expert (bias
+    // −∞) is never selectable, whatever its correction.
+    let mut choice: Vec<f32> = probs.clone().detach().into_data().iter::<f32>().collect();
+    let corr: Option<Vec<f32>> = correction.map(|c| c.clone().detach().into_data().iter::<f32>().collect());
+    let removed: Option<Vec<bool>> =
+        bias.map(|b| b.clone().detach().into_data().iter::<f32>().map(|v| v == f32::NEG_INFINITY).collect());
+    for (i, c) in choice.iter_mut().enumerate() {
+        let j = i % e;
+        if removed.as_ref().is_some_and(|r| r[j]) {
+            *c = f32::NEG_INFINITY;
+        } else if let Some(corr) = &corr {
+            *c += corr[j];
+        }
+    }
     let mut selected = Vec::with_capacity(n * top_k);
     for t in 0..n {
         selected.extend(
@@ -215,9 +222,10 @@ pub fn route_with(
     let mut weights = probs.clone().gather(1, experts.clone());
     if norm_topk_prob {
         let sum = weights.clone().sum_dim(1);
-        weights = match rule.config.scoring {
-            Scoring::Sigmoid => weights / (sum + 1e-20),
-            Scoring::Softmax => weights / sum,
+        weights = match rule.config.renorm {
+            Renorm::Sum => weights / sum,
+            Renorm::SumPlusTiny => weights / (sum + 1e-20),
+            Renorm::AtLeast(floor) => weights / sum.clamp_min(floor as f32),
         };
     }
     if scale != 1.0 {

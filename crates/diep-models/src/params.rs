@@ -88,7 +88,7 @@ fn export_swiglu(out: &mut Vec<HfTensor>, [g, u, d]: [String; 3], s: &SwiGlu) {
     let [hidden, two_i] = s.gate_up.weight.dims();
     let inter = two_i / 2;
     let w = host(&s.gate_up.weight);
-    for (name, offset) in [(g, 0), (u, inter)] {
+    for (name, offset) in [(g.clone(), 0), (u.clone(), inter)] {
         let mut part = vec![0f32; inter * hidden];
         for o in 0..inter {
             for x in 0..hidden {
@@ -97,7 +97,21 @@ fn export_swiglu(out: &mut Vec<HfTensor>, [g, u, d]: [String; 3], s: &SwiGlu) {
         }
         out.push(HfTensor { name, shape: vec![inter, hidden], data: part });
     }
+    if let Some(b) = &s.gate_up.bias {
+        let b = host(b);
+        for (name, offset) in [(&g, 0), (&u, inter)] {
+            out.push(HfTensor { name: bias_of(name), shape: vec![inter], data: b[offset..offset + inter].to_vec() });
+        }
+    }
+    if let Some(b) = &s.down.bias {
+        out.push(HfTensor { name: bias_of(&d), shape: vec![hidden], data: host(b) });
+    }
     out.push(HfTensor { name: d, shape: vec![hidden, inter], data: transpose(&host(&s.down.weight), inter, hidden) });
+}
+
+/// `x.weight` → `x.bias`.
+fn bias_of(weight: &str) -> String {
+    format!("{}.bias", weight.strip_suffix(".weight").unwrap_or(weight))
 }
 
 fn export_norm(out: &mut Vec<HfTensor>, name: String, n: &RmsNorm) {
@@ -237,7 +251,9 @@ fn export_layer_rest(out: &mut Vec<HfTensor>, keys: &MoeKeys, i: usize, layer: &
             let block = keys.block_prefix(i);
             export_linear(out, &format!("{block}.{}", keys.router), &m.router);
             if let (Some(b), Some(name)) = (&m.correction_bias, keys.router_correction_bias(i)) {
-                out.push(HfTensor { name, shape: b.dims().to_vec(), data: host(b) });
+                // ERNIE-4.5 stores its `moe_statics` bias as `[1, E]`.
+                let shape = if name.contains("moe_statics.") { vec![1, b.dims()[0]] } else { b.dims().to_vec() };
+                out.push(HfTensor { name, shape, data: host(b) });
             }
             for (e, expert) in m.experts.iter().enumerate() {
                 export_swiglu(out, keys.expert_weights(i, e), expert);

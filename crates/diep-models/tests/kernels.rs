@@ -3,7 +3,7 @@
 //! over random inputs and the shapes the models use; and the configuration decisions both
 //! engines share.
 
-use diep_models::burn::tensor::{Device, Distribution, Tensor};
+use diep_models::burn::tensor::{Device, Distribution, Tensor, TensorData};
 use diep_models::checkpoint::{AttentionConfig, ModelConfig, QkNorm};
 use diep_models::kernels::{self, QkvStep, RopeStyle, RopeTables, reference};
 
@@ -114,13 +114,36 @@ fn rms_norm_matches_reference() {
 #[test]
 fn rope_heads_matches_reference() {
     for style in [RopeStyle::RotateHalf, RopeStyle::Interleaved] {
-        // (pass > 0: MLA queries, whose first `pass` elements per head are not rotated.)
-        for (b, t, heads, pass, d) in [(1, 1, 1, 0, 2), (2, 9, 3, 0, 8), (4, 33, 2, 0, 32), (2, 9, 3, 5, 8)] {
+        // pass > 0: MLA queries, whose first `pass` elements per head are not rotated;
+        // tail > 0: partial RoPE (GLM-4.5, MiniMax-M2), whose last `tail` elements are not.
+        for (b, t, heads, pass, d, tail) in
+            [(1, 1, 1, 0, 2, 0), (2, 9, 3, 0, 8, 0), (4, 33, 2, 0, 32, 0), (2, 9, 3, 5, 8, 0), (2, 9, 3, 0, 8, 8)]
+        {
             let tables = RopeTables::new(10_000.0, d, t + 5, &device());
-            let x = random([b * t, heads * (pass + d)], 1.0);
+            let w = pass + d + tail;
+            let x = random([b * t, heads * w], 1.0);
             let want = values(reference::rope_heads(x.clone(), b, heads, pass, &tables, style));
-            let got = values(kernels::rope_heads(x, b, heads, pass, &tables, style));
-            assert_close(&got, &want, 1e-6, &format!("rope_heads {style:?} {b}x{t}x{heads}x{pass}+{d}"));
+            let got = values(kernels::rope_heads(x.clone(), b, heads, pass, &tables, style));
+            assert_close(&got, &want, 1e-6, &format!("rope_heads {style:?} {b}x{t}x{heads}x{pass}+{d}+{tail}"));
+            if tail > 0 {
+                // The tail is the input's, untouched; the rotated part is RoPE of its own slice.
+                let xs = values(x.clone());
+                let narrow: Vec<f32> = xs.chunks(w).flat_map(|head| head[..d].iter().copied()).collect::<Vec<_>>();
+                let narrow = Tensor::<2>::from_data(TensorData::new(narrow, [b * t, heads * d]), &device());
+                let rotated = values(reference::rope_heads(narrow, b, heads, 0, &tables, style));
+                // got is [b, heads, t, w]; input rows are [b·t, heads·w].
+                for bi in 0..b {
+                    for h in 0..heads {
+                        for p in 0..t {
+                            let g = &got[((bi * heads + h) * t + p) * w..][..w];
+                            let src = &xs[(bi * t + p) * heads * w + h * w..][..w];
+                            let r = &rotated[((bi * heads + h) * t + p) * d..][..d];
+                            assert_eq!(&g[d..], &src[d..], "tail of head {h}");
+                            assert_close(&g[..d], r, 1e-6, "rotated part");
+                        }
+                    }
+                }
+            }
         }
     }
 }

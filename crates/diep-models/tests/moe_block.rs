@@ -4,7 +4,7 @@
 
 use diep_models::DeviceSpec;
 use diep_models::burn::tensor::{Device, Tensor, TensorData};
-use diep_models::checkpoint::{GroupLimit, GroupScore, RoutingConfig, Scoring};
+use diep_models::checkpoint::{GroupLimit, GroupScore, Renorm, RoutingConfig, Scoring};
 use diep_models::moe::{MoeBlock, MoeForwardOptions, RoutingRule, SharedExpert, route, route_with};
 use diep_models::nn::{Linear, SwiGlu};
 use proptest::prelude::*;
@@ -224,12 +224,14 @@ fn deepseek_rules() -> Vec<RoutingRule> {
         group_limit: Some(GroupLimit { n_group: 2, topk_group: 1, score: GroupScore::Top2Sum }),
         routed_scaling_factor: 2.5,
         correction_bias: true,
+        renorm: Renorm::SumPlusTiny,
     };
     let v2 = RoutingConfig {
         scoring: Scoring::Softmax,
         group_limit: Some(GroupLimit { n_group: 4, topk_group: 2, score: GroupScore::Max }),
         routed_scaling_factor: 1.5,
         correction_bias: false,
+        renorm: Renorm::Sum,
     };
     vec![
         RoutingRule { top_k: 2, norm_topk_prob: true, config: v3 },
@@ -237,13 +239,37 @@ fn deepseek_rules() -> Vec<RoutingRule> {
     ]
 }
 
-/// The device routing of DeepSeek's rules equals the host `route_row` (used by NAEE), with and
-/// without a mask, and the group limit holds.
+/// The rules of the other routers with a selection bias: MiniMax-M2 (sigmoid, no groups, plain
+/// sum) and ERNIE-4.5 (softmax, `moe_statics` bias, floored sum).
+fn biased_rules() -> Vec<RoutingRule> {
+    let minimax = RoutingConfig {
+        scoring: Scoring::Sigmoid,
+        group_limit: None,
+        routed_scaling_factor: 1.0,
+        correction_bias: true,
+        renorm: Renorm::Sum,
+    };
+    let ernie = RoutingConfig {
+        scoring: Scoring::Softmax,
+        group_limit: None,
+        routed_scaling_factor: 1.0,
+        correction_bias: true,
+        renorm: Renorm::AtLeast(1e-12),
+    };
+    vec![
+        RoutingRule { top_k: 2, norm_topk_prob: true, config: minimax },
+        RoutingRule { top_k: 2, norm_topk_prob: true, config: ernie },
+    ]
+}
+
+/// The device routing of DeepSeek's, MiniMax-M2's and ERNIE-4.5's rules equals the host
+/// `route_row` (used by NAEE and the fused engine), with and without a mask, and the group
+/// limit holds.
 #[test]
 fn deepseek_routing_on_device_equals_host_rows() {
     let device = device();
     let (n, e) = (40, 8);
-    for (r, rule) in deepseek_rules().into_iter().enumerate() {
+    for (r, rule) in deepseek_rules().into_iter().chain(biased_rules()).enumerate() {
         let mut rng = Rng(77 + r as u64);
         let logits = rng.tensor([n, e], 3.0, &device);
         let correction = rule.config.correction_bias.then(|| rng.tensor([e], 0.3, &device));
@@ -263,12 +289,13 @@ fn deepseek_routing_on_device_equals_host_rows() {
                     assert!(keep[*ex], "masked expert {ex} selected");
                 }
                 // Group limit: the chosen experts lie in at most topk_group groups.
-                let g = rule.config.group_limit.unwrap();
-                let size = e / g.n_group;
-                let mut groups: Vec<usize> = row.iter().map(|(ex, _)| ex / size).collect();
-                groups.sort();
-                groups.dedup();
-                assert!(groups.len() <= g.topk_group, "rule {r} token {t}: groups {groups:?}");
+                if let Some(g) = rule.config.group_limit {
+                    let size = e / g.n_group;
+                    let mut groups: Vec<usize> = row.iter().map(|(ex, _)| ex / size).collect();
+                    groups.sort();
+                    groups.dedup();
+                    assert!(groups.len() <= g.topk_group, "rule {r} token {t}: groups {groups:?}");
+                }
                 if rule.norm_topk_prob {
                     let s: f32 = row.iter().map(|(_, w)| w).sum();
                     assert!((s - rule.config.routed_scaling_factor as f32).abs() < 1e-4);
@@ -282,7 +309,13 @@ fn deepseek_routing_on_device_equals_host_rows() {
 /// renumbering, as the surgery does.
 #[test]
 fn deepseek_v3_mask_equals_removal_on_the_host() {
-    let rule = deepseek_rules().remove(0);
+    for rule in [deepseek_rules().remove(0)].into_iter().chain(biased_rules()) {
+        mask_equals_removal(&rule);
+    }
+}
+
+/// MiniMax-M2 and ERNIE-4.5 too: the selection bias of a masked expert never brings it back.
+fn mask_equals_removal(rule: &RoutingRule) {
     let mut rng = Rng(5);
     let (n, e) = (30, 8);
     let keep = [true, false, true, true, true, true, false, true];

@@ -126,6 +126,72 @@ fn deepseek_v3_matches_transformers() {
     check_model("tiny-deepseek-v3", "logits", 1e-4);
 }
 
+#[test]
+fn glm4_moe_matches_transformers() {
+    // q/k/v biases, per-head qk-norm, partial RoPE (8 of 16), DeepSeek-V3 routing with groups,
+    // a shared expert, a leading dense layer; `num_nextn_predict_layers: 1` without MTP weights.
+    check_model("tiny-glm4-moe", "logits", 1e-4);
+}
+
+#[test]
+fn minimax_m2_matches_transformers() {
+    // Full-projection qk-norm, `rotary_dim` 8 of 16, sigmoid routing with a block-level bias.
+    check_model("tiny-minimax-m2", "logits", 1e-4);
+}
+
+#[test]
+fn ernie4_5_moe_matches_transformers() {
+    // Interleaved RoPE, a dense first layer, softmax routing with the `moe_statics` bias
+    // `[1, E]`, two shared experts, tied embeddings.
+    check_model("tiny-ernie4-5-moe", "logits", 1e-4);
+}
+
+/// The experts each token selects, and their weights, equal transformers' router outputs
+/// (`topk_idx.{layer}` / `topk_weight.{layer}`, ids sorted per token), correction biases and
+/// renormalisation included.
+#[test]
+fn new_families_select_the_experts_transformers_selects() {
+    for name in ["tiny-glm4-moe", "tiny-minimax-m2", "tiny-ernie4-5-moe"] {
+        let reference = Reference::load(name);
+        let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
+        let mut routed = Vec::new();
+        model
+            .forward_with(&reference.ids(), &MoeForwardOptions::default(), |layer, _, out| {
+                let idx: Vec<i64> = out.routing.experts.clone().into_data().iter::<i64>().collect();
+                routed.push((layer, idx, to_vec(out.routing.weights.clone())));
+            })
+            .unwrap();
+        assert!(!routed.is_empty());
+        for (layer, idx, w) in routed {
+            let ckpt =
+                Checkpoint::open_file(fixtures().join("parity").join(name).join("reference.safetensors")).unwrap();
+            let t = ckpt.get(&format!("topk_idx.{layer}")).unwrap();
+            assert_eq!(t.dtype, diep_models::checkpoint::Dtype::I64);
+            let want_idx: Vec<i64> =
+                t.bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+            let (want_w, _) = reference.tensor(&format!("topk_weight.{layer}"));
+            let k = idx.len() / (want_idx.len() / 2);
+            assert_eq!(k, 2, "{name}: top-k");
+            for t in 0..idx.len() / k {
+                let mut got: Vec<(i64, f32)> = (0..k).map(|j| (idx[t * k + j], w[t * k + j])).collect();
+                got.sort_by_key(|p| p.0);
+                for j in 0..k {
+                    assert_eq!(got[j].0, want_idx[t * k + j], "{name} layer {layer} token {t}");
+                    let d = (got[j].1 - want_w[t * k + j]).abs();
+                    assert!(d < 1e-5, "{name} layer {layer} token {t}: weight {} vs {}", got[j].1, want_w[t * k + j]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn new_families_expert_masks_equal_removing_experts_in_transformers() {
+    for name in ["tiny-glm4-moe", "tiny-minimax-m2", "tiny-ernie4-5-moe"] {
+        check_masked(name);
+    }
+}
+
 /// DeepSeek-V3 in DeepSeek's FP8 block format (16×16 blocks, partial edge blocks) with an MTP
 /// layer: transformers ran on the dequantised weights, the MTP layer ignored.
 #[test]
@@ -315,7 +381,15 @@ fn deepseek_moe_logits_and_loss_parity() {
 
 #[test]
 fn deepseek_and_gpt_oss_loss_matches_transformers() {
-    for name in ["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss", "tiny-gpt-oss-mxfp4"] {
+    for name in [
+        "tiny-deepseek-v3",
+        "tiny-deepseek-v2",
+        "tiny-gpt-oss",
+        "tiny-gpt-oss-mxfp4",
+        "tiny-glm4-moe",
+        "tiny-minimax-m2",
+        "tiny-ernie4-5-moe",
+    ] {
         let reference = Reference::load(name);
         let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
         let ids = reference.ids();

@@ -267,15 +267,23 @@ fn gpt_oss_pruned_equals_masked(name: &str) {
     assert!(err <= 1e-5, "{name}: pruned vs masked logits differ by {err:e}");
 }
 
-/// DeepSeek-V2/V3 and gpt-oss: non-uniformly pruned checkpoints (per-layer counts; DeepSeek
+/// DeepSeek-V2/V3, GLM-4.5, MiniMax-M2, ERNIE-4.5 and gpt-oss: non-uniformly pruned checkpoints (per-layer counts; DeepSeek
 /// groups of `E_i / n_group` with `e_score_correction_bias` of length `E_i`) load in this
 /// project's model and equal the original with those experts masked.
 #[test]
 fn non_uniform_deepseek_and_gpt_oss_checkpoints_equal_masked_model() {
     type Case = (&'static str, &'static str, Vec<(usize, Vec<usize>)>);
-    let cases: [Case; 3] = [
+    let cases: [Case; 6] = [
         // n_group 2 (groups of 4): layer 1 keeps 2 + 2, layer 2 keeps 3 + 3.
         ("tiny-deepseek-v3", "deepseek_v3", vec![(1, vec![1, 3, 4, 6]), (2, vec![0, 1, 3, 4, 5, 7])]),
+        // GLM-4.5: the same groups; MiniMax-M2's block-level and ERNIE's `[1, E]` selection biases.
+        ("tiny-glm4-moe", "glm4_moe", vec![(1, vec![1, 3, 4, 6]), (2, vec![0, 1, 3, 4, 5, 7])]),
+        ("tiny-minimax-m2", "minimax_m2", vec![(0, vec![0, 2, 3, 5, 6]), (1, vec![1, 4, 7]), (2, (0..7).collect())]),
+        (
+            "tiny-ernie4-5-moe",
+            "ernie4_5_moe",
+            vec![(1, vec![0, 2, 3, 5, 6]), (2, vec![1, 4, 7]), (3, (1..8).collect())],
+        ),
         // n_group 4 (groups of 2): layer 1 keeps all 8, layer 2 one per group.
         ("tiny-deepseek-v2", "deepseek_v2", vec![(1, (0..8).collect()), (2, vec![1, 2, 5, 7])]),
         ("tiny-gpt-oss", "gpt_oss", vec![(0, vec![0, 2, 3, 5, 6]), (1, vec![1, 4, 7]), (2, (0..7).collect())]),
@@ -305,7 +313,7 @@ fn non_uniform_deepseek_and_gpt_oss_checkpoints_equal_masked_model() {
 /// groups (the top experts of each group), so surgery accepts the plans.
 #[test]
 fn baselines_respect_routing_groups() {
-    for name in ["tiny-deepseek-v3", "tiny-deepseek-v2"] {
+    for name in ["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-glm4-moe"] {
         let m = model(name);
         let g = m.config().moe.routing.group_limit.unwrap();
         let samples = calib(name, 4, 32, 3);

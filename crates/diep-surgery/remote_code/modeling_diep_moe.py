@@ -6,15 +6,19 @@ Written next to a pruned checkpoint by ``diep-surgery`` (together with ``auto_ma
     AutoModelForCausalLM.from_pretrained(pruned_dir, trust_remote_code=True)
 
 loads it with transformers 5.x (and 4.57). Supported ``model_type``s: ``mixtral``, ``qwen2_moe``,
-``qwen3_moe``, ``olmoe``, and with transformers 5.x only (written against 5.24) ``deepseek_v2``, ``deepseek_v3``
-and ``gpt_oss`` (bf16/f32 experts; MXFP4 checkpoints are pruned uniformly only). ``model_type`` stays the
-original one, so the config class is transformers' own (``MixtralConfig``, ...); no configuration file is needed.
+``qwen3_moe``, ``olmoe``, and with transformers 5.x only (written against 5.24) ``deepseek_v2``, ``deepseek_v3``,
+``glm4_moe`` (GLM-4.5 / 4.6), ``minimax_m2``, ``ernie4_5_moe`` (ERNIE-4.5 MoE text models) and ``gpt_oss``
+(bf16/f32 experts; MXFP4 checkpoints are pruned uniformly only). ``model_type`` stays the original one, so the
+config class is transformers' own (``MixtralConfig``, ...); no configuration file is needed.
 
 Checkpoint contract (what the surgery writes):
 
 * the on-disk tensor names of the original (per-expert layout, e.g.
   ``model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight`` or ``model.layers.{i}.mlp.experts.{e}.gate_proj.weight``),
-  kept experts renumbered ``0..E_i-1`` per layer, router ``gate.weight`` of shape ``[E_i, hidden]``;
+  kept experts renumbered ``0..E_i-1`` per layer, router ``gate.weight`` of shape ``[E_i, hidden]``, and where the
+  architecture has one the selection bias sliced to the kept experts (``mlp.gate.e_score_correction_bias [E_i]``
+  for deepseek_v3 / glm4_moe, ``block_sparse_moe.e_score_correction_bias [E_i]`` for minimax_m2,
+  ``mlp.moe_statics.e_score_correction_bias [1, E_i]`` for ernie4_5_moe);
 * config.json: the original, with the expert-count key(s) set to ``max_i E_i`` and
   ``"num_experts_per_layer": [E_0, E_1, ...]`` (one entry per decoder layer, 0 for dense layers). Without
   ``num_experts_per_layer`` every MoE layer gets the config's count (a uniformly pruned / unpruned checkpoint).
@@ -49,15 +53,50 @@ router with ``E_i`` rows. Its routing is each architecture's, as written in the 
   The surgery keeps every group of a layer equally large, so the groups over the ``E_i`` kept experts are
   the original groups restricted to them.
 
+* glm4_moe: the deepseek family above with transformers' ``Glm4MoeMoE`` / ``Glm4MoeTopkRouter`` (the same
+  routing as DeepSeek-V3: sigmoid + ``e_score_correction_bias`` for selection, ``n_group`` / ``topk_group``,
+  ``norm_topk_prob``, ``routed_scaling_factor``) and ``Glm4MoeMLP`` shared experts; expert count
+  ``n_routed_experts`` (``num_local_experts`` is an attribute_map alias). Dense layers
+  (``i < first_k_dense_replace``) have 0 in ``num_experts_per_layer``. The multi-token-prediction layer on disk
+  (``model.layers.{num_hidden_layers}.*``) is not a decoder layer; transformers' inherited
+  ``_keys_to_ignore_on_load_unexpected`` ignores it for GLM-4.5 / GLM-4.5-Air (layers 92 / 46 only).
+
+* minimax_m2: ``DiepMiniMaxM2SparseMoeBlock``, a subclass of transformers' ``MiniMaxM2SparseMoeBlock`` (its
+  ``forward``), registered as ``block_sparse_moe`` (on-disk name; ``mlp``, which the decoder layer calls, is an
+  alias as for Mixtral), with ``gate.weight [E_i, H]``, the block-level ``e_score_correction_bias [E_i]`` and
+  ``experts.{e}.w1|w3|w2.weight`` (gate, up, down). Router: transformers' ``MiniMaxM2TopKRouter``:
+  ``sigmoid(logits.float())``, + bias for selection, plain top-k, the chosen scores renormalised to sum 1.
+  Expert count ``num_local_experts``.
+
+* ernie4_5_moe: ``DiepErnie4_5_MoeSparseMoeBlock``, a subclass of transformers' ``Ernie4_5_MoeSparseMoeBlock``
+  (its ``forward``) with ``gate.weight [E_i, H]``, ``experts.{e}.gate_proj|up_proj|down_proj.weight`` and
+  ``Ernie4_5_MoeMLP`` shared experts (``moe_num_shared_experts``). Router: transformers' ``Ernie4_5_MoeTopKRouter``:
+  f32 softmax over the ``E_i`` logits, + ``e_score_correction_bias`` for selection only, top-k, the chosen
+  probabilities divided by ``clamp(sum, min=moe_norm_min)``. Its ``Ernie4_5_MoeStatics`` is registered at block
+  level as ``moe_statics`` (the checkpoint's ``mlp.moe_statics.e_score_correction_bias [1, E_i]``; transformers'
+  conversion moves it under ``gate`` for its own class) and the router holds a plain, unregistered reference to
+  it. Expert count ``moe_num_experts`` (attribute_map ``num_experts``; top-k is ``moe_k``); MoE layers are
+  ``(i + 1) % moe_layer_interval == 0 and moe_layer_start_index <= i <= moe_layer_end_index``, the others 0 in
+  ``num_experts_per_layer``.
+
+  For these three the routed experts are :class:`DiepDeepseekExperts` (per-expert ``nn.ModuleList``, on-disk
+  names), the rest is transformers' code; in float32 a pruned model matched transformers' own model with the
+  pruned experts deleted exactly (max |d logits| 0 on tiny random models). (transformers 5.x runs its own fused experts with
+  ``experts_implementation="grouped_mm"`` by default, which rounds differently in bf16 from the per-expert
+  loop; with ``experts_implementation="eager"`` the stock model matches this code exactly in bf16 too.)
+
 A layer with ``E_i`` experts therefore computes exactly what the original layer computes with the pruned
 experts removed: for softmax routers, their router logits set to -inf before the softmax / top-k; for
-DeepSeek-V3, their ``e_score_correction_bias`` set to -inf (a -inf logit alone is a sigmoid score of 0, still
-selectable through the bias); for gpt-oss, their router bias set to -inf.
+DeepSeek-V3, GLM-4.5 and MiniMax-M2, their ``e_score_correction_bias`` set to -inf (a -inf logit alone is a
+sigmoid score of 0, still selectable through the bias); for ERNIE-4.5 both (the -inf logits take them out of the
+softmax denominator, the -inf bias out of the selection: a probability of 0 plus the bias is still selectable);
+for gpt-oss, their router bias set to -inf.
 
 Because these classes are custom code, transformers 5.x does not apply its checkpoint conversion mapping
-(per-expert -> fused ``gate_up_proj``; mixtral's ``block_sparse_moe`` -> ``mlp`` rename) to them: the
-per-expert keys load as they are. In 5.x, Mixtral's decoder layer calls ``self.mlp``; the block is
-registered as ``block_sparse_moe`` (the on-disk name) and ``mlp`` is a plain alias to the same object.
+(per-expert -> fused ``gate_up_proj``; mixtral's / minimax_m2's ``block_sparse_moe`` -> ``mlp`` rename;
+ernie4_5_moe's ``mlp.moe_statics`` -> ``mlp.gate.moe_statics``) to them: the on-disk keys load as they are. In
+5.x, Mixtral's and MiniMax-M2's decoder layers call ``self.mlp``; the block is registered as
+``block_sparse_moe`` (the on-disk name) and ``mlp`` is a plain alias to the same object.
 
 Router logits returned with ``output_router_logits=True`` are padded to the config's (maximum) expert
 count with -inf, so that transformers' load-balancing loss, which stacks all layers, still works.
@@ -139,6 +178,26 @@ _ARCHS = {
         module="gpt_oss", prefix="GptOss", moe_attr="mlp", count_keys=("num_local_experts",),
         proj=None, inter="intermediate_size", shared_expert=False,
         family="gpt_oss", block="GptOssMLP", router="GptOssTopKRouter",
+    ),
+    # GLM-4.5/4.6: DeepSeek-V3's block and router (sigmoid + e_score_correction_bias, groups, shared experts).
+    "glm4_moe": dict(
+        module="glm4_moe", prefix="Glm4Moe", moe_attr="mlp", count_keys=("n_routed_experts",),
+        proj=("gate_proj", "up_proj", "down_proj"), inter="moe_intermediate_size", shared_expert=False,
+        family="deepseek", block="Glm4MoeMoE", router="Glm4MoeTopkRouter",
+    ),
+    # MiniMax-M2: on disk `block_sparse_moe.{gate.weight, e_score_correction_bias, experts.{e}.w1|w2|w3.weight}`
+    # (transformers renames block_sparse_moe -> mlp for its own class; the layer calls `self.mlp`).
+    "minimax_m2": dict(
+        module="minimax_m2", prefix="MiniMaxM2", moe_attr="block_sparse_moe", count_keys=("num_local_experts",),
+        proj=("w1", "w3", "w2"), inter="intermediate_size", shared_expert=False,
+        family="minimax_m2", block="MiniMaxM2SparseMoeBlock", router="MiniMaxM2TopKRouter",
+    ),
+    # ERNIE-4.5 MoE: on disk `mlp.moe_statics.e_score_correction_bias [1, E]` at block level (transformers moves it
+    # into `mlp.gate.moe_statics` for its own class).
+    "ernie4_5_moe": dict(
+        module="ernie4_5_moe", prefix="Ernie4_5_Moe", moe_attr="mlp", count_keys=("moe_num_experts",),
+        proj=("gate_proj", "up_proj", "down_proj"), inter="moe_intermediate_size", shared_expert=False,
+        family="ernie4_5_moe", block="Ernie4_5_MoeSparseMoeBlock", router="Ernie4_5_MoeTopKRouter",
     ),
 }
 
@@ -322,8 +381,8 @@ def _padded_router_cls(stock_router_cls):
         stock_router_cls.__init__(self, config)
         self.num_experts_padded = num_experts_padded
 
-    def forward(self, hidden_states):
-        router_logits, *rest = stock_router_cls.forward(self, hidden_states)
+    def forward(self, hidden_states, *args, **kwargs):  # MiniMax-M2's router also takes the correction bias
+        router_logits, *rest = stock_router_cls.forward(self, hidden_states, *args, **kwargs)
         pad = self.num_experts_padded - router_logits.shape[-1]
         if pad > 0:
             router_logits = torch.cat(
@@ -339,13 +398,16 @@ def _padded_router_cls(stock_router_cls):
 
 
 class DiepDeepseekExperts(nn.ModuleList):
-    """DeepSeek-V2/V3 routed experts of one layer as ``E_i`` separate SwiGLU MLPs (on-disk names
-    ``experts.{e}.gate_proj.weight`` ...); ``forward`` has the signature and arithmetic of transformers'
-    ``DeepseekV3Experts`` (per-expert ``linear`` instead of slices of the fused ``gate_up_proj``)."""
+    """Routed experts of one layer as ``E_i`` separate SwiGLU MLPs (on-disk names ``experts.{e}.gate_proj.weight``
+    ... or ``experts.{e}.w1.weight`` ...); ``forward`` has the signature and arithmetic of transformers' fused
+    ``DeepseekV3Experts`` / ``Glm4MoeExperts`` / ``MiniMaxM2Experts`` / ``Ernie4_5_MoeExperts`` (per-expert
+    ``linear`` instead of slices of the fused ``gate_up_proj``). Used by every family except gpt-oss."""
 
-    def __init__(self, config, num_experts: int, names: tuple[str, str, str]):
+    def __init__(self, config, num_experts: int, names: tuple[str, str, str], intermediate_size: int | None = None):
+        if intermediate_size is None:
+            intermediate_size = config.moe_intermediate_size
         super().__init__(
-            [DiepExpertMLP(config.hidden_size, config.moe_intermediate_size, config.hidden_act, names)
+            [DiepExpertMLP(config.hidden_size, intermediate_size, config.hidden_act, names)
              for _ in range(num_experts)]
         )
         self.num_experts = num_experts
@@ -419,6 +481,75 @@ def _gpt_oss_block_cls(arch: str):
                                        "__qualname__": name, "diep_block": True})
 
 
+def _minimax_m2_block_cls(arch: str):
+    """``DiepMiniMaxM2SparseMoeBlock``: transformers' ``MiniMaxM2SparseMoeBlock`` (its ``forward``: router called
+    with the block's ``e_score_correction_bias`` -> experts) built for ``E_i`` experts. Router: transformers'
+    ``MiniMaxM2TopKRouter`` (``sigmoid(logits.float())``, + bias for the selection only, plain top-k, the selected
+    sigmoid scores renormalised to sum 1). Parameters, as on disk: ``gate.weight [E_i, H]``,
+    ``e_score_correction_bias [E_i]`` (block level), ``experts.{e}.w1|w3|w2.weight`` (gate, up, down)."""
+    stock = _stock_module(arch)
+    stock_block = getattr(stock, _stock_block_name(arch))
+    router_cls = _padded_router_cls(getattr(stock, _stock_router_name(arch)))
+
+    def __init__(self, config, num_experts: int, layer_idx: int):
+        nn.Module.__init__(self)  # not the stock __init__: it would allocate fused [E, 2I, H] experts
+        layer_config = _layer_config(config, arch, num_experts)
+        self.layer_idx = layer_idx
+        self.num_experts = num_experts
+        self.top_k = config.num_experts_per_tok
+        self.jitter_noise = config.router_jitter_noise
+        self.gate = router_cls(layer_config, max(num_experts, config_expert_count(config, arch)))
+        self.experts = DiepDeepseekExperts(layer_config, num_experts, _ARCHS[arch]["proj"],
+                                           intermediate_size=config.intermediate_size)
+        self.e_score_correction_bias = nn.Buffer(torch.zeros(num_experts))  # as the stock block (dtype included)
+
+    def extra_repr(self) -> str:
+        return f"arch={arch}, layer_idx={self.layer_idx}, num_experts={self.num_experts}"
+
+    name = f"Diep{stock_block.__name__}"
+    return type(name, (stock_block,), {"__init__": __init__, "extra_repr": extra_repr, "__module__": __name__,
+                                       "__qualname__": name, "diep_block": True})
+
+
+def _ernie4_5_moe_block_cls(arch: str):
+    """``DiepErnie4_5_MoeSparseMoeBlock``: transformers' ``Ernie4_5_MoeSparseMoeBlock`` (its ``forward``: shared
+    experts + router -> experts) built for ``E_i`` experts. Router: transformers' ``Ernie4_5_MoeTopKRouter``
+    (f32 ``softmax`` over the ``E_i`` logits, + ``e_score_correction_bias`` for the selection only, top-k, the
+    selected probabilities divided by ``clamp(sum, min=moe_norm_min)``). Its ``Ernie4_5_MoeStatics`` (holding
+    ``e_score_correction_bias [1, E_i]``) is registered at block level as ``moe_statics``, where the checkpoint
+    has it (transformers' conversion moves it under ``gate`` for its own class); the router keeps a plain
+    (unregistered) reference to the same module, so the state dict has the on-disk key only."""
+    stock = _stock_module(arch)
+    stock_block = getattr(stock, _stock_block_name(arch))
+    router_cls = _padded_router_cls(getattr(stock, _stock_router_name(arch)))
+    mlp_cls = getattr(stock, f"{_ARCHS[arch]['prefix']}MLP")
+
+    def __init__(self, config, num_experts: int, layer_idx: int):
+        nn.Module.__init__(self)
+        layer_config = _layer_config(config, arch, num_experts)
+        self.layer_idx = layer_idx
+        self.hidden_dim = config.hidden_size
+        self.num_experts = num_experts
+        self.top_k = config.num_experts_per_tok
+        gate = router_cls(layer_config, max(num_experts, config_expert_count(config, arch)))
+        statics = gate._modules.pop("moe_statics")
+        object.__setattr__(gate, "moe_statics", statics)  # plain alias: the router's forward calls it
+        self.gate = gate
+        self.moe_statics = statics
+        self.experts = DiepDeepseekExperts(layer_config, num_experts, _ARCHS[arch]["proj"],
+                                           intermediate_size=config.moe_intermediate_size)
+        self.shared_experts = None
+        if config.moe_num_shared_experts > 0:
+            self.shared_experts = mlp_cls(layer_config, config.moe_intermediate_size * config.moe_num_shared_experts)
+
+    def extra_repr(self) -> str:
+        return f"arch={arch}, layer_idx={self.layer_idx}, num_experts={self.num_experts}"
+
+    name = f"Diep{stock_block.__name__}"
+    return type(name, (stock_block,), {"__init__": __init__, "extra_repr": extra_repr, "__module__": __name__,
+                                       "__qualname__": name, "diep_block": True})
+
+
 _BLOCK_CLS: dict[str, type] = {}
 
 
@@ -430,6 +561,10 @@ def _block_cls(arch: str) -> type:
             _BLOCK_CLS[arch] = _deepseek_block_cls(arch)
         elif family == "gpt_oss":
             _BLOCK_CLS[arch] = _gpt_oss_block_cls(arch)
+        elif family == "minimax_m2":
+            _BLOCK_CLS[arch] = _minimax_m2_block_cls(arch)
+        elif family == "ernie4_5_moe":
+            _BLOCK_CLS[arch] = _ernie4_5_moe_block_cls(arch)
         else:
             _BLOCK_CLS[arch] = DiepSparseMoeBlock
     return _BLOCK_CLS[arch]
@@ -655,7 +790,8 @@ def _build_classes(arch: str):
 
 for _arch in list(_ARCHS):
     if _ARCHS[_arch].get("family") is not None:
-        # DeepSeek-V2/V3 and gpt-oss are written against transformers 5.x's classes (5.24): skipped elsewhere.
+        # DeepSeek-V2/V3, GLM-4-MoE, MiniMax-M2, ERNIE-4.5-MoE and gpt-oss are written against transformers 5.x's
+        # classes (5.24): skipped elsewhere.
         if TF_MAJOR < 5:
             continue
         try:

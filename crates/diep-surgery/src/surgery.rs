@@ -357,6 +357,16 @@ pub(crate) fn classify<'a>(keys: &MoeKeys, name: &'a str) -> Role<'a> {
     attached().map_or(Role::Plain, |layer| Role::Router { layer })
 }
 
+/// The number of per-expert rows of a router-module tensor of a layer with `n` experts: its
+/// first axis, or for a `[1, n]` vector (ERNIE-4.5's `moe_statics.e_score_correction_bias`) its
+/// second.
+fn expert_rows(shape: &[usize], n: usize) -> usize {
+    match shape {
+        [1, e] if *e == n => n,
+        _ => shape.first().copied().unwrap_or(0),
+    }
+}
+
 /// The MoE layers of the trunk, then the MTP layers ([`ModelConfig::mtp_layers`]).
 fn routed_layers(config: &ModelConfig) -> impl Iterator<Item = usize> {
     config.moe_layers().into_iter().chain(config.mtp_layer_indices())
@@ -429,7 +439,7 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
                 if n == 0 {
                     return Err(mismatch(&t, format!("a router tensor of layer {layer}, but {}", not_moe(layer))));
                 }
-                let rows = t.shape.first().copied().unwrap_or(0);
+                let rows = expert_rows(t.shape, n);
                 if t.shape.is_empty() || rows != n {
                     return Err(mismatch(
                         &t,
@@ -740,9 +750,13 @@ fn output_tensors<'c>(plan: &PruningPlan, inventory: &[(TensorRef<'c>, Role<'c>)
             Role::Router { layer } | Role::Fused { layer, .. } => match plan.kept_experts.get(&layer) {
                 None => out.push(copy(t.name.to_string())),
                 Some(kept) => {
-                    let row_bytes = t.bytes.len() / t.shape[0];
+                    let n = plan.original_experts.get(&layer).copied().unwrap_or(t.shape[0]);
+                    let rows = expert_rows(t.shape, n);
+                    let row_bytes = t.bytes.len() / rows;
                     let mut shape = t.shape.to_vec();
-                    shape[0] = kept.len();
+                    // `[1, E]` (ERNIE-4.5's `moe_statics`) is sliced along its expert axis.
+                    let axis = usize::from(shape.len() == 2 && shape[0] == 1 && shape[1] == rows && rows != 1);
+                    shape[axis] = kept.len();
                     out.push(OutTensor {
                         name: t.name.to_string(),
                         src: *t,
@@ -889,7 +903,8 @@ fn write_shard(path: &Path, tensors: &[OutTensor<'_>], progress: &mut Progress<'
                     }
                 }
                 Some(rows) => {
-                    let row_bytes = t.src.bytes.len() / t.src.shape[0];
+                    // Bytes per expert (the source's first axis, or the second of a `[1, E]`).
+                    let row_bytes = t.nbytes / rows.len().max(1);
                     for &r in rows {
                         w.write_all(&t.src.bytes[r * row_bytes..(r + 1) * row_bytes])?;
                     }

@@ -14,7 +14,7 @@
 use super::deepseek_family as family;
 use super::spec::{ArchSpec, AttentionParts, Defaults, RopeAllowed};
 use super::{MlaKeys, MoeKeys};
-use crate::config::{GroupScore, MlaConfig, RoutingConfig, Scoring};
+use crate::config::{GroupScore, MlaConfig, Renorm, RoutingConfig, Scoring};
 use crate::error::Result;
 use crate::fields::Fields;
 
@@ -129,6 +129,7 @@ impl ArchSpec for Spec {
             group_limit,
             routed_scaling_factor: family::routed_scaling_factor(f, 1.0)?,
             correction_bias: false,
+            renorm: Renorm::Sum,
         })
     }
 

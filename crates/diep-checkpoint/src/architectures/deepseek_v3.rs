@@ -19,7 +19,7 @@
 use super::deepseek_family as family;
 use super::spec::{ArchSpec, AttentionParts, Defaults, RopeAllowed};
 use super::{MlaKeys, MoeKeys};
-use crate::config::{GroupScore, MlaConfig, RoutingConfig, Scoring};
+use crate::config::{GroupScore, MlaConfig, Renorm, RoutingConfig, Scoring};
 use crate::error::Result;
 use crate::fields::Fields;
 
@@ -54,7 +54,7 @@ pub const MOE_KEYS: MoeKeys = MoeKeys {
     expert_down: "down_proj",
     shared_expert: None,
     shared_experts: Some("shared_experts"),
-    router_correction_bias: Some("e_score_correction_bias"),
+    router_correction_bias: Some("gate.e_score_correction_bias"),
     router_bias: None,
     fused_experts: None,
 };
@@ -130,6 +130,7 @@ impl ArchSpec for Spec {
             group_limit: Some(family::group_limit(f, GroupScore::Top2Sum, num_experts, top_k)?),
             routed_scaling_factor: family::routed_scaling_factor(f, 2.5)?,
             correction_bias: true,
+            renorm: Renorm::SumPlusTiny,
         })
     }
 

@@ -125,6 +125,7 @@ impl ArchSpec for Spec {
             activation: ExpertActivation::ClampedSwiglu { alpha, limit },
             router_bias: true,
             expert_bias: true,
+            mlp_bias: false,
         })
     }
 }

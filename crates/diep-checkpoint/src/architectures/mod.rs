@@ -21,7 +21,10 @@ pub mod deepseek;
 mod deepseek_family;
 pub mod deepseek_v2;
 pub mod deepseek_v3;
+pub mod ernie4_5_moe;
+pub mod glm4_moe;
 pub mod gpt_oss;
+pub mod minimax_m2;
 pub mod mixtral;
 pub mod olmoe;
 pub mod qwen2_moe;
@@ -80,6 +83,15 @@ registry! {
     /// `gpt_oss`: gpt-oss (router bias, fused experts with biases and a clamped SwiGLU,
     /// attention sinks, alternating sliding/full attention, yarn RoPE).
     GptOss => gpt_oss,
+    /// `glm4_moe`: GLM-4.5 / 4.6 (DeepSeek-V3 routing, GQA with q/k/v biases, per-head qk-norm,
+    /// partial RoPE, shared experts, leading dense layers).
+    Glm4Moe => glm4_moe,
+    /// `minimax_m2`: MiniMax-M2 (sigmoid routing with a block-level selection bias, qk-norm
+    /// over the whole projection, partial RoPE).
+    MinimaxM2 => minimax_m2,
+    /// `ernie4_5_moe`: ERNIE-4.5 MoE (softmax routing with a `moe_statics` selection bias and a
+    /// floored renormalisation, shared experts, interleaved RoPE, interval MoE layers).
+    Ernie45Moe => ernie4_5_moe,
 }
 
 impl Architecture {
@@ -131,8 +143,10 @@ pub struct MoeKeys {
     /// Ungated shared experts module (DeepSeek's `shared_experts`, `n_shared_experts` experts
     /// fused into one MLP), if the architecture has one.
     pub shared_experts: Option<&'static str>,
-    /// A per-expert `[E]` f32 vector of the router module added to the scores for selection
-    /// only (DeepSeek-V3's `e_score_correction_bias`).
+    /// A per-expert f32 vector added to the scores for selection only, named relative to the
+    /// block: `gate.e_score_correction_bias [E]` (DeepSeek-V3, GLM-4.5),
+    /// `e_score_correction_bias [E]` (MiniMax-M2), `moe_statics.e_score_correction_bias
+    /// [1, E]` (ERNIE-4.5).
     pub router_correction_bias: Option<&'static str>,
     /// The router's additive bias `[E]` (gpt-oss's `router.bias`), part of the logits.
     pub router_bias: Option<&'static str>,
@@ -172,7 +186,7 @@ impl MoeKeys {
 
     /// The router's correction-bias name (`[experts]`), if the architecture has one.
     pub fn router_correction_bias(&self, layer: usize) -> Option<String> {
-        self.router_correction_bias.map(|b| format!("{}.{}.{b}", self.block_prefix(layer), self.router))
+        self.router_correction_bias.map(|b| format!("{}.{b}", self.block_prefix(layer)))
     }
 
     /// The router's additive bias name (`[experts]`), if the architecture has one.
@@ -237,7 +251,8 @@ pub enum MoeTensor<'a> {
         /// The name after `experts.{e}.`.
         rest: &'a str,
     },
-    /// The router's weight (`[experts, hidden]`, one row per expert), or its bias (`[experts]`).
+    /// The router's weight (`[experts, hidden]`, one row per expert), its bias (`[experts]`), or
+    /// the selection bias ([`MoeKeys::router_correction_bias`]; `[experts]` or `[1, experts]`).
     Router {
         /// Decoder layer.
         layer: usize,
@@ -271,6 +286,9 @@ impl MoeKeys {
             }
             let (expert, rest) = e.split_once('.')?;
             return Some(MoeTensor::Expert { layer, expert: expert.parse().ok()?, rest });
+        }
+        if self.router_correction_bias == Some(rest) {
+            return Some(MoeTensor::Router { layer });
         }
         let attr = rest.strip_prefix(self.router)?.strip_prefix('.')?;
         if attr == "weight" || self.router_bias == Some(attr) {

@@ -48,6 +48,8 @@ pub(crate) struct AttentionParts {
     pub(crate) sliding_window: Option<usize>,
     /// Per-head attention sinks (gpt-oss).
     pub(crate) sinks: bool,
+    /// Standard attention's RoPE pairs `(x[2i], x[2i+1])` (ERNIE-4.5).
+    pub(crate) rope_interleave: bool,
 }
 
 impl AttentionParts {
@@ -59,6 +61,7 @@ impl AttentionParts {
         clip_qkv: None,
         sliding_window: None,
         sinks: false,
+        rope_interleave: false,
     };
 }
 
@@ -71,6 +74,8 @@ pub(crate) struct ExpertParts {
     pub(crate) router_bias: bool,
     /// Expert projections carry biases.
     pub(crate) expert_bias: bool,
+    /// Dense MLPs, shared experts and the LM head carry biases (ERNIE-4.5's `use_bias`).
+    pub(crate) mlp_bias: bool,
 }
 
 /// Everything about one architecture that `config.json` parsing, tensor naming and checkpoint
@@ -117,6 +122,16 @@ pub(crate) trait ArchSpec: Sync {
     /// Defaults of `rms_norm_eps`, `rope_theta` and `max_position_embeddings`.
     fn defaults(&self) -> Defaults;
 
+    /// `tie_word_embeddings` when absent (transformers' `PreTrainedConfig` default: false).
+    fn tie_word_embeddings_default(&self) -> bool {
+        false
+    }
+
+    /// The key of the experts-per-token count (`num_experts_per_tok`; ERNIE-4.5: `moe_k`).
+    fn top_k_key(&self) -> &'static str {
+        "num_experts_per_tok"
+    }
+
     /// RoPE scalings implemented besides plain RoPE.
     fn rope_allowed(&self) -> RopeAllowed {
         RopeAllowed::Default
@@ -129,6 +144,19 @@ pub(crate) trait ArchSpec: Sync {
 
     /// Attention biases, qk-norm, `clip_qkv`, sliding window and sinks.
     fn attention(&self, f: &Fields<'_>) -> Result<AttentionParts>;
+
+    /// Partial RoPE: the factor used when the config states neither `partial_rotary_factor`
+    /// nor the architecture's own key; `None` (the default): the architecture has no partial
+    /// RoPE, and a factor other than 1 is refused.
+    fn default_partial_rotary_factor(&self) -> Option<f64> {
+        None
+    }
+
+    /// The rotated width from an architecture-specific key (MiniMax-M2's `rotary_dim`), when
+    /// `partial_rotary_factor` is absent.
+    fn rotary_dim(&self, _f: &Fields<'_>) -> Result<Option<usize>> {
+        Ok(None)
+    }
 
     /// Which layers use the sliding window; `None`: all of them when a window is set.
     fn sliding_layers(&self, _f: &Fields<'_>, _num_layers: usize, _window: Option<usize>) -> Result<Option<Vec<bool>>> {
@@ -184,6 +212,6 @@ pub(crate) trait ArchSpec: Sync {
 
     /// The expert activation and router/expert biases (default: SiLU, no biases).
     fn experts(&self, _f: &Fields<'_>) -> Result<ExpertParts> {
-        Ok(ExpertParts { activation: ExpertActivation::Silu, router_bias: false, expert_bias: false })
+        Ok(ExpertParts { activation: ExpertActivation::Silu, router_bias: false, expert_bias: false, mlp_bias: false })
     }
 }

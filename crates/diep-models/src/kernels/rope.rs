@@ -105,7 +105,7 @@ impl RopeTables {
 
     /// The tables of an attention configuration (its θ, rotary width and scaling).
     pub(crate) fn for_config(cfg: &AttentionConfig, len: usize, device: &Device) -> Self {
-        Self::with_scaling(cfg.rope_theta, cfg.head_dim, &cfg.rope_scaling, len, device)
+        Self::with_scaling(cfg.rope_theta, cfg.rotary_dim, &cfg.rope_scaling, len, device)
     }
 
     /// Tables for `len` positions with frequency scaling (see [`rope_tables`]).
@@ -168,11 +168,14 @@ impl RopeStyle {
     }
 }
 
-/// RoPE of one head row `x` (width `d`) at one position, into `out`: `cos` and `sin` are that
-/// position's table rows (width `d`; the interleaved style reads their first half).
+/// RoPE of one head row `x` at one position, into `out`: `cos` and `sin` are that position's
+/// table rows, of the rotary width `r ≤ x.len()` (the interleaved style reads their first half);
+/// `x[..r]` is rotated, `x[r..]` copied (partial RoPE).
 #[inline]
 pub(super) fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], style: RopeStyle) {
-    let half = x.len() / 2;
+    let r = cos.len();
+    out[r..].copy_from_slice(&x[r..]);
+    let half = r / 2;
     match style {
         RopeStyle::RotateHalf => {
             for j in 0..half {
@@ -191,10 +194,10 @@ pub(super) fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], sty
 }
 
 /// One head row of queries or keys: `pass` copied as is (MLA's non-rotary part; empty for
-/// standard attention), then `rot` rotated: rotate-half (element `j` pairs with `j + d/2`) or
+/// standard attention), then `rot` rotated: rotate-half (element `j` pairs with `j + r/2`) or
 /// interleaved (pairs `(rot[2i], rot[2i+1])`, output even elements first), see [`RopeStyle`];
-/// `cos` and `sin` are the position's table rows (width `rot.len()`; the interleaved style
-/// reads their first half).
+/// `cos` and `sin` are the position's table rows, of the rotary width `r` (the interleaved
+/// style reads their first half). With partial RoPE `r < rot.len()`, and `rot[r..]` is copied.
 #[inline]
 pub fn head_row(pass: &[f32], rot: &[f32], cos: &[f32], sin: &[f32], style: RopeStyle, out: &mut [f32]) {
     let (o_pass, o_rot) = out.split_at_mut(pass.len());
@@ -203,8 +206,8 @@ pub fn head_row(pass: &[f32], rot: &[f32], cos: &[f32], sin: &[f32], style: Rope
 }
 
 /// Splits projection rows `[b·t, heads·d]` into `[b, heads, t, d]`, each head's first `pass`
-/// elements copied and the other `d − pass` rotated with `tables` (of that width, at least `t`
-/// positions).
+/// elements copied, the next `tables.dim` rotated with `tables` (at least `t` positions), and
+/// the rest copied (partial RoPE; MLA's `pass` is its non-rotary part and nothing follows).
 pub fn rope_heads(
     x: Tensor<2>,
     b: usize,
@@ -219,7 +222,7 @@ pub fn rope_heads(
     }
     let [n, w] = x.dims();
     let (t, d) = (n / b, w / heads);
-    assert_eq!(d - pass, tables.dim, "rope_heads: rotary width {} but tables of {}", d - pass, tables.dim);
+    assert!(d >= pass + tables.dim, "rope_heads: head width {d} < {pass} passed + {} rotated", tables.dim);
     let x = into_vec(x);
     let mut out = vec![0f32; n * w];
     // Output block (batch, head) is `[t, d]`; its rows read `x[batch·t + pos][head·d ..]`.
@@ -246,12 +249,19 @@ pub fn rope_heads_reference(
     let [n, w] = x.dims();
     let (t, d) = (n / b, w / heads);
     let x = x.reshape([b, t, heads, d]).swap_dims(1, 2);
-    if pass == 0 {
+    let r = tables.dim;
+    if pass == 0 && r == d {
         return tables.rotate(x, style);
     }
-    let kept = x.clone().narrow(3, 0, pass);
-    let rotated = tables.rotate(x.narrow(3, pass, d - pass), style);
-    Tensor::cat(vec![kept, rotated], 3)
+    let mut parts = Vec::with_capacity(3);
+    if pass > 0 {
+        parts.push(x.clone().narrow(3, 0, pass));
+    }
+    parts.push(tables.rotate(x.clone().narrow(3, pass, r), style));
+    if pass + r < d {
+        parts.push(x.narrow(3, pass + r, d - pass - r));
+    }
+    Tensor::cat(parts, 3)
 }
 
 /// MLA's keys `[b, heads, t, nope + r]`: per head, the first `nope` elements of that head's
