@@ -8,9 +8,10 @@ saved by transformers 4.x, transformers 4.57.1 installed with
 ``pip install --target /opt/tf4 transformers==4.57.1`` (``--tf4-path``; ``--no-tf4`` skips them).
 
 What it checks: for every supported ``model_type`` (mixtral, qwen2_moe, qwen3_moe, olmoe,
-deepseek_v3, deepseek_v2, gpt_oss) it builds ``--count`` tiny random checkpoints in a fresh
-temporary directory, with configs and weights drawn from ``--seed`` (default: time-based;
-printed, so any failure can be reproduced with ``--seed N``). The draws vary hidden size,
+deepseek_v3, deepseek_v2, gpt_oss, glm4_moe, minimax_m2, ernie4_5_moe; ``--model-types`` picks
+some) it builds ``--count`` tiny random checkpoints in a fresh temporary directory, with configs
+and weights drawn from ``--seed`` (default: time-based; printed, so any failure can be
+reproduced with ``--seed N``). The draws vary hidden size,
 layers, experts, top-k, GQA ratio, explicit head_dim (qwen3_moe always, mixtral sometimes),
 norm_topk_prob, decoder_sparse_step / mlp_only_layers, shared-expert width, qkv / attention
 biases, clip_qkv (sometimes None), tied embeddings, mixtral's sliding window (shorter than the
@@ -33,6 +34,20 @@ bf16). For these types the printed line also reports how much the loss moves wit
 e_score_correction_bias zeroed, sinks removed, expert biases zeroed, swiglu_limit lifted and the
 sliding window widened, which shows the features matter.
 
+glm4_moe / minimax_m2 / ernie4_5_moe are 5.x-only too, with default RoPE (random theta) and a random
+e_score_correction_bias (init leaves it 0; std 0.25 / 0.2 / 0.05, as the parity fixtures), whose removal the
+printed line reports. glm4_moe draws hidden / layers / experts / top-k and group-limited sigmoid routing as
+deepseek_v3 (n_group 1-4, >= 2 experts per group), first_k_dense_replace 0-2, n_shared_experts 0-2,
+norm_topk_prob, routed_scaling_factor, GQA, q/k/v biases (attention_bias), per-head q/k RMSNorm (use_qk_norm),
+explicit head_dim sometimes and partial_rotary_factor 0.5 / 0.25 / 1.0 (sometimes left to the config's 0.5;
+always an even rotary width). minimax_m2 draws experts, top-k, GQA, an explicit head_dim (the config default is
+128) and partial RoPE as ``rotary_dim`` (even, <= head_dim; the released-checkpoint key) or as
+``rope_parameters.partial_rotary_factor``; its e_score_correction_bias sits on the MoE block. ernie4_5_moe draws
+moe_num_experts / moe_k, moe_num_shared_experts 0-2, the MoE layers (moe_layer_start_index 0-1,
+moe_layer_interval 1-2, moe_layer_end_index a layer or omitted: then config.json has it deleted, -1 or the
+resolved last layer), use_bias (every bias 0.5 randn, lm_head.bias included), tied embeddings, sometimes a
+moe_norm_min floor (0.2-0.8) and a moe_statics.e_score_correction_bias of shape [1, E].
+
 Each checkpoint is written by ``save_pretrained`` in one of f32 / bf16 / f16, as one file or
 sharded (small ``max_shard_size``), and by transformers 5.x or 4.57.1 (a subprocess with
 ``PYTHONPATH=<tf4-path>``, so config.json has the 4.x key style). The reference is
@@ -44,12 +59,16 @@ match ``exp(loss)`` to a relative ``--tol`` (default 1e-4). A table is printed; 
 non-zero if any checkpoint fails.
 
     cargo build -p xtask
-    /opt/ref-venv/bin/python scripts/check_unseen_checkpoints.py [--seed N] [--count 2]
+    /opt/ref-venv/bin/python scripts/check_unseen_checkpoints.py [--seed N] [--count 2] \
+        [--model-types glm4_moe minimax_m2 ...] [--xtask PATH]
+
+``--xtask`` (default target/debug/xtask) names a prebuilt xtask binary.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -76,9 +95,10 @@ transformers.utils.logging.disable_progress_bar()
 
 TF_MAJOR = int(transformers.__version__.split(".")[0])
 TF4_VERSION = "4.57.1"
-MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss")
+MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss",
+               "glm4_moe", "minimax_m2", "ernie4_5_moe")
 # Drawn in the 5.x config style (rope_parameters) and saved by transformers 5.x only.
-TF5_ONLY = ("deepseek_v3", "deepseek_v2", "gpt_oss")
+TF5_ONLY = ("deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "minimax_m2", "ernie4_5_moe")
 DTYPES = ("float32", "bfloat16", "float16")
 # gpt_oss checkpoints are bf16 (or f32): an f16 save plan is saved as bf16 instead.
 NO_F16 = ("gpt_oss",)
@@ -87,6 +107,10 @@ NORM_STD = 0.3
 BIAS_STD = 0.5
 SINK_STD = 1.0  # gpt_oss attention sinks (init: initializer_range randn)
 E_BIAS_STD = 0.25  # deepseek_v3 e_score_correction_bias (init: zeros; the sigmoid scores are in (0, 1))
+# e_score_correction_bias std of the other correction-bias routers (init: zeros), as the parity fixtures
+# (scripts/gen_parity_fixtures.py): sigmoid scores for glm4_moe / minimax_m2; ernie4_5_moe adds its bias to
+# softmax probabilities over all experts (~1/E each), so a smaller bias changes some, not all, selections.
+E_BIAS_STD_BY_TYPE = {"deepseek_v3": E_BIAS_STD, "glm4_moe": E_BIAS_STD, "minimax_m2": 0.2, "ernie4_5_moe": 0.05}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -110,6 +134,12 @@ def draw_config(rng: random.Random, model_type: str, seq_len: int, tf4: bool) ->
         return draw_deepseek_config(rng, model_type)
     if model_type == "gpt_oss":
         return draw_gpt_oss_config(rng, seq_len)
+    if model_type == "glm4_moe":
+        return draw_glm4_moe_config(rng)
+    if model_type == "minimax_m2":
+        return draw_minimax_m2_config(rng)
+    if model_type == "ernie4_5_moe":
+        return draw_ernie4_5_moe_config(rng)
     # Attention shape: kv heads x GQA ratio, head width, hidden size in 32..96.
     while True:
         n_kv = rng.choice([1, 2, 4])
@@ -337,6 +367,175 @@ def draw_gpt_oss_config(rng: random.Random, seq_len: int) -> dict:
     )
 
 
+def draw_gqa(rng: random.Random) -> tuple[int, int]:
+    """(num_attention_heads, num_key_value_heads): kv heads x GQA ratio, at most 8 heads."""
+    while True:
+        n_kv = rng.choice([1, 2, 4])
+        n_heads = n_kv * rng.choice([1, 2, 4])
+        if n_heads <= 8:
+            return n_heads, n_kv
+
+
+def common_tail(rng: random.Random) -> dict:
+    """The keys every 5.x-style draw of the newer types shares (default RoPE, random theta)."""
+    return dict(
+        max_position_embeddings=rng.choice([128, 512, 2048, 4096]),
+        initializer_range=sig(rng.uniform(0.1, 0.3)),
+        rms_norm_eps=rng.choice([1e-6, 1e-5, 3e-5, 1e-4, 1e-3]),
+        tie_word_embeddings=rng.random() < 0.35,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        hidden_act="silu",
+    )
+
+
+def draw_glm4_moe_config(rng: random.Random) -> dict:
+    """GLM-4.5 (glm4_moe): GQA with optional q/k/v biases and per-head q/k RMSNorm, partial rotate-half RoPE,
+    dense first layers, shared experts, DeepSeek-V3-style group-limited sigmoid routing with
+    e_score_correction_bias, 5.x style."""
+    while True:
+        n_heads, n_kv = draw_gqa(rng)
+        hidden = rng.randrange(32, 97, 8)
+        if rng.random() < 0.4:
+            head_dim = rng.choice([8, 12, 16, 20, 24, 32])
+            if hidden % n_heads == 0 and head_dim == hidden // n_heads:
+                continue  # head_dim must really be explicit
+            explicit_head_dim = True
+        else:
+            if hidden % n_heads:
+                continue
+            head_dim = hidden // n_heads
+            explicit_head_dim = False
+        # transformers: rotary width int(head_dim * partial_rotary_factor); keep it even and non-zero
+        factors = [f for f in (0.5, 0.25, 1.0) if int(head_dim * f) == head_dim * f and int(head_dim * f) % 2 == 0
+                   and int(head_dim * f) >= 2]
+        if factors:
+            break
+    n_layers = rng.randint(2, 4)
+    # Group-limited routing as deepseek_v3 (groups ranked by the sum of their top-2 scores: >= 2 experts each).
+    n_group = rng.choice([1, 1, 2, 3, 4])
+    per_group = rng.randint(2, max(2, 16 // n_group))
+    topk_group = rng.randint(1, n_group)
+    rope = {"rope_type": "default", "rope_theta": sig(10 ** rng.uniform(2.0, 6.5))}
+    if 0.5 not in factors or rng.random() < 0.8:
+        rope["partial_rotary_factor"] = rng.choice(factors)
+    # else: left out, and Glm4MoeConfig writes its default (0.5) into rope_parameters
+    c = dict(
+        vocab_size=rng.randint(160, 512),
+        hidden_size=hidden,
+        intermediate_size=rng.randrange(16, 129, 8),  # dense layers
+        moe_intermediate_size=rng.randrange(8, 65, 8),
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        first_k_dense_replace=rng.randint(0, min(2, n_layers - 1)),
+        n_shared_experts=rng.randint(0, 2),
+        n_routed_experts=n_group * per_group,
+        n_group=n_group,
+        topk_group=topk_group,
+        # top_k < E: with every expert chosen the correction bias could not change anything
+        num_experts_per_tok=rng.randint(1, min(6, topk_group * per_group, n_group * per_group - 1)),
+        norm_topk_prob=rng.random() < 0.5,
+        routed_scaling_factor=sig(rng.uniform(0.5, 3.0)),
+        attention_bias=rng.random() < 0.5,
+        use_qk_norm=rng.random() < 0.5,
+        rope_parameters=rope,
+        **common_tail(rng),
+    )
+    if explicit_head_dim:
+        c["head_dim"] = head_dim
+    return c
+
+
+def draw_minimax_m2_config(rng: random.Random) -> dict:
+    """MiniMax-M2 (minimax_m2): every layer MoE, GQA, explicit head_dim, q/k RMSNorm over the whole
+    projection, partial RoPE (rotary_dim or rope_parameters.partial_rotary_factor), sigmoid routing with a
+    block-level e_score_correction_bias, 5.x style."""
+    n_heads, n_kv = draw_gqa(rng)
+    hidden = rng.randrange(32, 97, 8)
+    head_dim = rng.choice([8, 12, 16, 20, 24, 32])  # always explicit (the config default is 128)
+    n_experts = rng.randint(4, 16)
+    rope = {"rope_type": "default", "rope_theta": sig(10 ** rng.uniform(2.0, 6.5))}
+    c = dict(
+        vocab_size=rng.randint(160, 512),
+        hidden_size=hidden,
+        head_dim=head_dim,
+        intermediate_size=rng.randrange(8, 65, 8),  # expert width
+        num_hidden_layers=rng.randint(2, 4),
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        num_local_experts=n_experts,
+        num_experts_per_tok=rng.randint(1, min(4, n_experts - 1)),  # < E: else the correction bias is moot
+        rope_parameters=rope,
+        **common_tail(rng),
+    )
+    if rng.random() < 0.6:
+        # The released-checkpoint key; the config turns it into partial_rotary_factor = rotary_dim / head_dim
+        # and transformers rotates int(head_dim * that) dims: keep only the widths that survive the round trip.
+        widths = [r for r in range(2, head_dim + 1, 2) if int(head_dim * (r / head_dim)) == r]
+        c["rotary_dim"] = rng.choice(widths)
+    else:
+        factors = [f for f in (0.25, 0.5, 0.75, 1.0) if (head_dim * f).is_integer() and int(head_dim * f) % 2 == 0]
+        rope["partial_rotary_factor"] = rng.choice(factors)
+    return c
+
+
+def draw_ernie4_5_moe_config(rng: random.Random) -> dict:
+    """ERNIE-4.5 MoE (ernie4_5_moe): GQA, interleaved RoPE, MoE layers from start / interval / end index,
+    shared experts, softmax routing with moe_statics.e_score_correction_bias, optional biases everywhere
+    (use_bias, lm_head too), 5.x style."""
+    while True:
+        n_heads, n_kv = draw_gqa(rng)
+        hidden = rng.randrange(32, 97, 8)
+        if hidden % n_heads == 0 and (hidden // n_heads) % 2 == 0:
+            break
+    n_layers = rng.randint(2, 4)
+    n_experts = rng.randint(4, 16)
+    while True:
+        start = rng.randint(0, 1)
+        interval = rng.randint(1, 2)
+        end = None if rng.random() < 0.5 else rng.randint(start, n_layers - 1)
+        last = n_layers - 1 if end is None else end
+        moe = [i for i in range(n_layers) if (i + 1) % interval == 0 and start <= i <= last]
+        if moe:
+            break
+    c = dict(
+        vocab_size=rng.randint(160, 512),
+        hidden_size=hidden,
+        intermediate_size=rng.randrange(16, 129, 8),  # dense layers
+        moe_intermediate_size=rng.randrange(8, 65, 8),
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        moe_num_experts=n_experts,
+        moe_k=rng.randint(1, min(4, n_experts - 1)),  # < E: else the correction bias is moot
+        moe_num_shared_experts=rng.randint(0, 2),
+        moe_layer_start_index=start,
+        moe_layer_interval=interval,
+        use_bias=rng.random() < 0.5,
+        rope_parameters={"rope_type": "default", "rope_theta": sig(10 ** rng.uniform(2.0, 6.5))},
+        **common_tail(rng),
+    )
+    c["tie_word_embeddings"] = rng.random() < 0.5  # ernie's default is tied
+    if end is not None:
+        c["moe_layer_end_index"] = end
+    if rng.random() < 0.3:
+        # Renormalisation w / max(sum w, moe_norm_min) (default 1e-12): a floor above some top-k sums.
+        c["moe_norm_min"] = sig(rng.uniform(0.2, 0.8), 2)
+    return c
+
+
+def draw_config_json_edits(rng: random.Random, model_type: str, config: dict) -> dict:
+    """Keys to rewrite in the saved config.json (None: delete), applied before the reference reloads it.
+
+    Ernie4_5_MoeConfig resolves an omitted (or -1) moe_layer_end_index to the last layer and saves the
+    resolved index; when the draw omits it, config.json gets it deleted or -1 (or keeps the resolved index)."""
+    if model_type == "ernie4_5_moe" and "moe_layer_end_index" not in config:
+        return rng.choice([{"moe_layer_end_index": None}, {"moe_layer_end_index": -1}, {}])
+    return {}
+
+
 def draw_specs(seed: int, count: int, model_types: list[str], *, batch: int, seq_len: int,
                use_tf4: bool) -> list[dict]:
     rng = random.Random(seed)
@@ -355,10 +554,12 @@ def draw_specs(seed: int, count: int, model_types: list[str], *, batch: int, seq
             if mt in NO_F16 and dtype == "float16":
                 dtype = "bfloat16"
             tf4 = saver != "5.x"
+            config = draw_config(rng, mt, seq_len, tf4)
             specs.append(dict(
                 name=f"{mt}-{j}",
                 model_type=mt,
-                config=draw_config(rng, mt, seq_len, tf4),
+                config=config,
+                config_json_edits=draw_config_json_edits(rng, mt, config),
                 weight_seed=rng.randrange(2**31),
                 ids_seed=rng.randrange(2**31),
                 dtype=dtype,
@@ -381,9 +582,11 @@ def config_class(model_type: str):
     classes = {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig,
                "olmoe": OlmoeConfig}
     if model_type in TF5_ONLY:
-        from transformers import DeepseekV2Config, DeepseekV3Config, GptOssConfig
+        from transformers import (DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig, Glm4MoeConfig, GptOssConfig,
+                                  MiniMaxM2Config)
 
-        classes.update(deepseek_v3=DeepseekV3Config, deepseek_v2=DeepseekV2Config, gpt_oss=GptOssConfig)
+        classes.update(deepseek_v3=DeepseekV3Config, deepseek_v2=DeepseekV2Config, gpt_oss=GptOssConfig,
+                       glm4_moe=Glm4MoeConfig, minimax_m2=MiniMaxM2Config, ernie4_5_moe=Ernie4_5_MoeConfig)
     return classes[model_type]
 
 
@@ -403,10 +606,13 @@ def make_ids(spec: dict) -> torch.Tensor:
 def perturb(model, seed: int) -> None:
     """RMSNorm weights -> 1 + 0.3 randn; every attention bias -> 0.5 randn (init leaves them 0).
 
-    Also what init leaves zero (or tiny) elsewhere: deepseek_v3's e_score_correction_bias -> 0.25 randn,
-    gpt_oss's expert and router biases -> 0.5 randn and its attention sinks -> 1.0 randn.
+    Also what init leaves zero (or tiny) elsewhere: e_score_correction_bias -> E_BIAS_STD_BY_TYPE randn
+    (deepseek_v3 / glm4_moe 0.25, minimax_m2 0.2, ernie4_5_moe 0.05), gpt_oss's expert and router biases
+    -> 0.5 randn and its attention sinks -> 1.0 randn, ernie4_5_moe's (use_bias) MLP and lm_head biases
+    -> 0.5 randn.
     """
     g = torch.Generator().manual_seed(seed + 7)
+    mt = model.config.model_type
     for name, mod in model.named_modules():
         cls = type(mod).__name__
         if cls.endswith("RMSNorm"):
@@ -417,6 +623,13 @@ def perturb(model, seed: int) -> None:
             mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
         if cls == "DeepseekV3TopkRouter":
             mod.e_score_correction_bias.copy_(E_BIAS_STD * torch.randn(mod.e_score_correction_bias.shape, generator=g))
+        if cls in ("Glm4MoeTopkRouter", "MiniMaxM2SparseMoeBlock", "Ernie4_5_MoeStatics"):
+            std = E_BIAS_STD_BY_TYPE[mt]
+            mod.e_score_correction_bias.copy_(std * torch.randn(mod.e_score_correction_bias.shape, generator=g))
+        if mt == "ernie4_5_moe" and isinstance(mod, torch.nn.Linear) and mod.bias is not None \
+                and leaf not in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            # use_bias: dense / shared-expert MLP biases and lm_head.bias (attention ones are done above)
+            mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
         if cls == "GptOssAttention":
             mod.sinks.copy_(SINK_STD * torch.randn(mod.sinks.shape, generator=g))
         if cls == "GptOssTopKRouter":
@@ -437,7 +650,7 @@ def build_save_reference(spec: dict, mdir: Path) -> dict:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    cfg = config_class(spec["model_type"])(**spec["config"])
+    cfg = config_class(spec["model_type"])(**copy.deepcopy(spec["config"]))  # the classes edit rope_parameters
     torch.manual_seed(spec["weight_seed"])
     model = AutoModelForCausalLM.from_config(cfg, **impl_kwargs()).float().eval()
     perturb(model, spec["weight_seed"])
@@ -452,6 +665,16 @@ def build_save_reference(spec: dict, mdir: Path) -> dict:
     save_kw = {"max_shard_size": shard_size(model, dtype)} if spec["sharded"] else {"max_shard_size": "10GB"}
     model.save_pretrained(mdir, **save_kw)
     del model
+    edits = spec.get("config_json_edits") or {}
+    if edits:
+        cfg_path = mdir / "config.json"
+        disk_cfg = json.loads(cfg_path.read_text())
+        for key, value in edits.items():
+            if value is None:
+                disk_cfg.pop(key, None)
+            else:
+                disk_cfg[key] = value
+        cfg_path.write_text(json.dumps(disk_cfg, indent=2, sort_keys=True) + "\n")
 
     # What is on disk is what was asked for.
     files = sorted(mdir.glob("*.safetensors"))
@@ -490,6 +713,9 @@ def build_save_reference(spec: dict, mdir: Path) -> dict:
     # Module state that init leaves at zero / neutral: switched off on the reloaded model (which
     # also proves the perturbed values were saved and reloaded).
     for key, cls, attr, off in (("e_score_correction_bias", "DeepseekV3TopkRouter", "e_score_correction_bias", 0.0),
+                                ("e_score_correction_bias", "Glm4MoeTopkRouter", "e_score_correction_bias", 0.0),
+                                ("e_score_correction_bias", "MiniMaxM2SparseMoeBlock", "e_score_correction_bias", 0.0),
+                                ("e_score_correction_bias", "Ernie4_5_MoeStatics", "e_score_correction_bias", 0.0),
                                 ("sinks", "GptOssAttention", "sinks", -math.inf),
                                 ("expert_biases", "GptOssExperts", "gate_up_proj_bias", 0.0),
                                 ("swiglu_limit", "GptOssExperts", "limit", math.inf)):
@@ -622,15 +848,21 @@ def describe(spec: dict) -> str:
                        ("qk_rope_head_dim", "rope_dim"), ("v_head_dim", "v_dim"), ("rope_interleave", "interleave")]:
         if key in c:
             parts.append(f"{short}={c[key]}")
-    parts.append(f"E={c.get('num_experts', c.get('num_local_experts', c.get('n_routed_experts')))}")
-    parts.append(f"k={c['num_experts_per_tok']}")
+    n_experts = next(c[k] for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+                     if k in c)
+    parts.append(f"E={n_experts}")
+    parts.append(f"k={c.get('num_experts_per_tok', c.get('moe_k'))}")
     for key, short in [("topk_method", "method"), ("n_group", "groups"), ("topk_group", "topk_group"),
                        ("norm_topk_prob", "norm_topk"), ("routed_scaling_factor", "scale"),
                        ("first_k_dense_replace", "dense_first"), ("n_shared_experts", "shared_experts"),
                        ("decoder_sparse_step", "step"),
                        ("mlp_only_layers", "mlp_only"), ("shared_expert_intermediate_size", "shared"),
                        ("qkv_bias", "qkv_bias"), ("attention_bias", "attn_bias"), ("clip_qkv", "clip_qkv"),
-                       ("sliding_window", "swa"), ("swiglu_limit", "limit"), ("swiglu_alpha", "alpha")]:
+                       ("sliding_window", "swa"), ("swiglu_limit", "limit"), ("swiglu_alpha", "alpha"),
+                       ("use_qk_norm", "qk_norm"), ("rotary_dim", "rotary_dim"),
+                       ("moe_num_shared_experts", "shared_experts"), ("moe_layer_start_index", "moe_start"),
+                       ("moe_layer_interval", "moe_interval"), ("moe_layer_end_index", "moe_end"),
+                       ("moe_norm_min", "norm_min"), ("use_bias", "use_bias")]:
         if key in c:
             parts.append(f"{short}={c[key]}")
     if "layer_types" in c:
@@ -639,11 +871,17 @@ def describe(spec: dict) -> str:
     if "rope_parameters" in c:
         rp = c["rope_parameters"]
         parts.append(f"theta={rp['rope_theta']:g}")
+        if "partial_rotary_factor" in rp:
+            parts.append(f"partial_rotary={rp['partial_rotary_factor']}")
+        elif spec["model_type"] == "glm4_moe":
+            parts.append("partial_rotary=0.5(default)")
         if rp["rope_type"] != "default":
             parts.append("rope=" + ",".join(f"{k}={v}" for k, v in rp.items() if k != "rope_theta"))
     else:
         parts.append(f"theta={c['rope_theta']:g}")
     parts += [f"eps={c['rms_norm_eps']:g}", f"init={c['initializer_range']}", f"V={c['vocab_size']}"]
+    for key, value in (spec.get("config_json_edits") or {}).items():
+        parts.append(f"config.json:{key}={'<deleted>' if value is None else value}")
     return " ".join(parts)
 
 
