@@ -36,8 +36,23 @@ from ``crates/diep-surgery/remote_code/auto_map.json`` and every ``remote_code/*
 
 (add ``--ids`` to check OUT_DIR right away). ``--self-test`` builds and checks uniform and non-uniform
 plans for every fixture under ``fixtures/models`` in a temporary directory and prints a table;
-``--self-test-synthetic`` does the same for tiny random ``glm4_moe``, ``minimax_m2`` and ``ernie4_5_moe``
-checkpoints built with transformers (no fixture needed).
+``--self-test-synthetic`` does the same for tiny random ``glm4_moe``, ``minimax_m2``, ``ernie4_5_moe``, ``llama4_text``
+(top-2 and top-1) and ``llama4`` checkpoints built with transformers (no fixture needed).
+
+Llama 4 (transformers 5.x): ``llama4_text`` (``Llama4ForCausalLM``) and the multimodal wrapper ``llama4``
+(``Llama4ForConditionalGeneration``: text model under ``language_model.model.*`` / ``language_model.lm_head``, expert
+count ``num_local_experts`` and ``num_experts_per_layer`` inside ``text_config``, ``auto_map`` at the top level). Their
+experts are fused on disk: ``feed_forward.experts.gate_up_proj [E, H, 2I]`` and ``feed_forward.experts.down_proj
+[E, I, H]`` are sliced along axis 0 with the router rows ``feed_forward.router.weight [E, H]``; everything else (the
+vision tower and projector included) is copied unchanged. The wrapper is loaded with ``AutoModelForImageTextToText``
+(transformers' own class), or for remote code with ``AutoModelForCausalLM`` (the only ``auto_map`` entry; the remote
+code builds the whole wrapper for ``model_type`` ``llama4``); the check also compares the non-text weights of the two
+models bit for bit and runs an image forward. Llama 4's router takes the top-k of the raw logits and scales each chosen
+expert's input by ``sigmoid(logit)`` (0 for the others), so a -inf logit (never in the top-k while ``k <= E_i``) is
+exactly a deleted expert. transformers 5.24's ``Llama4ForConditionalGeneration.forward`` always raises
+``AttributeError`` (it reads ``image_outputs`` from the inner ``MoeCausalLMOutputWithPast``): for transformers' own
+wrapper class that output class gets a class attribute ``image_outputs = None`` while the model runs (the remote code
+fixes this itself).
 
 ``glm4_moe``, ``minimax_m2`` and ``ernie4_5_moe`` (transformers 5.x) select experts on ``score + e_score_correction_bias``
 (GLM-4.5 / MiniMax-M2: sigmoid scores; ERNIE-4.5: softmax probabilities): for them the pruned directory also has
@@ -93,7 +108,20 @@ ARCHS = {
     "glm4_moe": ("mlp", ("n_routed_experts",)),
     "minimax_m2": ("block_sparse_moe", ("num_local_experts",)),
     "ernie4_5_moe": ("mlp", ("moe_num_experts",)),
+    "llama4_text": ("feed_forward", ("num_local_experts",)),
+    "llama4": ("feed_forward", ("num_local_experts",)),  # the multimodal wrapper: keys inside `text_config`
 }
+
+# model_types whose on-disk layout is not `model.layers.{i}.<moe>.gate.weight` + per-expert tensors: the text model's
+# tensor-name prefix, the config key of the text config (None: the top level), the router weight and the fused expert
+# tensors ([E, ...], sliced along axis 0) under the MoE block.
+LAYOUTS = {
+    "llama4_text": dict(prefix="", text_config=None, router="router.weight",
+                        fused=("experts.gate_up_proj", "experts.down_proj")),
+    "llama4": dict(prefix="language_model.", text_config="text_config", router="router.weight",
+                   fused=("experts.gate_up_proj", "experts.down_proj")),
+}
+DEFAULT_LAYOUT = dict(prefix="", text_config=None, router="gate.weight", fused=())
 
 # model_type -> on-disk name (under the MoE block) of the per-expert selection bias, shape [E] or [1, E]. The surgery
 # slices it with the router rows; the masked reference sets it to -inf for the pruned experts, because these routers
@@ -189,16 +217,23 @@ def make_pruned(original: Path, plan: dict, out: Path, force_remote_code: bool =
     if plan["model_type"] != model_type:
         raise SystemExit(f"plan is for {plan['model_type']!r}, checkpoint is {model_type!r}")
     moe_attr, count_keys = ARCHS[model_type]
-    top_k = int(cfg["num_experts_per_tok"] if "num_experts_per_tok" in cfg else cfg["moe_k"])  # ernie4_5_moe: moe_k
+    layout = LAYOUTS.get(model_type, DEFAULT_LAYOUT)
+    tcfg = cfg[layout["text_config"]] if layout["text_config"] else cfg  # the text config (Llama 4 wrapper: nested)
+    top_k = int(tcfg["num_experts_per_tok"] if "num_experts_per_tok" in tcfg else tcfg["moe_k"])  # ernie: moe_k
     files, index = checkpoint_files(original)
 
     # MoE layers = layers with a router on disk.
-    router_re = re.compile(rf"^model\.layers\.(\d+)\.{moe_attr}\.gate\.weight$")
-    expert_re = re.compile(rf"^model\.layers\.(\d+)\.{moe_attr}\.experts\.(\d+)\.(.+)$")
+    pfx = re.escape(layout["prefix"])
+    router_re = re.compile(rf"^{pfx}model\.layers\.(\d+)\.{moe_attr}\.{re.escape(layout['router'])}$")
+    expert_re = re.compile(rf"^{pfx}model\.layers\.(\d+)\.{moe_attr}\.experts\.(\d+)\.(.+)$")
+    fused_re = None
+    if layout["fused"]:
+        names = "|".join(re.escape(n) for n in layout["fused"])
+        fused_re = re.compile(rf"^{pfx}model\.layers\.(\d+)\.{moe_attr}\.(?:{names})$")
     bias_re = None
     if model_type in CORRECTION_BIAS:
         bias_re = re.compile(rf"^model\.layers\.(\d+)\.{moe_attr}\.{re.escape(CORRECTION_BIAS[model_type])}$")
-    n_layers = int(cfg["num_hidden_layers"])
+    n_layers = int(tcfg["num_hidden_layers"])
     n_experts: dict[int, int] = {}
     for f in files:
         with safe_open(str(original / f), "pt") as h:
@@ -241,13 +276,13 @@ def make_pruned(original: Path, plan: dict, out: Path, force_remote_code: bool =
                     if e not in kept[layer]:
                         continue
                     new_e = kept[layer].index(e)
-                    k_out = f"model.layers.{layer}.{moe_attr}.experts.{new_e}.{m.group(3)}"
+                    k_out = f"{layout['prefix']}model.layers.{layer}.{moe_attr}.experts.{new_e}.{m.group(3)}"
                     t = h.get_tensor(k)
                 else:
                     k_out = k
                     t = h.get_tensor(k)
-                    m = router_re.match(k)
-                    if m and int(m.group(1)) in kept:
+                    m = router_re.match(k) or (fused_re.match(k) if fused_re is not None else None)
+                    if m and int(m.group(1)) in kept:  # router rows / fused experts [E, ...]: the expert axis is 0
                         t = t[kept[int(m.group(1))]].contiguous()
                     m = bias_re.match(k) if bias_re is not None else None
                     if m and int(m.group(1)) in kept:  # [E] or [1, E]: the expert axis is the last
@@ -274,18 +309,21 @@ def make_pruned(original: Path, plan: dict, out: Path, force_remote_code: bool =
             shutil.copy2(p, out / p.name)
 
     new_cfg = dict(cfg)
+    new_tcfg = dict(tcfg) if layout["text_config"] else new_cfg  # count keys and the per-layer list go here
     max_kept = max(counts.values())
     for key in count_keys:
-        new_cfg[key] = max_kept
+        new_tcfg[key] = max_kept
     if remote:
-        new_cfg["num_experts_per_layer"] = [counts.get(i, 0) for i in range(int(cfg["num_hidden_layers"]))]
+        new_tcfg["num_experts_per_layer"] = [counts.get(i, 0) for i in range(n_layers)]
         auto_map = json.loads((REMOTE_CODE_DIR / "auto_map.json").read_text())
-        new_cfg["auto_map"] = auto_map
+        new_cfg["auto_map"] = auto_map  # the whole file's (top level)
         for py in sorted(REMOTE_CODE_DIR.glob("*.py")):
             shutil.copy2(py, out / py.name)
     else:
-        new_cfg.pop("num_experts_per_layer", None)
+        new_tcfg.pop("num_experts_per_layer", None)
         new_cfg.pop("auto_map", None)
+    if layout["text_config"]:
+        new_cfg[layout["text_config"]] = new_tcfg
     (out / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
     return {"counts": counts, "uniform": uniform, "remote_code": remote}
 
@@ -321,21 +359,74 @@ def load_model(model_dir: Path, remote_code: bool, dtype: torch.dtype = torch.fl
             _NOTED.add(str(model_dir))
             log(f"  note: {model_dir}: 5.x config (rope_parameters); transformers 4.x ignores it and uses its default "
                 "rope theta (for both models, so the comparison stays like for like)")
-    model, info = AutoModelForCausalLM.from_pretrained(
+    auto_cls = AutoModelForCausalLM
+    if raw.get("model_type") == "llama4":
+        # The multimodal wrapper: transformers' AutoModelForCausalLM would build the text model alone (and report the
+        # vision weights unexpected). The remote code's auto_map has AutoModelForCausalLM only, whose class builds the
+        # whole wrapper for model_type llama4.
+        from transformers import AutoModelForImageTextToText
+
+        if not (remote_code and "AutoModelForImageTextToText" not in raw.get("auto_map", {})):
+            auto_cls = AutoModelForImageTextToText
+    model, info = auto_cls.from_pretrained(
         str(model_dir), trust_remote_code=remote_code, output_loading_info=True, **impl_kwargs(dtype), **extra
     )
+    if raw.get("model_type") == "llama4" and not any(c.__name__ == "Llama4ForConditionalGeneration"
+                                                     for c in type(model).__mro__):
+        raise SystemExit(f"{model_dir}: expected a Llama4ForConditionalGeneration, got {type(model).__name__}")
+    if any(t.is_complex() for t in model.buffers()):
+        # Llama 4's vision RoPE table `freqs_ci` is a complex64 buffer: Module.to(dtype) would cast it to the real dtype
+        # (dropping its imaginary part); cast the floating-point tensors only
+        return model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t).eval()
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise SystemExit(f"{model_dir}: loading reported {bad}")
     return model.to(dtype).eval()
 
 
+def text_model(model):
+    """The decoder (with ``.layers``): ``model.model``, or for the Llama 4 wrapper ``model.language_model.model``."""
+    if getattr(model.config, "model_type", None) == "llama4":
+        return model.language_model.model
+    return model.model
+
+
+def text_config(model):
+    return model.config.text_config if getattr(model.config, "model_type", None) == "llama4" else model.config
+
+
 def moe_block(layer):
-    for attr in ("block_sparse_moe", "mlp"):
+    for attr in ("block_sparse_moe", "mlp", "feed_forward"):
         m = getattr(layer, attr, None)
-        if m is not None and hasattr(m, "gate") and hasattr(m, "experts"):
+        if m is not None and (hasattr(m, "gate") or hasattr(m, "router")) and hasattr(m, "experts"):
             return m
     return None
+
+
+def router_of(blk):
+    """The module holding the router weight: ``gate``, or Llama 4's ``router``."""
+    return blk.gate if hasattr(blk, "gate") else blk.router
+
+
+@contextlib.contextmanager
+def stock_llama4_fix(model):
+    """transformers 5.24's ``Llama4ForConditionalGeneration.forward`` ends with ``image_outputs=outputs.image_outputs``
+    where ``outputs`` is the inner ``MoeCausalLMOutputWithPast``, which has no such field: every forward raises
+    AttributeError. For transformers' own wrapper class, ``MoeCausalLMOutputWithPast`` has a class attribute
+    ``image_outputs = None`` while this is open (nothing else is touched). No-op for other models and for the remote
+    code's wrapper, which returns that field itself (so it is checked to work unpatched)."""
+    patch = False
+    if getattr(model.config, "model_type", None) == "llama4" and not type(model).__name__.startswith("Diep"):
+        from transformers.modeling_outputs import MoeCausalLMOutputWithPast as Out
+
+        patch = not hasattr(Out, "image_outputs")
+    if patch:
+        Out.image_outputs = None
+    try:
+        yield
+    finally:
+        if patch:
+            del Out.image_outputs
 
 
 @contextlib.contextmanager
@@ -348,10 +439,10 @@ def masked_router(model, masked: dict[int, list[int]]):
     gates = {}
     biases = []  # (tensor, saved copy)
     for i, cols in masked.items():
-        blk = moe_block(model.model.layers[i])
+        blk = moe_block(text_model(model).layers[i])
         if blk is None:
             raise SystemExit(f"layer {i} has no MoE block to mask")
-        gates[i] = (blk.gate, list(cols))
+        gates[i] = (router_of(blk), list(cols))
         for name, t in list(blk.named_buffers()) + list(blk.named_parameters()):
             if name.endswith("e_score_correction_bias"):
                 biases.append((t, t.detach().clone()))
@@ -367,11 +458,14 @@ def masked_router(model, masked: dict[int, list[int]]):
     handles, shims = [], []
     by_weight = {}
     for i, (gate, cols) in gates.items():
-        if isinstance(gate, nn.Linear):  # transformers 4.x: the gate is a Linear whose output is the logits
+        if isinstance(gate, nn.Linear) and type(gate).forward is nn.Linear.forward:
+            # transformers 4.x: the gate is a Linear whose output is the logits
             handles.append(gate.register_forward_hook(lambda mod, inp, out, i=i, cols=cols: mask(out, i, cols)))
         else:  # transformers 5.x: *TopKRouter computes F.linear(x, self.weight) then routes, in one forward
             by_weight[id(gate.weight)] = (i, cols)
-            mod = sys.modules[type(gate).__module__]
+            # Llama 4's Llama4Router is an nn.Linear whose forward calls nn.Linear.forward (F.linear of torch's
+            # linear module) and then routes: shim F there
+            mod = sys.modules[nn.Linear.__module__ if isinstance(gate, nn.Linear) else type(gate).__module__]
             if all(s[0] is not mod for s in shims):
                 shims.append((mod, mod.F))
     for mod, real_F in shims:
@@ -401,7 +495,7 @@ def masked_router(model, masked: dict[int, list[int]]):
 def forward(model, ids, masked=None):
     """(loss, logits) of model(ids, labels=ids), optionally with experts masked (every masked layer must be hit)."""
     ctx = masked_router(model, masked) if masked else contextlib.nullcontext({})
-    with torch.no_grad(), ctx as hits:
+    with torch.no_grad(), stock_llama4_fix(model), ctx as hits:
         out = model(ids, labels=ids)
     if masked and sorted(hits) != sorted(masked):
         raise SystemExit(f"masking did not reach every layer: hit {sorted(hits)}, expected {sorted(masked)}")
@@ -410,9 +504,10 @@ def forward(model, ids, masked=None):
 
 def check_router_logits(model, ids, masked) -> None:
     """The router logits transformers returns show -inf exactly at the masked experts."""
-    with torch.no_grad(), masked_router(model, masked):
+    with torch.no_grad(), stock_llama4_fix(model), masked_router(model, masked):
         out = model(ids, output_router_logits=True)
-    moe_layers = [i for i, layer in enumerate(model.model.layers) if moe_block(layer) is not None]
+    moe_layers = [i for i, layer in enumerate(text_model(model).layers) if moe_block(layer) is not None]
+    assert len(out.router_logits) == len(moe_layers), (len(out.router_logits), moe_layers)
     for i, r in zip(moe_layers, out.router_logits):
         if i in masked:
             assert torch.isneginf(r[:, masked[i]]).all(), f"layer {i}: masked logits are not -inf"
@@ -422,14 +517,45 @@ def check_router_logits(model, ids, masked) -> None:
 
 def generate(model, ids, masked=None, n=5):
     ctx = masked_router(model, masked) if masked else contextlib.nullcontext({})
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), stock_llama4_fix(model), ctx:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=model.config.eos_token_id)
+                             pad_token_id=text_config(model).eos_token_id)
     return out[:, ids.shape[1]:]
 
 
 def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
+
+
+def check_llama4_wrapper(orig, model, ids, masked, tol) -> tuple[bool, str]:
+    """Llama 4 wrapper: every weight outside ``language_model`` (vision tower, projector) is bit-identical in the two
+    models, and a forward with one random image per sequence (image tokens after the first token) matches the masked
+    original (logits max |d| / max |ref| <= tol)."""
+    so, sp = orig.state_dict(), model.state_dict()
+    other = sorted(k for k in so if not k.startswith("language_model."))
+    same = sorted(k for k in sp if not k.startswith("language_model.")) == other and all(
+        torch.equal(so[k], sp[k]) for k in other)
+    vc, cfg = orig.config.vision_config, orig.config
+    size, patch = vc.image_size, vc.patch_size
+    size, patch = (size if isinstance(size, int) else size[0]), (patch if isinstance(patch, int) else patch[0])
+    n_img_tokens = int(round((size // patch) ** 2 * vc.pixel_shuffle_ratio ** 2))
+    if n_img_tokens < 1 or n_img_tokens + 1 >= ids.shape[1]:
+        return same, f"non-text weights {'identical' if same else 'DIFFER'} ({len(other)} tensors); no image forward"
+    ids_img = ids.masked_fill(ids == cfg.image_token_index, 0)  # image tokens exactly where the images go
+    ids_img[:, 1:1 + n_img_tokens] = cfg.image_token_index
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(ids.shape[0], vc.num_channels, size, size, generator=g).to(next(orig.parameters()).dtype)
+    ctx = masked_router(orig, masked) if masked else contextlib.nullcontext({})
+    with torch.no_grad():
+        with stock_llama4_fix(orig), ctx:
+            ref = orig(input_ids=ids_img, pixel_values=pixels).logits.float()
+        with stock_llama4_fix(model):
+            got = model(input_ids=ids_img, pixel_values=pixels).logits.float()
+    d = float((got - ref).abs().max())
+    r = d / float(ref.abs().max())
+    ok = same and r <= tol
+    return ok, (f"non-text weights {'identical' if same else 'DIFFER'} ({len(other)} tensors); image forward "
+                f"({n_img_tokens} image token(s) per sequence) logits max|d| {d:.3e}, rel {r:.3e}")
 
 
 def check(original: Path, pruned: Path, plan: dict, ids: torch.Tensor, tol: float = 1e-4,
@@ -453,10 +579,10 @@ def check(original: Path, pruned: Path, plan: dict, ids: torch.Tensor, tol: floa
     if not remote_code and type(model) is not type(orig):
         raise SystemExit(f"{pruned}: expected {type(orig).__name__}, got {kind}")
     # per-layer expert counts as loaded
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(text_model(model).layers):
         blk = moe_block(layer)
         if i in plan["kept_experts"]:
-            n_gate = blk.gate.weight.shape[0]
+            n_gate = router_of(blk).weight.shape[0]
             assert n_gate == len(plan["kept_experts"][i]), (i, n_gate)
         else:
             assert blk is None or i not in plan["original_experts"], i
@@ -476,6 +602,10 @@ def check(original: Path, pruned: Path, plan: dict, ids: torch.Tensor, tol: floa
     gen_equal = bool(torch.equal(gen_p, gen_m))
 
     ok = rel_loss <= tol and rel_logits <= tol
+    wrapper_note = None
+    if getattr(orig.config, "model_type", None) == "llama4":
+        wrapper_ok, wrapper_note = check_llama4_wrapper(orig, model, ids, masked, tol)
+        ok = ok and wrapper_ok
     res = dict(
         class_=kind, uniform=uniform, remote_code=remote_code, loss_pruned=loss_p, loss_masked=loss_m,
         loss_unmasked=loss_o, rel_loss=rel_loss, ppl_pruned=ppl_p, ppl_masked=ppl_m, max_abs_dlogits=d_logits,
@@ -498,6 +628,9 @@ def check(original: Path, pruned: Path, plan: dict, ids: torch.Tensor, tol: floa
             f"(tol {t:g})")
         res.update(our_ppl=our_ppl, rel_our_ppl=r_m)
         ok = ok and r_m <= t
+    if wrapper_note is not None:
+        log(f"  {wrapper_note}")
+        res["wrapper"] = wrapper_note
     if abs(loss_o - loss_m) < 1e-7 and masked:
         log("  note: masking did not change the loss (the masked experts are never selected on these ids)")
     res["ok"] = ok
@@ -517,14 +650,21 @@ SELF_TEST = {
     "tiny-qwen3-moe": ({1: [1, 2, 4, 5, 7], 3: [3, 6]}, {1: [0, 2, 4, 6], 3: [1, 3, 5, 7]}),
     "tiny-qwen3-moe-tf4": ({1: [0, 6], 3: [0, 1, 2, 4, 5, 7]}, {1: [0, 1, 2, 3], 3: [4, 5, 6, 7]}),
     "tiny-olmoe": ({0: [0, 1, 2, 3, 4, 5], 1: [6, 7], 2: [1, 3, 5]}, {0: [0, 1, 2, 3], 1: [2, 3, 6, 7], 2: [1, 3, 5, 7]}),
+    # Llama 4 (transformers 5.x): MoE layers 1, 3; the wrapper's text model is tiny-llama4-text's config
+    "tiny-llama4-text": ({1: [0, 2, 3, 5, 6, 7], 3: [1, 4, 6]}, {1: [0, 1, 3, 4, 6, 7], 3: [1, 2, 3, 5, 6, 7]}),
+    "tiny-llama4": ({1: [1, 2, 3, 4, 6], 3: [0, 5, 7]}, {1: [0, 1, 2, 4, 5, 7], 3: [0, 2, 3, 4, 5, 6]}),
 }
 
 
 # Synthetic checkpoints for model_types without a fixture (transformers 5.x): built with transformers' own classes
-# from a tiny random config (8 experts, top-2), router rows drawn with std 0.3 and non-zero random correction
-# biases, so that the bias changes which experts are selected. name: (config, non-uniform plan, uniform plan).
+# from a tiny random config (8 experts, top-2; Llama 4 also top-1), router rows drawn with std 0.3 and non-zero random
+# correction biases, so that the bias changes which experts are selected.
+# name: (config, non-uniform plan, uniform plan).
 SYNTHETIC_COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                         max_position_embeddings=128, num_hidden_layers=4)
+SYNTHETIC_LLAMA4_TEXT = dict(intermediate_size=32, intermediate_size_mlp=96, num_local_experts=8,
+                             interleave_moe_layer_step=2, attention_chunk_size=8, floor_scale=4, initializer_range=0.2,
+                             rms_norm_eps=1e-6)
 SYNTHETIC = {
     # n_group 2 (experts 0-3, 4-7), topk_group 1: each group loses equally many; layer 0 dense
     "synthetic-glm4-moe": (
@@ -547,26 +687,54 @@ SYNTHETIC = {
         {1: [0, 1, 2, 4, 6, 7], 2: [2, 3, 5, 7], 3: [0, 1, 3, 4, 5, 6, 7]},
         {1: [0, 2, 3, 4, 6, 7], 2: [0, 2, 3, 4, 6, 7], 3: [0, 2, 3, 4, 6, 7]},
     ),
+    # Llama 4 text: MoE layers 1, 3 (interleave_moe_layer_step 2); chunked attention (chunk 8) on layers 0-2, NoPE +
+    # temperature tuning on layer 3; top-2 and top-1
+    "synthetic-llama4-text": (
+        dict(model_type="llama4_text", **SYNTHETIC_LLAMA4_TEXT, num_experts_per_tok=2),
+        {1: [0, 2, 3, 5, 6, 7], 3: [1, 4, 6]},
+        {1: [0, 1, 3, 4, 6, 7], 3: [1, 2, 3, 5, 6, 7]},
+    ),
+    "synthetic-llama4-text-top1": (
+        dict(model_type="llama4_text", **SYNTHETIC_LLAMA4_TEXT, num_experts_per_tok=1),
+        {1: [2, 5], 3: [0, 1, 3, 4, 6]},
+        {1: [0, 2, 4, 6], 3: [1, 3, 5, 7]},
+    ),
+    # the multimodal wrapper (Llama4ForConditionalGeneration): 28x28 images, patch 14, pixel shuffle 0.5 -> one image
+    # token per image; image tokens 125-127 (boi, eoi, image)
+    "synthetic-llama4": (
+        dict(model_type="llama4", text_config=dict(**SYNTHETIC_LLAMA4_TEXT, num_experts_per_tok=2),
+             vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                                image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+                                projector_output_dim=64, initializer_range=0.2),
+             boi_token_index=125, eoi_token_index=126, image_token_index=127),
+        {1: [1, 2, 3, 4, 6], 3: [0, 5, 7]},
+        {1: [0, 1, 2, 4, 5, 7], 3: [0, 2, 3, 4, 5, 6]},
+    ),
 }
 
 
 def make_synthetic(config: dict, out: Path, seed: int = 0) -> torch.Tensor:
     """Save a tiny random checkpoint of transformers' own class under `out`; returns seeded ids [2, 24]."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(**{**SYNTHETIC_COMMON, **config})
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if "text_config" in config:  # a multimodal wrapper (llama4): the common text settings go into text_config
+        cfg = AutoConfig.for_model(**{**config, "text_config": {**SYNTHETIC_COMMON, **config["text_config"]}})
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+    else:
+        cfg = AutoConfig.for_model(**{**SYNTHETIC_COMMON, **config})
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tcfg = cfg.get_text_config()
     softmax_router = config["model_type"] == "ernie4_5_moe"  # probabilities ~1/E: a smaller bias matters
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("gate.weight") and t.dim() == 2 and t.shape[1] == cfg.hidden_size:
+            if name.endswith(("gate.weight", "router.weight")) and t.dim() == 2 and t.shape[1] == tcfg.hidden_size:
                 t.normal_(0.0, 0.3)
             elif name.endswith("e_score_correction_bias"):
                 t.copy_(torch.randn_like(t) * (0.02 if softmax_router else 0.1))
     model.save_pretrained(out)
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, cfg.vocab_size, (2, 24), generator=g)
+    return torch.randint(0, tcfg.vocab_size, (2, 24), generator=g)
 
 
 def _check_plans(name: str, mdir: Path, ids: torch.Tensor, plans, work: Path, tol: float, rows: list) -> None:
@@ -626,7 +794,8 @@ def extra_remote_checks(pruned: Path, ids: torch.Tensor, res: dict) -> dict:
         out = model(ids, labels=ids, output_router_logits=True)
     n_max = max(res["counts"].values())
     assert all(r.shape[-1] == n_max for r in out.router_logits), [r.shape for r in out.router_logits]
-    assert out.aux_loss is None or torch.isfinite(out.aux_loss), out.aux_loss  # glm4_moe computes none
+    aux_loss = getattr(out, "aux_loss", None)  # glm4_moe, llama4 compute none (the llama4 wrapper has no field)
+    assert aux_loss is None or torch.isfinite(aux_loss), aux_loss
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         cfg = json.loads((Path(d) / "config.json").read_text())
@@ -634,7 +803,7 @@ def extra_remote_checks(pruned: Path, ids: torch.Tensor, res: dict) -> dict:
         with torch.no_grad():
             same = torch.equal(reloaded(ids).logits, model(ids).logits)
         ok = same and cfg["model_type"] == json.loads((pruned / "config.json").read_text())["model_type"]
-    aux = "aux_loss ok" if out.aux_loss is not None else "no aux_loss"
+    aux = "aux_loss ok" if aux_loss is not None else "no aux_loss"
     extra = f"router_logits width {n_max}, {aux}; save+reload {'identical' if ok else 'DIFFERS'}"
     log(f"  {extra}")
     return {"extra": extra, "ok": res["ok"] and ok}
@@ -661,7 +830,8 @@ def main() -> None:
                     help="with --make-pruned: write num_experts_per_layer/auto_map/remote code even for a uniform plan")
     ap.add_argument("--self-test", action="store_true", help="check uniform and non-uniform plans on the fixtures")
     ap.add_argument("--self-test-synthetic", action="store_true",
-                    help="the same on tiny random glm4_moe / minimax_m2 / ernie4_5_moe checkpoints (transformers 5.x)")
+                    help="the same on tiny random glm4_moe / minimax_m2 / ernie4_5_moe / llama4_text / llama4 "
+                         "checkpoints (transformers 5.x)")
     ap.add_argument("--fixtures", type=Path, default=REPO / "fixtures")
     args = ap.parse_args()
 

@@ -61,6 +61,27 @@ What it generates (all random init, fixed seeds, deterministic):
                           and shared MLPs, lm_head bias), interleaved (GLM-style) RoPE, tied embeddings.
   These three also store ``topk_idx.{layer}`` / ``topk_weight.{layer}`` and a physically-removed
   ``masked.safetensors``.
+* ``tiny-llama4-text``    llama4_text (Llama4ForCausalLM), 4 layers, interleave_moe_layer_step=2 (MoE 1 and 3;
+                          dense 0 and 2, width intermediate_size_mlp 96), fused experts
+                          ``feed_forward.experts.gate_up_proj`` [E, H, 2I] / ``down_proj`` [E, I, H], top-2 on the
+                          raw logits, sigmoid of the chosen logits scaling the expert INPUT, shared expert; RoPE
+                          layers 0-2 (complex / interleaved pairs, llama3 frequency scaling) chunked
+                          (attention_chunk_size 6) with weightless L2 q/k norm, NoPE layer 3 full attention with
+                          attention temperature tuning (floor_scale 4, attn_scale 0.1). Records the loss with each
+                          feature switched off, an independent re-implementation of the forward, and
+                          ``topk_idx`` / ``topk_weight`` and a physically-removed ``masked.safetensors``.
+* ``tiny-llama4``         llama4 (Llama4ForConditionalGeneration): tiny-llama4-text's text_config (other weights)
+                          plus a 1-layer vision tower (hidden 32, 28x28 images, patch 14) and projector, saved by
+                          save_pretrained (``language_model.model.*``, ``language_model.lm_head.weight``,
+                          ``vision_model.*``, ``multi_modal_projector.*``); references from the TEXT-ONLY forward.
+* ``tiny-qwen3-next``     qwen3_next (Qwen3NextForCausalLM), 4 layers (full_attention_interval 4: Gated DeltaNet
+                          linear attention 0-2, gated full attention 3), every layer MoE (8 experts, top-2,
+                          norm_topk_prob) with a sigmoid-gated shared expert; zero-centred RMSNorms (1 + weight:
+                          weights 0.3 randn), gated RMSNorm (1 + 0.3 randn), random A_log / dt_bias / conv1d; GQA
+                          gated attention (q_proj doubled, per-head q/k norm, partial rotate-half RoPE on 4 of 16
+                          dims). ``logits`` from transformers' default chunked gated delta rule, ``logits_recurrent``
+                          with the recurrent rule substituted; independent re-implementation from the disk tensors;
+                          feature ablations; ``topk_idx`` / ``topk_weight``; physically-removed ``masked.safetensors``.
 
 transformers has no ``deepseek`` model (DeepSeek-MoE ships remote code, ``configuration_deepseek.py`` /
 ``modeling_deepseek.py``, referenced from its config.json's ``auto_map``). Its references are built HERE,
@@ -83,8 +104,8 @@ that file.
 
 Every model: vocab 320 (= the byte-level BPE tokenizer.json written next to it), hidden 64,
 4 heads / 2 kv heads, 8 experts, top-2, max_position_embeddings 512, non-default rope theta and
-rms_norm_eps, initializer_range 0.2, every RMSNorm weight = 1 + 0.3 * randn, q/k/v biases
-(qwen2_moe) = 0.5 * randn.
+rms_norm_eps, initializer_range 0.2, every RMSNorm weight = 1 + 0.3 * randn (qwen3_next's zero-centred
+``(1 + weight)`` RMSNorms: 0.3 * randn), q/k/v biases (qwen2_moe) = 0.5 * randn.
 
 References (``fixtures/parity/<name>/``), all from ``attn_implementation="eager"``,
 ``experts_implementation="eager"`` (5.x), ``model.eval()``, ``torch.no_grad()``, computed from the
@@ -107,6 +128,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -288,6 +310,10 @@ def make_config(kind: str):
         return minimax_m2_config()
     if kind == "tiny-ernie4-5-moe":
         return ernie4_5_moe_config()
+    if kind == "tiny-llama4-text":
+        return llama4_text_config()
+    if kind == "tiny-qwen3-next":
+        return qwen3_next_config()
     raise ValueError(kind)
 
 
@@ -437,6 +463,9 @@ SEEDS = {
     "tiny-glm4-moe": 1013,
     "tiny-minimax-m2": 1014,
     "tiny-ernie4-5-moe": 1015,
+    "tiny-llama4-text": 1016,
+    "tiny-llama4": 1017,
+    "tiny-qwen3-next": 1018,
 }
 IDS_SEEDS = {
     "tiny-mixtral": 2001,
@@ -456,6 +485,9 @@ IDS_SEEDS = {
     "tiny-glm4-moe": 2013,
     "tiny-minimax-m2": 2014,
     "tiny-ernie4-5-moe": 2015,
+    "tiny-llama4-text": 2016,
+    "tiny-llama4": 2017,
+    "tiny-qwen3-next": 2018,
 }
 
 
@@ -481,7 +513,9 @@ def build_model(kind: str, seed: int):
 def perturb(model, seed: int) -> None:
     """RMSNorm weights -> 1 + 0.3 randn; q/k/v biases -> 0.5 randn (where present); e_score_correction_bias
     (zeros at init) -> CORRECTION_BIAS_STD[model_type] (default 0.1: DeepSeek-V3) * randn; ernie4_5_moe (use_bias):
-    every other nn.Linear bias (o_proj, dense / shared-expert MLPs, lm_head) -> 0.5 randn too."""
+    every other nn.Linear bias (o_proj, dense / shared-expert MLPs, lm_head) -> 0.5 randn too; llama4 (the multimodal
+    wrapper): the vision tower's LayerNorms (weight 1 + 0.3 randn, bias 0.5 randn) and o_proj / fc1 / fc2 biases;
+    qwen3_next: its zero-centred RMSNorms ((1 + weight), 0 at init) -> 0.3 randn, and perturb_qwen3_next."""
     g = torch.Generator().manual_seed(seed + 7)
     n_norm = n_bias = 0
     mt = model.config.model_type
@@ -490,8 +524,13 @@ def perturb(model, seed: int) -> None:
         if getattr(mod, "e_score_correction_bias", None) is not None:
             mod.e_score_correction_bias.copy_(corr_std * torch.randn(mod.e_score_correction_bias.shape, generator=g))
         if type(mod).__name__.endswith("RMSNorm"):
-            mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
+            if mt == "qwen3_next":  # zero-centred: y = norm(x) * (1 + weight), weight 0 at init
+                mod.weight.copy_(NORM_STD * torch.randn(mod.weight.shape, generator=g))
+            else:
+                mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
             n_norm += 1
+        if mt == "qwen3_next":
+            perturb_qwen3_next(mod, g)
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("q_proj", "k_proj", "v_proj") and getattr(mod, "bias", None) is not None:
             mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
@@ -505,6 +544,15 @@ def perturb(model, seed: int) -> None:
                 mod.down_proj_bias.copy_(BIAS_STD * torch.randn(mod.down_proj_bias.shape, generator=g))
             if hasattr(mod, "sinks"):
                 mod.sinks.copy_(torch.randn(mod.sinks.shape, generator=g))
+        if mt == "llama4" and isinstance(mod, torch.nn.LayerNorm):
+            # vision tower LayerNorms (weight 1, bias 0 at init)
+            mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
+            mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
+        if mt == "llama4" and leaf not in ("q_proj", "k_proj", "v_proj") \
+                and isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+            # vision tower o_proj / fc1 / fc2 biases (zero at init)
+            mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
+            n_bias += 1
         if mt == "ernie4_5_moe" and leaf not in ("q_proj", "k_proj", "v_proj") \
                 and isinstance(mod, torch.nn.Linear) and mod.bias is not None:
             # use_bias: o_proj, dense / shared-expert MLP and lm_head biases (zero at init)
@@ -519,7 +567,7 @@ def check_params_nontrivial(model) -> None:
 
 
 def moe_block(layer):
-    for attr in ("mlp", "block_sparse_moe"):
+    for attr in ("mlp", "block_sparse_moe", "feed_forward"):  # feed_forward: llama4_text
         m = getattr(layer, attr, None)
         if m is not None and hasattr(m, "experts") and (hasattr(m, "gate") or hasattr(m, "router")):
             return m
@@ -546,6 +594,12 @@ def expected_moe_layers(cfg) -> list[int]:
                 and cfg.moe_layer_start_index <= i <= cfg.moe_layer_end_index]
     if cfg.model_type == "deepseek":
         return [i for i in range(L) if i >= cfg.first_k_dense_replace and i % cfg.moe_layer_freq == 0]
+    if cfg.model_type == "llama4_text":
+        # interleave_moe_layer_step s: layers s-1, 2s-1, ... (transformers derives config.moe_layers the same way)
+        step = cfg.interleave_moe_layer_step
+        derived = [i for i in range(L) if (i + 1) % step == 0]
+        assert cfg.moe_layers == derived, (cfg.moe_layers, derived)
+        return derived
     n_exp = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts")
     return [
         i
@@ -615,6 +669,9 @@ def check_disk_layout(name: str, model_dir: Path, cfg, moe_layers: list[int]) ->
             for n, shape in want.items():
                 assert n in keys and keys[n][0] == shape, f"{name}: {n} missing or not {shape}"
         assert ("lm_head.weight" in keys) == (not cfg.tie_word_embeddings)
+        return keys
+    if mt == "llama4_text":
+        check_llama4_text_keys(name, keys, cfg, moe_layers, prefix="")
         return keys
     assert not any("gate_up_proj" in k for k in keys), "fused expert tensors on disk"
     for i in moe_layers:
@@ -1399,6 +1456,1264 @@ def gen_bias_routed(out: Path, name: str) -> None:
     save_file(mt, str(pdir / "masked.safetensors"), metadata={"format": "pt"})
     ref.update(mf)
     write_json(pdir / "reference.json", ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Llama 4: llama4_text (Llama4ForCausalLM) and the multimodal llama4 wrapper (Llama4ForConditionalGeneration)
+# --------------------------------------------------------------------------------------------
+
+LLAMA4_CHUNK = 6  # attention_chunk_size, shorter than the 16-token sequences
+LLAMA4_FLOOR_SCALE = 4  # default 8192: temperature tuning would be 1.0 at every one of 16 positions
+LLAMA4_ATTN_SCALE = 0.1
+LLAMA4_NO_ROPE_LAYERS = [1, 1, 1, 0]  # transformers' convention: 1 = the layer USES RoPE; layer 3 is NoPE
+# llama3 scaling with original_max_position_embeddings 32 (not 8): head_dim 16 with rope_theta 1e4 has wavelengths
+# 2*pi/theta^(-2j/16) = 6.3, 19.9, 62.8, ...; with 32, low_freq_wavelen = 32 / low_freq_factor = 32 and
+# high_freq_wavelen = 32 / high_freq_factor = 8, so j = 0 keeps its frequency, j = 1 is smoothed and j >= 2 are
+# divided by the factor: all three branches of the formula are taken. (With 8, high_freq_wavelen would be 2 < 2*pi,
+# and the "unchanged" branch could never be taken at any head_dim or theta.)
+LLAMA4_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)  # default theta 5e5
+LLAMA4_VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,  # head_dim 16
+    intermediate_size=128,  # = 4 * hidden: the pixel-shuffled patch width, which vision_adapter.mlp.fc1 takes
+    image_size=28,
+    patch_size=14,  # 2x2 patches (+ a class token); pixel_shuffle_ratio 0.5 -> 1 image token per image
+    pixel_shuffle_ratio=0.5,
+    projector_input_dim=64,  # vision_adapter fc1 out = fc2 in = fc2 out (must be equal)
+    projector_output_dim=64,
+    vision_output_dim=64,  # multi_modal_projector.linear_1 input (= projector_output_dim)
+    initializer_range=0.2,
+    rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+)
+# in-vocab special token ids for the wrapper (its defaults 200080 / 200081 / 200092 are outside the 320-token vocab)
+LLAMA4_IMAGE_TOKENS = dict(boi_token_index=317, eoi_token_index=318, image_token_index=319)
+
+
+def llama4_text_kwargs(**overrides) -> dict:
+    kw = dict(
+        **common_kwargs(),
+        num_hidden_layers=4,
+        head_dim=16,  # Llama4TextConfig's default head_dim is 128, not hidden / heads
+        interleave_moe_layer_step=2,  # MoE layers 1 and 3 (config.moe_layers is derived from it)
+        num_local_experts=N_EXPERTS,
+        intermediate_size=32,  # expert and shared-expert width
+        intermediate_size_mlp=96,  # dense layers 0 and 2
+        attention_chunk_size=LLAMA4_CHUNK,
+        no_rope_layers=list(LLAMA4_NO_ROPE_LAYERS),
+        use_qk_norm=True,
+        attn_temperature_tuning=True,
+        floor_scale=LLAMA4_FLOOR_SCALE,
+        attn_scale=LLAMA4_ATTN_SCALE,
+        rms_norm_eps=1e-6,  # default 1e-5 (also the eps of the weightless L2 q/k norm)
+        tie_word_embeddings=False,
+        rope_parameters=dict(LLAMA4_ROPE),
+    )
+    kw.update(overrides)
+    return kw
+
+
+def llama4_text_config(**overrides):
+    """Tiny Llama 4 text model (llama4_text, Llama4ForCausalLM)."""
+    from transformers import Llama4TextConfig
+
+    cfg = Llama4TextConfig(**llama4_text_kwargs(**overrides))
+    assert cfg.num_experts_per_tok == TOP_K == 2  # the Scout / Maverick releases use 1
+    assert cfg.moe_layers == [1, 3], cfg.moe_layers
+    assert cfg.layer_types == ["chunked_attention"] * 3 + ["full_attention"], cfg.layer_types
+    return cfg
+
+
+def llama4_mm_config():
+    """Tiny Llama 4 multimodal wrapper (llama4, Llama4ForConditionalGeneration)."""
+    from transformers import Llama4Config
+
+    cfg = Llama4Config(text_config=llama4_text_kwargs(), vision_config=dict(LLAMA4_VISION), **LLAMA4_IMAGE_TOKENS)
+    assert cfg.text_config.model_type == "llama4_text" and cfg.vision_config.model_type == "llama4_vision_model"
+    assert cfg.text_config.moe_layers == [1, 3] and cfg.text_config.head_dim == 16
+    return cfg
+
+
+def check_llama4_text_keys(name: str, keys: dict, cfg, moe_layers: list[int], prefix: str) -> None:
+    """Fused experts on disk, router / shared expert / dense MLP names; `prefix` is "language_model." in the
+    multimodal wrapper."""
+    E, H, I, Im = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, cfg.intermediate_size_mlp
+    for i in range(cfg.num_hidden_layers):
+        p = f"{prefix}model.layers.{i}.feed_forward"
+        if i in moe_layers:
+            want = {f"{p}.experts.gate_up_proj": [E, H, 2 * I], f"{p}.experts.down_proj": [E, I, H],
+                    f"{p}.router.weight": [E, H], f"{p}.shared_expert.gate_proj.weight": [I, H],
+                    f"{p}.shared_expert.up_proj.weight": [I, H], f"{p}.shared_expert.down_proj.weight": [H, I]}
+            assert not any(k.startswith(f"{p}.gate_proj") or k.startswith(f"{p}.experts.0.") for k in keys)
+        else:
+            want = {f"{p}.gate_proj.weight": [Im, H], f"{p}.up_proj.weight": [Im, H], f"{p}.down_proj.weight": [H, Im]}
+            assert not any(k.startswith(f"{p}.router") or k.startswith(f"{p}.experts") for k in keys)
+        for n, shape in want.items():
+            assert n in keys and keys[n][:2] == (shape, "F32"), f"{name}: {n} missing or not f32 {shape}: {keys.get(n)}"
+        a = f"{prefix}model.layers.{i}.self_attn"
+        assert not any(k.startswith(f"{a}.qk_norm") or k.startswith(f"{a}.q_norm") for k in keys), "weights for the L2 norm"
+    assert (f"{prefix}lm_head.weight" in keys) == (not cfg.tie_word_embeddings)
+
+
+def llama4_default_inv_freq(cfg) -> torch.Tensor:
+    d = cfg.head_dim
+    return 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+
+
+def llama4_llama3_inv_freq(cfg) -> tuple[torch.Tensor, list[str]]:
+    """Independent llama3 frequency scaling (Llama 3.1): wavelen = 2 pi / f; wavelen < orig / high_freq_factor:
+    f; wavelen > orig / low_freq_factor: f / factor; otherwise (1 - s) f / factor + s f with
+    s = (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    rp = cfg.rope_parameters
+    f = llama4_default_inv_freq(cfg)
+    orig, lo, hi, fac = (rp["original_max_position_embeddings"], rp["low_freq_factor"], rp["high_freq_factor"],
+                         rp["factor"])
+    out, branch = f.clone(), []
+    for j in range(f.numel()):
+        wl = 2 * math.pi / float(f[j])
+        if wl < orig / hi:
+            branch.append("unchanged")
+        elif wl > orig / lo:
+            out[j] = f[j] / fac
+            branch.append("divided_by_factor")
+        else:
+            s = (orig / wl - lo) / (hi - lo)
+            out[j] = (1 - s) * f[j] / fac + s * f[j]
+            branch.append("smoothed")
+    return out, branch
+
+
+def llama4_temperature_scales(cfg, T: int) -> torch.Tensor:
+    pos = torch.arange(T).float()
+    return torch.log1p(torch.floor((pos + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
+
+
+@torch.no_grad()
+def llama4_text_ref_forward(lm, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Independent re-implementation of the Llama4ForCausalLM forward (f32), from the weights only, written
+    from the semantics this script records (not calling any transformers module). Returns (logits,
+    {layer: (idx sorted, weight) per MoE layer})."""
+    cfg = lm.config
+    sd = {k: v.float() for k, v in lm.state_dict().items()}
+    B, T = ids.shape
+    H, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
+
+    def rms(x, w=None):
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return y if w is None else y * w
+
+    inv, _ = llama4_llama3_inv_freq(cfg)
+    ang = torch.arange(T).float()[:, None] * inv[None]  # [T, d/2]
+    c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+
+    def rope(x):  # [B, T, heads, d], interleaved pairs (2j, 2j+1) rotated by angle pos * inv[j]
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+
+    i_idx, j_idx = torch.arange(T)[:, None], torch.arange(T)[None]
+    causal = j_idx <= i_idx
+    chunked = causal & (j_idx // cfg.attention_chunk_size == i_idx // cfg.attention_chunk_size)
+    x = sd["model.embed_tokens.weight"][ids]
+    routing = {}
+    for li in range(cfg.num_hidden_layers):
+        p = f"model.layers.{li}."
+        h = rms(x, sd[p + "input_layernorm.weight"])
+        q = (h @ sd[p + "self_attn.q_proj.weight"].T).view(B, T, nh, d)
+        k = (h @ sd[p + "self_attn.k_proj.weight"].T).view(B, T, nkv, d)
+        v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(B, T, nkv, d)
+        use_rope = bool(cfg.no_rope_layers[li])
+        if use_rope:
+            q, k = rope(q), rope(k)
+            if cfg.use_qk_norm:  # after RoPE; x / sqrt(mean(x^2) + eps) over head_dim, no weight
+                q, k = rms(q), rms(k)
+        elif cfg.attn_temperature_tuning:  # NoPE layers only, queries only
+            q = q * llama4_temperature_scales(cfg, T)[None, :, None, None]
+        rep = nh // nkv
+        k = k.repeat_interleave(rep, dim=2)  # query head hq uses kv head hq // rep
+        v = v.repeat_interleave(rep, dim=2)
+        att = torch.einsum("bihd,bjhd->bhij", q, k) * d ** -0.5
+        allowed = chunked if cfg.layer_types[li] == "chunked_attention" else causal
+        att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
+        o = torch.einsum("bhij,bjhd->bihd", att, v).reshape(B, T, nh * d)
+        x = x + o @ sd[p + "self_attn.o_proj.weight"].T
+        h = rms(x, sd[p + "post_attention_layernorm.weight"]).reshape(B * T, H)
+        f = p + "feed_forward."
+
+        def mlp(z, q_):
+            return (F.silu(z @ sd[q_ + "gate_proj.weight"].T) * (z @ sd[q_ + "up_proj.weight"].T)) @ sd[q_ + "down_proj.weight"].T
+
+        if li in cfg.moe_layers:
+            logits = h @ sd[f + "router.weight"].T  # [N, E]
+            top_v, top_i = logits.topk(cfg.num_experts_per_tok, dim=-1)
+            w = top_v.sigmoid()
+            gu_w, dn_w = sd[f + "experts.gate_up_proj"], sd[f + "experts.down_proj"]
+            I = dn_w.shape[1]
+            y = mlp(h, f + "shared_expert.")
+            for n in range(h.shape[0]):
+                for kk in range(top_i.shape[1]):
+                    e = int(top_i[n, kk])
+                    xin = w[n, kk] * h[n]  # the router weight scales the expert INPUT
+                    gu = xin @ gu_w[e]  # [2I]: gate = first I, up = last I
+                    y[n] += (F.silu(gu[:I]) * gu[I:]) @ dn_w[e]
+            srt, order = top_i.sort(-1)
+            routing[li] = (srt, w.gather(1, order))
+        else:
+            y = mlp(h, f)
+        x = x + y.view(B, T, H)
+    x = rms(x, sd["model.norm.weight"])
+    return x @ sd["lm_head.weight"].T, routing
+
+
+@contextlib.contextmanager
+def llama4_ablation(lm, what: str):
+    """Switch one feature off in a loaded Llama4ForCausalLM (restored on exit)."""
+    cfg, layers = lm.config, lm.model.layers
+    rot = lm.model.rotary_emb
+    saved = None
+    if what == "chunking":
+        saved = list(cfg.layer_types)
+        cfg.layer_types = ["full_attention"] * cfg.num_hidden_layers
+    elif what == "temperature_tuning":
+        for l in layers:
+            l.self_attn.attn_temperature_tuning = False
+    elif what == "qk_norm":
+        saved = {i: l.self_attn.qk_norm for i, l in enumerate(layers) if hasattr(l.self_attn, "qk_norm")}
+        for i in saved:
+            del layers[i].self_attn.qk_norm
+    elif what == "llama3_scaling":
+        saved = rot.inv_freq.clone()
+        rot.inv_freq.copy_(llama4_default_inv_freq(cfg))
+    else:
+        raise ValueError(what)
+    try:
+        yield
+    finally:
+        if what == "chunking":
+            cfg.layer_types = saved
+        elif what == "temperature_tuning":
+            for l in layers:
+                l.self_attn.attn_temperature_tuning = cfg.attn_temperature_tuning
+        elif what == "qk_norm":
+            for i, m in saved.items():
+                layers[i].self_attn.qk_norm = m
+        else:
+            rot.inv_freq.copy_(saved)
+
+
+@torch.no_grad()
+def check_llama4_text(lm, ids) -> dict:
+    """RoPE form and llama3 frequencies, temperature scales, chunked mask, an independent forward, and how much
+    each feature (chunking, temperature tuning, L2 q/k norm, llama3 scaling) changes the loss / logits."""
+    cfg = lm.config
+    mod = sys.modules[type(lm.model).__module__]
+    rot = lm.model.rotary_emb
+    T = ids.shape[1]
+    # llama3 inverse frequencies: transformers' buffer vs the independent formula; all three branches taken
+    inv_default = llama4_default_inv_freq(cfg)
+    inv_l3, branch = llama4_llama3_inv_freq(cfg)
+    d_inv = float((rot.inv_freq - inv_l3).abs().max() / inv_l3.abs().max())
+    assert d_inv < 1e-6, (rot.inv_freq, inv_l3)
+    assert set(branch) == {"unchanged", "smoothed", "divided_by_factor"}, branch
+    assert rot.attention_scaling == 1.0
+    # RoPE: complex multiplication on interleaved pairs (2j, 2j+1)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, T, 2, cfg.head_dim, generator=g)
+    pos = torch.arange(T)[None]
+    freqs_cis = rot(q, pos)
+    assert freqs_cis.is_complex()
+    q_emb, _ = mod.apply_rotary_emb(q, q, freqs_cis)
+    ang = pos[0, :, None].float() * rot.inv_freq[None]
+    c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    a, b = q[..., 0::2], q[..., 1::2]
+    want = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
+    d_rope = float((q_emb - want).abs().max())
+    assert d_rope < 1e-5, d_rope
+    # the L2 "norm" is x * rsqrt(mean(x^2) + rms_norm_eps), no weight, on RoPE layers only
+    for i, l in enumerate(lm.model.layers):
+        at = l.self_attn
+        assert bool(at.use_rope) == bool(cfg.no_rope_layers[i])
+        assert hasattr(at, "qk_norm") == bool(cfg.use_qk_norm and cfg.no_rope_layers[i])
+        if hasattr(at, "qk_norm"):
+            assert at.qk_norm.eps == cfg.rms_norm_eps and not list(at.qk_norm.parameters())
+    scales = llama4_temperature_scales(cfg, T)
+    assert len(set(scales.tolist())) >= 4, scales
+    # independent forward
+    base = lm(ids).logits
+    base_loss = float(lm(ids, labels=ids).loss)
+    ref_logits, _ = llama4_text_ref_forward(lm, ids)
+    d_ref = float((ref_logits - base).abs().max())
+    log(f"    independent Llama 4 forward vs transformers: max |dlogit| = {d_ref:.3g}")
+    assert d_ref < 1e-4, d_ref
+    # feature ablations
+    ablations = {}
+    for what in ("chunking", "temperature_tuning", "qk_norm", "llama3_scaling"):
+        with llama4_ablation(lm, what):
+            lo = lm(ids).logits
+            loss = float(lm(ids, labels=ids).loss)
+        d = (lo - base).abs()
+        ablations[what] = {"loss": loss, "loss_delta": loss - base_loss, "max_abs_dlogit": float(d.max())}
+        if what == "chunking":  # positions before the first chunk boundary see the same keys either way
+            early = float(d[:, :cfg.attention_chunk_size].max())
+            late = d[:, cfg.attention_chunk_size:].amax(dim=(0, 2))
+            ablations[what]["max_abs_dlogit_positions_before_first_boundary"] = early
+            ablations[what]["min_per_position_max_abs_dlogit_after"] = float(late.min())
+            assert early < 1e-5 and float(late.min()) > 1e-3, (early, late)
+        log(f"    {what} off: loss {loss:.6f} (delta {loss - base_loss:+.4g}), max |dlogit| {float(d.max()):.3g}")
+        assert float(d.max()) > 1e-2 and abs(loss - base_loss) > 1e-4, (what, ablations[what])
+    assert torch.equal(lm(ids).logits, base), "ablation not restored"
+    return {
+        "layer_types": list(cfg.layer_types),
+        "no_rope_layers": list(cfg.no_rope_layers),
+        "no_rope_layers_semantics": "no_rope_layers[i] == 1: layer i USES RoPE (and the L2 q/k norm, and is chunked); "
+                                    "0: NoPE layer (no RoPE, no q/k norm, full causal attention, temperature tuning)",
+        "attention_chunk_size": cfg.attention_chunk_size,
+        "chunked_mask_semantics": (
+            f"chunked_attention layers (= the RoPE layers): query i sees key j iff j <= i and j // {cfg.attention_chunk_size} "
+            f"== i // {cfg.attention_chunk_size} (non-overlapping chunks from position 0, NOT a sliding window); "
+            "full_attention layers: j <= i"),
+        "head_dim": cfg.head_dim,
+        "rope_style": "interleaved_complex",
+        "rope_semantics": (
+            "q/k viewed as head_dim/2 complex numbers (dims 2j, 2j+1 = real, imag), multiplied by exp(i * pos * inv_freq[j]) "
+            "(freqs_cis = torch.polar(1, pos * inv_freq), f32); all head dims rotate; RoPE layers only"),
+        "rope_vs_hand_rotation_max_abs_diff": d_rope,
+        "inv_freq_default": inv_default.tolist(),
+        "inv_freq_llama3": rot.inv_freq.tolist(),
+        "inv_freq_llama3_branch": branch,
+        "llama3_semantics": (
+            "f_j = theta^(-2j/head_dim); wavelen = 2 pi / f_j; wavelen < orig/high_freq_factor: f_j unchanged; "
+            "wavelen > orig/low_freq_factor: f_j / factor; otherwise (1 - s) f_j / factor + s f_j with "
+            "s = (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor); orig = "
+            "original_max_position_embeddings; attention_scaling 1.0"),
+        "qk_norm_semantics": (
+            f"RoPE layers with use_qk_norm: AFTER RoPE, q and k (each head, over head_dim) -> x * rsqrt(mean(x^2) + "
+            f"rms_norm_eps) in f32, no weight (eps {cfg.rms_norm_eps}); NoPE layers: no q/k norm"),
+        "attn_temperature_scales": scales.tolist(),
+        "attn_temperature_semantics": (
+            "NoPE layers only, queries only, after the (absent) RoPE / q-k norm step: q *= 1 + attn_scale * "
+            "log1p(floor((pos + 1) / floor_scale)), pos = absolute position (0-based, cache offset included)"),
+        "softmax_scale": float(lm.model.layers[0].self_attn.scaling),
+        "independent_forward_max_abs_diff": d_ref,
+        "feature_ablations": ablations,
+        "feature_ablations_semantics": (
+            "loss / max |dlogit| of the same checkpoint and ids with one feature switched off: chunking (every layer "
+            "full causal), temperature_tuning (attn_temperature_tuning false), qk_norm (no L2 norm), llama3_scaling "
+            "(inv_freq = theta^(-2j/d))"),
+    }
+
+
+LLAMA4_ROUTING_SEMANTICS = (
+    "top-k (k = num_experts_per_tok) of the raw router logits (no softmax); w = sigmoid(chosen logit) (f32, cast "
+    "back); no renormalisation, no scaling factor; each chosen expert e gets w * x as its INPUT (not its output): "
+    "y = shared_expert(x) + sum_k down_e(silu(gate_e(w_k x)) * up_e(w_k x)), gate_up_proj[e] = [H, 2I] with gate = "
+    "first I columns, up = last I columns"
+)
+
+
+@torch.no_grad()
+def llama4_routing_tensors(lm, ids, tensors) -> tuple[dict, dict]:
+    """topk_idx / topk_weight from a hook on transformers' Llama4Router output (router_scores: sigmoid of the
+    chosen logits, exactly 0 elsewhere), checked against the independent forward's routing."""
+    cfg = lm.config
+    moe_layers = moe_layers_of(lm)
+    cap: dict = {}
+    handles = [router_of(moe_block(lm.model.layers[i])).register_forward_hook(
+        lambda _m, _i, o, i=i: cap.__setitem__(i, tuple(t.clone() for t in o))) for i in moe_layers]
+    try:
+        logits = lm(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(logits.float(), tensors["logits"])
+    _, ref_routing = llama4_text_ref_forward(lm, ids)
+    more, wdiff = {}, 0.0
+    for i in moe_layers:
+        scores, r = cap[i]  # Llama4Router returns (router_scores [N, E], router_logits [N, E])
+        assert torch.equal(r.float(), tensors[f"router_logits.{i}"]), i
+        chosen = scores > 0
+        assert bool((chosen.sum(-1) == TOP_K).all()), "router_scores not exactly top-k nonzero"
+        idx = chosen.nonzero()[:, 1].view(-1, TOP_K)  # ascending per row
+        w = scores.float().gather(1, idx)
+        more[f"topk_idx.{i}"] = idx.to(torch.int64).contiguous()
+        more[f"topk_weight.{i}"] = w.contiguous()
+        ref_idx, ref_w = ref_routing[i]
+        assert torch.equal(ref_idx, idx), f"layer {i}: reference routing disagrees"
+        wdiff = max(wdiff, float((ref_w - w).abs().max()))
+        assert torch.equal(w, r.float().gather(1, idx).sigmoid())
+    log(f"    reference routing vs transformers: same top-k, max |dweight| = {wdiff:.3g}")
+    assert wdiff < 1e-5, wdiff
+    return more, {
+        "routing_semantics": LLAMA4_ROUTING_SEMANTICS,
+        "topk_semantics": (
+            "topk_idx.{layer}: int64 [batch*seq, 2], the expert ids transformers' router selected (row = b*seq + t), "
+            "each row sorted ascending; topk_weight.{layer}: f32 [batch*seq, 2], sigmoid of their router logits, "
+            "which multiplies the expert's INPUT (Llama 4), in the same order (hook on the router's router_scores)"),
+        "route_ref_max_abs_weight_diff": wdiff,
+    }
+
+
+@torch.no_grad()
+def llama4_removed_reference(model, lm, ids, ref_tensors, masked: dict[int, list[int]]) -> tuple[dict, dict]:
+    """`model` (Llama4ForCausalLM, or the Llama4ForConditionalGeneration around `lm`) run with the listed experts
+    physically deleted from its text model (router rows, gate_up_proj / down_proj slices)."""
+    for i, drop in masked.items():
+        sel = ref_tensors[f"topk_idx.{i}"].unique().tolist()
+        assert set(drop) & set(sel), f"layer {i}: removed experts {drop} never selected"
+    if model is lm:
+        pruned = physically_remove_experts(lm, masked)
+        text = pruned
+    else:
+        pruned = copy.deepcopy(model)
+        pruned.language_model = physically_remove_experts(pruned.language_model, masked)
+        text = pruned.language_model
+    for i, drop in masked.items():
+        blk = moe_block(text.model.layers[i])
+        n = N_EXPERTS - len(drop)
+        assert router_of(blk).weight.shape[0] == blk.experts.gate_up_proj.shape[0] == blk.experts.down_proj.shape[0] == n
+    with llama4_output_fix():
+        logits = pruned(input_ids=ids).logits.float()
+        loss = float(pruned(input_ids=ids, labels=ids).loss)
+    # independent: the reference forward of the pruned text model
+    ref_logits, _ = llama4_text_ref_forward(text, ids)
+    d_ref = float((ref_logits - logits).abs().max())
+    assert d_ref < 1e-4, d_ref
+    d = float((logits - ref_tensors["logits"]).abs().max())
+    log(f"    removed {masked}: max |dlogit| vs full = {d:.3g}; vs independent forward {d_ref:.3g}")
+    assert d > 1e-2, "removal had no effect"
+    return {"logits": logits.contiguous()}, {
+        "masked_experts": {str(i): v for i, v in masked.items()},
+        "masked_loss": loss,
+        "masked_semantics": (
+            "masked.safetensors logits: the listed experts physically deleted from the text model (router.weight "
+            "rows, experts.gate_up_proj / experts.down_proj slices; two experts per MoE layer) and the model run by "
+            "transformers (top-2 of the 6 kept logits; with sigmoid-of-chosen-logit weights this equals setting the "
+            "removed experts' logits to -inf)"),
+        "masked_vs_unmasked_max_abs_diff": d,
+        "masked_independent_forward_max_abs_diff": d_ref,
+    }
+
+
+def gen_llama4_text(out: Path, name: str = "tiny-llama4-text") -> None:
+    log(name)
+    m = build_model(name, SEEDS[name])
+    ref, tensors = generate_f32(name, out, m, extra_check=check_llama4_text, extra_tensors=llama4_routing_tensors)
+    mdir = out / "models" / name
+    cfg_json = json.loads((mdir / "config.json").read_text())
+    assert cfg_json["moe_layers"] == [1, 3] and cfg_json["no_rope_layers"] == LLAMA4_NO_ROPE_LAYERS
+    assert cfg_json["rope_parameters"]["rope_type"] == "llama3"
+    model = load(mdir)
+    ids = make_ids(name)
+    masked = choose_masked(name, ref["moe_layers"], n_fixed=2)
+    mt, mf = llama4_removed_reference(model, model, ids, tensors, masked)
+    ref["experts_implementation_note"] = ("Llama4TextExperts has no experts_implementation switch: always the batched "
+                                          "bmm over all experts with zero-weighted inputs for unchosen ones")
+    pdir = out / "parity" / name
+    save_file(mt, str(pdir / "masked.safetensors"), metadata={"format": "pt"})
+    ref.update(mf)
+    write_json(pdir / "reference.json", ref)
+
+
+@contextlib.contextmanager
+def llama4_output_fix():
+    """transformers 5.24's Llama4ForConditionalGeneration.forward ends with
+    ``Llama4CausalLMOutputWithPast(..., image_outputs=outputs.image_outputs, ...)`` where ``outputs`` is the inner
+    Llama4ForCausalLM's MoeCausalLMOutputWithPast, which has no ``image_outputs`` field, so EVERY forward raises
+    AttributeError (with or without pixel_values). While this is active, MoeCausalLMOutputWithPast has a class
+    attribute ``image_outputs = None``; nothing else is touched (the forward is transformers' own)."""
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast as Out
+
+    patch = not hasattr(Out, "image_outputs")
+    if patch:
+        Out.image_outputs = None
+    try:
+        yield patch
+    finally:
+        if patch:
+            del Out.image_outputs
+
+
+def load_llama4_mm(mdir: Path):
+    from transformers import Llama4ForConditionalGeneration
+
+    return Llama4ForConditionalGeneration.from_pretrained(mdir, dtype=torch.float32, **impl_kwargs()).eval()
+
+
+@torch.no_grad()
+def gen_llama4_mm(out: Path, name: str = "tiny-llama4") -> None:
+    """Llama4ForConditionalGeneration: text-only references (input_ids, no pixel_values)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Llama4ForConditionalGeneration
+
+    log(name)
+    seed = SEEDS[name]
+    cfg = llama4_mm_config()
+    torch.manual_seed(seed)
+    src = AutoModelForImageTextToText.from_config(cfg, **impl_kwargs()).float().eval()
+    assert type(src) is Llama4ForConditionalGeneration
+    perturb(src, seed)
+    check_params_nontrivial(src)
+    mdir = fresh_dir(out / "models" / name)
+    src.save_pretrained(mdir)
+    model = load_llama4_mm(mdir)
+    lm = model.language_model
+    tcfg = lm.config
+    ids = make_ids(name)
+    # the inner Llama4ForCausalLM: every check of run_reference (hidden states, router logits = gate(x), CE loss)
+    inner, fields = run_reference(lm, ids)
+    with llama4_output_fix() as patched:
+        try_unpatched = None
+        out_w = model(input_ids=ids, output_hidden_states=True, output_router_logits=True)
+        loss = float(model(input_ids=ids, labels=ids).loss)
+        loss_seq = [float(model(input_ids=ids[b: b + 1], labels=ids[b: b + 1]).loss) for b in range(BATCH)]
+        assert torch.equal(src(input_ids=ids).logits, out_w.logits), f"{name}: save/load round trip changed logits"
+        # smoke check of the image path (not stored): one image token per 28x28 image after pixel shuffle
+        g = torch.Generator().manual_seed(IDS_SEEDS[name] + 7)
+        ids_img = ids.clone()
+        ids_img[:, 1] = cfg.image_token_index
+        img_logits = model(input_ids=ids_img, pixel_values=torch.randn(BATCH, 3, 28, 28, generator=g)).logits
+        assert torch.isfinite(img_logits).all()
+    if patched:  # record that the unpatched forward really fails in this transformers version
+        try:
+            model(input_ids=ids)
+        except AttributeError as e:
+            try_unpatched = f"AttributeError: {e}"
+        assert try_unpatched is not None
+    # the wrapper's text-only forward is exactly the inner text model's
+    assert torch.equal(out_w.logits.float(), inner["logits"])
+    assert abs(loss - fields["loss"]) == 0.0 and loss_seq == fields["loss_per_sequence"], (loss, fields["loss"])
+    assert len(out_w.hidden_states) == tcfg.num_hidden_layers + 1
+    for k, h in enumerate(out_w.hidden_states):
+        assert torch.equal(h.float(), inner[f"hidden_states.{k}"]), k
+    for i, r in zip(fields["moe_layers"], out_w.router_logits):
+        assert torch.equal(r.float(), inner[f"router_logits.{i}"]), i
+    tensors = dict(inner)
+    more, more_fields = llama4_routing_tensors(lm, ids, tensors)
+    ref_logits, _ = llama4_text_ref_forward(lm, ids)
+    d_ref = float((ref_logits - inner["logits"]).abs().max())
+    log(f"    independent Llama 4 text forward vs transformers: max |dlogit| = {d_ref:.3g}")
+    assert d_ref < 1e-4, d_ref
+    # text_config is tiny-llama4-text's config (the weights differ: other seed)
+    skip = {"architectures", "dtype", "transformers_version"}
+    want = {k: v for k, v in make_config("tiny-llama4-text").to_dict().items() if k not in skip}
+    have = {k: v for k, v in tcfg.to_dict().items() if k not in skip}
+    assert have == want, {k: (have.get(k), want.get(k)) for k in set(have) | set(want) if have.get(k) != want.get(k)}
+    tensors.update(more)
+    # text-only AutoModelForCausalLM load of the same directory (transformers maps llama4 -> Llama4ForCausalLM)
+    auto = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32, **impl_kwargs()).eval()
+    assert type(auto).__name__ == "Llama4ForCausalLM" and auto.config.model_type == "llama4_text"
+    assert torch.equal(auto(ids).logits.float(), inner["logits"])
+    del auto
+
+    keys = disk_tensors(mdir)
+    check_llama4_text_keys(name, keys, tcfg, fields["moe_layers"], prefix="language_model.")
+    prefixes = sorted({k.split(".")[0] if not k.startswith("language_model.") else ".".join(k.split(".")[:2])
+                       for k in keys})
+    assert prefixes == ["language_model.lm_head", "language_model.model", "multi_modal_projector", "vision_model"], prefixes
+    cfg_json = json.loads((mdir / "config.json").read_text())
+    assert cfg_json["model_type"] == "llama4" and cfg_json["architectures"] == ["Llama4ForConditionalGeneration"]
+    assert cfg_json["text_config"]["model_type"] == "llama4_text"
+    assert cfg_json["vision_config"]["model_type"] == "llama4_vision_model"
+
+    ref = base_reference_json(name, lm, ids, keys, "float32")
+    ref["model_type"] = cfg.model_type
+    ref["text_model_type"] = tcfg.model_type
+    ref.update(fields)
+    ref["loss"], ref["loss_per_sequence"] = loss, loss_seq
+    ref["reference_semantics"] = (
+        "TEXT-ONLY forward of Llama4ForConditionalGeneration (input_ids, no pixel_values): logits / loss / "
+        "hidden_states / router_logits of the text model inside it (language_model), checked bit-identical to "
+        "running model.language_model (a Llama4ForCausalLM) alone and to AutoModelForCausalLM.from_pretrained on "
+        "this directory (which builds a Llama4ForCausalLM from text_config, strips 'language_model.' and ignores the "
+        "vision_model / multi_modal_projector keys)")
+    ref["transformers_bug_workaround"] = (
+        ("transformers " + transformers.__version__ + ": Llama4ForConditionalGeneration.forward reads "
+         "outputs.image_outputs from the inner MoeCausalLMOutputWithPast, which has no such field (" + try_unpatched
+         + "); the references were computed with MoeCausalLMOutputWithPast.image_outputs = None set as a class "
+         "attribute during the call, transformers' forward otherwise unmodified") if patched else None)
+    ref["vision_config_semantics"] = (
+        "vision tower not used by the references (no pixel_values); a 28x28 image -> 2x2 patches of 14 + class token; "
+        "pixel_shuffle_ratio 0.5 -> 1 image token per image; checked to run with pixel_values (image_token_index "
+        f"{cfg.image_token_index}); its LayerNorms (1 + 0.3 randn, bias 0.5 randn) and biases (0.5 randn) are random")
+    ref["image_token_ids_in_ids"] = sorted({int(t) for t in ids.flatten().tolist()} & {
+        cfg.boi_token_index, cfg.eoi_token_index, cfg.image_token_index})
+    ref["text_config_semantics"] = ("text_config = tiny-llama4-text's config (MoE layers 1, 3; chunked RoPE layers 0-2, "
+                                    "NoPE layer 3; llama3 RoPE; see its reference.json), other weights (seed "
+                                    f"{seed}) and ids")
+    ref["independent_forward_max_abs_diff"] = d_ref
+    ref.update(more_fields)
+    masked = choose_masked(name, ref["moe_layers"], n_fixed=2)
+    mt, mf = llama4_removed_reference(model, lm, ids, tensors, masked)
+    ref.update(mf)
+    emit(name, out, ref, tensors, ids, {"masked.safetensors": mt})
+
+
+LLAMA4 = ("tiny-llama4-text", "tiny-llama4")
+
+
+def gen_llama4(out: Path, name: str) -> None:
+    if name == "tiny-llama4-text":
+        gen_llama4_text(out, name)
+    else:
+        gen_llama4_mm(out, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen3-Next (qwen3_next): hybrid Gated DeltaNet (linear attention) / gated full attention, MoE + gated shared expert
+# --------------------------------------------------------------------------------------------
+
+QWEN3_NEXT_A_LOG = (-1.0, 0.5)  # A_log = -1 + 0.5 randn: A = exp(A_log) ~ 0.37 (x/ 1.6), so exp(g) keeps memory
+QWEN3_NEXT_DT_BIAS_STD = 0.5  # dt_bias (1 at init) -> 0.5 randn
+QWEN3_NEXT_CONV_STD = 0.5  # conv1d.weight -> 0.5 randn (0.2 would leave the SiLU after the conv near-linear)
+QWEN3_NEXT_L2NORM_EPS = 1e-6  # hard-coded in transformers' l2norm (not rms_norm_eps)
+QWEN3_NEXT_RELEASED_KEYS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+    "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+    "linear_conv_kernel_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob", "intermediate_size",
+    "rope_parameters", "tie_word_embeddings")
+
+
+def qwen3_next_config(**overrides):
+    """Tiny Qwen3-Next: layers 0-2 Gated DeltaNet, layer 3 gated full attention (full_attention_interval 4), every
+    layer MoE (decoder_sparse_step 1, mlp_only_layers [] as in Qwen3-Next-80B-A3B) with a sigmoid-gated shared expert."""
+    from transformers import Qwen3NextConfig
+
+    kw = dict(
+        **common_kwargs(),
+        num_hidden_layers=4,
+        full_attention_interval=4,  # the released config.json key; transformers derives layer_types from it
+        head_dim=16,  # default 256
+        intermediate_size=96,  # dense MLP width: unused (every layer is MoE), as in the release
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,  # 2 value heads per key head
+        linear_key_head_dim=16,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_experts=N_EXPERTS,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=True,
+        rms_norm_eps=1e-5,  # default 1e-6 (also the gated norm's eps; the l2norm eps is a fixed 1e-6)
+        tie_word_embeddings=False,
+        # head_dim 16 * 0.25 -> rotary dim 4 (even: rotate-half pairs (0, 2), (1, 3)); rope_theta default 1e4
+        rope_parameters=dict(rope_type="default", rope_theta=1000.0, partial_rotary_factor=0.25),
+    )
+    kw.update(overrides)
+    cfg = Qwen3NextConfig(**kw)
+    assert cfg.layer_types == ["linear_attention"] * 3 + ["full_attention"], cfg.layer_types
+    assert cfg.rope_parameters["partial_rotary_factor"] == 0.25 and int(16 * 0.25) % 2 == 0
+    return cfg
+
+
+@torch.no_grad()
+def perturb_qwen3_next(mod, g: torch.Generator) -> None:
+    """Gated DeltaNet: A_log, dt_bias, conv1d.weight random; its gated norm's (plain, not zero-centred) weight
+    1 + 0.3 randn."""
+    name = type(mod).__name__
+    if name == "Qwen3NextGatedDeltaNet":
+        mu, sd = QWEN3_NEXT_A_LOG
+        mod.A_log.copy_(mu + sd * torch.randn(mod.A_log.shape, generator=g))
+        mod.dt_bias.copy_(QWEN3_NEXT_DT_BIAS_STD * torch.randn(mod.dt_bias.shape, generator=g))
+        mod.conv1d.weight.copy_(QWEN3_NEXT_CONV_STD * torch.randn(mod.conv1d.weight.shape, generator=g))
+    elif name == "Qwen3NextRMSNormGated":
+        mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
+
+
+def qwen3_next_dims(cfg) -> dict:
+    nk, nv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, \
+        cfg.linear_value_head_dim
+    R = nv // nk
+    return dict(nk=nk, nv=nv, dk=dk, dv=dv, R=R, W=2 * dk + 2 * R * dv, K=cfg.linear_conv_kernel_dim,
+                conv_dim=2 * nk * dk + nv * dv, nh=cfg.num_attention_heads, nkv=cfg.num_key_value_heads,
+                hd=cfg.head_dim, r=int(cfg.head_dim * cfg.rope_parameters["partial_rotary_factor"]))
+
+
+def qwen3_next_split_index(cfg) -> dict:
+    """Column indices into in_proj_qkvz / in_proj_ba outputs (= rows of their weights) for q [nk, dk], k [nk, dk],
+    v [nv, dv], z [nv, dv], b [nv], a [nv]: key head g owns the contiguous block [g*W, (g+1)*W) of qkvz laid out
+    [q_g (dk) | k_g (dk) | v of value heads g*R..g*R+R-1 (R*dv) | z of the same (R*dv)], and [g*2R, (g+1)*2R) of ba
+    laid out [b (R) | a (R)]; value head h = g*R + j belongs to key head g = h // R."""
+    d = qwen3_next_dims(cfg)
+    nk, dk, dv, R, W = d["nk"], d["dk"], d["dv"], d["R"], d["W"]
+    ar = torch.arange
+    q = torch.stack([g * W + ar(dk) for g in range(nk)])
+    k = torch.stack([g * W + dk + ar(dk) for g in range(nk)])
+    v = torch.stack([g * W + 2 * dk + j * dv + ar(dv) for g in range(nk) for j in range(R)])
+    z = torch.stack([g * W + 2 * dk + R * dv + j * dv + ar(dv) for g in range(nk) for j in range(R)])
+    b = torch.tensor([g * 2 * R + j for g in range(nk) for j in range(R)])
+    a = torch.tensor([g * 2 * R + R + j for g in range(nk) for j in range(R)])
+    return dict(q=q, k=k, v=v, z=z, b=b, a=a)
+
+
+@torch.no_grad()
+def qwen3_next_ref_forward(sd: dict, cfg, ids: torch.Tensor, removed: dict | None = None,
+                           capture: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Independent re-implementation of the Qwen3NextForCausalLM forward in f32 from the ON-DISK tensors (per-expert
+    keys), written from the semantics recorded in reference.json (no transformers module is called). The gated delta
+    rule is the token-by-token recurrence. `removed` {layer: [experts]}: those experts deleted (softmax over the rest).
+    Returns (logits, {layer: (topk idx sorted, weight)})."""
+    d = qwen3_next_dims(cfg)
+    nk, nv, dk, dv, R, K = d["nk"], d["nv"], d["dk"], d["dv"], d["R"], d["K"]
+    nh, nkv, hd, r = d["nh"], d["nkv"], d["hd"], d["r"]
+    eps = cfg.rms_norm_eps
+    idx = qwen3_next_split_index(cfg)
+    B, T = ids.shape
+    H = cfg.hidden_size
+    E = cfg.num_experts
+
+    def rms0(x, w):  # zero-centred RMSNorm
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w)
+
+    def l2n(x):
+        return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + QWEN3_NEXT_L2NORM_EPS)
+
+    theta = cfg.rope_parameters["rope_theta"]
+    inv = 1.0 / (theta ** (torch.arange(0, r, 2).float() / r))  # [r/2]
+    ang = torch.arange(T).float()[:, None] * inv[None]
+    c, s = ang.cos()[None, None], ang.sin()[None, None]  # [1, 1, T, r/2]
+
+    def rope(x):  # [B, heads, T, hd]; rotate-half over the first r dims, pairs (j, j + r/2)
+        x1, x2 = x[..., : r // 2], x[..., r // 2: r]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x[..., r:]], -1)
+
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    x = sd["model.embed_tokens.weight"][ids]
+    routing = {}
+    for li, lt in enumerate(cfg.layer_types):
+        p = f"model.layers.{li}."
+        h = rms0(x, sd[p + "input_layernorm.weight"])
+        if lt == "linear_attention":
+            la = p + "linear_attn."
+            qkvz = h @ sd[la + "in_proj_qkvz.weight"].T  # [B, T, nk*W]
+            ba = h @ sd[la + "in_proj_ba.weight"].T  # [B, T, nk*2R]
+            q, k, v, z = (qkvz[..., idx[n]] for n in ("q", "k", "v", "z"))  # [B, T, heads, dim]
+            b, a = ba[..., idx["b"]], ba[..., idx["a"]]  # [B, T, nv]
+            mixed = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1)  # conv channels [q | k | v]
+            w = sd[la + "conv1d.weight"][:, 0, :]  # [C, K]; w[:, K-1] multiplies the current token
+            conv = torch.zeros_like(mixed)
+            for j in range(K):
+                lag = K - 1 - j
+                conv[:, lag:] += w[:, j] * mixed[:, : T - lag]
+            mixed = F.silu(conv)
+            q = mixed[..., : nk * dk].view(B, T, nk, dk)
+            k = mixed[..., nk * dk: 2 * nk * dk].view(B, T, nk, dk)
+            v = mixed[..., 2 * nk * dk:].view(B, T, nv, dv)
+            kh = torch.arange(nv) // R  # value head h reads key / query head h // R
+            q = l2n(q)[:, :, kh] * dk ** -0.5
+            k = l2n(k)[:, :, kh]
+            beta = b.sigmoid()
+            gdec = -sd[la + "A_log"].exp() * F.softplus(a + sd[la + "dt_bias"])  # [B, T, nv], <= 0
+            S = torch.zeros(B, nv, dk, dv)
+            o = torch.zeros(B, T, nv, dv)
+            for t in range(T):
+                S = S * gdec[:, t].exp()[..., None, None]
+                kv_mem = torch.einsum("bhkv,bhk->bhv", S, k[:, t])
+                delta = beta[:, t, :, None] * (v[:, t] - kv_mem)
+                S = S + k[:, t, :, :, None] * delta[:, :, None, :]
+                o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
+            if capture is not None:
+                capture[f"gdn_core_out.{li}"] = o.clone()
+            # gated RMSNorm per value head over dv: norm, times weight (plain), times silu(z)
+            o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * sd[la + "norm.weight"] * F.silu(z)
+            mix = o.flatten(2) @ sd[la + "out_proj.weight"].T
+        else:
+            at = p + "self_attn."
+            qg = (h @ sd[at + "q_proj.weight"].T).view(B, T, nh, 2 * hd)  # per head [q (hd) | gate (hd)]
+            q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, nh * hd)
+            k = (h @ sd[at + "k_proj.weight"].T).view(B, T, nkv, hd)
+            v = (h @ sd[at + "v_proj.weight"].T).view(B, T, nkv, hd)
+            q = rope(rms0(q, sd[at + "q_norm.weight"]).transpose(1, 2))
+            k = rope(rms0(k, sd[at + "k_norm.weight"]).transpose(1, 2))
+            v = v.transpose(1, 2)
+            rep = nh // nkv  # query head hq uses kv head hq // rep
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            att = (q @ k.transpose(-1, -2)) * hd ** -0.5
+            att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+            o = (att @ v).transpose(1, 2).reshape(B, T, nh * hd) * gate.sigmoid()
+            mix = o @ sd[at + "o_proj.weight"].T
+        if capture is not None:
+            capture[f"token_mixer_out.{li}"] = mix.clone()
+        x = x + mix
+        h = rms0(x, sd[p + "post_attention_layernorm.weight"]).reshape(B * T, H)
+        m = p + "mlp."
+        keep = [e for e in range(E) if e not in (removed or {}).get(li, [])]
+        logits = h @ sd[m + "gate.weight"][keep].T
+        prob = logits.softmax(-1)
+        top_v, top_i = prob.topk(cfg.num_experts_per_tok, dim=-1)
+        if cfg.norm_topk_prob:
+            top_v = top_v / top_v.sum(-1, keepdim=True)
+        top_e = torch.tensor(keep)[top_i]
+        y = torch.zeros_like(h)
+        for e in keep:
+            rows, slot = (top_e == e).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            xe = h[rows]
+            ge = xe @ sd[f"{m}experts.{e}.gate_proj.weight"].T
+            ue = xe @ sd[f"{m}experts.{e}.up_proj.weight"].T
+            y.index_add_(0, rows, ((F.silu(ge) * ue) @ sd[f"{m}experts.{e}.down_proj.weight"].T) * top_v[rows, slot, None])
+        sh = (F.silu(h @ sd[m + "shared_expert.gate_proj.weight"].T) * (h @ sd[m + "shared_expert.up_proj.weight"].T)) \
+            @ sd[m + "shared_expert.down_proj.weight"].T
+        y = y + (h @ sd[m + "shared_expert_gate.weight"].T).sigmoid() * sh
+        srt, order = top_e.sort(-1)
+        routing[li] = (srt, top_v.gather(1, order))
+        x = x + y.view(B, T, H)
+    x = rms0(x, sd["model.norm.weight"])
+    return x @ sd["lm_head.weight"].T, routing
+
+
+def qwen3_next_disk_sd(mdir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(mdir / "model.safetensors")).items()}
+
+
+@contextlib.contextmanager
+def qwen3_next_delta_rule(model, which: str):
+    """Counts the calls of the gated delta rule the GatedDeltaNet forward makes (`which` = "chunk": transformers'
+    default torch_chunk_gated_delta_rule, counted; "recurrent": the module's torch_chunk_gated_delta_rule global
+    replaced by torch_recurrent_gated_delta_rule for the duration)."""
+    mod = sys.modules[type(model.model).__module__]
+    saved = mod.torch_chunk_gated_delta_rule
+    impl = saved if which == "chunk" else mod.torch_recurrent_gated_delta_rule
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(which)
+        return impl(*args, **kwargs)
+
+    mod.torch_chunk_gated_delta_rule = counted
+    try:
+        yield calls
+    finally:
+        mod.torch_chunk_gated_delta_rule = saved
+
+
+@contextlib.contextmanager
+def qwen3_next_ablation(model, what: str):
+    """Switch one feature off in a loaded Qwen3NextForCausalLM (restored on exit)."""
+    mod = sys.modules[type(model.model).__module__]
+    layers = model.model.layers
+    las = [l.linear_attn for l in layers if hasattr(l, "linear_attn")]
+    sas = [l.self_attn for l in layers if hasattr(l, "self_attn")]
+    mlps = [l.mlp for l in layers]
+    handles, restore = [], []
+    if what == "shared_expert_gate_zero":  # sigmoid(0) = 0.5 for every token
+        for m in mlps:
+            w = m.shared_expert_gate.weight
+            restore.append((w, w.detach().clone()))
+            w.data.zero_()
+    elif what == "shared_expert_off":
+        handles = [m.shared_expert.register_forward_hook(lambda _m, _i, o: torch.zeros_like(o)) for m in mlps]
+    elif what == "conv_identity":  # conv1d weight = [0, 0, 0, 1]: the current token only (SiLU still applied)
+        for la in las:
+            w = la.conv1d.weight
+            restore.append((w, w.detach().clone()))
+            w.data.zero_()
+            w.data[..., -1] = 1.0
+    elif what == "conv_no_silu":
+        for la in las:
+            la.activation = None
+    elif what == "no_decay":  # A_log = -inf: g = 0, exp(g) = 1
+        for la in las:
+            restore.append((la.A_log, la.A_log.detach().clone()))
+            la.A_log.data.fill_(float("-inf"))
+    elif what == "qk_l2norm_off":
+        saved_l2 = mod.l2norm
+        mod.l2norm = lambda x, dim=-1, eps=1e-6: x
+    elif what == "gated_norm_no_gate":  # o = norm(o) * weight, no * silu(z)
+        def fwd(self, hidden_states, gate=None):
+            x = hidden_states.float()
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+        for la in las:
+            la.norm.forward = fwd.__get__(la.norm)
+    elif what == "attn_output_gate_off":  # gate half of q_proj -> +1e4: sigmoid = 1
+        def hook(m, _i, o):
+            o = o.clone()
+            hd = m.out_features // (2 * model.config.num_attention_heads)
+            o.view(*o.shape[:-1], -1, 2 * hd)[..., hd:] = 1e4
+            return o
+        handles = [a.q_proj.register_forward_hook(hook) for a in sas]
+    elif what == "rmsnorm_weight_not_plus_one":  # the misreading y = norm(x) * weight (every zero-centred norm)
+        cls = mod.Qwen3NextRMSNorm
+        saved_fwd = cls.forward
+        cls.forward = lambda self, x: (self._norm(x.float()) * self.weight.float()).type_as(x)
+    elif what == "rope_off":
+        rot = model.model.rotary_emb
+        restore.append((rot.inv_freq, rot.inv_freq.clone()))
+        rot.inv_freq.zero_()
+    else:
+        raise ValueError(what)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for t, v in restore:
+            t.data.copy_(v)
+        if what == "conv_no_silu":
+            for la in las:
+                la.activation = model.config.hidden_act
+        elif what == "qk_l2norm_off":
+            mod.l2norm = saved_l2
+        elif what == "gated_norm_no_gate":
+            for la in las:
+                del la.norm.forward
+        elif what == "rmsnorm_weight_not_plus_one":
+            mod.Qwen3NextRMSNorm.forward = saved_fwd
+
+
+QWEN3_NEXT_ABLATIONS = ("shared_expert_gate_zero", "shared_expert_off", "conv_identity", "conv_no_silu", "no_decay",
+                        "qk_l2norm_off", "gated_norm_no_gate", "attn_output_gate_off", "rmsnorm_weight_not_plus_one",
+                        "rope_off")
+
+
+@torch.no_grad()
+def check_qwen3_next(model, ids) -> dict:
+    """Layer types, RoPE form, cache on/off, the on-disk layout and split order, an independent forward from the disk
+    tensors, the shared-expert gate range, and the loss with each feature switched off."""
+    from transformers import Qwen3NextConfig
+
+    cfg = model.config
+    mod = sys.modules[type(model.model).__module__]
+    mdir = Path(model.name_or_path)
+    dims = qwen3_next_dims(cfg)
+    T = ids.shape[1]
+    assert cfg.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    for i, l in enumerate(model.model.layers):
+        assert hasattr(l, "linear_attn") == (cfg.layer_types[i] == "linear_attention")
+        assert hasattr(l, "self_attn") == (cfg.layer_types[i] == "full_attention")
+    # layer_types from the released key (config.json of Qwen3-Next-80B-A3B has full_attention_interval, no layer_types)
+    cj = json.loads((mdir / "config.json").read_text())
+    cj_released = {k: v for k, v in cj.items() if k != "layer_types"}
+    cj_released["full_attention_interval"] = 4
+    assert Qwen3NextConfig(**{k: v for k, v in cj_released.items()
+                              if k not in ("architectures", "model_type", "transformers_version", "dtype")}
+                           ).layer_types == cfg.layer_types
+    # on-disk layout: per-expert keys, GatedDeltaNet / gated attention shapes
+    keys = disk_tensors(mdir)
+    H, E, I, Is = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    for i, lt in enumerate(cfg.layer_types):
+        p = f"model.layers.{i}."
+        want = {p + "mlp.gate.weight": [E, H], p + "mlp.shared_expert_gate.weight": [1, H],
+                p + "mlp.shared_expert.gate_proj.weight": [Is, H], p + "mlp.shared_expert.up_proj.weight": [Is, H],
+                p + "mlp.shared_expert.down_proj.weight": [H, Is], p + "input_layernorm.weight": [H],
+                p + "post_attention_layernorm.weight": [H]}
+        for e in range(E):
+            want.update({f"{p}mlp.experts.{e}.gate_proj.weight": [I, H], f"{p}mlp.experts.{e}.up_proj.weight": [I, H],
+                         f"{p}mlp.experts.{e}.down_proj.weight": [H, I]})
+        if lt == "linear_attention":
+            la = p + "linear_attn."
+            want.update({la + "in_proj_qkvz.weight": [dims["nk"] * dims["W"], H],
+                         la + "in_proj_ba.weight": [2 * dims["nv"], H],
+                         la + "conv1d.weight": [dims["conv_dim"], 1, dims["K"]], la + "A_log": [dims["nv"]],
+                         la + "dt_bias": [dims["nv"]], la + "norm.weight": [dims["dv"]],
+                         la + "out_proj.weight": [H, dims["nv"] * dims["dv"]]})
+        else:
+            at = p + "self_attn."
+            want.update({at + "q_proj.weight": [2 * dims["nh"] * dims["hd"], H],
+                         at + "k_proj.weight": [dims["nkv"] * dims["hd"], H],
+                         at + "v_proj.weight": [dims["nkv"] * dims["hd"], H],
+                         at + "o_proj.weight": [H, dims["nh"] * dims["hd"]],
+                         at + "q_norm.weight": [dims["hd"]], at + "k_norm.weight": [dims["hd"]]})
+        have = {k for k in keys if k.startswith(p)}
+        assert have == set(want), sorted(have ^ set(want))
+        for n, shape in want.items():
+            assert keys[n][:2] == (shape, "F32"), (n, keys[n], shape)
+    assert not any("conv1d.bias" in k or "gate_up_proj" in k for k in keys)
+    # the split: transformers' fix_query_key_value_ordering vs the index formula
+    la0 = model.model.layers[0].linear_attn
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randn(1, 2, dims["nk"] * dims["W"], generator=g)
+    xb = torch.randn(1, 2, 2 * dims["nv"], generator=g)
+    got = la0.fix_query_key_value_ordering(xq, xb)
+    idx = qwen3_next_split_index(cfg)
+    for n, t in zip(("q", "k", "v", "z"), got[:4]):
+        assert torch.equal(t, xq[..., idx[n]]), n
+    for n, t in zip(("b", "a"), got[4:]):
+        assert torch.equal(t, xb[..., idx[n]]), n
+    # RoPE: rotate-half on the first r dims, rest passed through
+    rot = model.model.rotary_emb
+    r = 2 * rot.inv_freq.numel()
+    assert r == dims["r"] == 4, (r, dims["r"])
+    qh = torch.randn(1, 1, T, dims["hd"], generator=g)
+    pos = torch.arange(T)[None]
+    cos, sin = rot(qh, pos)
+    q_emb, _ = mod.apply_rotary_pos_emb(qh, qh, cos, sin)
+    ang = pos[0, :, None].float() * rot.inv_freq[None].float()
+    x1, x2 = qh[..., : r // 2], qh[..., r // 2: r]
+    want_q = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin(), qh[..., r:]], -1)
+    d_rope = float((q_emb - want_q).abs().max())
+    assert d_rope < 1e-5 and torch.equal(q_emb[..., r:], qh[..., r:]), d_rope
+    # cache on (the default: DynamicCache, prefill) vs off: same logits; the chunked rule runs once per linear layer
+    with qwen3_next_delta_rule(model, "chunk") as calls:
+        base = model(ids, use_cache=False).logits
+    assert calls == ["chunk"] * 3, calls
+    with_cache = model(ids, use_cache=True).logits
+    assert torch.equal(base, with_cache), "use_cache changes the prefill logits"
+    base_loss = float(model(ids, labels=ids).loss)
+    # independent forward from the on-disk tensors
+    sd = qwen3_next_disk_sd(mdir)
+    ref_logits, _ = qwen3_next_ref_forward(sd, cfg, ids)
+    d_ref = float((ref_logits - base).abs().max())
+    log(f"    independent Qwen3-Next forward (recurrent rule, disk tensors) vs transformers: max |dlogit| = {d_ref:.3g}")
+    assert d_ref < 1e-4, d_ref
+    shared = check_shared_gate(model, ids)
+    # decay / beta statistics (how much the recurrence matters)
+    cap = {}
+    hs = [l.linear_attn.in_proj_ba.register_forward_hook(lambda _m, _i, o, i=i: cap.__setitem__(i, o.clone()))
+          for i, l in enumerate(model.model.layers) if hasattr(l, "linear_attn")]
+    model(ids)
+    for hk in hs:
+        hk.remove()
+    decays, betas = [], []
+    for i, ba in cap.items():
+        la = model.model.layers[i].linear_attn
+        _, _, _, _, b, a = la.fix_query_key_value_ordering(torch.zeros(*ba.shape[:-1], dims["nk"] * dims["W"]), ba)
+        decays.append((-la.A_log.exp() * F.softplus(a + la.dt_bias)).exp().flatten())
+        betas.append(b.sigmoid().flatten())
+    decays, betas = torch.cat(decays), torch.cat(betas)
+    # feature ablations
+    ablations = {}
+    for what in QWEN3_NEXT_ABLATIONS:
+        with qwen3_next_ablation(model, what):
+            lo = model(ids).logits
+            loss = float(model(ids, labels=ids).loss)
+        assert torch.isfinite(lo).all(), what
+        dl = float((lo - base).abs().max())
+        ablations[what] = {"loss": loss, "loss_delta": loss - base_loss, "max_abs_dlogit": dl}
+        log(f"    {what}: loss {loss:.6f} (delta {loss - base_loss:+.4g}), max |dlogit| {dl:.3g}")
+        assert dl > 1e-2 and abs(loss - base_loss) > 1e-4, (what, ablations[what])
+    assert torch.equal(model(ids).logits, base), "ablation not restored"
+    defaults = Qwen3NextConfig()
+    return {
+        "layer_types": list(cfg.layer_types),
+        "layer_types_semantics": (
+            "layer i is full_attention iff (i + 1) % full_attention_interval == 0, else linear_attention (Gated "
+            "DeltaNet); transformers writes the derived layer_types list into config.json, the released "
+            "Qwen3-Next-80B-A3B config.json has full_attention_interval: 4 and no layer_types (checked: this "
+            "config.json with layer_types replaced by full_attention_interval 4 gives the same layer_types)"),
+        "config_class_defaults": {k: getattr(defaults, k) for k in QWEN3_NEXT_RELEASED_KEYS} | {
+            "layer_types_first_8": defaults.layer_types[:8], "full_attention_interval": 4},
+        "config_class_defaults_semantics": (
+            "Qwen3NextConfig() defaults in transformers " + transformers.__version__ + " (its docstring names "
+            "Qwen/Qwen3-Next-80B-A3B-Instruct): 48 layers, every 4th full attention, every layer MoE "
+            "(decoder_sparse_step 1, mlp_only_layers []), 512 experts top-10 + 1 gated shared expert; the published "
+            "config.json differs from the class defaults at least in intermediate_size (5120) and "
+            "max_position_embeddings (262144), and has full_attention_interval: 4 instead of layer_types"),
+        "expert_count_key": "num_experts (config.json); top-k key num_experts_per_tok",
+        "moe_layers_semantics": (
+            "MoE iff i not in mlp_only_layers and num_experts > 0 and (i + 1) % decoder_sparse_step == 0: every layer "
+            "here and in the release (decoder_sparse_step 1, mlp_only_layers []); intermediate_size (dense MLP) unused"),
+        "experts_on_disk": (
+            "per expert: mlp.experts.{e}.gate_proj / up_proj [moe_intermediate_size, hidden], down_proj [hidden, "
+            "moe_intermediate_size] (transformers 5.x fuses them in memory into experts.gate_up_proj [E, 2I, H] "
+            "(gate = rows 0..I-1, up = rows I..2I-1) and experts.down_proj [E, H, I], and splits them again on save)"),
+        "rms_norm_semantics": (
+            "Qwen3NextRMSNorm (input_layernorm, post_attention_layernorm, model.norm, self_attn.q_norm / k_norm): "
+            f"ZERO-CENTRED, y = (x * rsqrt(mean(x^2) + rms_norm_eps)) * (1 + weight), computed in f32 and cast back "
+            f"(weight 0 at init; here 0.3 randn); eps {cfg.rms_norm_eps}"),
+        "gated_norm_semantics": (
+            "linear_attn.norm (Qwen3NextRMSNormGated, weight [linear_value_head_dim], NOT zero-centred, 1 at init; "
+            "here 1 + 0.3 randn): per token and value head over the dv dims of the delta-rule output o: "
+            "y = weight * (o * rsqrt(mean(o^2) + rms_norm_eps)) * silu(z), the normalisation in f32 (cast back to the "
+            "input dtype before * weight), silu(z) in f32, result cast to the input dtype; z = the value head's z slice "
+            "of in_proj_qkvz (not convolved)"),
+        "qkvz_ba_split": (
+            "R = linear_num_value_heads / linear_num_key_heads; W = 2*dk + 2*R*dv. in_proj_qkvz output column "
+            "(= weight row) c: key head g = c // W owns [g*W, (g+1)*W) = [q_g | k_g | v of value heads g*R..g*R+R-1 "
+            "| z of the same]: q[g, d] = g*W + d, k[g, d] = g*W + dk + d, v[g*R + j, d] = g*W + 2*dk + j*dv + d, "
+            "z[g*R + j, d] = g*W + 2*dk + R*dv + j*dv + d (d < dk resp. dv, j < R). in_proj_ba output column: "
+            "b[g*R + j] = g*2R + j, a[g*R + j] = g*2R + R + j"),
+        "qkvz_ba_index": {n: t.tolist() for n, t in idx.items()},
+        "conv_semantics": (
+            "the channels cat([q (nk*dk, head-major), k (nk*dk), v (nv*dv)]) (conv_dim = 2*nk*dk + nv*dv), each "
+            "convolved on its own (depthwise, no bias) causally over time with kernel K = linear_conv_kernel_dim: "
+            "out[c, t] = sum_{j=0}^{K-1} w[c, 0, j] * x[c, t - (K-1) + j] (x = 0 before position 0; w[c, 0, K-1] "
+            "multiplies the current token), then silu; then split back into q, k, v"),
+        "delta_rule_semantics": (
+            "per value head h (key/query head h // R: consecutive value heads share a key head, "
+            "repeat_interleave): q, k <- l2norm(q), l2norm(k) with l2norm(x) = x * rsqrt(sum(x^2) + 1e-6) over dk "
+            f"(eps fixed {QWEN3_NEXT_L2NORM_EPS}, not rms_norm_eps) after the conv, in f32; q <- q / sqrt(dk); "
+            "beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias) (f32); state S [dk, dv] = 0 at t = 0; per "
+            "token: S <- S * exp(g_t); kv = S^T k_t; S <- S + k_t (beta_t (v_t - kv))^T; o_t = S^T q_t"),
+        "delta_rule_stats": {"exp_g_min": float(decays.min()), "exp_g_median": float(decays.median()),
+                             "exp_g_max": float(decays.max()), "beta_min": float(betas.min()),
+                             "beta_max": float(betas.max())},
+        "gated_attention_semantics": (
+            "self_attn.q_proj out = num_attention_heads * head_dim * 2, laid out per head [q_h (head_dim) | gate_h "
+            "(head_dim)]: q[h, d] = row h*2*hd + d, gate[h, d] = row h*2*hd + hd + d; q_norm / k_norm (zero-centred, "
+            "over head_dim) per head before RoPE; softmax scale head_dim^-0.5; GQA (query head h uses kv head "
+            "h // (heads / kv_heads)); attention output [heads*hd] (head-major) * sigmoid(gate) before o_proj"),
+        "rotary_dim_effective": r,
+        "rope_style": "rotate_half",
+        "rope_semantics": (
+            f"rotary on the first {r} of {dims['hd']} dims of each q/k head (int(head_dim * partial_rotary_factor)), "
+            f"the rest passed through; rotate-half pairs (j, j + {r // 2}); inv_freq = theta^(-2j/{r}), "
+            "positions 0..T-1; full-attention layers only"),
+        "inv_freq": rot.inv_freq.tolist(),
+        "rope_vs_hand_rotation_max_abs_diff": d_rope,
+        "routing_semantics": QWEN3_NEXT_ROUTING_SEMANTICS,
+        "use_cache_semantics": (
+            "references with the default use_cache (a DynamicCache filled during the forward); use_cache=False gives "
+            "bit-identical logits; both call torch_chunk_gated_delta_rule (chunk_size 64: one zero-padded chunk) once "
+            "per linear-attention layer"),
+        "fla_installed": importlib.util.find_spec("fla") is not None,
+        "independent_forward_max_abs_diff": d_ref,
+        **shared,
+        "feature_ablations": ablations,
+        "feature_ablations_semantics": (
+            "loss / max |dlogit| of the same checkpoint and ids with one feature changed: shared_expert_gate_zero "
+            "(gate weight 0: sigmoid = 0.5), shared_expert_off, conv_identity (conv weight [0, 0, 0, 1], silu kept), "
+            "conv_no_silu, no_decay (A_log = -inf: exp(g) = 1), qk_l2norm_off, gated_norm_no_gate (no * silu(z)), "
+            "attn_output_gate_off (sigmoid(gate) = 1), rmsnorm_weight_not_plus_one (the misreading norm(x) * weight "
+            "in every zero-centred norm), rope_off (inv_freq 0)"),
+    }
+
+
+QWEN3_NEXT_ROUTING_SEMANTICS = (
+    "p = softmax(router_logits) in f32 over all experts; top-k (num_experts_per_tok) of p; norm_topk_prob: "
+    "w = p[idx] / sum(p[idx]) (no epsilon, no scaling factor), cast to the logits dtype; y = sum_k w_k * "
+    "down_e(silu(gate_e(x)) * up_e(x)) + sigmoid(x @ shared_expert_gate.weight^T) * shared_expert(x), shared_expert "
+    "= down(silu(gate(x)) * up(x)) of width shared_expert_intermediate_size, x = post_attention_layernorm output")
+
+
+@torch.no_grad()
+def qwen3_next_extra_tensors(model, ids, tensors) -> tuple[dict, dict]:
+    """logits_recurrent (the recurrent delta rule substituted), topk_idx / topk_weight (hook on the router output),
+    token_mixer_out.{layer} / gdn_core_out.{layer} (independent forward), checked against each other."""
+    cfg = model.config
+    moe_layers = moe_layers_of(model)
+    with qwen3_next_delta_rule(model, "recurrent") as calls:
+        out_rec = model(ids, output_hidden_states=True)
+        loss_rec = float(model(ids, labels=ids).loss)
+    assert calls == ["recurrent"] * 6, calls
+    logits_rec = out_rec.logits.float()
+    d_rec = float((logits_rec - tensors["logits"]).abs().max())
+    d_rec_hidden = max(float((h.float() - tensors[f"hidden_states.{k}"]).abs().max())
+                       for k, h in enumerate(out_rec.hidden_states))
+    log(f"    chunked vs recurrent gated delta rule: max |dlogit| = {d_rec:.3g}, max |dhidden| = {d_rec_hidden:.3g}")
+    assert 0 < d_rec < 1e-4, d_rec
+    cap: dict = {}
+    handles = [router_of(moe_block(model.model.layers[i])).register_forward_hook(
+        lambda _m, _i, o, i=i: cap.__setitem__(i, tuple(t.clone() for t in o))) for i in moe_layers]
+    mix_cap: dict = {}
+    for i, l in enumerate(model.model.layers):
+        mixer = l.linear_attn if hasattr(l, "linear_attn") else l.self_attn
+        handles.append(mixer.register_forward_hook(
+            lambda _m, _i, o, i=i: mix_cap.__setitem__(i, (o[0] if isinstance(o, tuple) else o).clone())))
+    try:
+        logits = model(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(logits.float(), tensors["logits"])
+    ref_cap: dict = {}
+    ref_logits, ref_routing = qwen3_next_ref_forward(qwen3_next_disk_sd(Path(model.name_or_path)), cfg, ids,
+                                                    capture=ref_cap)
+    d_ref_rec = float((ref_logits - logits_rec).abs().max())
+    more, wdiff = {"logits_recurrent": logits_rec.contiguous()}, 0.0
+    for i in moe_layers:
+        r, w, idx = cap[i]  # (router_logits, routing weights [N, k], selected experts [N, k])
+        assert torch.equal(r.float(), tensors[f"router_logits.{i}"]), i
+        idx_s, order = idx.sort(-1)
+        w_s = w.float().gather(1, order)
+        more[f"topk_idx.{i}"] = idx_s.to(torch.int64).contiguous()
+        more[f"topk_weight.{i}"] = w_s.contiguous()
+        ref_idx, ref_w = ref_routing[i]
+        assert torch.equal(ref_idx, idx_s), f"layer {i}: reference routing disagrees"
+        wdiff = max(wdiff, float((ref_w - w_s).abs().max()))
+    d_mix = 0.0
+    for i in range(cfg.num_hidden_layers):
+        more[f"token_mixer_out.{i}"] = mix_cap[i].float().contiguous()
+        d_mix = max(d_mix, float((ref_cap[f"token_mixer_out.{i}"] - mix_cap[i]).abs().max()))
+        if f"gdn_core_out.{i}" in ref_cap:
+            more[f"gdn_core_out.{i}"] = ref_cap[f"gdn_core_out.{i}"].contiguous()
+    log(f"    routing vs reference: same top-k, max |dweight| = {wdiff:.3g}; token mixer outputs max |d| = {d_mix:.3g}; "
+        f"independent forward vs recurrent logits {d_ref_rec:.3g}")
+    assert wdiff < 1e-5 and d_mix < 1e-4 and d_ref_rec < 1e-4, (wdiff, d_mix, d_ref_rec)
+    return more, {
+        "delta_rule_reference": (
+            "logits (and hidden_states, router_logits, loss) come from transformers' default path: "
+            "torch_chunk_gated_delta_rule (the torch fallback, fla not installed, chunk_size 64); logits_recurrent "
+            "from the same model with the modeling module's torch_chunk_gated_delta_rule replaced by "
+            "torch_recurrent_gated_delta_rule (the token-by-token recurrence)"),
+        "logits_chunked_vs_recurrent_max_abs_diff": d_rec,
+        "hidden_states_chunked_vs_recurrent_max_abs_diff": d_rec_hidden,
+        "loss_recurrent": loss_rec,
+        "independent_forward_vs_recurrent_max_abs_diff": d_ref_rec,
+        "topk_semantics": (
+            "topk_idx.{layer}: int64 [batch*seq, 2], the expert ids transformers' router selected (row = b*seq + t), "
+            "each row sorted ascending; topk_weight.{layer}: f32 [batch*seq, 2], the weight each selected expert's "
+            "output is multiplied by, in the same order (hook on the router's output)"),
+        "route_ref_max_abs_weight_diff": wdiff,
+        "token_mixer_out_semantics": (
+            "token_mixer_out.{layer} [3, 16, 64]: output of linear_attn (after out_proj) or self_attn (after o_proj) "
+            "of that layer, before the residual add (transformers, chunked rule); gdn_core_out.{layer} [3, 16, "
+            "linear_num_value_heads, linear_value_head_dim] (linear-attention layers): the gated delta rule output "
+            "before the gated norm, from the independent forward (recurrence); token_mixer_out of transformers vs "
+            f"the independent forward max |d| {d_mix:.3g}"),
+    }
+
+
+@torch.no_grad()
+def qwen3_next_removed_reference(model, ids, ref_tensors, masked: dict[int, list[int]]) -> tuple[dict, dict]:
+    for i, drop in masked.items():
+        sel = ref_tensors[f"topk_idx.{i}"].unique().tolist()
+        assert set(drop) & set(sel), f"layer {i}: removed experts {drop} never selected"
+    pruned = physically_remove_experts(model, masked)
+    for i, drop in masked.items():
+        blk = moe_block(pruned.model.layers[i])
+        n = N_EXPERTS - len(drop)
+        assert router_of(blk).weight.shape[0] == blk.experts.gate_up_proj.shape[0] == blk.experts.down_proj.shape[0] == n
+    logits = pruned(ids).logits.float()
+    loss = float(pruned(ids, labels=ids).loss)
+    with masked_router(model, masked) as hits:
+        logits_masked = model(ids).logits.float()
+    assert sorted(hits) == sorted(masked), hits
+    d_mask = float((logits_masked - logits).abs().max())
+    ref_logits, _ = qwen3_next_ref_forward(qwen3_next_disk_sd(Path(model.name_or_path)), model.config, ids,
+                                           removed=masked)
+    d_ref = float((ref_logits - logits).abs().max())
+    d = float((logits - ref_tensors["logits"]).abs().max())
+    log(f"    removed {masked}: max |dlogit| vs full = {d:.3g}; vs -inf router mask {d_mask:.3g}; vs independent "
+        f"forward {d_ref:.3g}")
+    assert d > 1e-2 and d_mask < 1e-5 and d_ref < 1e-4, (d, d_mask, d_ref)
+    return {"logits": logits.contiguous()}, {
+        "masked_experts": {str(i): v for i, v in masked.items()},
+        "masked_loss": loss,
+        "masked_semantics": (
+            "masked.safetensors logits: the listed experts physically deleted (mlp.gate.weight rows, expert weights; "
+            "two experts per MoE layer) and the model run by transformers (softmax over the 6 kept logits); equal to "
+            "setting the removed experts' router logits to -inf (masked_vs_router_mask_max_abs_diff)"),
+        "masked_vs_unmasked_max_abs_diff": d,
+        "masked_vs_router_mask_max_abs_diff": d_mask,
+        "masked_independent_forward_max_abs_diff": d_ref,
+    }
+
+
+def gen_qwen3_next(out: Path, name: str = "tiny-qwen3-next") -> None:
+    log(name)
+    m = build_model(name, SEEDS[name])
+    ref, tensors = generate_f32(name, out, m, extra_check=check_qwen3_next, extra_tensors=qwen3_next_extra_tensors)
+    mdir = out / "models" / name
+    cfg_json = json.loads((mdir / "config.json").read_text())
+    assert cfg_json["num_experts"] == N_EXPERTS and "num_local_experts" not in cfg_json
+    assert cfg_json["rope_parameters"]["partial_rotary_factor"] == 0.25
+    model = load(mdir)
+    ids = make_ids(name)
+    masked = choose_masked(name, ref["moe_layers"], n_fixed=2)
+    mt, mf = qwen3_next_removed_reference(model, ids, tensors, masked)
+    pdir = out / "parity" / name
+    save_file(mt, str(pdir / "masked.safetensors"), metadata={"format": "pt"})
+    ref.update(mf)
+    write_json(pdir / "reference.json", ref)
+
+
+QWEN3_NEXT = ("tiny-qwen3-next",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2240,7 +3555,8 @@ torch {torch} (CPU, eager attention, eager experts, `model.eval()`, `torch.no_gr
 `-tf4` fixture with transformers {tf4}. Generation only: the tests just read these files.
 
 All models: hidden 64, 4 heads / 2 kv heads, 8 experts, top-2, 3 x 16 token ids, initializer_range
-0.2, every RMSNorm weight 1 + 0.3 randn, non-default rope theta and rms_norm_eps.
+0.2, every RMSNorm weight 1 + 0.3 randn (the zero-centred `(1 + weight)` norms of tiny-qwen3-next: 0.3 randn, the
+same effective scale), non-default rope theta and rms_norm_eps.
 
 | name | model_type | on disk | exercises |
 |---|---|---|---|
@@ -2261,6 +3577,9 @@ All models: hidden 64, 4 heads / 2 kv heads, 8 experts, top-2, 3 x 16 token ids,
 | `tiny-glm4-moe` | glm4_moe | f32, 1 file | GLM-4.5: 3 layers, layer 0 dense (`first_k_dense_replace: 1`, width 96), GQA with q/k/v biases (`attention_bias`, no o_proj bias), per-head q/k RMSNorm (`use_qk_norm`), partial rotate-half RoPE (`rope_parameters.partial_rotary_factor: 0.5`: first 8 of 16 head dims), sigmoid routing + random `mlp.gate.e_score_correction_bias` (0.25 randn), `n_group: 2`, `topk_group: 1` (group score = sum of the top-2 biased scores), norm_topk_prob (`/ (sum + 1e-20)`), `routed_scaling_factor: 1.7`, 1 shared expert; `num_nextn_predict_layers: 1` in config.json but no MTP weights; `topk_idx`/`topk_weight`; `masked.safetensors` (one expert per group removed) |
 | `tiny-minimax-m2` | minimax_m2 | f32, 1 file | MiniMax-M2: 3 layers, all MoE, on disk `block_sparse_moe.experts.{{e}}.w1/w2/w3`, `block_sparse_moe.gate.weight`, `block_sparse_moe.e_score_correction_bias` (0.2 randn; in memory `mlp.*`), expert width `intermediate_size: 32`, q/k RMSNorm over the whole projection (`q_norm` [64], `k_norm` [32]) before the head split, `head_dim: 16`, `rotary_dim: 8` (-> `partial_rotary_factor: 0.5`, rotate-half on the first 8 dims), sigmoid routing, top-2 renormalised by the sum (no epsilon, no scaling); `topk_idx`/`topk_weight`; `masked.safetensors` (two experts per layer removed) |
 | `tiny-ernie4-5-moe` | ernie4_5_moe | f32, 1 file | ERNIE-4.5 MoE: 4 layers, layer 0 dense (width 96), MoE 1..3 (`moe_layer_start_index: 1`, `moe_layer_end_index: 3`, `moe_layer_interval: 1`), softmax routing, top-2 chosen on `softmax + moe_statics.e_score_correction_bias` (`mlp.moe_statics.e_score_correction_bias` [1, 8] on disk, 0.05 randn), weights = softmax probs renormalised `/ max(sum, moe_norm_min)`, 2 shared experts (width 64), `use_bias: true` (q/k/v/o, dense and shared-expert MLP biases, and an `lm_head.bias` although the weight is tied), interleaved (GLM-style) full-head RoPE in f32, tied embeddings; `topk_idx`/`topk_weight`; `masked.safetensors` (two experts per layer removed) |
+| `tiny-llama4-text` | llama4_text | f32, 1 file | Llama 4 text (`Llama4ForCausalLM`): 4 layers, `interleave_moe_layer_step: 2` (`moe_layers` [1, 3]; dense 0, 2 with `intermediate_size_mlp: 96`), fused experts `feed_forward.experts.gate_up_proj` [8, 64, 64] (gate = first 32 columns, up = last 32) / `down_proj` [8, 32, 64], `feed_forward.router.weight`, shared expert (`feed_forward.shared_expert.*`, width 32), top-2 on the raw router logits, weight = sigmoid(chosen logit) multiplying the expert INPUT; `no_rope_layers` [1, 1, 1, 0] (1 = uses RoPE): layers 0-2 RoPE as complex multiplication on interleaved pairs with llama3 scaling (theta 1e4, factor 8, low 1, high 4, `original_max_position_embeddings: 32`: one frequency unchanged, one smoothed, six divided), weightless L2 q/k norm after RoPE (eps = `rms_norm_eps`), chunked attention (`attention_chunk_size: 6`: key j visible from query i iff j <= i and j // 6 == i // 6); NoPE layer 3: full causal attention, temperature tuning (`floor_scale: 4`, `attn_scale: 0.1`: q *= 1 + 0.1 log1p(floor((pos + 1) / 4))); `feature_ablations` (loss with chunking / temperature tuning / q-k norm / llama3 scaling off), independent re-implementation within 1e-5; `topk_idx`/`topk_weight`; `masked.safetensors` (two experts per layer removed) |
+| `tiny-qwen3-next` | qwen3_next | f32, 1 file | Qwen3-Next (`Qwen3NextForCausalLM`): 4 layers, `layer_types` linear, linear, linear, full (the release writes `full_attention_interval: 4`); every layer MoE (`decoder_sparse_step: 1`, `mlp_only_layers: []`, `num_experts: 8`, top-2, softmax, `norm_topk_prob`, `moe_intermediate_size: 32`) plus shared expert (width 48) times sigmoid(`mlp.shared_expert_gate`); ZERO-CENTRED RMSNorms (`norm(x) * (1 + weight)`, weights 0.3 randn) for the layer norms, final norm and q/k norms; Gated DeltaNet (layers 0-2): `in_proj_qkvz` [128, 64] / `in_proj_ba` [8, 64] grouped per key head (2 key heads of dim 16, 4 value heads of dim 8: 2 value heads per key head), causal depthwise `conv1d.weight` [96, 1, 4] + SiLU over [q, k, v], l2-normalised q/k (eps 1e-6), q / sqrt(16), decay g = -exp(`A_log`) softplus(a + `dt_bias`), beta = sigmoid(b), gated delta rule, gated RMSNorm `linear_attn.norm` [8] (plain weight, 1 + 0.3 randn) times silu(z), `out_proj`; gated attention (layer 3): `q_proj` [128, 64] = per head [q (16) | gate (16)], 4 heads / 2 kv heads, per-head `q_norm` / `k_norm`, partial rotate-half RoPE on the first 4 of 16 dims (`partial_rotary_factor: 0.25`, theta 1000), output * sigmoid(gate) before `o_proj`; `logits` = transformers' default chunked delta rule, `logits_recurrent` = the recurrent rule substituted (max diff in reference.json); `token_mixer_out.{{layer}}`, `gdn_core_out.{{layer}}`; `feature_ablations`; independent re-implementation from the disk tensors; `topk_idx`/`topk_weight`; `masked.safetensors` (two experts per layer removed) |
+| `tiny-llama4` | llama4 | f32, 1 file | Llama 4 multimodal wrapper (`Llama4ForConditionalGeneration`, config.json with `text_config` = tiny-llama4-text's config and `vision_config`), other weights; on disk `language_model.model.*`, `language_model.lm_head.weight`, `vision_model.*` (1 layer, hidden 32, 28x28 images, patch 14, pixel shuffle 0.5 -> 1 token per image; LayerNorms and biases random), `multi_modal_projector.linear_1.weight`; image tokens 317/318/319 (boi/eoi/image); references from the TEXT-ONLY forward (input_ids, no pixel_values; transformers {tf} needs a one-attribute workaround, see `transformers_bug_workaround`), identical to the inner `language_model` run alone and to `AutoModelForCausalLM` on the same directory; `topk_idx`/`topk_weight`; `masked.safetensors` (two experts per text MoE layer removed) |
 
 Per fixture, in `fixtures/parity/<name>/`:
 
@@ -2271,7 +3590,8 @@ Per fixture, in `fixtures/parity/<name>/`:
 - `reference.safetensors` (f32): `logits` [3, 16, 320]; `router_logits.{{layer}}` [48, 8] per MoE layer (raw gate
   logits before softmax, row = b*16 + t); `hidden_states.{{k}}` [3, 16, 64] for k = 0..L (0 = embeddings,
   k = output of layer k-1, **L = after the final norm**); `final_prenorm` (last layer output before the final norm);
-  bf16 fixture also `logits_bf16`, `router_logits_bf16.{{layer}}`; tiny-glm4-moe, tiny-minimax-m2, tiny-ernie4-5-moe also
+  bf16 fixture also `logits_bf16`, `router_logits_bf16.{{layer}}`; tiny-glm4-moe, tiny-minimax-m2, tiny-ernie4-5-moe, tiny-llama4-text,
+  tiny-llama4, tiny-qwen3-next also
   `topk_idx.{{layer}}` (int64 [48, 2], the router's selected expert ids, each row sorted ascending) and
   `topk_weight.{{layer}}` (f32 [48, 2], their final weights, same order), and in reference.json `routing_semantics`,
   `correction_bias_changed_selections` (rows per layer whose top-2 differs with the correction bias zeroed),
@@ -2280,7 +3600,10 @@ Per fixture, in `fixtures/parity/<name>/`:
   with `masked_experts` (per layer) never selectable (router logits set to -inf before softmax/top-k; checked
   equal to deleting those experts). For the DeepSeek-V2/V3 and tiny-glm4-moe fixtures: the logits with
   `masked_experts` (one per routing group) physically deleted; for tiny-minimax-m2 and tiny-ernie4-5-moe: two
-  experts per MoE layer physically deleted (with a correction bias, -inf logits do not make an expert unselectable).
+  experts per MoE layer physically deleted (with a correction bias, -inf logits do not make an expert unselectable);
+  for tiny-llama4-text and tiny-llama4: two experts per MoE layer physically deleted from the text model;
+  for tiny-qwen3-next: two experts per MoE layer physically deleted (checked equal to -inf router logits).
+  Llama 4's `topk_weight` is sigmoid(chosen router logit), which scales the expert's input, not its output.
 
 `tiny-deepseek*` (`model_type: deepseek`, DeepSeek-MoE 16B) have no transformers class: the model ships remote
 code (`configuration_deepseek.py`, `modeling_deepseek.py` of `deepseek-ai/deepseek-moe-16b-base`, named by
@@ -2295,8 +3618,8 @@ upstream checkpoint keys; config.json is written in the upstream key style (`rop
 `auto_map`), and the references come from the model rebuilt from that config.json and loaded from the
 saved file. Their `reference.json` says so in `reference_implementation`.
 
-The DeepSeek, gpt-oss, GLM-4.5, MiniMax-M2 and ERNIE-4.5 fixtures can be regenerated alone (the others stay untouched):
-`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2 tiny-gpt-oss tiny-gpt-oss-mxfp4 tiny-deepseek tiny-deepseek-freq2 tiny-deepseek-v3-fp8 tiny-glm4-moe tiny-minimax-m2 tiny-ernie4-5-moe`.
+The DeepSeek, gpt-oss, GLM-4.5, MiniMax-M2, ERNIE-4.5, Llama 4 and Qwen3-Next fixtures can be regenerated alone (the others stay untouched):
+`/opt/ref-venv/bin/python scripts/gen_parity_fixtures.py --out fixtures --only tiny-deepseek-v3 tiny-deepseek-v2 tiny-gpt-oss tiny-gpt-oss-mxfp4 tiny-deepseek tiny-deepseek-freq2 tiny-deepseek-v3-fp8 tiny-glm4-moe tiny-minimax-m2 tiny-ernie4-5-moe tiny-llama4-text tiny-llama4 tiny-qwen3-next`.
 
 Regenerate (needs `/opt/tf4`, see `scripts/requirements-fixtures.txt`):
 
@@ -2331,7 +3654,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=["tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss",
                                                         "tiny-gpt-oss-mxfp4", "tiny-deepseek",
                                                         "tiny-deepseek-freq2", "tiny-deepseek-v3-fp8",
-                                                        "tiny-glm4-moe", "tiny-minimax-m2", "tiny-ernie4-5-moe"],
+                                                        "tiny-glm4-moe", "tiny-minimax-m2", "tiny-ernie4-5-moe",
+                                                        "tiny-llama4-text", "tiny-llama4", "tiny-qwen3-next"],
                     help="(re)generate only these fixtures (the others are left as they are)")
     ap.add_argument("--tf4-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -2358,6 +3682,10 @@ def main() -> None:
                 gen_deepseek_v3_fp8(out, name)
             elif name in BIAS_ROUTED:
                 gen_bias_routed(out, name)
+            elif name in LLAMA4:
+                gen_llama4(out, name)
+            elif name in QWEN3_NEXT:
+                gen_qwen3_next(out, name)
             else:
                 gen_deepseek(out, name)
         finish_tokenizer(out, args.only)
@@ -2367,7 +3695,7 @@ def main() -> None:
 
     names = ["tiny-mixtral", "tiny-mixtral-swa", "tiny-mixtral-bf16", "tiny-qwen2-moe", "tiny-qwen3-moe",
              "tiny-olmoe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-gpt-oss", "tiny-gpt-oss-mxfp4",
-             "tiny-deepseek", "tiny-deepseek-freq2", "tiny-deepseek-v3-fp8", *BIAS_ROUTED]
+             "tiny-deepseek", "tiny-deepseek-freq2", "tiny-deepseek-v3-fp8", *BIAS_ROUTED, *LLAMA4, *QWEN3_NEXT]
     gen_mixtral_family(out)
     gen_qwen2(out)
     gen_qwen3(out)
@@ -2381,6 +3709,10 @@ def main() -> None:
     gen_deepseek_v3_fp8(out, "tiny-deepseek-v3-fp8")
     for name in BIAS_ROUTED:
         gen_bias_routed(out, name)
+    for name in LLAMA4:
+        gen_llama4(out, name)
+    for name in QWEN3_NEXT:
+        gen_qwen3_next(out, name)
     if not args.skip_tf4:
         gen_tf4(out, args.tf4_path)
         names.append("tiny-qwen3-moe-tf4")

@@ -19,7 +19,8 @@ use serde_json::{Value, json};
 use crate::util::workspace_root;
 
 /// The methods `--methods` accepts, in the default order.
-const METHODS: [&str; 6] = ["random", "frequency", "soft-activation", "reap", "naee", "diep"];
+/// `greedy-search` (the quality reference, slow) runs only when named.
+const METHODS: [&str; 7] = ["random", "frequency", "soft-activation", "reap", "naee", "diep", "greedy-search"];
 
 /// The held-out perplexity domains: `<model>/heldout/<domain>.ids.json`.
 const DOMAINS: [&str; 2] = ["english", "code"];
@@ -34,7 +35,8 @@ pub struct BenchArgs {
     /// `tokenizer.json` (default: the shipped `fixtures/trained-moe`).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Comma-separated methods: random, frequency, soft-activation, reap, naee, diep.
+    /// Comma-separated methods: random, frequency, soft-activation, reap, naee, diep, and
+    /// greedy-search (the reference the "vs greedy" column divides by; not run by default).
     #[arg(long, value_delimiter = ',', default_value = "random,frequency,soft-activation,reap,naee,diep")]
     methods: Vec<String>,
     /// Comma-separated pruning ratios (fraction of routed experts removed).
@@ -46,6 +48,9 @@ pub struct BenchArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
+    /// Also run DiEP's relaxation ablations (`paper` and `routed`, global allocation).
+    #[arg(long)]
+    ablations: bool,
     /// Comma-separated calibration seeds: every configuration is pruned once per seed, and the
     /// tables give the mean ± sample standard deviation (rows ranked by the mean).
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
@@ -73,47 +78,53 @@ struct RunSpec {
     allocation: &'static str,
     ratio: f64,
     seed: u64,
+    /// `--refine 1 --refine-width 2` after the method.
+    refine: bool,
 }
 
 impl RunSpec {
     /// Directory name under `runs/`.
     fn name(&self) -> String {
         let variant = self.variant.map(|v| format!("-{v}")).unwrap_or_default();
-        format!("r{}-{}{variant}-{}-s{}", self.ratio, self.method, self.allocation, self.seed)
+        let refine = if self.refine { "-refine" } else { "" };
+        format!("r{}-{}{variant}-{}{refine}-s{}", self.ratio, self.method, self.allocation, self.seed)
     }
 
     /// Method, variant and allocation: what a table row (and a chart bar) is about.
     fn label(&self) -> String {
+        let refine = if self.refine { " +refine" } else { "" };
         match self.variant {
-            Some(v) => format!("{} {v} {}", self.method, self.allocation),
-            None => format!("{} {}", self.method, self.allocation),
+            Some(v) => format!("{} {v} {}{refine}", self.method, self.allocation),
+            None => format!("{} {}{refine}", self.method, self.allocation),
         }
     }
 
     /// DiEP's default configuration (routed-gated relaxation, global allocation).
     fn is_diep_default(&self) -> bool {
-        self.method == "diep" && self.variant == Some("routed-gated") && self.allocation == "global"
+        self.method == "diep" && self.variant == Some("routed-gated") && self.allocation == "global" && !self.refine
     }
 }
 
 /// The runs of one method at one ratio.
 /// The runs of one method at one ratio, one per calibration seed (random's seed also draws its
 /// experts).
-fn expand(method: &'static str, ratio: f64, seeds: &[u64]) -> Vec<RunSpec> {
-    let configs: Vec<(Option<&'static str>, &'static str)> = match method {
-        "random" | "naee" => vec![(None, "uniform")],
+fn expand(method: &'static str, ratio: f64, seeds: &[u64], ablations: bool) -> Vec<RunSpec> {
+    let mut configs: Vec<(Option<&'static str>, &'static str, bool)> = match method {
+        "random" | "naee" => vec![(None, "uniform", false)],
         "diep" => vec![
-            (Some("routed-gated"), "global"),
-            (Some("routed-gated"), "uniform"),
-            (Some("paper"), "global"),
-            (Some("routed"), "global"),
+            (Some("routed-gated"), "global", false),
+            (Some("routed-gated"), "uniform", false),
+            (Some("routed-gated"), "uniform", true),
         ],
-        _ => vec![(None, "uniform"), (None, "global")],
+        _ => vec![(None, "uniform", false), (None, "global", false)],
     };
+    if method == "diep" && ablations {
+        configs.extend([(Some("paper"), "global", false), (Some("routed"), "global", false)]);
+    }
     configs
         .into_iter()
-        .flat_map(|(variant, allocation)| {
-            seeds.iter().map(move |&seed| RunSpec { method, variant, allocation, ratio, seed })
+        .flat_map(|(variant, allocation, refine)| {
+            seeds.iter().map(move |&seed| RunSpec { method, variant, allocation, ratio, seed, refine })
         })
         .collect()
 }
@@ -188,8 +199,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("{}: calibration text not found (bench-methods needs <model>/calib.txt)", calib.display());
     }
     let data = load_eval_data(&model_dir, &args)?;
-    let specs: Vec<RunSpec> =
-        args.ratios.iter().flat_map(|r| methods.iter().flat_map(|m| expand(m, *r, &args.seeds))).collect();
+    let specs: Vec<RunSpec> = args
+        .ratios
+        .iter()
+        .flat_map(|r| methods.iter().flat_map(|m| expand(m, *r, &args.seeds, args.ablations)))
+        .collect();
 
     // Everything is built in a temporary directory beside --out and renamed at the end.
     diep_common::remove_stale_staging(&args.out)?;
@@ -237,6 +251,9 @@ fn bench_into(
         cmd.args(["--seed", &spec.seed.to_string()]);
         if let Some(v) = spec.variant {
             cmd.args(["--relaxation", v]);
+        }
+        if spec.refine {
+            cmd.args(["--refine", "1", "--refine-width", "2"]);
         }
         let t = Instant::now();
         let out = cmd.output().with_context(|| format!("starting {}", exe.display()))?;
@@ -445,6 +462,9 @@ fn results_json(base: &Scores, results: &[RunResult], args: &BenchArgs, model_di
                 "ratio": r.spec.ratio,
                 "seed": r.spec.seed,
             });
+            if r.spec.refine {
+                v["refine"] = "--refine 1 --refine-width 2".into();
+            }
             if let Some(variant) = r.spec.variant {
                 v["variant"] = variant.into();
             }
@@ -513,7 +533,11 @@ fn rows(results: &[RunResult], ratio: f64) -> Vec<Row> {
             let mut distinct = kept.clone();
             distinct.dedup();
             Row {
-                variant: g[0].spec.variant.unwrap_or("").to_string(),
+                variant: format!(
+                    "{}{}",
+                    g[0].spec.variant.unwrap_or(""),
+                    if g[0].spec.refine { " +refine" } else { "" }
+                ),
                 method: g[0].spec.method.to_string(),
                 allocation: g[0].spec.allocation.to_string(),
                 kept: distinct.join(", "),
@@ -562,7 +586,7 @@ fn results_markdown(base: &Scores, results: &[RunResult], args: &BenchArgs, comm
         md,
         "in {:.0} s (prunes as subprocesses, evaluation in-process) on {} ({} CPU cores as seen by the \
          process), burn's CPU backend. Every prune: `--calib <model>/calib.txt --samples {} --seq-len {} --seed S` \
-         (S = {seeds}), other settings default. Perplexity: held-out `heldout/{{english,code}}.ids.json`; \
+         (S = {seeds}), other settings default (`+refine` rows add `--refine 1 --refine-width 2`). Perplexity: held-out `heldout/{{english,code}}.ids.json`; \
          retention = mean over the two domains of base perplexity / pruned perplexity (1 = unchanged). \
          MC: `mc.jsonl` ({} items, 4 choices), each choice scored by the summed log-probability of its tokens \
          given the context (context and choice tokenised separately and concatenated, as lm-evaluation-harness \
@@ -584,12 +608,17 @@ fn results_markdown(base: &Scores, results: &[RunResult], args: &BenchArgs, comm
     );
     for ratio in unique_ratios(ratios) {
         let _ = writeln!(md, "## Ratio {ratio} (fraction of experts removed)\n");
+        let rows = rows(results, ratio);
+        // Retention relative to greedy-search of the same allocation, when it ran.
+        let greedy = |alloc: &str| rows.iter().find(|r| r.method == "greedy-search" && r.allocation == alloc);
+        let with_greedy = rows.iter().any(|r| r.method == "greedy-search");
         let _ = writeln!(
             md,
-            "| method | variant | allocation | kept per layer | ppl english | ppl code | retention | MC acc | MC acc_norm | seconds | peak RSS MB |"
+            "| method | variant | allocation | kept per layer | ppl english | ppl code | retention |{} MC acc | MC acc_norm | seconds | peak RSS MB |",
+            if with_greedy { " vs greedy |" } else { "" }
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
-        for r in rows(results, ratio) {
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|{}---|---|---|---|", if with_greedy { "---|" } else { "" });
+        for r in rows.iter() {
             let acc_norm = mean_sd(
                 &results
                     .iter()
@@ -598,9 +627,14 @@ fn results_markdown(base: &Scores, results: &[RunResult], args: &BenchArgs, comm
                     .collect::<Vec<_>>(),
             );
             let method = if r.diep_default { format!("**{}**", r.method) } else { r.method.clone() };
+            let vs_greedy = match (with_greedy, greedy(&r.allocation)) {
+                (false, _) => String::new(),
+                (true, Some(g)) => format!(" {:.3} |", r.retention.0 / g.retention.0),
+                (true, None) => " – |".into(),
+            };
             let _ = writeln!(
                 md,
-                "| {method} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {method} | {} | {} | {} | {} | {} | {} |{vs_greedy} {} | {} | {} | {} |",
                 r.variant,
                 r.allocation,
                 r.kept,
@@ -675,6 +709,25 @@ fn analysis(results: &[RunResult], ratios: &[f64], is_fixture: bool) -> String {
                 let _ = write!(text, "On MC accuracy DiEP ({:.3}) is not below any baseline. ", d.acc.0);
             } else {
                 let _ = write!(text, "On MC accuracy ({:.3}) it is below {}. ", d.acc.0, mc_better.join(", "));
+            }
+        }
+        // Within each allocation: DiEP against the best baseline of the same allocation (a
+        // uniform checkpoint competes with uniform baselines only).
+        for alloc in ["uniform", "global"] {
+            let Some(b) = rows.iter().find(|r| r.method != "diep" && r.allocation == alloc) else { continue };
+            for d in rows
+                .iter()
+                .filter(|r| r.method == "diep" && r.allocation == alloc && r.variant.starts_with("routed-gated"))
+            {
+                let verdict = if d.retention.0 > b.retention.0 { "ahead of" } else { "not ahead of" };
+                let _ = write!(
+                    text,
+                    "Among {alloc} plans, {} ({}) is {verdict} the best {alloc} baseline, {} ({}). ",
+                    d.label,
+                    pm(d.retention, d.runs, 3),
+                    b.label,
+                    pm(b.retention, b.runs, 3)
+                );
             }
         }
         text.push_str("\n\n");

@@ -60,6 +60,52 @@ pub struct AttentionConfig {
     /// Multi-head latent attention (DeepSeek-V2/V3); `head_dim` is then the rotary width
     /// `qk_rope_head_dim`.
     pub mla: Option<MlaConfig>,
+    /// Llama 4's per-layer attention: NoPE layers, chunked attention, L2 qk-norm, temperature
+    /// tuning. `None` for every other architecture.
+    pub llama4: Option<Llama4Attention>,
+    /// The attention output is gated per element by `sigmoid(gate)`, the gate being the second
+    /// half of each head's `q_proj` output (`q_proj` is `2·heads·head_dim` wide; Qwen3-Next).
+    pub gated_output: bool,
+    /// Qwen3-Next's Gated DeltaNet layers (`linear_attention` in `layer_types`), if any.
+    pub linear: Option<LinearAttention>,
+}
+
+/// Qwen3-Next's Gated DeltaNet ("linear attention") dimensions and the layers that use it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearAttention {
+    /// Per layer: a Gated DeltaNet layer (`linear_attention`) rather than full attention.
+    pub layers: Vec<bool>,
+    /// `linear_num_key_heads`.
+    pub key_heads: usize,
+    /// `linear_num_value_heads` (a multiple of the key heads; value head `h` reads key head
+    /// `h / (value_heads / key_heads)`).
+    pub value_heads: usize,
+    /// `linear_key_head_dim`.
+    pub key_dim: usize,
+    /// `linear_value_head_dim`.
+    pub value_dim: usize,
+    /// `linear_conv_kernel_dim`: the causal depthwise convolution's width.
+    pub conv_kernel: usize,
+}
+
+/// Llama 4's per-layer attention options (`no_rope_layers`, `layer_types`,
+/// `attention_chunk_size`, `use_qk_norm`, `attn_temperature_tuning`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama4Attention {
+    /// Per layer: whether it applies RoPE (`no_rope_layers[i] == 1`); the others are NoPE.
+    pub rope_layers: Vec<bool>,
+    /// Per layer: whether it attends in chunks of `chunk_size` (`layer_types: chunked_attention`):
+    /// query `i` sees key `j` iff `j ≤ i` and `j / chunk_size == i / chunk_size`.
+    pub chunked_layers: Vec<bool>,
+    /// `attention_chunk_size`.
+    pub chunk_size: usize,
+    /// Weightless RMS norm `x / sqrt(mean(x²) + eps)` of every q and k head after RoPE, on RoPE
+    /// layers (`use_qk_norm`), with `eps = rms_norm_eps`.
+    pub l2_qk_norm: Option<f64>,
+    /// On NoPE layers, queries at position `p` are multiplied by
+    /// `1 + attn_scale · ln(1 + floor((p + 1) / floor_scale))` (`attn_temperature_tuning`):
+    /// `(floor_scale, attn_scale)`.
+    pub temperature_tuning: Option<(f64, f64)>,
 }
 
 impl AttentionConfig {
@@ -94,6 +140,19 @@ pub enum RopeScaling {
     None,
     /// YaRN (`rope_type: yarn`), as transformers' `_compute_yarn_parameters`.
     Yarn(YarnConfig),
+    /// Llama 3's frequency scaling (`rope_type: llama3`; Llama 4): low frequencies divided by
+    /// `factor`, high ones kept, a smooth blend between (transformers'
+    /// `_compute_llama3_parameters`).
+    Llama3 {
+        /// `factor`.
+        factor: f64,
+        /// `low_freq_factor`.
+        low_freq_factor: f64,
+        /// `high_freq_factor`.
+        high_freq_factor: f64,
+        /// `original_max_position_embeddings`.
+        original_max_position_embeddings: usize,
+    },
     /// Linear position interpolation (`rope_scaling: {"type": "linear", "factor": f}`):
     /// positions are divided by `factor` (DeepSeek-MoE's `DeepseekLinearScalingRotaryEmbedding`).
     Linear {
@@ -245,6 +304,9 @@ pub struct RoutingConfig {
     pub correction_bias: bool,
     /// How the top-k weights are renormalised when `norm_topk_prob` holds.
     pub renorm: Renorm,
+    /// The routing weight multiplies the expert's input, `E(w·x)`, instead of its output
+    /// (Llama 4).
+    pub weight_on_input: bool,
 }
 
 /// The denominator of the top-k renormalisation `w_i / Σ w`.
@@ -278,6 +340,7 @@ impl RoutingConfig {
             routed_scaling_factor: 1.0,
             correction_bias: false,
             renorm: Renorm::Sum,
+            weight_on_input: false,
         }
     }
 }
@@ -310,6 +373,9 @@ pub struct ModelConfig {
     pub dense_intermediate_size: usize,
     /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
+    /// Every RMSNorm scales by `1 + weight` (zero-centred weights, Qwen3-Next); the DeltaNet's
+    /// gated norm excepted.
+    pub zero_centered_norms: bool,
     /// Input embeddings double as the output projection (no `lm_head.weight` on disk).
     pub tie_word_embeddings: bool,
     /// Maximum positions the model was trained for.
@@ -329,9 +395,32 @@ pub struct ModelConfig {
     pub quantization: Option<Quantization>,
     /// The file this was read from (for error messages).
     pub path: PathBuf,
-    /// The config JSON as on disk, unknown keys included.
+    /// The config JSON as on disk, unknown keys included (for a multimodal wrapper: its text
+    /// config, `text_config`; the whole file is in [`ModelConfig::wrapper`]).
+    pub raw: Map<String, Value>,
+    /// A multimodal checkpoint whose text model this is (Llama 4's `llama4`), if any.
+    pub wrapper: Option<Wrapper>,
+}
+
+/// A multimodal wrapper around a supported text model: the text config sits under
+/// `text_key`, the text weights under `prefix` (`language_model.model.*`,
+/// `language_model.lm_head.weight`); every other tensor and key belongs to the other
+/// modalities and is copied unchanged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wrapper {
+    /// The wrapper's `model_type` (`llama4`).
+    pub model_type: &'static str,
+    /// The key of the text config (`text_config`).
+    pub text_key: &'static str,
+    /// The text weights' name prefix (`language_model.`).
+    pub prefix: &'static str,
+    /// The whole `config.json`, as on disk.
     pub raw: Map<String, Value>,
 }
+
+/// Multimodal wrappers read as their text model: `(model_type, text model_type, text config
+/// key, text weight prefix)`.
+pub const WRAPPERS: &[(&str, &str, &str, &str)] = &[("llama4", "llama4_text", "text_config", "language_model.")];
 
 impl ModelConfig {
     /// Reads `config.json` from a model directory (or a path to the file itself).
@@ -366,6 +455,28 @@ impl ModelConfig {
     pub fn from_map(raw: Map<String, Value>, path: PathBuf) -> Result<Self> {
         let f = Fields { map: &raw, path: &path };
         let model_type = f.req_str("model_type")?;
+        if let Some(&(wrapper, text_type, text_key, prefix)) = WRAPPERS.iter().find(|w| w.0 == model_type) {
+            let mut text = match raw.get(text_key) {
+                Some(Value::Object(t)) => t.clone(),
+                Some(_) => return Err(f.invalid(text_key, "must be an object".into())),
+                None => return Err(f.missing(text_key)),
+            };
+            match text.get("model_type").and_then(Value::as_str) {
+                None => {
+                    text.insert("model_type".into(), Value::from(text_type));
+                }
+                Some(t) if t == text_type => {}
+                Some(t) => {
+                    return Err(f.invalid(
+                        &format!("{text_key}.model_type"),
+                        format!("`{t}` inside a `{wrapper}` checkpoint; expected `{text_type}`"),
+                    ));
+                }
+            }
+            let mut config = Self::from_map(text, path.clone())?;
+            config.wrapper = Some(Wrapper { model_type: wrapper, text_key, prefix, raw });
+            return Ok(config);
+        }
         let architecture =
             Architecture::from_model_type(&model_type).ok_or_else(|| CheckpointError::UnsupportedModelType {
                 path: path.clone(),
@@ -405,6 +516,10 @@ impl ModelConfig {
             Some(key) => f.req_usize(key)?,
             None => intermediate_size,
         };
+        let dense_intermediate_size = match spec.dense_intermediate_size_key() {
+            "intermediate_size" => intermediate_size,
+            key => f.req_usize(key)?,
+        };
         let norm_topk_prob = spec.norm_topk_prob(&f, top_k)?;
         let shared_expert_intermediate_size = spec.shared_expert_intermediate_size(&f, expert_intermediate_size)?;
         let routing = spec.routing(&f, num_experts, top_k)?;
@@ -420,8 +535,9 @@ impl ModelConfig {
             vocab_size,
             hidden_size,
             num_layers,
-            dense_intermediate_size: intermediate_size,
+            dense_intermediate_size,
             rms_norm_eps,
+            zero_centered_norms: spec.zero_centered_norms(),
             tie_word_embeddings,
             max_position_embeddings,
             attention: AttentionConfig {
@@ -440,6 +556,9 @@ impl ModelConfig {
                 sinks: attention.sinks,
                 rope_scaling,
                 mla,
+                llama4: spec.llama4_attention(&f, num_layers, rms_norm_eps)?,
+                gated_output: spec.gated_attention_output(),
+                linear: spec.linear_attention(&f, num_layers)?,
             },
             moe: MoeConfig {
                 num_experts,
@@ -459,6 +578,7 @@ impl ModelConfig {
             quantization,
             path,
             raw,
+            wrapper: None,
         })
     }
 
@@ -467,13 +587,19 @@ impl ModelConfig {
         self.layers.iter().enumerate().filter_map(|(i, k)| matches!(k, LayerKind::Moe { .. }).then_some(i)).collect()
     }
 
+    /// The prefix of the text model's tensor names in the checkpoint (`language_model.` inside a
+    /// multimodal wrapper, empty otherwise).
+    pub fn tensor_prefix(&self) -> &'static str {
+        self.wrapper.as_ref().map_or("", |w| w.prefix)
+    }
+
     /// Keeps only the MTP layers `ckpt` stores (any tensor under
     /// `model.layers.{num_hidden_layers + j}.`): conversions that strip the MTP weights often
     /// keep `num_nextn_predict_layers` in the config.
     pub fn drop_absent_mtp_layers(&mut self, ckpt: &crate::Checkpoint) {
         self.mtp_layers = (0..self.mtp_layers)
             .take_while(|j| {
-                let prefix = format!("model.layers.{}.", self.num_layers + j);
+                let prefix = format!("{}model.layers.{}.", self.tensor_prefix(), self.num_layers + j);
                 ckpt.names().any(|n| n.starts_with(&prefix))
             })
             .count();
@@ -667,6 +793,38 @@ fn rope_settings(
             }
             Ok((theta, RopeScaling::Linear { factor }))
         }
+        "llama3" if allowed == RopeAllowed::Llama3 => {
+            let req = |key: &str| -> Result<f64> {
+                let v = num(key)?.ok_or_else(|| f.missing(&format!("{field}.{key}")))?;
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(f.invalid(&format!("{field}.{key}"), format!("{v} must be positive")));
+                }
+                Ok(v)
+            };
+            let (factor, low, high) = (req("factor")?, req("low_freq_factor")?, req("high_freq_factor")?);
+            if high < low {
+                return Err(f.invalid(
+                    &format!("{field}.high_freq_factor"),
+                    format!("{high} is below low_freq_factor = {low}"),
+                ));
+            }
+            let original = req("original_max_position_embeddings")?;
+            if original.fract() != 0.0 {
+                return Err(f.invalid(
+                    &format!("{field}.original_max_position_embeddings"),
+                    format!("{original} is not a positive integer"),
+                ));
+            }
+            Ok((
+                theta,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: original as usize,
+                },
+            ))
+        }
         "yarn" if allowed == RopeAllowed::Yarn => {
             // As `standardize_rope_params`: a top-level `original_max_position_embeddings` wins,
             // then the one in the parameters, then `max_position_embeddings`.
@@ -716,6 +874,7 @@ fn rope_settings(
                 RopeAllowed::Default => "only `default`",
                 RopeAllowed::Yarn => "only `default` and `yarn`",
                 RopeAllowed::Linear => "only `default` and `linear`",
+                RopeAllowed::Llama3 => "only `default` and `llama3`",
             };
             Err(f.invalid(&format!("{field}.rope_type"), format!("RoPE type `{ty}` is not supported ({supported})")))
         }

@@ -29,8 +29,9 @@ mod weights;
 
 pub use architectures::{Architecture, SUPPORTED_MODEL_TYPES};
 pub use config::{
-    AttentionConfig, ExpertActivation, GroupLimit, GroupScore, LayerKind, MlaConfig, ModelConfig, MoeConfig,
-    PER_LAYER_EXPERTS_KEY, QkNorm, Renorm, RopeScaling, RoutingConfig, Scoring, YarnConfig, yarn_get_mscale,
+    AttentionConfig, ExpertActivation, GroupLimit, GroupScore, LayerKind, LinearAttention, Llama4Attention, MlaConfig,
+    ModelConfig, MoeConfig, PER_LAYER_EXPERTS_KEY, QkNorm, Renorm, RopeScaling, RoutingConfig, Scoring, WRAPPERS,
+    Wrapper, YarnConfig, yarn_get_mscale,
 };
 pub use error::{CheckpointError, Result};
 pub use hub::resolve_model;

@@ -236,6 +236,19 @@ impl Checkpoint {
         self.entries.keys().map(String::as_str)
     }
 
+    /// The tensors under `prefix`, renamed without it (a multimodal wrapper's text model,
+    /// [`ModelConfig::tensor_prefix`](crate::ModelConfig::tensor_prefix)); an empty prefix keeps
+    /// everything.
+    pub fn text_view(mut self, prefix: &str) -> Self {
+        if !prefix.is_empty() {
+            self.entries = std::mem::take(&mut self.entries)
+                .into_iter()
+                .filter_map(|(k, e)| k.strip_prefix(prefix).map(|s| (s.to_string(), e)))
+                .collect();
+        }
+        self
+    }
+
     /// Whether the checkpoint holds a tensor of this name.
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)

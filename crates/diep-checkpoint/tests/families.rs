@@ -160,3 +160,112 @@ fn ernie45_as_released() {
     let err = parse(&ERNIE45.replace(r#""moe_k":6,"#, "")).unwrap_err().to_string();
     assert!(err.contains("moe_k"), "{err}");
 }
+
+/// Llama-4-Scout-17B-16E's config.json as released (transformers 4.51), text part shortened to
+/// 4 layers; the vision config abridged.
+const LLAMA4_SCOUT: &str = r#"{"architectures":["Llama4ForConditionalGeneration"],"boi_token_index":200080,
+    "eoi_token_index":200081,"image_token_index":200092,"model_type":"llama4",
+    "text_config":{"_attn_implementation_autoset":true,"attention_bias":false,"attention_chunk_size":8192,
+    "attention_dropout":0.0,"attn_scale":0.1,"attn_temperature_tuning":4,"bos_token_id":200000,
+    "eos_token_id":[200001,200007,200008],"floor_scale":8192,"for_llm_compressor":false,"head_dim":128,
+    "hidden_act":"silu","hidden_size":5120,"initializer_range":0.02,"interleave_moe_layer_step":1,
+    "intermediate_size":8192,"intermediate_size_mlp":16384,"max_position_embeddings":10485760,
+    "model_type":"llama4_text","no_rope_layers":[],"num_attention_heads":40,"num_experts_per_tok":1,
+    "num_hidden_layers":4,"num_key_value_heads":8,"num_local_experts":16,"output_router_logits":false,
+    "pad_token_id":200018,"rms_norm_eps":1e-05,"rope_scaling":{"factor":16.0,"high_freq_factor":1.0,
+    "low_freq_factor":1.0,"original_max_position_embeddings":8192,"rope_type":"llama3"},"rope_theta":500000.0,
+    "router_aux_loss_coef":0.001,"router_jitter_noise":0.0,"torch_dtype":"bfloat16","use_cache":true,
+    "use_qk_norm":true,"vocab_size":202048},
+    "tie_word_embeddings":false,"torch_dtype":"bfloat16","transformers_version":"4.51.0.dev0",
+    "vision_config":{"hidden_size":1408,"image_size":336,"model_type":"llama4_vision_model","num_hidden_layers":34,
+    "patch_size":14,"vision_output_dim":4096}}"#;
+
+#[test]
+fn llama4_scout_as_released() {
+    let c = parse(LLAMA4_SCOUT).unwrap();
+    assert_eq!(c.architecture, Architecture::Llama4Text);
+    assert_eq!(c.tensor_prefix(), "language_model.");
+    let w = c.wrapper.as_ref().unwrap();
+    assert_eq!((w.model_type, w.text_key), ("llama4", "text_config"));
+    assert!(w.raw.contains_key("vision_config"));
+    assert_eq!(c.raw["num_local_experts"], 16);
+    // Every layer MoE (step 1), of 16 experts, top-1, dense width 16384 unused.
+    assert_eq!(c.layers, vec![LayerKind::Moe { num_experts: 16 }; 4]);
+    assert_eq!((c.moe.top_k, c.moe.expert_intermediate_size, c.dense_intermediate_size), (1, 8192, 16384));
+    assert_eq!(c.moe.shared_expert_intermediate_size, Some(8192));
+    assert!(c.moe.routing.weight_on_input && !c.moe.norm_topk_prob);
+    let l4 = c.attention.llama4.as_ref().unwrap();
+    // `no_rope_layers: []`: the default, every 4th layer NoPE; the RoPE layers chunked.
+    assert_eq!(l4.rope_layers, [true, true, true, false]);
+    assert_eq!(l4.chunked_layers, [true, true, true, false]);
+    assert_eq!(l4.chunk_size, 8192);
+    assert_eq!(l4.l2_qk_norm, Some(1e-5));
+    assert_eq!(l4.temperature_tuning, Some((8192.0, 0.1)));
+    assert!(matches!(c.attention.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 16.0));
+    assert!(c.attention.rope_interleave);
+    // Refusals name the field, inside the text config.
+    let err = parse(&LLAMA4_SCOUT.replace(r#""model_type":"llama4_text""#, r#""model_type":"mixtral""#))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("text_config.model_type"), "{err}");
+    // transformers' default chunk is 8192; an explicit null turns chunking off.
+    let absent =
+        parse(&LLAMA4_SCOUT.replace(r#""attention_chunk_size":8192,"#, r#""attention_chunk_size":null,"#)).unwrap();
+    assert_eq!(absent.attention.llama4.unwrap().chunked_layers, [false; 4]);
+    let bare = parse(&LLAMA4_SCOUT.replace(r#""attention_chunk_size":8192,"#, "")).unwrap();
+    assert_eq!(bare.attention.llama4.unwrap().chunk_size, 8192);
+    let err = parse(&LLAMA4_SCOUT.replace(r#""attn_temperature_tuning":4"#, r#""attn_temperature_tuning":"yes""#))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("attn_temperature_tuning"), "{err}");
+}
+
+/// Qwen3-Next-80B-A3B-Instruct's config.json, shortened to 8 layers.
+const QWEN3_NEXT: &str = r#"{"architectures":["Qwen3NextForCausalLM"],"attention_bias":false,"attention_dropout":0.0,
+    "bos_token_id":151643,"decoder_sparse_step":1,"eos_token_id":151645,"full_attention_interval":4,"head_dim":256,
+    "hidden_act":"silu","hidden_size":2048,"initializer_range":0.02,"intermediate_size":5120,
+    "linear_conv_kernel_dim":4,"linear_key_head_dim":128,"linear_num_key_heads":16,"linear_num_value_heads":32,
+    "linear_value_head_dim":128,"max_position_embeddings":262144,"mlp_only_layers":[],"model_type":"qwen3_next",
+    "moe_intermediate_size":512,"norm_topk_prob":true,"num_attention_heads":16,"num_experts":512,
+    "num_experts_per_tok":10,"num_hidden_layers":8,"num_key_value_heads":2,"output_router_logits":false,
+    "partial_rotary_factor":0.25,"rms_norm_eps":1e-06,"rope_scaling":null,"rope_theta":10000000,
+    "router_aux_loss_coef":0.001,"shared_expert_intermediate_size":512,"tie_word_embeddings":false,
+    "torch_dtype":"bfloat16","transformers_version":"4.57.0.dev0","use_cache":true,"use_sliding_window":false,
+    "vocab_size":151936}"#;
+
+#[test]
+fn qwen3_next_as_released() {
+    let c = parse(QWEN3_NEXT).unwrap();
+    assert_eq!(c.architecture, Architecture::Qwen3Next);
+    assert!(c.zero_centered_norms);
+    let a = &c.attention;
+    assert_eq!((a.head_dim, a.rotary_dim, a.qk_norm), (256, 64, QkNorm::PerHead));
+    assert!(a.gated_output);
+    let l = a.linear.as_ref().unwrap();
+    // Every 4th layer is full attention.
+    assert_eq!(l.layers, [true, true, true, false, true, true, true, false]);
+    assert_eq!((l.key_heads, l.value_heads, l.key_dim, l.value_dim, l.conv_kernel), (16, 32, 128, 128, 4));
+    assert_eq!(c.layers, vec![LayerKind::Moe { num_experts: 512 }; 8]);
+    assert_eq!(
+        (c.moe.top_k, c.moe.expert_intermediate_size, c.moe.shared_expert_intermediate_size),
+        (10, 512, Some(512))
+    );
+    assert!(c.moe.norm_topk_prob);
+    // transformers 5.x spells the pattern out.
+    let v5 = QWEN3_NEXT.replace(
+        r#""full_attention_interval":4,"#,
+        r#""layer_types":["linear_attention","full_attention","linear_attention","full_attention","linear_attention","full_attention","linear_attention","full_attention"],"#,
+    );
+    assert_eq!(
+        parse(&v5).unwrap().attention.linear.unwrap().layers,
+        [true, false, true, false, true, false, true, false]
+    );
+    let err = parse(&QWEN3_NEXT.replace(r#""linear_num_value_heads":32"#, r#""linear_num_value_heads":24"#))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("linear_num_value_heads"), "{err}");
+    let err = parse(&v5.replace(r#""linear_attention","full_attention","linear_attention","full_attention","linear_attention","full_attention","linear_attention","full_attention""#, r#""linear_attention""#))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer_types"), "{err}");
+}

@@ -31,11 +31,11 @@ use burn::tensor::{Device, Tensor, TensorData};
 use diep_models::checkpoint::{AttentionConfig, ExpertActivation, ModelConfig};
 use diep_models::export::{
     AttentionWeights, DenseWeights, FeedForwardWeights, HeadWeights, LatentAttentionWeights, LayerWeights,
-    MlaQueryWeights, MlpWeights, MoeWeights, NormWeights, StandardAttentionWeights,
+    LinearAttentionWeights, MlaQueryWeights, MlpWeights, MoeWeights, NormWeights, StandardAttentionWeights,
 };
 use diep_models::kernels::{
-    QkvStep, RopeStyle, causal_softmax_rows, clamped_swiglu_rows, clip_rows, head_row, nll_rows, qkv_steps,
-    rms_norm_rows, rope_tables, sigmoid_gate_rows, silu_mul_rows,
+    QkvStep, RopeStyle, Span, causal_softmax_rows, clamped_swiglu_rows, clip_rows, head_row, nll_rows, qkv_steps,
+    rms_norm_rows, rope_tables, sigmoid_gate_rows, silu_mul_rows, temperature_scales, unit_rms_row,
 };
 use diep_models::{CausalLm, ModelError, MoeModel, Result, RoutingRule, StreamingModel, check_batch};
 use rayon::prelude::*;
@@ -251,6 +251,9 @@ impl Norm {
 
 #[derive(Debug, Clone)]
 struct AttentionLayer {
+    /// Qwen3-Next's output gate `[hidden, heads·d]`: the attention output is multiplied by
+    /// `sigmoid(x·gate)` before `o`.
+    gate: Option<Dense>,
     qkv: Dense,
     o: Dense,
     q_norm: Option<Norm>,
@@ -265,8 +268,14 @@ struct AttentionLayer {
     rotary_dim: usize,
     /// How RoPE pairs elements.
     style: RopeStyle,
+    /// Llama 4: the layer applies RoPE (false: NoPE, with `temperature`).
+    rope: bool,
+    /// Llama 4: weightless RMS norm of q and k heads after RoPE, with this eps.
+    l2_qk_norm: Option<f32>,
+    /// Llama 4: `(floor_scale, attn_scale)` of the NoPE layers' query temperature.
+    temperature: Option<(f64, f64)>,
     scale: f32,
-    window: Option<usize>,
+    span: Span,
     /// Per-head sink logits (gpt-oss): one more term in each softmax denominator.
     sinks: Option<Vec<f32>>,
 }
@@ -295,7 +304,7 @@ struct MlaLayer {
     kv_lora: usize,
     style: RopeStyle,
     scale: f32,
-    window: Option<usize>,
+    span: Span,
 }
 
 #[derive(Debug, Clone)]
@@ -303,6 +312,7 @@ struct MlaLayer {
 enum AttnKind {
     Standard(AttentionLayer),
     Latent(MlaLayer),
+    Linear(DeltaNetLayer),
 }
 
 impl AttnKind {
@@ -318,12 +328,14 @@ impl AttnKind {
         match self {
             AttnKind::Standard(a) => a.apply(x, b, t, rope, h, sc),
             AttnKind::Latent(a) => a.apply(x, b, t, rope, h, sc),
+            AttnKind::Linear(a) => a.apply(x, b, t, h),
         }
     }
 
     fn denses(&self) -> Vec<&Dense> {
         match self {
-            AttnKind::Standard(a) => vec![&a.qkv, &a.o],
+            AttnKind::Standard(a) => [&a.qkv, &a.o].into_iter().chain(a.gate.as_ref()).collect(),
+            AttnKind::Linear(a) => vec![&a.qkvz, &a.ba, &a.out],
             AttnKind::Latent(a) => {
                 let mut v = vec![&a.kv_a, &a.kv_b, &a.o];
                 match &a.q {
@@ -358,7 +370,7 @@ impl MlaLayer {
             kv_lora: m.kv_lora_rank,
             style: RopeStyle::interleaved_if(m.rope_interleave),
             scale: cfg.softmax_scale() as f32,
-            window: a.window,
+            span: a.span,
         }
     }
 
@@ -425,7 +437,7 @@ impl MlaLayer {
             }
         });
         let heads = Heads { q, k, v, b, t, heads: nh, kv_heads: nh, dq, dv: vd };
-        let attn = attend(&heads, self.scale, self.window, None, &mut sc.heads, &mut sc.attn);
+        let attn = attend(&heads, self.scale, self.span, None, &mut sc.heads, &mut sc.attn);
         self.o.apply(attn, n, h, true, true);
     }
 }
@@ -594,6 +606,7 @@ fn convert_layer(l: LayerWeights, cfg: &AttentionConfig, i: usize) -> Result<Lay
     let attention = match l.attention {
         AttentionWeights::Standard(a) => AttnKind::Standard(convert_attention(a, cfg)),
         AttentionWeights::Latent(a) => AttnKind::Latent(MlaLayer::from(a, cfg)),
+        AttentionWeights::Linear(a) => AttnKind::Linear(DeltaNetLayer::from(a)),
     };
     let ffn = match l.ffn {
         FeedForwardWeights::Dense(m) => Ffn::Dense(Mlp::from(m, Act::Silu)),
@@ -609,8 +622,16 @@ fn convert_layer(l: LayerWeights, cfg: &AttentionConfig, i: usize) -> Result<Lay
 }
 
 fn convert_attention(a: StandardAttentionWeights, c: &AttentionConfig) -> AttentionLayer {
-    let qkv = Dense::concat(vec![Dense::from(a.q_proj), Dense::from(a.k_proj), Dense::from(a.v_proj)]);
+    // Qwen3-Next: each head's `q_proj` columns are `[q | gate]`; split them apart.
+    let (q, gate) = if c.gated_output {
+        let (q, g) = split_gated_q(a.q_proj, c.num_heads, c.head_dim);
+        (q, Some(Dense::from(g)))
+    } else {
+        (a.q_proj, None)
+    };
+    let qkv = Dense::concat(vec![Dense::from(q), Dense::from(a.k_proj), Dense::from(a.v_proj)]);
     AttentionLayer {
+        gate,
         qkv,
         o: Dense::from(a.o_proj),
         q_norm: a.q_norm.map(Norm::from),
@@ -623,7 +644,10 @@ fn convert_attention(a: StandardAttentionWeights, c: &AttentionConfig) -> Attent
         rotary_dim: c.rotary_dim,
         style: RopeStyle::interleaved_if(c.rope_interleave),
         scale: c.softmax_scale() as f32,
-        window: a.window,
+        span: a.span,
+        rope: a.rope,
+        l2_qk_norm: c.llama4.as_ref().and_then(|l| l.l2_qk_norm).map(|e| e as f32),
+        temperature: c.llama4.as_ref().and_then(|l| l.temperature_tuning),
         sinks: a.sinks,
     }
 }
@@ -698,7 +722,13 @@ impl AttentionLayer {
         }
         let qkv: &[f32] = qkv;
         // Heads laid out [b, heads, t, d]; RoPE applied to q and k on the way.
-        let split = |out: &mut [f32], col0: usize, heads: usize, rotate: bool| {
+        // Llama 4: RoPE then the L2 norm on RoPE layers; the query temperature on NoPE layers.
+        let temperature = match (self.rope, self.temperature) {
+            (false, Some((floor_scale, attn_scale))) => Some(temperature_scales(t, floor_scale, attn_scale)),
+            _ => None,
+        };
+        let l2 = if self.rope { self.l2_qk_norm } else { None };
+        let split = |out: &mut [f32], col0: usize, heads: usize, rotate: bool, query: bool| {
             out.par_chunks_mut(t * d).enumerate().for_each(|(bh, block)| {
                 let (bi, hd) = (bh / heads, bh % heads);
                 for (pos, o) in block.chunks_exact_mut(d).enumerate() {
@@ -706,21 +736,35 @@ impl AttentionLayer {
                     if rotate {
                         let (c, s) = (&rope.0[pos * r..(pos + 1) * r], &rope.1[pos * r..(pos + 1) * r]);
                         head_row(&[], src, c, s, style, o);
+                        if let Some(eps) = l2 {
+                            unit_rms_row(o, eps);
+                        }
                     } else {
                         o.copy_from_slice(src);
+                        if let (true, Some(temp)) = (query, &temperature) {
+                            o.iter_mut().for_each(|x| *x *= temp[pos]);
+                        }
                     }
                 }
             });
         };
         let (q, k, v) =
             (prefix(&mut sc.q, b * nh * t * d), prefix(&mut sc.k, b * nkv * t * d), prefix(&mut sc.v, b * nkv * t * d));
-        split(q, 0, nh, true);
-        split(k, nh * d, nkv, true);
-        split(v, (nh + nkv) * d, nkv, false);
+        split(q, 0, nh, self.rope, true);
+        split(k, nh * d, nkv, self.rope, false);
+        split(v, (nh + nkv) * d, nkv, false, false);
         let (q, k, v): (&[f32], &[f32], &[f32]) = (q, k, v);
         let heads = Heads { q, k, v, b, t, heads: nh, kv_heads: nkv, dq: d, dv: d };
-        let attn = attend(&heads, self.scale, self.window, self.sinks.as_deref(), &mut sc.heads, &mut sc.attn);
-        self.o.apply(attn, n, h, true, true);
+        let attn = attend(&heads, self.scale, self.span, self.sinks.as_deref(), &mut sc.heads, &mut sc.attn);
+        match &self.gate {
+            Some(gate) => {
+                let mut g = vec![0f32; n * nh * d];
+                gate.apply(x, n, &mut g, false, true);
+                let gated: Vec<f32> = attn.iter().zip(&g).map(|(a, g)| a / (1.0 + (-g).exp())).collect();
+                self.o.apply(&gated, n, h, true, true);
+            }
+            None => self.o.apply(attn, n, h, true, true),
+        }
     }
 }
 
@@ -745,14 +789,13 @@ struct Heads<'a> {
 fn attend<'a>(
     x: &Heads<'_>,
     scale: f32,
-    window: Option<usize>,
+    span: Span,
     sinks: Option<&[f32]>,
     heads_buf: &mut Vec<f32>,
     attn_buf: &'a mut Vec<f32>,
 ) -> &'a [f32] {
     let Heads { q, k, v, b, t, heads: nh, kv_heads: nkv, dq, dv } = *x;
     let rep = nh / nkv;
-    let window = window.unwrap_or(usize::MAX);
     let heads_out = prefix(heads_buf, b * nh * t * dv);
     heads_out.par_chunks_mut(t * dv).enumerate().for_each_init(
         || vec![0f32; ATTENTION_BLOCK * t],
@@ -777,7 +820,7 @@ fn attend<'a>(
                     false,
                 );
                 // Rows r0..r1 of the score matrix, cut to keys 0..r1 (r1 > every row's query).
-                causal_softmax_rows(s, r1, r0, scale, window, sink);
+                causal_softmax_rows(s, r1, r0, scale, span, sink);
                 matmul(
                     &mut out[r0 * dv..r1 * dv],
                     dv,
@@ -831,12 +874,17 @@ impl MoeLayer {
         let tasks: Vec<(usize, &[usize])> =
             groups.iter().enumerate().flat_map(|(ex, slots)| slots.chunks(EXPERT_ROWS).map(move |c| (ex, c))).collect();
         let outer = tasks.len() >= rayon::current_num_threads();
+        // Llama 4 scales each expert's input by the routing weight instead of its output.
+        let on_input = self.rule.config.weight_on_input;
         let run = |&(ex, slots): &(usize, &[usize])| {
             let m = slots.len();
             let mut xe = vec![0f32; m * hidden];
             for (row, &slot) in xe.chunks_exact_mut(hidden).zip(slots) {
                 let tok = slot / k;
                 row.copy_from_slice(&x[tok * hidden..(tok + 1) * hidden]);
+                if on_input {
+                    row.iter_mut().for_each(|v| *v *= wts[slot]);
+                }
             }
             let mut y = vec![0f32; m * hidden];
             self.experts[ex].apply(&xe, m, &mut y, false, !outer);
@@ -856,7 +904,7 @@ impl MoeLayer {
             for j in 0..k {
                 let slot = tok * k + j;
                 let (ti, r) = source[slot];
-                let w = wts[slot];
+                let w = if on_input { 1.0 } else { wts[slot] };
                 let y = &outputs[ti as usize][r as usize * hidden..(r as usize + 1) * hidden];
                 row.iter_mut().zip(y).for_each(|(o, v)| *o += w * v);
             }
@@ -920,5 +968,158 @@ impl CausalLm for CpuModel {
 
     fn next_token_nll(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         self.nll_host(ids)
+    }
+}
+
+/// Splits Qwen3-Next's `q_proj` (`[hidden, heads·2d]`, each head `[q | gate]`) into the query
+/// and the gate projections, `[hidden, heads·d]` each.
+fn split_gated_q(w: DenseWeights, heads: usize, d: usize) -> (DenseWeights, DenseWeights) {
+    let (inp, out) = (w.inp, w.out);
+    let half = heads * d;
+    let mut q = vec![0f32; inp * half];
+    let mut g = vec![0f32; inp * half];
+    for r in 0..inp {
+        for h in 0..heads {
+            let src = &w.weight[r * out + h * 2 * d..][..2 * d];
+            q[r * half + h * d..][..d].copy_from_slice(&src[..d]);
+            g[r * half + h * d..][..d].copy_from_slice(&src[d..]);
+        }
+    }
+    let split_bias = |b: &Vec<f32>, second: bool| -> Vec<f32> {
+        (0..heads).flat_map(|h| b[h * 2 * d + usize::from(second) * d..][..d].to_vec()).collect()
+    };
+    let (qb, gb) = match &w.bias {
+        Some(b) => (Some(split_bias(b, false)), Some(split_bias(b, true))),
+        None => (None, None),
+    };
+    (DenseWeights::new(q, qb, inp, half), DenseWeights::new(g, gb, inp, half))
+}
+
+/// Qwen3-Next's Gated DeltaNet on the host: the arithmetic of `diep_models`' burn layer
+/// (projections, causal depthwise convolution + SiLU, L2-normalised q/k, the gated delta rule
+/// per value head, the gated RMSNorm, `out_proj`).
+#[derive(Debug, Clone)]
+struct DeltaNetLayer {
+    qkvz: Dense,
+    ba: Dense,
+    /// `[channels, kernel]`.
+    conv: Vec<f32>,
+    a_log: Vec<f32>,
+    dt_bias: Vec<f32>,
+    norm: Vec<f32>,
+    eps: f32,
+    out: Dense,
+    cfg: diep_models::checkpoint::LinearAttention,
+}
+
+impl DeltaNetLayer {
+    fn from(a: LinearAttentionWeights) -> Self {
+        DeltaNetLayer {
+            qkvz: Dense::from(a.in_proj_qkvz),
+            ba: Dense::from(a.in_proj_ba),
+            conv: a.conv,
+            a_log: a.a_log,
+            dt_bias: a.dt_bias,
+            norm: a.norm,
+            eps: a.norm_eps,
+            out: Dense::from(a.out_proj),
+            cfg: a.cfg,
+        }
+    }
+
+    /// `h += out_proj(deltanet(x))` for `b` sequences of `t` tokens.
+    fn apply(&self, x: &[f32], b: usize, t: usize, h: &mut [f32]) {
+        let c = &self.cfg;
+        let (nk, nv, dk, dv) = (c.key_heads, c.value_heads, c.key_dim, c.value_dim);
+        let r = nv / nk;
+        let n = b * t;
+        let group = 2 * dk + 2 * r * dv;
+        let mut qkvz = vec![0f32; n * nk * group];
+        self.qkvz.apply(x, n, &mut qkvz, false, true);
+        let mut ba = vec![0f32; n * 2 * nv];
+        self.ba.apply(x, n, &mut ba, false, true);
+        // Channels [q of every group | k of every group | v of every group], per token.
+        let channels = 2 * nk * dk + nv * dv;
+        let mut mixed = vec![0f32; n * channels];
+        for (row, src) in mixed.chunks_exact_mut(channels).zip(qkvz.chunks_exact(nk * group)) {
+            for g in 0..nk {
+                let s = &src[g * group..(g + 1) * group];
+                row[g * dk..(g + 1) * dk].copy_from_slice(&s[..dk]);
+                row[nk * dk + g * dk..nk * dk + (g + 1) * dk].copy_from_slice(&s[dk..2 * dk]);
+                row[2 * nk * dk + g * r * dv..2 * nk * dk + (g + 1) * r * dv]
+                    .copy_from_slice(&s[2 * dk..2 * dk + r * dv]);
+            }
+        }
+        // Causal depthwise convolution, then SiLU.
+        let kw = c.conv_kernel;
+        let mut conv = vec![0f32; n * channels];
+        for bi in 0..b {
+            for pos in 0..t {
+                let o = &mut conv[(bi * t + pos) * channels..][..channels];
+                for j in 0..kw {
+                    let Some(src_pos) = (pos + j).checked_sub(kw - 1) else { continue };
+                    let src = &mixed[(bi * t + src_pos) * channels..][..channels];
+                    for (ch, v) in o.iter_mut().enumerate() {
+                        *v += self.conv[ch * kw + j] * src[ch];
+                    }
+                }
+                o.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp());
+            }
+        }
+        let l2 = |v: &[f32]| -> Vec<f32> {
+            let inv = 1.0 / (v.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt();
+            v.iter().map(|x| x * inv).collect()
+        };
+        let q_scale = 1.0 / (dk as f32).sqrt();
+        let mut core = vec![0f32; n * nv * dv];
+        for bi in 0..b {
+            for vh in 0..nv {
+                let kh = vh / r;
+                let (a_exp, dt) = (self.a_log[vh].exp(), self.dt_bias[vh]);
+                let mut state = vec![0f32; dk * dv];
+                for pos in 0..t {
+                    let row = bi * t + pos;
+                    let m = &conv[row * channels..][..channels];
+                    let q: Vec<f32> = l2(&m[kh * dk..(kh + 1) * dk]).iter().map(|v| v * q_scale).collect();
+                    let k = l2(&m[nk * dk + kh * dk..nk * dk + (kh + 1) * dk]);
+                    let v = &m[2 * nk * dk + vh * dv..2 * nk * dk + (vh + 1) * dv];
+                    // ba per group: [b (r) | a (r)].
+                    let (g, j) = (vh / r, vh % r);
+                    let beta_logit = ba[row * 2 * nv + g * 2 * r + j];
+                    let a = ba[row * 2 * nv + g * 2 * r + r + j] + dt;
+                    let softplus = if a > 20.0 { a } else { a.exp().ln_1p() };
+                    let decay = (-a_exp * softplus).exp();
+                    let beta = 1.0 / (1.0 + (-beta_logit).exp());
+                    state.iter_mut().for_each(|s| *s *= decay);
+                    let mut delta = vec![0f32; dv];
+                    for (e, d) in delta.iter_mut().enumerate() {
+                        let mem: f32 = (0..dk).map(|i| k[i] * state[i * dv + e]).sum();
+                        *d = (v[e] - mem) * beta;
+                    }
+                    for i in 0..dk {
+                        for e in 0..dv {
+                            state[i * dv + e] += k[i] * delta[e];
+                        }
+                    }
+                    let o = &mut core[(row * nv + vh) * dv..][..dv];
+                    for (e, out) in o.iter_mut().enumerate() {
+                        *out = (0..dk).map(|i| q[i] * state[i * dv + e]).sum();
+                    }
+                }
+            }
+        }
+        // Gated RMSNorm per value head: rms(o)·w·silu(z).
+        for row in 0..n {
+            for vh in 0..nv {
+                let (g, j) = (vh / r, vh % r);
+                let z = &qkvz[row * nk * group + g * group + 2 * dk + r * dv + j * dv..][..dv];
+                let o = &mut core[(row * nv + vh) * dv..][..dv];
+                let inv = 1.0 / (o.iter().map(|v| v * v).sum::<f32>() / dv as f32 + self.eps).sqrt();
+                for ((v, w), z) in o.iter_mut().zip(&self.norm).zip(z) {
+                    *v = *v * inv * w * (z / (1.0 + (-z).exp()));
+                }
+            }
+        }
+        self.out.apply(&core, n, h, true, true);
     }
 }

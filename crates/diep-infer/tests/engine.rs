@@ -137,6 +137,20 @@ fn glm4_minimax_m2_and_ernie45() {
     check("tiny-ernie4-5-moe");
 }
 
+/// Llama 4's text model: input-weighted fused experts, chunked and NoPE layers, L2 qk-norm,
+/// temperature tuning, llama3 RoPE.
+#[test]
+fn llama4_text() {
+    check("tiny-llama4-text");
+    check("tiny-llama4");
+}
+
+/// Qwen3-Next: Gated DeltaNet layers, gated attention, zero-centred norms.
+#[test]
+fn qwen3_next_gated_deltanet() {
+    check("tiny-qwen3-next");
+}
+
 #[test]
 fn dynamic_skipping_needs_the_burn_model() {
     let mut model = load("tiny-mixtral");

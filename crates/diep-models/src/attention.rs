@@ -6,7 +6,7 @@
 use burn::tensor::{Device, Tensor};
 use diep_checkpoint::{AttentionConfig, MlaConfig};
 
-use crate::kernels::{self, QkvStep, RopeStyle, RopeTables};
+use crate::kernels::{self, QkvStep, RopeStyle, RopeTables, Span};
 use crate::nn::{Linear, RmsNorm};
 
 /// Per-forward inputs shared by every layer: the batch shape, RoPE tables and causal masks.
@@ -15,19 +15,24 @@ pub struct AttentionContext {
     pub(crate) batch: usize,
     pub(crate) seq_len: usize,
     rope: RopeTables,
-    /// The additive mask `[1, 1, seq_len, seq_len]` of each window the model's layers use
-    /// (`None`: plain causal), for the burn-op softmax.
-    masks: Vec<(Option<usize>, Tensor<4>)>,
+    /// The additive mask `[1, 1, seq_len, seq_len]` of each span the model's layers use, for
+    /// the burn-op softmax.
+    masks: Vec<(Span, Tensor<4>)>,
 }
 
 impl AttentionContext {
     /// Builds the context for a `[batch, seq_len]` input.
     pub(crate) fn new(cfg: &AttentionConfig, batch: usize, seq_len: usize, device: &Device) -> Self {
-        let layers = cfg.sliding_layers.as_ref().map_or(1, Vec::len).max(1);
-        let mut masks: Vec<(Option<usize>, Tensor<4>)> = Vec::new();
-        for window in (0..layers).map(|i| kernels::layer_window(cfg, i)) {
-            if !masks.iter().any(|(w, _)| *w == window) {
-                masks.push((window, kernels::causal_mask(seq_len, window, device)));
+        let layers = cfg
+            .sliding_layers
+            .as_ref()
+            .map_or(1, Vec::len)
+            .max(cfg.llama4.as_ref().map_or(1, |l| l.chunked_layers.len()))
+            .max(1);
+        let mut masks: Vec<(Span, Tensor<4>)> = Vec::new();
+        for span in (0..layers).map(|i| kernels::layer_span(cfg, i)) {
+            if !masks.iter().any(|(w, _)| *w == span) {
+                masks.push((span, kernels::causal_mask(seq_len, span, device)));
             }
         }
         AttentionContext { batch, seq_len, rope: RopeTables::for_config(cfg, seq_len, device), masks }
@@ -38,9 +43,9 @@ impl AttentionContext {
         self.seq_len
     }
 
-    /// The mask of `window` (built for every window the model uses).
-    fn mask(&self, window: Option<usize>) -> &Tensor<4> {
-        &self.masks.iter().find(|(w, _)| *w == window).expect("a mask for every layer's window").1
+    /// The mask of `span` (built for every span the model uses).
+    fn mask(&self, span: Span) -> &Tensor<4> {
+        &self.masks.iter().find(|(w, _)| *w == span).expect("a mask for every layer's span").1
     }
 }
 
@@ -56,8 +61,10 @@ pub(crate) struct Attention {
     pub(crate) k_norm: Option<RmsNorm>,
     /// Per-head sink logits `[heads]` (gpt-oss).
     pub(crate) sinks: Option<Tensor<1>>,
-    /// This layer's sliding window ([`kernels::layer_window`]).
-    pub(crate) window: Option<usize>,
+    /// What this layer attends to ([`kernels::layer_span`]).
+    pub(crate) span: Span,
+    /// Llama 4: this layer applies RoPE (false: a NoPE layer).
+    pub(crate) rope: bool,
     pub(crate) cfg: AttentionConfig,
 }
 
@@ -77,6 +84,15 @@ impl Attention {
         let c = &self.cfg;
         let (b, t, hd) = (ctx.batch, ctx.seq_len, c.head_dim);
         let mut q = self.q_proj.forward(x.clone());
+        // Qwen3-Next: each head's `q_proj` output is `[q | gate]`.
+        let gate = if c.gated_output {
+            let heads = q.reshape([b * t, c.num_heads, 2 * hd]);
+            let gate = heads.clone().narrow(2, hd, hd).reshape([b * t, c.num_heads * hd]);
+            q = heads.narrow(2, 0, hd).reshape([b * t, c.num_heads * hd]);
+            Some(gate)
+        } else {
+            None
+        };
         let mut k = self.k_proj.forward(x.clone());
         let mut v = self.v_proj.forward(x);
         for step in kernels::qkv_steps(c.qk_norm) {
@@ -95,15 +111,36 @@ impl Attention {
             }
         }
         let style = RopeStyle::interleaved_if(c.rope_interleave);
-        let q = kernels::rope_heads(q, b, c.num_heads, 0, &ctx.rope, style);
-        let k = kernels::rope_heads(k, b, c.num_kv_heads, 0, &ctx.rope, style);
+        let (q, k) = if self.rope {
+            let q = kernels::rope_heads(q, b, c.num_heads, 0, &ctx.rope, style);
+            let k = kernels::rope_heads(k, b, c.num_kv_heads, 0, &ctx.rope, style);
+            match c.llama4.as_ref().and_then(|l| l.l2_qk_norm) {
+                Some(eps) => (kernels::unit_rms(q, eps), kernels::unit_rms(k, eps)),
+                None => (q, k),
+            }
+        } else {
+            let q = q.reshape([b, t, c.num_heads, hd]).swap_dims(1, 2);
+            let k = k.reshape([b, t, c.num_kv_heads, hd]).swap_dims(1, 2);
+            match c.llama4.as_ref().and_then(|l| l.temperature_tuning) {
+                Some((floor_scale, attn_scale)) => {
+                    let scales = kernels::temperature_scales(t, floor_scale, attn_scale);
+                    let scales = Tensor::<1>::from_data(burn::tensor::TensorData::new(scales, [t]), &q.device());
+                    (q * scales.reshape([1, 1, t, 1]), k)
+                }
+                None => (q, k),
+            }
+        };
         let v = v.reshape([b, t, c.num_kv_heads, hd]).swap_dims(1, 2);
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
 
         let scores = q.matmul(k.swap_dims(2, 3));
-        let mask = ctx.mask(self.window);
-        let probs = kernels::causal_softmax(scores, c.softmax_scale(), self.window, mask, self.sinks.as_ref());
+        let mask = ctx.mask(self.span);
+        let probs = kernels::causal_softmax(scores, c.softmax_scale(), self.span, mask, self.sinks.as_ref());
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, c.num_heads * hd]);
+        let out = match gate {
+            Some(g) => out * burn::tensor::activation::sigmoid(g),
+            None => out,
+        };
         self.o_proj.forward(out)
     }
 
@@ -127,6 +164,8 @@ pub(crate) enum SelfAttention {
     Standard(Attention),
     /// DeepSeek-V2/V3.
     Latent(MlaAttention),
+    /// Qwen3-Next's Gated DeltaNet layers.
+    Linear(crate::deltanet::GatedDeltaNet),
 }
 
 impl SelfAttention {
@@ -135,6 +174,7 @@ impl SelfAttention {
         match self {
             SelfAttention::Standard(a) => a.forward(x, ctx),
             SelfAttention::Latent(a) => a.forward(x, ctx),
+            SelfAttention::Linear(a) => a.forward(x, ctx.batch, ctx.seq_len),
         }
     }
 }
@@ -164,8 +204,8 @@ pub(crate) struct MlaAttention {
     pub(crate) kv_b: Linear,
     /// `o_proj`: `[heads·v_head_dim, hidden]`.
     pub(crate) o_proj: Linear,
-    /// This layer's sliding window ([`kernels::layer_window`]).
-    pub(crate) window: Option<usize>,
+    /// What this layer attends to ([`kernels::layer_span`]).
+    pub(crate) span: Span,
     pub(crate) mla: MlaConfig,
     pub(crate) cfg: AttentionConfig,
 }
@@ -191,8 +231,8 @@ impl MlaAttention {
         let v = kv.reshape([b, t, heads, nope + vd]).swap_dims(1, 2).narrow(3, nope, vd);
 
         let scores = q.matmul(k.swap_dims(2, 3));
-        let mask = ctx.mask(self.window);
-        let probs = kernels::causal_softmax(scores, self.cfg.softmax_scale(), self.window, mask, None);
+        let mask = ctx.mask(self.span);
+        let probs = kernels::causal_softmax(scores, self.cfg.softmax_scale(), self.span, mask, None);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b * t, heads * vd]);
         self.o_proj.forward(out)
     }

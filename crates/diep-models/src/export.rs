@@ -9,7 +9,7 @@
 //! Buffers are row-major `f32` in the layout the burn model computes with: projections `[in,
 //! out]` (`y = x·W + b`), gated MLPs with the gate and up projections fused column-wise (gate
 //! columns first), gpt-oss's MXFP4 experts decoded. Per-layer decisions the burn model makes
-//! at load time come along (the sliding window of [`crate::kernels::layer_window`], the expert
+//! at load time come along (the span of [`crate::kernels::layer_span`], the expert
 //! mask, the routing rule), so an engine only adds its own arithmetic, for which
 //! [`crate::kernels`] has the row functions.
 //!
@@ -45,6 +45,12 @@ pub struct DenseWeights {
 }
 
 impl DenseWeights {
+    /// A dense layer from its row-major `[inp, out]` weight and optional bias.
+    pub fn new(weight: Vec<f32>, bias: Option<Vec<f32>>, inp: usize, out: usize) -> Self {
+        assert_eq!(weight.len(), inp * out, "DenseWeights::new: weight length");
+        DenseWeights { weight, bias, inp, out }
+    }
+
     fn from(l: Linear) -> Self {
         let [inp, out] = l.weight.dims();
         DenseWeights { weight: host(l.weight), bias: l.bias.map(host), inp, out }
@@ -102,8 +108,10 @@ pub struct StandardAttentionWeights {
     pub k_norm: Option<NormWeights>,
     /// Per-head sink logits `[heads]` (gpt-oss).
     pub sinks: Option<Vec<f32>>,
-    /// The layer's sliding window (`None`: plain causal).
-    pub window: Option<usize>,
+    /// What the layer attends to (plain causal, sliding window, or Llama 4's chunks).
+    pub span: crate::kernels::Span,
+    /// The layer applies RoPE (false: a Llama 4 NoPE layer).
+    pub rope: bool,
 }
 
 /// How a latent-attention layer computes its queries.
@@ -137,8 +145,8 @@ pub struct LatentAttentionWeights {
     pub kv_b: DenseWeights,
     /// `o_proj`.
     pub o_proj: DenseWeights,
-    /// The layer's sliding window (`None`: plain causal).
-    pub window: Option<usize>,
+    /// What the layer attends to (plain causal or sliding window).
+    pub span: crate::kernels::Span,
 }
 
 /// A decoder layer's attention.
@@ -149,6 +157,32 @@ pub enum AttentionWeights {
     Standard(StandardAttentionWeights),
     /// DeepSeek-V2/V3.
     Latent(LatentAttentionWeights),
+    /// Qwen3-Next's Gated DeltaNet.
+    Linear(LinearAttentionWeights),
+}
+
+/// Qwen3-Next's Gated DeltaNet layer (see `diep_models`' `deltanet` module for the math).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LinearAttentionWeights {
+    /// `in_proj_qkvz` `[hidden, nk·(2dk + 2r·dv)]`.
+    pub in_proj_qkvz: DenseWeights,
+    /// `in_proj_ba` `[hidden, 2nv]`.
+    pub in_proj_ba: DenseWeights,
+    /// The causal depthwise filters, row-major `[channels, kernel]`.
+    pub conv: Vec<f32>,
+    /// `A_log [nv]`.
+    pub a_log: Vec<f32>,
+    /// `dt_bias [nv]`.
+    pub dt_bias: Vec<f32>,
+    /// The gated norm's weight `[dv]` (not zero-centred).
+    pub norm: Vec<f32>,
+    /// Its epsilon.
+    pub norm_eps: f32,
+    /// `out_proj` `[nv·dv, hidden]`.
+    pub out_proj: DenseWeights,
+    /// Heads and widths.
+    pub cfg: diep_checkpoint::LinearAttention,
 }
 
 /// A mixture-of-experts block with its routing state.
@@ -237,7 +271,19 @@ impl DecoderLayer {
                 q_norm: a.q_norm.map(NormWeights::from),
                 k_norm: a.k_norm.map(NormWeights::from),
                 sinks: a.sinks.map(host),
-                window: a.window,
+                span: a.span,
+                rope: a.rope,
+            }),
+            SelfAttention::Linear(a) => AttentionWeights::Linear(LinearAttentionWeights {
+                in_proj_qkvz: DenseWeights::from(a.in_proj_qkvz),
+                in_proj_ba: DenseWeights::from(a.in_proj_ba),
+                conv: host(a.conv),
+                a_log: host(a.a_log),
+                dt_bias: host(a.dt_bias),
+                norm: host(a.norm),
+                norm_eps: a.norm_eps as f32,
+                out_proj: DenseWeights::from(a.out_proj),
+                cfg: a.cfg,
             }),
             SelfAttention::Latent(a) => AttentionWeights::Latent(LatentAttentionWeights {
                 q: match a.q {
@@ -252,7 +298,7 @@ impl DecoderLayer {
                 kv_norm: NormWeights::from(a.kv_norm),
                 kv_b: DenseWeights::from(a.kv_b),
                 o_proj: DenseWeights::from(a.o_proj),
-                window: a.window,
+                span: a.span,
             }),
         };
         LayerWeights {

@@ -24,6 +24,7 @@
 #![warn(missing_docs)]
 
 mod attention;
+mod deltanet;
 pub mod device;
 mod error;
 pub mod export;

@@ -38,6 +38,9 @@ pub(crate) struct Loader<'a> {
     fp8: Option<Fp8Scheme>,
     /// Layers whose tensors are never read and need not be (MTP layers).
     ignored_layers: std::ops::Range<usize>,
+    /// Added to every RMSNorm weight read by [`Loader::rms_norm`] (1 for Qwen3-Next's
+    /// zero-centred norms).
+    norm_offset: f32,
 }
 
 impl<'a> Loader<'a> {
@@ -49,6 +52,7 @@ impl<'a> Loader<'a> {
             used: BTreeSet::new(),
             fp8: None,
             ignored_layers: 0..0,
+            norm_offset: 0.0,
         }
     }
 
@@ -58,6 +62,7 @@ impl<'a> Loader<'a> {
         let mut ld = Self::new(ckpt, device);
         ld.fp8 = config.fp8().cloned();
         ld.ignored_layers = config.mtp_layer_indices();
+        ld.norm_offset = if config.zero_centered_norms { 1.0 } else { 0.0 };
         ld
     }
 
@@ -69,6 +74,7 @@ impl<'a> Loader<'a> {
             used: BTreeSet::new(),
             fp8: None,
             ignored_layers: 0..0,
+            norm_offset: 0.0,
         }
     }
 
@@ -225,7 +231,11 @@ impl<'a> Loader<'a> {
 
     /// An RMSNorm `name [dim]`.
     pub(crate) fn rms_norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(self.tensor(name, [dim])?, eps))
+        let mut w = self.host(name, &[dim])?;
+        if self.norm_offset != 0.0 {
+            w.iter_mut().for_each(|v| *v += self.norm_offset);
+        }
+        Ok(RmsNorm::new(self.upload(w, [dim]), eps))
     }
 
     /// Places host data on the device.

@@ -13,7 +13,7 @@ use crate::loader::{Loader, transpose};
 use crate::moe::{MoeBlock, MoeForwardOptions, MoeOutput, SharedExpert};
 use crate::mtp::MtpLayer;
 use crate::nn::{Linear, RmsNorm, SwiGlu};
-use diep_checkpoint::architectures::{DENSE_MLP, MoeKeys};
+use diep_checkpoint::architectures::{DENSE_MLP, FusedExpertKeys, MoeKeys};
 
 /// The feed-forward half of a decoder layer.
 // A model has one per layer, so the size difference between the variants does not matter.
@@ -94,8 +94,10 @@ impl MoeModel {
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let mut config = ModelConfig::from_dir(dir)?;
+        // A multimodal wrapper: only its text model's tensors, named as in a text checkpoint.
         let ckpt = Checkpoint::open(dir)?;
         config.drop_absent_mtp_layers(&ckpt);
+        let ckpt = ckpt.text_view(config.tensor_prefix());
         Self::from_checkpoint(config, &ckpt, device)
     }
 
@@ -254,7 +256,9 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
     let kind = c.layer_kind(i).expect("a trunk or MTP layer");
     let p = format!("model.layers.{i}");
     let (q_out, kv_out) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
-    let (q_norm, k_norm) = match a.qk_norm {
+    let linear_layer = a.linear.as_ref().filter(|l| l.layers.get(i).copied().unwrap_or(false));
+    let qk_norm = if linear_layer.is_some() { QkNorm::None } else { a.qk_norm };
+    let (q_norm, k_norm) = match qk_norm {
         QkNorm::None => (None, None),
         QkNorm::PerHead => (
             Some(ld.rms_norm(&format!("{p}.self_attn.q_norm.weight"), a.head_dim, c.rms_norm_eps)?),
@@ -265,19 +269,43 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
             Some(ld.rms_norm(&format!("{p}.self_attn.k_norm.weight"), kv_out, c.rms_norm_eps)?),
         ),
     };
-    let attention = match &a.mla {
-        None => SelfAttention::Standard(Attention {
-            q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), h, q_out, a.qkv_bias)?,
+    let attention = match (&a.mla, linear_layer) {
+        (_, Some(l)) => {
+            let n = |name: &str| format!("{p}.linear_attn.{name}");
+            let (key_dim, value_dim) = (l.key_heads * l.key_dim, l.value_heads * l.value_dim);
+            let channels = 2 * key_dim + value_dim;
+            let conv = ld.host(&n("conv1d.weight"), &[channels, 1, l.conv_kernel])?;
+            SelfAttention::Linear(crate::deltanet::GatedDeltaNet {
+                in_proj_qkvz: ld.linear(&n("in_proj_qkvz"), h, 2 * key_dim + 2 * value_dim, false)?,
+                in_proj_ba: ld.linear(&n("in_proj_ba"), h, 2 * l.value_heads, false)?,
+                conv: ld.upload(conv, [channels, l.conv_kernel]),
+                a_log: ld.tensor(&n("A_log"), [l.value_heads])?,
+                dt_bias: ld.tensor(&n("dt_bias"), [l.value_heads])?,
+                // The gated norm's weight is used as is (not zero-centred).
+                norm: ld.tensor(&n("norm.weight"), [l.value_dim])?,
+                norm_eps: c.rms_norm_eps,
+                out_proj: ld.linear(&n("out_proj"), value_dim, h, false)?,
+                cfg: l.clone(),
+            })
+        }
+        (None, None) => SelfAttention::Standard(Attention {
+            q_proj: ld.linear(
+                &format!("{p}.self_attn.q_proj"),
+                h,
+                if a.gated_output { 2 * q_out } else { q_out },
+                a.qkv_bias,
+            )?,
             k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), h, kv_out, a.qkv_bias)?,
             v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), h, kv_out, a.qkv_bias)?,
             o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), q_out, h, a.o_bias)?,
             q_norm,
             k_norm,
             sinks: if a.sinks { Some(ld.tensor(&format!("{p}.self_attn.sinks"), [a.num_heads])?) } else { None },
-            window: kernels::layer_window(a, i),
+            span: kernels::layer_span(a, i),
+            rope: a.llama4.as_ref().is_none_or(|l| l.rope_layers.get(i).copied().unwrap_or(true)),
             cfg: a.clone(),
         }),
-        Some(m) => {
+        (Some(m), None) => {
             let k = diep_checkpoint::architectures::deepseek_v3::MLA;
             let n = |name: &str| format!("{p}.self_attn.{name}");
             let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
@@ -300,7 +328,7 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
                     false,
                 )?,
                 o_proj: ld.linear(&n(k.o_proj), a.num_heads * m.v_head_dim, h, m.bias)?,
-                window: kernels::layer_window(a, i),
+                span: kernels::layer_span(a, i),
                 mla: m.clone(),
                 cfg: a.clone(),
             })
@@ -309,7 +337,7 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
     let ffn = match kind {
         LayerKind::Dense => FeedForward::Dense(load_swiglu(
             ld,
-            &format!("{p}.mlp"),
+            &format!("{p}.{}", keys.dense_block),
             DENSE_MLP,
             h,
             c.dense_intermediate_size,
@@ -323,7 +351,14 @@ fn load_layer(ld: &mut Loader<'_>, c: &ModelConfig, i: usize) -> Result<DecoderL
             };
             let router = Linear::new(ld.upload(router_w, [h, num_experts]), router_bias);
             let experts = match keys.fused_expert_tensors(i) {
-                Some(names) => load_fused_experts(ld, &names, num_experts, h, c.moe.expert_intermediate_size)?,
+                Some(_) => load_fused_experts(
+                    ld,
+                    &keys.block_prefix(i),
+                    keys.fused_experts.expect("fused"),
+                    num_experts,
+                    h,
+                    c.moe.expert_intermediate_size,
+                )?,
                 None => (0..num_experts)
                     .map(|e| {
                         let [g, u, d] = keys.expert_weights(i, e);
@@ -394,8 +429,10 @@ impl StreamingModel {
     pub fn open(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let mut config = ModelConfig::from_dir(dir)?;
+        // A multimodal wrapper: only its text model's tensors, named as in a text checkpoint.
         let ckpt = Checkpoint::open(dir)?;
         config.drop_absent_mtp_layers(&ckpt);
+        let ckpt = ckpt.text_view(config.tensor_prefix());
         let mut ld = Loader::for_model(&ckpt, &config, device);
         let embed_tokens = ld.tensor("model.embed_tokens.weight", [config.vocab_size, config.hidden_size])?;
         Ok(StreamingModel { config, ckpt, embed_tokens, device: device.clone(), residency: Residency::default() })
@@ -593,18 +630,27 @@ impl Residency {
 /// gpt-oss's fused experts `[gate_up [E, H, 2I], gate_up_bias [E, 2I], down [E, I, H],
 /// down_bias [E, H]]` (weights in f32/bf16 or MXFP4) split into one SwiGLU per expert, with
 /// the interleaved gate (even) and up (odd) columns regrouped as gate first, then up.
+/// Experts stored fused (`{prefix}.experts.gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`, in
+/// `x·W` layout), split per expert into SwiGLUs with the gate columns first: gpt-oss's
+/// interleaved gate/up columns (and biases, and MXFP4 pairs) are de-interleaved; Llama 4's are
+/// already gate-then-up.
 fn load_fused_experts(
     ld: &mut Loader<'_>,
-    [gu, gub, d, db]: &[String; 4],
+    prefix: &str,
+    f: FusedExpertKeys,
     experts: usize,
     hidden: usize,
     inter: usize,
 ) -> Result<Vec<SwiGlu>> {
-    let gate_up = ld.host_or_mxfp4(gu, &[experts, hidden, 2 * inter])?;
-    let gate_up_bias = ld.host(gub, &[experts, 2 * inter])?;
-    let down = ld.host_or_mxfp4(d, &[experts, inter, hidden])?;
-    let down_bias = ld.host(db, &[experts, hidden])?;
+    let name = |n: &str| format!("{prefix}.experts.{n}");
+    let gate_up = ld.host_or_mxfp4(&name(f.gate_up), &[experts, hidden, 2 * inter])?;
+    let gate_up_bias = f.gate_up_bias.map(|b| ld.host(&name(b), &[experts, 2 * inter])).transpose()?;
+    let down = ld.host_or_mxfp4(&name(f.down), &[experts, inter, hidden])?;
+    let down_bias = f.down_bias.map(|b| ld.host(&name(b), &[experts, hidden])).transpose()?;
     let deinterleave = |src: &[f32], rows: usize| {
+        if !f.interleaved {
+            return src.to_vec();
+        }
         let mut out = vec![0f32; rows * 2 * inter];
         for r in 0..rows {
             for j in 0..inter {
@@ -617,12 +663,15 @@ fn load_fused_experts(
     Ok((0..experts)
         .map(|e| {
             let w = deinterleave(&gate_up[e * hidden * 2 * inter..(e + 1) * hidden * 2 * inter], hidden);
-            let b = deinterleave(&gate_up_bias[e * 2 * inter..(e + 1) * 2 * inter], 1);
+            let b = gate_up_bias.as_ref().map(|b| deinterleave(&b[e * 2 * inter..(e + 1) * 2 * inter], 1));
             let dw = down[e * inter * hidden..(e + 1) * inter * hidden].to_vec();
-            let dbias = down_bias[e * hidden..(e + 1) * hidden].to_vec();
+            let dbias = down_bias.as_ref().map(|b| b[e * hidden..(e + 1) * hidden].to_vec());
             SwiGlu {
-                gate_up: Linear { weight: ld.upload(w, [hidden, 2 * inter]), bias: Some(ld.upload(b, [2 * inter])) },
-                down: Linear { weight: ld.upload(dw, [inter, hidden]), bias: Some(ld.upload(dbias, [hidden])) },
+                gate_up: Linear {
+                    weight: ld.upload(w, [hidden, 2 * inter]),
+                    bias: b.map(|b| ld.upload(b, [2 * inter])),
+                },
+                down: Linear { weight: ld.upload(dw, [inter, hidden]), bias: dbias.map(|b| ld.upload(b, [hidden])) },
             }
         })
         .collect())

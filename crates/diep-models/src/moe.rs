@@ -564,11 +564,18 @@ impl MoeBlock {
             tokens.push((pos / k) as i64);
             positions.push(pos as i64);
         }
-        let mut weights = routing.weights.clone().reshape([n * k]);
-        if let Some(scale) = &opts.expert_scale {
-            let scale_per_slot = scale.clone().select(0, routing.experts.clone().reshape([n * k]));
-            weights = weights * scale_per_slot;
-        }
+        // Llama 4 weights each expert's input by its routing weight; the relaxation's
+        // `expert_scale` still scales the output.
+        let on_input = self.routing.weight_on_input;
+        let routing_weights = routing.weights.clone().reshape([n * k]);
+        let scale_per_slot =
+            opts.expert_scale.as_ref().map(|s| s.clone().select(0, routing.experts.clone().reshape([n * k])));
+        let weights = match (&scale_per_slot, on_input) {
+            (Some(s), false) => routing_weights.clone() * s.clone(),
+            (None, false) => routing_weights.clone(),
+            (Some(s), true) => s.clone(),
+            (None, true) => Tensor::<1>::ones([n * k], &device),
+        };
         let mut out = Tensor::<2>::zeros([n, hidden], &device);
         let mut captured = opts.capture_expert_outputs.then(|| vec![None; self.num_experts()]);
         for (e, (tokens, positions)) in groups.into_iter().enumerate() {
@@ -578,12 +585,17 @@ impl MoeBlock {
             let m = tokens.len();
             let tok = Tensor::<1, Int>::from_data(TensorData::new(tokens.clone(), [m]), &device);
             let pos = Tensor::<1, Int>::from_data(TensorData::new(positions, [m]), &device);
-            let y = self.expert_forward(e, x.clone().select(0, tok.clone()));
-            let w = weights.clone().select(0, pos);
+            let xs = x.clone().select(0, tok.clone());
+            let xs =
+                if on_input { xs * routing_weights.clone().select(0, pos.clone()).unsqueeze_dim::<2>(1) } else { xs };
+            let y = self.expert_forward(e, xs);
+            let w = weights.clone().select(0, pos.clone());
             if let Some(c) = captured.as_mut() {
+                // With input weighting the output already carries the routing weight, reported
+                // beside it as the slot's weight.
                 c[e] = Some(ExpertOutput {
                     tokens: tokens.iter().map(|t| *t as usize).collect(),
-                    weights: w.clone(),
+                    weights: if on_input { routing_weights.clone().select(0, pos) } else { w.clone() },
                     output: y.clone(),
                 });
             }
@@ -608,6 +620,24 @@ impl MoeBlock {
             None => dense,
         };
         let mut out = Tensor::<2>::zeros([n, hidden], &device);
+        if self.routing.weight_on_input {
+            // E(w·x) is 0 for w = 0 (no expert biases), so unselected experts add nothing.
+            let input_w = Tensor::<2>::zeros([n, self.num_experts()], &device).scatter(
+                1,
+                routing.experts.clone(),
+                routing.weights.clone(),
+                IndexingUpdateOp::Add,
+            );
+            for e in 0..self.num_experts() {
+                let scale = match &opts.expert_scale {
+                    Some(s) => s.clone().narrow(0, e, 1).unsqueeze::<2>(),
+                    None => Tensor::<2>::ones([1, 1], &device),
+                };
+                let xe = x.clone() * input_w.clone().narrow(1, e, 1);
+                out = out + self.expert_forward(e, xe) * scale;
+            }
+            return out;
+        }
         for e in 0..self.num_experts() {
             let w = dense.clone().narrow(1, e, 1);
             out = out + self.expert_forward(e, x.clone()) * w;

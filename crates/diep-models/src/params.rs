@@ -156,10 +156,16 @@ impl MoeModel {
                     push_linear(&mut out, &format!("{p}.self_attn.{}", k.kv_b_proj), &mut a.kv_b);
                     push_linear(&mut out, &format!("{p}.self_attn.{}", k.o_proj), &mut a.o_proj);
                 }
+                // The DeltaNet's projections train; its filters, decays and gated norm stay fixed.
+                SelfAttention::Linear(a) => {
+                    push_linear(&mut out, &format!("{p}.linear_attn.in_proj_qkvz"), &mut a.in_proj_qkvz);
+                    push_linear(&mut out, &format!("{p}.linear_attn.in_proj_ba"), &mut a.in_proj_ba);
+                    push_linear(&mut out, &format!("{p}.linear_attn.out_proj"), &mut a.out_proj);
+                }
             }
             push_norm(&mut out, &format!("{p}.post_attention_layernorm.weight"), &mut layer.post_attention_norm);
             match &mut layer.ffn {
-                FeedForward::Dense(mlp) => push_swiglu(&mut out, &format!("{p}.mlp"), mlp),
+                FeedForward::Dense(mlp) => push_swiglu(&mut out, &format!("{p}.{}", keys.dense_block), mlp),
                 FeedForward::Moe(m) => {
                     let block = keys.block_prefix(i);
                     push_linear(&mut out, &format!("{block}.{}", keys.router), &mut m.router);
@@ -219,6 +225,19 @@ impl MoeModel {
                     export_layer_rest(&mut out, &keys, i, layer);
                     continue;
                 }
+                SelfAttention::Linear(a) => {
+                    let n = |name: &str| format!("{p}.linear_attn.{name}");
+                    export_linear(&mut out, &n("in_proj_qkvz"), &a.in_proj_qkvz);
+                    export_linear(&mut out, &n("in_proj_ba"), &a.in_proj_ba);
+                    let [c, k] = a.conv.dims();
+                    out.push(HfTensor { name: n("conv1d.weight"), shape: vec![c, 1, k], data: host(&a.conv) });
+                    out.push(HfTensor { name: n("A_log"), shape: a.a_log.dims().to_vec(), data: host(&a.a_log) });
+                    out.push(HfTensor { name: n("dt_bias"), shape: a.dt_bias.dims().to_vec(), data: host(&a.dt_bias) });
+                    out.push(HfTensor { name: n("norm.weight"), shape: a.norm.dims().to_vec(), data: host(&a.norm) });
+                    export_linear(&mut out, &n("out_proj"), &a.out_proj);
+                    export_layer_rest(&mut out, &keys, i, layer);
+                    continue;
+                }
             };
             for (n, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
                 export_linear(&mut out, &format!("{p}.self_attn.{n}"), l);
@@ -245,7 +264,7 @@ fn export_layer_rest(out: &mut Vec<HfTensor>, keys: &MoeKeys, i: usize, layer: &
     export_norm(out, format!("{p}.post_attention_layernorm.weight"), &layer.post_attention_norm);
     match &layer.ffn {
         FeedForward::Dense(mlp) => {
-            export_swiglu(out, DENSE_MLP.map(|n| format!("{p}.mlp.{n}.weight")), mlp);
+            export_swiglu(out, DENSE_MLP.map(|n| format!("{p}.{}.{n}.weight", keys.dense_block)), mlp);
         }
         FeedForward::Moe(m) => {
             let block = keys.block_prefix(i);

@@ -151,7 +151,9 @@ fn ernie4_5_moe_matches_transformers() {
 /// renormalisation included.
 #[test]
 fn new_families_select_the_experts_transformers_selects() {
-    for name in ["tiny-glm4-moe", "tiny-minimax-m2", "tiny-ernie4-5-moe"] {
+    for name in
+        ["tiny-glm4-moe", "tiny-minimax-m2", "tiny-ernie4-5-moe", "tiny-llama4-text", "tiny-llama4", "tiny-qwen3-next"]
+    {
         let reference = Reference::load(name);
         let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();
         let mut routed = Vec::new();
@@ -183,6 +185,34 @@ fn new_families_select_the_experts_transformers_selects() {
             }
         }
     }
+}
+
+#[test]
+fn llama4_text_matches_transformers() {
+    // Fused experts weighted on their input, a shared expert, dense layers of
+    // `intermediate_size_mlp`, chunked attention (6) on the RoPE layers, a NoPE layer with
+    // temperature tuning, weightless qk-norm after RoPE, llama3-scaled RoPE on interleaved pairs.
+    check_model("tiny-llama4-text", "logits", 1e-4);
+    check_masked("tiny-llama4-text");
+}
+
+/// Qwen3-Next: Gated DeltaNet layers (checked against transformers' chunked form, and its
+/// recurrent form, 1.8e-5 apart), gated full attention with partial RoPE, zero-centred norms,
+/// a sigmoid-gated shared expert.
+#[test]
+fn qwen3_next_matches_transformers() {
+    check_model("tiny-qwen3-next", "logits", 1e-4);
+    check_model("tiny-qwen3-next", "logits_recurrent", 1e-4);
+    check_masked("tiny-qwen3-next");
+}
+
+/// The multimodal `llama4` checkpoint (`Llama4ForConditionalGeneration`): its text model read
+/// from `text_config` and `language_model.*`, the vision tower ignored; transformers' text-only
+/// forward.
+#[test]
+fn llama4_multimodal_text_model_matches_transformers() {
+    check_model("tiny-llama4", "logits", 1e-4);
+    check_masked("tiny-llama4");
 }
 
 #[test]
@@ -389,6 +419,9 @@ fn deepseek_and_gpt_oss_loss_matches_transformers() {
         "tiny-glm4-moe",
         "tiny-minimax-m2",
         "tiny-ernie4-5-moe",
+        "tiny-llama4-text",
+        "tiny-llama4",
+        "tiny-qwen3-next",
     ] {
         let reference = Reference::load(name);
         let model = MoeModel::load(fixtures().join("models").join(name), &device()).unwrap();

@@ -190,7 +190,8 @@ impl PruningPlan {
                 ));
             }
         }
-        if config.architecture == Architecture::GptOss && self.merge.values().any(|g| !g.is_empty()) {
+        let fused = diep_checkpoint::architectures::MoeKeys::of(config.architecture).fused_experts.is_some();
+        if fused && self.merge.values().any(|g| !g.is_empty()) {
             return err(format!(
                 "`merge` is not supported for `{model_type}` checkpoints (fused expert tensors); \
                  prune without merging"

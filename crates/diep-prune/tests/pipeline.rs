@@ -273,7 +273,7 @@ fn gpt_oss_pruned_equals_masked(name: &str) {
 #[test]
 fn non_uniform_deepseek_and_gpt_oss_checkpoints_equal_masked_model() {
     type Case = (&'static str, &'static str, Vec<(usize, Vec<usize>)>);
-    let cases: [Case; 6] = [
+    let cases: [Case; 9] = [
         // n_group 2 (groups of 4): layer 1 keeps 2 + 2, layer 2 keeps 3 + 3.
         ("tiny-deepseek-v3", "deepseek_v3", vec![(1, vec![1, 3, 4, 6]), (2, vec![0, 1, 3, 4, 5, 7])]),
         // GLM-4.5: the same groups; MiniMax-M2's block-level and ERNIE's `[1, E]` selection biases.
@@ -283,6 +283,15 @@ fn non_uniform_deepseek_and_gpt_oss_checkpoints_equal_masked_model() {
             "tiny-ernie4-5-moe",
             "ernie4_5_moe",
             vec![(1, vec![0, 2, 3, 5, 6]), (2, vec![1, 4, 7]), (3, (1..8).collect())],
+        ),
+        // Llama 4's fused experts (gate then up), alone and inside the multimodal wrapper.
+        ("tiny-llama4-text", "llama4_text", vec![(1, vec![0, 2, 3, 5, 6]), (3, vec![1, 4, 7])]),
+        ("tiny-llama4", "llama4_text", vec![(1, vec![1, 2, 6]), (3, vec![0, 3, 4, 5, 7])]),
+        // Qwen3-Next: DeltaNet and gated-attention layers around Qwen2-MoE blocks.
+        (
+            "tiny-qwen3-next",
+            "qwen3_next",
+            vec![(0, vec![0, 1, 5]), (1, (0..8).collect()), (2, vec![2, 3, 4, 6, 7]), (3, vec![1, 6])],
         ),
         // n_group 4 (groups of 2): layer 1 keeps all 8, layer 2 one per group.
         ("tiny-deepseek-v2", "deepseek_v2", vec![(1, (0..8).collect()), (2, vec![1, 2, 5, 7])]),

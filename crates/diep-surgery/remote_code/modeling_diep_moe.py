@@ -7,8 +7,9 @@ Written next to a pruned checkpoint by ``diep-surgery`` (together with ``auto_ma
 
 loads it with transformers 5.x (and 4.57). Supported ``model_type``s: ``mixtral``, ``qwen2_moe``,
 ``qwen3_moe``, ``olmoe``, and with transformers 5.x only (written against 5.24) ``deepseek_v2``, ``deepseek_v3``,
-``glm4_moe`` (GLM-4.5 / 4.6), ``minimax_m2``, ``ernie4_5_moe`` (ERNIE-4.5 MoE text models) and ``gpt_oss``
-(bf16/f32 experts; MXFP4 checkpoints are pruned uniformly only). ``model_type`` stays the original one, so the
+``glm4_moe`` (GLM-4.5 / 4.6), ``minimax_m2``, ``ernie4_5_moe`` (ERNIE-4.5 MoE text models), ``gpt_oss``
+(bf16/f32 experts; MXFP4 checkpoints are pruned uniformly only), ``llama4_text`` (Llama 4's text model) and
+``llama4`` (the multimodal ``Llama4ForConditionalGeneration``). ``model_type`` stays the original one, so the
 config class is transformers' own (``MixtralConfig``, ...); no configuration file is needed.
 
 Checkpoint contract (what the surgery writes):
@@ -22,6 +23,13 @@ Checkpoint contract (what the surgery writes):
 * config.json: the original, with the expert-count key(s) set to ``max_i E_i`` and
   ``"num_experts_per_layer": [E_0, E_1, ...]`` (one entry per decoder layer, 0 for dense layers). Without
   ``num_experts_per_layer`` every MoE layer gets the config's count (a uniformly pruned / unpruned checkpoint).
+  For the multimodal ``llama4`` both are inside ``text_config`` (``auto_map`` stays at the top level).
+
+  (transformers >= 5.x's ``per_layer_config`` / ``HeterogeneousConfigMixin`` is configuration-only: 5.24 parses
+  ``"per_layer_config": {"1": {"num_local_experts": 6}}``, but only models whose modeling code reads
+  ``config.per_layer_config[i]`` (Gemma 4, dots3_note, step3p7, neomme, ...) use it. Llama 4's and gpt-oss's modeling
+  read ``config.num_local_experts``, which then raises ``AmbiguousGlobalPerLayerAttributeError``, or with
+  ``allow_global_per_layer_attribute_access`` gives every layer the global count and fails on the size mismatch.)
 
 How it works: everything except the sparse-MoE block is transformers' own code for the model type, used
 unchanged: ``<Arch>ForCausalLM`` (loss, generation, aux loss), ``<Arch>Model`` (embeddings, masks, rotary,
@@ -79,18 +87,42 @@ router with ``E_i`` rows. Its routing is each architecture's, as written in the 
   ``(i + 1) % moe_layer_interval == 0 and moe_layer_start_index <= i <= moe_layer_end_index``, the others 0 in
   ``num_experts_per_layer``.
 
-  For these three the routed experts are :class:`DiepDeepseekExperts` (per-expert ``nn.ModuleList``, on-disk
-  names), the rest is transformers' code; in float32 a pruned model matched transformers' own model with the
-  pruned experts deleted exactly (max |d logits| 0 on tiny random models). (transformers 5.x runs its own fused experts with
-  ``experts_implementation="grouped_mm"`` by default, which rounds differently in bf16 from the per-expert
-  loop; with ``experts_implementation="eager"`` the stock model matches this code exactly in bf16 too.)
+* llama4_text: ``DiepLlama4TextMoe``, a subclass of transformers' ``Llama4TextMoe`` (its ``forward``) built for
+  ``E_i`` experts: transformers' fused ``Llama4TextExperts`` with the on-disk ``experts.gate_up_proj [E_i, H, 2I]``
+  and ``experts.down_proj [E_i, I, H]`` (kept experts sliced along axis 0), ``router.weight [E_i, H]``
+  (transformers' ``Llama4Router``: top-k of the raw logits, ``sigmoid`` of the chosen logits scales each chosen
+  expert's INPUT, 0 for the others; every expert runs on every token, ``bmm`` over ``E_i``) and the
+  ``shared_expert`` (``Llama4TextMLP``). The decoder layer calls and registers ``feed_forward``; dense layers
+  (not in ``moe_layers`` / ``interleave_moe_layer_step``) have 0 in ``num_experts_per_layer``. A -inf router logit
+  is never in the top-k (while ``k <= E_i``) and its sigmoid is 0, so a layer with ``E_i`` experts is the original
+  layer with the others' logits at -inf (equal up to summation order; bit-identical to transformers' model with
+  those experts deleted). Expert count ``num_local_experts``.
+
+* llama4 (multimodal): ``DiepLlama4ForConditionalGeneration``, transformers' ``Llama4ForConditionalGeneration``
+  (vision tower, projector, ``forward``, generation, on-disk names ``vision_model.*``, ``multi_modal_projector.*``,
+  ``language_model.model.*``, ``language_model.lm_head.weight``) whose ``language_model`` is
+  ``DiepLlama4ForCausalLM`` built from ``config.text_config`` (``num_local_experts`` and ``num_experts_per_layer``
+  there). ``AutoModelForCausalLM`` with this ``auto_map`` returns the whole wrapper for ``model_type`` ``llama4``
+  (transformers' own ``AutoModelForCausalLM`` builds the text model alone and reports the vision weights unexpected);
+  with ``"AutoModelForImageTextToText": "modeling_diep_moe.DiepMoeForCausalLM"`` added to ``auto_map`` that auto
+  class loads it too. transformers 5.24's wrapper ``forward`` reads ``image_outputs`` from the inner causal LM's
+  ``MoeCausalLMOutputWithPast``, which has no such field (every forward of the stock wrapper raises
+  ``AttributeError``); ``DiepLlama4ForCausalLM`` returns its output as a subclass with ``image_outputs = None``
+  (only while ``MoeCausalLMOutputWithPast`` lacks the field), so the pruned wrapper runs and generates.
+
+  For glm4_moe, minimax_m2 and ernie4_5_moe the routed experts are :class:`DiepDeepseekExperts` (per-expert
+  ``nn.ModuleList``, on-disk names), the rest is transformers' code; in float32 a pruned model matched transformers'
+  own model with the pruned experts deleted exactly (max |d logits| 0 on tiny random models). (transformers 5.x runs
+  its own fused experts with ``experts_implementation="grouped_mm"`` by default, which rounds differently in bf16
+  from the per-expert loop; with ``experts_implementation="eager"`` the stock model matches this code exactly in
+  bf16 too.)
 
 A layer with ``E_i`` experts therefore computes exactly what the original layer computes with the pruned
 experts removed: for softmax routers, their router logits set to -inf before the softmax / top-k; for
 DeepSeek-V3, GLM-4.5 and MiniMax-M2, their ``e_score_correction_bias`` set to -inf (a -inf logit alone is a
 sigmoid score of 0, still selectable through the bias); for ERNIE-4.5 both (the -inf logits take them out of the
 softmax denominator, the -inf bias out of the selection: a probability of 0 plus the bias is still selectable);
-for gpt-oss, their router bias set to -inf.
+for gpt-oss, their router bias set to -inf; for Llama 4, their router logits set to -inf.
 
 Because these classes are custom code, transformers 5.x does not apply its checkpoint conversion mapping
 (per-expert -> fused ``gate_up_proj``; mixtral's / minimax_m2's ``block_sparse_moe`` -> ``mlp`` rename;
@@ -102,7 +134,8 @@ Router logits returned with ``output_router_logits=True`` are padded to the conf
 count with -inf, so that transformers' load-balancing loss, which stacks all layers, still works.
 
 ``auto_map`` names :class:`DiepMoeForCausalLM`, which only dispatches on ``config.model_type`` to the
-concrete ``Diep<Arch>ForCausalLM`` (all of them are instances of ``DiepMoeForCausalLM``).
+concrete ``Diep<Arch>ForCausalLM`` (``DiepLlama4ForConditionalGeneration`` for ``llama4``; all of them are
+instances of ``DiepMoeForCausalLM``).
 """
 
 from __future__ import annotations
@@ -153,6 +186,10 @@ _ARCHS = {
         module="qwen2_moe", prefix="Qwen2Moe", moe_attr="mlp", count_keys=("num_experts",),
         proj=("gate_proj", "up_proj", "down_proj"), inter="moe_intermediate_size", shared_expert=True,
     ),
+    "qwen3_next": dict(
+        module="qwen3_next", prefix="Qwen3Next", moe_attr="mlp", count_keys=("num_experts",),
+        proj=("gate_proj", "up_proj", "down_proj"), inter="moe_intermediate_size", shared_expert=True,
+    ),
     "qwen3_moe": dict(
         module="qwen3_moe", prefix="Qwen3Moe", moe_attr="mlp", count_keys=("num_experts", "num_local_experts"),
         proj=("gate_proj", "up_proj", "down_proj"), inter="moe_intermediate_size", shared_expert=False,
@@ -198,6 +235,16 @@ _ARCHS = {
         module="ernie4_5_moe", prefix="Ernie4_5_Moe", moe_attr="mlp", count_keys=("moe_num_experts",),
         proj=("gate_proj", "up_proj", "down_proj"), inter="moe_intermediate_size", shared_expert=False,
         family="ernie4_5_moe", block="Ernie4_5_MoeSparseMoeBlock", router="Ernie4_5_MoeTopKRouter",
+    ),
+    # Llama 4 text model: on disk `feed_forward.{router.weight [E, H], experts.gate_up_proj [E, H, 2I],
+    # experts.down_proj [E, I, H], shared_expert.*}` (fused experts, no checkpoint conversion in transformers). The
+    # model / causal-LM classes are `Llama4TextModel` / `Llama4ForCausalLM`; the multimodal `llama4` wrapper
+    # (`Llama4ForConditionalGeneration`) is built around the latter (see `_build_llama4_wrapper`).
+    "llama4_text": dict(
+        module="llama4", prefix="Llama4", moe_attr="feed_forward", count_keys=("num_local_experts",),
+        proj=None, inter="intermediate_size", shared_expert=True,
+        family="llama4", block="Llama4TextMoe", router="Llama4Router",
+        model_cls="Llama4TextModel", causal_lm_cls="Llama4ForCausalLM",
     ),
 }
 
@@ -365,15 +412,17 @@ def _layer_config(config, arch: str, num_experts: int):
     return layer_config
 
 
-_PADDED_ROUTERS: dict[type, type] = {}
+_PADDED_ROUTERS: dict[tuple[type, int], type] = {}
 
 
-def _padded_router_cls(stock_router_cls):
+def _padded_router_cls(stock_router_cls, logits_index: int = 0):
     """transformers' router class, returning its logits padded with -inf to the config's expert count.
 
     A subclass, so transformers' own ``OutputRecorder(<Arch>TopkRouter)`` and ``_init_weights`` still apply.
+    ``logits_index``: where the logits are in the router's output tuple (0; Llama 4's ``Llama4Router`` returns
+    ``(router_scores, router_logits)``: 1, and its scores, which the block uses, stay ``[tokens, E_i]``).
     """
-    cls = _PADDED_ROUTERS.get(stock_router_cls)
+    cls = _PADDED_ROUTERS.get((stock_router_cls, logits_index))
     if cls is not None:
         return cls
 
@@ -382,18 +431,19 @@ def _padded_router_cls(stock_router_cls):
         self.num_experts_padded = num_experts_padded
 
     def forward(self, hidden_states, *args, **kwargs):  # MiniMax-M2's router also takes the correction bias
-        router_logits, *rest = stock_router_cls.forward(self, hidden_states, *args, **kwargs)
+        out = list(stock_router_cls.forward(self, hidden_states, *args, **kwargs))
+        router_logits = out[logits_index]
         pad = self.num_experts_padded - router_logits.shape[-1]
         if pad > 0:
-            router_logits = torch.cat(
+            out[logits_index] = torch.cat(
                 [router_logits, router_logits.new_full((router_logits.shape[0], pad), float("-inf"))], dim=-1
             )
-        return (router_logits, *rest)
+        return tuple(out)
 
     name = f"Diep{stock_router_cls.__name__}"
     cls = type(name, (stock_router_cls,), {"__init__": __init__, "forward": forward, "__module__": __name__,
                                             "__qualname__": name})
-    _PADDED_ROUTERS[stock_router_cls] = cls
+    _PADDED_ROUTERS[(stock_router_cls, logits_index)] = cls
     return cls
 
 
@@ -550,6 +600,37 @@ def _ernie4_5_moe_block_cls(arch: str):
                                        "__qualname__": name, "diep_block": True})
 
 
+def _llama4_block_cls(arch: str):
+    """``DiepLlama4TextMoe``: transformers' ``Llama4TextMoe`` (its ``forward``: router -> every token's input scaled
+    by its router score -> fused experts (``bmm`` over all ``E_i`` experts) -> + shared expert) built for ``E_i``
+    experts. Parameters, as on disk: ``experts.gate_up_proj [E_i, H, 2I]`` and ``experts.down_proj [E_i, I, H]``
+    (transformers' ``Llama4TextExperts``), ``router.weight [E_i, H]`` (transformers' ``Llama4Router``: top-k on the
+    raw logits, ``sigmoid`` of the chosen logits, 0 for the others) and ``shared_expert.{gate,up,down}_proj``."""
+    stock = _stock_module(arch)
+    stock_block = getattr(stock, _stock_block_name(arch))
+    router_cls = _padded_router_cls(getattr(stock, _stock_router_name(arch)), logits_index=1)
+    experts_cls = getattr(stock, f"{_ARCHS[arch]['prefix']}TextExperts")
+    mlp_cls = getattr(stock, f"{_ARCHS[arch]['prefix']}TextMLP")
+
+    def __init__(self, config, num_experts: int, layer_idx: int):
+        nn.Module.__init__(self)  # not the stock __init__: it would allocate [E, H, 2I] experts
+        layer_config = _layer_config(config, arch, num_experts)
+        self.layer_idx = layer_idx
+        self.top_k = config.num_experts_per_tok
+        self.hidden_dim = config.hidden_size
+        self.num_experts = num_experts
+        self.experts = experts_cls(layer_config)
+        self.router = router_cls(layer_config, max(num_experts, config_expert_count(config, arch)))
+        self.shared_expert = mlp_cls(config)
+
+    def extra_repr(self) -> str:
+        return f"arch={arch}, layer_idx={self.layer_idx}, num_experts={self.num_experts}"
+
+    name = f"Diep{stock_block.__name__}"
+    return type(name, (stock_block,), {"__init__": __init__, "extra_repr": extra_repr, "__module__": __name__,
+                                       "__qualname__": name, "diep_block": True})
+
+
 _BLOCK_CLS: dict[str, type] = {}
 
 
@@ -565,6 +646,8 @@ def _block_cls(arch: str) -> type:
             _BLOCK_CLS[arch] = _minimax_m2_block_cls(arch)
         elif family == "ernie4_5_moe":
             _BLOCK_CLS[arch] = _ernie4_5_moe_block_cls(arch)
+        elif family == "llama4":
+            _BLOCK_CLS[arch] = _llama4_block_cls(arch)
         else:
             _BLOCK_CLS[arch] = DiepSparseMoeBlock
     return _BLOCK_CLS[arch]
@@ -738,8 +821,8 @@ def _build_classes(arch: str):
     spec = _ARCHS[arch]
     prefix = spec["prefix"]
     stock = _stock_module(arch)
-    StockModel = getattr(stock, f"{prefix}Model")
-    StockForCausalLM = getattr(stock, f"{prefix}ForCausalLM")
+    StockModel = getattr(stock, spec.get("model_cls") or f"{prefix}Model")
+    StockForCausalLM = getattr(stock, spec.get("causal_lm_cls") or f"{prefix}ForCausalLM")
     StockBlock = getattr(stock, _stock_block_name(arch))
     StockRouter = getattr(stock, _stock_router_name(arch), None)  # 5.x only
     _block_cls(arch)  # now, while the stock module's names are unpatched (the block may subclass StockBlock)
@@ -781,11 +864,70 @@ def _build_classes(arch: str):
             super()._init_weights(module)
             _init_router(self, module)
 
-    for cls, name in ((Model, f"Diep{prefix}Model"), (ForCausalLM, f"Diep{prefix}ForCausalLM")):
+        if spec.get("family") == "llama4":
+            def forward(self, *args, **kwargs):
+                return _llama4_output_with_image_outputs(super().forward(*args, **kwargs))
+
+    for cls, name in ((Model, f"Diep{StockModel.__name__}"), (ForCausalLM, f"Diep{StockForCausalLM.__name__}")):
         cls.__name__ = name
         cls.__qualname__ = name
         cls.__module__ = __name__
     return Model, ForCausalLM
+
+
+_LLAMA4_TEXT_OUTPUT = None
+
+
+def _llama4_output_with_image_outputs(out):
+    """transformers 5.24's ``Llama4ForConditionalGeneration.forward`` ends with ``image_outputs=outputs.image_outputs``
+    where ``outputs`` is its inner ``Llama4ForCausalLM``'s ``MoeCausalLMOutputWithPast``, which has no such field, so
+    every forward of the stock wrapper raises ``AttributeError`` (with or without ``pixel_values``). Our causal LM
+    returns the same output as a subclass with one more field, ``image_outputs = None`` (only while
+    ``MoeCausalLMOutputWithPast`` lacks it); nothing else changes."""
+    global _LLAMA4_TEXT_OUTPUT
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    if not isinstance(out, MoeCausalLMOutputWithPast) or hasattr(out, "image_outputs"):
+        return out
+    if _LLAMA4_TEXT_OUTPUT is None:
+        import dataclasses
+        import typing
+
+        ns = {"__module__": __name__, "__qualname__": "DiepLlama4CausalLMOutputWithPast",
+              "__annotations__": {"image_outputs": typing.Optional[typing.Any]}, "image_outputs": None}
+        _LLAMA4_TEXT_OUTPUT = dataclasses.dataclass(
+            type("DiepLlama4CausalLMOutputWithPast", (MoeCausalLMOutputWithPast,), ns))
+    return _LLAMA4_TEXT_OUTPUT(**dict(out.items()))
+
+
+def _build_llama4_wrapper(causal_lm_cls):
+    """``DiepLlama4ForConditionalGeneration``: transformers' ``Llama4ForConditionalGeneration`` (vision tower,
+    projector, ``forward``, generation) whose ``language_model`` is :class:`DiepLlama4ForCausalLM` built from
+    ``config.text_config`` (``num_local_experts`` = max, ``num_experts_per_layer`` there). On-disk names are the
+    wrapper's: ``language_model.model.layers.{i}.feed_forward.*``, ``language_model.lm_head.weight``,
+    ``vision_model.*``, ``multi_modal_projector.*``."""
+    stock = _stock_module("llama4_text")
+    StockWrapper = stock.Llama4ForConditionalGeneration
+    StockForCausalLM = getattr(stock, _ARCHS["llama4_text"]["causal_lm_cls"])
+
+    class Wrapper(DiepMoeForCausalLM, StockWrapper):
+        diep_arch = "llama4"
+        _auto_class = "AutoModelForCausalLM"
+        _can_compile_fullgraph = False
+
+        def __init__(self, config):
+            with _patched_globals(stock, {StockForCausalLM.__name__: causal_lm_cls}):
+                super().__init__(config)
+
+        def post_init(self):
+            if not isinstance(getattr(self, "language_model", None), causal_lm_cls):  # stock __init__ changed
+                self.language_model = causal_lm_cls(self.config.text_config)
+            super().post_init()
+
+    name = f"Diep{StockWrapper.__name__}"
+    Wrapper.__name__ = Wrapper.__qualname__ = name
+    Wrapper.__module__ = __name__
+    return Wrapper
 
 
 for _arch in list(_ARCHS):
@@ -803,6 +945,14 @@ for _arch in list(_ARCHS):
     globals()[_MODEL[_arch].__name__] = _MODEL[_arch]
     globals()[_CAUSAL_LM[_arch].__name__] = _CAUSAL_LM[_arch]
 del _arch
+
+if "llama4_text" in _CAUSAL_LM:
+    # the multimodal wrapper (model_type `llama4`): the text model's MoE blocks per layer, the rest transformers'
+    try:
+        _CAUSAL_LM["llama4"] = _build_llama4_wrapper(_CAUSAL_LM["llama4_text"])
+        globals()[_CAUSAL_LM["llama4"].__name__] = _CAUSAL_LM["llama4"]
+    except (ImportError, AttributeError):  # pragma: no cover - a transformers without the wrapper
+        pass
 
 DiepMixtralModel = _MODEL["mixtral"]
 DiepMixtralForCausalLM = _CAUSAL_LM["mixtral"]
@@ -828,4 +978,4 @@ __all__ = [
     "DiepOlmoeForCausalLM",
     "DiepDeepseekExperts",
 ] + [cls.__name__ for table in (_MODEL, _CAUSAL_LM) for arch, cls in table.items()
-     if _ARCHS[arch].get("family") is not None]
+     if arch not in _ARCHS or _ARCHS[arch].get("family") is not None]

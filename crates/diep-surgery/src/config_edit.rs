@@ -86,23 +86,36 @@ pub fn pruned_config(config: &ModelConfig, plan: &PruningPlan) -> Map<String, Va
 
     if uniform {
         raw.shift_remove(PER_LAYER_EXPERTS_KEY);
-        if raw.get(AUTO_MAP_KEY).is_some_and(is_our_auto_map) {
-            raw.shift_remove(AUTO_MAP_KEY);
-        }
     } else {
         let per_layer = Value::from(counts);
         set_key(&mut raw, PER_LAYER_EXPERTS_KEY, per_layer, last_count_key, false);
+    }
+    // A multimodal wrapper: the edited text config goes back under its key; `auto_map` is the
+    // whole file's.
+    let mut top = match &config.wrapper {
+        Some(w) => {
+            let mut full = w.raw.clone();
+            full.insert(w.text_key.to_string(), Value::Object(raw));
+            full
+        }
+        None => raw,
+    };
+    if uniform {
+        if top.get(AUTO_MAP_KEY).is_some_and(is_our_auto_map) {
+            top.shift_remove(AUTO_MAP_KEY);
+        }
+    } else {
         let auto_map = remote_code_auto_map().expect("remote_code/auto_map.json is a JSON object");
-        let anchor = raw.contains_key("architectures").then_some("architectures");
+        let anchor = top.contains_key("architectures").then_some("architectures");
         if anchor.is_some() {
-            set_key(&mut raw, AUTO_MAP_KEY, Value::Object(auto_map), anchor, false);
-        } else if let Some(v) = raw.get_mut(AUTO_MAP_KEY) {
+            set_key(&mut top, AUTO_MAP_KEY, Value::Object(auto_map), anchor, false);
+        } else if let Some(v) = top.get_mut(AUTO_MAP_KEY) {
             *v = Value::Object(auto_map);
         } else {
-            raw.shift_insert(0, AUTO_MAP_KEY.to_string(), Value::Object(auto_map));
+            top.shift_insert(0, AUTO_MAP_KEY.to_string(), Value::Object(auto_map));
         }
     }
-    raw
+    top
 }
 
 fn key_index(map: &Map<String, Value>, key: &str) -> usize {

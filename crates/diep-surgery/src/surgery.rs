@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde_json::{Map, Value, json};
 
-use diep_checkpoint::architectures::{MoeKeys, MoeTensor};
+use diep_checkpoint::architectures::{FusedExpertKeys, MoeKeys, MoeTensor};
 use diep_checkpoint::{Checkpoint, Dtype, ModelConfig, PER_LAYER_EXPERTS_KEY, SHARD_INDEX, SINGLE_FILE, TensorRef};
 
 use crate::config_edit::{
@@ -405,10 +405,14 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
         }
     };
 
+    // A multimodal wrapper's text tensors carry a prefix (`language_model.`); the others are
+    // copied unchanged.
+    let pre = config.tensor_prefix();
+    let text_name = |name: &'c str| -> &'c str { name.strip_prefix(pre).unwrap_or(name) };
     let mut out = Vec::new();
     for name in ckpt.names() {
         let t = ckpt.get(name)?;
-        out.push((t, classify(&keys, t.name)));
+        out.push((t, classify(&keys, text_name(t.name))));
     }
     // Routers first (a wrong expert count shows there most plainly), then everything else.
     let routers_first = out
@@ -460,7 +464,7 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
                     return Err(mismatch(&t, format!("fused experts of layer {layer}, but {}", not_moe(layer))));
                 }
                 let (h, i) = (config.hidden_size, config.moe.expert_intermediate_size);
-                let Some(shape) = fused_shape(rest, n, h, i) else {
+                let Some(shape) = keys.fused_experts.and_then(|f| fused_shape(f, rest, n, h, i)) else {
                     return Err(mismatch(&t, format!("`{rest}` is not a known fused expert tensor")));
                 };
                 if t.shape != shape.as_slice() {
@@ -476,18 +480,19 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
             }
             Role::Plain => {
                 let block = format!(".{}.experts.", keys.block);
-                if let Some(layer) = layer_of(t.name).filter(|l| config.experts_in_layer(*l) > 0)
+                if let Some(layer) = layer_of(text_name(t.name)).filter(|l| config.experts_in_layer(*l) > 0)
                     && t.name.contains(&block)
                 {
                     let reason = match keys.fused_expert_tensors(layer) {
                         Some(names) => format!(
-                            "not a fused expert tensor of `{}` (expected `{}`, `{}`, `{}`, `{}` or their MXFP4 \
-                             `_blocks` / `_scales`)",
+                            "not a fused expert tensor of `{}` (expected {}{})",
                             config.architecture.model_type(),
-                            names[0],
-                            names[1],
-                            names[2],
-                            names[3]
+                            names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
+                            if config.architecture.model_type() == "gpt_oss" {
+                                " or their MXFP4 `_blocks` / `_scales`"
+                            } else {
+                                ""
+                            }
                         ),
                         None => format!(
                             "not a per-expert tensor (expected names like `{}`); fused expert layouts are not supported",
@@ -504,7 +509,7 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
     let (h, i) = (config.hidden_size, config.moe.expert_intermediate_size);
     for layer in routed_layers(config) {
         let n = config.experts_in_layer(layer);
-        let router_name = keys.router_weight(layer);
+        let router_name = format!("{pre}{}", keys.router_weight(layer));
         let Some((router, _)) = out.iter().find(|(t, _)| t.name == router_name) else {
             return Err(SurgeryError::MissingTensor {
                 tensor: router_name,
@@ -522,8 +527,9 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
     if let Some(fused) = keys.fused_experts {
         // Each fused weight is there in full precision or as an MXFP4 blocks/scales pair.
         for layer in routed_layers(config) {
-            let [gu, gub, d, db] = keys.fused_expert_tensors(layer).expect("fused architecture");
-            for (name, weight) in [(gu, true), (gub, false), (d, true), (db, false)] {
+            let p = format!("{pre}{}.experts", keys.block_prefix(layer));
+            for (kind, weight) in fused.kinds() {
+                let name = format!("{p}.{kind}");
                 let has = |n: &str| out.iter().any(|(t, _)| t.name == n);
                 let (blocks, scales) = diep_checkpoint::mxfp4::mxfp4_names(&name);
                 if has(&name) || (weight && has(&blocks) && has(&scales)) {
@@ -607,8 +613,7 @@ fn inspect<'c>(config: &ModelConfig, ckpt: &'c Checkpoint) -> Result<Vec<(Tensor
 
 /// The shape a fused expert tensor must have for `n` experts, hidden size `h` and expert
 /// width `i`; MXFP4 pairs are stored transposed, 32 values a block (16 bytes).
-fn fused_shape(rest: &str, n: usize, h: usize, i: usize) -> Option<Vec<usize>> {
-    let f = diep_checkpoint::architectures::gpt_oss::FUSED;
+fn fused_shape(f: FusedExpertKeys, rest: &str, n: usize, h: usize, i: usize) -> Option<Vec<usize>> {
     let (blocks, scales) =
         (diep_checkpoint::architectures::gpt_oss::MXFP4_BLOCKS, diep_checkpoint::architectures::gpt_oss::MXFP4_SCALES);
     let mx = |base: &str, out: usize, inp: usize| -> Option<Vec<usize>> {
@@ -622,9 +627,9 @@ fn fused_shape(rest: &str, n: usize, h: usize, i: usize) -> Option<Vec<usize>> {
     };
     match rest {
         r if r == f.gate_up => Some(vec![n, h, 2 * i]),
-        r if r == f.gate_up_bias => Some(vec![n, 2 * i]),
+        r if Some(r) == f.gate_up_bias => Some(vec![n, 2 * i]),
         r if r == f.down => Some(vec![n, i, h]),
-        r if r == f.down_bias => Some(vec![n, h]),
+        r if Some(r) == f.down_bias => Some(vec![n, h]),
         _ => mx(f.gate_up, 2 * i, h).or_else(|| mx(f.down, h, i)),
     }
 }

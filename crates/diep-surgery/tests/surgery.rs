@@ -72,13 +72,15 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
     let mut expected = BTreeSet::new();
     for name in input.names() {
         let t = input.get(name).unwrap();
-        let (out_name, rows) = match keys.parse(name) {
+        // A multimodal wrapper's text tensors: `language_model.` + the text model's names.
+        let pre = cin.tensor_prefix();
+        let (out_name, rows) = match keys.parse(name.strip_prefix(pre).unwrap_or(name)) {
             Some(MoeTensor::Expert { layer, expert, rest }) => {
                 let kept = &plan.kept_experts[&layer];
                 let Some(new) = kept.iter().position(|e| *e == expert) else {
                     continue;
                 };
-                (format!("{}.experts.{new}.{rest}", keys.block_prefix(layer)), None)
+                (format!("{pre}{}.experts.{new}.{rest}", keys.block_prefix(layer)), None)
             }
             Some(MoeTensor::Router { layer }) => (name.to_string(), Some(plan.kept_experts[&layer].clone())),
             // gpt-oss's fused `[E, ...]` expert tensors are sliced along the expert axis.
@@ -122,44 +124,46 @@ fn verify(input_dir: &Path, out_dir: &Path, plan: &PruningPlan, report: &Surgery
         assert_eq!(ids, (0..kept.len()).collect(), "layer {layer}");
     }
 
-    // config.json.
-    let raw_in = read_json(&input_dir.join("config.json"));
-    let raw_out = read_json(&out_dir.join("config.json"));
-    let count_keys = expert_count_keys(cin.architecture);
-    let special = |k: &str| count_keys.contains(&k) || k == PER_LAYER_EXPERTS_KEY || k == AUTO_MAP_KEY;
-    for (k, v) in &raw_in {
-        if !special(k) {
-            assert_eq!(raw_out.get(k), Some(v), "config key `{k}`");
-        }
-    }
-    let order_in: Vec<&String> = raw_in.keys().filter(|k| raw_out.contains_key(*k)).collect();
-    let order_out: Vec<&String> = raw_out.keys().filter(|k| raw_in.contains_key(*k)).collect();
-    assert_eq!(order_in, order_out, "config key order");
+    // config.json (a multimodal wrapper's is checked by its own test).
     let counts = plan.kept_counts();
-    let max = *counts.values().max().unwrap();
-    for k in count_keys {
-        assert_eq!(raw_out[*k], max, "`{k}`");
-    }
-    let uniform = counts.values().all(|c| *c == max);
-    assert_eq!(report.uniform, uniform);
-    let py: Vec<_> = REMOTE_CODE_FILES.iter().map(|(n, text)| (out_dir.join(n), text)).collect();
-    if uniform {
-        assert!(!raw_out.contains_key(PER_LAYER_EXPERTS_KEY));
-        // A stale `auto_map` of ours goes; the checkpoint's own (DeepSeek-MoE's remote code) stays.
-        let ours = Value::Object(remote_code_auto_map().unwrap());
-        match raw_in.get(AUTO_MAP_KEY) {
-            Some(v) if *v != ours => assert_eq!(raw_out.get(AUTO_MAP_KEY), Some(v)),
-            _ => assert!(!raw_out.contains_key(AUTO_MAP_KEY)),
+    if cin.wrapper.is_none() {
+        let raw_in = read_json(&input_dir.join("config.json"));
+        let raw_out = read_json(&out_dir.join("config.json"));
+        let count_keys = expert_count_keys(cin.architecture);
+        let special = |k: &str| count_keys.contains(&k) || k == PER_LAYER_EXPERTS_KEY || k == AUTO_MAP_KEY;
+        for (k, v) in &raw_in {
+            if !special(k) {
+                assert_eq!(raw_out.get(k), Some(v), "config key `{k}`");
+            }
         }
-        for (p, _) in &py {
-            assert!(!p.exists(), "{}", p.display());
+        let order_in: Vec<&String> = raw_in.keys().filter(|k| raw_out.contains_key(*k)).collect();
+        let order_out: Vec<&String> = raw_out.keys().filter(|k| raw_in.contains_key(*k)).collect();
+        assert_eq!(order_in, order_out, "config key order");
+        let max = *counts.values().max().unwrap();
+        for k in count_keys {
+            assert_eq!(raw_out[*k], max, "`{k}`");
         }
-    } else {
-        let per_layer: Vec<usize> = (0..cin.num_layers).map(|l| counts.get(&l).copied().unwrap_or(0)).collect();
-        assert_eq!(raw_out[PER_LAYER_EXPERTS_KEY], serde_json::json!(per_layer));
-        assert_eq!(raw_out[AUTO_MAP_KEY], Value::Object(remote_code_auto_map().unwrap()));
-        for (p, text) in &py {
-            assert_eq!(&std::fs::read_to_string(p).unwrap(), *text);
+        let uniform = counts.values().all(|c| *c == max);
+        assert_eq!(report.uniform, uniform);
+        let py: Vec<_> = REMOTE_CODE_FILES.iter().map(|(n, text)| (out_dir.join(n), text)).collect();
+        if uniform {
+            assert!(!raw_out.contains_key(PER_LAYER_EXPERTS_KEY));
+            // A stale `auto_map` of ours goes; the checkpoint's own (DeepSeek-MoE's remote code) stays.
+            let ours = Value::Object(remote_code_auto_map().unwrap());
+            match raw_in.get(AUTO_MAP_KEY) {
+                Some(v) if *v != ours => assert_eq!(raw_out.get(AUTO_MAP_KEY), Some(v)),
+                _ => assert!(!raw_out.contains_key(AUTO_MAP_KEY)),
+            }
+            for (p, _) in &py {
+                assert!(!p.exists(), "{}", p.display());
+            }
+        } else {
+            let per_layer: Vec<usize> = (0..cin.num_layers).map(|l| counts.get(&l).copied().unwrap_or(0)).collect();
+            assert_eq!(raw_out[PER_LAYER_EXPERTS_KEY], serde_json::json!(per_layer));
+            assert_eq!(raw_out[AUTO_MAP_KEY], Value::Object(remote_code_auto_map().unwrap()));
+            for (p, text) in &py {
+                assert_eq!(&std::fs::read_to_string(p).unwrap(), *text);
+            }
         }
     }
     let cout = ModelConfig::from_dir(out_dir).unwrap();
@@ -1007,4 +1011,61 @@ fn gpt_oss_refuses_merges_and_missing_fused_tensors() {
     write_owned(&s.model.join("model.safetensors"), &tensors);
     let msg = fail(&s, &plan_for(&s.model));
     assert!(msg.contains(victim) && msg.contains("missing"), "{msg}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multimodal wrappers: Llama 4's `Llama4ForConditionalGeneration`.
+
+/// Only the text model's MoE tensors change: the vision tower, the projector and every other
+/// config key are copied bit for bit, the count key is edited inside `text_config`, and a
+/// non-uniform plan puts `num_experts_per_layer` there too (with `auto_map` at the top level).
+#[test]
+fn llama4_wrapper_keeps_vision_weights_and_edits_text_config() {
+    let dir = fixture("tiny-llama4");
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    assert_eq!(config.tensor_prefix(), "language_model.");
+    let raw_in = read_json(&dir.join("config.json"));
+    for (plan, uniform) in [(uniform_plan(&config), true), (non_uniform_plan(&config), false)] {
+        let outs = tempfile::tempdir().unwrap();
+        let out = outs.path().join("pruned");
+        let report = apply_plan(&dir, &plan, &out, &opts()).unwrap();
+        verify(&dir, &out, &plan, &report);
+        let raw = read_json(&out.join("config.json"));
+        for (k, v) in &raw_in {
+            if k != "text_config" {
+                assert_eq!(raw.get(k), Some(v), "`{k}`");
+            }
+        }
+        assert_eq!(raw.contains_key(AUTO_MAP_KEY), !uniform);
+        let (text_in, text) = (raw_in["text_config"].as_object().unwrap(), raw["text_config"].as_object().unwrap());
+        let max = plan.kept_experts.values().map(Vec::len).max().unwrap();
+        assert_eq!(text["num_local_experts"], max);
+        assert_eq!(text.contains_key(PER_LAYER_EXPERTS_KEY), !uniform);
+        for (k, v) in text_in {
+            if k != "num_local_experts" {
+                assert_eq!(text.get(k), Some(v), "text_config.{k}");
+            }
+        }
+        let (cin, cout) = (Checkpoint::open(&dir).unwrap(), Checkpoint::open(&out).unwrap());
+        assert_eq!(cin.names().count(), cout.names().count());
+        for name in cin.names() {
+            let (a, b) = (cin.get(name).unwrap(), cout.get(name).unwrap());
+            if !name.contains(".feed_forward.experts.") && !name.contains(".feed_forward.router.") {
+                assert_eq!(a.bytes, b.bytes, "{name} must be copied unchanged");
+                continue;
+            }
+            let layer: usize = name.split('.').nth(3).unwrap().parse().unwrap();
+            let kept = &plan.kept_experts[&layer];
+            assert_eq!(b.shape[0], kept.len(), "{name}");
+            let slab = a.bytes.len() / a.shape[0];
+            for (new, old) in kept.iter().enumerate() {
+                assert_eq!(&b.bytes[new * slab..(new + 1) * slab], &a.bytes[old * slab..(old + 1) * slab], "{name}");
+            }
+        }
+        // Reads back as the same text model.
+        let back = ModelConfig::from_dir(&out).unwrap();
+        for (l, kept) in &plan.kept_experts {
+            assert_eq!(back.experts_in_layer(*l), kept.len());
+        }
+    }
 }

@@ -27,6 +27,7 @@ pub const EXPERT_COUNT_KEYS: &[&str] = family::EXPERT_COUNT_KEYS;
 /// DeepSeek-V2's MoE tensor names.
 pub const MOE_KEYS: MoeKeys = MoeKeys {
     block: "mlp",
+    dense_block: "mlp",
     router: "gate",
     expert_gate: "gate_proj",
     expert_up: "up_proj",
@@ -130,6 +131,7 @@ impl ArchSpec for Spec {
             routed_scaling_factor: family::routed_scaling_factor(f, 1.0)?,
             correction_bias: false,
             renorm: Renorm::Sum,
+            weight_on_input: false,
         })
     }
 

@@ -48,6 +48,7 @@ pub const MTP_SHARED_HEAD: &str = "shared_head";
 /// DeepSeek-V3's MoE tensor names.
 pub const MOE_KEYS: MoeKeys = MoeKeys {
     block: "mlp",
+    dense_block: "mlp",
     router: "gate",
     expert_gate: "gate_proj",
     expert_up: "up_proj",
@@ -131,6 +132,7 @@ impl ArchSpec for Spec {
             routed_scaling_factor: family::routed_scaling_factor(f, 2.5)?,
             correction_bias: true,
             renorm: Renorm::SumPlusTiny,
+            weight_on_input: false,
         })
     }
 

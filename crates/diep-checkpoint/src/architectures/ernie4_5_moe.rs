@@ -30,6 +30,7 @@ pub const EXPERT_COUNT_KEYS: &[&str] = &["moe_num_experts"];
 /// ERNIE-4.5's MoE tensor names.
 pub const MOE_KEYS: MoeKeys = MoeKeys {
     block: "mlp",
+    dense_block: "mlp",
     router: "gate",
     expert_gate: "gate_proj",
     expert_up: "up_proj",
@@ -110,6 +111,7 @@ impl ArchSpec for Spec {
             routed_scaling_factor: 1.0,
             correction_bias: true,
             renorm: Renorm::AtLeast(floor),
+            weight_on_input: false,
         })
     }
 

@@ -92,6 +92,7 @@ impl ArchSpec for Spec {
             routed_scaling_factor: family::routed_scaling_factor(f, 1.0)?,
             correction_bias: true,
             renorm: Renorm::SumPlusTiny,
+            weight_on_input: false,
         })
     }
 

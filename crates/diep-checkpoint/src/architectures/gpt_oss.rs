@@ -35,14 +35,16 @@ pub const EXPERT_COUNT_KEYS: &[&str] = &["num_local_experts"];
 /// gpt-oss's fused expert tensor names, relative to `model.layers.{i}.mlp.experts.`.
 pub const FUSED: FusedExpertKeys = FusedExpertKeys {
     gate_up: "gate_up_proj",
-    gate_up_bias: "gate_up_proj_bias",
+    gate_up_bias: Some("gate_up_proj_bias"),
     down: "down_proj",
-    down_bias: "down_proj_bias",
+    down_bias: Some("down_proj_bias"),
+    interleaved: true,
 };
 
 /// gpt-oss's MoE tensor names. The per-expert names are unused (the experts are fused).
 pub const MOE_KEYS: MoeKeys = MoeKeys {
     block: "mlp",
+    dense_block: "mlp",
     router: "router",
     expert_gate: "gate_proj",
     expert_up: "up_proj",

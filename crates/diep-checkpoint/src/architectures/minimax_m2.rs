@@ -26,6 +26,7 @@ pub const EXPERT_COUNT_KEYS: &[&str] = &["num_local_experts"];
 /// MiniMax-M2's MoE tensor names.
 pub const MOE_KEYS: MoeKeys = MoeKeys {
     block: "block_sparse_moe",
+    dense_block: "mlp",
     router: "gate",
     expert_gate: "w1",
     expert_up: "w3",
@@ -101,6 +102,7 @@ impl ArchSpec for Spec {
             routed_scaling_factor: 1.0,
             correction_bias: f.opt_bool("use_routing_bias")?.unwrap_or(true),
             renorm: Renorm::Sum,
+            weight_on_input: false,
         })
     }
 }

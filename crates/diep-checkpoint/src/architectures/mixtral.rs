@@ -19,6 +19,7 @@ pub const EXPERT_COUNT_KEYS: &[&str] = &["num_local_experts"];
 /// Mixtral's MoE tensor names.
 pub const MOE_KEYS: MoeKeys = MoeKeys {
     block: "block_sparse_moe",
+    dense_block: "mlp",
     router: "gate",
     expert_gate: "w1",
     expert_up: "w3",

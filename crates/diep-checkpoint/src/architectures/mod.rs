@@ -24,11 +24,13 @@ pub mod deepseek_v3;
 pub mod ernie4_5_moe;
 pub mod glm4_moe;
 pub mod gpt_oss;
+pub mod llama4_text;
 pub mod minimax_m2;
 pub mod mixtral;
 pub mod olmoe;
 pub mod qwen2_moe;
 pub mod qwen3_moe;
+pub mod qwen3_next;
 mod spec;
 
 pub(crate) use spec::{ArchSpec, RopeAllowed};
@@ -92,6 +94,12 @@ registry! {
     /// `ernie4_5_moe`: ERNIE-4.5 MoE (softmax routing with a `moe_statics` selection bias and a
     /// floored renormalisation, shared experts, interleaved RoPE, interval MoE layers).
     Ernie45Moe => ernie4_5_moe,
+    /// `llama4_text`: Llama 4's text model (fused experts weighted on their input, a shared
+    /// expert, NoPE and chunked-attention layers, L2 qk-norm, temperature tuning, llama3 RoPE).
+    Llama4Text => llama4_text,
+    /// `qwen3_next`: Qwen3-Next (hybrid Gated DeltaNet / gated full attention layers, partial
+    /// RoPE, zero-centred norms, Qwen2-MoE routing with a gated shared expert).
+    Qwen3Next => qwen3_next,
 }
 
 impl Architecture {
@@ -130,6 +138,8 @@ impl Architecture {
 pub struct MoeKeys {
     /// The block's module name (`block_sparse_moe` for Mixtral, `mlp` elsewhere).
     pub block: &'static str,
+    /// The module name of the dense MLP of non-MoE layers (`mlp`; Llama 4: `feed_forward`).
+    pub dense_block: &'static str,
     /// The router's module name inside the block (`gate`).
     pub router: &'static str,
     /// Expert gate projection (`w1` / `gate_proj`), `[intermediate, hidden]`.
@@ -158,14 +168,27 @@ pub struct MoeKeys {
 /// Names of fused expert tensors (`[E, ...]`, one per kind), relative to `{block}.experts.`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FusedExpertKeys {
-    /// Gate and up projections, `[E, H, 2I]`, gate and up columns interleaved.
+    /// Gate and up projections, `[E, H, 2I]`.
     pub gate_up: &'static str,
-    /// Their biases `[E, 2I]`, interleaved the same way.
-    pub gate_up_bias: &'static str,
+    /// Their biases `[E, 2I]`, laid out as the weight's columns (gpt-oss).
+    pub gate_up_bias: Option<&'static str>,
     /// Down projection `[E, I, H]`.
     pub down: &'static str,
-    /// Its bias `[E, H]`.
-    pub down_bias: &'static str,
+    /// Its bias `[E, H]` (gpt-oss).
+    pub down_bias: Option<&'static str>,
+    /// Gate and up columns interleaved (gate = even, up = odd: gpt-oss); otherwise the gate
+    /// columns come first, then the up columns (Llama 4).
+    pub interleaved: bool,
+}
+
+impl FusedExpertKeys {
+    /// The tensor kinds present, weights first: `(name, is_weight)`.
+    pub fn kinds(&self) -> Vec<(&'static str, bool)> {
+        let mut out = vec![(self.gate_up, true), (self.down, true)];
+        out.extend(self.gate_up_bias.map(|b| (b, false)));
+        out.extend(self.down_bias.map(|b| (b, false)));
+        out
+    }
 }
 
 impl MoeKeys {
@@ -194,12 +217,12 @@ impl MoeKeys {
         self.router_bias.map(|b| format!("{}.{}.{b}", self.block_prefix(layer), self.router))
     }
 
-    /// The fused expert tensors' full names `[gate_up, gate_up_bias, down, down_bias]`, if the
-    /// architecture stores its experts fused.
-    pub fn fused_expert_tensors(&self, layer: usize) -> Option<[String; 4]> {
+    /// The fused expert tensors' full names (gate_up, down, then the biases the architecture
+    /// has), if it stores its experts fused.
+    pub fn fused_expert_tensors(&self, layer: usize) -> Option<Vec<String>> {
         let f = self.fused_experts?;
         let p = format!("{}.experts", self.block_prefix(layer));
-        Some([f.gate_up, f.gate_up_bias, f.down, f.down_bias].map(|n| format!("{p}.{n}")))
+        Some(f.kinds().into_iter().map(|(n, _)| format!("{p}.{n}")).collect())
     }
 
     /// The names of expert `e`'s gate, up and down weights.
@@ -279,7 +302,7 @@ impl MoeKeys {
             if let Some(f) = self.fused_experts {
                 let base = e.strip_suffix(gpt_oss::MXFP4_BLOCKS).or_else(|| e.strip_suffix(gpt_oss::MXFP4_SCALES));
                 let base = base.unwrap_or(e);
-                if [f.gate_up, f.gate_up_bias, f.down, f.down_bias].contains(&base) {
+                if f.kinds().iter().any(|(k, _)| *k == base) {
                     return Some(MoeTensor::FusedExperts { layer, rest: e });
                 }
                 return None;

@@ -21,6 +21,7 @@ pub const EXPERT_COUNT_KEYS: &[&str] = &["num_experts"];
 /// OLMoE's MoE tensor names.
 pub const MOE_KEYS: MoeKeys = MoeKeys {
     block: "mlp",
+    dense_block: "mlp",
     router: "gate",
     expert_gate: "gate_proj",
     expert_up: "up_proj",

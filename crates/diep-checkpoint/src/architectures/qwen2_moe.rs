@@ -22,6 +22,7 @@ pub const EXPERT_COUNT_KEYS: &[&str] = &["num_experts"];
 /// Qwen2-MoE's MoE tensor names.
 pub const MOE_KEYS: MoeKeys = MoeKeys {
     block: "mlp",
+    dense_block: "mlp",
     router: "gate",
     expert_gate: "gate_proj",
     expert_up: "up_proj",

@@ -7,7 +7,9 @@
 //! only what differs.
 
 use super::MoeKeys;
-use crate::config::{ExpertActivation, MlaConfig, QkNorm, RopeScaling, RoutingConfig};
+use crate::config::{
+    ExpertActivation, LinearAttention, Llama4Attention, MlaConfig, QkNorm, RopeScaling, RoutingConfig,
+};
 use crate::error::Result;
 use crate::fields::Fields;
 
@@ -31,6 +33,8 @@ pub(crate) enum RopeAllowed {
     Yarn,
     /// Plain or linear (DeepSeek-MoE).
     Linear,
+    /// Plain or llama3 (Llama 4).
+    Llama3,
 }
 
 /// The architecture-specific attention options.
@@ -203,6 +207,32 @@ pub(crate) trait ArchSpec: Sync {
     /// Per layer, whether it is an MoE layer (default: all of them).
     fn moe_layers(&self, _f: &Fields<'_>, num_layers: usize, _num_experts: usize) -> Result<Vec<bool>> {
         Ok(vec![true; num_layers])
+    }
+
+    /// Llama 4's per-layer attention options (default: none).
+    fn llama4_attention(&self, _f: &Fields<'_>, _num_layers: usize, _eps: f64) -> Result<Option<Llama4Attention>> {
+        Ok(None)
+    }
+
+    /// The attention output is gated by the second half of each head's `q_proj` (Qwen3-Next).
+    fn gated_attention_output(&self) -> bool {
+        false
+    }
+
+    /// Gated DeltaNet layers (Qwen3-Next; default: none).
+    fn linear_attention(&self, _f: &Fields<'_>, _num_layers: usize) -> Result<Option<LinearAttention>> {
+        Ok(None)
+    }
+
+    /// RMSNorms scale by `1 + weight` (Qwen3-Next).
+    fn zero_centered_norms(&self) -> bool {
+        false
+    }
+
+    /// The config key of the dense layers' MLP width (`intermediate_size`; Llama 4:
+    /// `intermediate_size_mlp`).
+    fn dense_intermediate_size_key(&self) -> &'static str {
+        "intermediate_size"
     }
 
     /// Multi-token-prediction layers stored after the trunk (default: none).

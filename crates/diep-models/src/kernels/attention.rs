@@ -20,6 +20,47 @@ pub fn layer_window(cfg: &AttentionConfig, layer: usize) -> Option<usize> {
     }
 }
 
+/// Which keys a query attends to, besides causality.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// Every earlier key.
+    Causal,
+    /// Keys less than `w` positions back (sliding window).
+    Sliding(usize),
+    /// Keys of the query's own block of `c` positions (Llama 4's chunked attention).
+    Chunked(usize),
+}
+
+impl Span {
+    /// The first key query `q` attends to.
+    #[inline]
+    pub fn lo(self, q: usize) -> usize {
+        match self {
+            Span::Causal => 0,
+            Span::Sliding(w) => (q + 1).saturating_sub(w),
+            Span::Chunked(c) => q / c * c,
+        }
+    }
+}
+
+impl From<Option<usize>> for Span {
+    /// A sliding window, or plain causal attention.
+    fn from(window: Option<usize>) -> Span {
+        window.map_or(Span::Causal, Span::Sliding)
+    }
+}
+
+/// What layer `layer` attends to: Llama 4's chunks on its chunked layers, else the sliding
+/// window of [`layer_window`], else every earlier key.
+pub fn layer_span(cfg: &AttentionConfig, layer: usize) -> Span {
+    if let Some(l4) = &cfg.llama4
+        && l4.chunked_layers.get(layer).copied().unwrap_or(false)
+    {
+        return Span::Chunked(l4.chunk_size);
+    }
+    layer_window(cfg, layer).into()
+}
+
 /// One step after the q/k/v projections, see [`qkv_steps`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QkvStep {
@@ -41,17 +82,17 @@ pub fn qkv_steps(qk_norm: QkNorm) -> &'static [QkvStep] {
 
 simd_dispatch! {
     /// Causal softmax over rows of `[.., t, t]` score matrices, in place: row `q` of a matrix
-    /// keeps columns `lo(q)..=q` (`lo` from the sliding `window`, `usize::MAX` for none),
+    /// keeps columns `lo(q)..=q` (`lo` from the [`Span`]: sliding window, chunk, or none),
     /// scaled by `scale > 0`, and is zero elsewhere. `first_row` is the index (mod `t`) of the
     /// first row of `s`. A `sink` logit (gpt-oss, not scaled) joins each softmax's denominator
     /// and is dropped after it, as `softmax(cat[scores, sink])[..t]`.
     ///
     /// `s` may also hold rows `first_row..` of a matrix cut to its first `t` columns (keys
     /// `0..t` for queries below `t`), which is all these rows read or write.
-    pub fn causal_softmax_rows(s: &mut [f32], t: usize, first_row: usize, scale: f32, window: usize, sink: Option<f32>) {
+    pub fn causal_softmax_rows(s: &mut [f32], t: usize, first_row: usize, scale: f32, span: Span, sink: Option<f32>) {
         for (r, row) in s.chunks_exact_mut(t).enumerate() {
             let q = (first_row + r) % t;
-            let lo = (q + 1).saturating_sub(window);
+            let lo = span.lo(q);
             let (masked_lo, rest) = row.split_at_mut(lo);
             let (live, masked_hi) = rest.split_at_mut(q + 1 - lo);
             masked_lo.fill(0.0);
@@ -73,14 +114,14 @@ simd_dispatch! {
     }
 }
 
-/// The additive causal mask `[1, 1, len, len]`: 0 where query `q` may attend key `k` (`k ≤ q`
-/// and `q − k < window`), −∞ elsewhere.
-pub fn causal_mask(len: usize, window: Option<usize>, device: &Device) -> Tensor<4> {
+/// The additive causal mask `[1, 1, len, len]`: 0 where query `q` may attend key `k`
+/// (`span.lo(q) ≤ k ≤ q`), −∞ elsewhere.
+pub fn causal_mask(len: usize, span: impl Into<Span>, device: &Device) -> Tensor<4> {
+    let span = span.into();
     let mut mask = vec![0f32; len * len];
     for q in 0..len {
         for k in 0..len {
-            let too_far = window.is_some_and(|w| q - k.min(q) >= w);
-            if k > q || too_far {
+            if k > q || k < span.lo(q) {
                 mask[q * len + k] = f32::NEG_INFINITY;
             }
         }
@@ -89,15 +130,16 @@ pub fn causal_mask(len: usize, window: Option<usize>, device: &Device) -> Tensor
 }
 
 /// `softmax(scale · scores + mask)` over the last axis of `[b, h, t, t]`, where `mask` is
-/// [`causal_mask`]`(t, window)`; with `sinks` (`[h]`, one logit per head) each row's softmax
+/// [`causal_mask`]`(t, span)`; with `sinks` (`[h]`, one logit per head) each row's softmax
 /// also counts its head's sink (see [`causal_softmax_rows`]).
 pub fn causal_softmax(
     scores: Tensor<4>,
     scale: f64,
-    window: Option<usize>,
+    span: impl Into<Span>,
     mask: &Tensor<4>,
     sinks: Option<&Tensor<1>>,
 ) -> Tensor<4> {
+    let span = span.into();
     let device = scores.device();
     if !fused_on(&device) {
         return causal_softmax_reference(scores, scale, mask, sinks);
@@ -106,14 +148,13 @@ pub fn causal_softmax(
     let [_, h, t, _] = dims;
     assert_eq!(dims[3], t, "causal_softmax: scores must be square in the last two axes");
     let mut s = into_vec(scores);
-    let window = window.unwrap_or(usize::MAX);
     let scale = scale as f32;
     match sinks {
         None => {
             let rows = rows_per_task(t);
             s.par_chunks_mut(rows * t)
                 .enumerate()
-                .for_each(|(c, chunk)| causal_softmax_rows(chunk, t, (c * rows) % t, scale, window, None));
+                .for_each(|(c, chunk)| causal_softmax_rows(chunk, t, (c * rows) % t, scale, span, None));
         }
         Some(sinks) => {
             let sinks = sinks.to_data().try_into_vec::<f32>().expect("f32 sinks");
@@ -121,7 +162,7 @@ pub fn causal_softmax(
             // One task per (sequence, head) matrix: every row of it has that head's sink.
             s.par_chunks_mut(t * t)
                 .enumerate()
-                .for_each(|(m, matrix)| causal_softmax_rows(matrix, t, 0, scale, window, Some(sinks[m % h])));
+                .for_each(|(m, matrix)| causal_softmax_rows(matrix, t, 0, scale, span, Some(sinks[m % h])));
         }
     }
     from_vec(s, dims, &device)

@@ -69,10 +69,11 @@ mod rope;
 
 pub use activation::{clamped_swiglu, clamped_swiglu_rows, sigmoid_gate, sigmoid_gate_rows, silu_mul, silu_mul_rows};
 pub use attention::{
-    QkvStep, causal_mask, causal_softmax, causal_softmax_rows, clip, clip_rows, layer_window, qkv_steps,
+    QkvStep, Span, causal_mask, causal_softmax, causal_softmax_rows, clip, clip_rows, layer_span, layer_window,
+    qkv_steps,
 };
 pub use nll::{nll_rows, token_nll};
-pub use norm::{rms_norm, rms_norm_rows};
+pub use norm::{rms_norm, rms_norm_rows, temperature_scales, unit_rms, unit_rms_row};
 pub use rope::{RopeStyle, RopeTables, head_row, latent_keys, rope_heads, rope_tables};
 
 /// The burn-op references of the tensor functions: what runs on GPUs and under autodiff, and
@@ -245,18 +246,18 @@ mod tests {
         assert!((out[1] + 1.0 / (1.0 + 2f32.exp())).abs() < 1e-6);
         // Causal rows of a 2×2 matrix: row 0 is [1, 0]; row 1 is softmax([0, ln 3]) = [1/4, 3/4].
         let mut s = [5.0, 9.0, 0.0, 3f32.ln()];
-        causal_softmax_rows(&mut s, 2, 0, 1.0, usize::MAX, None);
+        causal_softmax_rows(&mut s, 2, 0, 1.0, Span::Causal, None);
         assert_eq!(&s[..2], &[1.0, 0.0]);
         assert!((s[2] - 0.25).abs() < 1e-6 && (s[3] - 0.75).abs() < 1e-6);
         // With a sink of ln 2, row 0 [ln 2] becomes 2 / (2 + 2) and row 1 [0, ln 3] becomes
         // [1, 3] / (1 + 3 + 2).
         let mut s = [2f32.ln(), 9.0, 0.0, 3f32.ln()];
-        causal_softmax_rows(&mut s, 2, 0, 1.0, usize::MAX, Some(2f32.ln()));
+        causal_softmax_rows(&mut s, 2, 0, 1.0, Span::Causal, Some(2f32.ln()));
         assert!((s[0] - 0.5).abs() < 1e-6 && s[1] == 0.0);
         assert!((s[2] - 1.0 / 6.0).abs() < 1e-6 && (s[3] - 0.5).abs() < 1e-6);
         // A window of 1 keeps only the diagonal.
         let mut s = [1.0, 2.0, 3.0, 4.0];
-        causal_softmax_rows(&mut s, 2, 0, 1.0, 1, None);
+        causal_softmax_rows(&mut s, 2, 0, 1.0, Span::Sliding(1), None);
         assert_eq!(s, [1.0, 0.0, 0.0, 1.0]);
         // NLL of a uniform row is ln(v).
         let mut o = [0f32];

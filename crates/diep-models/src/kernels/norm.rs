@@ -54,3 +54,22 @@ pub fn rms_norm_reference<const D: usize>(x: Tensor<D>, weight: &Tensor<1>, eps:
     let inv = (ms + eps).sqrt().recip();
     x * inv * weight.clone().unsqueeze::<D>()
 }
+
+/// Llama 4's weightless qk-norm over the last axis: `x / sqrt(mean(x²) + eps)`.
+pub fn unit_rms<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
+    let ms = x.clone().powi_scalar(2).mean_dim(D - 1);
+    x / (ms + eps).sqrt()
+}
+
+/// The same on one row, in place.
+pub fn unit_rms_row(x: &mut [f32], eps: f32) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Llama 4's attention temperature of positions `0..t` on NoPE layers, in f32 as transformers:
+/// `1 + attn_scale · ln(1 + floor((p + 1) / floor_scale))`.
+pub fn temperature_scales(t: usize, floor_scale: f64, attn_scale: f64) -> Vec<f32> {
+    (0..t).map(|p| ((p as f32 + 1.0) / floor_scale as f32).floor().ln_1p() * attn_scale as f32 + 1.0).collect()
+}

@@ -53,6 +53,27 @@ fn yarn_inv_freq(theta: f64, head_dim: usize, y: &YarnConfig) -> Vec<f32> {
         .collect()
 }
 
+/// Llama 3's scaling of the inverse frequencies, in f32 as transformers'
+/// `_compute_llama3_parameters`: wavelengths `2π / f` above `orig / low` are divided by `factor`,
+/// those below `orig / high` kept, and the ones between blended with
+/// `s = (orig / wavelen − low) / (high − low)`: `(1 − s)·f / factor + s·f`.
+fn llama3_inv_freq(inv: Vec<f32>, factor: f32, low: f32, high: f32, orig: f32) -> Vec<f32> {
+    let (low_wavelen, high_wavelen) = (orig / low, orig / high);
+    inv.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f32::consts::PI / f;
+            let scaled = if wavelen > low_wavelen { f / factor } else { f };
+            // (Equal factors, as in Llama 4 Scout, leave no band to blend.)
+            if wavelen < high_wavelen || wavelen > low_wavelen || high <= low {
+                scaled
+            } else {
+                let s = (orig / wavelen - low) / (high - low);
+                (1.0 - s) * scaled / factor + s * scaled
+            }
+        })
+        .collect()
+}
+
 /// cos/sin tables `[len, head_dim]` (row-major) for positions `0..len`, computed in f32 the
 /// way transformers does: `freqs = pos · inv_freq`, `emb = [freqs, freqs]`. Yarn also
 /// multiplies cos and sin by its attention factor; linear scaling divides the positions by its
@@ -60,6 +81,16 @@ fn yarn_inv_freq(theta: f64, head_dim: usize, y: &YarnConfig) -> Vec<f32> {
 pub fn rope_tables(theta: f64, head_dim: usize, scaling: &RopeScaling, len: usize) -> (Vec<f32>, Vec<f32>) {
     let (inv, attention_factor) = match scaling {
         RopeScaling::None | RopeScaling::Linear { .. } => (inv_freq(theta, head_dim), None),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => (
+            llama3_inv_freq(
+                inv_freq(theta, head_dim),
+                *factor as f32,
+                *low_freq_factor as f32,
+                *high_freq_factor as f32,
+                *original_max_position_embeddings as f32,
+            ),
+            None,
+        ),
         RopeScaling::Yarn(y) => (yarn_inv_freq(theta, head_dim, y), Some(y.attention_factor() as f32)),
     };
     let position = |p: usize| match scaling {
