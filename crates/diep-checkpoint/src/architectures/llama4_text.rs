@@ -186,7 +186,7 @@ impl ArchSpec for Spec {
         };
         let temperature_tuning = if tuning {
             let floor_scale = f.opt_f64("floor_scale")?.unwrap_or(8192.0);
-            if !(floor_scale > 0.0) {
+            if floor_scale.is_nan() || floor_scale <= 0.0 {
                 return Err(f.invalid("floor_scale", format!("{floor_scale} must be positive")));
             }
             Some((floor_scale, f.opt_f64("attn_scale")?.unwrap_or(0.1)))
