@@ -8,8 +8,8 @@ saved by transformers 4.x, transformers 4.57.1 installed with
 ``pip install --target /opt/tf4 transformers==4.57.1`` (``--tf4-path``; ``--no-tf4`` skips them).
 
 What it checks: for every supported ``model_type`` (mixtral, qwen2_moe, qwen3_moe, olmoe,
-deepseek_v3, deepseek_v2, gpt_oss, glm4_moe, minimax_m2, ernie4_5_moe; ``--model-types`` picks
-some) it builds ``--count`` tiny random checkpoints in a fresh temporary directory, with configs
+deepseek_v3, deepseek_v2, gpt_oss, glm4_moe, minimax_m2, ernie4_5_moe, llama4_text, llama4, qwen3_next;
+``--model-types`` picks some) it builds ``--count`` tiny random checkpoints in a fresh temporary directory, with configs
 and weights drawn from ``--seed`` (default: time-based; printed, so any failure can be
 reproduced with ``--seed N``). The draws vary hidden size,
 layers, experts, top-k, GQA ratio, explicit head_dim (qwen3_moe always, mixtral sometimes),
@@ -48,6 +48,32 @@ moe_layer_interval 1-2, moe_layer_end_index a layer or omitted: then config.json
 resolved last layer), use_bias (every bias 0.5 randn, lm_head.bias included), tied embeddings, sometimes a
 moe_norm_min floor (0.2-0.8) and a moe_statics.e_score_correction_bias of shape [1, E].
 
+llama4_text / llama4 / qwen3_next are 5.x-only as well. llama4_text (Llama4ForCausalLM) draws GQA with an explicit
+head_dim (the config default is 128), 2-6 layers, num_local_experts 4-16, top-k 1-2, the MoE layers as
+interleave_moe_layer_step 1-2 or an explicit moe_layers list, intermediate_size (routed and shared expert width) and
+intermediate_size_mlp (dense layers), no_rope_layers (a 0/1 list with both kinds, 1 = the layer uses RoPE, or empty:
+transformers' every-4th-layer NoPE default), attention_chunk_size shorter than the sequences (or null: no chunking),
+use_qk_norm, attn_temperature_tuning with floor_scale 2-8 (so it acts on short sequences) and attn_scale 0.05-0.3,
+attention_bias (q/k/v/o biases 0.5 randn), tied embeddings and default RoPE or llama3 scaling (factor 2-16,
+low_freq_factor 1, high_freq_factor 1-4, equal allowed, original_max_position_embeddings 16-64, theta 1e2-1e5, so
+frequencies change). config.json sometimes has the resolved layer_types, moe_layers (step draws) or the default
+no_rope_layers deleted, as released configs may. llama4 (Llama4ForConditionalGeneration) wraps such a text_config
+with a tiny vision tower (hidden 32, 1 layer, 28x28 images in 14x14 patches, projector dims = the text hidden size;
+its LayerNorms and biases random) and boi / eoi / image_token_index on the last three ids, which the random ids
+avoid; its reference is the text-only loss of the wrapper (input_ids, no pixel_values), computed with the
+parity fixtures' llama4_output_fix (transformers 5.24's wrapper forward raises AttributeError on image_outputs) and
+checked equal to the AutoModelForCausalLM (Llama4ForCausalLM) load of the same directory. qwen3_next
+(Qwen3NextForCausalLM) draws hidden, 2-6 layers mixing linear_attention (Gated DeltaNet) and full_attention as
+layer_types or full_attention_interval (config.json then sometimes has the released key instead of layer_types), GQA
+with an explicit head_dim (default 256), partial_rotary_factor 0.25-1.0 with an even rotary width (or left to the
+0.25 default, sometimes deleted from config.json), linear_num_key_heads 1-4, linear_num_value_heads 1-3x that,
+linear key / value head dims, linear_conv_kernel_dim 2-4, num_experts 4-16, top-k, norm_topk_prob,
+moe_intermediate_size, shared_expert_intermediate_size (0 sometimes), decoder_sparse_step / mlp_only_layers,
+attention_bias; A_log (-1 + 0.5 randn), dt_bias (0.5 randn), conv1d weights (0.5 randn), the gated norm weight
+(1 + 0.3 randn) and the zero-centred RMSNorm weights (0.3 randn) are random. The printed line reports the loss moved
+by switching off chunking, temperature tuning and llama3 scaling (llama4_text / llama4) or by the DeltaNet conv made
+the identity and the shared-expert gate zeroed (qwen3_next).
+
 Each checkpoint is written by ``save_pretrained`` in one of f32 / bf16 / f16, as one file or
 sharded (small ``max_shard_size``), and by transformers 5.x or 4.57.1 (a subprocess with
 ``PYTHONPATH=<tf4-path>``, so config.json has the 4.x key style). The reference is
@@ -68,6 +94,7 @@ non-zero if any checkpoint fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -87,6 +114,9 @@ import torch
 torch.set_num_threads(2)
 # n_shared_experts = 0 gives deepseek a zero-width shared-expert MLP, which torch warns about.
 warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+# llama4: model.to(save dtype) casts every buffer, the vision tower's complex RoPE table (freqs_ci: not saved, rebuilt on
+# load and unused by the text-only reference) included, which torch warns about.
+warnings.filterwarnings("ignore", message="Casting complex values to real discards the imaginary part")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import transformers  # noqa: E402
@@ -96,9 +126,10 @@ transformers.utils.logging.disable_progress_bar()
 TF_MAJOR = int(transformers.__version__.split(".")[0])
 TF4_VERSION = "4.57.1"
 MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "gpt_oss",
-               "glm4_moe", "minimax_m2", "ernie4_5_moe")
+               "glm4_moe", "minimax_m2", "ernie4_5_moe", "llama4_text", "llama4", "qwen3_next")
 # Drawn in the 5.x config style (rope_parameters) and saved by transformers 5.x only.
-TF5_ONLY = ("deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "minimax_m2", "ernie4_5_moe")
+TF5_ONLY = ("deepseek_v3", "deepseek_v2", "gpt_oss", "glm4_moe", "minimax_m2", "ernie4_5_moe", "llama4_text", "llama4",
+            "qwen3_next")
 DTYPES = ("float32", "bfloat16", "float16")
 # gpt_oss checkpoints are bf16 (or f32): an f16 save plan is saved as bf16 instead.
 NO_F16 = ("gpt_oss",)
@@ -111,6 +142,17 @@ E_BIAS_STD = 0.25  # deepseek_v3 e_score_correction_bias (init: zeros; the sigmo
 # (scripts/gen_parity_fixtures.py): sigmoid scores for glm4_moe / minimax_m2; ernie4_5_moe adds its bias to
 # softmax probabilities over all experts (~1/E each), so a smaller bias changes some, not all, selections.
 E_BIAS_STD_BY_TYPE = {"deepseek_v3": E_BIAS_STD, "glm4_moe": E_BIAS_STD, "minimax_m2": 0.2, "ernie4_5_moe": 0.05}
+# qwen3_next's Gated DeltaNet, as the parity fixtures (scripts/gen_parity_fixtures.py): A_log = -1 + 0.5 randn
+# (exp(g) keeps some memory), dt_bias 0.5 randn (1 at init), conv1d.weight 0.5 randn (SiLU after it far from linear).
+QWEN3_NEXT_A_LOG = (-1.0, 0.5)
+QWEN3_NEXT_DT_BIAS_STD = 0.5
+QWEN3_NEXT_CONV_STD = 0.5
+# The multimodal llama4 wrapper's vision tower (unused by the text-only reference), as the parity fixtures' tiny-llama4:
+# 28x28 images, 2x2 patches of 14 (+ a class token), pixel_shuffle_ratio 0.5 -> 1 image token per image. The
+# projector dims are set to the drawn text hidden size.
+LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=28,
+                     patch_size=14, pixel_shuffle_ratio=0.5, initializer_range=0.2,
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0))
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -140,6 +182,12 @@ def draw_config(rng: random.Random, model_type: str, seq_len: int, tf4: bool) ->
         return draw_minimax_m2_config(rng)
     if model_type == "ernie4_5_moe":
         return draw_ernie4_5_moe_config(rng)
+    if model_type == "llama4_text":
+        return draw_llama4_text_config(rng, seq_len)
+    if model_type == "llama4":
+        return draw_llama4_config(rng, seq_len)
+    if model_type == "qwen3_next":
+        return draw_qwen3_next_config(rng)
     # Attention shape: kv heads x GQA ratio, head width, hidden size in 32..96.
     while True:
         n_kv = rng.choice([1, 2, 4])
@@ -526,13 +574,175 @@ def draw_ernie4_5_moe_config(rng: random.Random) -> dict:
     return c
 
 
+def draw_llama4_text_config(rng: random.Random, seq_len: int) -> dict:
+    """Llama 4 text model (llama4_text): GQA with an explicit head_dim, RoPE (interleaved pairs, default or llama3
+    scaling) + weightless L2 q/k norm + chunked attention on the RoPE layers, NoPE layers with attention temperature
+    tuning, MoE layers (interleave_moe_layer_step or a moe_layers list) with sigmoid-of-logit weights on the expert
+    input and an always-on shared expert, dense layers of intermediate_size_mlp, 5.x style."""
+    n_heads, n_kv = draw_gqa(rng)
+    n_layers = rng.randint(2, 6)
+    n_experts = rng.randint(4, 16)
+    c = dict(
+        vocab_size=rng.randint(160, 512),
+        hidden_size=rng.randrange(32, 97, 8),
+        head_dim=rng.choice([8, 12, 16, 20, 24, 32]),  # always explicit (the config default is 128); even (RoPE pairs)
+        intermediate_size=rng.randrange(8, 65, 8),  # routed and shared expert width
+        intermediate_size_mlp=rng.randrange(16, 129, 8),  # dense layers
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        num_local_experts=n_experts,
+        num_experts_per_tok=rng.randint(1, 2),
+    )
+    if rng.random() < 0.3:
+        while True:
+            moe = [i for i in range(n_layers) if rng.random() < 0.5]
+            if moe:
+                break
+        c["moe_layers"] = moe
+    else:
+        c["interleave_moe_layer_step"] = rng.randint(1, 2)  # transformers derives moe_layers (step-1, 2*step-1, ...)
+    if rng.random() < 0.3:
+        c["no_rope_layers"] = []  # empty: transformers' default, every 4th layer NoPE (no_rope_layer_interval)
+    else:
+        while True:  # transformers' convention: 1 = the layer USES RoPE; both kinds present
+            nrl = [int(rng.random() < 0.6) for _ in range(n_layers)]
+            if len(set(nrl)) == 2:
+                break
+        c["no_rope_layers"] = nrl
+    # chunked attention on the RoPE layers, chunks shorter than the sequences; null: every layer full causal
+    c["attention_chunk_size"] = None if rng.random() < 0.25 else rng.randint(2, seq_len - 2)
+    c.update(
+        use_qk_norm=rng.random() < 0.6,
+        attn_temperature_tuning=rng.random() < 0.7,
+        floor_scale=rng.randint(2, 8),  # default 8192: the temperature would be 1 at every short-sequence position
+        attn_scale=sig(rng.uniform(0.05, 0.3), 2),
+        attention_bias=rng.random() < 0.35,
+    )
+    tail = common_tail(rng)
+    if rng.random() < 0.6:
+        # llama3 scaling with a small original context: low-frequency dims divided by factor, some smoothed
+        original = rng.choice([16, 32, 64])
+        factor = float(rng.choice([2, 4, 8, 16]))
+        rope = {"rope_type": "llama3", "rope_theta": sig(10 ** rng.uniform(2.0, 5.0)), "factor": factor,
+                "low_freq_factor": 1.0, "high_freq_factor": float(rng.choice([1, 2, 4])),
+                "original_max_position_embeddings": original}
+        tail["max_position_embeddings"] = int(original * factor)
+    else:
+        rope = {"rope_type": "default", "rope_theta": sig(10 ** rng.uniform(2.0, 6.5))}
+    c["rope_parameters"] = rope
+    c.update(tail)
+    return c
+
+
+def draw_llama4_config(rng: random.Random, seq_len: int) -> dict:
+    """The multimodal Llama 4 wrapper (llama4, Llama4ForConditionalGeneration): a drawn llama4_text text_config, a
+    tiny vision tower (projector dims = the text hidden size) and the image special tokens on the last three ids."""
+    text = draw_llama4_text_config(rng, seq_len)
+    hidden, vocab = text["hidden_size"], text["vocab_size"]
+    vision = dict(LLAMA4_VISION, rope_parameters=dict(LLAMA4_VISION["rope_parameters"]),
+                  projector_input_dim=hidden, projector_output_dim=hidden, vision_output_dim=hidden)
+    return dict(text_config=text, vision_config=vision, boi_token_index=vocab - 3, eoi_token_index=vocab - 2,
+                image_token_index=vocab - 1, tie_word_embeddings=text["tie_word_embeddings"])
+
+
+def draw_qwen3_next_config(rng: random.Random) -> dict:
+    """Qwen3-Next (qwen3_next): Gated DeltaNet (linear_attention) and gated full-attention layers (layer_types or
+    full_attention_interval), per-head zero-centred q/k norm, partial RoPE, Qwen2-MoE-style MoE with a sigmoid-gated
+    shared expert (width 0 sometimes), decoder_sparse_step / mlp_only_layers, 5.x style."""
+    n_heads, n_kv = draw_gqa(rng)
+    head_dim = rng.choice([8, 12, 16, 20, 24, 32])  # always explicit (the config default is 256)
+    # transformers rotates int(head_dim * partial_rotary_factor) dims (rotate-half): keep it even
+    factors = [f for f in (0.25, 0.5, 0.75, 1.0) if (head_dim * f).is_integer() and int(head_dim * f) % 2 == 0]
+    n_layers = rng.randint(2, 6)
+    interval, layer_types = None, None
+    if rng.random() < 0.5:
+        interval = rng.randint(2, n_layers)  # layers interval-1, 2*interval-1, ... full; the rest linear
+    else:
+        while True:
+            layer_types = [rng.choice(["linear_attention", "full_attention"]) for _ in range(n_layers)]
+            if len(set(layer_types)) == 2:
+                break
+    n_experts = rng.randint(4, 16)
+    step, mlp_only = 1, []
+    if rng.random() < 0.4:
+        step = rng.choice([1, 2, 3])
+        while True:
+            mlp_only = sorted(i for i in range(n_layers) if rng.random() < 0.25)
+            if [i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0]:
+                break
+            step = 1
+    n_k = rng.randint(1, 4)
+    rope = {"rope_type": "default", "rope_theta": sig(10 ** rng.uniform(2.0, 6.5))}
+    if 0.25 not in factors or rng.random() < 0.75:
+        rope["partial_rotary_factor"] = rng.choice(factors)
+    # else: left out, and Qwen3NextConfig writes its default (0.25) into rope_parameters
+    c = dict(
+        vocab_size=rng.randint(160, 512),
+        hidden_size=rng.randrange(32, 97, 8),
+        head_dim=head_dim,
+        intermediate_size=rng.randrange(16, 129, 8),  # dense layers
+        moe_intermediate_size=rng.randrange(8, 65, 8),
+        shared_expert_intermediate_size=0 if rng.random() < 0.2 else rng.randrange(8, 129, 8),
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        num_experts=n_experts,
+        num_experts_per_tok=rng.randint(1, min(4, n_experts)),
+        norm_topk_prob=rng.random() < 0.6,
+        decoder_sparse_step=step,
+        mlp_only_layers=mlp_only,
+        linear_num_key_heads=n_k,
+        linear_num_value_heads=n_k * rng.choice([1, 2, 3]),
+        linear_key_head_dim=rng.choice([8, 12, 16, 24, 32]),
+        linear_value_head_dim=rng.choice([8, 12, 16, 24]),
+        linear_conv_kernel_dim=rng.randint(2, 4),
+        attention_bias=rng.random() < 0.3,
+        rope_parameters=rope,
+        **common_tail(rng),
+    )
+    if interval is not None:
+        c["full_attention_interval"] = interval
+    else:
+        c["layer_types"] = layer_types
+    return c
+
+
+def draw_llama4_text_edits(rng: random.Random, text: dict, prefix: str) -> dict:
+    """config.json keys transformers resolves on save that released Llama 4 configs may lack: the derived
+    layer_types, moe_layers (from interleave_moe_layer_step) and the default no_rope_layers (drawn empty)."""
+    edits = {}
+    if rng.random() < 0.4:
+        edits[prefix + "layer_types"] = None
+    if "moe_layers" not in text and rng.random() < 0.5:
+        edits[prefix + "moe_layers"] = None
+    if text.get("no_rope_layers") == [] and rng.random() < 0.5:
+        edits[prefix + "no_rope_layers"] = None
+    return edits
+
+
 def draw_config_json_edits(rng: random.Random, model_type: str, config: dict) -> dict:
     """Keys to rewrite in the saved config.json (None: delete), applied before the reference reloads it.
 
     Ernie4_5_MoeConfig resolves an omitted (or -1) moe_layer_end_index to the last layer and saves the
-    resolved index; when the draw omits it, config.json gets it deleted or -1 (or keeps the resolved index)."""
+    resolved index; when the draw omits it, config.json gets it deleted or -1 (or keeps the resolved index).
+    llama4_text / llama4 (keys under text_config): the resolved layer_types, moe_layers (step-drawn) and default
+    no_rope_layers (drawn empty) sometimes deleted; qwen3_next: full_attention_interval instead of layer_types, and
+    an implicit default partial_rotary_factor deleted from rope_parameters. A dotted key is a path into config.json."""
     if model_type == "ernie4_5_moe" and "moe_layer_end_index" not in config:
         return rng.choice([{"moe_layer_end_index": None}, {"moe_layer_end_index": -1}, {}])
+    if model_type == "llama4_text":
+        return draw_llama4_text_edits(rng, config, "")
+    if model_type == "llama4":
+        return draw_llama4_text_edits(rng, config["text_config"], "text_config.")
+    if model_type == "qwen3_next":
+        edits = {}
+        if "full_attention_interval" in config and rng.random() < 0.7:
+            # the released key: config.json without the derived layer_types (Qwen3-Next-80B-A3B's style)
+            edits.update({"layer_types": None, "full_attention_interval": config["full_attention_interval"]})
+        if "partial_rotary_factor" not in config["rope_parameters"] and rng.random() < 0.5:
+            edits["rope_parameters.partial_rotary_factor"] = None  # the default (0.25) left implicit
+        return edits
     return {}
 
 
@@ -583,10 +793,11 @@ def config_class(model_type: str):
                "olmoe": OlmoeConfig}
     if model_type in TF5_ONLY:
         from transformers import (DeepseekV2Config, DeepseekV3Config, Ernie4_5_MoeConfig, Glm4MoeConfig, GptOssConfig,
-                                  MiniMaxM2Config)
+                                  Llama4Config, Llama4TextConfig, MiniMaxM2Config, Qwen3NextConfig)
 
         classes.update(deepseek_v3=DeepseekV3Config, deepseek_v2=DeepseekV2Config, gpt_oss=GptOssConfig,
-                       glm4_moe=Glm4MoeConfig, minimax_m2=MiniMaxM2Config, ernie4_5_moe=Ernie4_5_MoeConfig)
+                       glm4_moe=Glm4MoeConfig, minimax_m2=MiniMaxM2Config, ernie4_5_moe=Ernie4_5_MoeConfig,
+                       llama4_text=Llama4TextConfig, llama4=Llama4Config, qwen3_next=Qwen3NextConfig)
     return classes[model_type]
 
 
@@ -597,9 +808,17 @@ def impl_kwargs() -> dict:
     return kw
 
 
+def text_config_of(spec: dict) -> dict:
+    """The drawn text-model config (the multimodal llama4 wrapper's text_config)."""
+    return spec["config"]["text_config"] if spec["model_type"] == "llama4" else spec["config"]
+
+
 def make_ids(spec: dict) -> torch.Tensor:
     g = torch.Generator().manual_seed(spec["ids_seed"])
-    return torch.randint(0, spec["config"]["vocab_size"], (spec["batch"], spec["seq_len"]), generator=g)
+    vocab = text_config_of(spec)["vocab_size"]
+    if spec["model_type"] == "llama4":
+        vocab -= 3  # the last three ids are boi / eoi / image tokens
+    return torch.randint(0, vocab, (spec["batch"], spec["seq_len"]), generator=g)
 
 
 @torch.no_grad()
@@ -609,14 +828,28 @@ def perturb(model, seed: int) -> None:
     Also what init leaves zero (or tiny) elsewhere: e_score_correction_bias -> E_BIAS_STD_BY_TYPE randn
     (deepseek_v3 / glm4_moe 0.25, minimax_m2 0.2, ernie4_5_moe 0.05), gpt_oss's expert and router biases
     -> 0.5 randn and its attention sinks -> 1.0 randn, ernie4_5_moe's (use_bias) MLP and lm_head biases
-    -> 0.5 randn.
+    -> 0.5 randn. qwen3_next: its zero-centred RMSNorms (y = norm(x) * (1 + weight), weight 0 at init) -> 0.3 randn,
+    the DeltaNet's A_log -> -1 + 0.5 randn, dt_bias -> 0.5 randn, conv1d.weight -> 0.5 randn and its gated norm's
+    (plain) weight -> 1 + 0.3 randn. llama4 (the wrapper): the vision tower's LayerNorms (weight 1 + 0.3 randn, bias
+    0.5 randn) and its other Linear biases (0.5 randn).
     """
     g = torch.Generator().manual_seed(seed + 7)
     mt = model.config.model_type
     for name, mod in model.named_modules():
         cls = type(mod).__name__
         if cls.endswith("RMSNorm"):
+            centre = 0.0 if mt == "qwen3_next" else 1.0  # qwen3_next: zero-centred, y = norm(x) * (1 + weight)
+            mod.weight.copy_(centre + NORM_STD * torch.randn(mod.weight.shape, generator=g))
+        if cls == "Qwen3NextRMSNormGated":  # the DeltaNet's gated norm: a plain weight (1 at init)
             mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
+        if cls == "Qwen3NextGatedDeltaNet":
+            mu, sd = QWEN3_NEXT_A_LOG
+            mod.A_log.copy_(mu + sd * torch.randn(mod.A_log.shape, generator=g))
+            mod.dt_bias.copy_(QWEN3_NEXT_DT_BIAS_STD * torch.randn(mod.dt_bias.shape, generator=g))
+            mod.conv1d.weight.copy_(QWEN3_NEXT_CONV_STD * torch.randn(mod.conv1d.weight.shape, generator=g))
+        if mt == "llama4" and isinstance(mod, torch.nn.LayerNorm):  # vision tower (weight 1, bias 0 at init)
+            mod.weight.copy_(1.0 + NORM_STD * torch.randn(mod.weight.shape, generator=g))
+            mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "kv_a_proj_with_mqa") \
                 and getattr(mod, "bias", None) is not None:
@@ -637,6 +870,9 @@ def perturb(model, seed: int) -> None:
         if cls == "GptOssExperts":
             mod.gate_up_proj_bias.copy_(BIAS_STD * torch.randn(mod.gate_up_proj_bias.shape, generator=g))
             mod.down_proj_bias.copy_(BIAS_STD * torch.randn(mod.down_proj_bias.shape, generator=g))
+        if mt == "llama4" and isinstance(mod, torch.nn.Linear) and mod.bias is not None \
+                and leaf not in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            mod.bias.copy_(BIAS_STD * torch.randn(mod.bias.shape, generator=g))  # vision fc1 / fc2 (0 at init)
 
 
 def shard_size(model, dtype: torch.dtype) -> str:
@@ -645,14 +881,110 @@ def shard_size(model, dtype: torch.dtype) -> str:
     return f"{max(8, nbytes // 4 // 1000)}KB"
 
 
+def model_class(model_type: str):
+    """The class that builds (from_config) / reloads (from_pretrained) the checkpoint: AutoModelForCausalLM, but the
+    multimodal llama4 wrapper's Llama4ForConditionalGeneration (an AutoModelForCausalLM load of its directory is the
+    text model alone) for llama4."""
+    from transformers import AutoModelForCausalLM
+
+    if model_type == "llama4":
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+@contextlib.contextmanager
+def llama4_output_fix():
+    """As scripts/gen_parity_fixtures.py: transformers 5.24's Llama4ForConditionalGeneration.forward ends with
+    ``Llama4CausalLMOutputWithPast(..., image_outputs=outputs.image_outputs, ...)`` where ``outputs`` is the inner
+    Llama4ForCausalLM's MoeCausalLMOutputWithPast, which has no ``image_outputs`` field, so EVERY forward raises
+    AttributeError. While this is active, MoeCausalLMOutputWithPast has a class attribute ``image_outputs = None``;
+    nothing else is touched (the forward is transformers' own)."""
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast as Out
+
+    patch = not hasattr(Out, "image_outputs")
+    if patch:
+        Out.image_outputs = None
+    try:
+        yield patch
+    finally:
+        if patch:
+            del Out.image_outputs
+
+
+@torch.no_grad()
+def new_type_effects(ref, spec: dict, ids: torch.Tensor, loss: float) -> dict:
+    """|loss - loss with one feature switched off| for llama4_text / llama4 (chunked attention -> full causal,
+    attention temperature tuning off, llama3 RoPE scaling -> plain frequencies) and qwen3_next (the DeltaNet's conv1d
+    -> identity on the current token, the shared-expert gate -> sigmoid(0) = 0.5), each restored afterwards."""
+    mt = spec["model_type"]
+    effects = {}
+
+    def delta() -> float:
+        return abs(float(ref(ids, labels=ids).loss) - loss)
+
+    if mt in ("llama4_text", "llama4"):
+        lm = ref.language_model if mt == "llama4" else ref
+        cfg = lm.model.config
+        if "chunked_attention" in cfg.layer_types:
+            saved = list(cfg.layer_types)
+            cfg.layer_types = ["full_attention"] * len(saved)
+            try:
+                effects["chunking"] = delta()
+            finally:
+                cfg.layer_types = saved
+        attns = [layer.self_attn for layer in lm.model.layers]
+        if cfg.attn_temperature_tuning and any(not a.use_rope for a in attns):
+            try:
+                for a in attns:
+                    a.attn_temperature_tuning = False
+                effects["temperature_tuning"] = delta()
+            finally:
+                for a in attns:
+                    a.attn_temperature_tuning = cfg.attn_temperature_tuning
+        rp = cfg.rope_parameters
+        if rp.get("rope_type") == "llama3" and any(a.use_rope for a in attns):
+            rot = lm.model.rotary_emb
+            saved = rot.inv_freq.clone()
+            d = cfg.head_dim
+            try:
+                rot.inv_freq.copy_(1.0 / (rp["rope_theta"] ** (torch.arange(0, d, 2).float() / d)))
+                effects["llama3_scaling"] = delta()
+            finally:
+                rot.inv_freq.copy_(saved)
+    elif mt == "qwen3_next":
+        las = [layer.linear_attn for layer in ref.model.layers if hasattr(layer, "linear_attn")]
+        if las:
+            saved = [la.conv1d.weight.detach().clone() for la in las]
+            try:
+                for la in las:
+                    la.conv1d.weight.zero_()
+                    la.conv1d.weight[..., -1] = 1.0
+                effects["deltanet_conv"] = delta()
+            finally:
+                for la, w in zip(las, saved):
+                    la.conv1d.weight.copy_(w)
+        gates = [layer.mlp.shared_expert_gate for layer in ref.model.layers if hasattr(layer.mlp, "shared_expert_gate")]
+        if gates and ref.config.shared_expert_intermediate_size > 0:
+            saved = [g.weight.detach().clone() for g in gates]
+            try:
+                for g in gates:
+                    g.weight.zero_()
+                effects["shared_expert_gate"] = delta()
+            finally:
+                for g, w in zip(gates, saved):
+                    g.weight.copy_(w)
+    return effects
+
+
 def build_save_reference(spec: dict, mdir: Path) -> dict:
     """Build the random model, save it, reload it in f32 from disk, return transformers' loss."""
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
 
     cfg = config_class(spec["model_type"])(**copy.deepcopy(spec["config"]))  # the classes edit rope_parameters
     torch.manual_seed(spec["weight_seed"])
-    model = AutoModelForCausalLM.from_config(cfg, **impl_kwargs()).float().eval()
+    model = model_class(spec["model_type"]).from_config(cfg, **impl_kwargs()).float().eval()
     perturb(model, spec["weight_seed"])
     for n, p in model.named_parameters():
         if p.numel() == 0:
@@ -670,10 +1002,15 @@ def build_save_reference(spec: dict, mdir: Path) -> dict:
         cfg_path = mdir / "config.json"
         disk_cfg = json.loads(cfg_path.read_text())
         for key, value in edits.items():
+            *path, leaf = key.split(".")  # "text_config.layer_types": a key of a nested dict
+            d = disk_cfg
+            for part in path:
+                d = d[part]
             if value is None:
-                disk_cfg.pop(key, None)
+                assert leaf in d, f"config.json has no {key} to delete"
+                d.pop(leaf)
             else:
-                disk_cfg[key] = value
+                d[leaf] = value
         cfg_path.write_text(json.dumps(disk_cfg, indent=2, sort_keys=True) + "\n")
 
     # What is on disk is what was asked for.
@@ -687,8 +1024,19 @@ def build_save_reference(spec: dict, mdir: Path) -> dict:
     assert disk_dtypes == {DISK_DTYPE[spec["dtype"]]}, disk_dtypes
 
     ids = make_ids(spec)
-    ref = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32, **impl_kwargs()).eval()
+    # transformers 5.x's Llama4ForConditionalGeneration forward needs a workaround (llama4_output_fix)
+    with llama4_output_fix() if spec["model_type"] == "llama4" else contextlib.nullcontext():
+        return reference_loss(spec, mdir, ids, len(files))
+
+
+def reference_loss(spec: dict, mdir: Path, ids: torch.Tensor, num_files: int) -> dict:
+    """transformers' loss on `ids` of the checkpoint in `mdir` (reloaded in f32) and the feature effects."""
+    from transformers import AutoModelForCausalLM
+
+    ref = model_class(spec["model_type"]).from_pretrained(mdir, dtype=torch.float32, **impl_kwargs()).eval()
     assert next(ref.parameters()).dtype == torch.float32
+    if spec["model_type"] == "llama4":
+        assert type(ref).__name__ == "Llama4ForConditionalGeneration", type(ref)
     with torch.no_grad():
         out = ref(ids, labels=ids)
     loss = float(out.loss)
@@ -746,11 +1094,24 @@ def build_save_reference(spec: dict, mdir: Path) -> dict:
                         setattr(mod, attr, saved[i])
                     if extra is not None:
                         mod.down_proj_bias.copy_(extra[i])
+    effects.update(new_type_effects(ref, spec, ids, loss))
+    if spec["model_type"] == "llama4":
+        # The text-only load of the same directory (Llama4ForCausalLM from text_config) gives the same loss.
+        # (Its load report lists the vision_model / multi_modal_projector keys as unexpected: silenced.)
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()
+        try:
+            text_only = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32, **impl_kwargs()).eval()
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
+        assert type(text_only).__name__ == "Llama4ForCausalLM", type(text_only)
+        with torch.no_grad():
+            assert float(text_only(ids, labels=ids).loss) == loss
     return {
         "loss": loss,
         "transformers_version": transformers.__version__,
         "entropy_over_log_vocab": entropy / math.log(logits.shape[-1]),
-        "num_files": len(files),
+        "num_files": num_files,
         "feature_effects": effects,
         "ids": ids.tolist(),
     }
@@ -839,8 +1200,12 @@ def run_one(spec: dict, root: Path, args) -> dict:
 
 
 def describe(spec: dict) -> str:
-    c = spec["config"]
-    parts = [f"L={c['num_hidden_layers']}", f"h={c['hidden_size']}",
+    c = text_config_of(spec)
+    parts = [] if spec["model_type"] != "llama4" else [
+        "multimodal(vision h={hidden_size} L={num_hidden_layers}, projector {projector_input_dim}; ".format(
+            **spec["config"]["vision_config"])
+        + "boi/eoi/image={boi_token_index}/{eoi_token_index}/{image_token_index}) text:".format(**spec["config"])]
+    parts += [f"L={c['num_hidden_layers']}", f"h={c['hidden_size']}",
              f"heads={c['num_attention_heads']}/{c['num_key_value_heads']}"]
     if "head_dim" in c:
         parts.append(f"head_dim={c['head_dim']}")
@@ -862,11 +1227,21 @@ def describe(spec: dict) -> str:
                        ("use_qk_norm", "qk_norm"), ("rotary_dim", "rotary_dim"),
                        ("moe_num_shared_experts", "shared_experts"), ("moe_layer_start_index", "moe_start"),
                        ("moe_layer_interval", "moe_interval"), ("moe_layer_end_index", "moe_end"),
-                       ("moe_norm_min", "norm_min"), ("use_bias", "use_bias")]:
+                       ("moe_norm_min", "norm_min"), ("use_bias", "use_bias"),
+                       # llama4_text / llama4
+                       ("intermediate_size_mlp", "dense_I"), ("interleave_moe_layer_step", "moe_step"),
+                       ("moe_layers", "moe_layers"), ("no_rope_layers", "rope_layers"),
+                       ("attention_chunk_size", "chunk"), ("attn_temperature_tuning", "temp_tuning"),
+                       ("floor_scale", "floor"), ("attn_scale", "attn_scale"),
+                       # qwen3_next
+                       ("full_attention_interval", "full_every"), ("linear_num_key_heads", "lin_k_heads"),
+                       ("linear_num_value_heads", "lin_v_heads"), ("linear_key_head_dim", "lin_dk"),
+                       ("linear_value_head_dim", "lin_dv"), ("linear_conv_kernel_dim", "conv")]:
         if key in c:
             parts.append(f"{short}={c[key]}")
     if "layer_types" in c:
-        parts.append("layers=" + "".join("S" if t == "sliding_attention" else "F" for t in c["layer_types"]))
+        short = {"sliding_attention": "S", "full_attention": "F", "linear_attention": "L", "chunked_attention": "C"}
+        parts.append("layers=" + "".join(short[t] for t in c["layer_types"]))
     parts.append(f"tie={c['tie_word_embeddings']}")
     if "rope_parameters" in c:
         rp = c["rope_parameters"]
@@ -875,6 +1250,8 @@ def describe(spec: dict) -> str:
             parts.append(f"partial_rotary={rp['partial_rotary_factor']}")
         elif spec["model_type"] == "glm4_moe":
             parts.append("partial_rotary=0.5(default)")
+        elif spec["model_type"] == "qwen3_next":
+            parts.append("partial_rotary=0.25(default)")
         if rp["rope_type"] != "default":
             parts.append("rope=" + ",".join(f"{k}={v}" for k, v in rp.items() if k != "rope_theta"))
     else:
