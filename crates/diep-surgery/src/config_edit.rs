@@ -18,6 +18,9 @@ pub const AUTO_MAP_FILE: &str = "auto_map.json";
 /// non-uniformly pruned checkpoints.
 pub const AUTO_MAP_JSON: &str = include_str!("../remote_code/auto_map.json");
 
+/// The auto class a multimodal wrapper's non-uniform output also maps to the remote code.
+pub const WRAPPER_AUTO_CLASS: &str = "AutoModelForImageTextToText";
+
 /// The `config.json` key that `auto_map` is stored under.
 pub const AUTO_MAP_KEY: &str = "auto_map";
 
@@ -105,7 +108,14 @@ pub fn pruned_config(config: &ModelConfig, plan: &PruningPlan) -> Map<String, Va
             top.shift_remove(AUTO_MAP_KEY);
         }
     } else {
-        let auto_map = remote_code_auto_map().expect("remote_code/auto_map.json is a JSON object");
+        let mut auto_map = remote_code_auto_map().expect("remote_code/auto_map.json is a JSON object");
+        // A multimodal wrapper is usually loaded with `AutoModelForImageTextToText`: the same
+        // remote class serves it (it builds the wrapper around the per-layer text model).
+        if config.wrapper.is_some()
+            && let Some(class) = auto_map.get("AutoModelForCausalLM").cloned()
+        {
+            auto_map.insert(WRAPPER_AUTO_CLASS.to_string(), class);
+        }
         let anchor = top.contains_key("architectures").then_some("architectures");
         if anchor.is_some() {
             set_key(&mut top, AUTO_MAP_KEY, Value::Object(auto_map), anchor, false);

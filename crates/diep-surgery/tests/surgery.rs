@@ -1037,6 +1037,10 @@ fn llama4_wrapper_keeps_vision_weights_and_edits_text_config() {
             }
         }
         assert_eq!(raw.contains_key(AUTO_MAP_KEY), !uniform);
+        if !uniform {
+            let map = raw[AUTO_MAP_KEY].as_object().unwrap();
+            assert_eq!(map["AutoModelForImageTextToText"], map["AutoModelForCausalLM"]);
+        }
         let (text_in, text) = (raw_in["text_config"].as_object().unwrap(), raw["text_config"].as_object().unwrap());
         let max = plan.kept_experts.values().map(Vec::len).max().unwrap();
         assert_eq!(text["num_local_experts"], max);
