@@ -27,6 +27,31 @@ impl Fields<'_> {
         self.map.get(field).filter(|v| !v.is_null())
     }
 
+    /// `layer_types`, one entry per layer, each `marked` (→ true) or `"full_attention"`
+    /// (→ false): gpt-oss's `sliding_attention`, Llama 4's `chunked_attention`, Qwen3-Next's
+    /// `linear_attention`. `None` when absent.
+    pub(crate) fn opt_layer_types(&self, num_layers: usize, marked: &str) -> Result<Option<Vec<bool>>> {
+        const FIELD: &str = "layer_types";
+        let items = match self.get(FIELD) {
+            None => return Ok(None),
+            Some(Value::Array(items)) => items,
+            Some(v) => return Err(self.invalid(FIELD, format!("expected a list, found {v}"))),
+        };
+        if items.len() != num_layers {
+            return Err(self.invalid(FIELD, format!("has {} entries for {num_layers} layers", items.len())));
+        }
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v.as_str() {
+                Some(t) if t == marked => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(self.invalid(FIELD, format!("entry {i} is {v}; expected \"{marked}\" or \"full_attention\""))),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     pub(crate) fn req_str(&self, field: &str) -> Result<String> {
         self.opt_str(field)?.ok_or_else(|| self.missing(field))
     }

@@ -1066,11 +1066,16 @@ impl DeltaNetLayer {
                 o.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp());
             }
         }
-        let l2 = |v: &[f32]| -> Vec<f32> {
-            let inv = 1.0 / (v.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt();
-            v.iter().map(|x| x * inv).collect()
-        };
+        // q and k L2-normalised (`x / sqrt(Σx² + 1e-6)`, q then scaled by 1/sqrt(dk)) once per
+        // key head and token; every value head of the group reads them.
         let q_scale = 1.0 / (dk as f32).sqrt();
+        for row in conv.chunks_exact_mut(channels) {
+            for (head, qk) in row[..2 * nk * dk].chunks_exact_mut(dk).enumerate() {
+                let inv = 1.0 / (qk.iter().map(|x| x * x).sum::<f32>() + 1e-6).sqrt();
+                let scale = if head < nk { q_scale } else { 1.0 };
+                qk.iter_mut().for_each(|x| *x = *x * inv * scale);
+            }
+        }
         let mut core = vec![0f32; n * nv * dv];
         for bi in 0..b {
             for vh in 0..nv {
@@ -1080,8 +1085,8 @@ impl DeltaNetLayer {
                 for pos in 0..t {
                     let row = bi * t + pos;
                     let m = &conv[row * channels..][..channels];
-                    let q: Vec<f32> = l2(&m[kh * dk..(kh + 1) * dk]).iter().map(|v| v * q_scale).collect();
-                    let k = l2(&m[nk * dk + kh * dk..nk * dk + (kh + 1) * dk]);
+                    let q = &m[kh * dk..(kh + 1) * dk];
+                    let k = &m[nk * dk + kh * dk..nk * dk + (kh + 1) * dk];
                     let v = &m[2 * nk * dk + vh * dv..2 * nk * dk + (vh + 1) * dv];
                     // ba per group: [b (r) | a (r)].
                     let (g, j) = (vh / r, vh % r);
@@ -1114,9 +1119,9 @@ impl DeltaNetLayer {
                 let (g, j) = (vh / r, vh % r);
                 let z = &qkvz[row * nk * group + g * group + 2 * dk + r * dv + j * dv..][..dv];
                 let o = &mut core[(row * nv + vh) * dv..][..dv];
-                let inv = 1.0 / (o.iter().map(|v| v * v).sum::<f32>() / dv as f32 + self.eps).sqrt();
+                unit_rms_row(o, self.eps);
                 for ((v, w), z) in o.iter_mut().zip(&self.norm).zip(z) {
-                    *v = *v * inv * w * (z / (1.0 + (-z).exp()));
+                    *v = *v * w * (z / (1.0 + (-z).exp()));
                 }
             }
         }

@@ -107,8 +107,7 @@ impl GatedDeltaNet {
         }
         // [b, nv, t, dv] → rows [b·t, nv, dv]
         let o = Tensor::cat(outs, 2).swap_dims(1, 2).reshape([n, nv, dv]);
-        let ms = o.clone().powi_scalar(2).mean_dim(2);
-        let normed = o / (ms + self.norm_eps).sqrt() * self.norm.clone().reshape([1, 1, dv]);
+        let normed = crate::kernels::unit_rms(o, self.norm_eps) * self.norm.clone().reshape([1, 1, dv]);
         let gated = normed * silu(z);
         self.out_proj.forward(gated.reshape([n, nv * dv]))
     }

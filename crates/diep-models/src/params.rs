@@ -100,18 +100,17 @@ fn export_swiglu(out: &mut Vec<HfTensor>, [g, u, d]: [String; 3], s: &SwiGlu) {
     if let Some(b) = &s.gate_up.bias {
         let b = host(b);
         for (name, offset) in [(&g, 0), (&u, inter)] {
-            out.push(HfTensor { name: bias_of(name), shape: vec![inter], data: b[offset..offset + inter].to_vec() });
+            out.push(HfTensor {
+                name: crate::loader::bias_name(name),
+                shape: vec![inter],
+                data: b[offset..offset + inter].to_vec(),
+            });
         }
     }
     if let Some(b) = &s.down.bias {
-        out.push(HfTensor { name: bias_of(&d), shape: vec![hidden], data: host(b) });
+        out.push(HfTensor { name: crate::loader::bias_name(&d), shape: vec![hidden], data: host(b) });
     }
     out.push(HfTensor { name: d, shape: vec![hidden, inter], data: transpose(&host(&s.down.weight), inter, hidden) });
-}
-
-/// `x.weight` → `x.bias`.
-fn bias_of(weight: &str) -> String {
-    format!("{}.bias", weight.strip_suffix(".weight").unwrap_or(weight))
 }
 
 fn export_norm(out: &mut Vec<HfTensor>, name: String, n: &RmsNorm) {

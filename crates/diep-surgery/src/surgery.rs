@@ -357,14 +357,15 @@ pub(crate) fn classify<'a>(keys: &MoeKeys, name: &'a str) -> Role<'a> {
     attached().map_or(Role::Plain, |layer| Role::Router { layer })
 }
 
-/// The number of per-expert rows of a router-module tensor of a layer with `n` experts: its
-/// first axis, or for a `[1, n]` vector (ERNIE-4.5's `moe_statics.e_score_correction_bias`) its
-/// second.
+/// The expert axis of a router-module tensor of a layer with `n` experts: its first, or for a
+/// `[1, n]` vector (ERNIE-4.5's `moe_statics.e_score_correction_bias`) its second.
+fn expert_axis(shape: &[usize], n: usize) -> usize {
+    usize::from(matches!(shape, [1, e] if *e == n && n != 1))
+}
+
+/// The number of per-expert rows of such a tensor (its length along [`expert_axis`]).
 fn expert_rows(shape: &[usize], n: usize) -> usize {
-    match shape {
-        [1, e] if *e == n => n,
-        _ => shape.first().copied().unwrap_or(0),
-    }
+    shape.get(expert_axis(shape, n)).copied().unwrap_or(0)
 }
 
 /// The MoE layers of the trunk, then the MTP layers ([`ModelConfig::mtp_layers`]).
@@ -756,11 +757,10 @@ fn output_tensors<'c>(plan: &PruningPlan, inventory: &[(TensorRef<'c>, Role<'c>)
                 None => out.push(copy(t.name.to_string())),
                 Some(kept) => {
                     let n = plan.original_experts.get(&layer).copied().unwrap_or(t.shape[0]);
-                    let rows = expert_rows(t.shape, n);
-                    let row_bytes = t.bytes.len() / rows;
-                    let mut shape = t.shape.to_vec();
                     // `[1, E]` (ERNIE-4.5's `moe_statics`) is sliced along its expert axis.
-                    let axis = usize::from(shape.len() == 2 && shape[0] == 1 && shape[1] == rows && rows != 1);
+                    let axis = expert_axis(t.shape, n);
+                    let row_bytes = t.bytes.len() / t.shape[axis];
+                    let mut shape = t.shape.to_vec();
                     shape[axis] = kept.len();
                     out.push(OutTensor {
                         name: t.name.to_string(),

@@ -18,8 +18,6 @@
 //!   that joins the softmax and is dropped after it, `layer_types` of `sliding_attention` /
 //!   `full_attention` with `sliding_window`; yarn RoPE on halves (`rotate_half`).
 
-use serde_json::Value;
-
 use super::spec::{ArchSpec, AttentionParts, Defaults, ExpertParts, RopeAllowed};
 use super::{FusedExpertKeys, MoeKeys};
 use crate::config::{ExpertActivation, RopeScaling, YarnConfig};
@@ -136,26 +134,9 @@ impl ArchSpec for Spec {
 /// alternates, starting with a sliding layer; without a `sliding_window` every layer attends
 /// fully.
 fn layer_types(f: &Fields<'_>, num_layers: usize, window: Option<usize>) -> Result<Vec<bool>> {
-    let sliding = match f.get("layer_types") {
-        None => (0..num_layers).map(|i| i % 2 == 0).collect::<Vec<_>>(),
-        Some(Value::Array(items)) => {
-            if items.len() != num_layers {
-                return Err(f.invalid("layer_types", format!("has {} entries for {num_layers} layers", items.len())));
-            }
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match v.as_str() {
-                    Some("sliding_attention") => Ok(true),
-                    Some("full_attention") => Ok(false),
-                    _ => Err(f.invalid(
-                        "layer_types",
-                        format!("entry {i} is {v}; expected \"sliding_attention\" or \"full_attention\""),
-                    )),
-                })
-                .collect::<Result<Vec<_>>>()?
-        }
-        Some(v) => return Err(f.invalid("layer_types", format!("expected a list, found {v}"))),
+    let sliding = match f.opt_layer_types(num_layers, "sliding_attention")? {
+        Some(sliding) => sliding,
+        None => (0..num_layers).map(|i| i % 2 == 0).collect(),
     };
     Ok(if window.is_some() { sliding } else { vec![false; num_layers] })
 }

@@ -150,23 +150,8 @@ impl ArchSpec for Spec {
         if chunk_size == Some(0) {
             return Err(f.invalid("attention_chunk_size", "must be positive".into()));
         }
-        let chunked_layers: Vec<bool> = match f.get("layer_types") {
-            Some(v) => {
-                let types = v.as_array().ok_or_else(|| f.invalid("layer_types", "must be a list".into()))?;
-                if types.len() != num_layers {
-                    return Err(
-                        f.invalid("layer_types", format!("has {} entries for {num_layers} layers", types.len()))
-                    );
-                }
-                types
-                    .iter()
-                    .map(|t| match t.as_str() {
-                        Some("chunked_attention") => Ok(true),
-                        Some("full_attention") => Ok(false),
-                        _ => Err(f.invalid("layer_types", format!("`{t}` is not chunked_attention or full_attention"))),
-                    })
-                    .collect::<Result<_>>()?
-            }
+        let chunked_layers = match f.opt_layer_types(num_layers, "chunked_attention")? {
+            Some(chunked) => chunked,
             None => rope_layers.iter().map(|&r| r && chunk_size.is_some()).collect(),
         };
         if chunked_layers.iter().any(|&c| c) && chunk_size.is_none() {

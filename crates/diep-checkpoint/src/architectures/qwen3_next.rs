@@ -67,23 +67,8 @@ impl ArchSpec for Spec {
     }
 
     fn linear_attention(&self, f: &Fields<'_>, num_layers: usize) -> Result<Option<LinearAttention>> {
-        let layers: Vec<bool> = match f.get("layer_types") {
-            Some(v) => {
-                let types = v.as_array().ok_or_else(|| f.invalid("layer_types", "must be a list".into()))?;
-                if types.len() != num_layers {
-                    return Err(
-                        f.invalid("layer_types", format!("has {} entries for {num_layers} layers", types.len()))
-                    );
-                }
-                types
-                    .iter()
-                    .map(|t| match t.as_str() {
-                        Some("linear_attention") => Ok(true),
-                        Some("full_attention") => Ok(false),
-                        _ => Err(f.invalid("layer_types", format!("`{t}` is not linear_attention or full_attention"))),
-                    })
-                    .collect::<Result<_>>()?
-            }
+        let layers = match f.opt_layer_types(num_layers, "linear_attention")? {
+            Some(linear) => linear,
             None => {
                 let interval = f.opt_usize("full_attention_interval")?.unwrap_or(4);
                 if interval == 0 {
