@@ -10,6 +10,8 @@ split. The output directory has the layout `cargo xtask bench-methods --model DI
     # A fine-grained model like today's releases: Qwen3-MoE, 6 layers x 32 experts, top-4.
     /opt/ref-venv/bin/python scripts/train_heldout_moe.py --arch qwen3_moe --layers 6 --experts 32 \
         --top-k 4 --expert-width 64 --out /tmp/heldout-fine --minutes 25
+    # Train on an otherwise idle machine: the step count, not the minutes, sets the quality
+    # (train-log.json records it).
 
 The code domain is Rust source from the local cargo registry (crates this workspace depends
 on). Nothing here is used by the tests; the output directory is not committed.
@@ -34,6 +36,9 @@ ap.add_argument("--top-k", type=int, default=2)
 ap.add_argument("--hidden", type=int, default=128)
 ap.add_argument("--expert-width", type=int, default=256)
 ap.add_argument("--mc-items", type=int, default=200)
+# transformers' MoE kernels: `grouped_mm` (tokens sorted by expert, one matmul per expert) trains
+# the 6 x 32 model at 0.7 s/step on 2 idle cores, `eager` at 0.95 s (both give the same loss).
+ap.add_argument("--experts-implementation", default="grouped_mm", choices=["eager", "grouped_mm"])
 args = ap.parse_args()
 torch.manual_seed(args.seed)
 random.seed(args.seed)
@@ -123,6 +128,7 @@ if args.arch == "mixtral":
                         max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5, initializer_range=0.02,
                         sliding_window=None, tie_word_embeddings=False, router_aux_loss_coef=0.02,
                         output_router_logits=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg._experts_implementation = args.experts_implementation
     model = MixtralForCausalLM(cfg)
 else:
     cfg = Qwen3MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
@@ -133,6 +139,7 @@ else:
                          rope_theta=10000.0, rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False,
                          router_aux_loss_coef=0.01, output_router_logits=True, bos_token_id=0, eos_token_id=0,
                          pad_token_id=0)
+    cfg._experts_implementation = args.experts_implementation
     model = Qwen3MoeForCausalLM(cfg)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95))
 start, step, log = time.time(), 0, []

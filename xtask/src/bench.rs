@@ -48,7 +48,8 @@ pub struct BenchArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
-    /// Also run DiEP's relaxation ablations (`paper` and `routed`, global allocation).
+    /// Also run DiEP's ablations: the `paper` and `routed` relaxations (global allocation), and
+    /// the paper's α = 0 start instead of the warm start (both allocations).
     #[arg(long)]
     ablations: bool,
     /// Comma-separated calibration seeds: every configuration is pruned once per seed, and the
@@ -80,6 +81,8 @@ struct RunSpec {
     seed: u64,
     /// `--refine 1 --refine-width 2` after the method.
     refine: bool,
+    /// DiEP with `--alpha-init zero` (the paper's start) instead of the default warm start.
+    zero_init: bool,
 }
 
 impl RunSpec {
@@ -87,12 +90,14 @@ impl RunSpec {
     fn name(&self) -> String {
         let variant = self.variant.map(|v| format!("-{v}")).unwrap_or_default();
         let refine = if self.refine { "-refine" } else { "" };
-        format!("r{}-{}{variant}-{}{refine}-s{}", self.ratio, self.method, self.allocation, self.seed)
+        let zero = if self.zero_init { "-zero" } else { "" };
+        format!("r{}-{}{variant}-{}{refine}{zero}-s{}", self.ratio, self.method, self.allocation, self.seed)
     }
 
     /// Method, variant and allocation: what a table row (and a chart bar) is about.
     fn label(&self) -> String {
-        let refine = if self.refine { " +refine" } else { "" };
+        let refine =
+            format!("{}{}", if self.refine { " +refine" } else { "" }, if self.zero_init { " α=0" } else { "" });
         match self.variant {
             Some(v) => format!("{} {v} {}{refine}", self.method, self.allocation),
             None => format!("{} {}{refine}", self.method, self.allocation),
@@ -101,7 +106,11 @@ impl RunSpec {
 
     /// DiEP's default configuration (routed-gated relaxation, global allocation).
     fn is_diep_default(&self) -> bool {
-        self.method == "diep" && self.variant == Some("routed-gated") && self.allocation == "global" && !self.refine
+        self.method == "diep"
+            && self.variant == Some("routed-gated")
+            && self.allocation == "global"
+            && !self.refine
+            && !self.zero_init
     }
 }
 
@@ -109,22 +118,28 @@ impl RunSpec {
 /// The runs of one method at one ratio, one per calibration seed (random's seed also draws its
 /// experts).
 fn expand(method: &'static str, ratio: f64, seeds: &[u64], ablations: bool) -> Vec<RunSpec> {
-    let mut configs: Vec<(Option<&'static str>, &'static str, bool)> = match method {
-        "random" | "naee" => vec![(None, "uniform", false)],
+    // (relaxation, allocation, refine, zero_init)
+    let mut configs: Vec<(Option<&'static str>, &'static str, bool, bool)> = match method {
+        "random" | "naee" => vec![(None, "uniform", false, false)],
         "diep" => vec![
-            (Some("routed-gated"), "global", false),
-            (Some("routed-gated"), "uniform", false),
-            (Some("routed-gated"), "uniform", true),
+            (Some("routed-gated"), "global", false, false),
+            (Some("routed-gated"), "uniform", false, false),
+            (Some("routed-gated"), "uniform", true, false),
         ],
-        _ => vec![(None, "uniform", false), (None, "global", false)],
+        _ => vec![(None, "uniform", false, false), (None, "global", false, false)],
     };
     if method == "diep" && ablations {
-        configs.extend([(Some("paper"), "global", false), (Some("routed"), "global", false)]);
+        configs.extend([
+            (Some("paper"), "global", false, false),
+            (Some("routed"), "global", false, false),
+            (Some("routed-gated"), "global", false, true),
+            (Some("routed-gated"), "uniform", false, true),
+        ]);
     }
     configs
         .into_iter()
-        .flat_map(|(variant, allocation, refine)| {
-            seeds.iter().map(move |&seed| RunSpec { method, variant, allocation, ratio, seed, refine })
+        .flat_map(|(variant, allocation, refine, zero_init)| {
+            seeds.iter().map(move |&seed| RunSpec { method, variant, allocation, ratio, seed, refine, zero_init })
         })
         .collect()
 }
@@ -254,6 +269,9 @@ fn bench_into(
         }
         if spec.refine {
             cmd.args(["--refine", "1", "--refine-width", "2"]);
+        }
+        if spec.zero_init {
+            cmd.args(["--alpha-init", "zero"]);
         }
         let t = Instant::now();
         let out = cmd.output().with_context(|| format!("starting {}", exe.display()))?;
@@ -465,6 +483,9 @@ fn results_json(base: &Scores, results: &[RunResult], args: &BenchArgs, model_di
             if r.spec.refine {
                 v["refine"] = "--refine 1 --refine-width 2".into();
             }
+            if r.spec.zero_init {
+                v["alpha_init"] = "zero".into();
+            }
             if let Some(variant) = r.spec.variant {
                 v["variant"] = variant.into();
             }
@@ -534,9 +555,10 @@ fn rows(results: &[RunResult], ratio: f64) -> Vec<Row> {
             distinct.dedup();
             Row {
                 variant: format!(
-                    "{}{}",
+                    "{}{}{}",
                     g[0].spec.variant.unwrap_or(""),
-                    if g[0].spec.refine { " +refine" } else { "" }
+                    if g[0].spec.refine { " +refine" } else { "" },
+                    if g[0].spec.zero_init { " α=0" } else { "" }
                 ),
                 method: g[0].spec.method.to_string(),
                 allocation: g[0].spec.allocation.to_string(),

@@ -155,13 +155,18 @@ pub struct DiepArgs {
     /// starting afresh.
     #[arg(long)]
     resume: bool,
-    /// How α starts: `zero`, or from the original model's routing on the calibration set,
-    /// `soft-activation` (mean router probability) or `frequency` (top-k selections):
-    /// α = scale · ln(share).
-    #[arg(long, default_value = "zero")]
+    /// How α starts: from the original model's experts on the calibration set, `reap` (REAP's
+    /// score: mean over routed tokens of gate × output norm), `soft-activation` (mean router
+    /// probability) or `frequency` (top-k selections), α = scale · ln(share) and, under a global
+    /// allocation, β set so the start ranks every expert as the criterion's global plan; the
+    /// start's own plan is the first candidate of the epoch selection. `auto`: each of the three
+    /// plans is scored by the calibration objective and the lowest is the start. `zero`: α = 0,
+    /// β = 1 (the paper's start).
+    #[arg(long, default_value = "auto")]
     alpha_init: diep_optim::AlphaInit,
-    /// The scale of a statistics-based α start.
-    #[arg(long, default_value_t = 1.0)]
+    /// The scale of a statistics-based α start (smaller: the optimiser moves the ranking more
+    /// easily).
+    #[arg(long, default_value_t = 0.5)]
     alpha_init_scale: f64,
     /// Which epoch's scores make the plan: `best` (every epoch's plan is scored by the kl
     /// objective with hard masks on the calibration set) or `last`.
@@ -673,9 +678,13 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
     let calibrated = Instant::now();
     print_model_line(args, config, samples.len());
     eprintln!(
-        "diep: {} relaxation, {} objective, {} epochs × {} steps (batch {}), lr {}, α:β {}, state {}",
+        "diep: {} relaxation, {} objective, α from {}, {} epochs × {} steps (batch {}), lr {}, α:β {}, state {}",
         settings.relaxation,
         settings.objective,
+        match settings.alpha_init {
+            diep_optim::AlphaInit::Zero => "zero".to_string(),
+            init => format!("{init} × {}", settings.alpha_init_scale),
+        },
         settings.epochs,
         samples.len().div_ceil(settings.batch_size),
         settings.batch_size,
@@ -703,6 +712,15 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
                 pb.set_length(steps_per_epoch as u64);
                 if epochs_done > 0 {
                     pb.println(format!("resuming after epoch {epochs_done} from {}", state_file.display()));
+                }
+            }
+            Event::WarmStart { candidates, chosen } => {
+                let all: Vec<String> = candidates.iter().map(|(k, d)| format!("{k} {d:.5}")).collect();
+                let line = format!("epoch   0/{epochs}  warm start from {chosen}  plan kl: {}", all.join(", "));
+                if pb.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    pb.println(line);
                 }
             }
             Event::Reference { done, total } => {

@@ -43,6 +43,14 @@ pub enum Event<'a> {
         /// Layers in all.
         total: usize,
     },
+    /// The statistics-based starts (`alpha_init`) were scored by the epoch selection's
+    /// objective with hard masks: the plan of each criterion the run could start from.
+    WarmStart {
+        /// Each candidate start and its `kl` on the selection's calibration sequences.
+        candidates: Vec<(AlphaInit, f64)>,
+        /// The start taken: the lowest.
+        chosen: AlphaInit,
+    },
     /// The loop is about to start (or resume).
     Started {
         /// Steps per epoch.
@@ -152,11 +160,12 @@ pub fn optimise_with<S: LayerSource>(
     let k = (settings.objective == Objective::Kl).then_some(settings.reference_top_k);
     let needs_stats = settings.alpha_init != AlphaInit::Zero;
     let (reference, shares) = if k.is_some() || needs_stats {
-        prepass(source, ids, k, stream, |done, total| on_event(Event::Reference { done, total }))?
+        let capture = matches!(settings.alpha_init, AlphaInit::Reap | AlphaInit::Auto);
+        prepass(source, ids, k, capture, stream, |done, total| on_event(Event::Reference { done, total }))?
     } else {
         (None, RoutingShares::default())
     };
-    let init = initial_alpha(settings, &shares);
+    let init = initial_alphas(settings, &shares);
     let target = match &reference {
         Some(store) => Target::Kl(store),
         None => Target::CeNorm { lambda: settings.lambda },
@@ -194,23 +203,62 @@ pub fn optimise_with<S: LayerSource>(
     run(&experts, ids, settings, resume, init, step, score_epoch, |e| (events.borrow_mut())(e))
 }
 
-/// α at the start of a run: zero, or `scale · ln(share)` of the routing shares the settings
-/// name, centred per layer.
-pub fn initial_alpha(settings: &DiepSettings, shares: &RoutingShares) -> BTreeMap<usize, Vec<f32>> {
+/// The candidate starts of a run: none for `zero`, the one the settings name, or for `auto`
+/// `reap`, `soft-activation` and `frequency` (in that order), each as [`initial_alpha`].
+pub fn initial_alphas(settings: &DiepSettings, shares: &RoutingShares) -> Vec<(AlphaInit, StartParams)> {
+    let kinds: &[AlphaInit] = match settings.alpha_init {
+        AlphaInit::Zero => &[],
+        AlphaInit::Auto => &[AlphaInit::Reap, AlphaInit::SoftActivation, AlphaInit::Frequency],
+        _ => std::slice::from_ref(&settings.alpha_init),
+    };
+    kinds
+        .iter()
+        .map(|k| (*k, initial_alpha(&DiepSettings { alpha_init: *k, ..settings.clone() }, shares)))
+        .filter(|(_, p)| !p.is_empty())
+        .collect()
+}
+
+/// `(α_l, log β_l)` per MoE layer at the start of a run.
+pub type StartParams = BTreeMap<usize, (Vec<f32>, f32)>;
+
+/// α (and `log β`) at the start of a run: zero, or from the routing statistics the settings
+/// name, `v_{l,i}` per expert: `α_{l,i} = scale·(ln(v_{l,i}/Σ_j v_{l,j} + 10⁻⁶) − mean)`, so the
+/// relaxation starts at the criterion's ranking within each layer. Under a global allocation
+/// (routed relaxations) `log β_l` is set too, so that the relaxation's keep score
+/// `s = log softmax(α) + log N + log β` is `scale·ln v` up to one constant over all layers: the
+/// starting scores rank every expert of the model as the criterion's global plan does.
+/// (`auto` is taken as `reap` here; [`initial_alphas`] gives its candidates.)
+pub fn initial_alpha(settings: &DiepSettings, shares: &RoutingShares) -> StartParams {
     let source = match settings.alpha_init {
         AlphaInit::Zero => return BTreeMap::new(),
         AlphaInit::SoftActivation => &shares.soft,
         AlphaInit::Frequency => &shares.selected,
+        AlphaInit::Reap | AlphaInit::Auto => &shares.reap,
     };
-    source
-        .iter()
-        .map(|(l, v)| {
-            let total: f64 = v.iter().sum::<f64>().max(f64::MIN_POSITIVE);
-            let logs: Vec<f64> = v.iter().map(|x| (x / total + 1e-6).ln()).collect();
-            let mean = logs.iter().sum::<f64>() / logs.len().max(1) as f64;
-            (*l, logs.iter().map(|x| (settings.alpha_init_scale * (x - mean)) as f32).collect())
-        })
-        .collect()
+    let scale = settings.alpha_init_scale;
+    let mut out: BTreeMap<usize, (Vec<f32>, f32)> = BTreeMap::new();
+    // Per layer: the offset that the keep score needs from log β (before centring).
+    let mut offsets = BTreeMap::new();
+    for (l, v) in source {
+        let total: f64 = v.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+        let logs: Vec<f64> = v.iter().map(|x| (x / total + 1e-6).ln()).collect();
+        let mean = logs.iter().sum::<f64>() / logs.len().max(1) as f64;
+        let alpha: Vec<f64> = logs.iter().map(|x| scale * (x - mean)).collect();
+        // s_i = α_i − LSE(α) + ln N + log β must equal scale·ln(v_i/total + ε) + scale·ln total − c:
+        // log β = scale·(mean + ln total) + LSE(α) − ln N − c.
+        let max = alpha.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + alpha.iter().map(|a| (a - max).exp()).sum::<f64>().ln();
+        offsets.insert(*l, scale * (mean + total.ln()) + lse - (v.len() as f64).ln());
+        out.insert(*l, (alpha.iter().map(|a| *a as f32).collect(), 0.0));
+    }
+    let global = settings.allocation == diep_plan::Allocation::Global && settings.relaxation != RelaxationKind::Paper;
+    if global && !offsets.is_empty() {
+        let c = offsets.values().sum::<f64>() / offsets.len() as f64;
+        for (l, (_, log_beta)) in out.iter_mut() {
+            *log_beta = (offsets[l] - c) as f32;
+        }
+    }
+    out
 }
 
 /// Optimises α and β with the `layer-wise` objective: each MoE block's relaxed output is
@@ -270,7 +318,7 @@ pub fn optimise_layer_wise<S: LayerSource>(
         Ok(Loss::new(total.clone(), None, total))
     };
     let step = |input: &StepInput<'_>| autodiff_step(input, settings, &budget, &device, &loss_fn);
-    run(&experts, ids, settings, resume, BTreeMap::new(), step, |_| Ok(None), on_event)
+    run(&experts, ids, settings, resume, Vec::new(), step, |_| Ok(None), on_event)
 }
 
 /// A step's objective and its parts, as a tracked tensor.
@@ -612,7 +660,7 @@ impl<'a, S: LayerSource> Stepper<'a, S> {
         check_lengths(ids)?;
         let k = (settings.objective == Objective::Kl).then_some(settings.reference_top_k);
         let store = match k {
-            Some(_) => prepass(source, ids, k, stream, |_, _| Ok(()))?.0,
+            Some(_) => prepass(source, ids, k, false, stream, |_, _| Ok(()))?.0,
             None => None,
         };
         Ok(Stepper {
@@ -660,7 +708,7 @@ fn run(
     ids: &[Vec<u32>],
     settings: &DiepSettings,
     resume: Option<DiepState>,
-    init: BTreeMap<usize, Vec<f32>>,
+    inits: Vec<(AlphaInit, StartParams)>,
     mut step_fn: impl FnMut(&StepInput<'_>) -> Result<StepGrads>,
     mut score_epoch: impl FnMut(&DiepState) -> Result<Option<f64>>,
     mut on_event: impl FnMut(Event<'_>) -> Result<()>,
@@ -668,20 +716,52 @@ fn run(
     if experts.is_empty() {
         return Err(OptimError::Config("the model has no MoE layer".into()));
     }
-    let mut fresh = DiepState::new(settings.clone(), fingerprint(ids), experts);
-    for (l, alpha) in init {
-        if let Some(layer) = fresh.layers.get_mut(&l)
-            && layer.alpha.len() == alpha.len()
-        {
-            layer.alpha = alpha;
+    let blank = DiepState::new(settings.clone(), fingerprint(ids), experts);
+    let start = |init: &StartParams| {
+        let mut st = blank.clone();
+        for (l, (alpha, log_beta)) in init {
+            if let Some(layer) = st.layers.get_mut(l)
+                && layer.alpha.len() == alpha.len()
+            {
+                layer.alpha = alpha.clone();
+                layer.log_beta = *log_beta;
+            }
         }
-    }
+        st
+    };
     let mut state = match resume {
         Some(saved) => {
-            fresh.check_resumable(&saved)?;
+            blank.check_resumable(&saved)?;
             saved
         }
-        None => fresh,
+        None => {
+            // Each candidate start's own plan is scored; the lowest is the start, and its plan
+            // the first candidate of the epoch selection ("epoch 0"): training must beat it to
+            // replace it. Unscored (no selection objective), the first candidate is the start.
+            let mut scored: Vec<(AlphaInit, f64, DiepState)> = Vec::new();
+            let mut fresh = inits.first().map_or_else(|| blank.clone(), |(_, p)| start(p));
+            for (kind, params) in &inits {
+                let st = start(params);
+                match score_epoch(&st)? {
+                    Some(d) => scored.push((*kind, d, st)),
+                    None => break,
+                }
+            }
+            if let Some(best) = scored.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+                let (chosen, d, st) = best.clone();
+                fresh = st;
+                fresh.warm_start = Some(chosen);
+                fresh.best = Some(crate::state::BestEpoch {
+                    epoch: 0,
+                    discrete: d,
+                    params: fresh.layers.iter().map(|(l, s)| (*l, (s.alpha.clone(), s.log_beta))).collect(),
+                });
+                on_event(Event::WarmStart { candidates: scored.iter().map(|(k, d, _)| (*k, *d)).collect(), chosen })?;
+            } else if let Some((kind, _)) = inits.first() {
+                fresh.warm_start = Some(*kind);
+            }
+            fresh
+        }
     };
     let steps_per_epoch = ids.len().div_ceil(settings.batch_size);
     let total = steps_per_epoch * settings.epochs;

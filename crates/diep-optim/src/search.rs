@@ -130,7 +130,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
             return Err(OptimError::Config("the search needs calibration sequences of one length ≥ 2".into()));
         }
         let stream = StreamOptions { micro_batch: opts.micro_batch, ..Default::default() };
-        let (store, _) = prepass(source, ids, Some(opts.reference_top_k), &stream, |_, _| Ok(()))?;
+        let (store, _) = prepass(source, ids, Some(opts.reference_top_k), false, &stream, |_, _| Ok(()))?;
         Self::with_reference(source, ids, Cow::Owned(store.expect("a reference was asked for")), kept, opts)
     }
 

@@ -1,7 +1,11 @@
 //! What the optimiser runs with. Defaults follow the paper (cosine schedule, 10 epochs,
-//! batch 16, α:β = 3:1, λ = 0.01) except for two measured departures: the objective is `kl`
+//! batch 16, α:β = 3:1, λ = 0.01) except for three measured departures: the objective is `kl`
 //! (the paper's is `ce-norm`) and the peak learning rate 0.02 (the paper's 5e-3), which on the
-//! trained fixture raise retention at 50% pruning from 0.458 to 0.652 (docs/RESULTS.md).
+//! trained fixture raise retention at 50% pruning from 0.458 to 0.652; and α (and, under a
+//! global allocation, β) starts at half the log of a routing statistic instead of 0 — REAP's
+//! score, the router probability or the selection count, whichever plan has the lowest
+//! calibration objective — with that start's own plan the first candidate of the epoch selection
+//! (docs/METHOD.md, docs/RESULTS.md).
 //! [`DiepSettings::paper`] gives the paper's settings.
 
 use std::fmt;
@@ -95,6 +99,13 @@ named_enum!(
         SoftActivation => "soft-activation",
         /// The same with the share of top-k selections (frequency).
         Frequency => "frequency",
+        /// The same with REAP's score (mean over routed tokens of `g_j(x)·‖E_j(x)‖₂`), measured
+        /// in the same pass with expert outputs captured.
+        Reap => "reap",
+        /// Each of `reap`, `soft-activation` and `frequency` is scored by the epoch selection's
+        /// objective (the plan it starts at, with hard masks), and the run starts from the
+        /// lowest. Without that objective (`ce-norm`, `--select-epoch last`): `reap`.
+        Auto => "auto",
     }
 );
 
@@ -151,7 +162,9 @@ pub struct DiepSettings {
     /// will be cut.
     #[serde(default = "default_allocation")]
     pub allocation: Allocation,
-    /// How α starts.
+    /// How α starts (and, under a global allocation, β; see
+    /// [`crate::optimise::initial_alpha`]). A statistics-based start's own plan is scored as
+    /// "epoch 0" of the epoch selection. The `layer-wise` objective always starts at α = 0.
     #[serde(default = "default_alpha_init")]
     pub alpha_init: AlphaInit,
     /// The scale of a statistics-based α start.
@@ -174,12 +187,13 @@ fn default_select_epoch() -> bool {
     DiepSettings::default().select_epoch
 }
 
+/// States saved before `alpha_init` existed started at α = 0.
 fn default_alpha_init() -> AlphaInit {
-    DiepSettings::default().alpha_init
+    AlphaInit::Zero
 }
 
 fn default_alpha_init_scale() -> f64 {
-    DiepSettings::default().alpha_init_scale
+    1.0
 }
 
 fn default_allocation() -> Allocation {
@@ -209,8 +223,8 @@ impl Default for DiepSettings {
             seed: 0,
             reference_top_k: 64,
             allocation: Allocation::Global,
-            alpha_init: AlphaInit::Zero,
-            alpha_init_scale: 1.0,
+            alpha_init: AlphaInit::Auto,
+            alpha_init_scale: 0.5,
             min_experts: 0,
             select_epoch: true,
             select_samples: 0,
@@ -219,10 +233,16 @@ impl Default for DiepSettings {
 }
 
 impl DiepSettings {
-    /// The paper's settings: the `ce-norm` objective and peak learning rate 5e-3 (the rest as
-    /// [`Default`]).
+    /// The paper's settings: the `ce-norm` objective, peak learning rate 5e-3 and α = 0 at the
+    /// start (the rest as [`Default`]).
     pub fn paper() -> Self {
-        DiepSettings { objective: Objective::CeNorm, lr: 5e-3, ..Default::default() }
+        DiepSettings {
+            objective: Objective::CeNorm,
+            lr: 5e-3,
+            alpha_init: AlphaInit::Zero,
+            alpha_init_scale: 1.0,
+            ..Default::default()
+        }
     }
 
     /// Checks ranges; the message names the offending setting.

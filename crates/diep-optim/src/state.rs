@@ -125,7 +125,7 @@ pub struct EpochRecord {
 /// The epoch whose discretised plan scored best on the calibration objective, and its α/β.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BestEpoch {
-    /// 1-based epoch.
+    /// 1-based epoch; 0 for a statistics-based start that no epoch improved on.
     pub epoch: usize,
     /// Its plan's calibration objective.
     pub discrete: f64,
@@ -154,6 +154,9 @@ pub struct DiepState {
     /// ([`crate::DiepSettings::select_epoch`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best: Option<BestEpoch>,
+    /// The statistic α started from (`None`: α = 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_start: Option<crate::settings::AlphaInit>,
 }
 
 impl DiepState {
@@ -168,6 +171,7 @@ impl DiepState {
             layers: experts.iter().map(|(l, n)| (*l, LayerState::init(*n))).collect(),
             history: Vec::new(),
             best: None,
+            warm_start: None,
         }
     }
 

@@ -132,16 +132,21 @@ pub struct RoutingShares {
     pub soft: BTreeMap<usize, Vec<f64>>,
     /// Per MoE layer, top-k selections per expert.
     pub selected: BTreeMap<usize, Vec<f64>>,
+    /// Per MoE layer, REAP's score per expert: the mean over the tokens routed to it of
+    /// `g_j(x)·‖E_j(x)‖₂` (0 for an expert no token chose). Measured only when the prepass is
+    /// asked to capture expert outputs.
+    pub reap: BTreeMap<usize, Vec<f64>>,
 }
 
 /// One pass of the original model over the calibration set, streamed layer by layer (each layer
 /// loaded once): the reference distributions of every sequence, keeping the top `k` tokens of
-/// each position (`0`: all) when `k` is given, and the routing shares of every MoE layer.
-/// `progress(done, total)` counts layers.
+/// each position (`0`: all) when `k` is given, and the routing shares of every MoE layer (with
+/// REAP's scores when `capture`). `progress(done, total)` counts layers.
 pub(crate) fn prepass<S: LayerSource>(
     source: &S,
     ids: &[Vec<u32>],
     k: Option<usize>,
+    capture: bool,
     opts: &StreamOptions,
     mut progress: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<(Option<ReferenceStore>, RoutingShares)> {
@@ -150,15 +155,29 @@ pub(crate) fn prepass<S: LayerSource>(
     let chunks = micro_batches(ids.len(), opts);
     let mut states =
         chunks.iter().map(|c| source.embed(&ids[c.clone()])).collect::<std::result::Result<Vec<_>, _>>()?;
-    let plain = MoeForwardOptions::default();
+    let plain = MoeForwardOptions { capture_expert_outputs: capture, ..Default::default() };
     let total = config.num_layers;
     let mut shares = RoutingShares { tokens: ids.len() * t, ..Default::default() };
+    let mut reap_counts: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     for l in 0..total {
         source.with_layer(l, |layer| {
             for (h, ctx) in states.iter_mut() {
                 let out = layer.forward(h.clone(), ctx, &plain);
                 if let Some(moe) = out.moe {
                     let n = moe.routing.probs.dims()[1];
+                    if capture {
+                        let sums = shares.reap.entry(l).or_insert_with(|| vec![0.0; n]);
+                        let counts = reap_counts.entry(l).or_insert_with(|| vec![0.0; n]);
+                        for (e, cap) in moe.expert_outputs.iter().flatten().enumerate() {
+                            let Some(cap) = cap else { continue };
+                            let norms = cap.output.clone().square().sum_dim(1).sqrt().into_data();
+                            let weights = cap.weights.clone().into_data();
+                            for (n, w) in norms.iter::<f32>().zip(weights.iter::<f32>()) {
+                                sums[e] += f64::from(n) * f64::from(w);
+                            }
+                            counts[e] += cap.tokens.len() as f64;
+                        }
+                    }
                     let soft = shares.soft.entry(l).or_insert_with(|| vec![0.0; n]);
                     for (s, p) in soft.iter_mut().zip(moe.routing.probs.sum_dim(0).into_data().iter::<f32>()) {
                         *s += p as f64;
@@ -172,6 +191,11 @@ pub(crate) fn prepass<S: LayerSource>(
             }
         })?;
         progress(l + 1, total)?;
+    }
+    for (l, sums) in shares.reap.iter_mut() {
+        for (s, c) in sums.iter_mut().zip(&reap_counts[l]) {
+            *s = if *c > 0.0 { *s / c } else { 0.0 };
+        }
     }
     let Some(k) = k else { return Ok((None, shares)) };
     let mut store = ReferenceStore::new(ids.len(), t, config.vocab_size, k);

@@ -132,8 +132,13 @@ fn resume_continues_bit_for_bit() {
 #[test]
 fn alternation_updates_only_the_active_block() {
     let model = load();
-    // Only α steps: β stays exactly 1.
-    let s = DiepSettings { alpha_steps: 1, beta_steps: 0, ..settings(RelaxationKind::Routed, Objective::CeNorm) };
+    // Only α steps: β stays exactly 1 (from the paper's start, α = 0 and β = 1).
+    let s = DiepSettings {
+        alpha_steps: 1,
+        beta_steps: 0,
+        alpha_init: diep_optim::AlphaInit::Zero,
+        ..settings(RelaxationKind::Routed, Objective::CeNorm)
+    };
     let st = run(&model, &s);
     assert!(st.layers.values().all(|l| l.log_beta == 0.0 && l.beta_moments.t == 0));
     assert!(st.layers.values().all(|l| l.alpha_moments.t == st.steps_done as u64));
@@ -289,5 +294,101 @@ fn uniform_training_expects_the_plans_count_in_every_layer() {
                 assert!((total - kept as f64).abs() < 1e-6, "expects {total}, the plan keeps {kept}");
             }
         }
+    }
+}
+
+/// A statistics-based start ranks experts as the criterion does: within each layer by the
+/// statistic, and under a global allocation (β set too) across layers by the raw statistic, at
+/// any scale. Hand-built REAP scores whose layer totals differ, so β carries the difference.
+#[test]
+fn warm_start_scores_rank_like_the_criterion_in_both_allocations() {
+    let reap = BTreeMap::from([
+        (0usize, vec![4.0, 0.5, 2.0, 1.0]),
+        (1, vec![0.25, 8.0, 3.0, 0.75]),
+        (2, vec![1.5, 1.25, 0.1, 6.0]),
+    ]);
+    let shares = diep_optim::RoutingShares { tokens: 10, reap: reap.clone(), ..Default::default() };
+    let experts: BTreeMap<usize, usize> = reap.iter().map(|(l, v)| (*l, v.len())).collect();
+    for scale in [1.0, 0.5, 0.2] {
+        for allocation in [Allocation::Global, Allocation::Uniform] {
+            let s = DiepSettings {
+                alpha_init: diep_optim::AlphaInit::Reap,
+                alpha_init_scale: scale,
+                allocation,
+                ..Default::default()
+            };
+            let init = diep_optim::optimise::initial_alpha(&s, &shares);
+            let mut st = DiepState::new(s.clone(), "x".into(), &experts);
+            for (l, (alpha, log_beta)) in &init {
+                let layer = st.layers.get_mut(l).unwrap();
+                layer.alpha = alpha.clone();
+                layer.log_beta = *log_beta;
+            }
+            let scores = diep_optim::expert_scores(&st, &device());
+            // s = scale·ln v + c per layer; under global c is one constant for all layers.
+            let offsets: Vec<f64> = reap
+                .iter()
+                .flat_map(|(l, v)| v.iter().zip(&scores[l]).map(|(x, s)| s - scale * x.ln()).collect::<Vec<_>>())
+                .collect();
+            for (l, v) in &reap {
+                let c = scores[l][0] - scale * v[0].ln();
+                for (x, sc) in v.iter().zip(&scores[l]) {
+                    assert!((sc - scale * x.ln() - c).abs() < 1e-4, "{allocation:?} scale {scale} layer {l}");
+                }
+            }
+            let spread = offsets.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+                - offsets.iter().copied().fold(f64::INFINITY, f64::min);
+            if allocation == Allocation::Global {
+                assert!(spread < 1e-4, "scale {scale}: one constant over all layers, spread {spread}");
+                // So the global plan is REAP's global plan: the 6 lowest raw scores go.
+                let kept = diep_plan::select(&scores, 0.5, Allocation::Global, &Constraints::ungrouped(1, 1)).unwrap();
+                let want: BTreeMap<usize, Vec<usize>> =
+                    BTreeMap::from([(0, vec![0, 2]), (1, vec![1, 2]), (2, vec![0, 3])]);
+                assert_eq!(kept, want);
+            } else {
+                assert!(init.values().all(|(_, b)| *b == 0.0), "β has no role under a uniform allocation");
+            }
+        }
+    }
+}
+
+/// A warm start's own plan is the epoch selection's first candidate (epoch 0): the selected
+/// plan's calibration objective is never worse than the start's. Under `auto` the three
+/// statistics' plans are all scored and the lowest is the start.
+#[test]
+fn warm_start_plan_is_the_first_candidate_of_the_epoch_selection() {
+    use diep_optim::AlphaInit;
+    let model = load();
+    for init in [AlphaInit::Reap, AlphaInit::Frequency, AlphaInit::Auto] {
+        let s = DiepSettings {
+            alpha_init: init,
+            alpha_init_scale: 0.5,
+            epochs: 2,
+            batch_size: 4,
+            ratio: 0.5,
+            ..Default::default()
+        };
+        let mut warm = None;
+        let st = optimise(&model, &calibration(), &s, None, |e| {
+            if let Event::WarmStart { candidates, chosen } = e {
+                warm = Some((candidates, chosen));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let (candidates, chosen) = warm.expect("the warm start is scored");
+        let kinds: Vec<AlphaInit> = candidates.iter().map(|c| c.0).collect();
+        match init {
+            AlphaInit::Auto => {
+                assert_eq!(kinds, [AlphaInit::Reap, AlphaInit::SoftActivation, AlphaInit::Frequency]);
+            }
+            other => assert_eq!(kinds, [other]),
+        }
+        let lowest = candidates.iter().map(|c| c.1).fold(f64::INFINITY, f64::min);
+        assert_eq!(candidates.iter().find(|c| c.0 == chosen).unwrap().1, lowest, "{init:?}: the lowest is taken");
+        assert_eq!(st.warm_start, Some(chosen));
+        let best = st.best.as_ref().expect("a selected epoch");
+        assert!(best.discrete <= lowest, "{init:?}: selected {} above the warm start's {lowest}", best.discrete);
+        assert!(st.history.iter().all(|r| r.discrete.unwrap() >= best.discrete));
     }
 }
