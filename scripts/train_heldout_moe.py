@@ -16,10 +16,11 @@ split. The output directory has the layout `cargo xtask bench-methods --model DI
 The code domain is Rust source from the local cargo registry (crates this workspace depends
 on). Nothing here is used by the tests; the output directory is not committed.
 """
-import argparse, glob, hashlib, json, math, os, random, time
+import argparse, json, math, os, random, time
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+import heldout_corpus
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 ap = argparse.ArgumentParser()
@@ -45,22 +46,8 @@ random.seed(args.seed)
 torch.set_num_threads(2)
 
 
-def held_out(key: str) -> bool:
-    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10 == 0
-
-
-english = {"train": [], "heldout": []}
-for path in sorted(glob.glob("/usr/share/games/fortunes/*.u8")):
-    entries = open(path, encoding="utf-8", errors="replace").read().split("\n%\n")
-    for i, e in enumerate(entries):
-        english["heldout" if held_out(f"{path}:{i}") else "train"].append(e.strip() + "\n\n")
-code = {"train": [], "heldout": []}
-reg = glob.glob(os.path.expanduser("~/.cargo/registry/src/*/"))[0]
-for crate in ["serde-1.", "regex-syntax-0.8", "clap_builder-4.", "rayon-1.", "proptest-1.", "tokio-1."]:
-    for d in sorted(glob.glob(reg + crate + "*"))[:1]:
-        for path in sorted(glob.glob(d + "/src/**/*.rs", recursive=True)):
-            text = open(path, encoding="utf-8", errors="replace").read()
-            code["heldout" if held_out(path) else "train"].append(text + "\n")
+corpus = heldout_corpus.documents()
+english, code = corpus["english"], corpus["code"]
 for name, dom in [("english", english), ("code", code)]:
     print(name, {k: sum(map(len, v)) for k, v in dom.items()})
 

@@ -13,46 +13,32 @@ on that model a plan with a lower calibration objective kept less on held-out te
 `--out` becomes a model directory for `cargo xtask bench-methods --model`: the model, tokenizer
 and evaluation files linked from `--model`, and the new `calib.txt`.
 """
-import argparse, glob, hashlib, json, os
+import argparse, json, os
 
 from tokenizers import Tokenizer
+
+import heldout_corpus
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--seq", type=int, default=256)
-ap.add_argument("--windows", type=int, default=64)
 args = ap.parse_args()
 
 
-def held_out(key: str) -> bool:
-    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10 == 0
-
-
 # The same documents and split as train_heldout_moe.py.
-english = []
-for path in sorted(glob.glob("/usr/share/games/fortunes/*.u8")):
-    entries = open(path, encoding="utf-8", errors="replace").read().split("\n%\n")
-    english += [e.strip() + "\n\n" for i, e in enumerate(entries) if held_out(f"{path}:{i}")]
-code = []
-reg = glob.glob(os.path.expanduser("~/.cargo/registry/src/*/"))[0]
-for crate in ["serde-1.", "regex-syntax-0.8", "clap_builder-4.", "rayon-1.", "proptest-1.", "tokio-1."]:
-    for d in sorted(glob.glob(reg + crate + "*"))[:1]:
-        for path in sorted(glob.glob(d + "/src/**/*.rs", recursive=True)):
-            if held_out(path):
-                code.append(open(path, encoding="utf-8", errors="replace").read() + "\n")
+corpus = heldout_corpus.documents()
+english, code = corpus["english"]["heldout"], corpus["code"]["heldout"]
 
 tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
 calib = []
 for name, docs in [("english", english), ("code", code)]:
     evaluated = json.load(open(f"{args.model}/heldout/{name}.ids.json"))
     need = len(evaluated) * args.seq
-    seen, stream = 0, []
+    stream = []
     for i, d in enumerate(docs):
-        ids = tok.encode(d).ids
-        stream.extend(ids)
-        seen += len(ids)
-        if seen >= need:
+        stream.extend(tok.encode(d).ids)
+        if len(stream) >= need:
             # Check the stream reproduces the evaluation windows, then keep what follows them.
             windows = [stream[j:j + args.seq] for j in range(0, need, args.seq)]
             assert windows == evaluated, f"{name}: the held-out stream does not reproduce heldout/{name}.ids.json"

@@ -94,10 +94,14 @@ impl RunSpec {
         format!("r{}-{}{variant}-{}{refine}{zero}-s{}", self.ratio, self.method, self.allocation, self.seed)
     }
 
+    /// What is run beside the method itself: ` +refine`, ` α=0`.
+    fn extras(&self) -> String {
+        format!("{}{}", if self.refine { " +refine" } else { "" }, if self.zero_init { " α=0" } else { "" })
+    }
+
     /// Method, variant and allocation: what a table row (and a chart bar) is about.
     fn label(&self) -> String {
-        let refine =
-            format!("{}{}", if self.refine { " +refine" } else { "" }, if self.zero_init { " α=0" } else { "" });
+        let refine = self.extras();
         match self.variant {
             Some(v) => format!("{} {v} {}{refine}", self.method, self.allocation),
             None => format!("{} {}{refine}", self.method, self.allocation),
@@ -554,12 +558,7 @@ fn rows(results: &[RunResult], ratio: f64) -> Vec<Row> {
             let mut distinct = kept.clone();
             distinct.dedup();
             Row {
-                variant: format!(
-                    "{}{}{}",
-                    g[0].spec.variant.unwrap_or(""),
-                    if g[0].spec.refine { " +refine" } else { "" },
-                    if g[0].spec.zero_init { " α=0" } else { "" }
-                ),
+                variant: format!("{}{}", g[0].spec.variant.unwrap_or(""), g[0].spec.extras()),
                 method: g[0].spec.method.to_string(),
                 allocation: g[0].spec.allocation.to_string(),
                 kept: distinct.join(", "),

@@ -706,6 +706,14 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
             .progress_chars("=> "),
     );
     let epochs = settings.epochs;
+    // Lines above the progress bar; they also go to logs when stderr is not a terminal.
+    let say = |line: String| {
+        if pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            pb.println(line);
+        }
+    };
     let on_event = |event: Event<'_>| -> diep_optim::Result<()> {
         match event {
             Event::Started { steps_per_epoch, epochs_done, .. } => {
@@ -716,12 +724,7 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
             }
             Event::WarmStart { candidates, chosen } => {
                 let all: Vec<String> = candidates.iter().map(|(k, d)| format!("{k} {d:.5}")).collect();
-                let line = format!("epoch   0/{epochs}  warm start from {chosen}  plan kl: {}", all.join(", "));
-                if pb.is_hidden() {
-                    eprintln!("{line}");
-                } else {
-                    pb.println(line);
-                }
+                say(format!("epoch   0/{epochs}  warm start from {chosen}  plan kl: {}", all.join(", ")));
             }
             Event::Reference { done, total } => {
                 pb.set_length(total as u64);
@@ -748,12 +751,7 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
                     record.seconds,
                     record.discrete.map(|d| format!("  plan kl {d:.5}")).unwrap_or_default()
                 );
-                // Epoch lines also go to logs when stderr is not a terminal.
-                if pb.is_hidden() {
-                    eprintln!("{line}");
-                } else {
-                    pb.println(line);
-                }
+                say(line);
                 pb.set_position(0);
             }
             _ => {}

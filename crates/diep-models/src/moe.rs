@@ -277,6 +277,16 @@ pub struct ExpertOutput {
     pub output: Tensor<2>,
 }
 
+impl ExpertOutput {
+    /// Per routed token, `(‖E_j(x)‖₂, g_j(x))`: the output norm and the routing weight, the
+    /// terms of REAP's saliency.
+    pub fn norms_and_weights(&self) -> Vec<(f32, f32)> {
+        let norms = self.output.clone().square().sum_dim(1).sqrt().into_data();
+        let weights = self.weights.clone().into_data();
+        norms.iter::<f32>().zip(weights.iter::<f32>()).collect()
+    }
+}
+
 /// The full result of an MoE block.
 #[derive(Debug, Clone)]
 pub struct MoeOutput {

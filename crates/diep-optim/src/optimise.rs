@@ -211,15 +211,21 @@ pub fn initial_alphas(settings: &DiepSettings, shares: &RoutingShares) -> Vec<(A
         AlphaInit::Auto => &[AlphaInit::Reap, AlphaInit::SoftActivation, AlphaInit::Frequency],
         _ => std::slice::from_ref(&settings.alpha_init),
     };
-    kinds
-        .iter()
-        .map(|k| (*k, initial_alpha(&DiepSettings { alpha_init: *k, ..settings.clone() }, shares)))
-        .filter(|(_, p)| !p.is_empty())
-        .collect()
+    kinds.iter().map(|k| (*k, start_from(statistic(*k, shares), settings))).filter(|(_, p)| !p.is_empty()).collect()
 }
 
 /// `(α_l, log β_l)` per MoE layer at the start of a run.
 pub type StartParams = BTreeMap<usize, (Vec<f32>, f32)>;
+
+/// The routing statistic a start is built from (`auto` is taken as `reap`; `zero`: none).
+fn statistic(kind: AlphaInit, shares: &RoutingShares) -> Option<&BTreeMap<usize, Vec<f64>>> {
+    match kind {
+        AlphaInit::Zero => None,
+        AlphaInit::SoftActivation => Some(&shares.soft),
+        AlphaInit::Frequency => Some(&shares.selected),
+        AlphaInit::Reap | AlphaInit::Auto => Some(&shares.reap),
+    }
+}
 
 /// α (and `log β`) at the start of a run: zero, or from the routing statistics the settings
 /// name, `v_{l,i}` per expert: `α_{l,i} = scale·(ln(v_{l,i}/Σ_j v_{l,j} + 10⁻⁶) − mean)`, so the
@@ -229,12 +235,11 @@ pub type StartParams = BTreeMap<usize, (Vec<f32>, f32)>;
 /// starting scores rank every expert of the model as the criterion's global plan does.
 /// (`auto` is taken as `reap` here; [`initial_alphas`] gives its candidates.)
 pub fn initial_alpha(settings: &DiepSettings, shares: &RoutingShares) -> StartParams {
-    let source = match settings.alpha_init {
-        AlphaInit::Zero => return BTreeMap::new(),
-        AlphaInit::SoftActivation => &shares.soft,
-        AlphaInit::Frequency => &shares.selected,
-        AlphaInit::Reap | AlphaInit::Auto => &shares.reap,
-    };
+    start_from(statistic(settings.alpha_init, shares), settings)
+}
+
+fn start_from(source: Option<&BTreeMap<usize, Vec<f64>>>, settings: &DiepSettings) -> StartParams {
+    let Some(source) = source else { return BTreeMap::new() };
     let scale = settings.alpha_init_scale;
     let mut out: BTreeMap<usize, (Vec<f32>, f32)> = BTreeMap::new();
     // Per layer: the offset that the keep score needs from log β (before centring).
@@ -738,27 +743,21 @@ fn run(
             // Each candidate start's own plan is scored; the lowest is the start, and its plan
             // the first candidate of the epoch selection ("epoch 0"): training must beat it to
             // replace it. Unscored (no selection objective), the first candidate is the start.
-            let mut scored: Vec<(AlphaInit, f64, DiepState)> = Vec::new();
-            let mut fresh = inits.first().map_or_else(|| blank.clone(), |(_, p)| start(p));
+            let mut scored: Vec<(AlphaInit, f64)> = Vec::new();
             for (kind, params) in &inits {
-                let st = start(params);
-                match score_epoch(&st)? {
-                    Some(d) => scored.push((*kind, d, st)),
+                match score_epoch(&start(params))? {
+                    Some(d) => scored.push((*kind, d)),
                     None => break,
                 }
             }
-            if let Some(best) = scored.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
-                let (chosen, d, st) = best.clone();
-                fresh = st;
-                fresh.warm_start = Some(chosen);
-                fresh.best = Some(crate::state::BestEpoch {
-                    epoch: 0,
-                    discrete: d,
-                    params: fresh.layers.iter().map(|(l, s)| (*l, (s.alpha.clone(), s.log_beta))).collect(),
-                });
-                on_event(Event::WarmStart { candidates: scored.iter().map(|(k, d, _)| (*k, *d)).collect(), chosen })?;
-            } else if let Some((kind, _)) = inits.first() {
-                fresh.warm_start = Some(*kind);
+            let chosen = (0..scored.len()).min_by(|a, b| scored[*a].1.total_cmp(&scored[*b].1)).unwrap_or(0);
+            let mut fresh = match inits.get(chosen) {
+                Some((kind, params)) => DiepState { warm_start: Some(*kind), ..start(params) },
+                None => blank.clone(),
+            };
+            if let Some((kind, d)) = scored.get(chosen).copied() {
+                fresh.best = Some(crate::state::BestEpoch::of(&fresh, 0, d));
+                on_event(Event::WarmStart { candidates: scored, chosen: kind })?;
             }
             fresh
         }
@@ -817,11 +816,7 @@ fn run(
         if let Some(d) = record.discrete
             && state.best.as_ref().is_none_or(|b| d < b.discrete)
         {
-            state.best = Some(crate::state::BestEpoch {
-                epoch: epoch + 1,
-                discrete: d,
-                params: state.layers.iter().map(|(l, s)| (*l, (s.alpha.clone(), s.log_beta))).collect(),
-            });
+            state.best = Some(crate::state::BestEpoch::of(&state, epoch + 1, d));
         }
         state.history.push(record.clone());
         state.epochs_done = epoch + 1;

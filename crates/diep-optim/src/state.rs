@@ -133,6 +133,17 @@ pub struct BestEpoch {
     pub params: BTreeMap<usize, (Vec<f32>, f32)>,
 }
 
+impl BestEpoch {
+    /// `state`'s α/β as the plan of `epoch` (0: the warm start), scored `discrete`.
+    pub fn of(state: &DiepState, epoch: usize, discrete: f64) -> Self {
+        BestEpoch {
+            epoch,
+            discrete,
+            params: state.layers.iter().map(|(l, s)| (*l, (s.alpha.clone(), s.log_beta))).collect(),
+        }
+    }
+}
+
 /// Everything needed to continue an optimisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiepState {

@@ -170,9 +170,7 @@ pub(crate) fn prepass<S: LayerSource>(
                         let counts = reap_counts.entry(l).or_insert_with(|| vec![0.0; n]);
                         for (e, cap) in moe.expert_outputs.iter().flatten().enumerate() {
                             let Some(cap) = cap else { continue };
-                            let norms = cap.output.clone().square().sum_dim(1).sqrt().into_data();
-                            let weights = cap.weights.clone().into_data();
-                            for (n, w) in norms.iter::<f32>().zip(weights.iter::<f32>()) {
+                            for (n, w) in cap.norms_and_weights() {
                                 sums[e] += f64::from(n) * f64::from(w);
                             }
                             counts[e] += cap.tokens.len() as f64;

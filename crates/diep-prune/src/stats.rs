@@ -96,12 +96,10 @@ impl LayerStats {
         }
         for (e, cap) in moe.expert_outputs.iter().flatten().enumerate() {
             let Some(cap) = cap else { continue };
-            let norms: Vec<f32> = cap.output.clone().square().sum_dim(1).sqrt().into_data().iter::<f32>().collect();
-            let weights: Vec<f32> = cap.weights.clone().into_data().iter::<f32>().collect();
             self.frequency[e] += cap.tokens.len() as u64;
-            for (n, w) in norms.iter().zip(&weights) {
-                self.norm_sum[e] += *n as f64;
-                self.reap_sum[e] += (*n as f64) * (*w as f64);
+            for (n, w) in cap.norms_and_weights() {
+                self.norm_sum[e] += n as f64;
+                self.reap_sum[e] += (n as f64) * (w as f64);
             }
         }
         if naee_tokens > 0 {
