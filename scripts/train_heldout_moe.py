@@ -1,5 +1,6 @@
 """Trains a small MoE with transformers, for checking pruning methods on a model the Rust code
-has never seen: two text domains, a BPE tokenizer, held-out token ids per domain, a
+has never seen: two text domains, a BPE tokenizer, held-out token ids per domain (64 windows
+of 256 tokens spread over the held-out documents, `heldout_corpus.eval_windows`), a
 multiple-choice task from held-out documents, and a calibration text drawn from the training
 split. The output directory has the layout `cargo xtask bench-methods --model DIR` reads
 (`calib.txt`, `heldout/{english,code}.ids.json`, `mc.jsonl`, `tokenizer.json`).
@@ -14,7 +15,9 @@ split. The output directory has the layout `cargo xtask bench-methods --model DI
     # (train-log.json records it).
 
 The code domain is Rust source from the local cargo registry (crates this workspace depends
-on). Nothing here is used by the tests; the output directory is not committed.
+on). Nothing here is used by the tests; the output directory is not committed. A model trained
+before the windows were spread over documents gets the current ones from
+`scripts/heldout_windows.py --model DIR` without retraining.
 """
 import argparse, json, math, os, random, time
 
@@ -78,7 +81,7 @@ train = train_e + train_c
 print("train sequences", len(train_e), len(train_c))
 os.makedirs(f"{args.out}/heldout", exist_ok=True)
 for name, dom in [("english", english), ("code", code)]:
-    seqs = chunks(stream(dom["heldout"]), args.seq)[:64]
+    seqs, _ = heldout_corpus.eval_windows(dom["heldout"], lambda d: tok.encode(d).ids, args.seq)
     json.dump(seqs, open(f"{args.out}/heldout-{name}.ids.json", "w"))
     json.dump(seqs, open(f"{args.out}/heldout/{name}.ids.json", "w"))
     print("heldout", name, len(seqs))

@@ -1,12 +1,12 @@
 """Writes a calibration text for a model made by `train_heldout_moe.py` from documents it never
-trained on: the held-out documents of both domains that lie past the evaluation windows
-(`heldout/{english,code}.ids.json` are the first 64 windows of 256 tokens of each domain's
-held-out stream). Calibration and evaluation text are then disjoint, and neither was trained on.
+trained on: the held-out documents of both domains that the evaluation windows
+(`heldout/{english,code}.ids.json`, `heldout_corpus.eval_windows`) do not read, each cut to its
+first 4,000 characters so that no long file fills the text. Calibration and evaluation text are
+then disjoint, and neither was trained on.
 
-The training script's own `calib.txt` is drawn from the training split. A small model trained
-for many epochs memorises that text (the 6 x 32 model: perplexity 17.7 on it, 62-71 on held-out
-text), and a calibration objective measured on memorised text rewards the experts that memorise:
-on that model a plan with a lower calibration objective kept less on held-out text.
+The training script's own `calib.txt` is drawn from the training split, which a small model
+trained for many epochs memorises (the 6 x 32 model: perplexity 17.7 on it). This text checks
+whether a method's ranking depends on calibrating with memorised text.
 
     /opt/ref-venv/bin/python scripts/unseen_calibration.py --model /tmp/heldout-fine --out /tmp/heldout-fine-unseen
 
@@ -34,20 +34,13 @@ tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
 calib = []
 for name, docs in [("english", english), ("code", code)]:
     evaluated = json.load(open(f"{args.model}/heldout/{name}.ids.json"))
-    need = len(evaluated) * args.seq
-    stream = []
-    for i, d in enumerate(docs):
-        stream.extend(tok.encode(d).ids)
-        if len(stream) >= need:
-            # Check the stream reproduces the evaluation windows, then keep what follows them.
-            windows = [stream[j:j + args.seq] for j in range(0, need, args.seq)]
-            assert windows == evaluated, f"{name}: the held-out stream does not reproduce heldout/{name}.ids.json"
-            rest = docs[i + 1:]
-            break
-    else:
-        raise SystemExit(f"{name}: fewer held-out tokens than the evaluation windows")
+    windows, used = heldout_corpus.eval_windows(docs, lambda d: tok.encode(d).ids, args.seq)
+    assert windows == evaluated, (
+        f"{name}: heldout/{name}.ids.json is not heldout_corpus.eval_windows' rule; "
+        "run scripts/heldout_windows.py --model first")
+    rest = [d[:4000] for i, d in enumerate(docs) if i not in set(used)]
     tokens = sum(len(tok.encode(d).ids) for d in rest)
-    print(f"{name}: {len(rest)} unseen documents, {tokens} tokens past the evaluation windows")
+    print(f"{name}: {len(rest)} documents the evaluation windows do not read, {tokens} tokens")
     calib.append(rest)
 os.makedirs(args.out, exist_ok=True)
 for f in os.listdir(args.model):
