@@ -2,7 +2,7 @@
 `unseen_calibration.py`: English from the fortune files (`apt-get install -y fortunes`), one
 document per fortune, and Rust source from the local cargo registry, one document per file.
 A document is held out when the SHA-256 of its key is 0 modulo 10."""
-import glob, hashlib, os, random
+import glob, hashlib, json, os, random
 
 CRATES = ["serde-1.", "regex-syntax-0.8", "clap_builder-4.", "rayon-1.", "proptest-1.", "tokio-1."]
 
@@ -48,3 +48,16 @@ def eval_windows(docs, encode, seq=256, count=64, per_doc=512, seed="windows"):
     if len(windows) < count:
         raise SystemExit(f"only {len(windows)} windows of {seq} tokens in the held-out documents")
     return windows, used
+
+
+def write_eval_windows(model_dir, name, windows):
+    """Writes one domain's windows to `heldout/{name}.ids.json` and its `heldout-{name}.ids.json`
+    copy, each through a temporary file (a symlink, as in `unseen_calibration.py`'s output, is
+    replaced by a file)."""
+    os.makedirs(f"{model_dir}/heldout", exist_ok=True)
+    for path in [f"{model_dir}/heldout/{name}.ids.json", f"{model_dir}/heldout-{name}.ids.json"]:
+        if os.path.islink(path):
+            os.unlink(path)
+        with open(path + ".tmp", "w") as f:
+            json.dump(windows, f)
+        os.replace(path + ".tmp", path)

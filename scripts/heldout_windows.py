@@ -9,7 +9,7 @@ regex-syntax (`case_folding_simple.rs`), so "code perplexity" measured one data 
 
     /opt/ref-venv/bin/python scripts/heldout_windows.py --model /tmp/heldout-fine
 """
-import argparse, json, os
+import argparse
 
 from tokenizers import Tokenizer
 
@@ -24,10 +24,5 @@ tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
 corpus = heldout_corpus.documents()
 for name in ["english", "code"]:
     seqs, used = heldout_corpus.eval_windows(corpus[name]["heldout"], lambda d: tok.encode(d).ids, args.seq)
-    for path in [f"{args.model}/heldout/{name}.ids.json", f"{args.model}/heldout-{name}.ids.json"]:
-        if os.path.islink(path):
-            os.unlink(path)
-        tmp = path + ".tmp"
-        json.dump(seqs, open(tmp, "w"))
-        os.replace(tmp, path)
+    heldout_corpus.write_eval_windows(args.model, name, seqs)
     print(f"{name}: {len(seqs)} windows of {args.seq} tokens from {len(used)} held-out documents")

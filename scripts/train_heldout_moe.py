@@ -79,11 +79,9 @@ def chunks(ids, n):
 train_e, train_c = chunks(stream(english["train"]), args.seq), chunks(stream(code["train"]), args.seq)
 train = train_e + train_c
 print("train sequences", len(train_e), len(train_c))
-os.makedirs(f"{args.out}/heldout", exist_ok=True)
 for name, dom in [("english", english), ("code", code)]:
     seqs, _ = heldout_corpus.eval_windows(dom["heldout"], lambda d: tok.encode(d).ids, args.seq)
-    json.dump(seqs, open(f"{args.out}/heldout-{name}.ids.json", "w"))
-    json.dump(seqs, open(f"{args.out}/heldout/{name}.ids.json", "w"))
+    heldout_corpus.write_eval_windows(args.out, name, seqs)
     print("heldout", name, len(seqs))
 # Multiple choice from held-out documents: the true continuation of a context against three
 # continuations of other documents of the same domain.

@@ -38,7 +38,8 @@ for name, docs in [("english", english), ("code", code)]:
     assert windows == evaluated, (
         f"{name}: heldout/{name}.ids.json is not heldout_corpus.eval_windows' rule; "
         "run scripts/heldout_windows.py --model first")
-    rest = [d[:4000] for i, d in enumerate(docs) if i not in set(used)]
+    read = set(used)
+    rest = [d[:4000] for i, d in enumerate(docs) if i not in read]
     tokens = sum(len(tok.encode(d).ids) for d in rest)
     print(f"{name}: {len(rest)} documents the evaluation windows do not read, {tokens} tokens")
     calib.append(rest)
