@@ -148,6 +148,11 @@ pub struct DiepArgs {
     /// Temperature at the last step (annealed geometrically).
     #[arg(long, default_value_t = 0.01)]
     tau_end: f64,
+    /// Sampled masks: each step's forward pass runs on a mask drawn around the keep
+    /// probabilities, `σ(((s − θ)/τ + logistic noise)/t)`, with this concrete temperature `t`
+    /// (smaller: harder masks). 0: the deterministic relaxation.
+    #[arg(long, default_value_t = 0.0)]
+    mask_noise: f64,
     /// Where α/β state is saved after every epoch (default: `<out>.diep-state.json`).
     #[arg(long)]
     state: Option<PathBuf>,
@@ -645,6 +650,7 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         select_epoch: d.select_epoch == "best",
         select_samples: d.select_samples,
         allocation: args.allocation.unwrap_or(Allocation::Global),
+        mask_noise: d.mask_noise,
     };
     settings.validate().map_err(anyhow::Error::msg)?;
     Ok(settings)

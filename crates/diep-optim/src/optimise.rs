@@ -22,7 +22,7 @@ use std::time::Instant;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use diep_models::{LayerSource, MoeForwardOptions};
-use diep_relax::{Budget, LayerParams, Relaxation, Thresholds, forward_options, routed_layer_options};
+use diep_relax::{Budget, LayerParams, Relaxation, Thresholds, forward_options, sampled_layer_options};
 
 use crate::error::{OptimError, Result};
 use crate::reference::ReferenceStore;
@@ -178,10 +178,15 @@ pub fn optimise_with<S: LayerSource>(
         micro_batch: stream.micro_batch,
         ..Default::default()
     };
+    // A plan that recurs (late epochs often select the same experts) is scored once.
+    let scored_plans = std::cell::RefCell::new(BTreeMap::<diep_plan::Kept, f64>::new());
     let score_epoch = |state: &DiepState| -> Result<Option<f64>> {
         let (Some(store), true) = (&reference, settings.select_epoch) else { return Ok(None) };
         let scores = crate::plan::expert_scores(state, &device);
         let kept = diep_plan::select(&scores, settings.ratio, settings.allocation, &constraints)?;
+        if let Some(loss) = scored_plans.borrow().get(&kept) {
+            return Ok(Some(*loss));
+        }
         let eval = crate::search::Evaluator::with_reference(
             source,
             ids,
@@ -189,17 +194,21 @@ pub fn optimise_with<S: LayerSource>(
             Some(&kept),
             &select_opts,
         )?;
-        Ok(Some(eval.loss()))
+        let loss = eval.loss();
+        scored_plans.borrow_mut().insert(kept, loss);
+        Ok(Some(loss))
     };
     let events = std::cell::RefCell::new(&mut on_event);
-    let step = |input: &StepInput<'_>| -> Result<StepGrads> {
-        let relax = StepRelax::new(input.state, settings, &budget, input.tau, input.alpha_phase, &device)?;
-        let seqs: Vec<Vec<u32>> = input.batch.iter().map(|i| ids[*i].clone()).collect();
-        let positions = seqs.len() * ids[0].len();
-        streamed_step(source, &seqs, input.batch, &relax, &target, positions, stream, &mut |phase, done, total| {
-            (events.borrow_mut())(Event::Layer { epoch: input.epoch, step: input.step, phase, done, total })
-        })
-    };
+    let step =
+        |input: &StepInput<'_>| -> Result<StepGrads> {
+            let relax = StepRelax::new(input.state, settings, &budget, input.tau, input.alpha_phase, &device)?
+                .with_noise(settings, input.epoch, input.step);
+            let seqs: Vec<Vec<u32>> = input.batch.iter().map(|i| ids[*i].clone()).collect();
+            let positions = seqs.len() * ids[0].len();
+            streamed_step(source, &seqs, input.batch, &relax, &target, positions, stream, &mut |phase, done, total| {
+                (events.borrow_mut())(Event::Layer { epoch: input.epoch, step: input.step, phase, done, total })
+            })
+        };
     run(&experts, ids, settings, resume, init, step, score_epoch, |e| (events.borrow_mut())(e))
 }
 
@@ -422,6 +431,8 @@ pub(crate) struct StepRelax<'a> {
     alpha_phase: bool,
     implicit: bool,
     thresholds: Option<Thresholds>,
+    /// Sampled masks: per layer the step's logistic noise, and the concrete temperature.
+    noise: Option<(BTreeMap<usize, Vec<f32>>, f64)>,
     device: Device,
 }
 
@@ -461,8 +472,34 @@ impl<'a> StepRelax<'a> {
             alpha_phase,
             implicit: settings.threshold == ThresholdMode::Implicit,
             thresholds,
+            noise: None,
             device: device.clone(),
         })
+    }
+
+    /// Draws the logistic noise of sampled masks for step `step` of epoch `epoch` (both
+    /// 1-based), seeded by the settings' seed, when `settings.mask_noise > 0` and the
+    /// relaxation is routed; otherwise unchanged.
+    pub(crate) fn with_noise(mut self, settings: &DiepSettings, epoch: usize, step: usize) -> Self {
+        if settings.mask_noise > 0.0 && self.thresholds.is_some() {
+            let mut rng = diep_common::SplitMix64::for_stream(settings.seed, &format!("mask-{epoch}-{step}"));
+            let noise = self
+                .state
+                .layers
+                .iter()
+                .map(|(l, layer)| {
+                    let v = (0..layer.alpha.len())
+                        .map(|_| {
+                            let u = rng.next_f64().clamp(1e-7, 1.0 - 1e-7);
+                            (u.ln() - (1.0 - u).ln()) as f32
+                        })
+                        .collect();
+                    (*l, v)
+                })
+                .collect();
+            self.noise = Some((noise, settings.mask_noise));
+        }
+        self
     }
 
     /// The options of MoE layer `l` without gradients (the forward sweep).
@@ -478,7 +515,12 @@ impl<'a> StepRelax<'a> {
             }
             (kind, Some(th)) => {
                 let theta = theta.unwrap_or_else(|| th.layer_theta(l, &self.device));
-                routed_layer_options(p, theta, self.tau, kind == RelaxationKind::RoutedGated)
+                let noise = self.noise.as_ref().map(|(noise, t)| {
+                    let v = noise[&l].clone();
+                    let n = v.len();
+                    (Tensor::from_data(TensorData::new(v, [n]), &self.device), *t)
+                });
+                sampled_layer_options(p, theta, self.tau, kind == RelaxationKind::RoutedGated, noise)
             }
         }
     }

@@ -181,6 +181,11 @@ pub struct DiepSettings {
     /// Calibration sequences the epochs' plans are scored on (the first ones; 0: all).
     #[serde(default)]
     pub select_samples: usize,
+    /// Concrete temperature `t` of sampled masks (routed relaxations): each step draws
+    /// logistic noise per expert and the forward pass runs on `m = σ(((s − θ)/τ + L)/t)`
+    /// instead of `p` ([`diep_relax::sampled_layer_options`]). 0: the deterministic relaxation.
+    #[serde(default)]
+    pub mask_noise: f64,
 }
 
 fn default_select_epoch() -> bool {
@@ -228,6 +233,7 @@ impl Default for DiepSettings {
             min_experts: 0,
             select_epoch: true,
             select_samples: 0,
+            mask_noise: 0.0,
         }
     }
 }
@@ -267,6 +273,9 @@ impl DiepSettings {
         positive(self.tau_end, "tau_end")?;
         if !(self.alpha_init_scale.is_finite() && self.alpha_init_scale >= 0.0) {
             return Err(format!("alpha_init_scale must be a non-negative number, got {}", self.alpha_init_scale));
+        }
+        if !(self.mask_noise.is_finite() && self.mask_noise >= 0.0) {
+            return Err(format!("mask_noise must be a non-negative number, got {}", self.mask_noise));
         }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             return Err(format!("lambda must be a non-negative number, got {}", self.lambda));

@@ -86,6 +86,32 @@ fn same_seed_same_state_and_plan() {
     assert_ne!(a.layers, c.layers);
 }
 
+/// Sampled masks draw their noise from the seed, the epoch and the step: a run repeats bit
+/// for bit, resumes bit for bit, and differs from the deterministic relaxation.
+#[test]
+fn sampled_masks_are_seeded_and_resumable() {
+    let model = load();
+    let ids = calibration();
+    let s = DiepSettings { epochs: 2, mask_noise: 1.0, ..settings(RelaxationKind::RoutedGated, Objective::Kl) };
+    let (a, b) = (run(&model, &s), run(&model, &s));
+    assert_eq!(a.layers, b.layers);
+    let plain = run(&model, &DiepSettings { mask_noise: 0.0, ..s.clone() });
+    assert_ne!(a.layers, plain.layers, "the noise changed nothing");
+    let mut after_first: Option<DiepState> = None;
+    optimise(&model, &ids, &s, None, |e| {
+        if let Event::Epoch { record, state } = e
+            && record.epoch == 1
+        {
+            after_first = Some(state.clone());
+        }
+        Ok(())
+    })
+    .unwrap();
+    let resumed = optimise(&model, &ids, &s, after_first, |_| Ok(())).unwrap();
+    assert_eq!(resumed.layers, a.layers);
+    assert!(DiepSettings { mask_noise: -1.0, ..s }.validate().unwrap_err().contains("mask_noise"));
+}
+
 #[test]
 fn resume_continues_bit_for_bit() {
     let model = load();

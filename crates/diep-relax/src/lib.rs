@@ -257,8 +257,30 @@ impl Thresholds {
 /// router bias `log p`, `p = σ((s − θ)/τ)`, and with `gate_outputs` every routed contribution
 /// multiplied by `p`.
 pub fn routed_layer_options(p: &LayerParams, theta: Tensor<1>, tau: f64, gate_outputs: bool) -> MoeForwardOptions {
+    sampled_layer_options(p, theta, tau, gate_outputs, None)
+}
+
+/// [`routed_layer_options`] with a sampled mask: given logistic noise `L` (`[N_l]`, one draw
+/// per expert) and a concrete temperature `t`, the mask is `m = σ(((s − θ)/τ + L)/t)` in place
+/// of `p = σ((s − θ)/τ)`. `P(m > ½) = p`, so `p` stays the keep probability the budget
+/// constrains, while each forward pass sees a nearly hard mask (the smaller `t`, the harder).
+/// The expected objective over such masks is smallest at a hard plan, which the deterministic
+/// relaxation's is not: with every `p` of a layer equal and fractional its softmax is unchanged.
+/// `None`: the deterministic relaxation.
+pub fn sampled_layer_options(
+    p: &LayerParams,
+    theta: Tensor<1>,
+    tau: f64,
+    gate_outputs: bool,
+    noise: Option<(Tensor<1>, f64)>,
+) -> MoeForwardOptions {
+    let z = (p.routed_score() - theta) / tau;
+    let z = match noise {
+        Some((l, t)) => (z + l) / t,
+        None => z,
+    };
     // log σ computed stably: finite (with a finite gradient) even where p underflows.
-    let log_p = log_sigmoid((p.routed_score() - theta) / tau);
+    let log_p = log_sigmoid(z);
     let expert_scale = gate_outputs.then(|| log_p.clone().exp());
     MoeForwardOptions { router_bias: Some(log_p), expert_scale, ..Default::default() }
 }

@@ -92,3 +92,59 @@ fn threshold_meets_the_expected_kept_count() {
         }
     }
 }
+
+fn host1(t: Tensor<1>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+/// Sampled masks: without noise they are the deterministic relaxation; with logistic noise the
+/// share of draws that keep an expert (`m > ½`) is its keep probability `p = σ((s − θ)/τ)`, and
+/// the smaller the concrete temperature, the closer each mask is to 0 or 1.
+#[test]
+fn sampled_masks_keep_each_expert_with_its_probability() {
+    use diep_relax::{routed_layer_options, sampled_layer_options};
+    let d = device();
+    let alpha = vec![0.6f32, -0.3, 0.1, -0.9];
+    let params =
+        LayerParams { alpha: Tensor::from_data(TensorData::new(alpha, [4]), &d), log_beta: Tensor::zeros([1], &d) };
+    let (tau, theta) = (0.5, 0.1f32);
+    let theta_t = || Tensor::from_data(TensorData::new(vec![theta; 4], [4]), &d);
+    let bias = |o: diep_models::MoeForwardOptions| host1(o.router_bias.unwrap());
+    let plain = bias(routed_layer_options(&params, theta_t(), tau, true));
+    assert_eq!(bias(sampled_layer_options(&params, theta_t(), tau, true, None)), plain);
+    let zero = Tensor::zeros([4], &d);
+    let at_zero = bias(sampled_layer_options(&params, theta_t(), tau, true, Some((zero, 1.0))));
+    assert!(max_rel(&at_zero, &plain) < 1e-6);
+
+    // p by hand: s = log softmax(α) + log N, p = σ((s − θ)/τ).
+    let a = [0.6f64, -0.3, 0.1, -0.9];
+    let lse = a.iter().map(|x| x.exp()).sum::<f64>().ln();
+    let p: Vec<f64> = a.iter().map(|x| 1.0 / (1.0 + (-((x - lse + 4f64.ln() - theta as f64) / tau)).exp())).collect();
+    let draws = 4000;
+    let mut rng = diep_common::SplitMix64::for_stream(1, "test");
+    let (mut kept, mut hard) = (vec![0usize; 4], 0usize);
+    for _ in 0..draws {
+        let l: Vec<f32> = (0..4)
+            .map(|_| {
+                let u = rng.next_f64().clamp(1e-7, 1.0 - 1e-7);
+                (u.ln() - (1.0 - u).ln()) as f32
+            })
+            .collect();
+        let noise = Tensor::from_data(TensorData::new(l, [4]), &d);
+        let m: Vec<f64> = bias(sampled_layer_options(&params, theta_t(), tau, true, Some((noise, 0.1))))
+            .into_iter()
+            .map(|b| (b as f64).exp())
+            .collect();
+        for (k, m) in kept.iter_mut().zip(&m) {
+            *k += usize::from(*m > 0.5);
+        }
+        hard += m.iter().filter(|m| **m < 0.05 || **m > 0.95).count();
+    }
+    for (k, p) in kept.iter().zip(&p) {
+        let share = *k as f64 / draws as f64;
+        let sd = (p * (1.0 - p) / draws as f64).sqrt();
+        assert!((share - p).abs() < 4.0 * sd + 1e-3, "kept share {share} vs p {p}");
+    }
+    // At t = 0.1 a mask is within 0.05 of 0 or 1 unless |logit + L| < 0.3: most are.
+    assert!(hard as f64 > 0.8 * (4 * draws) as f64, "{hard} of {} masks nearly hard", 4 * draws);
+}
