@@ -26,9 +26,11 @@ pub struct ReferenceStore {
     vocab: usize,
     /// Positions per sequence.
     seq_len: usize,
-    /// `[sequence][position·k + j]`: token ids, most likely first.
+    /// `[sequence][position·k + j]`: token ids, most likely first (empty when exact: then
+    /// `logp` is in vocabulary order).
     ids: Vec<Vec<u32>>,
-    /// Their log-probabilities under the original model.
+    /// Their log-probabilities under the original model (exact: of every token, in vocabulary
+    /// order, so a step reads them without a scatter).
     logp: Vec<Vec<f32>>,
     /// `[sequence][position]`: log of the probability of every other token (−∞ when none).
     log_tail: Vec<Vec<f32>>,
@@ -61,32 +63,36 @@ impl ReferenceStore {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.ids.iter().map(|v| v.len() * 8).sum::<usize>() + self.log_tail.iter().map(|v| v.len() * 4).sum::<usize>()
+        let ids: usize = self.ids.iter().map(|v| v.len() * 4).sum();
+        let logp: usize = self.logp.iter().map(|v| v.len() * 4).sum();
+        let tails: usize = self.log_tail.iter().map(|v| v.len() * 4).sum();
+        ids + logp + tails
     }
 
     /// Records sequence `seq`'s logits `[seq_len, vocab]` (row-major, host).
     pub fn insert(&mut self, seq: usize, logits: &[f32]) {
         let (v, k) = (self.vocab, self.k);
-        let mut ids = Vec::with_capacity(self.seq_len * k);
+        let mut ids = Vec::with_capacity(if k < v { self.seq_len * k } else { 0 });
         let mut logp = Vec::with_capacity(self.seq_len * k);
         let mut tails = Vec::with_capacity(self.seq_len);
         let mut order: Vec<u32> = Vec::with_capacity(v);
         for row in logits.chunks_exact(v) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let lse = max + row.iter().map(|z| (*z as f64 - max).exp()).sum::<f64>().ln();
+            if k >= v {
+                // Exact: every token, in vocabulary order.
+                logp.extend(row.iter().map(|z| (*z as f64 - lse) as f32));
+                tails.push(f32::NEG_INFINITY);
+                continue;
+            }
             order.clear();
             order.extend(0..v as u32);
             // Most likely first; ties to the lower id.
             let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-            if k < v {
-                order.select_nth_unstable_by(k - 1, by_logit);
-                order[..k].sort_unstable_by(by_logit);
-                let tail: f64 = order[k..].iter().map(|i| (row[*i as usize] as f64 - lse).exp()).sum();
-                tails.push(if tail > 0.0 { tail.ln() as f32 } else { f32::NEG_INFINITY });
-            } else {
-                order.sort_unstable_by(by_logit);
-                tails.push(f32::NEG_INFINITY);
-            }
+            order.select_nth_unstable_by(k - 1, by_logit);
+            order[..k].sort_unstable_by(by_logit);
+            let tail: f64 = order[k..].iter().map(|i| (row[*i as usize] as f64 - lse).exp()).sum();
+            tails.push(if tail > 0.0 { tail.ln() as f32 } else { f32::NEG_INFINITY });
             for &i in &order[..k] {
                 ids.push(i);
                 logp.push((row[i as usize] as f64 - lse) as f32);
@@ -103,8 +109,16 @@ impl ReferenceStore {
         let device = logits.device();
         let rows = seqs.len() * self.seq_len;
         let k = self.k;
-        let ids: Vec<i64> = seqs.iter().flat_map(|s| self.ids[*s].iter().map(|i| i64::from(*i))).collect();
         let logp: Vec<f32> = seqs.iter().flat_map(|s| self.logp[*s].iter().copied()).collect();
+        if self.is_exact() {
+            // Every token stored, in vocabulary order: the exact KL, summed in that order.
+            let p: Vec<f32> = logp.iter().map(|l| l.exp()).collect();
+            let p = Tensor::<2>::from_data(TensorData::new(p, [rows, self.vocab]), &device);
+            let lp = Tensor::<2>::from_data(TensorData::new(logp, [rows, self.vocab]), &device);
+            let log_q = burn::tensor::activation::log_softmax(logits, 1);
+            return (p * (lp - log_q)).sum();
+        }
+        let ids: Vec<i64> = seqs.iter().flat_map(|s| self.ids[*s].iter().map(|i| i64::from(*i))).collect();
         // Σ p log p of the stored outcomes: a constant of the step.
         let mut entropy_part = 0f64;
         for lp in &logp {
@@ -115,20 +129,6 @@ impl ReferenceStore {
             if lt.is_finite() {
                 entropy_part += (*lt as f64).exp() * *lt as f64;
             }
-        }
-        if self.is_exact() {
-            // Every token stored: the exact KL, summed in vocabulary order.
-            let (mut p, mut lp) = (vec![0f32; rows * self.vocab], vec![0f32; rows * self.vocab]);
-            for (r, (ids, lps)) in ids.chunks_exact(k).zip(logp.chunks_exact(k)).enumerate() {
-                for (i, l) in ids.iter().zip(lps) {
-                    p[r * self.vocab + *i as usize] = l.exp();
-                    lp[r * self.vocab + *i as usize] = *l;
-                }
-            }
-            let p = Tensor::<2>::from_data(TensorData::new(p, [rows, self.vocab]), &device);
-            let lp = Tensor::<2>::from_data(TensorData::new(lp, [rows, self.vocab]), &device);
-            let log_q = burn::tensor::activation::log_softmax(logits, 1);
-            return (p * (lp - log_q)).sum();
         }
         let idx = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, k]), &device);
         let p = Tensor::<2>::from_data(
