@@ -184,6 +184,7 @@ pub struct DiepSettings {
     /// Concrete temperature `t` of sampled masks (routed relaxations): each step draws
     /// logistic noise per expert and the forward pass runs on `m = σ(((s − θ)/τ + L)/t)`
     /// instead of `p` ([`diep_relax::sampled_layer_options`]). 0: the deterministic relaxation.
+    /// Only for the routed relaxations under the `kl` or `ce-norm` objective.
     #[serde(default)]
     pub mask_noise: f64,
 }
@@ -276,6 +277,14 @@ impl DiepSettings {
         }
         if !(self.mask_noise.is_finite() && self.mask_noise >= 0.0) {
             return Err(format!("mask_noise must be a non-negative number, got {}", self.mask_noise));
+        }
+        if self.mask_noise > 0.0 && (self.relaxation == RelaxationKind::Paper || self.objective == Objective::LayerWise)
+        {
+            return Err(format!(
+                "mask_noise samples the keep masks of the routed relaxations under the kl or ce-norm objective; \
+                 it has no effect with relaxation {} and objective {}",
+                self.relaxation, self.objective
+            ));
         }
         if !(self.lambda.is_finite() && self.lambda >= 0.0) {
             return Err(format!("lambda must be a non-negative number, got {}", self.lambda));

@@ -109,7 +109,13 @@ fn sampled_masks_are_seeded_and_resumable() {
     .unwrap();
     let resumed = optimise(&model, &ids, &s, after_first, |_| Ok(())).unwrap();
     assert_eq!(resumed.layers, a.layers);
-    assert!(DiepSettings { mask_noise: -1.0, ..s }.validate().unwrap_err().contains("mask_noise"));
+    assert!(DiepSettings { mask_noise: -1.0, ..s.clone() }.validate().unwrap_err().contains("mask_noise"));
+    for bad in [
+        DiepSettings { relaxation: RelaxationKind::Paper, ..s.clone() },
+        DiepSettings { objective: Objective::LayerWise, ..s },
+    ] {
+        assert!(bad.validate().unwrap_err().contains("no effect"));
+    }
 }
 
 #[test]
