@@ -64,6 +64,13 @@ impl SplitMix64 {
         order
     }
 
+    /// A standard logistic draw, `ln(u / (1 − u))` with `u` uniform, kept in
+    /// `[1e-7, 1 − 1e-7]` so the draw is finite (|L| ≤ 16.2).
+    pub fn logistic(&mut self) -> f64 {
+        let u = self.next_f64().clamp(1e-7, 1.0 - 1e-7);
+        u.ln() - (1.0 - u).ln()
+    }
+
     /// A standard normal draw (Box–Muller; the second value of each pair is kept for the next
     /// call).
     pub fn normal(&mut self) -> f64 {

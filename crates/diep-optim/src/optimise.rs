@@ -487,15 +487,7 @@ impl<'a> StepRelax<'a> {
                 .state
                 .layers
                 .iter()
-                .map(|(l, layer)| {
-                    let v = (0..layer.alpha.len())
-                        .map(|_| {
-                            let u = rng.next_f64().clamp(1e-7, 1.0 - 1e-7);
-                            (u.ln() - (1.0 - u).ln()) as f32
-                        })
-                        .collect();
-                    (*l, v)
-                })
+                .map(|(l, layer)| (*l, (0..layer.alpha.len()).map(|_| rng.logistic() as f32).collect()))
                 .collect();
             self.noise = Some((noise, settings.mask_noise));
         }

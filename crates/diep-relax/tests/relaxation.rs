@@ -124,12 +124,7 @@ fn sampled_masks_keep_each_expert_with_its_probability() {
     let mut rng = diep_common::SplitMix64::for_stream(1, "test");
     let (mut kept, mut hard) = (vec![0usize; 4], 0usize);
     for _ in 0..draws {
-        let l: Vec<f32> = (0..4)
-            .map(|_| {
-                let u = rng.next_f64().clamp(1e-7, 1.0 - 1e-7);
-                (u.ln() - (1.0 - u).ln()) as f32
-            })
-            .collect();
+        let l: Vec<f32> = (0..4).map(|_| rng.logistic() as f32).collect();
         let noise = Tensor::from_data(TensorData::new(l, [4]), &d);
         let m: Vec<f64> = bias(sampled_layer_options(&params, theta_t(), tau, true, Some((noise, 0.1))))
             .into_iter()
