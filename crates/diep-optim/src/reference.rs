@@ -103,38 +103,65 @@ impl ReferenceStore {
         self.log_tail[seq] = tails;
     }
 
+    /// `KL_k(p ‖ q)` summed over the positions of each sequence of `seqs` (one value per
+    /// sequence, in `seqs`' order), for logits `[seqs.len()·seq_len, vocab]`: the per-sequence
+    /// terms of [`ReferenceStore::kl_sum`], which the epoch selection compares plan against plan.
+    pub fn kl_per_sequence(&self, seqs: &[usize], logits: Tensor<2>) -> Vec<f64> {
+        let device = logits.device();
+        let (n, rows, k) = (seqs.len(), seqs.len() * self.seq_len, self.k);
+        let logp: Vec<f32> = seqs.iter().flat_map(|s| self.logp[*s].iter().copied()).collect();
+        let log_q = burn::tensor::activation::log_softmax(logits, 1);
+        let per_row: Tensor<2> = if self.is_exact() {
+            let (p, lp) = self.exact_inputs(logp, rows, &device);
+            (p * (lp - log_q)).sum_dim(1)
+        } else {
+            // Σ p log p of the stored outcomes, per position, less Σ p log q of the same outcomes.
+            let tails = self.tails(seqs);
+            let plogp = |l: f32| if l.is_finite() { f64::from(l).exp() * f64::from(l) } else { 0.0 };
+            let entropy: Vec<f32> = logp
+                .chunks_exact(k)
+                .zip(&tails)
+                .map(|(row, t)| (row.iter().map(|l| plogp(*l)).sum::<f64>() + plogp(*t)) as f32)
+                .collect();
+            let (idx, p) = self.top_k_inputs(seqs, &logp, &device);
+            let cross_top = (p * log_q.clone().gather(1, idx.clone())).sum_dim(1);
+            // log q_tail: the log of the mass left outside the top-k.
+            let log_q_tail = (log_q + self.outside_top_k(idx)).exp().sum_dim(1).log();
+            let p_tail: Vec<f32> = tails.iter().map(|t| if t.is_finite() { t.exp() } else { 0.0 }).collect();
+            let p_tail = Tensor::<2>::from_data(TensorData::new(p_tail, [rows, 1]), &device);
+            let entropy = Tensor::<2>::from_data(TensorData::new(entropy, [rows, 1]), &device);
+            // A tail with no mass contributes nothing (0 · log 0 = 0).
+            let tail_term = (p_tail.clone() * log_q_tail).mask_fill(p_tail.equal_elem(0.0), 0.0);
+            entropy - cross_top - tail_term
+        };
+        let per_seq = per_row.reshape([n, self.seq_len]).sum_dim(1);
+        per_seq.into_data().iter::<f32>().map(f64::from).collect()
+    }
+
     /// `KL_k(p ‖ q)` summed over the positions of sequences `seqs`, for the relaxed model's
     /// logits `[seqs.len()·seq_len, vocab]` (tracked by autodiff if they are).
     pub fn kl_sum(&self, seqs: &[usize], logits: Tensor<2>) -> Tensor<1> {
         let device = logits.device();
         let rows = seqs.len() * self.seq_len;
-        let k = self.k;
         let logp: Vec<f32> = seqs.iter().flat_map(|s| self.logp[*s].iter().copied()).collect();
         if self.is_exact() {
             // Every token stored, in vocabulary order: the exact KL, summed in that order.
-            let p: Vec<f32> = logp.iter().map(|l| l.exp()).collect();
-            let p = Tensor::<2>::from_data(TensorData::new(p, [rows, self.vocab]), &device);
-            let lp = Tensor::<2>::from_data(TensorData::new(logp, [rows, self.vocab]), &device);
+            let (p, lp) = self.exact_inputs(logp, rows, &device);
             let log_q = burn::tensor::activation::log_softmax(logits, 1);
             return (p * (lp - log_q)).sum();
         }
-        let ids: Vec<i64> = seqs.iter().flat_map(|s| self.ids[*s].iter().map(|i| i64::from(*i))).collect();
         // Σ p log p of the stored outcomes: a constant of the step.
         let mut entropy_part = 0f64;
         for lp in &logp {
             entropy_part += (*lp as f64).exp() * *lp as f64;
         }
-        let tails: Vec<f32> = seqs.iter().flat_map(|s| self.log_tail[*s].iter().copied()).collect();
+        let tails = self.tails(seqs);
         for lt in &tails {
             if lt.is_finite() {
                 entropy_part += (*lt as f64).exp() * *lt as f64;
             }
         }
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, k]), &device);
-        let p = Tensor::<2>::from_data(
-            TensorData::new(logp.iter().map(|l| l.exp()).collect::<Vec<f32>>(), [rows, k]),
-            &device,
-        );
+        let (idx, p) = self.top_k_inputs(seqs, &logp, &device);
         // log q = z − logsumexp(z), with the row maximum (a constant) subtracted for stability.
         let max = logits.clone().detach().max_dim(1);
         let shifted = logits - max;
@@ -143,17 +170,49 @@ impl ReferenceStore {
         let mut cross = (p * log_q_top).sum();
         if !self.is_exact() {
             // log q_tail = logsumexp over the tokens outside the top-k.
-            let mask = Tensor::<2>::zeros([rows, self.vocab], &device).scatter(
-                1,
-                idx,
-                Tensor::full([rows, k], f32::NEG_INFINITY, &device),
-                burn::tensor::IndexingUpdateOp::Add,
-            );
-            let log_q_tail = (shifted + mask).exp().sum_dim(1).log() - lse;
+            let log_q_tail = (shifted + self.outside_top_k(idx)).exp().sum_dim(1).log() - lse;
             let p_tail: Vec<f32> = tails.iter().map(|t| if t.is_finite() { t.exp() } else { 0.0 }).collect();
             let p_tail = Tensor::<2>::from_data(TensorData::new(p_tail, [rows, 1]), &device);
             cross = cross + (p_tail * log_q_tail).sum();
         }
         cross.neg() + entropy_part
+    }
+
+    /// The exact path's `p` and `log p`, `[rows, vocab]`, from `logp` (vocabulary order).
+    fn exact_inputs(&self, logp: Vec<f32>, rows: usize, device: &burn::tensor::Device) -> (Tensor<2>, Tensor<2>) {
+        let p: Vec<f32> = logp.iter().map(|l| l.exp()).collect();
+        let p = Tensor::<2>::from_data(TensorData::new(p, [rows, self.vocab]), device);
+        let lp = Tensor::<2>::from_data(TensorData::new(logp, [rows, self.vocab]), device);
+        (p, lp)
+    }
+
+    /// The log tail of every position of `seqs`.
+    fn tails(&self, seqs: &[usize]) -> Vec<f32> {
+        seqs.iter().flat_map(|s| self.log_tail[*s].iter().copied()).collect()
+    }
+
+    /// The top-k path's token ids and their probabilities `p`, `[rows, k]`, for `seqs`
+    /// (`logp`: their stored log-probabilities).
+    fn top_k_inputs(&self, seqs: &[usize], logp: &[f32], device: &burn::tensor::Device) -> (Tensor<2, Int>, Tensor<2>) {
+        let rows = logp.len() / self.k;
+        let ids: Vec<i64> = seqs.iter().flat_map(|s| self.ids[*s].iter().map(|i| i64::from(*i))).collect();
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(ids, [rows, self.k]), device);
+        let p = Tensor::<2>::from_data(
+            TensorData::new(logp.iter().map(|l| l.exp()).collect::<Vec<f32>>(), [rows, self.k]),
+            device,
+        );
+        (idx, p)
+    }
+
+    /// `[rows, vocab]`: −∞ at each row's stored top-k tokens `idx`, 0 elsewhere (added to log q,
+    /// it leaves the tail's outcomes).
+    fn outside_top_k(&self, idx: Tensor<2, Int>) -> Tensor<2> {
+        let (device, [rows, k]) = (idx.device(), idx.dims());
+        Tensor::<2>::zeros([rows, self.vocab], &device).scatter(
+            1,
+            idx,
+            Tensor::full([rows, k], f32::NEG_INFINITY, &device),
+            burn::tensor::IndexingUpdateOp::Add,
+        )
     }
 }

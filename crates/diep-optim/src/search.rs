@@ -100,6 +100,8 @@ pub struct Evaluator<'a, S: LayerSource> {
     /// `[layer][chunk]`: the input of every layer, and at `L` the last hidden state.
     bounds: Vec<Vec<Tensor<2>>>,
     loss: f64,
+    /// The current plan's mean `kl` per position of each scored sequence.
+    seq_losses: Vec<f64>,
     candidates_per_pass: usize,
     evaluations: u64,
     layer_forwards: u64,
@@ -168,6 +170,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
             masks,
             bounds: vec![first],
             loss: f64::NAN,
+            seq_losses: Vec::new(),
             candidates_per_pass: opts.candidates_per_pass.max(1),
             evaluations: 0,
             layer_forwards: 0,
@@ -179,6 +182,12 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
     /// The current plan's objective.
     pub fn loss(&self) -> f64 {
         self.loss
+    }
+
+    /// The current plan's objective on each scored sequence (mean `kl` per position; their
+    /// mean is [`Evaluator::loss`]).
+    pub fn sequence_losses(&self) -> &[f64] {
+        &self.seq_losses
     }
 
     /// The current masks (`true`: kept).
@@ -205,20 +214,25 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
         self.bounds[0][0].device()
     }
 
-    fn head_losses(&self, hs: &[Vec<Tensor<2>>]) -> Result<Vec<f64>> {
+    /// Per candidate hidden states, the `kl` summed over each scored sequence's positions.
+    fn head_losses(&self, hs: &[Vec<Tensor<2>>]) -> Result<Vec<Vec<f64>>> {
         Ok(self.source.with_head(|norm, head| {
             hs.iter()
                 .map(|h| {
-                    let mut total = 0.0;
+                    let mut per_seq = Vec::with_capacity(self.positions);
                     for (c, x) in self.chunks.iter().zip(h) {
                         let seqs: Vec<usize> = c.clone().collect();
-                        let kl = self.store.kl_sum(&seqs, head.forward(norm.forward(x.clone())));
-                        total += kl.into_data().iter::<f32>().next().map(f64::from).unwrap_or(f64::NAN);
+                        per_seq.extend(self.store.kl_per_sequence(&seqs, head.forward(norm.forward(x.clone()))));
                     }
-                    total / self.positions as f64
+                    per_seq
                 })
                 .collect()
         })?)
+    }
+
+    /// The objective (mean `kl` per position) of per-sequence sums.
+    fn mean(&self, per_seq: &[f64]) -> f64 {
+        per_seq.iter().sum::<f64>() / self.positions as f64
     }
 
     /// Runs layers `from..L` under the current masks from the cached input of `from`, replacing
@@ -237,7 +251,10 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
             self.layer_forwards += self.chunks.len() as u64;
             self.bounds.push(out);
         }
-        self.loss = self.head_losses(&self.bounds[layers..=layers])?[0];
+        let per_seq = self.head_losses(&self.bounds[layers..=layers])?.remove(0);
+        self.loss = self.mean(&per_seq);
+        let seq_len = (self.positions / per_seq.len().max(1)) as f64;
+        self.seq_losses = per_seq.iter().map(|v| v / seq_len).collect();
         Ok(())
     }
 
@@ -269,8 +286,8 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
                     })?;
                     self.layer_forwards += (group.len() * self.chunks.len()) as u64;
                 }
-                for (i, loss) in group.iter().zip(self.head_losses(&hs)?) {
-                    out[*i] = loss;
+                for (i, per_seq) in group.iter().zip(self.head_losses(&hs)?) {
+                    out[*i] = self.mean(&per_seq);
                 }
                 self.evaluations += group.len() as u64;
             }

@@ -1,5 +1,6 @@
 //! The discrete searches: greedy's first step against an exhaustive single-expert scan done
-//! independently (whole-model forwards with masks), and refinement never raising the objective.
+//! independently (whole-model forwards with masks), refinement never raising the objective, and
+//! the per-sequence objective the epoch selection compares against the same independent KL.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,7 +8,7 @@ use std::path::PathBuf;
 use diep_models::burn::tensor::Device;
 use diep_models::burn::tensor::activation::log_softmax;
 use diep_models::{DeviceSpec, MoeModel, StreamingModel};
-use diep_optim::{SearchOptions, greedy_search, refine};
+use diep_optim::{Evaluator, SearchOptions, greedy_search, refine};
 use diep_plan::{Allocation, Constraints, Kept};
 
 fn root() -> PathBuf {
@@ -108,5 +109,35 @@ fn refinement_never_raises_the_objective() {
         let masks = out.kept.iter().map(|(l, k)| (*l, (0..counts[l]).map(|e| k.contains(&e)).collect())).collect();
         let exact = exact_kl(&mut model, &ids, &masks);
         assert!((out.loss_after - exact).abs() <= 1e-5 * exact, "{name}: {} vs {exact}", out.loss_after);
+    }
+}
+
+/// The objective on each sequence (what the epoch selection compares plan against plan) equals
+/// the exact KL of that sequence alone from whole-model forwards, exact reference or top-k
+/// (then it is the coarsened KL: never above the exact one); their mean is the loss.
+#[test]
+fn per_sequence_objective_matches_whole_model_kl() {
+    let name = "tiny-mixtral";
+    let mut model = MoeModel::load(root().join("models").join(name), &device()).unwrap();
+    let ids = calibration(name);
+    let counts = diep_plan::expert_counts(model.config());
+    let kept: Kept = counts.iter().map(|(l, n)| (*l, (1..*n).step_by(2).collect())).collect();
+    let masks: BTreeMap<usize, Vec<bool>> =
+        kept.iter().map(|(l, k)| (*l, (0..counts[l]).map(|e| k.contains(&e)).collect())).collect();
+    let per_seq: Vec<f64> = ids.iter().map(|s| exact_kl(&mut model, std::slice::from_ref(s), &masks)).collect();
+    for (top_k, micro_batch) in [(0, 0), (0, 3), (8, 0)] {
+        let opts = SearchOptions { reference_top_k: top_k, micro_batch, ..Default::default() };
+        let eval = Evaluator::new(&model, &ids, Some(&kept), &opts).unwrap();
+        let got = eval.sequence_losses();
+        assert_eq!(got.len(), ids.len());
+        for (g, e) in got.iter().zip(&per_seq) {
+            if top_k == 0 {
+                assert!((g - e).abs() <= 1e-5 * e.max(1e-6), "k {top_k}: {got:?} vs {per_seq:?}");
+            } else {
+                assert!(*g <= e * (1.0 + 1e-5) && *g > 0.0, "k {top_k}: {got:?} vs {per_seq:?}");
+            }
+        }
+        let mean = got.iter().sum::<f64>() / got.len() as f64;
+        assert!((eval.loss() - mean).abs() <= 1e-9 * mean, "{} vs {mean}", eval.loss());
     }
 }
