@@ -180,6 +180,16 @@ pub struct DiepArgs {
     /// Calibration sequences the epochs' plans are scored on (the first ones; 0: all).
     #[arg(long, default_value_t = 0)]
     select_samples: usize,
+    /// How clearly an epoch's plan must beat the best so far (at first the statistics-based
+    /// start's) to replace it: in standard errors of the two plans' paired per-sequence kl
+    /// difference. 0: any lower mean replaces it.
+    #[arg(long, default_value_t = 2.0)]
+    select_margin: f64,
+    /// Stop once this many epochs in a row have not replaced the selected plan (the schedules
+    /// stay those of the whole run); 0: run every epoch (the default: a late epoch can still
+    /// win, docs/METHOD.md).
+    #[arg(long, default_value_t = 0)]
+    patience: usize,
     /// Tokens per position kept of the original model's next-token distribution for the `kl`
     /// objective (the rest is one "other" outcome); 0 keeps the whole vocabulary (exact).
     /// Default: exact while the whole reference fits in 1 GiB (samples × seq-len × vocabulary
@@ -649,6 +659,8 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         min_experts: args.min_experts,
         select_epoch: d.select_epoch == "best",
         select_samples: d.select_samples,
+        select_margin: d.select_margin,
+        patience: d.patience,
         allocation: args.allocation.unwrap_or(Allocation::Global),
         mask_noise: d.mask_noise,
     };
@@ -744,6 +756,12 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
                 pb.set_position(step as u64);
                 pb.set_message(format!("epoch {epoch}/{epochs} loss {loss:.4}"));
             }
+            Event::StoppedEarly { epochs_done, selected } => {
+                say(format!(
+                    "stopped after epoch {epochs_done}/{epochs}: {} epochs without a better plan than epoch {selected}'s (--patience)",
+                    epochs_done - selected
+                ));
+            }
             Event::Epoch { record, state } => {
                 state.save(&state_file)?;
                 let line = format!(
@@ -755,7 +773,13 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
                     record.lr,
                     record.tau,
                     record.seconds,
-                    record.discrete.map(|d| format!("  plan kl {d:.5}")).unwrap_or_default()
+                    record
+                        .discrete
+                        .map(|d| {
+                            let best = state.best.as_ref().map(|b| format!(" (selected: epoch {})", b.epoch));
+                            format!("  plan kl {d:.5}{}", best.unwrap_or_default())
+                        })
+                        .unwrap_or_default()
                 );
                 say(line);
                 pb.set_position(0);

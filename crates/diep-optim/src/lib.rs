@@ -37,5 +37,7 @@ pub use plan::{expert_scores, pruning_plan};
 pub use reference::ReferenceStore;
 pub use search::{Evaluator, Move, SearchOptions, SearchOutcome, greedy_search, refine};
 pub use settings::{AlphaInit, DiepSettings, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
-pub use state::{BestEpoch, DiepState, EpochRecord, LayerState, Moments, STATE_FORMAT, fingerprint};
+pub use state::{
+    BestEpoch, DiepState, EpochRecord, LayerState, Moments, PlanScore, STATE_FORMAT, fingerprint, paired_t,
+};
 pub use stream::{Offload, Phase, RoutingShares, StreamOptions};

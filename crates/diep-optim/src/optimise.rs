@@ -28,7 +28,7 @@ use crate::error::{OptimError, Result};
 use crate::reference::ReferenceStore;
 use crate::settings::AlphaInit;
 use crate::settings::{DiepSettings, Objective, RelaxationKind, ThresholdMode};
-use crate::state::{DiepState, EpochRecord, fingerprint};
+use crate::state::{DiepState, EpochRecord, PlanScore, fingerprint};
 use crate::stream::{Phase, RoutingShares, StreamOptions, Target, prepass, streamed_step};
 
 /// Progress of an optimisation.
@@ -85,6 +85,14 @@ pub enum Event<'a> {
         loss: f64,
         /// Whether the step updated α (else β).
         alpha: bool,
+    },
+    /// The run ends before `epochs`: `patience` epochs in a row did not replace the selected
+    /// plan ([`DiepSettings::patience`]).
+    StoppedEarly {
+        /// Epochs run.
+        epochs_done: usize,
+        /// The selected plan's epoch (0: the start's).
+        selected: usize,
     },
     /// An epoch finished; `state` is what `--resume` continues from.
     Epoch {
@@ -179,13 +187,13 @@ pub fn optimise_with<S: LayerSource>(
         ..Default::default()
     };
     // A plan that recurs (late epochs often select the same experts) is scored once.
-    let scored_plans = std::cell::RefCell::new(BTreeMap::<diep_plan::Kept, f64>::new());
-    let score_epoch = |state: &DiepState| -> Result<Option<f64>> {
+    let scored_plans = std::cell::RefCell::new(BTreeMap::<diep_plan::Kept, PlanScore>::new());
+    let score_epoch = |state: &DiepState| -> Result<Option<PlanScore>> {
         let (Some(store), true) = (&reference, settings.select_epoch) else { return Ok(None) };
         let scores = crate::plan::expert_scores(state, &device);
         let kept = diep_plan::select(&scores, settings.ratio, settings.allocation, &constraints)?;
-        if let Some(loss) = scored_plans.borrow().get(&kept) {
-            return Ok(Some(*loss));
+        if let Some(score) = scored_plans.borrow().get(&kept) {
+            return Ok(Some(score.clone()));
         }
         let eval = crate::search::Evaluator::with_reference(
             source,
@@ -194,9 +202,9 @@ pub fn optimise_with<S: LayerSource>(
             Some(&kept),
             &select_opts,
         )?;
-        let loss = eval.loss();
-        scored_plans.borrow_mut().insert(kept, loss);
-        Ok(Some(loss))
+        let score = PlanScore { loss: eval.loss(), per_sequence: eval.sequence_losses().to_vec() };
+        scored_plans.borrow_mut().insert(kept, score.clone());
+        Ok(Some(score))
     };
     let events = std::cell::RefCell::new(&mut on_event);
     let step =
@@ -749,7 +757,7 @@ fn run(
     resume: Option<DiepState>,
     inits: Vec<(AlphaInit, StartParams)>,
     mut step_fn: impl FnMut(&StepInput<'_>) -> Result<StepGrads>,
-    mut score_epoch: impl FnMut(&DiepState) -> Result<Option<f64>>,
+    mut score_epoch: impl FnMut(&DiepState) -> Result<Option<PlanScore>>,
     mut on_event: impl FnMut(Event<'_>) -> Result<()>,
 ) -> Result<DiepState> {
     if experts.is_empty() {
@@ -777,21 +785,22 @@ fn run(
             // Each candidate start's own plan is scored; the lowest is the start, and its plan
             // the first candidate of the epoch selection ("epoch 0"): training must beat it to
             // replace it. Unscored (no selection objective), the first candidate is the start.
-            let mut scored: Vec<(AlphaInit, f64)> = Vec::new();
+            let mut scored: Vec<(AlphaInit, PlanScore)> = Vec::new();
             for (kind, params) in &inits {
                 match score_epoch(&start(params))? {
                     Some(d) => scored.push((*kind, d)),
                     None => break,
                 }
             }
-            let chosen = (0..scored.len()).min_by(|a, b| scored[*a].1.total_cmp(&scored[*b].1)).unwrap_or(0);
+            let chosen = (0..scored.len()).min_by(|a, b| scored[*a].1.loss.total_cmp(&scored[*b].1.loss)).unwrap_or(0);
             let mut fresh = match inits.get(chosen) {
                 Some((kind, params)) => DiepState { warm_start: Some(*kind), ..start(params) },
                 None => blank.clone(),
             };
-            if let Some((kind, d)) = scored.get(chosen).copied() {
+            if let Some((kind, d)) = scored.get(chosen) {
                 fresh.best = Some(crate::state::BestEpoch::of(&fresh, 0, d));
-                on_event(Event::WarmStart { candidates: scored, chosen: kind })?;
+                let candidates = scored.iter().map(|(k, s)| (*k, s.loss)).collect();
+                on_event(Event::WarmStart { candidates, chosen: *kind })?;
             }
             fresh
         }
@@ -800,6 +809,11 @@ fn run(
     let total = steps_per_epoch * settings.epochs;
     on_event(Event::Started { steps_per_epoch, epochs: settings.epochs, epochs_done: state.epochs_done })?;
     for epoch in state.epochs_done..settings.epochs {
+        if settings.stops_early(&state) {
+            let selected = state.best.as_ref().map_or(0, |b| b.epoch);
+            on_event(Event::StoppedEarly { epochs_done: state.epochs_done, selected })?;
+            break;
+        }
         let started = Instant::now();
         let order = epoch_order(ids.len(), settings.seed, epoch);
         let (mut sum, mut sum_ce, mut sum_reg) = (0.0, 0.0, 0.0);
@@ -837,7 +851,7 @@ fn run(
             on_event(Event::Step { epoch: epoch + 1, step: b + 1, steps_per_epoch, loss: value, alpha: alpha_phase })?;
         }
         let n = steps_per_epoch as f64;
-        let record = EpochRecord {
+        let mut record = EpochRecord {
             epoch: epoch + 1,
             loss: sum / n,
             ce: sum_ce / n,
@@ -845,12 +859,13 @@ fn run(
             lr,
             tau,
             seconds: started.elapsed().as_secs_f64(),
-            discrete: score_epoch(&state)?,
+            discrete: None,
         };
-        if let Some(d) = record.discrete
-            && state.best.as_ref().is_none_or(|b| d < b.discrete)
-        {
-            state.best = Some(crate::state::BestEpoch::of(&state, epoch + 1, d));
+        if let Some(score) = score_epoch(&state)? {
+            record.discrete = Some(score.loss);
+            if state.best.as_ref().is_none_or(|b| b.is_beaten_by(&score, settings.select_margin)) {
+                state.best = Some(crate::state::BestEpoch::of(&state, epoch + 1, &score));
+            }
         }
         state.history.push(record.clone());
         state.epochs_done = epoch + 1;

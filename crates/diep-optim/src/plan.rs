@@ -53,6 +53,7 @@ pub fn pruning_plan(
             "alpha": by_layer(&|l| json!(chosen.layers[&l].alpha)),
             "beta": by_layer(&|l| json!(chosen.layers[&l].beta())),
             "selected_epoch": state.best.as_ref().map_or(state.epochs_done, |b| b.epoch),
+            "epochs_run": state.epochs_done,
             "warm_start": state.warm_start.map_or("zero", |w| w.name()),
             "kept_per_layer": by_layer(&|l| json!(kept[&l].len())),
             "loss_curve": state.history,

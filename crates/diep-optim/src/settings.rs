@@ -181,12 +181,36 @@ pub struct DiepSettings {
     /// Calibration sequences the epochs' plans are scored on (the first ones; 0: all).
     #[serde(default)]
     pub select_samples: usize,
+    /// How clearly an epoch's plan must beat the best plan so far to replace it, in standard
+    /// errors of their paired per-sequence difference: the candidate replaces the incumbent only
+    /// if its mean `kl` is lower and `mean(d) / (sd(d)/√n) ≤ −margin`, where `d_i` is the
+    /// difference of the two plans' `kl` on calibration sequence `i`. 0: any lower mean wins.
+    /// A guard against choosing among many plans by differences the calibration sample cannot
+    /// resolve (the start's statistics-based plan is the first incumbent).
+    #[serde(default = "default_select_margin")]
+    pub select_margin: f64,
+    /// Early stopping: the run ends once this many epochs in a row have not replaced the
+    /// selected plan (the schedules of `lr` and `τ` stay those of the whole run, so every epoch
+    /// run is the same as in a run without stopping). 0 (the default): every epoch runs; on the
+    /// fixture a late epoch's plan can follow five epochs without a better one. Only where
+    /// epochs are selected by their plan (the `kl` objective with `select_epoch`); elsewhere
+    /// every epoch runs.
+    #[serde(default = "default_patience")]
+    pub patience: usize,
     /// Concrete temperature `t` of sampled masks (routed relaxations): each step draws
     /// logistic noise per expert and the forward pass runs on `m = σ(((s − θ)/τ + L)/t)`
     /// instead of `p` ([`diep_relax::sampled_layer_options`]). 0: the deterministic relaxation.
     /// Only for the routed relaxations under the `kl` or `ce-norm` objective.
     #[serde(default)]
     pub mask_noise: f64,
+}
+
+fn default_patience() -> usize {
+    DiepSettings::default().patience
+}
+
+fn default_select_margin() -> f64 {
+    DiepSettings::default().select_margin
 }
 
 fn default_select_epoch() -> bool {
@@ -234,6 +258,8 @@ impl Default for DiepSettings {
             min_experts: 0,
             select_epoch: true,
             select_samples: 0,
+            select_margin: 2.0,
+            patience: 0,
             mask_noise: 0.0,
         }
     }
@@ -275,6 +301,9 @@ impl DiepSettings {
         if !(self.alpha_init_scale.is_finite() && self.alpha_init_scale >= 0.0) {
             return Err(format!("alpha_init_scale must be a non-negative number, got {}", self.alpha_init_scale));
         }
+        if !(self.select_margin.is_finite() && self.select_margin >= 0.0) {
+            return Err(format!("select_margin must be a non-negative number, got {}", self.select_margin));
+        }
         if !(self.mask_noise.is_finite() && self.mask_noise >= 0.0) {
             return Err(format!("mask_noise must be a non-negative number, got {}", self.mask_noise));
         }
@@ -290,6 +319,13 @@ impl DiepSettings {
             return Err(format!("lambda must be a non-negative number, got {}", self.lambda));
         }
         Ok(())
+    }
+
+    /// Whether a run in `state` stops before its next epoch: `patience` epochs have passed
+    /// since the selected plan's epoch (the start's plan is epoch 0).
+    pub fn stops_early(&self, state: &crate::DiepState) -> bool {
+        let Some(best) = &state.best else { return false };
+        self.patience > 0 && state.epochs_done > 0 && state.epochs_done.saturating_sub(best.epoch) >= self.patience
     }
 
     /// Learning rate at `step` of `total`: `lr · ½(1 + cos(π·step/total))`.

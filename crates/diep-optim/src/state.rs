@@ -131,17 +131,59 @@ pub struct BestEpoch {
     pub discrete: f64,
     /// `(α_l, log β_l)` per MoE layer after that epoch.
     pub params: BTreeMap<usize, (Vec<f32>, f32)>,
+    /// Its plan's objective on each scored calibration sequence (empty in states saved before
+    /// the selection compared plans sequence by sequence).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_sequence: Vec<f64>,
 }
 
 impl BestEpoch {
-    /// `state`'s α/β as the plan of `epoch` (0: the warm start), scored `discrete`.
-    pub fn of(state: &DiepState, epoch: usize, discrete: f64) -> Self {
+    /// `state`'s α/β as the plan of `epoch` (0: the warm start), scored `score`.
+    pub fn of(state: &DiepState, epoch: usize, score: &PlanScore) -> Self {
         BestEpoch {
             epoch,
-            discrete,
+            discrete: score.loss,
             params: state.layers.iter().map(|(l, s)| (*l, (s.alpha.clone(), s.log_beta))).collect(),
+            per_sequence: score.per_sequence.clone(),
         }
     }
+
+    /// Whether a plan scored `candidate` replaces this one under a selection margin of
+    /// `margin` standard errors ([`crate::DiepSettings::select_margin`]): its mean must be
+    /// lower, and, when both plans were scored on the same sequences, the paired differences'
+    /// t statistic at most `−margin`.
+    pub fn is_beaten_by(&self, candidate: &PlanScore, margin: f64) -> bool {
+        if candidate.loss.total_cmp(&self.discrete).is_ge() {
+            return false;
+        }
+        let (a, b) = (&candidate.per_sequence, &self.per_sequence);
+        if margin == 0.0 || a.len() != b.len() || a.len() < 2 {
+            return true;
+        }
+        paired_t(a, b).is_none_or(|t| t <= -margin)
+    }
+}
+
+/// A discrete plan's calibration objective: the mean, and its value on each scored sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanScore {
+    /// Mean `kl` per position.
+    pub loss: f64,
+    /// Mean `kl` per position of each sequence.
+    pub per_sequence: Vec<f64>,
+}
+
+/// The t statistic `mean(d) / (sd(d)/√n)` of the paired differences `d_i = a_i − b_i`
+/// (sample standard deviation); `None` when every difference is equal (no spread).
+pub fn paired_t(a: &[f64], b: &[f64]) -> Option<f64> {
+    let n = a.len().min(b.len());
+    if n < 2 {
+        return None;
+    }
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let mean = d.iter().sum::<f64>() / n as f64;
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (var > 0.0).then(|| mean / (var / n as f64).sqrt())
 }
 
 /// Everything needed to continue an optimisation.

@@ -398,6 +398,7 @@ fn warm_start_plan_is_the_first_candidate_of_the_epoch_selection() {
             epochs: 2,
             batch_size: 4,
             ratio: 0.5,
+            select_margin: 0.0,
             ..Default::default()
         };
         let mut warm = None;
@@ -422,5 +423,100 @@ fn warm_start_plan_is_the_first_candidate_of_the_epoch_selection() {
         let best = st.best.as_ref().expect("a selected epoch");
         assert!(best.discrete <= lowest, "{init:?}: selected {} above the warm start's {lowest}", best.discrete);
         assert!(st.history.iter().all(|r| r.discrete.unwrap() >= best.discrete));
+    }
+}
+
+/// The selection margin: with 0 the selected plan is the lowest-scoring candidate; with a margin
+/// no difference can meet, the start's plan (epoch 0) stays; in between, a later plan replaces
+/// the incumbent only when its paired t statistic over the calibration sequences is at most
+/// −margin (checked against the per-sequence scores the state keeps).
+#[test]
+fn selection_margin_keeps_the_incumbent_unless_the_improvement_is_clear() {
+    use diep_optim::{PlanScore, paired_t};
+    let model = load();
+    let base = DiepSettings { epochs: 3, batch_size: 4, ratio: 0.5, ..Default::default() };
+    let loose = run(&model, &DiepSettings { select_margin: 0.0, ..base.clone() });
+    let lowest = loose.history.iter().filter_map(|r| r.discrete).fold(f64::INFINITY, f64::min);
+    let best = loose.best.as_ref().unwrap();
+    assert!(best.discrete <= lowest);
+    assert_eq!(best.per_sequence.len(), calibration().len());
+    let mean = best.per_sequence.iter().sum::<f64>() / best.per_sequence.len() as f64;
+    assert!((mean - best.discrete).abs() <= 1e-9 * mean);
+    let strict = run(&model, &DiepSettings { select_margin: 1e9, ..base.clone() });
+    assert_eq!(strict.best.as_ref().unwrap().epoch, 0, "no improvement reaches 1e9 standard errors");
+    // Hand-computed: d = (−0.5, −0.5, −0.2, −0.6), mean −0.45, sd √0.03, t = −0.45 / (√0.03 / 2).
+    let (a, b) = ([1.0, 2.0, 3.0, 4.0], [1.5, 2.5, 3.2, 4.6]);
+    let t = paired_t(&a, &b).unwrap();
+    assert!((t - (-0.45 / (0.03f64.sqrt() / 2.0))).abs() < 1e-12, "{t}");
+    assert!(paired_t(&[1.0, 2.0], &[2.0, 3.0]).is_none(), "equal differences have no spread");
+    let incumbent =
+        diep_optim::BestEpoch { epoch: 0, discrete: 3.075, params: Default::default(), per_sequence: b.to_vec() };
+    let candidate = PlanScore { loss: 2.5, per_sequence: a.to_vec() };
+    assert!(incumbent.is_beaten_by(&candidate, 0.0));
+    assert!(incumbent.is_beaten_by(&candidate, 5.0), "t ≈ −5.2");
+    assert!(!incumbent.is_beaten_by(&candidate, 5.5));
+    let worse = PlanScore { loss: 3.1, per_sequence: b.iter().map(|x| x + 0.1).collect() };
+    assert!(!incumbent.is_beaten_by(&worse, 0.0), "a higher mean never replaces");
+    // A negative or non-finite margin is refused by name.
+    for m in [-1.0, f64::NAN] {
+        let err = DiepSettings { select_margin: m, ..base.clone() }.validate().unwrap_err();
+        assert!(err.contains("select_margin"), "{err}");
+    }
+}
+
+/// Early stopping only truncates: the epochs a `patience` run does are those of the run without
+/// stopping (same losses, same plan scores; the schedules are the whole run's), it stops before
+/// the first epoch at which `patience` epochs have passed since the selected plan's, and a
+/// resumed stopped run does no more epochs.
+#[test]
+fn early_stopping_truncates_the_same_run() {
+    let model = load();
+    let ids = calibration();
+    let base =
+        DiepSettings { epochs: 6, batch_size: 4, ratio: 0.5, select_margin: 0.0, patience: 0, ..Default::default() };
+    let mut warm = f64::NAN;
+    let full = optimise(&model, &ids, &base, None, |e| {
+        if let Event::WarmStart { candidates, .. } = e {
+            warm = candidates.iter().map(|c| c.1).fold(f64::INFINITY, f64::min);
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(full.epochs_done, 6);
+    for patience in [1, 2] {
+        // The selection with margin 0 by hand: the lowest score so far, the start's as epoch 0.
+        let (mut best, mut best_epoch, mut expected) = (warm, 0, 6);
+        for r in &full.history {
+            if r.epoch - 1 - best_epoch >= patience {
+                expected = r.epoch - 1;
+                break;
+            }
+            if r.discrete.unwrap() < best {
+                (best, best_epoch) = (r.discrete.unwrap(), r.epoch);
+            }
+        }
+        let s = DiepSettings { patience, ..base.clone() };
+        let mut stopped = None;
+        let short = optimise(&model, &ids, &s, None, |e| {
+            if let Event::StoppedEarly { epochs_done, selected } = e {
+                stopped = Some((epochs_done, selected));
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert!(patience > 1 || expected < 6, "patience 1 stops this run early (the check is not vacuous)");
+        assert_eq!(short.epochs_done, expected, "patience {patience}");
+        assert_eq!(stopped.is_some(), expected < 6);
+        let same = |a: &diep_optim::EpochRecord, b: &diep_optim::EpochRecord| {
+            (a.epoch, a.loss, a.discrete, a.lr, a.tau) == (b.epoch, b.loss, b.discrete, b.lr, b.tau)
+        };
+        assert!(short.history.iter().zip(&full.history).all(|(a, b)| same(a, b)), "patience {patience}");
+        assert_eq!(short.best.as_ref().unwrap().epoch, best_epoch);
+        if let Some((done, selected)) = stopped {
+            assert_eq!((done, selected), (expected, best_epoch));
+            assert!(done - selected >= patience);
+            let resumed = optimise(&model, &ids, &s, Some(short.clone()), |_| Ok(())).unwrap();
+            assert_eq!(resumed, short, "a stopped run stays stopped on resume");
+        }
     }
 }
