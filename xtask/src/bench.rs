@@ -741,9 +741,13 @@ fn analysis(results: &[RunResult], ratios: &[f64], is_fixture: bool) -> String {
                 .filter(|r| r.method == "diep" && r.allocation == alloc && r.variant.starts_with("routed-gated"))
             {
                 let verdict = if d.retention.0 > b.retention.0 { "ahead of" } else { "not ahead of" };
+                // A difference smaller than either row's spread over seeds is said to be one.
+                let diff = d.retention.0 - b.retention.0;
+                let spread = d.retention.1.max(b.retention.1);
+                let within = if d.runs > 1 && diff.abs() < spread { ", within one standard deviation" } else { "" };
                 let _ = write!(
                     text,
-                    "Among {alloc} plans, {} ({}) is {verdict} the best {alloc} baseline, {} ({}). ",
+                    "Among {alloc} plans, {} ({}) is {verdict} the best {alloc} baseline, {} ({}; difference {diff:+.4}{within}). ",
                     d.label,
                     pm(d.retention, d.runs, 3),
                     b.label,
