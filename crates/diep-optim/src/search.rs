@@ -219,7 +219,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
         Ok(self.source.with_head(|norm, head| {
             hs.iter()
                 .map(|h| {
-                    let mut per_seq = Vec::with_capacity(self.positions);
+                    let mut per_seq = Vec::new();
                     for (c, x) in self.chunks.iter().zip(h) {
                         let seqs: Vec<usize> = c.clone().collect();
                         per_seq.extend(self.store.kl_per_sequence(&seqs, head.forward(norm.forward(x.clone()))));

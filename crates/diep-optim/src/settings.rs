@@ -325,7 +325,7 @@ impl DiepSettings {
     /// since the selected plan's epoch (the start's plan is epoch 0).
     pub fn stops_early(&self, state: &crate::DiepState) -> bool {
         let Some(best) = &state.best else { return false };
-        self.patience > 0 && state.epochs_done > 0 && state.epochs_done.saturating_sub(best.epoch) >= self.patience
+        self.patience > 0 && state.epochs_done.saturating_sub(best.epoch) >= self.patience
     }
 
     /// Learning rate at `step` of `total`: `lr · ½(1 + cos(π·step/total))`.
