@@ -26,6 +26,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 enum Command {
     /// Prune experts: compute a plan with a criterion on calibration text (or apply an
     /// existing pruning.json) and write the smaller checkpoint.
@@ -51,6 +52,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    diep_cli::tune_allocator();
     // `cargo xtask` alone prints the list of commands and succeeds.
     if std::env::args_os().len() <= 1 {
         let _ = <Cli as clap::CommandFactory>::command().print_help();

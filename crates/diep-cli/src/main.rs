@@ -31,6 +31,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    diep_cli::tune_allocator();
     // `diep` alone prints the list of commands and succeeds.
     if std::env::args_os().len() <= 1 {
         let _ = <Cli as clap::CommandFactory>::command().print_help();

@@ -185,6 +185,11 @@ pub struct DiepArgs {
     /// difference. 0: any lower mean replaces it.
     #[arg(long, default_value_t = 2.0)]
     select_margin: f64,
+    /// An epoch's plan whose kl is lower than the selected plan's by at least this fraction of
+    /// it replaces that plan whatever the margin says (a large gain confined to a few
+    /// sequences); 0: the margin alone decides.
+    #[arg(long, default_value_t = 0.1)]
+    select_gain: f64,
     /// Stop once this many epochs in a row have not replaced the selected plan (the schedules
     /// stay those of the whole run); 0: run every epoch (the default: a late epoch can still
     /// win, docs/METHOD.md).
@@ -660,6 +665,7 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         select_epoch: d.select_epoch == "best",
         select_samples: d.select_samples,
         select_margin: d.select_margin,
+        select_gain: d.select_gain,
         patience: d.patience,
         allocation: args.allocation.unwrap_or(Allocation::Global),
         mask_noise: d.mask_noise,

@@ -863,7 +863,8 @@ fn run(
         };
         if let Some(score) = score_epoch(&state)? {
             record.discrete = Some(score.loss);
-            if state.best.as_ref().is_none_or(|b| b.is_beaten_by(&score, settings.select_margin)) {
+            if state.best.as_ref().is_none_or(|b| b.is_beaten_by(&score, settings.select_margin, settings.select_gain))
+            {
                 state.best = Some(crate::state::BestEpoch::of(&state, epoch + 1, &score));
             }
         }

@@ -108,6 +108,11 @@ impl ReferenceStore {
     /// terms of [`ReferenceStore::kl_sum`], which the epoch selection compares plan against plan.
     pub fn kl_per_sequence(&self, seqs: &[usize], logits: Tensor<2>) -> Vec<f64> {
         let device = logits.device();
+        if self.is_exact() && diep_models::kernels::host_rows_on(&device) {
+            let mut z = host_values(logits);
+            let per_row = self.exact_rows(seqs, &mut z, None);
+            return per_row.chunks_exact(self.seq_len).map(|r| r.iter().sum()).collect();
+        }
         let (n, rows, k) = (seqs.len(), seqs.len() * self.seq_len, self.k);
         let logp: Vec<f32> = seqs.iter().flat_map(|s| self.logp[*s].iter().copied()).collect();
         let log_q = burn::tensor::activation::log_softmax(logits, 1);
@@ -178,6 +183,62 @@ impl ReferenceStore {
         cross.neg() + entropy_part
     }
 
+    /// [`ReferenceStore::kl_sum`] and its gradient on the host, where the logits live in host
+    /// memory ([`diep_models::kernels::host_rows_on`]) and the store is exact: `Σ KL(p ‖ q)` over
+    /// the positions of `seqs` and `∂(scale · Σ KL)/∂logits = scale · (q − p)`, `[rows, vocab]`,
+    /// a constant on the logits' device (a step pulls it back with `(logits · grad).sum()`).
+    /// Summed in `f64`, one pass over each row instead of burn's `log_softmax` and its
+    /// backward. `None` where [`ReferenceStore::kl_sum`] applies.
+    pub fn kl_sum_and_grad(&self, seqs: &[usize], logits: &Tensor<2>, scale: f64) -> Option<(f64, Tensor<2>)> {
+        let device = logits.device();
+        if !self.is_exact() || !diep_models::kernels::host_rows_on(&device) {
+            return None;
+        }
+        let dims = logits.dims();
+        let mut z = host_values(logits.clone());
+        let sum: f64 = self.exact_rows(seqs, &mut z, Some(scale as f32)).iter().sum();
+        Some((sum, Tensor::from_data(TensorData::new(z, dims), &device)))
+    }
+
+    /// The exact KL of every position of `seqs` for host logits `z` (`[rows, vocab]`, row-major),
+    /// accumulated in `f64`; with `grad_scale`, `z` is overwritten by `grad_scale · (q − p)`.
+    /// Tokens the reference gives no mass (`p = 0`) add nothing.
+    fn exact_rows(&self, seqs: &[usize], z: &mut [f32], grad_scale: Option<f32>) -> Vec<f64> {
+        use rayon::prelude::*;
+        let (v, t) = (self.vocab, self.seq_len);
+        assert_eq!(z.len(), seqs.len() * t * v, "exact_rows: logits for {} positions", seqs.len() * t);
+        z.par_chunks_mut(v)
+            .enumerate()
+            .map_init(
+                || vec![0f32; v],
+                |e, (r, row)| {
+                    let lp = &self.logp[seqs[r / t]][(r % t) * v..(r % t + 1) * v];
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f64;
+                    for (e, z) in e.iter_mut().zip(row.iter()) {
+                        *e = (*z - max).exp();
+                        sum += f64::from(*e);
+                    }
+                    let lse = f64::from(max) + sum.ln();
+                    let mut kl = 0f64;
+                    for (z, l) in row.iter().zip(lp) {
+                        let p = l.exp();
+                        if p > 0.0 {
+                            kl += f64::from(p) * (f64::from(*l) - (f64::from(*z) - lse));
+                        }
+                    }
+                    if let Some(scale) = grad_scale {
+                        let inv = (1.0 / sum) as f32;
+                        for ((z, e), l) in row.iter_mut().zip(e.iter()).zip(lp) {
+                            *z = (e * inv - l.exp()) * scale;
+                        }
+                    }
+                    kl
+                },
+            )
+            .collect()
+    }
+
     /// The exact path's `p` and `log p`, `[rows, vocab]`, from `logp` (vocabulary order).
     fn exact_inputs(&self, logp: Vec<f32>, rows: usize, device: &burn::tensor::Device) -> (Tensor<2>, Tensor<2>) {
         let p: Vec<f32> = logp.iter().map(|l| l.exp()).collect();
@@ -215,4 +276,9 @@ impl ReferenceStore {
             burn::tensor::IndexingUpdateOp::Add,
         )
     }
+}
+
+/// A float tensor's values on the host (without its autodiff association).
+fn host_values(t: Tensor<2>) -> Vec<f32> {
+    t.inner().into_data().try_into_vec::<f32>().expect("f32 logits")
 }

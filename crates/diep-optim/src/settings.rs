@@ -189,6 +189,12 @@ pub struct DiepSettings {
     /// resolve (the start's statistics-based plan is the first incumbent).
     #[serde(default = "default_select_margin")]
     pub select_margin: f64,
+    /// A plan whose mean `kl` is lower than the best plan so far by at least this fraction of
+    /// it replaces that plan whatever the t statistic of [`DiepSettings::select_margin`]: a
+    /// large gain concentrated in a few calibration sequences (one domain's) is a real gain, but
+    /// those sequences' spread can keep its t above `−margin`. 0: only the margin decides.
+    #[serde(default = "default_select_gain")]
+    pub select_gain: f64,
     /// Early stopping: the run ends once this many epochs in a row have not replaced the
     /// selected plan (the schedules of `lr` and `τ` stay those of the whole run, so every epoch
     /// run is the same as in a run without stopping). 0 (the default): every epoch runs; on the
@@ -211,6 +217,10 @@ fn default_patience() -> usize {
 
 fn default_select_margin() -> f64 {
     DiepSettings::default().select_margin
+}
+
+fn default_select_gain() -> f64 {
+    DiepSettings::default().select_gain
 }
 
 fn default_select_epoch() -> bool {
@@ -259,6 +269,7 @@ impl Default for DiepSettings {
             select_epoch: true,
             select_samples: 0,
             select_margin: 2.0,
+            select_gain: 0.1,
             patience: 0,
             mask_noise: 0.0,
         }
@@ -303,6 +314,9 @@ impl DiepSettings {
         }
         if !(self.select_margin.is_finite() && self.select_margin >= 0.0) {
             return Err(format!("select_margin must be a non-negative number, got {}", self.select_margin));
+        }
+        if !(self.select_gain.is_finite() && (0.0..1.0).contains(&self.select_gain)) {
+            return Err(format!("select_gain must be at least 0 and below 1, got {}", self.select_gain));
         }
         if !(self.mask_noise.is_finite() && self.mask_noise >= 0.0) {
             return Err(format!("mask_noise must be a non-negative number, got {}", self.mask_noise));

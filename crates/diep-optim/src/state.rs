@@ -149,12 +149,16 @@ impl BestEpoch {
     }
 
     /// Whether a plan scored `candidate` replaces this one under a selection margin of
-    /// `margin` standard errors ([`crate::DiepSettings::select_margin`]): its mean must be
-    /// lower, and, when both plans were scored on the same sequences, the paired differences'
-    /// t statistic at most `−margin`.
-    pub fn is_beaten_by(&self, candidate: &PlanScore, margin: f64) -> bool {
+    /// `margin` standard errors ([`crate::DiepSettings::select_margin`]) and a selection gain of
+    /// `gain` ([`crate::DiepSettings::select_gain`]): its mean must be lower, and either lower by
+    /// at least the fraction `gain` of this plan's mean (`gain > 0`), or, when both plans were
+    /// scored on the same sequences, with the paired differences' t statistic at most `−margin`.
+    pub fn is_beaten_by(&self, candidate: &PlanScore, margin: f64, gain: f64) -> bool {
         if candidate.loss.total_cmp(&self.discrete).is_ge() {
             return false;
+        }
+        if gain > 0.0 && candidate.loss <= (1.0 - gain) * self.discrete {
+            return true;
         }
         let (a, b) = (&candidate.per_sequence, &self.per_sequence);
         if margin == 0.0 || a.len() != b.len() || a.len() < 2 {

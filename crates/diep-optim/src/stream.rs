@@ -286,9 +286,21 @@ pub(crate) fn streamed_step<S: LayerSource>(
                 let mut total = 0.0;
                 for (m, c) in chunks.iter().enumerate() {
                     let x = h[m].clone().require_grad();
-                    let kl = store.kl_sum(&batch[c.clone()], logits_of(x.clone())) / positions as f64;
-                    total += scalar(kl.clone());
-                    let grads = kl.backward();
+                    let logits = logits_of(x.clone());
+                    let scale = 1.0 / positions as f64;
+                    // On the CPU the objective and its gradient at the logits come from one pass
+                    // over each row on the host; elsewhere from burn's ops.
+                    let grads = match store.kl_sum_and_grad(&batch[c.clone()], &logits, scale) {
+                        Some((kl, dz)) => {
+                            total += kl * scale;
+                            (logits * dz).sum().backward()
+                        }
+                        None => {
+                            let kl = store.kl_sum(&batch[c.clone()], logits) * scale;
+                            total += scalar(kl.clone());
+                            kl.backward()
+                        }
+                    };
                     g.push(x.grad(&grads).expect("the objective depends on the last hidden state").autodiff());
                 }
                 out.loss = total;

@@ -442,7 +442,7 @@ fn selection_margin_keeps_the_incumbent_unless_the_improvement_is_clear() {
     assert_eq!(best.per_sequence.len(), calibration().len());
     let mean = best.per_sequence.iter().sum::<f64>() / best.per_sequence.len() as f64;
     assert!((mean - best.discrete).abs() <= 1e-9 * mean);
-    let strict = run(&model, &DiepSettings { select_margin: 1e9, ..base.clone() });
+    let strict = run(&model, &DiepSettings { select_margin: 1e9, select_gain: 0.0, ..base.clone() });
     assert_eq!(strict.best.as_ref().unwrap().epoch, 0, "no improvement reaches 1e9 standard errors");
     // Hand-computed: d = (−0.5, −0.5, −0.2, −0.6), mean −0.45, sd √0.03, t = −0.45 / (√0.03 / 2).
     let (a, b) = ([1.0, 2.0, 3.0, 4.0], [1.5, 2.5, 3.2, 4.6]);
@@ -452,15 +452,34 @@ fn selection_margin_keeps_the_incumbent_unless_the_improvement_is_clear() {
     let incumbent =
         diep_optim::BestEpoch { epoch: 0, discrete: 3.075, params: Default::default(), per_sequence: b.to_vec() };
     let candidate = PlanScore { loss: 2.5, per_sequence: a.to_vec() };
-    assert!(incumbent.is_beaten_by(&candidate, 0.0));
-    assert!(incumbent.is_beaten_by(&candidate, 5.0), "t ≈ −5.2");
-    assert!(!incumbent.is_beaten_by(&candidate, 5.5));
+    assert!(incumbent.is_beaten_by(&candidate, 0.0, 0.0));
+    assert!(incumbent.is_beaten_by(&candidate, 5.0, 0.0), "t ≈ −5.2");
+    assert!(!incumbent.is_beaten_by(&candidate, 5.5, 0.0));
+    // The gain: 2.5 is 18.7 % below 3.075, so a gain of 0.15 replaces it whatever the margin,
+    // one of 0.2 leaves the margin to decide.
+    assert!(incumbent.is_beaten_by(&candidate, 5.5, 0.15));
+    assert!(!incumbent.is_beaten_by(&candidate, 5.5, 0.2));
     let worse = PlanScore { loss: 3.1, per_sequence: b.iter().map(|x| x + 0.1).collect() };
-    assert!(!incumbent.is_beaten_by(&worse, 0.0), "a higher mean never replaces");
-    // A negative or non-finite margin is refused by name.
+    assert!(!incumbent.is_beaten_by(&worse, 0.0, 0.0), "a higher mean never replaces");
+    assert!(!incumbent.is_beaten_by(&worse, 0.0, 0.1), "a higher mean never replaces");
+    // A gain confined to one sequence: d = (−0.8, 0.01, −0.01, 0), mean −0.2, sd 0.4001, so
+    // t = −1.0: the margin of 2 keeps the incumbent, the 20 % gain replaces it.
+    let flat =
+        diep_optim::BestEpoch { epoch: 0, discrete: 1.0, params: Default::default(), per_sequence: vec![1.0; 4] };
+    let one_domain = PlanScore { loss: 0.8, per_sequence: vec![0.2, 1.01, 0.99, 1.0] };
+    let t = paired_t(&one_domain.per_sequence, &flat.per_sequence).unwrap();
+    assert!((t + 0.2 / (0.48020f64 / 3.0).sqrt() * 2.0).abs() < 1e-9, "{t}");
+    assert!(!flat.is_beaten_by(&one_domain, 2.0, 0.0));
+    assert!(flat.is_beaten_by(&one_domain, 2.0, 0.1));
+    assert!(!flat.is_beaten_by(&one_domain, 2.0, 0.25));
+    // A negative or non-finite margin, and a gain outside [0, 1), are refused by name.
     for m in [-1.0, f64::NAN] {
         let err = DiepSettings { select_margin: m, ..base.clone() }.validate().unwrap_err();
         assert!(err.contains("select_margin"), "{err}");
+    }
+    for g in [-0.1, 1.0, f64::NAN] {
+        let err = DiepSettings { select_gain: g, ..base.clone() }.validate().unwrap_err();
+        assert!(err.contains("select_gain"), "{err}");
     }
 }
 

@@ -134,3 +134,76 @@ fn one_layer_is_resident_at_a_time() {
     assert_eq!(streaming.residency().max_resident(), 1);
     let _ = BTreeMap::<usize, usize>::new();
 }
+
+/// The host path of the exact `kl` (one pass over each row on the CPU) against burn's ops: the
+/// same sum, per sequence and in all, and the same gradient with respect to the logits as
+/// autodiff through `log_softmax`. Against a hand computation in `f64` where the reference gives
+/// a token no mass (burn's ops give NaN there: 0 · log 0).
+#[test]
+fn host_kl_and_its_gradient_equal_burns_ops() {
+    use diep_models::burn::tensor::{Tensor, TensorData};
+    use diep_optim::ReferenceStore;
+    let (n, t, v) = (3, 5, 37);
+    // Deterministic logits of moderate range.
+    let value = |seed: usize, i: usize| (((i * 7919 + seed * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 6.0;
+    let reference = |s: usize, impossible: bool| {
+        let mut z: Vec<f32> = (0..t * v).map(|i| value(s, i)).collect();
+        if impossible {
+            z[v - 1] = f32::NEG_INFINITY;
+        }
+        z
+    };
+    let seqs = [2, 1];
+    let dev = device();
+    let relaxed: Vec<f32> = (0..seqs.len() * t * v).map(|i| value(7, i) * 0.8 + 0.1).collect();
+    let logits = Tensor::<2>::from_data(TensorData::new(relaxed.clone(), [seqs.len() * t, v]), &dev).require_grad();
+    let scale = 0.25;
+    for impossible in [false, true] {
+        let mut store = ReferenceStore::new(n, t, v, 0);
+        for s in 0..n {
+            // With `impossible`, the first position of sequence 1 gives its last token p = 0.
+            store.insert(s, &reference(s, impossible && s == 1));
+        }
+        let Some((sum, dz)) = store.kl_sum_and_grad(&seqs, &logits, scale) else {
+            // Only the CPU device has the host path; elsewhere the step uses `kl_sum`.
+            assert!(!diep_models::kernels::host_rows_on(&dev));
+            return;
+        };
+        let host: Vec<f32> = dz.into_data().iter::<f32>().collect();
+        assert!(sum.is_finite() && host.iter().all(|x| x.is_finite()));
+        // Each row of the gradient sums to zero (q and p are both distributions).
+        for row in host.chunks_exact(v) {
+            assert!(row.iter().map(|x| *x as f64).sum::<f64>().abs() < 1e-7);
+        }
+        let per_seq = store.kl_per_sequence(&seqs, logits.clone().detach());
+        assert!((per_seq.iter().sum::<f64>() - sum).abs() <= 1e-9 * sum.abs(), "{per_seq:?} vs {sum}");
+        // By hand, in f64: Σ p (log p − log q) over the tokens with p > 0.
+        let log_softmax = |z: &[f32]| -> Vec<f64> {
+            let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + z.iter().map(|x| (*x as f64 - m).exp()).sum::<f64>().ln();
+            z.iter().map(|x| *x as f64 - lse).collect()
+        };
+        let mut by_hand = 0.0;
+        for (j, s) in seqs.iter().enumerate() {
+            let r = reference(*s, impossible && *s == 1);
+            for pos in 0..t {
+                let lp = log_softmax(&r[pos * v..(pos + 1) * v]);
+                let lq = log_softmax(&relaxed[(j * t + pos) * v..(j * t + pos + 1) * v]);
+                by_hand +=
+                    lp.iter().zip(&lq).filter(|(a, _)| a.is_finite()).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+            }
+        }
+        assert!((sum - by_hand).abs() <= 1e-5 * by_hand, "sum {sum} vs {by_hand} by hand");
+        if impossible {
+            continue;
+        }
+        let kl = store.kl_sum(&seqs, logits.clone());
+        let burn_sum = kl.clone().into_data().iter::<f32>().next().unwrap() as f64;
+        assert!((sum - burn_sum).abs() <= 1e-5 * burn_sum.abs(), "sum {sum} vs burn's {burn_sum}");
+        let grads = (kl * scale).backward();
+        let g: Vec<f32> = logits.grad(&grads).unwrap().into_data().iter::<f32>().collect();
+        assert_eq!(g.len(), host.len());
+        let worst = g.iter().zip(&host).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-7, "largest gradient difference {worst:e}");
+    }
+}

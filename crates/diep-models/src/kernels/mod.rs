@@ -112,6 +112,22 @@ pub fn fused_on(device: &Device) -> bool {
     }
 }
 
+/// Whether row math on the host may stand in for burn ops on tensors of `device`, autodiff or
+/// not: the `flex` CPU device (whose tensors already live in host memory) unless [`enabled`] is
+/// off. Callers that use it under autodiff supply the gradient themselves (e.g. the `kl`
+/// objective's gradient with respect to the logits, `q − p`).
+pub fn host_rows_on(device: &Device) -> bool {
+    #[cfg(feature = "cpu")]
+    {
+        enabled() && device.clone().inner() == Device::flex()
+    }
+    #[cfg(not(feature = "cpu"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// Rows handled per rayon task: enough work to amortise scheduling.
 fn rows_per_task(row_len: usize) -> usize {
     (16_384 / row_len.max(1)).max(1)
