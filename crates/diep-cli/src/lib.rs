@@ -24,8 +24,9 @@ pub fn report_error(e: &anyhow::Error) {
 /// buffers are freed and returns the top of the heap to the kernel past 128 KB, so the same
 /// memory is unmapped or trimmed and faulted in (and zeroed) again on every use. A fixed
 /// threshold (32 MiB, glibc's maximum) and a 1 GiB trim threshold keep it: on
-/// `fixtures/trained-moe` a 0.25-global DiEP run takes about 30 % less time for the same result
-/// (`docs/PERFORMANCE.md`, "Allocator"). Other platforms keep their allocator unchanged.
+/// `fixtures/trained-moe` a 0.25-global DiEP run takes about 20 % less time for the same result
+/// (`docs/PERFORMANCE.md`, "A DiEP step on the CPU"). Other platforms keep their allocator
+/// unchanged.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]

@@ -108,7 +108,7 @@ impl ReferenceStore {
     /// terms of [`ReferenceStore::kl_sum`], which the epoch selection compares plan against plan.
     pub fn kl_per_sequence(&self, seqs: &[usize], logits: Tensor<2>) -> Vec<f64> {
         let device = logits.device();
-        if self.is_exact() && diep_models::kernels::host_rows_on(&device) {
+        if self.on_host(&device) {
             let mut z = host_values(logits);
             let per_row = self.exact_rows(seqs, &mut z, None);
             return per_row.chunks_exact(self.seq_len).map(|r| r.iter().sum()).collect();
@@ -191,13 +191,19 @@ impl ReferenceStore {
     /// backward. `None` where [`ReferenceStore::kl_sum`] applies.
     pub fn kl_sum_and_grad(&self, seqs: &[usize], logits: &Tensor<2>, scale: f64) -> Option<(f64, Tensor<2>)> {
         let device = logits.device();
-        if !self.is_exact() || !diep_models::kernels::host_rows_on(&device) {
+        if !self.on_host(&device) {
             return None;
         }
         let dims = logits.dims();
         let mut z = host_values(logits.clone());
         let sum: f64 = self.exact_rows(seqs, &mut z, Some(scale as f32)).iter().sum();
         Some((sum, Tensor::from_data(TensorData::new(z, dims), &device)))
+    }
+
+    /// Whether logits on `device` are scored by the host pass ([`ReferenceStore::exact_rows`]):
+    /// an exact store and logits in host memory.
+    fn on_host(&self, device: &burn::tensor::Device) -> bool {
+        self.is_exact() && diep_models::kernels::host_rows_on(device)
     }
 
     /// The exact KL of every position of `seqs` for host logits `z` (`[rows, vocab]`, row-major),
@@ -220,17 +226,16 @@ impl ReferenceStore {
                         sum += f64::from(*e);
                     }
                     let lse = f64::from(max) + sum.ln();
+                    let inv = (1.0 / sum) as f32;
                     let mut kl = 0f64;
-                    for (z, l) in row.iter().zip(lp) {
+                    // One pass: each token's p is computed once, for its KL term and its gradient.
+                    for ((z, e), l) in row.iter_mut().zip(e.iter()).zip(lp) {
                         let p = l.exp();
                         if p > 0.0 {
                             kl += f64::from(p) * (f64::from(*l) - (f64::from(*z) - lse));
                         }
-                    }
-                    if let Some(scale) = grad_scale {
-                        let inv = (1.0 / sum) as f32;
-                        for ((z, e), l) in row.iter_mut().zip(e.iter()).zip(lp) {
-                            *z = (e * inv - l.exp()) * scale;
+                        if let Some(scale) = grad_scale {
+                            *z = (e * inv - p) * scale;
                         }
                     }
                     kl

@@ -101,15 +101,7 @@ pub fn enabled() -> bool {
 /// Whether the row path runs for tensors on `device`: the plain `flex` device only (never
 /// under autodiff, where gradients must flow through burn's ops).
 pub fn fused_on(device: &Device) -> bool {
-    #[cfg(feature = "cpu")]
-    {
-        enabled() && !device.is_autodiff() && *device == Device::flex()
-    }
-    #[cfg(not(feature = "cpu"))]
-    {
-        let _ = device;
-        false
-    }
+    !device.is_autodiff() && host_rows_on(device)
 }
 
 /// Whether row math on the host may stand in for burn ops on tensors of `device`, autodiff or
