@@ -79,8 +79,9 @@ struct RunSpec {
     allocation: &'static str,
     ratio: f64,
     seed: u64,
-    /// `--refine 1 --refine-width 2` after the method.
-    refine: bool,
+    /// DiEP with the paper's schedule and no refinement (`--epochs 10 --refine 0`) instead of
+    /// the global allocation's default (4 epochs, then `--refine 1`).
+    classic: bool,
     /// DiEP with `--alpha-init zero` (the paper's start) instead of the default warm start.
     zero_init: bool,
 }
@@ -89,14 +90,14 @@ impl RunSpec {
     /// Directory name under `runs/`.
     fn name(&self) -> String {
         let variant = self.variant.map(|v| format!("-{v}")).unwrap_or_default();
-        let refine = if self.refine { "-refine" } else { "" };
+        let refine = if self.classic { "-classic" } else { "" };
         let zero = if self.zero_init { "-zero" } else { "" };
         format!("r{}-{}{variant}-{}{refine}{zero}-s{}", self.ratio, self.method, self.allocation, self.seed)
     }
 
-    /// What is run beside the method itself: ` +refine`, ` α=0`.
+    /// What differs from the method's defaults: ` 10 ep, no refine`, ` α=0`.
     fn extras(&self) -> String {
-        format!("{}{}", if self.refine { " +refine" } else { "" }, if self.zero_init { " α=0" } else { "" })
+        format!("{}{}", if self.classic { " 10 ep, no refine" } else { "" }, if self.zero_init { " α=0" } else { "" })
     }
 
     /// Method, variant and allocation: what a table row (and a chart bar) is about.
@@ -113,7 +114,7 @@ impl RunSpec {
         self.method == "diep"
             && self.variant == Some("routed-gated")
             && self.allocation == "global"
-            && !self.refine
+            && !self.classic
             && !self.zero_init
     }
 }
@@ -122,13 +123,13 @@ impl RunSpec {
 /// The runs of one method at one ratio, one per calibration seed (random's seed also draws its
 /// experts).
 fn expand(method: &'static str, ratio: f64, seeds: &[u64], ablations: bool) -> Vec<RunSpec> {
-    // (relaxation, allocation, refine, zero_init)
+    // (relaxation, allocation, classic, zero_init)
     let mut configs: Vec<(Option<&'static str>, &'static str, bool, bool)> = match method {
         "random" | "naee" => vec![(None, "uniform", false, false)],
         "diep" => vec![
             (Some("routed-gated"), "global", false, false),
             (Some("routed-gated"), "uniform", false, false),
-            (Some("routed-gated"), "uniform", true, false),
+            (Some("routed-gated"), "global", true, false),
         ],
         _ => vec![(None, "uniform", false, false), (None, "global", false, false)],
     };
@@ -142,8 +143,8 @@ fn expand(method: &'static str, ratio: f64, seeds: &[u64], ablations: bool) -> V
     }
     configs
         .into_iter()
-        .flat_map(|(variant, allocation, refine, zero_init)| {
-            seeds.iter().map(move |&seed| RunSpec { method, variant, allocation, ratio, seed, refine, zero_init })
+        .flat_map(|(variant, allocation, classic, zero_init)| {
+            seeds.iter().map(move |&seed| RunSpec { method, variant, allocation, ratio, seed, classic, zero_init })
         })
         .collect()
 }
@@ -271,8 +272,8 @@ fn bench_into(
         if let Some(v) = spec.variant {
             cmd.args(["--relaxation", v]);
         }
-        if spec.refine {
-            cmd.args(["--refine", "1", "--refine-width", "2"]);
+        if spec.classic {
+            cmd.args(["--epochs", "10", "--refine", "0"]);
         }
         if spec.zero_init {
             cmd.args(["--alpha-init", "zero"]);
@@ -484,8 +485,8 @@ fn results_json(base: &Scores, results: &[RunResult], args: &BenchArgs, model_di
                 "ratio": r.spec.ratio,
                 "seed": r.spec.seed,
             });
-            if r.spec.refine {
-                v["refine"] = "--refine 1 --refine-width 2".into();
+            if r.spec.classic {
+                v["classic"] = "--epochs 10 --refine 0".into();
             }
             if r.spec.zero_init {
                 v["alpha_init"] = "zero".into();
@@ -607,7 +608,7 @@ fn results_markdown(base: &Scores, results: &[RunResult], args: &BenchArgs, comm
         md,
         "in {:.0} s (prunes as subprocesses, evaluation in-process) on {} ({} CPU cores as seen by the \
          process), burn's CPU backend. Every prune: `--calib <model>/calib.txt --samples {} --seq-len {} --seed S` \
-         (S = {seeds}), other settings default (`+refine` rows add `--refine 1 --refine-width 2`). Perplexity: held-out `heldout/{{english,code}}.ids.json`; \
+         (S = {seeds}), other settings default (DiEP under a global allocation runs 4 epochs and one round of `--refine`, under a uniform one the paper's 10 epochs; its global `10 ep, no refine` rows add `--epochs 10 --refine 0`, the global default before). Perplexity: held-out `heldout/{{english,code}}.ids.json`; \
          retention = mean over the two domains of base perplexity / pruned perplexity (1 = unchanged). \
          MC: `mc.jsonl` ({} items, 4 choices), each choice scored by the summed log-probability of its tokens \
          given the context (context and choice tokenised separately and concatenated, as lm-evaluation-harness \

@@ -262,10 +262,19 @@ fn prune_with_diep_saves_state_resumes_and_records_alpha_beta() {
     let diep = &plan.extra["diep"];
     assert_eq!(diep["relaxation"], "routed-gated");
     assert_eq!(diep["loss_curve"].as_array().unwrap().len(), 2);
+    // DiEP's own plan is followed by one refinement round (the global default): its moves take
+    // DiEP's per-layer counts to the written plan's.
+    assert_eq!(plan.settings["refine"]["rounds"], 1);
+    let moves = plan.extra["refine"]["moves"].as_array().unwrap();
+    let count = |m: &serde_json::Value, key: &str, l: usize| {
+        m[key].as_array().unwrap().iter().filter(|x| x[0].as_u64() == Some(l as u64)).count() as i64
+    };
     for l in plan.original_experts.keys() {
         assert_eq!(diep["alpha"][l.to_string()].as_array().unwrap().len(), plan.original_experts[l]);
         assert!(diep["beta"][l.to_string()].as_f64().unwrap() > 0.0);
-        assert_eq!(diep["kept_per_layer"][l.to_string()].as_u64().unwrap() as usize, plan.kept_experts[l].len());
+        let before = diep["kept_per_layer"][l.to_string()].as_u64().unwrap() as i64;
+        let moved: i64 = moves.iter().map(|m| count(m, "restored", *l) - count(m, "removed", *l)).sum();
+        assert_eq!(before + moved, plan.kept_experts[l].len() as i64, "layer {l}: {moves:?}");
     }
     assert_eq!(plan.settings["epochs"], 2);
     assert_eq!(plan.settings["lr"], 0.02);
@@ -390,4 +399,52 @@ fn prune_gpt_oss_uniformly_then_eval() {
         xtask().args(["eval", "--model"]).arg(&out).args(["--ids", "fixtures/parity/tiny-gpt-oss/ids.json"]).output();
     let e = e.unwrap();
     assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+}
+
+/// DiEP's default refinement round respects its cost cap: narrowed to the experts nearest the
+/// cut when that fits, skipped (and recorded) when even that does not, and an explicit
+/// `--refine` above the cap is refused with the estimate; uniform DiEP runs no round by default;
+/// bad refinement settings fail before any work.
+#[test]
+fn the_refinement_round_respects_its_cost_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], name: &str| {
+        let mut args =
+            vec!["--model", "fixtures/models/tiny-qwen2-moe", "--method", "diep", "--ratio", "0.5", "--epochs", "1"];
+        args.extend(CALIB);
+        args.extend(extra);
+        let o = prune(&args, &dir.path().join(name));
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let read = |name: &str| diep_surgery::PruningPlan::read(dir.path().join(name).join("pruning.json")).unwrap();
+    // Skipped: a cap no round fits.
+    let (ok, stderr) = run(&["--refine-max-passes", "0.5"], "skipped");
+    assert!(ok && stderr.contains("refine: skipped") && stderr.contains("forward passes"), "{stderr}");
+    let plan = read("skipped");
+    assert_eq!(plan.settings["refine"]["skipped"], true);
+    assert!(!plan.extra.contains_key("refine"));
+    // Refused when asked for explicitly, naming the estimate's limit; nothing written.
+    let (ok, stderr) = run(&["--refine", "1", "--refine-max-passes", "0.5"], "refused");
+    assert!(!ok && stderr.contains("--refine-max-passes 0.5"), "{stderr}");
+    assert!(!dir.path().join("refused").exists());
+    // Narrowed: a cap between a one-wide round and a full one.
+    let (ok, stderr) = run(&[], "full");
+    assert!(ok, "{stderr}");
+    let full = read("full").settings["refine"]["estimated_passes_per_round"].as_f64().unwrap();
+    let cap = (full - 0.5).max(1.0);
+    let (ok, stderr) = run(&["--refine-max-passes", &cap.to_string()], "narrow");
+    assert!(ok && stderr.contains("looking at the"), "{stderr}");
+    let narrow = read("narrow");
+    assert!(narrow.settings["refine"]["width"].as_u64().unwrap() >= 1);
+    assert!(narrow.settings["refine"]["estimated_passes_per_round"].as_f64().unwrap() <= cap);
+    // Uniform: no round by default.
+    let (ok, stderr) = run(&["--allocation", "uniform"], "uniform");
+    assert!(ok, "{stderr}");
+    assert!(read("uniform").settings.get("refine").is_none_or(|r| r.is_null()));
+    // Bad settings name the flag.
+    for (flag, value) in [("--refine-gain", "1"), ("--refine-margin", "inf"), ("--refine-confirm", "0")] {
+        let (ok, stderr) = run(&[flag, value], "bad");
+        assert!(!ok && stderr.contains(flag), "{flag}: {stderr}");
+        assert!(!dir.path().join("bad").exists());
+    }
 }

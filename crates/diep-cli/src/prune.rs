@@ -89,10 +89,11 @@ pub struct PruneArgs {
     similarity_tokens: usize,
     /// Rounds of local search after the plan is computed (any method): in every layer the best
     /// swap of a kept and a removed expert, and under a global allocation the best move of an
-    /// expert between layers, each kept only if it lowers the calibration objective (KL to the
-    /// original model). 0: none.
-    #[arg(long, default_value_t = 0)]
-    refine: usize,
+    /// expert between layers, each kept only if it is clearly better on the calibration objective
+    /// (KL to the original model; --refine-margin). 0: none. Default: 1 for diep under a global
+    /// allocation, else 0.
+    #[arg(long)]
+    refine: Option<usize>,
     /// Calibration sequences the greedy search and --refine score plans on (the first ones
     /// sampled; 0: all).
     #[arg(long, default_value_t = 0)]
@@ -101,6 +102,32 @@ pub struct PruneArgs {
     /// experts of the method's scores (0: every expert).
     #[arg(long, default_value_t = 0)]
     refine_width: usize,
+    /// --refine screens candidates on this many of the scored sequences (spread evenly over
+    /// them; 0: all of them) cut to --refine-screen-tokens, and scores only the best
+    /// --refine-confirm that lower the objective there on the whole sequences.
+    #[arg(long, default_value_t = 0)]
+    refine_screen: usize,
+    /// Tokens of each sequence --refine's screening scores (0: whole sequences, no screening
+    /// unless --refine-screen). Default: a quarter of --seq-len.
+    #[arg(long)]
+    refine_screen_tokens: Option<usize>,
+    /// Candidates per decision --refine scores on the whole sequences after screening.
+    #[arg(long, default_value_t = 2)]
+    refine_confirm: usize,
+    /// --refine accepts a change only when its paired t over the per-sequence objective is at
+    /// most −M or it lowers the objective by the fraction --refine-gain; 0 and 0 (the default):
+    /// any decrease, as the greedy search.
+    #[arg(long, default_value_t = 0.0)]
+    refine_margin: f64,
+    /// See --refine-margin.
+    #[arg(long, default_value_t = 0.0)]
+    refine_gain: f64,
+    /// A --refine round estimated above this many forward passes over the calibration set looks
+    /// only at the experts nearest each layer's cut (the widest --refine-width that fits); when
+    /// even one each side does not fit, DiEP's default round is skipped and an explicit
+    /// --refine refused, naming the estimate.
+    #[arg(long, default_value_t = 32.0)]
+    refine_max_passes: f64,
     /// The greedy search refuses to start when its estimated cost exceeds this many forward
     /// passes over the scored sequences.
     #[arg(long, default_value_t = 20_000.0)]
@@ -127,9 +154,10 @@ pub struct DiepArgs {
     /// (zero-sum keep budget); `fixed` treats it as a constant of each step.
     #[arg(long, default_value = "implicit")]
     threshold: ThresholdMode,
-    /// Passes over the calibration set.
-    #[arg(long, default_value_t = 10)]
-    epochs: usize,
+    /// Passes over the calibration set. Default: 4 under a global allocation (then --refine 1),
+    /// the paper's 10 under a uniform one.
+    #[arg(long)]
+    epochs: Option<usize>,
     /// Peak learning rate (cosine schedule); the paper's is 5e-3.
     #[arg(long, default_value_t = 0.02)]
     lr: f64,
@@ -246,6 +274,7 @@ pub fn run(mut args: PruneArgs) -> Result<()> {
     if args.out.exists() && !args.force {
         bail!("output directory {} already exists (use --force to replace it)", args.out.display());
     }
+    check_refine_args(&args)?;
     let mut config = ModelConfig::from_dir(&args.model)?;
     let ckpt = Checkpoint::open(&args.model)?;
     config.drop_absent_mtp_layers(&ckpt);
@@ -267,16 +296,16 @@ pub fn run(mut args: PruneArgs) -> Result<()> {
             let plan = PruningPlan::read(path)?;
             plan.validate(&config)
                 .with_context(|| format!("{} does not fit {}", path.display(), args.model.display()))?;
-            plan
+            (plan, None)
         }
         None => compute_plan(&args, &config)?,
     };
-    let mut plan = plan;
-    if args.refine > 0 {
+    let (mut plan, reference) = plan;
+    if refine_rounds(&args) > 0 {
         if args.plan.is_some() {
             bail!("--refine improves a computed plan; it cannot be added to an existing --plan");
         }
-        refine_plan(&args, &config, &mut plan)?;
+        refine_plan(&args, &config, &mut plan, reference)?;
     }
     if args.merge || args.dynamic_skip {
         if args.plan.is_some() {
@@ -330,13 +359,43 @@ pub const EXACT_REFERENCE_BYTES: u64 = 1 << 30;
 /// Tokens per position of the compact reference beyond [`EXACT_REFERENCE_BYTES`].
 pub const REFERENCE_TOP_K: usize = 64;
 
-fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
+/// The refinement's settings, checked before any work.
+fn check_refine_args(args: &PruneArgs) -> Result<()> {
+    if !(args.refine_margin.is_finite() && args.refine_margin >= 0.0) {
+        bail!("--refine-margin must be a finite number ≥ 0, got {}", args.refine_margin);
+    }
+    if !(args.refine_gain.is_finite() && (0.0..1.0).contains(&args.refine_gain)) {
+        bail!("--refine-gain must be a fraction in [0, 1), got {}", args.refine_gain);
+    }
+    if args.refine_confirm == 0 {
+        bail!("--refine-confirm must be at least 1");
+    }
+    if !(args.refine_max_passes.is_finite() && args.refine_max_passes > 0.0) {
+        bail!("--refine-max-passes must be a positive number, got {}", args.refine_max_passes);
+    }
+    Ok(())
+}
+
+/// Whether DiEP's allocation is global (its default).
+fn global(args: &PruneArgs) -> bool {
+    args.allocation.unwrap_or(Allocation::Global) == Allocation::Global
+}
+
+/// Rounds of `--refine`: as given, else 1 after DiEP under a global allocation (with 4 epochs,
+/// `docs/METHOD.md`, "The default") and 0 otherwise.
+fn refine_rounds(args: &PruneArgs) -> usize {
+    let diep = matches!(args.method, Some(PruneMethod::Diep)) && args.plan.is_none();
+    args.refine.unwrap_or(if diep && global(args) { 1 } else { 0 })
+}
+
+/// The plan of `--method`, with the reference distributions DiEP computed (for `--refine`).
+fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<(PruningPlan, Option<diep_optim::ReferenceStore>)> {
     let method = args.method.context("--method is required unless --plan is given")?;
     let ratio = args.ratio.context("--ratio is required unless --plan is given")?;
     check_ratio(ratio)?;
     let method = match method {
         PruneMethod::Diep => return diep_plan(args, config, ratio),
-        PruneMethod::GreedySearch => return greedy_plan(args, config, ratio),
+        PruneMethod::GreedySearch => return Ok((greedy_plan(args, config, ratio)?, None)),
         PruneMethod::Baseline(m) => m,
     };
     let device = args.device.device()?;
@@ -365,7 +424,7 @@ fn compute_plan(args: &PruneArgs, config: &ModelConfig) -> Result<PruningPlan> {
     plan.timings.insert("statistics_s".into(), stats.seconds);
     plan.timings.insert("selection_s".into(), (calibrated.elapsed().as_secs_f64() - stats.seconds).max(0.0));
     record_run(&mut plan, args);
-    Ok(plan)
+    Ok((plan, None))
 }
 
 /// The model the discrete searches run on, without gradients: in memory when it is small (every
@@ -395,10 +454,12 @@ trait SearchRunner {
         max: f64,
         progress: &mut dyn FnMut(usize, usize, f64) -> diep_optim::Result<()>,
     ) -> diep_optim::Result<diep_optim::SearchOutcome>;
+    #[allow(clippy::too_many_arguments)]
     fn refine(
         &self,
         ids: &[Vec<u32>],
         kept: &diep_plan::Kept,
+        reference: Option<diep_optim::ReferenceStore>,
         scores: Option<&std::collections::BTreeMap<usize, Vec<f64>>>,
         rounds: usize,
         allocation: Allocation,
@@ -425,6 +486,7 @@ impl<S: diep_models::LayerSource> SearchRunner for S {
         &self,
         ids: &[Vec<u32>],
         kept: &diep_plan::Kept,
+        reference: Option<diep_optim::ReferenceStore>,
         scores: Option<&std::collections::BTreeMap<usize, Vec<f64>>>,
         rounds: usize,
         allocation: Allocation,
@@ -432,7 +494,15 @@ impl<S: diep_models::LayerSource> SearchRunner for S {
         opts: &diep_optim::SearchOptions,
         progress: &mut dyn FnMut(usize, usize, f64) -> diep_optim::Result<()>,
     ) -> diep_optim::Result<diep_optim::SearchOutcome> {
-        diep_optim::refine(self, ids, kept, scores, rounds, allocation, c, opts, progress)
+        match reference {
+            // The reference the method computed on these sequences: no second pass for it.
+            Some(store) => {
+                let eval =
+                    diep_optim::Evaluator::with_reference(self, ids, std::borrow::Cow::Owned(store), Some(kept), opts)?;
+                diep_optim::refine_from(eval, ids, scores, rounds, allocation, c, opts, progress)
+            }
+            None => diep_optim::refine(self, ids, kept, scores, rounds, allocation, c, opts, progress),
+        }
     }
 }
 
@@ -441,6 +511,11 @@ fn search_options(args: &PruneArgs) -> diep_optim::SearchOptions {
         samples: args.search_samples,
         reference_top_k: args.diep.reference_top_k.unwrap_or(REFERENCE_TOP_K),
         width: args.refine_width,
+        screen_samples: args.refine_screen,
+        screen_tokens: args.refine_screen_tokens.unwrap_or(args.seq_len / 4),
+        confirm: args.refine_confirm,
+        accept_margin: args.refine_margin,
+        accept_gain: args.refine_gain,
         ..Default::default()
     }
 }
@@ -496,8 +571,15 @@ fn greedy_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pru
     Ok(plan)
 }
 
-/// `--refine N`: local search from the computed plan.
-fn refine_plan(args: &PruneArgs, config: &ModelConfig, plan: &mut PruningPlan) -> Result<()> {
+/// `--refine N`: local search from the computed plan, against the method's own reference
+/// distributions when it computed them on the same sequences.
+fn refine_plan(
+    args: &PruneArgs,
+    config: &ModelConfig,
+    plan: &mut PruningPlan,
+    reference: Option<diep_optim::ReferenceStore>,
+) -> Result<()> {
+    let rounds = refine_rounds(args);
     let started = Instant::now();
     let allocation = match plan.allocation.as_deref() {
         Some("uniform") => Allocation::Uniform,
@@ -506,15 +588,76 @@ fn refine_plan(args: &PruneArgs, config: &ModelConfig, plan: &mut PruningPlan) -
     };
     let constraints = Constraints::for_model(config, args.min_experts);
     let samples = calibration(args)?;
+    let mut opts = search_options(args);
+    let counts = diep_plan::expert_counts(config);
+    // The share of the scored tokens screening reads (as refine_from resolves the options).
+    let n = if opts.samples == 0 { samples.len() } else { opts.samples.min(samples.len()) };
+    let len = samples.first().map_or(0, Vec::len);
+    let screen_n = if opts.screen_samples == 0 { n } else { opts.screen_samples.min(n) };
+    let tokens = if opts.screen_tokens == 0 { len } else { opts.screen_tokens.clamp(2, len.max(2)) };
+    let share = (screen_n * tokens) as f64 / (n * len).max(1) as f64;
+    let cost = |o: &diep_optim::SearchOptions| {
+        diep_optim::refine_round_cost(
+            &plan.kept_experts,
+            &counts,
+            config.num_layers,
+            allocation,
+            &constraints,
+            o,
+            share,
+        )
+    };
+    let full = cost(&opts);
+    if full > args.refine_max_passes {
+        let widest = plan.kept_experts.iter().map(|(l, k)| k.len().max(counts[l] - k.len())).max().unwrap_or(0);
+        let fits = (!plan.scores.is_empty())
+            .then(|| {
+                (1..=widest)
+                    .rev()
+                    .find(|w| cost(&diep_optim::SearchOptions { width: *w, ..opts.clone() }) <= args.refine_max_passes)
+            })
+            .flatten();
+        match fits {
+            Some(w) => {
+                eprintln!(
+                    "refine: a round over every expert would take about {full:.0} forward passes (--refine-max-passes {});                      looking at the {w} experts each side of each layer's cut",
+                    args.refine_max_passes
+                );
+                opts.width = w;
+            }
+            None if args.refine.is_none() => {
+                eprintln!(
+                    "refine: skipped: a round would take about {full:.0} forward passes over the calibration set even                      looking at one expert each side of each layer's cut, above --refine-max-passes {}",
+                    args.refine_max_passes
+                );
+                plan.settings["refine"] = serde_json::json!({"skipped": true, "estimated_passes": full, "max_passes": args.refine_max_passes});
+                return Ok(());
+            }
+            None => bail!(
+                "--refine: a round would take about {full:.0} forward passes over the calibration set{}, above                  --refine-max-passes {}; raise the limit, screen on fewer tokens (--refine-screen-tokens) or score                  fewer sequences (--search-samples)",
+                if plan.scores.is_empty() {
+                    " (the method gives no scores to narrow it by)"
+                } else {
+                    " even at one expert each side of each layer's cut"
+                },
+                args.refine_max_passes
+            ),
+        }
+    }
     let model = search_source(args)?;
-    let pb = progress_bar(args.refine as u64, "refine");
-    let opts = search_options(args);
+    let pb = progress_bar(rounds as u64, "refine");
+    // The method's reference is used when it is of the kind asked for and scores every sequence.
+    let reference = reference.filter(|r| {
+        let k = opts.reference_top_k;
+        (opts.samples == 0 || opts.samples >= samples.len()) && (if k == 0 { r.is_exact() } else { r.k() == k })
+    });
     let scores = (!plan.scores.is_empty()).then_some(&plan.scores);
     let outcome = model.refine(
         &samples,
         &plan.kept_experts,
+        reference,
         scores,
-        args.refine,
+        rounds,
         allocation,
         &constraints,
         &opts,
@@ -528,16 +671,20 @@ fn refine_plan(args: &PruneArgs, config: &ModelConfig, plan: &mut PruningPlan) -
     eprintln!(
         "refine: {} move(s) in up to {} round(s), {} plans evaluated ({:.0} forward passes over {} sequences), kl {:.5} -> {:.5}",
         outcome.moves.len(),
-        args.refine,
+        rounds,
         outcome.evaluations,
         outcome.forward_passes,
         outcome.samples,
         outcome.loss_before,
         outcome.loss_after
     );
+    let estimated = cost(&opts);
     plan.kept_experts = outcome.kept.clone();
-    plan.settings["refine"] = serde_json::json!({"rounds": args.refine, "samples": outcome.samples,
-        "objective": "kl", "reference_top_k": opts.reference_top_k});
+    plan.settings["refine"] = serde_json::json!({"rounds": rounds, "samples": outcome.samples,
+        "objective": "kl", "reference_top_k": opts.reference_top_k, "screen_samples": outcome.screen_samples,
+        "screen_tokens": outcome.screen_tokens, "confirm": opts.confirm, "accept_margin": opts.accept_margin,
+        "accept_gain": opts.accept_gain, "width": opts.width, "estimated_passes_per_round": estimated,
+        "max_passes": args.refine_max_passes});
     plan.extra.insert("refine".into(), serde_json::to_value(&outcome)?);
     plan.timings.insert("refine_s".into(), started.elapsed().as_secs_f64());
     Ok(())
@@ -649,7 +796,7 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         threshold: d.threshold,
         lambda: d.lambda,
         ratio,
-        epochs: d.epochs,
+        epochs: d.epochs.unwrap_or(if global(args) { 4 } else { 10 }),
         batch_size: args.batch_size.unwrap_or(16),
         lr: d.lr,
         optimizer: d.optimizer,
@@ -683,7 +830,11 @@ fn state_path(args: &PruneArgs) -> PathBuf {
 }
 
 /// `--method diep`: optimise α and β on the calibration set, then rank.
-fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<PruningPlan> {
+fn diep_plan(
+    args: &PruneArgs,
+    config: &ModelConfig,
+    ratio: f64,
+) -> Result<(PruningPlan, Option<diep_optim::ReferenceStore>)> {
     let allocation = args.allocation.unwrap_or(Allocation::Global);
     let settings = diep_settings(args, ratio)?;
     let constraints = Constraints::for_model(config, args.min_experts);
@@ -805,7 +956,8 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
             other => bail!("--boundaries must be auto, device or host, got `{other}`"),
         },
     };
-    let state = diep_optim::optimise_with(&model, &samples, &settings, resume, &stream, on_event)?;
+    let (state, reference) =
+        diep_optim::optimise_keeping_reference(&model, &samples, &settings, resume, &stream, on_event)?;
     pb.finish_and_clear();
     let optimised = Instant::now();
     let mut plan = diep_optim::pruning_plan(config, &state, &constraints, args.min_experts, allocation, &device)?;
@@ -814,7 +966,7 @@ fn diep_plan(args: &PruneArgs, config: &ModelConfig, ratio: f64) -> Result<Pruni
     plan.timings.insert("selection_s".into(), optimised.elapsed().as_secs_f64());
     record_run(&mut plan, args);
     plan.settings["state_file"] = state_file.display().to_string().into();
-    Ok(plan)
+    Ok((plan, reference))
 }
 
 fn print_summary(args: &PruneArgs, plan: &PruningPlan, report: &SurgeryReport, seconds: f64, rss_mb: Option<f64>) {

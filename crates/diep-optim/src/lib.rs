@@ -30,14 +30,17 @@ pub mod stream;
 
 pub use error::{OptimError, Result};
 pub use optimise::{
-    Event, StepGrads, Stepper, budget, epoch_order, keep_count, next_token_ce, optimise, optimise_layer_wise,
-    optimise_with,
+    Event, StepGrads, Stepper, budget, epoch_order, keep_count, next_token_ce, optimise, optimise_keeping_reference,
+    optimise_layer_wise, optimise_with,
 };
 pub use plan::{expert_scores, pruning_plan};
 pub use reference::ReferenceStore;
-pub use search::{Evaluator, Move, SearchOptions, SearchOutcome, greedy_search, refine};
+pub use search::{
+    Evaluator, Move, SearchOptions, SearchOutcome, greedy_search, refine, refine_from, refine_round_cost,
+};
 pub use settings::{AlphaInit, DiepSettings, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
 pub use state::{
-    BestEpoch, DiepState, EpochRecord, LayerState, Moments, PlanScore, STATE_FORMAT, fingerprint, paired_t,
+    BestEpoch, DiepState, EpochRecord, LayerState, Moments, PlanScore, STATE_FORMAT, clearly_better, fingerprint,
+    paired_t,
 };
 pub use stream::{Offload, Phase, RoutingShares, StreamOptions};

@@ -155,10 +155,24 @@ pub fn optimise_with<S: LayerSource>(
     settings: &DiepSettings,
     resume: Option<DiepState>,
     stream: &StreamOptions,
-    mut on_event: impl FnMut(Event<'_>) -> Result<()>,
+    on_event: impl FnMut(Event<'_>) -> Result<()>,
 ) -> Result<DiepState> {
+    Ok(optimise_keeping_reference(source, ids, settings, resume, stream, on_event)?.0)
+}
+
+/// [`optimise_with`], also returning the original model's reference distributions it computed
+/// for `ids` (`kl` objective only), so that a refinement of the plan ([`crate::refine_from`])
+/// scores against them without another pass.
+pub fn optimise_keeping_reference<S: LayerSource>(
+    source: &S,
+    ids: &[Vec<u32>],
+    settings: &DiepSettings,
+    resume: Option<DiepState>,
+    stream: &StreamOptions,
+    mut on_event: impl FnMut(Event<'_>) -> Result<()>,
+) -> Result<(DiepState, Option<ReferenceStore>)> {
     if settings.objective == Objective::LayerWise {
-        return optimise_layer_wise(source, ids, settings, resume, on_event);
+        return Ok((optimise_layer_wise(source, ids, settings, resume, on_event)?, None));
     }
     check_inputs(ids, settings)?;
     check_lengths(ids)?;
@@ -217,7 +231,8 @@ pub fn optimise_with<S: LayerSource>(
                 (events.borrow_mut())(Event::Layer { epoch: input.epoch, step: input.step, phase, done, total })
             })
         };
-    run(&experts, ids, settings, resume, init, step, score_epoch, |e| (events.borrow_mut())(e))
+    let state = run(&experts, ids, settings, resume, init, step, score_epoch, |e| (events.borrow_mut())(e))?;
+    Ok((state, reference))
 }
 
 /// The candidate starts of a run: none for `zero`, the one the settings name, or for `auto`

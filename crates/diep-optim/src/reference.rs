@@ -61,6 +61,31 @@ impl ReferenceStore {
         self.k >= self.vocab
     }
 
+    /// The store of the sequences `seqs` of this one, in that order (sequence `i` of the result
+    /// is sequence `seqs[i]` here). Panics on an index out of range.
+    pub fn subset(&self, seqs: &[usize]) -> Self {
+        self.prefixes(seqs, self.seq_len)
+    }
+
+    /// [`ReferenceStore::subset`] cut to the first `len` positions of each sequence: the
+    /// reference of those sequences' first `len` tokens (a causal model's distribution at a
+    /// position depends only on the tokens up to it). `len` above the stored length keeps all.
+    pub fn prefixes(&self, seqs: &[usize], len: usize) -> Self {
+        let len = len.min(self.seq_len);
+        let cut = |rows: &[Vec<f32>], per: usize| -> Vec<Vec<f32>> {
+            seqs.iter().map(|i| rows[*i][..(len * per).min(rows[*i].len())].to_vec()).collect()
+        };
+        let k_ids = if self.is_exact() { 0 } else { self.k };
+        ReferenceStore {
+            k: self.k,
+            vocab: self.vocab,
+            seq_len: len,
+            ids: seqs.iter().map(|i| self.ids[*i][..(len * k_ids).min(self.ids[*i].len())].to_vec()).collect(),
+            logp: cut(&self.logp, self.k),
+            log_tail: cut(&self.log_tail, 1),
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         let ids: usize = self.ids.iter().map(|v| v.len() * 4).sum();

@@ -16,7 +16,9 @@
 //!   kept and one removed expert (within a routing group); under a global allocation without
 //!   groups, also moves of one expert between two layers (the best single removal of one layer
 //!   paired with the best single restoration of another). An improvement is accepted only if it
-//!   lowers the objective, so the objective never rises.
+//!   lowers the objective (optionally, only if clearly: [`SearchOptions::accept_margin`]), so
+//!   the objective never rises. Candidates can be screened on the first tokens of each sequence
+//!   first ([`SearchOptions::screen_tokens`]); [`refine_round_cost`] estimates a round.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,6 +32,7 @@ use serde::Serialize;
 
 use crate::error::{OptimError, Result};
 use crate::reference::ReferenceStore;
+use crate::state::{PlanScore, clearly_better};
 use crate::stream::{StreamOptions, prepass};
 
 /// How a search scores plans.
@@ -46,11 +49,38 @@ pub struct SearchOptions {
     /// Refinement only: with scores, the experts considered in each layer are the `width`
     /// lowest-scored kept and the `width` highest-scored removed (those nearest the cut); 0: all.
     pub width: usize,
+    /// Refinement only: candidates are first scored on a screen, this many of the scored
+    /// sequences spread evenly over them (0: all), each cut to [`Self::screen_tokens`]; only
+    /// those that lower the objective there, at most [`Self::confirm`] per decision, are scored
+    /// on the whole sequences. No screening when the screen would be every token.
+    pub screen_samples: usize,
+    /// Refinement only: the screen's tokens of each sequence, its first ones (0: all).
+    pub screen_tokens: usize,
+    /// Refinement only: candidates per decision scored on every sequence after screening.
+    pub confirm: usize,
+    /// Refinement only: a change is accepted when it is clearly better on every scored sequence
+    /// ([`crate::state::clearly_better`]): its paired t over the per-sequence objective at most
+    /// `−accept_margin`, or its objective lower by the fraction `accept_gain`. 0 and 0: any
+    /// decrease.
+    pub accept_margin: f64,
+    /// Refinement only: see [`Self::accept_margin`].
+    pub accept_gain: f64,
 }
 
 impl Default for SearchOptions {
     fn default() -> Self {
-        SearchOptions { samples: 0, micro_batch: 0, reference_top_k: 64, candidates_per_pass: 16, width: 0 }
+        SearchOptions {
+            samples: 0,
+            micro_batch: 0,
+            reference_top_k: 64,
+            candidates_per_pass: 16,
+            width: 0,
+            screen_samples: 0,
+            screen_tokens: 0,
+            confirm: 2,
+            accept_margin: 0.0,
+            accept_gain: 0.0,
+        }
     }
 }
 
@@ -63,6 +93,10 @@ pub struct Move {
     pub restored: Vec<(usize, usize)>,
     /// The objective after the move.
     pub loss: f64,
+    /// Refinement: the paired t statistic of the move's per-sequence objective against the plan
+    /// before it (what [`SearchOptions::accept_margin`] is compared with).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub t: Option<f64>,
 }
 
 /// What a search found.
@@ -83,6 +117,16 @@ pub struct SearchOutcome {
     pub forward_passes: f64,
     /// Calibration sequences scored.
     pub samples: usize,
+    /// Refinement: the sequences candidates were screened on first (0: none).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub screen_samples: usize,
+    /// Refinement: the tokens of each screened sequence scored (0: no screening).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub screen_tokens: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A change of some layers' masks.
@@ -190,6 +234,21 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
         &self.seq_losses
     }
 
+    /// The current plan's score: [`Evaluator::loss`] and [`Evaluator::sequence_losses`].
+    pub fn score(&self) -> PlanScore {
+        PlanScore { loss: self.loss, per_sequence: self.seq_losses.clone() }
+    }
+
+    /// The reference distributions plans are scored against.
+    pub fn reference(&self) -> &ReferenceStore {
+        &self.store
+    }
+
+    /// Sequences scored.
+    pub fn samples(&self) -> usize {
+        self.seq_losses.len()
+    }
+
     /// The current masks (`true`: kept).
     pub fn masks(&self) -> &BTreeMap<usize, Vec<bool>> {
         &self.masks
@@ -260,9 +319,16 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
 
     /// The objective of each candidate change of the current plan.
     pub fn evaluate(&mut self, candidates: &[Change]) -> Result<Vec<f64>> {
+        Ok(self.evaluate_scores(candidates)?.into_iter().map(|s| s.loss).collect())
+    }
+
+    /// The objective of each candidate change of the current plan, with its value on each
+    /// scored sequence.
+    pub fn evaluate_scores(&mut self, candidates: &[Change]) -> Result<Vec<PlanScore>> {
         let layers = self.source.config().num_layers;
         let device = self.device();
-        let mut out = vec![f64::NAN; candidates.len()];
+        let seq_len = (self.positions / self.chunks.last().map_or(1, |c| c.end).max(1)) as f64;
+        let mut out = vec![PlanScore { loss: f64::NAN, per_sequence: Vec::new() }; candidates.len()];
         let mut by_start: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, c) in candidates.iter().enumerate() {
             let start = *c.keys().next().ok_or_else(|| OptimError::Config("an empty candidate change".into()))?;
@@ -287,7 +353,10 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
                     self.layer_forwards += (group.len() * self.chunks.len()) as u64;
                 }
                 for (i, per_seq) in group.iter().zip(self.head_losses(&hs)?) {
-                    out[*i] = self.mean(&per_seq);
+                    out[*i] = PlanScore {
+                        loss: self.mean(&per_seq),
+                        per_sequence: per_seq.iter().map(|v| v / seq_len).collect(),
+                    };
                 }
                 self.evaluations += group.len() as u64;
             }
@@ -415,7 +484,7 @@ pub fn greedy_search<S: LayerSource>(
             .expect("candidates");
         let loss = eval.apply(&candidates[best])?;
         *removed_in.get_mut(&what[best].0).expect("layer") += 1;
-        moves.push(Move { removed: vec![what[best]], restored: vec![], loss });
+        moves.push(Move { removed: vec![what[best]], restored: vec![], loss, t: None });
         progress(step + 1, total_remove, loss)?;
     }
     Ok(SearchOutcome {
@@ -426,13 +495,19 @@ pub fn greedy_search<S: LayerSource>(
         evaluations: eval.evaluations(),
         forward_passes: eval.forward_passes(),
         samples: if opts.samples == 0 { ids.len() } else { opts.samples.min(ids.len()) },
+        screen_samples: 0,
+        screen_tokens: 0,
     })
 }
 
 /// Local search from `kept`: `rounds` rounds of the best within-layer swap in every MoE layer
 /// (and, under a global allocation without routing groups, the best move of one expert between
-/// two layers), each accepted only if it lowers the objective. Stops early when a round changes
-/// nothing. `progress(round, rounds, loss)` after each round.
+/// two layers), each accepted only if it is clearly better on the calibration objective
+/// ([`SearchOptions::accept_margin`], [`SearchOptions::accept_gain`]; by default any decrease),
+/// so the objective never rises. With [`SearchOptions::screen_samples`] or
+/// [`SearchOptions::screen_tokens`] candidates are screened on part of the scored tokens first.
+/// Stops early when a round changes nothing.
+/// `progress(round, rounds, loss)` after each round.
 pub fn refine<S: LayerSource>(
     source: &S,
     ids: &[Vec<u32>],
@@ -442,9 +517,40 @@ pub fn refine<S: LayerSource>(
     allocation: Allocation,
     constraints: &Constraints,
     opts: &SearchOptions,
+    progress: impl FnMut(usize, usize, f64) -> Result<()>,
+) -> Result<SearchOutcome> {
+    let eval = Evaluator::new(source, ids, Some(kept), opts)?;
+    refine_from(eval, ids, scores, rounds, allocation, constraints, opts, progress)
+}
+
+/// [`refine`] from an evaluator already at the plan to refine (its reference, sequences and
+/// cached states are reused; `ids` are the sequences it was made on).
+pub fn refine_from<S: LayerSource>(
+    mut eval: Evaluator<'_, S>,
+    ids: &[Vec<u32>],
+    scores: Option<&BTreeMap<usize, Vec<f64>>>,
+    rounds: usize,
+    allocation: Allocation,
+    constraints: &Constraints,
+    opts: &SearchOptions,
     mut progress: impl FnMut(usize, usize, f64) -> Result<()>,
 ) -> Result<SearchOutcome> {
-    let mut eval = Evaluator::new(source, ids, Some(kept), opts)?;
+    let source = eval.source;
+    let n = eval.samples();
+    // The screening evaluator: `screen_samples` of the scored sequences, spread evenly, each cut
+    // to its first `screen_tokens` tokens.
+    let len = ids.first().map_or(0, Vec::len);
+    let count = if opts.screen_samples == 0 { n } else { opts.screen_samples.min(n) };
+    let tokens = if opts.screen_tokens == 0 { len } else { opts.screen_tokens.clamp(2, len.max(2)) };
+    let mut screen = if count < n || tokens < len {
+        let picked: Vec<usize> = (0..count).map(|i| i * n / count).collect();
+        let sub_ids: Vec<Vec<u32>> = picked.iter().map(|i| ids[*i][..tokens.min(ids[*i].len())].to_vec()).collect();
+        let store = eval.reference().prefixes(&picked, tokens);
+        let sub_opts = SearchOptions { samples: 0, ..opts.clone() };
+        Some(Evaluator::with_reference(source, &sub_ids, Cow::Owned(store), Some(&eval.kept()), &sub_opts)?)
+    } else {
+        None
+    };
     let loss_before = eval.loss();
     let n_group = constraints.n_group();
     let mut moves = Vec::new();
@@ -469,48 +575,94 @@ pub fn refine<S: LayerSource>(
                     what.push((out, inn));
                 }
             }
-            if candidates.is_empty() {
-                continue;
-            }
-            let losses = eval.evaluate(&candidates)?;
-            let best = (0..candidates.len()).min_by(|a, b| losses[*a].total_cmp(&losses[*b])).expect("candidates");
-            if losses[best] < eval.loss() * (1.0 - 1e-9) {
-                let loss = eval.apply(&candidates[best])?;
-                moves.push(Move { removed: vec![(*l, what[best].0)], restored: vec![(*l, what[best].1)], loss });
+            let picked = screened(screen.as_mut(), &candidates, opts.confirm)?;
+            if let Some((i, t)) = best_accepted(&mut eval, &candidates, &picked, opts)? {
+                let loss = eval.apply(&candidates[i])?;
+                if let Some(sc) = screen.as_mut() {
+                    sc.apply(&candidates[i])?;
+                }
+                moves.push(Move { removed: vec![(*l, what[i].0)], restored: vec![(*l, what[i].1)], loss, t });
                 improved = true;
             }
         }
         if allocation == Allocation::Global && constraints.groups.is_none() && layers.len() > 1 {
-            improved |= cross_layer_move(&mut eval, constraints, scores, opts.width, &mut moves)?;
+            improved |= cross_layer_move(&mut eval, screen.as_mut(), constraints, scores, opts, &mut moves)?;
         }
         progress(round + 1, rounds, eval.loss())?;
         if !improved {
             break;
         }
     }
+    let (screen_evals, screen_passes, screen_n) =
+        screen.as_ref().map_or((0, 0.0, 0), |sc| (sc.evaluations(), sc.forward_passes(), sc.samples()));
+    // A screening pass costs its share of the scored tokens.
+    let screen_share = (screen_n * tokens) as f64 / (n * len).max(1) as f64;
     Ok(SearchOutcome {
         kept: eval.kept(),
         loss_before,
         loss_after: eval.loss(),
         moves,
-        evaluations: eval.evaluations(),
-        forward_passes: eval.forward_passes(),
-        samples: if opts.samples == 0 { ids.len() } else { opts.samples.min(ids.len()) },
+        evaluations: eval.evaluations() + screen_evals,
+        forward_passes: eval.forward_passes() + screen_passes * screen_share,
+        samples: n,
+        screen_samples: screen_n,
+        screen_tokens: if screen_n > 0 { tokens } else { 0 },
     })
 }
 
-/// One move of an expert between layers: the cheapest single removal of each layer above its
-/// floor and the most useful single restoration of each layer are scanned, the pairs of two
-/// different layers are ranked by the sum of their separate effects, and the best few are
-/// evaluated together; the best is accepted if it lowers the objective.
-fn cross_layer_move<S: LayerSource>(
+/// The candidates worth scoring on every sequence: with a screening evaluator, those that lower
+/// its objective, at most `confirm`, best first; without, all.
+fn screened<S: LayerSource>(
+    screen: Option<&mut Evaluator<'_, S>>,
+    candidates: &[Change],
+    confirm: usize,
+) -> Result<Vec<usize>> {
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(sc) = screen else { return Ok((0..candidates.len()).collect()) };
+    let losses = sc.evaluate(candidates)?;
+    let base = sc.loss();
+    let mut order: Vec<usize> = (0..candidates.len()).filter(|i| losses[*i] < base).collect();
+    order.sort_by(|a, b| losses[*a].total_cmp(&losses[*b]));
+    order.truncate(confirm.max(1));
+    Ok(order)
+}
+
+/// Scores `picked` of `candidates` on every sequence; the best of them, with its paired t against
+/// the current plan, if it is to be accepted.
+fn best_accepted<S: LayerSource>(
     eval: &mut Evaluator<'_, S>,
+    candidates: &[Change],
+    picked: &[usize],
+    opts: &SearchOptions,
+) -> Result<Option<(usize, Option<f64>)>> {
+    if picked.is_empty() {
+        return Ok(None);
+    }
+    let subset: Vec<Change> = picked.iter().map(|i| candidates[*i].clone()).collect();
+    let scored = eval.evaluate_scores(&subset)?;
+    let best = (0..scored.len()).min_by(|a, b| scored[*a].loss.total_cmp(&scored[*b].loss)).expect("picked");
+    let current = eval.score();
+    let accept = scored[best].loss < current.loss * (1.0 - 1e-9)
+        && clearly_better(&scored[best], &current, opts.accept_margin, opts.accept_gain);
+    let t = crate::state::paired_t(&scored[best].per_sequence, &current.per_sequence);
+    Ok(accept.then_some((picked[best], t)))
+}
+
+/// One move of an expert between layers: the cheapest single removal of each layer above its
+/// floor and the most useful single restoration of each layer are scanned (on the screening
+/// sequences when there are), the pairs of two different layers are ranked by the sum of their
+/// separate effects, and the best few are evaluated together on every sequence; the best is
+/// accepted under the refinement's rule.
+fn cross_layer_move<'a, S: LayerSource>(
+    eval: &mut Evaluator<'a, S>,
+    mut screen: Option<&mut Evaluator<'a, S>>,
     constraints: &Constraints,
     scores: Option<&BTreeMap<usize, Vec<f64>>>,
-    width: usize,
+    opts: &SearchOptions,
     moves: &mut Vec<Move>,
 ) -> Result<bool> {
-    let base = eval.loss();
     let masks = eval.masks().clone();
     let mut removals: Vec<Change> = Vec::new();
     let mut removal_of: Vec<(usize, usize)> = Vec::new();
@@ -518,7 +670,7 @@ fn cross_layer_move<S: LayerSource>(
     let mut restore_of: Vec<(usize, usize)> = Vec::new();
     for (l, m) in &masks {
         let kept = m.iter().filter(|k| **k).count();
-        let (outs, ins) = near_the_cut(m, scores.and_then(|s| s.get(l)), width.div_ceil(2));
+        let (outs, ins) = near_the_cut(m, scores.and_then(|s| s.get(l)), opts.width.div_ceil(2));
         for e in outs.into_iter().filter(|_| kept > constraints.floor).chain(ins) {
             let mut c = m.clone();
             c[e] = !c[e];
@@ -534,8 +686,13 @@ fn cross_layer_move<S: LayerSource>(
     if removals.is_empty() || restores.is_empty() {
         return Ok(false);
     }
-    let lr = eval.evaluate(&removals)?;
-    let lg = eval.evaluate(&restores)?;
+    let scan = match screen.as_deref_mut() {
+        Some(sc) => sc,
+        None => &mut *eval,
+    };
+    let base = scan.loss();
+    let lr = scan.evaluate(&removals)?;
+    let lg = scan.evaluate(&restores)?;
     // The best removal and the best restoration of each layer.
     let best_per_layer = |of: &[(usize, usize)], loss: &[f64]| -> BTreeMap<usize, (usize, f64)> {
         let mut best: BTreeMap<usize, (usize, f64)> = BTreeMap::new();
@@ -556,7 +713,7 @@ fn cross_layer_move<S: LayerSource>(
         }
     }
     pairs.sort_by(|x, y| x.0.total_cmp(&y.0));
-    pairs.truncate(4);
+    pairs.truncate(if screen.is_some() { opts.confirm.max(1) } else { 4 });
     if pairs.first().is_none_or(|p| p.0 >= 0.0) {
         return Ok(false);
     }
@@ -569,15 +726,59 @@ fn cross_layer_move<S: LayerSource>(
             BTreeMap::from([(*a, ma), (*b, mb)])
         })
         .collect();
-    let losses = eval.evaluate(&candidates)?;
-    let best = (0..candidates.len()).min_by(|x, y| losses[*x].total_cmp(&losses[*y])).expect("pairs");
-    if losses[best] < base * (1.0 - 1e-9) {
+    let picked: Vec<usize> = (0..candidates.len()).collect();
+    if let Some((best, t)) = best_accepted(eval, &candidates, &picked, opts)? {
         let loss = eval.apply(&candidates[best])?;
+        if let Some(sc) = screen {
+            sc.apply(&candidates[best])?;
+        }
         let (_, a, ea, b, eb) = pairs[best];
-        moves.push(Move { removed: vec![(a, ea)], restored: vec![(b, eb)], loss });
+        moves.push(Move { removed: vec![(a, ea)], restored: vec![(b, eb)], loss, t });
         return Ok(true);
     }
     Ok(false)
+}
+
+/// The estimated cost of one round of [`refine`] from `kept`, in forward passes over the scored
+/// sequences: every candidate it screens (at the screening share of the tokens) or scores, each
+/// from its layer up, the candidates confirmed on the whole sequences, a move accepted in every
+/// layer and between layers, and the evaluators' first passes. `num_layers` counts every
+/// decoder layer; `width` as [`SearchOptions::width`] (it applies only with scores);
+/// `screen_share` is the fraction of the scored tokens screening reads (1: no screening). An
+/// upper bound of what the round's [`SearchOutcome::forward_passes`] reports.
+pub fn refine_round_cost(
+    kept: &Kept,
+    counts: &BTreeMap<usize, usize>,
+    num_layers: usize,
+    allocation: Allocation,
+    constraints: &Constraints,
+    opts: &SearchOptions,
+    screen_share: f64,
+) -> f64 {
+    let layers = num_layers.max(1) as f64;
+    let screened = screen_share < 1.0;
+    let share = screen_share.clamp(0.0, 1.0);
+    let cross = allocation == Allocation::Global && constraints.groups.is_none() && counts.len() > 1;
+    let mut cost = 1.0 + if screened { share } else { 0.0 };
+    // An accepted move recomputes the plan's states from its layer up (screen too).
+    let apply = 1.0 + if screened { share } else { 0.0 };
+    for (l, n) in counts {
+        let depth = (layers - *l as f64).max(0.0) / layers;
+        let k = kept.get(l).map_or(*n, Vec::len);
+        let r = n.saturating_sub(k);
+        let cap = |x: usize, w: usize| if opts.width > 0 { x.min(w) } else { x };
+        let swaps = (cap(k, opts.width) * cap(r, opts.width)) as f64;
+        cost += (if screened { swaps * share + swaps.min(opts.confirm.max(1) as f64) } else { swaps } + apply) * depth;
+        if cross {
+            let w = opts.width.div_ceil(2);
+            let singles = (if k > constraints.floor { cap(k, w) } else { 0 } + cap(r, w)) as f64;
+            cost += singles * depth * if screened { share } else { 1.0 };
+        }
+    }
+    if cross {
+        cost += if screened { opts.confirm.max(1) as f64 } else { 4.0 } + apply;
+    }
+    cost
 }
 
 /// The kept experts and the removed experts of a layer a refinement considers: all of them, or

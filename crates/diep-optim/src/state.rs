@@ -154,18 +154,32 @@ impl BestEpoch {
     /// at least the fraction `gain` of this plan's mean (`gain > 0`), or, when both plans were
     /// scored on the same sequences, with the paired differences' t statistic at most `−margin`.
     pub fn is_beaten_by(&self, candidate: &PlanScore, margin: f64, gain: f64) -> bool {
-        if candidate.loss.total_cmp(&self.discrete).is_ge() {
-            return false;
-        }
-        if gain > 0.0 && candidate.loss <= (1.0 - gain) * self.discrete {
-            return true;
-        }
-        let (a, b) = (&candidate.per_sequence, &self.per_sequence);
-        if margin == 0.0 || a.len() != b.len() || a.len() < 2 {
-            return true;
-        }
-        paired_t(a, b).is_none_or(|t| t <= -margin)
+        clearly_better(
+            candidate,
+            &PlanScore { loss: self.discrete, per_sequence: self.per_sequence.clone() },
+            margin,
+            gain,
+        )
     }
+}
+
+/// Whether a plan scored `candidate` is clearly better than one scored `current`, the rule of
+/// the epoch selection ([`BestEpoch::is_beaten_by`]) and of the refinement's acceptance: its mean
+/// must be lower, and either lower by at least the fraction `gain` of `current`'s mean
+/// (`gain > 0`), or, when both were scored on the same sequences, with the paired differences' t
+/// statistic at most `−margin` (`margin = 0`: any lower mean).
+pub fn clearly_better(candidate: &PlanScore, current: &PlanScore, margin: f64, gain: f64) -> bool {
+    if candidate.loss.total_cmp(&current.loss).is_ge() {
+        return false;
+    }
+    if gain > 0.0 && candidate.loss <= (1.0 - gain) * current.loss {
+        return true;
+    }
+    let (a, b) = (&candidate.per_sequence, &current.per_sequence);
+    if margin == 0.0 || a.len() != b.len() || a.len() < 2 {
+        return true;
+    }
+    paired_t(a, b).is_none_or(|t| t <= -margin)
 }
 
 /// A discrete plan's calibration objective: the mean, and its value on each scored sequence.

@@ -1,6 +1,7 @@
 //! The discrete searches: greedy's first step against an exhaustive single-expert scan done
-//! independently (whole-model forwards with masks), refinement never raising the objective, and
-//! the per-sequence objective the epoch selection compares against the same independent KL.
+//! independently (whole-model forwards with masks), refinement never raising the objective (with
+//! and without screening, each accepted move clearly better under the acceptance rule), and the
+//! per-sequence objective the epoch selection compares against the same independent KL.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use std::path::PathBuf;
 use diep_models::burn::tensor::Device;
 use diep_models::burn::tensor::activation::log_softmax;
 use diep_models::{DeviceSpec, MoeModel, StreamingModel};
-use diep_optim::{Evaluator, SearchOptions, greedy_search, refine};
+use diep_optim::{Evaluator, SearchOptions, greedy_search, paired_t, refine, refine_round_cost};
 use diep_plan::{Allocation, Constraints, Kept};
 
 fn root() -> PathBuf {
@@ -140,4 +141,114 @@ fn per_sequence_objective_matches_whole_model_kl() {
         let mean = got.iter().sum::<f64>() / got.len() as f64;
         assert!((eval.loss() - mean).abs() <= 1e-9 * mean, "{} vs {mean}", eval.loss());
     }
+}
+
+/// Screened refinement (candidates scored on 2 of the 4 sequences first) under an acceptance
+/// margin: every accepted move is checked against independent whole-model KLs per sequence —
+/// lower mean, and a paired t at most −margin or a gain of at least the fraction `gain`.
+/// With an unreachable rule nothing moves.
+#[test]
+fn screened_refinement_accepts_only_clear_improvements() {
+    let name = "tiny-qwen2-moe";
+    let mut model = MoeModel::load(root().join("models").join(name), &device()).unwrap();
+    let streaming = StreamingModel::open(root().join("models").join(name), &device()).unwrap();
+    let ids = calibration(name);
+    let counts = diep_plan::expert_counts(model.config());
+    let kept: Kept = counts.iter().map(|(l, n)| (*l, (0..n / 2).collect())).collect();
+    let c = Constraints::for_model(model.config(), 0);
+    let masks_of = |k: &Kept| -> BTreeMap<usize, Vec<bool>> {
+        k.iter().map(|(l, k)| (*l, (0..counts[l]).map(|e| k.contains(&e)).collect())).collect()
+    };
+    let (margin, gain) = (2.0, 0.05);
+    let opts = SearchOptions {
+        reference_top_k: 0,
+        screen_samples: 2,
+        confirm: 2,
+        accept_margin: margin,
+        accept_gain: gain,
+        ..Default::default()
+    };
+    // One round's cost stays within its estimate (2 of 4 sequences whole: half the tokens).
+    let one = refine(&streaming, &ids, &kept, None, 1, Allocation::Global, &c, &opts, |_, _, _| Ok(())).unwrap();
+    let estimate = refine_round_cost(&kept, &counts, model.config().num_layers, Allocation::Global, &c, &opts, 0.5);
+    assert!(one.forward_passes <= estimate + 1e-9, "{} > {estimate}", one.forward_passes);
+    let out = refine(&streaming, &ids, &kept, None, 3, Allocation::Global, &c, &opts, |_, _, _| Ok(())).unwrap();
+    assert_eq!(out.screen_samples, 2);
+    assert!(!out.moves.is_empty(), "a half-layer start can be improved clearly");
+    // Replay the moves on the plan and check each against per-sequence KLs from whole forwards.
+    let mut plan = masks_of(&kept);
+    let per_seq = |model: &mut MoeModel, masks: &BTreeMap<usize, Vec<bool>>| -> Vec<f64> {
+        ids.iter().map(|s| exact_kl(model, std::slice::from_ref(s), masks)).collect()
+    };
+    let mut before = per_seq(&mut model, &plan);
+    for m in &out.moves {
+        for (l, e) in &m.removed {
+            plan.get_mut(l).unwrap()[*e] = false;
+        }
+        for (l, e) in &m.restored {
+            plan.get_mut(l).unwrap()[*e] = true;
+        }
+        let after = per_seq(&mut model, &plan);
+        let (mb, ma) = (before.iter().sum::<f64>() / 4.0, after.iter().sum::<f64>() / 4.0);
+        assert!((m.loss - ma).abs() <= 1e-5 * ma, "{m:?}: {ma}");
+        assert!(ma < mb, "{m:?}: {ma} >= {mb}");
+        let t = paired_t(&after, &before).unwrap_or(f64::NEG_INFINITY);
+        assert!(t <= -margin + 1e-6 || ma <= (1.0 - gain) * mb * (1.0 + 1e-6), "{m:?}: t {t}, {ma} vs {mb}");
+        before = after;
+    }
+    assert!((out.loss_after - before.iter().sum::<f64>() / 4.0).abs() <= 1e-5 * out.loss_after);
+    // A rule no change can meet keeps the plan.
+    let strict = SearchOptions { accept_margin: 1e9, accept_gain: 0.999, ..opts };
+    let out = refine(&streaming, &ids, &kept, None, 3, Allocation::Global, &c, &strict, |_, _, _| Ok(())).unwrap();
+    assert!(out.moves.is_empty() && out.kept == kept, "{:?}", out.moves);
+}
+
+/// A store cut to some sequences scores them as the whole store does, and cut to their first
+/// tokens as a reference computed on those tokens alone; a candidate's score per sequence
+/// equals the exact KL of that sequence under the candidate plan.
+#[test]
+fn reference_subset_scores_its_sequences_alike() {
+    let name = "tiny-mixtral";
+    let model = MoeModel::load(root().join("models").join(name), &device()).unwrap();
+    let mut independent = MoeModel::load(root().join("models").join(name), &device()).unwrap();
+    let ids = calibration(name);
+    let counts = diep_plan::expert_counts(model.config());
+    let kept: Kept = counts.iter().map(|(l, n)| (*l, (1..*n).step_by(2).collect())).collect();
+    for top_k in [0, 8] {
+        let opts = SearchOptions { reference_top_k: top_k, ..Default::default() };
+        let whole = Evaluator::new(&model, &ids, Some(&kept), &opts).unwrap();
+        let picked = [3, 1];
+        let sub_ids: Vec<Vec<u32>> = picked.iter().map(|i| ids[*i].clone()).collect();
+        let store = whole.reference().subset(&picked);
+        let sub =
+            Evaluator::with_reference(&model, &sub_ids, std::borrow::Cow::Owned(store), Some(&kept), &opts).unwrap();
+        for (j, i) in picked.iter().enumerate() {
+            let (a, b) = (sub.sequence_losses()[j], whole.sequence_losses()[*i]);
+            assert!((a - b).abs() <= 1e-6 * b.max(1e-9), "k {top_k}, seq {i}: {a} vs {b}");
+        }
+        // Cut to the first 5 tokens: as a reference computed afresh on those 5 tokens alone.
+        let short: Vec<Vec<u32>> = sub_ids.iter().map(|s| s[..5].to_vec()).collect();
+        let cut = whole.reference().prefixes(&picked, 5);
+        let cut = Evaluator::with_reference(&model, &short, std::borrow::Cow::Owned(cut), Some(&kept), &opts).unwrap();
+        let fresh = Evaluator::new(&model, &short, Some(&kept), &opts).unwrap();
+        for (a, b) in cut.sequence_losses().iter().zip(fresh.sequence_losses()) {
+            assert!((a - b).abs() <= 1e-5 * b.max(1e-9), "k {top_k}, prefixes: {a} vs {b}");
+        }
+    }
+    let opts = SearchOptions { reference_top_k: 0, ..Default::default() };
+    let mut whole = Evaluator::new(&model, &ids, Some(&kept), &opts).unwrap();
+    let mut masks: BTreeMap<usize, Vec<bool>> =
+        kept.iter().map(|(l, k)| (*l, (0..counts[l]).map(|e| k.contains(&e)).collect())).collect();
+    let last = *masks.keys().last().unwrap();
+    let m = masks.get_mut(&last).unwrap();
+    m[0] = true;
+    m[1] = false;
+    let change = BTreeMap::from([(last, m.clone())]);
+    let scored = whole.evaluate_scores(&[change]).unwrap().remove(0);
+    let exact: Vec<f64> = ids.iter().map(|s| exact_kl(&mut independent, std::slice::from_ref(s), &masks)).collect();
+    for (g, e) in scored.per_sequence.iter().zip(&exact) {
+        assert!((g - e).abs() <= 1e-5 * e.max(1e-6), "{:?} vs {exact:?}", scored.per_sequence);
+    }
+    let mean = exact.iter().sum::<f64>() / exact.len() as f64;
+    assert!((scored.loss - mean).abs() <= 1e-5 * mean);
 }
