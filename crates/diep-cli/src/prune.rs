@@ -669,12 +669,17 @@ fn refine_plan(
     )?;
     pb.finish_and_clear();
     eprintln!(
-        "refine: {} move(s) in up to {} round(s), {} plans evaluated ({:.0} forward passes over {} sequences), kl {:.5} -> {:.5}",
+        "refine: {} move(s) in up to {} round(s), {} plans evaluated ({:.0} forward passes over {} sequences{}), kl {:.5} -> {:.5}",
         outcome.moves.len(),
         rounds,
         outcome.evaluations,
         outcome.forward_passes,
         outcome.samples,
+        if outcome.screen_samples > 0 {
+            format!("; screened on {} × {} tokens", outcome.screen_samples, outcome.screen_tokens)
+        } else {
+            String::new()
+        },
         outcome.loss_before,
         outcome.loss_after
     );
