@@ -306,6 +306,9 @@ pub fn run(mut args: PruneArgs) -> Result<()> {
             bail!("--refine improves a computed plan; it cannot be added to an existing --plan");
         }
         refine_plan(&args, &config, &mut plan, reference)?;
+    } else {
+        // Not held through the surgery (up to EXACT_REFERENCE_BYTES).
+        drop(reference);
     }
     if args.merge || args.dynamic_skip {
         if args.plan.is_some() {
@@ -590,12 +593,7 @@ fn refine_plan(
     let samples = calibration(args)?;
     let mut opts = search_options(args);
     let counts = diep_plan::expert_counts(config);
-    // The share of the scored tokens screening reads (as refine_from resolves the options).
-    let n = if opts.samples == 0 { samples.len() } else { opts.samples.min(samples.len()) };
-    let len = samples.first().map_or(0, Vec::len);
-    let screen_n = if opts.screen_samples == 0 { n } else { opts.screen_samples.min(n) };
-    let tokens = if opts.screen_tokens == 0 { len } else { opts.screen_tokens.clamp(2, len.max(2)) };
-    let share = (screen_n * tokens) as f64 / (n * len).max(1) as f64;
+    let (n, len) = (opts.scored(samples.len()), samples.first().map_or(0, Vec::len));
     let cost = |o: &diep_optim::SearchOptions| {
         diep_optim::refine_round_cost(
             &plan.kept_experts,
@@ -604,7 +602,8 @@ fn refine_plan(
             allocation,
             &constraints,
             o,
-            share,
+            n,
+            len,
         )
     };
     let full = cost(&opts);
@@ -620,21 +619,25 @@ fn refine_plan(
         match fits {
             Some(w) => {
                 eprintln!(
-                    "refine: a round over every expert would take about {full:.0} forward passes (--refine-max-passes {});                      looking at the {w} experts each side of each layer's cut",
+                    "refine: a round over every expert would take about {full:.0} forward passes (--refine-max-passes {}); \
+                     looking at the {w} experts each side of each layer's cut",
                     args.refine_max_passes
                 );
                 opts.width = w;
             }
             None if args.refine.is_none() => {
                 eprintln!(
-                    "refine: skipped: a round would take about {full:.0} forward passes over the calibration set even                      looking at one expert each side of each layer's cut, above --refine-max-passes {}",
+                    "refine: skipped: a round would take about {full:.0} forward passes over the calibration set even \
+                     looking at one expert each side of each layer's cut, above --refine-max-passes {}",
                     args.refine_max_passes
                 );
                 plan.settings["refine"] = serde_json::json!({"skipped": true, "estimated_passes": full, "max_passes": args.refine_max_passes});
                 return Ok(());
             }
             None => bail!(
-                "--refine: a round would take about {full:.0} forward passes over the calibration set{}, above                  --refine-max-passes {}; raise the limit, screen on fewer tokens (--refine-screen-tokens) or score                  fewer sequences (--search-samples)",
+                "--refine: a round would take about {full:.0} forward passes over the calibration set{}, above \
+                 --refine-max-passes {}; raise the limit, screen on fewer tokens (--refine-screen-tokens) or score \
+                 fewer sequences (--search-samples)",
                 if plan.scores.is_empty() {
                     " (the method gives no scores to narrow it by)"
                 } else {
@@ -649,7 +652,7 @@ fn refine_plan(
     // The method's reference is used when it is of the kind asked for and scores every sequence.
     let reference = reference.filter(|r| {
         let k = opts.reference_top_k;
-        (opts.samples == 0 || opts.samples >= samples.len()) && (if k == 0 { r.is_exact() } else { r.k() == k })
+        n == samples.len() && (if k == 0 { r.is_exact() } else { r.k() == k })
     });
     let scores = (!plan.scores.is_empty()).then_some(&plan.scores);
     let outcome = model.refine(

@@ -84,6 +84,28 @@ impl Default for SearchOptions {
     }
 }
 
+impl SearchOptions {
+    /// The sequences scored out of `available`: the first [`Self::samples`], or all.
+    pub fn scored(&self, available: usize) -> usize {
+        if self.samples == 0 { available } else { self.samples.min(available) }
+    }
+
+    /// The refinement's screen over `scored` sequences of `seq_len` tokens: how many sequences
+    /// and how many of their first tokens ([`Self::screen_samples`], [`Self::screen_tokens`]);
+    /// `None` when that would be every scored token (no screening).
+    pub fn screen(&self, scored: usize, seq_len: usize) -> Option<(usize, usize)> {
+        let count = if self.screen_samples == 0 { scored } else { self.screen_samples.min(scored) };
+        let tokens = if self.screen_tokens == 0 { seq_len } else { self.screen_tokens.clamp(2, seq_len.max(2)) };
+        (count < scored || tokens < seq_len).then_some((count, tokens))
+    }
+
+    /// The fraction of the scored tokens the screen reads (1: no screening).
+    pub fn screen_share(&self, scored: usize, seq_len: usize) -> f64 {
+        self.screen(scored, seq_len)
+            .map_or(1.0, |(count, tokens)| (count * tokens) as f64 / (scored * seq_len).max(1) as f64)
+    }
+}
+
 /// One accepted change of a search.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Move {
@@ -143,9 +165,8 @@ pub struct Evaluator<'a, S: LayerSource> {
     masks: BTreeMap<usize, Vec<bool>>,
     /// `[layer][chunk]`: the input of every layer, and at `L` the last hidden state.
     bounds: Vec<Vec<Tensor<2>>>,
-    loss: f64,
-    /// The current plan's mean `kl` per position of each scored sequence.
-    seq_losses: Vec<f64>,
+    /// The current plan's objective: the mean `kl` per position, and each scored sequence's.
+    current: PlanScore,
     candidates_per_pass: usize,
     evaluations: u64,
     layer_forwards: u64,
@@ -170,7 +191,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
     /// expert). Computes the reference distributions and the plan's boundary states: two passes
     /// over the model.
     pub fn new(source: &'a S, ids: &[Vec<u32>], kept: Option<&Kept>, opts: &SearchOptions) -> Result<Self> {
-        let n = if opts.samples == 0 { ids.len() } else { opts.samples.min(ids.len()) };
+        let n = opts.scored(ids.len());
         let ids = &ids[..n];
         if ids.is_empty() || ids.iter().any(|s| s.len() != ids[0].len() || s.len() < 2) {
             return Err(OptimError::Config("the search needs calibration sequences of one length ≥ 2".into()));
@@ -189,7 +210,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
         kept: Option<&Kept>,
         opts: &SearchOptions,
     ) -> Result<Self> {
-        let n = if opts.samples == 0 { ids.len() } else { opts.samples.min(ids.len()) };
+        let n = opts.scored(ids.len());
         let ids = &ids[..n];
         let size = if opts.micro_batch == 0 { n } else { opts.micro_batch.min(n) };
         let chunks: Vec<Range<usize>> = (0..n).step_by(size).map(|s| s..(s + size).min(n)).collect();
@@ -213,8 +234,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
             positions: n * ids[0].len(),
             masks,
             bounds: vec![first],
-            loss: f64::NAN,
-            seq_losses: Vec::new(),
+            current: PlanScore { loss: f64::NAN, per_sequence: Vec::new() },
             candidates_per_pass: opts.candidates_per_pass.max(1),
             evaluations: 0,
             layer_forwards: 0,
@@ -225,18 +245,18 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
 
     /// The current plan's objective.
     pub fn loss(&self) -> f64 {
-        self.loss
+        self.current.loss
     }
 
     /// The current plan's objective on each scored sequence (mean `kl` per position; their
     /// mean is [`Evaluator::loss`]).
     pub fn sequence_losses(&self) -> &[f64] {
-        &self.seq_losses
+        &self.current.per_sequence
     }
 
     /// The current plan's score: [`Evaluator::loss`] and [`Evaluator::sequence_losses`].
     pub fn score(&self) -> PlanScore {
-        PlanScore { loss: self.loss, per_sequence: self.seq_losses.clone() }
+        self.current.clone()
     }
 
     /// The reference distributions plans are scored against.
@@ -246,7 +266,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
 
     /// Sequences scored.
     pub fn samples(&self) -> usize {
-        self.seq_losses.len()
+        self.current.per_sequence.len()
     }
 
     /// The current masks (`true`: kept).
@@ -289,9 +309,13 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
         })?)
     }
 
-    /// The objective (mean `kl` per position) of per-sequence sums.
-    fn mean(&self, per_seq: &[f64]) -> f64 {
-        per_seq.iter().sum::<f64>() / self.positions as f64
+    /// The score of per-sequence `kl` sums: their mean per position, and each sequence's.
+    fn score_of(&self, per_seq: &[f64]) -> PlanScore {
+        let seq_len = (self.positions / per_seq.len().max(1)) as f64;
+        PlanScore {
+            loss: per_seq.iter().sum::<f64>() / self.positions as f64,
+            per_sequence: per_seq.iter().map(|v| v / seq_len).collect(),
+        }
     }
 
     /// Runs layers `from..L` under the current masks from the cached input of `from`, replacing
@@ -311,9 +335,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
             self.bounds.push(out);
         }
         let per_seq = self.head_losses(&self.bounds[layers..=layers])?.remove(0);
-        self.loss = self.mean(&per_seq);
-        let seq_len = (self.positions / per_seq.len().max(1)) as f64;
-        self.seq_losses = per_seq.iter().map(|v| v / seq_len).collect();
+        self.current = self.score_of(&per_seq);
         Ok(())
     }
 
@@ -327,7 +349,6 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
     pub fn evaluate_scores(&mut self, candidates: &[Change]) -> Result<Vec<PlanScore>> {
         let layers = self.source.config().num_layers;
         let device = self.device();
-        let seq_len = (self.positions / self.chunks.last().map_or(1, |c| c.end).max(1)) as f64;
         let mut out = vec![PlanScore { loss: f64::NAN, per_sequence: Vec::new() }; candidates.len()];
         let mut by_start: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, c) in candidates.iter().enumerate() {
@@ -353,10 +374,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
                     self.layer_forwards += (group.len() * self.chunks.len()) as u64;
                 }
                 for (i, per_seq) in group.iter().zip(self.head_losses(&hs)?) {
-                    out[*i] = PlanScore {
-                        loss: self.mean(&per_seq),
-                        per_sequence: per_seq.iter().map(|v| v / seq_len).collect(),
-                    };
+                    out[*i] = self.score_of(&per_seq);
                 }
                 self.evaluations += group.len() as u64;
             }
@@ -371,7 +389,7 @@ impl<'a, S: LayerSource> Evaluator<'a, S> {
             self.masks.insert(*l, m.clone());
         }
         self.recompute_from(start)?;
-        Ok(self.loss)
+        Ok(self.current.loss)
     }
 }
 
@@ -424,7 +442,7 @@ pub fn greedy_search<S: LayerSource>(
              sequences ({total_remove} removals, each trying every remaining expert), more than the limit of \
              {max_forward_passes:.0} (--search-max-passes); raise the limit or score fewer sequences \
              (--search-samples)",
-            if opts.samples == 0 { ids.len() } else { opts.samples.min(ids.len()) }
+            opts.scored(ids.len())
         )));
     }
     let n_group = constraints.n_group();
@@ -494,7 +512,7 @@ pub fn greedy_search<S: LayerSource>(
         moves,
         evaluations: eval.evaluations(),
         forward_passes: eval.forward_passes(),
-        samples: if opts.samples == 0 { ids.len() } else { opts.samples.min(ids.len()) },
+        samples: opts.scored(ids.len()),
         screen_samples: 0,
         screen_tokens: 0,
     })
@@ -540,9 +558,7 @@ pub fn refine_from<S: LayerSource>(
     // The screening evaluator: `screen_samples` of the scored sequences, spread evenly, each cut
     // to its first `screen_tokens` tokens.
     let len = ids.first().map_or(0, Vec::len);
-    let count = if opts.screen_samples == 0 { n } else { opts.screen_samples.min(n) };
-    let tokens = if opts.screen_tokens == 0 { len } else { opts.screen_tokens.clamp(2, len.max(2)) };
-    let mut screen = if count < n || tokens < len {
+    let mut screen = if let Some((count, tokens)) = opts.screen(n, len) {
         let picked: Vec<usize> = (0..count).map(|i| i * n / count).collect();
         let sub_ids: Vec<Vec<u32>> = picked.iter().map(|i| ids[*i][..tokens.min(ids[*i].len())].to_vec()).collect();
         let store = eval.reference().prefixes(&picked, tokens);
@@ -593,20 +609,19 @@ pub fn refine_from<S: LayerSource>(
             break;
         }
     }
-    let (screen_evals, screen_passes, screen_n) =
-        screen.as_ref().map_or((0, 0.0, 0), |sc| (sc.evaluations(), sc.forward_passes(), sc.samples()));
-    // A screening pass costs its share of the scored tokens.
-    let screen_share = (screen_n * tokens) as f64 / (n * len).max(1) as f64;
+    let (screen_evals, screen_passes) = screen.as_ref().map_or((0, 0.0), |sc| (sc.evaluations(), sc.forward_passes()));
+    let (screen_n, screen_tokens) = opts.screen(n, len).unwrap_or((0, 0));
     Ok(SearchOutcome {
         kept: eval.kept(),
         loss_before,
         loss_after: eval.loss(),
         moves,
         evaluations: eval.evaluations() + screen_evals,
-        forward_passes: eval.forward_passes() + screen_passes * screen_share,
+        // A screening pass costs its share of the scored tokens.
+        forward_passes: eval.forward_passes() + screen_passes * opts.screen_share(n, len),
         samples: n,
         screen_samples: screen_n,
-        screen_tokens: if screen_n > 0 { tokens } else { 0 },
+        screen_tokens,
     })
 }
 
@@ -742,10 +757,10 @@ fn cross_layer_move<'a, S: LayerSource>(
 /// The estimated cost of one round of [`refine`] from `kept`, in forward passes over the scored
 /// sequences: every candidate it screens (at the screening share of the tokens) or scores, each
 /// from its layer up, the candidates confirmed on the whole sequences, a move accepted in every
-/// layer and between layers, and the evaluators' first passes. `num_layers` counts every
-/// decoder layer; `width` as [`SearchOptions::width`] (it applies only with scores);
-/// `screen_share` is the fraction of the scored tokens screening reads (1: no screening). An
-/// upper bound of what the round's [`SearchOutcome::forward_passes`] reports.
+/// layer and between layers, and the evaluators' first passes, for `scored` sequences of
+/// `seq_len` tokens ([`SearchOptions::screen_share`]). `num_layers` counts every decoder layer;
+/// `width` as [`SearchOptions::width`] (it applies only with scores). An upper bound of what the
+/// round's [`SearchOutcome::forward_passes`] reports.
 pub fn refine_round_cost(
     kept: &Kept,
     counts: &BTreeMap<usize, usize>,
@@ -753,11 +768,12 @@ pub fn refine_round_cost(
     allocation: Allocation,
     constraints: &Constraints,
     opts: &SearchOptions,
-    screen_share: f64,
+    scored: usize,
+    seq_len: usize,
 ) -> f64 {
     let layers = num_layers.max(1) as f64;
-    let screened = screen_share < 1.0;
-    let share = screen_share.clamp(0.0, 1.0);
+    let screened = opts.screen(scored, seq_len).is_some();
+    let share = opts.screen_share(scored, seq_len);
     let cross = allocation == Allocation::Global && constraints.groups.is_none() && counts.len() > 1;
     let mut cost = 1.0 + if screened { share } else { 0.0 };
     // An accepted move recomputes the plan's states from its layer up (screen too).

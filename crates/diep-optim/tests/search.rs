@@ -47,6 +47,33 @@ fn exact_kl(model: &mut MoeModel, ids: &[Vec<u32>], masks: &BTreeMap<usize, Vec<
     kl.into_data().iter::<f32>().next().unwrap() as f64
 }
 
+/// `true` for each kept expert of every MoE layer.
+fn masks_of(kept: &Kept, counts: &BTreeMap<usize, usize>) -> BTreeMap<usize, Vec<bool>> {
+    kept.iter().map(|(l, k)| (*l, (0..counts[l]).map(|e| k.contains(&e)).collect())).collect()
+}
+
+/// A fixture model loaded whole (for independent KLs) and streamed (what the refinement runs
+/// on), its calibration, expert counts and constraints, and a poor start: the first half of
+/// every layer.
+struct HalfStart {
+    model: MoeModel,
+    streaming: StreamingModel,
+    ids: Vec<Vec<u32>>,
+    counts: BTreeMap<usize, usize>,
+    kept: Kept,
+    c: Constraints,
+}
+
+fn half_start(name: &str) -> HalfStart {
+    let model = MoeModel::load(root().join("models").join(name), &device()).unwrap();
+    let streaming = StreamingModel::open(root().join("models").join(name), &device()).unwrap();
+    let ids = calibration(name);
+    let counts = diep_plan::expert_counts(model.config());
+    let kept: Kept = counts.iter().map(|(l, n)| (*l, (0..n / 2).collect())).collect();
+    let c = Constraints::for_model(model.config(), 0);
+    HalfStart { model, streaming, ids, counts, kept, c }
+}
+
 #[test]
 fn greedy_first_step_is_the_best_single_removal() {
     let name = "tiny-mixtral";
@@ -84,13 +111,7 @@ fn greedy_first_step_is_the_best_single_removal() {
 #[test]
 fn refinement_never_raises_the_objective() {
     for (name, allocation) in [("tiny-qwen2-moe", Allocation::Global), ("tiny-mixtral", Allocation::Uniform)] {
-        let mut model = MoeModel::load(root().join("models").join(name), &device()).unwrap();
-        let streaming = StreamingModel::open(root().join("models").join(name), &device()).unwrap();
-        let ids = calibration(name);
-        let counts = diep_plan::expert_counts(model.config());
-        // A poor start: the first half of every layer.
-        let kept: Kept = counts.iter().map(|(l, n)| (*l, (0..n / 2).collect())).collect();
-        let c = Constraints::for_model(model.config(), 0);
+        let HalfStart { mut model, streaming, ids, counts, kept, c } = half_start(name);
         let opts = SearchOptions { reference_top_k: 0, ..Default::default() };
         let out = refine(&streaming, &ids, &kept, None, 3, allocation, &c, &opts, |_, _, _| Ok(())).unwrap();
         assert!(out.loss_after <= out.loss_before, "{name}: {} > {}", out.loss_after, out.loss_before);
@@ -107,8 +128,7 @@ fn refinement_never_raises_the_objective() {
             assert!(out.kept.iter().all(|(l, k)| k.len() == kept[l].len()));
         }
         // The reported objective is the plan's, computed independently.
-        let masks = out.kept.iter().map(|(l, k)| (*l, (0..counts[l]).map(|e| k.contains(&e)).collect())).collect();
-        let exact = exact_kl(&mut model, &ids, &masks);
+        let exact = exact_kl(&mut model, &ids, &masks_of(&out.kept, &counts));
         assert!((out.loss_after - exact).abs() <= 1e-5 * exact, "{name}: {} vs {exact}", out.loss_after);
     }
 }
@@ -123,8 +143,7 @@ fn per_sequence_objective_matches_whole_model_kl() {
     let ids = calibration(name);
     let counts = diep_plan::expert_counts(model.config());
     let kept: Kept = counts.iter().map(|(l, n)| (*l, (1..*n).step_by(2).collect())).collect();
-    let masks: BTreeMap<usize, Vec<bool>> =
-        kept.iter().map(|(l, k)| (*l, (0..counts[l]).map(|e| k.contains(&e)).collect())).collect();
+    let masks = masks_of(&kept, &counts);
     let per_seq: Vec<f64> = ids.iter().map(|s| exact_kl(&mut model, std::slice::from_ref(s), &masks)).collect();
     for (top_k, micro_batch) in [(0, 0), (0, 3), (8, 0)] {
         let opts = SearchOptions { reference_top_k: top_k, micro_batch, ..Default::default() };
@@ -149,16 +168,7 @@ fn per_sequence_objective_matches_whole_model_kl() {
 /// With an unreachable rule nothing moves.
 #[test]
 fn screened_refinement_accepts_only_clear_improvements() {
-    let name = "tiny-qwen2-moe";
-    let mut model = MoeModel::load(root().join("models").join(name), &device()).unwrap();
-    let streaming = StreamingModel::open(root().join("models").join(name), &device()).unwrap();
-    let ids = calibration(name);
-    let counts = diep_plan::expert_counts(model.config());
-    let kept: Kept = counts.iter().map(|(l, n)| (*l, (0..n / 2).collect())).collect();
-    let c = Constraints::for_model(model.config(), 0);
-    let masks_of = |k: &Kept| -> BTreeMap<usize, Vec<bool>> {
-        k.iter().map(|(l, k)| (*l, (0..counts[l]).map(|e| k.contains(&e)).collect())).collect()
-    };
+    let HalfStart { mut model, streaming, ids, counts, kept, c } = half_start("tiny-qwen2-moe");
     let (margin, gain) = (2.0, 0.05);
     let opts = SearchOptions {
         reference_top_k: 0,
@@ -168,15 +178,16 @@ fn screened_refinement_accepts_only_clear_improvements() {
         accept_gain: gain,
         ..Default::default()
     };
-    // One round's cost stays within its estimate (2 of 4 sequences whole: half the tokens).
+    // One round's cost stays within its estimate (2 of the 4 sequences whole: half the tokens).
     let one = refine(&streaming, &ids, &kept, None, 1, Allocation::Global, &c, &opts, |_, _, _| Ok(())).unwrap();
-    let estimate = refine_round_cost(&kept, &counts, model.config().num_layers, Allocation::Global, &c, &opts, 0.5);
+    let len = ids[0].len();
+    let estimate = refine_round_cost(&kept, &counts, model.config().num_layers, Allocation::Global, &c, &opts, 4, len);
     assert!(one.forward_passes <= estimate + 1e-9, "{} > {estimate}", one.forward_passes);
     let out = refine(&streaming, &ids, &kept, None, 3, Allocation::Global, &c, &opts, |_, _, _| Ok(())).unwrap();
     assert_eq!(out.screen_samples, 2);
     assert!(!out.moves.is_empty(), "a half-layer start can be improved clearly");
     // Replay the moves on the plan and check each against per-sequence KLs from whole forwards.
-    let mut plan = masks_of(&kept);
+    let mut plan = masks_of(&kept, &counts);
     let per_seq = |model: &mut MoeModel, masks: &BTreeMap<usize, Vec<bool>>| -> Vec<f64> {
         ids.iter().map(|s| exact_kl(model, std::slice::from_ref(s), masks)).collect()
     };
@@ -237,8 +248,7 @@ fn reference_subset_scores_its_sequences_alike() {
     }
     let opts = SearchOptions { reference_top_k: 0, ..Default::default() };
     let mut whole = Evaluator::new(&model, &ids, Some(&kept), &opts).unwrap();
-    let mut masks: BTreeMap<usize, Vec<bool>> =
-        kept.iter().map(|(l, k)| (*l, (0..counts[l]).map(|e| k.contains(&e)).collect())).collect();
+    let mut masks = masks_of(&kept, &counts);
     let last = *masks.keys().last().unwrap();
     let m = masks.get_mut(&last).unwrap();
     m[0] = true;
