@@ -113,12 +113,18 @@ fn prune_then_eval_the_output() {
             ratio,
         ];
         args.extend(CALIB);
+        // One run draws the same number of samples from each --calib file.
+        let mix = if method == "naee" { "equal" } else { "pooled" };
+        if mix == "equal" {
+            args.extend(["--calib-mix", "equal"]);
+        }
         let o = prune(&args, &out);
         assert!(o.status.success(), "{method}: {}", String::from_utf8_lossy(&o.stderr));
         let summary = String::from_utf8_lossy(&o.stdout);
         assert!(summary.contains("params") && summary.contains("kept experts"), "{summary}");
         let plan = diep_surgery::PruningPlan::read(out.join("pruning.json")).unwrap();
         assert_eq!(plan.method, method);
+        assert_eq!(plan.settings["calibration"]["mix"], mix);
         let total: usize = plan.original_experts.values().sum();
         let ratio: f64 = ratio.parse().unwrap();
         assert_eq!(plan.removed(), (ratio * total as f64).round() as usize);
@@ -179,6 +185,10 @@ fn prune_bad_inputs_fail_cleanly() {
         a.extend(["--ratio", ratio]);
         assert_prune_fails(&a, &mixtral, &["--ratio", "between 0 and 1"]);
     }
+    // An unknown calibration mix.
+    let mut a = base.clone();
+    a.extend(["--ratio", "0.25", "--calib-mix", "proportional"]);
+    assert_prune_fails(&a, &mixtral, &["--calib-mix", "proportional", "pooled or equal"]);
     // top_k greater than the kept experts, through a hand-written plan.
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("pruning.json");

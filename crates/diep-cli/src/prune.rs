@@ -11,7 +11,7 @@ use diep_checkpoint::{Checkpoint, ModelConfig};
 use diep_models::{DeviceSpec, StreamingModel};
 use diep_optim::{DiepSettings, DiepState, Event, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
 use diep_plan::{Allocation, Constraints, PruningPlan, check_ratio};
-use diep_prune::calib::{CalibrationSpec, sample_calibration};
+use diep_prune::calib::{CalibrationMix, CalibrationSpec, sample_calibration};
 use diep_prune::{BaselineSpec, Method};
 use diep_surgery::{SurgeryOptions, SurgeryReport, apply_plan};
 
@@ -49,6 +49,10 @@ pub struct PruneArgs {
     /// Calibration sequences.
     #[arg(long, default_value_t = 128)]
     samples: usize,
+    /// How the samples are shared among several --calib files: `pooled` (one stream, each file
+    /// in proportion to its tokens) or `equal` (the same number of samples from every file).
+    #[arg(long, default_value = "pooled")]
+    calib_mix: CalibrationMix,
     /// Tokens per calibration sequence.
     #[arg(long, default_value_t = 2048)]
     seq_len: usize,
@@ -104,7 +108,8 @@ pub struct PruneArgs {
     refine_width: usize,
     /// --refine screens candidates on this many of the scored sequences (spread evenly over
     /// them; 0: all of them) cut to --refine-screen-tokens, and scores only the best
-    /// --refine-confirm that lower the objective there on the whole sequences.
+    /// --refine-confirm that lower the objective there on the whole sequences (a move between
+    /// layers: the best-ranked pair always).
     #[arg(long, default_value_t = 0)]
     refine_screen: usize,
     /// Tokens of each sequence --refine's screening scores (0: whole sequences, no screening
@@ -778,6 +783,7 @@ fn print_model_line(args: &PruneArgs, config: &ModelConfig, samples: usize) {
 fn record_run(plan: &mut PruningPlan, args: &PruneArgs) {
     plan.settings["calibration"] = serde_json::json!({
         "files": args.calib, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
+        "mix": args.calib_mix.name(),
     });
     plan.settings["device"] = args.device.to_string().into();
 }
@@ -785,8 +791,13 @@ fn record_run(plan: &mut PruningPlan, args: &PruneArgs) {
 /// Tokenised, sampled calibration sequences.
 fn calibration(args: &PruneArgs) -> Result<Vec<Vec<u32>>> {
     let tokenizer = diep_models::tokenizer::load_tokenizer(&args.model)?;
-    let spec =
-        CalibrationSpec { files: args.calib.clone(), samples: args.samples, seq_len: args.seq_len, seed: args.seed };
+    let spec = CalibrationSpec {
+        files: args.calib.clone(),
+        samples: args.samples,
+        seq_len: args.seq_len,
+        seed: args.seed,
+        mix: args.calib_mix,
+    };
     Ok(sample_calibration(&tokenizer, &spec)?)
 }
 

@@ -8,6 +8,40 @@ use diep_models::tokenizer::{Tokenizer, encode};
 use crate::error::{PruneError, Result};
 use diep_common::SplitMix64;
 
+/// How the calibration samples are shared among the files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CalibrationMix {
+    /// All files are one token stream, and windows are drawn from it at random: each file
+    /// contributes in proportion to its tokens, and a seed's share of each file varies.
+    #[default]
+    Pooled,
+    /// Every file contributes the same number of samples (`samples / files`, the first
+    /// `samples % files` files one more), drawn from its own windows: a fixed domain mix,
+    /// whatever the files' sizes.
+    Equal,
+}
+
+impl CalibrationMix {
+    /// The name the command line and `pruning.json` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            CalibrationMix::Pooled => "pooled",
+            CalibrationMix::Equal => "equal",
+        }
+    }
+}
+
+impl std::str::FromStr for CalibrationMix {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "pooled" => Ok(CalibrationMix::Pooled),
+            "equal" => Ok(CalibrationMix::Equal),
+            _ => Err(format!("unknown calibration mix `{s}` (expected pooled or equal)")),
+        }
+    }
+}
+
 /// How to draw calibration samples.
 #[derive(Debug, Clone)]
 pub struct CalibrationSpec {
@@ -20,12 +54,14 @@ pub struct CalibrationSpec {
     pub seq_len: usize,
     /// Seed of the sampling.
     pub seed: u64,
+    /// How the samples are shared among `files`.
+    pub mix: CalibrationMix,
 }
 
 impl Default for CalibrationSpec {
     /// The paper's setting: 128 samples of 2048 tokens.
     fn default() -> Self {
-        CalibrationSpec { files: Vec::new(), samples: 128, seq_len: 2048, seed: 0 }
+        CalibrationSpec { files: Vec::new(), samples: 128, seq_len: 2048, seed: 0, mix: CalibrationMix::Pooled }
     }
 }
 
@@ -71,7 +107,9 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
 
 /// Tokenises every document (no special tokens), concatenates them in file order, cuts the
 /// stream into non-overlapping windows of `seq_len` tokens and picks `samples` of them with a
-/// seeded shuffle. Fails with the token counts found and needed when there is too little text.
+/// seeded shuffle ([`CalibrationMix::Pooled`]), or does so for each file's own stream and its
+/// equal share of the samples ([`CalibrationMix::Equal`]; with one file both draw the same
+/// windows). Fails with the token counts found and needed when there is too little text.
 pub fn sample_calibration(tokenizer: &Tokenizer, spec: &CalibrationSpec) -> Result<Vec<Vec<u32>>> {
     if spec.files.is_empty() {
         return Err(PruneError::Config("no calibration text given (use --calib FILE)".into()));
@@ -82,28 +120,67 @@ pub fn sample_calibration(tokenizer: &Tokenizer, spec: &CalibrationSpec) -> Resu
             spec.samples, spec.seq_len
         )));
     }
-    let mut stream: Vec<u32> = Vec::new();
-    for file in &spec.files {
-        for doc in read_documents(file)? {
-            stream.extend(encode(tokenizer, &doc)?);
+    let stream_of = |files: &[PathBuf]| -> Result<Vec<u32>> {
+        let mut stream: Vec<u32> = Vec::new();
+        for file in files {
+            for doc in read_documents(file)? {
+                stream.extend(encode(tokenizer, &doc)?);
+            }
+        }
+        Ok(stream)
+    };
+    let mut rng = SplitMix64::new(spec.seed);
+    match spec.mix {
+        CalibrationMix::Pooled => {
+            draw_windows(&stream_of(&spec.files)?, &spec.files, spec.samples, spec.seq_len, &mut rng, "")
+        }
+        CalibrationMix::Equal => {
+            let n = spec.files.len();
+            if spec.samples < n {
+                return Err(PruneError::Config(format!(
+                    "an equal calibration mix of {n} files needs at least {n} samples (got --samples {})",
+                    spec.samples
+                )));
+            }
+            let mut picked = Vec::with_capacity(spec.samples);
+            for (f, file) in spec.files.iter().enumerate() {
+                let share = spec.samples / n + usize::from(f < spec.samples % n);
+                let files = std::slice::from_ref(file);
+                let why = format!(" for its equal share of {n} files (--calib-mix equal)");
+                picked.extend(draw_windows(&stream_of(files)?, files, share, spec.seq_len, &mut rng, &why)?);
+            }
+            Ok(picked)
         }
     }
-    let windows = stream.len() / spec.seq_len;
-    if windows < spec.samples {
-        let names: Vec<String> = spec.files.iter().map(|f| f.display().to_string()).collect();
+}
+
+/// `samples` windows of `seq_len` tokens of `stream` (the text of `files`), picked by `rng`'s
+/// shuffle of all windows and returned in stream order; too few windows is an error naming
+/// the files and the counts (`why`: what the samples are for, appended to the count).
+fn draw_windows(
+    stream: &[u32],
+    files: &[PathBuf],
+    samples: usize,
+    seq_len: usize,
+    rng: &mut SplitMix64,
+    why: &str,
+) -> Result<Vec<Vec<u32>>> {
+    let windows = stream.len() / seq_len;
+    if windows < samples {
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         return Err(PruneError::Config(format!(
-            "too little calibration text: {} tokens found in {}, but {} samples × {} tokens = {} are needed \
+            "too little calibration text: {} tokens found in {}, but {} samples × {} tokens = {} are needed{why} \
              (add text with --calib, or lower --samples / --seq-len)",
             stream.len(),
             names.join(", "),
-            spec.samples,
-            spec.seq_len,
-            spec.samples * spec.seq_len
+            samples,
+            seq_len,
+            samples * seq_len
         )));
     }
     let mut order: Vec<usize> = (0..windows).collect();
-    SplitMix64::new(spec.seed).shuffle(&mut order);
-    let mut picked = order[..spec.samples].to_vec();
+    rng.shuffle(&mut order);
+    let mut picked = order[..samples].to_vec();
     picked.sort_unstable();
-    Ok(picked.into_iter().map(|w| stream[w * spec.seq_len..(w + 1) * spec.seq_len].to_vec()).collect())
+    Ok(picked.into_iter().map(|w| stream[w * seq_len..(w + 1) * seq_len].to_vec()).collect())
 }

@@ -9,7 +9,7 @@ use diep_models::StreamingModel;
 use diep_models::burn::tensor::{Device, Tensor, TensorData};
 use diep_models::{DeviceSpec, MoeModel};
 use diep_plan::{Allocation, PruningPlan};
-use diep_prune::calib::{CalibrationSpec, sample_calibration};
+use diep_prune::calib::{CalibrationMix, CalibrationSpec, read_documents, sample_calibration};
 use diep_prune::{BaselineSpec, Method, StatsOptions, collect_statistics, plan_baseline, run_baseline, stats_options};
 use proptest::prelude::*;
 
@@ -32,6 +32,7 @@ fn calib(name: &str, samples: usize, seq_len: usize, seed: u64) -> Vec<Vec<u32>>
         samples,
         seq_len,
         seed,
+        mix: CalibrationMix::Pooled,
     };
     sample_calibration(&tok, &spec).unwrap()
 }
@@ -43,17 +44,72 @@ fn calibration_is_deterministic_and_checks_its_budget() {
     assert_ne!(a, calib("tiny-mixtral", 8, 64, 8));
     assert!(a.iter().all(|s| s.len() == 64));
     let tok = diep_models::tokenizer::load_tokenizer(root().join("fixtures/models/tiny-mixtral")).unwrap();
-    let spec =
-        CalibrationSpec { files: vec![root().join("fixtures/calib/gpl-3.txt")], samples: 128, seq_len: 2048, seed: 0 };
+    let spec = CalibrationSpec {
+        files: vec![root().join("fixtures/calib/gpl-3.txt")],
+        samples: 128,
+        seq_len: 2048,
+        seed: 0,
+        mix: CalibrationMix::Pooled,
+    };
     let err = sample_calibration(&tok, &spec).unwrap_err().to_string();
     assert!(err.contains("tokens found") && err.contains("262144") && err.contains("gpl-3.txt"), "{err}");
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"body\": \"no text\"}\n").unwrap();
-    let spec = CalibrationSpec { files: vec![bad], samples: 1, seq_len: 2, seed: 0 };
+    let spec = CalibrationSpec { files: vec![bad], samples: 1, seq_len: 2, seed: 0, mix: CalibrationMix::Pooled };
     let err = sample_calibration(&tok, &spec).unwrap_err().to_string();
     assert!(err.contains("bad.jsonl") && err.contains("line 2") && err.contains("`text`"), "{err}");
+}
+
+#[test]
+fn an_equal_mix_draws_each_files_share_from_its_own_text() {
+    let tok = diep_models::tokenizer::load_tokenizer(root().join("fixtures/models/tiny-mixtral")).unwrap();
+    let files = [root().join("fixtures/calib/gpl-3.txt"), root().join("fixtures/calib/licenses.jsonl")];
+    // Each file's own token stream, as the sampler reads it.
+    let stream = |f: &PathBuf| -> Vec<u32> {
+        read_documents(f).unwrap().iter().flat_map(|d| diep_models::tokenizer::encode(&tok, d).unwrap()).collect()
+    };
+    let streams: Vec<Vec<u32>> = files.iter().map(stream).collect();
+    let spec = |files: Vec<PathBuf>, samples: usize, mix: CalibrationMix| CalibrationSpec {
+        files,
+        samples,
+        seq_len: 64,
+        seed: 3,
+        mix,
+    };
+    // The window index of `w` in `s` (windows start at multiples of 64).
+    let window_of =
+        |s: &[u32], w: &[u32]| (0..s.len() / 64).find(|i| &s[i * 64..(i + 1) * 64] == w).map(|i| i as isize);
+    for samples in [2, 5, 8] {
+        let got = sample_calibration(&tok, &spec(files.to_vec(), samples, CalibrationMix::Equal)).unwrap();
+        assert_eq!(got.len(), samples);
+        // The first file gets the odd sample: ⌈samples / 2⌉ windows of its own text, in its
+        // order, then ⌊samples / 2⌋ of the second's.
+        let first = samples.div_ceil(2);
+        for (part, (windows, s)) in [(&got[..first], &streams[0]), (&got[first..], &streams[1])].into_iter().enumerate()
+        {
+            let idx: Vec<isize> = windows.iter().map(|w| window_of(s, w).unwrap_or(-1)).collect();
+            assert!(idx.iter().all(|i| *i >= 0), "file {part}, {samples} samples: a window not from the file");
+            assert!(idx.windows(2).all(|p| p[0] < p[1]), "file {part}: windows repeat or leave stream order: {idx:?}");
+        }
+    }
+    // With one file both mixes draw the same windows.
+    let one = vec![files[0].clone()];
+    assert_eq!(
+        sample_calibration(&tok, &spec(one.clone(), 6, CalibrationMix::Equal)).unwrap(),
+        sample_calibration(&tok, &spec(one, 6, CalibrationMix::Pooled)).unwrap()
+    );
+    // Fewer samples than files, and a file too small for its share, are refused by name.
+    let err = sample_calibration(&tok, &spec(files.to_vec(), 1, CalibrationMix::Equal)).unwrap_err().to_string();
+    assert!(err.contains("at least 2 samples") && err.contains("--samples 1"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small.txt");
+    std::fs::write(&small, "a few words of text").unwrap();
+    let err = sample_calibration(&tok, &spec(vec![files[0].clone(), small], 4, CalibrationMix::Equal))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("small.txt") && !err.contains("gpl-3.txt") && err.contains("equal share"), "{err}");
 }
 
 #[test]
