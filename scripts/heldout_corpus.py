@@ -28,6 +28,12 @@ def documents():
     return {"english": english, "code": code}
 
 
+def calibration_documents(corpus):
+    """The training documents `train_heldout_moe.py` draws its `calib.txt` from, per domain:
+    `{"english": [...], "code": [...]}` (the script joins and shuffles them)."""
+    return {"english": corpus["english"]["train"][:4000], "code": corpus["code"]["train"][:40]}
+
+
 def eval_windows(docs, encode, seq=256, count=64, per_doc=512, seed="windows"):
     """The evaluation windows of one domain: the held-out documents in a seeded order, each cut
     to its first `per_doc` tokens, concatenated and cut into `count` windows of `seq` tokens.

@@ -32,16 +32,15 @@ def is_python(doc: str) -> bool:
 
 
 if args.fixture:
-    docs = [d for d in open(args.fixture, encoding="utf-8").read().split(EOS) if d]
-    code = [d for d in docs if is_python(d)]
-    english = [d for d in docs if not is_python(d)]
-    texts = {"english": "".join(d + EOS for d in english), "code": "".join(d + EOS for d in code)}
+    texts = {"english": "", "code": ""}
+    for d in open(args.fixture, encoding="utf-8").read().split(EOS):
+        if d:
+            texts["code" if is_python(d) else "english"] += d + EOS
 else:
     import heldout_corpus  # beside this script
 
-    corpus = heldout_corpus.documents()
-    # train_heldout_moe.py: calib = english["train"][:4000] + code["train"][:40], shuffled.
-    texts = {"english": "".join(corpus["english"]["train"][:4000]), "code": "".join(corpus["code"]["train"][:40])}
+    docs = heldout_corpus.calibration_documents(heldout_corpus.documents())
+    texts = {name: "".join(d) for name, d in docs.items()}
 for name, text in texts.items():
     open(f"{args.out}-{name}.txt", "w", encoding="utf-8").write(text)
     print(f"{args.out}-{name}.txt: {len(text)} characters", file=sys.stderr)

@@ -105,7 +105,8 @@ with open(f"{args.out}/mc.jsonl", "w") as f:
     for it in items:
         f.write(json.dumps(it) + "\n")
 # Calibration text: training documents of both domains, shuffled.
-calib = english["train"][:4000] + code["train"][:40]
+calib_docs = heldout_corpus.calibration_documents(corpus)
+calib = calib_docs["english"] + calib_docs["code"]
 random.shuffle(calib)
 open(f"{args.out}/calib.txt", "w").write("".join(calib))
 

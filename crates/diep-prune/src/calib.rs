@@ -22,6 +22,9 @@ pub enum CalibrationMix {
 }
 
 impl CalibrationMix {
+    /// Every mix, in the order the command line lists them.
+    pub const ALL: [CalibrationMix; 2] = [CalibrationMix::Pooled, CalibrationMix::Equal];
+
     /// The name the command line and `pruning.json` use.
     pub fn name(self) -> &'static str {
         match self {
@@ -34,11 +37,10 @@ impl CalibrationMix {
 impl std::str::FromStr for CalibrationMix {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "pooled" => Ok(CalibrationMix::Pooled),
-            "equal" => Ok(CalibrationMix::Equal),
-            _ => Err(format!("unknown calibration mix `{s}` (expected pooled or equal)")),
-        }
+        CalibrationMix::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown calibration mix `{s}` (expected pooled or equal)"))
     }
 }
 
@@ -142,11 +144,11 @@ pub fn sample_calibration(tokenizer: &Tokenizer, spec: &CalibrationSpec) -> Resu
                     spec.samples
                 )));
             }
+            let why = format!(" for its equal share of {n} files (--calib-mix equal)");
             let mut picked = Vec::with_capacity(spec.samples);
             for (f, file) in spec.files.iter().enumerate() {
                 let share = spec.samples / n + usize::from(f < spec.samples % n);
                 let files = std::slice::from_ref(file);
-                let why = format!(" for its equal share of {n} files (--calib-mix equal)");
                 picked.extend(draw_windows(&stream_of(files)?, files, share, spec.seq_len, &mut rng, &why)?);
             }
             Ok(picked)
