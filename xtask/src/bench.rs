@@ -80,7 +80,7 @@ struct RunSpec {
     ratio: f64,
     seed: u64,
     /// DiEP with the paper's schedule and no refinement (`--epochs 10 --refine 0`) instead of
-    /// the global allocation's default (4 epochs, then `--refine 1`).
+    /// the global allocation's default (2 epochs, then up to 3 rounds of `--refine`).
     classic: bool,
     /// DiEP with `--alpha-init zero` (the paper's start) instead of the default warm start.
     zero_init: bool,
@@ -608,7 +608,7 @@ fn results_markdown(base: &Scores, results: &[RunResult], args: &BenchArgs, comm
         md,
         "in {:.0} s (prunes as subprocesses, evaluation in-process) on {} ({} CPU cores as seen by the \
          process), burn's CPU backend. Every prune: `--calib <model>/calib.txt --samples {} --seq-len {} --seed S` \
-         (S = {seeds}), other settings default (DiEP under a global allocation runs 4 epochs and one round of `--refine`, under a uniform one the paper's 10 epochs; its global `10 ep, no refine` rows add `--epochs 10 --refine 0`, the global default before). Perplexity: held-out `heldout/{{english,code}}.ids.json`; \
+         (S = {seeds}), other settings default (DiEP under a global allocation runs 2 epochs and up to 3 rounds of `--refine`, under a uniform one the paper's 10 epochs; its global `10 ep, no refine` rows add `--epochs 10 --refine 0`, the paper's schedule). Perplexity: held-out `heldout/{{english,code}}.ids.json`; \
          retention = mean over the two domains of base perplexity / pruned perplexity (1 = unchanged). \
          MC: `mc.jsonl` ({} items, 4 choices), each choice scored by the summed log-probability of its tokens \
          given the context (context and choice tokenised separately and concatenated, as lm-evaluation-harness \

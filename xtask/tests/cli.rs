@@ -272,9 +272,11 @@ fn prune_with_diep_saves_state_resumes_and_records_alpha_beta() {
     let diep = &plan.extra["diep"];
     assert_eq!(diep["relaxation"], "routed-gated");
     assert_eq!(diep["loss_curve"].as_array().unwrap().len(), 2);
-    // DiEP's own plan is followed by one refinement round (the global default): its moves take
-    // DiEP's per-layer counts to the written plan's.
-    assert_eq!(plan.settings["refine"]["rounds"], 1);
+    // DiEP's own plan is followed by up to 3 refinement rounds (the global default): its moves
+    // take DiEP's per-layer counts to the written plan's.
+    assert_eq!(plan.settings["refine"]["rounds"], 3);
+    let run = plan.extra["refine"]["rounds"].as_u64().unwrap();
+    assert!((1..=3).contains(&run), "{run} rounds");
     let moves = plan.extra["refine"]["moves"].as_array().unwrap();
     let count = |m: &serde_json::Value, key: &str, l: usize| {
         m[key].as_array().unwrap().iter().filter(|x| x[0].as_u64() == Some(l as u64)).count() as i64

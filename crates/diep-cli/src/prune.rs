@@ -94,8 +94,9 @@ pub struct PruneArgs {
     /// Rounds of local search after the plan is computed (any method): in every layer the best
     /// swap of a kept and a removed expert, and under a global allocation the best move of an
     /// expert between layers, each kept only if it is clearly better on the calibration objective
-    /// (KL to the original model; --refine-margin). 0: none. Default: 1 for diep under a global
-    /// allocation, else 0.
+    /// (KL to the original model; --refine-margin). Rounds after the first look within the layers
+    /// the round before changed (and between layers); it stops when a round changes nothing.
+    /// 0: none. Default: up to 3 for diep under a global allocation, else 0.
     #[arg(long)]
     refine: Option<usize>,
     /// Calibration sequences the greedy search and --refine score plans on (the first ones
@@ -159,7 +160,7 @@ pub struct DiepArgs {
     /// (zero-sum keep budget); `fixed` treats it as a constant of each step.
     #[arg(long, default_value = "implicit")]
     threshold: ThresholdMode,
-    /// Passes over the calibration set. Default: 4 under a global allocation (then --refine 1),
+    /// Passes over the calibration set. Default: 2 under a global allocation (then --refine 3),
     /// the paper's 10 under a uniform one.
     #[arg(long)]
     epochs: Option<usize>,
@@ -389,11 +390,11 @@ fn global(args: &PruneArgs) -> bool {
     args.allocation.unwrap_or(Allocation::Global) == Allocation::Global
 }
 
-/// Rounds of `--refine`: as given, else 1 after DiEP under a global allocation (with 4 epochs,
+/// Rounds of `--refine`: as given, else up to 3 after DiEP under a global allocation (with 2 epochs,
 /// `docs/METHOD.md`, "The default") and 0 otherwise.
 fn refine_rounds(args: &PruneArgs) -> usize {
     let diep = matches!(args.method, Some(PruneMethod::Diep)) && args.plan.is_none();
-    args.refine.unwrap_or(if diep && global(args) { 1 } else { 0 })
+    args.refine.unwrap_or(if diep && global(args) { 3 } else { 0 })
 }
 
 /// The plan of `--method`, with the reference distributions DiEP computed (for `--refine`).
@@ -677,8 +678,9 @@ fn refine_plan(
     )?;
     pb.finish_and_clear();
     eprintln!(
-        "refine: {} move(s) in up to {} round(s), {} plans evaluated ({:.0} forward passes over {} sequences{}), kl {:.5} -> {:.5}",
+        "refine: {} move(s) in {} round(s) (at most {}), {} plans evaluated ({:.0} forward passes over {} sequences{}), kl {:.5} -> {:.5}",
         outcome.moves.len(),
+        outcome.rounds,
         rounds,
         outcome.evaluations,
         outcome.forward_passes,
@@ -815,7 +817,7 @@ fn diep_settings(args: &PruneArgs, ratio: f64) -> Result<DiepSettings> {
         threshold: d.threshold,
         lambda: d.lambda,
         ratio,
-        epochs: d.epochs.unwrap_or(if global(args) { 4 } else { 10 }),
+        epochs: d.epochs.unwrap_or(if global(args) { 2 } else { 10 }),
         batch_size: args.batch_size.unwrap_or(16),
         lr: d.lr,
         optimizer: d.optimizer,

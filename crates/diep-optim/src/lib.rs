@@ -36,7 +36,8 @@ pub use optimise::{
 pub use plan::{expert_scores, pruning_plan};
 pub use reference::ReferenceStore;
 pub use search::{
-    Evaluator, Move, SearchOptions, SearchOutcome, greedy_search, refine, refine_from, refine_round_cost,
+    Evaluator, Move, SearchOptions, SearchOutcome, changed_layers, greedy_search, refine, refine_from,
+    refine_round_cost,
 };
 pub use settings::{AlphaInit, DiepSettings, Objective, OptimizerKind, RelaxationKind, ThresholdMode};
 pub use state::{

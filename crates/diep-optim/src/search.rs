@@ -119,6 +119,9 @@ pub struct Move {
     /// before it (what [`SearchOptions::accept_margin`] is compared with).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub t: Option<f64>,
+    /// Refinement: the round that made the move (from 1; 0 for the greedy search's removals).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub round: usize,
 }
 
 /// What a search found.
@@ -145,6 +148,9 @@ pub struct SearchOutcome {
     /// Refinement: the tokens of each screened sequence scored (0: no screening).
     #[serde(skip_serializing_if = "is_zero")]
     pub screen_tokens: usize,
+    /// Refinement: the rounds run (the last one changed nothing unless the limit was reached).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rounds: usize,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -502,7 +508,7 @@ pub fn greedy_search<S: LayerSource>(
             .expect("candidates");
         let loss = eval.apply(&candidates[best])?;
         *removed_in.get_mut(&what[best].0).expect("layer") += 1;
-        moves.push(Move { removed: vec![what[best]], restored: vec![], loss, t: None });
+        moves.push(Move { removed: vec![what[best]], restored: vec![], loss, t: None, round: 0 });
         progress(step + 1, total_remove, loss)?;
     }
     Ok(SearchOutcome {
@@ -515,16 +521,20 @@ pub fn greedy_search<S: LayerSource>(
         samples: opts.scored(ids.len()),
         screen_samples: 0,
         screen_tokens: 0,
+        rounds: 0,
     })
 }
 
-/// Local search from `kept`: `rounds` rounds of the best within-layer swap in every MoE layer
-/// (and, under a global allocation without routing groups, the best move of one expert between
-/// two layers), each accepted only if it is clearly better on the calibration objective
+/// Local search from `kept`: up to `rounds` rounds of the best within-layer swap in every MoE
+/// layer (and, under a global allocation without routing groups, the best move of one expert
+/// between two layers), each accepted only if it is clearly better on the calibration objective
 /// ([`SearchOptions::accept_margin`], [`SearchOptions::accept_gain`]; by default any decrease),
 /// so the objective never rises. With [`SearchOptions::screen_samples`] or
 /// [`SearchOptions::screen_tokens`] candidates are screened on part of the scored tokens first.
-/// Stops early when a round changes nothing.
+/// After the first round, the within-layer swaps are scanned only in the layers the previous
+/// round changed (a swap elsewhere was rejected in a context that has since changed only
+/// downstream or upstream of it); the move between layers is scanned every round. Stops when a
+/// round changes nothing.
 /// `progress(round, rounds, loss)` after each round.
 pub fn refine<S: LayerSource>(
     source: &S,
@@ -570,10 +580,15 @@ pub fn refine_from<S: LayerSource>(
     let loss_before = eval.loss();
     let n_group = constraints.n_group();
     let mut moves = Vec::new();
+    let mut rounds_run = 0;
+    // The layers whose swaps a round scans: all in the first, then those the last round changed.
+    let mut scan: BTreeSet<usize> = eval.masks().keys().copied().collect();
     for round in 0..rounds {
+        rounds_run += 1;
         let mut improved = false;
+        let first_move = moves.len();
         let layers: Vec<usize> = eval.masks().keys().copied().collect();
-        for l in &layers {
+        for l in layers.iter().filter(|l| scan.contains(l)) {
             let mask = eval.masks()[l].clone();
             let n = mask.len();
             let (outs, ins) = near_the_cut(&mask, scores.and_then(|s| s.get(l)), opts.width);
@@ -597,17 +612,24 @@ pub fn refine_from<S: LayerSource>(
                 if let Some(sc) = screen.as_mut() {
                     sc.apply(&candidates[i])?;
                 }
-                moves.push(Move { removed: vec![(*l, what[i].0)], restored: vec![(*l, what[i].1)], loss, t });
+                moves.push(Move {
+                    removed: vec![(*l, what[i].0)],
+                    restored: vec![(*l, what[i].1)],
+                    loss,
+                    t,
+                    round: round + 1,
+                });
                 improved = true;
             }
         }
         if allocation == Allocation::Global && constraints.groups.is_none() && layers.len() > 1 {
-            improved |= cross_layer_move(&mut eval, screen.as_mut(), constraints, scores, opts, &mut moves)?;
+            improved |= cross_layer_move(&mut eval, screen.as_mut(), constraints, scores, opts, round + 1, &mut moves)?;
         }
         progress(round + 1, rounds, eval.loss())?;
         if !improved {
             break;
         }
+        scan = changed_layers(&moves[first_move..]);
     }
     let (screen_evals, screen_passes) = screen.as_ref().map_or((0, 0.0), |sc| (sc.evaluations(), sc.forward_passes()));
     let (screen_n, screen_tokens) = opts.screen(n, len).unwrap_or((0, 0));
@@ -622,6 +644,7 @@ pub fn refine_from<S: LayerSource>(
         samples: n,
         screen_samples: screen_n,
         screen_tokens,
+        rounds: rounds_run,
     })
 }
 
@@ -677,6 +700,7 @@ fn cross_layer_move<'a, S: LayerSource>(
     constraints: &Constraints,
     scores: Option<&BTreeMap<usize, Vec<f64>>>,
     opts: &SearchOptions,
+    round: usize,
     moves: &mut Vec<Move>,
 ) -> Result<bool> {
     let masks = eval.masks().clone();
@@ -756,7 +780,7 @@ fn cross_layer_move<'a, S: LayerSource>(
             sc.apply(&candidates[best])?;
         }
         let (_, a, ea, b, eb) = pairs[best];
-        moves.push(Move { removed: vec![(a, ea)], restored: vec![(b, eb)], loss, t });
+        moves.push(Move { removed: vec![(a, ea)], restored: vec![(b, eb)], loss, t, round });
         return Ok(true);
     }
     Ok(false)
@@ -819,7 +843,7 @@ fn near_the_cut(mask: &[bool], scores: Option<&Vec<f64>>, width: usize) -> (Vec<
     (kept, removed)
 }
 
-/// The layers a change touches (for reporting).
+/// The layers a list of moves touches.
 pub fn changed_layers(moves: &[Move]) -> BTreeSet<usize> {
     moves.iter().flat_map(|m| m.removed.iter().chain(&m.restored).map(|(l, _)| *l)).collect()
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use diep_models::burn::tensor::Device;
 use diep_models::burn::tensor::activation::log_softmax;
 use diep_models::{DeviceSpec, MoeModel, StreamingModel};
-use diep_optim::{Evaluator, SearchOptions, greedy_search, paired_t, refine, refine_round_cost};
+use diep_optim::{Evaluator, SearchOptions, changed_layers, greedy_search, paired_t, refine, refine_round_cost};
 use diep_plan::{Allocation, Constraints, Kept};
 
 fn root() -> PathBuf {
@@ -113,7 +113,7 @@ fn refinement_never_raises_the_objective() {
     for (name, allocation) in [("tiny-qwen2-moe", Allocation::Global), ("tiny-mixtral", Allocation::Uniform)] {
         let HalfStart { mut model, streaming, ids, counts, kept, c } = half_start(name);
         let opts = SearchOptions { reference_top_k: 0, ..Default::default() };
-        let out = refine(&streaming, &ids, &kept, None, 3, allocation, &c, &opts, |_, _, _| Ok(())).unwrap();
+        let out = refine(&streaming, &ids, &kept, None, 8, allocation, &c, &opts, |_, _, _| Ok(())).unwrap();
         assert!(out.loss_after <= out.loss_before, "{name}: {} > {}", out.loss_after, out.loss_before);
         assert!(!out.moves.is_empty(), "{name}: a half-layer start can be improved");
         let mut last = out.loss_before;
@@ -130,6 +130,33 @@ fn refinement_never_raises_the_objective() {
         // The reported objective is the plan's, computed independently.
         let exact = exact_kl(&mut model, &ids, &masks_of(&out.kept, &counts));
         assert!((out.loss_after - exact).abs() <= 1e-5 * exact, "{name}: {} vs {exact}", out.loss_after);
+        // Rounds: numbered from 1 in order; after the first, a swap within a layer is made only in
+        // a layer the round before changed.
+        assert!((1..=8).contains(&out.rounds), "{name}: {} rounds", out.rounds);
+        assert!(out.moves.windows(2).all(|w| w[0].round <= w[1].round) && out.moves[0].round == 1);
+        assert!(out.moves.iter().all(|m| m.round <= out.rounds));
+        let changed_in =
+            |r: usize| changed_layers(&out.moves.iter().filter(|m| m.round == r).cloned().collect::<Vec<_>>());
+        for m in out.moves.iter().filter(|m| m.round > 1 && m.removed[0].0 == m.restored[0].0) {
+            assert!(changed_in(m.round - 1).contains(&m.removed[0].0), "{name}: {m:?}");
+        }
+        // Stopped before the limit: the last round changed nothing, so no swap within a layer the
+        // round before it changed lowers the objective (every swap of those layers, whole-model KL).
+        if out.rounds < 8 {
+            assert!(out.moves.iter().all(|m| m.round < out.rounds), "{name}: {:?}", out.moves);
+            let plan = masks_of(&out.kept, &counts);
+            for l in changed_in(out.rounds - 1) {
+                for out_e in (0..counts[&l]).filter(|e| plan[&l][*e]) {
+                    for in_e in (0..counts[&l]).filter(|e| !plan[&l][*e]) {
+                        let mut m = plan.clone();
+                        m.get_mut(&l).unwrap()[out_e] = false;
+                        m.get_mut(&l).unwrap()[in_e] = true;
+                        let kl = exact_kl(&mut model, &ids, &m);
+                        assert!(kl >= exact * (1.0 - 1e-5), "{name}: layer {l}, {out_e} for {in_e}: {kl} < {exact}");
+                    }
+                }
+            }
+        }
     }
 }
 
