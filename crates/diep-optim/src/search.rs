@@ -843,7 +843,7 @@ fn near_the_cut(mask: &[bool], scores: Option<&Vec<f64>>, width: usize) -> (Vec<
     (kept, removed)
 }
 
-/// The layers a list of moves touches.
-pub fn changed_layers(moves: &[Move]) -> BTreeSet<usize> {
-    moves.iter().flat_map(|m| m.removed.iter().chain(&m.restored).map(|(l, _)| *l)).collect()
+/// The layers some moves touch.
+pub fn changed_layers<'a>(moves: impl IntoIterator<Item = &'a Move>) -> BTreeSet<usize> {
+    moves.into_iter().flat_map(|m| m.removed.iter().chain(&m.restored).map(|(l, _)| *l)).collect()
 }

@@ -135,8 +135,7 @@ fn refinement_never_raises_the_objective() {
         assert!((1..=8).contains(&out.rounds), "{name}: {} rounds", out.rounds);
         assert!(out.moves.windows(2).all(|w| w[0].round <= w[1].round) && out.moves[0].round == 1);
         assert!(out.moves.iter().all(|m| m.round <= out.rounds));
-        let changed_in =
-            |r: usize| changed_layers(&out.moves.iter().filter(|m| m.round == r).cloned().collect::<Vec<_>>());
+        let changed_in = |r: usize| changed_layers(out.moves.iter().filter(|m| m.round == r));
         for m in out.moves.iter().filter(|m| m.round > 1 && m.removed[0].0 == m.restored[0].0) {
             assert!(changed_in(m.round - 1).contains(&m.removed[0].0), "{name}: {m:?}");
         }
